@@ -1,0 +1,1 @@
+//! Test infrastructure for Tessera (see module docs).
