@@ -1,4 +1,17 @@
 //! Tessera's shared vocabulary. Every other crate speaks through this one:
-//! resource names and annotation keys, the node-inventory and pod-allocation
-//! codecs (HAMi-compatible), Kubernetes quantity parsing, the pod request
-//! model, the config file and the typed errors. Nothing here does I/O.
+//! resource names and annotation keys ([`names`]), the node-inventory and
+//! pod-allocation codecs ([`inventory`], [`allocation`], HAMi-compatible),
+//! Kubernetes quantity parsing ([`quantity`]), scheduling policies
+//! ([`policy`]), the pod request model ([`request`], feature `k8s`), the
+//! config file ([`config`]) and the typed errors ([`error`]). Nothing here
+//! does I/O.
+
+pub mod allocation;
+pub mod config;
+pub mod error;
+pub mod inventory;
+pub mod names;
+pub mod policy;
+pub mod quantity;
+#[cfg(feature = "k8s")]
+pub mod request;

@@ -1,0 +1,248 @@
+//! The config file shared by every component (YAML), with defaults that
+//! match HAMi's chart: split count 10, scaling 1, default memory 0 (the
+//! whole card), default cores 0, one card per container by default.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+use crate::names::{ResourceNames, DEFAULT_SCHEDULER_NAME};
+use crate::policy::{GpuPolicy, NodePolicy};
+
+/// The whole config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Config {
+    /// `spec.schedulerName` our scheduler owns.
+    pub scheduler_name: String,
+    /// Names of the GPU extended resources.
+    pub resources: ResourceNames,
+    /// Values the webhook fills in when a container leaves them out.
+    pub defaults: RequestDefaults,
+    /// How cards are shared, cluster-wide.
+    pub sharing: DeviceSharing,
+    /// Per-node overrides of [`Config::sharing`], by node name.
+    pub nodes: Vec<NodeSharingOverride>,
+    /// Default scheduling policies when a pod does not name one.
+    pub scheduling: SchedulingDefaults,
+    /// Largest card memory in the cluster, MiB; when set, the webhook denies
+    /// `gpumem` above it at admission instead of leaving the pod pending.
+    pub max_card_memory_mib: Option<u64>,
+}
+
+/// Defaults for GPU requests (HAMi's `defaultMem`, `defaultCores`,
+/// `defaultGPUNum`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RequestDefaults {
+    /// Cards for a container that gives only memory or cores.
+    pub gpu_count: u32,
+    /// MiB for a container that gives no memory; 0 = the whole card.
+    pub memory_mib: u64,
+    /// Cores for a container that gives none.
+    pub cores: u32,
+}
+
+/// How physical cards are presented for sharing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DeviceSharing {
+    /// How many containers may share one card.
+    pub split_count: u32,
+    /// Factor applied to card memory (over 1 oversubscribes).
+    pub memory_scaling: f64,
+    /// Factor applied to card compute (over 1 oversubscribes).
+    pub core_scaling: f64,
+}
+
+/// Sharing settings for one node; unset fields inherit the cluster's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSharingOverride {
+    /// Node name.
+    pub name: String,
+    /// Overrides [`DeviceSharing::split_count`].
+    pub split_count: Option<u32>,
+    /// Overrides [`DeviceSharing::memory_scaling`].
+    pub memory_scaling: Option<f64>,
+    /// Overrides [`DeviceSharing::core_scaling`].
+    pub core_scaling: Option<f64>,
+}
+
+/// Cluster-wide default policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct SchedulingDefaults {
+    /// Node policy when the pod names none.
+    pub node_policy: NodePolicy,
+    /// GPU policy when the pod names none.
+    pub gpu_policy: GpuPolicy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            scheduler_name: DEFAULT_SCHEDULER_NAME.to_owned(),
+            resources: ResourceNames::default(),
+            defaults: RequestDefaults::default(),
+            sharing: DeviceSharing::default(),
+            nodes: Vec::new(),
+            scheduling: SchedulingDefaults::default(),
+            max_card_memory_mib: None,
+        }
+    }
+}
+
+impl Default for RequestDefaults {
+    fn default() -> Self {
+        Self {
+            gpu_count: 1,
+            memory_mib: 0,
+            cores: 0,
+        }
+    }
+}
+
+impl Default for DeviceSharing {
+    fn default() -> Self {
+        Self {
+            split_count: 10,
+            memory_scaling: 1.0,
+            core_scaling: 1.0,
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a config file.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = if text.trim().is_empty() {
+            Self::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|source| ConfigError::Yaml { source })?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The sharing settings that apply to `node`.
+    pub fn sharing_for_node(&self, node: &str) -> DeviceSharing {
+        let mut sharing = self.sharing.clone();
+        if let Some(o) = self.nodes.iter().find(|o| o.name == node) {
+            sharing.split_count = o.split_count.unwrap_or(sharing.split_count);
+            sharing.memory_scaling = o.memory_scaling.unwrap_or(sharing.memory_scaling);
+            sharing.core_scaling = o.core_scaling.unwrap_or(sharing.core_scaling);
+        }
+        sharing
+    }
+
+    /// Checks ranges; every error names the field and the valid range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: &str| ConfigError::Invalid {
+            field: field.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if self.scheduler_name.trim().is_empty() {
+            return Err(invalid("schedulerName", "must not be empty"));
+        }
+        if self.defaults.gpu_count == 0 {
+            return Err(invalid("defaults.gpuCount", "must be at least 1"));
+        }
+        if self.defaults.cores > 100 {
+            return Err(invalid(
+                "defaults.cores",
+                "must be between 0 and 100 (percent of a card)",
+            ));
+        }
+        validate_sharing("sharing", &self.sharing)?;
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.name.trim().is_empty() {
+                return Err(invalid(&format!("nodes[{i}].name"), "must name a node"));
+            }
+            validate_sharing(&format!("nodes[{i}]"), &self.sharing_for_node(&node.name))?;
+        }
+        if self.max_card_memory_mib == Some(0) {
+            return Err(invalid(
+                "maxCardMemoryMiB",
+                "must be the largest card's memory in MiB, or left out",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn validate_sharing(prefix: &str, sharing: &DeviceSharing) -> Result<(), ConfigError> {
+    let invalid = |field: &str, reason: &str| ConfigError::Invalid {
+        field: format!("{prefix}.{field}"),
+        reason: reason.to_owned(),
+    };
+    if sharing.split_count == 0 {
+        return Err(invalid("splitCount", "must be at least 1 (1 = no sharing)"));
+    }
+    for (field, value) in [
+        ("memoryScaling", sharing.memory_scaling),
+        ("coreScaling", sharing.core_scaling),
+    ] {
+        if !(value.is_finite() && value > 0.0 && value <= 100.0) {
+            return Err(invalid(
+                field,
+                "must be a number above 0 and at most 100 (1 = the card as it is)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_hami_chart() {
+        let config = Config::from_yaml("").expect("empty config is the default");
+        assert_eq!(config.sharing.split_count, 10);
+        assert!((config.sharing.memory_scaling - 1.0).abs() < f64::EPSILON);
+        assert_eq!(config.defaults.memory_mib, 0);
+        assert_eq!(config.defaults.cores, 0);
+        assert_eq!(config.defaults.gpu_count, 1);
+        assert_eq!(config.scheduler_name, "tessera-scheduler");
+        assert_eq!(config.scheduling.gpu_policy, GpuPolicy::Spread);
+        assert_eq!(config.scheduling.node_policy, NodePolicy::Binpack);
+    }
+
+    #[test]
+    fn parses_overrides_and_applies_them_per_node() {
+        let yaml = "
+schedulerName: gpu-sched
+resources:
+  memory: example.com/vmem
+sharing:
+  splitCount: 4
+nodes:
+  - name: big
+    memoryScaling: 1.5
+scheduling:
+  gpuPolicy: binpack
+";
+        let config = Config::from_yaml(yaml).expect("parses");
+        assert_eq!(config.resources.memory, "example.com/vmem");
+        assert_eq!(config.resources.gpu, "nvidia.com/gpu");
+        assert_eq!(config.sharing_for_node("big").split_count, 4);
+        assert!((config.sharing_for_node("big").memory_scaling - 1.5).abs() < f64::EPSILON);
+        assert!((config.sharing_for_node("small").memory_scaling - 1.0).abs() < f64::EPSILON);
+        assert_eq!(config.scheduling.gpu_policy, GpuPolicy::Binpack);
+    }
+
+    #[test]
+    fn typos_and_bad_ranges_are_named() {
+        let typo = Config::from_yaml("sharing:\n  splitcount: 4\n").expect_err("unknown field");
+        assert!(typo.to_string().contains("splitcount"), "{typo}");
+        let zero = Config::from_yaml("sharing:\n  splitCount: 0\n").expect_err("zero split");
+        assert!(zero.to_string().contains("sharing.splitCount"), "{zero}");
+        let scaling =
+            Config::from_yaml("nodes:\n  - name: a\n    coreScaling: -1\n").expect_err("negative");
+        assert!(
+            scaling.to_string().contains("nodes[0].coreScaling"),
+            "{scaling}"
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! Resource names, annotation keys, labels and container environment
+//! variable names of the HAMi-compatible protocol (see DESIGN.md,
+//! "The protocol"). Resource names that HAMi makes configurable live in
+//! [`ResourceNames`]; the fixed keys are constants.
+
+use serde::{Deserialize, Serialize};
+
+/// Default number of distinct physical cards a container asks for.
+pub const GPU_COUNT_RESOURCE: &str = "nvidia.com/gpu";
+/// Default name of the memory-per-card resource (MiB).
+pub const GPU_MEMORY_RESOURCE: &str = "nvidia.com/gpumem";
+/// Default name of the memory-per-card resource as a percentage of the card.
+pub const GPU_MEMORY_PERCENTAGE_RESOURCE: &str = "nvidia.com/gpumem-percentage";
+/// Default name of the compute share resource (percent of SMs).
+pub const GPU_CORES_RESOURCE: &str = "nvidia.com/gpucores";
+/// Default name of the task priority resource (0 high, 1 low).
+pub const GPU_PRIORITY_RESOURCE: &str = "nvidia.com/priority";
+
+/// Our scheduler's default `spec.schedulerName`.
+pub const DEFAULT_SCHEDULER_NAME: &str = "tessera-scheduler";
+
+/// Pod annotations a user writes.
+pub mod pod {
+    /// Comma list of card types to use (case-insensitive substring).
+    pub const USE_GPU_TYPE: &str = "nvidia.com/use-gputype";
+    /// Comma list of card types to avoid (case-insensitive substring).
+    pub const NOUSE_GPU_TYPE: &str = "nvidia.com/nouse-gputype";
+    /// Comma list of card UUIDs to use.
+    pub const USE_GPU_UUID: &str = "nvidia.com/use-gpuuuid";
+    /// Comma list of card UUIDs to avoid.
+    pub const NOUSE_GPU_UUID: &str = "nvidia.com/nouse-gpuuuid";
+    /// `true`: all cards of a container on one NUMA node.
+    pub const NUMA_BIND: &str = "nvidia.com/numa-bind";
+    /// `binpack` | `spread` | `topology-aware`: how cards are chosen on a node.
+    pub const GPU_SCHEDULER_POLICY: &str = "hami.io/gpu-scheduler-policy";
+    /// `binpack` | `spread`: how nodes are chosen.
+    pub const NODE_SCHEDULER_POLICY: &str = "hami.io/node-scheduler-policy";
+}
+
+/// Label that opts a pod or namespace out of the webhook, and its value.
+pub const WEBHOOK_IGNORE_LABEL: &str = "hami.io/webhook";
+/// Value of [`WEBHOOK_IGNORE_LABEL`] that opts out.
+pub const WEBHOOK_IGNORE_VALUE: &str = "ignore";
+
+/// Node annotation carrying the GPU inventory, written by the node agent.
+pub const NODE_REGISTER_ANNOTATION: &str = "hami.io/node-nvidia-register";
+
+/// Pod annotations owned by the scheduler (and node agent). A pod that
+/// arrives at admission carrying any of these is forging an allocation.
+pub mod allocation {
+    /// Node the scheduler placed the pod on.
+    pub const VGPU_NODE: &str = "hami.io/vgpu-node";
+    /// Unix time (seconds) of the scheduling decision.
+    pub const VGPU_TIME: &str = "hami.io/vgpu-time";
+    /// The devices allocated to each container.
+    pub const DEVICES_ALLOCATED: &str = "hami.io/vgpu-devices-allocated";
+    /// The devices the node agent still has to hand to containers.
+    pub const DEVICES_TO_ALLOCATE: &str = "hami.io/vgpu-devices-to-allocate";
+    /// `allocating` → `success` | `failed`.
+    pub const BIND_PHASE: &str = "hami.io/bind-phase";
+    /// Unix time (seconds) the bind started.
+    pub const BIND_TIME: &str = "hami.io/bind-time";
+
+    /// Every scheduler-owned key, for the webhook's forgery check.
+    pub const SCHEDULER_OWNED: [&str; 6] = [
+        VGPU_NODE,
+        VGPU_TIME,
+        DEVICES_ALLOCATED,
+        DEVICES_TO_ALLOCATE,
+        BIND_PHASE,
+        BIND_TIME,
+    ];
+
+    /// `hami.io/bind-phase` while the node agent has not applied it yet.
+    pub const PHASE_ALLOCATING: &str = "allocating";
+    /// `hami.io/bind-phase` once every container got its devices.
+    pub const PHASE_SUCCESS: &str = "success";
+    /// `hami.io/bind-phase` when the node agent could not apply it.
+    pub const PHASE_FAILED: &str = "failed";
+}
+
+/// Environment variables set inside GPU containers by the node agent and
+/// read by the interceptor.
+pub mod env {
+    /// Card UUIDs the NVIDIA container runtime exposes.
+    pub const NVIDIA_VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
+    /// Prefix of the per-card memory cap, `CUDA_DEVICE_MEMORY_LIMIT_<i>`; alone it caps every card.
+    pub const MEMORY_LIMIT: &str = "CUDA_DEVICE_MEMORY_LIMIT";
+    /// Compute cap in percent of the card.
+    pub const SM_LIMIT: &str = "CUDA_DEVICE_SM_LIMIT";
+    /// Path of the container's shared accounting region.
+    pub const SHARED_CACHE: &str = "CUDA_DEVICE_MEMORY_SHARED_CACHE";
+    /// Task priority (0 high, 1 low).
+    pub const TASK_PRIORITY: &str = "CUDA_TASK_PRIORITY";
+    /// `force` | `disable` | unset: when the SM cap applies.
+    pub const CORE_UTILIZATION_POLICY: &str = "GPU_CORE_UTILIZATION_POLICY";
+    /// `true` opts a container out of the interceptor.
+    pub const DISABLE_CONTROL: &str = "CUDA_DISABLE_CONTROL";
+    /// Interceptor log level (HAMi's levels).
+    pub const LOG_LEVEL: &str = "LIBCUDA_LOG_LEVEL";
+}
+
+/// The extended-resource names GPU pods use. HAMi lets operators rename
+/// them; the defaults are `nvidia.com/*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ResourceNames {
+    /// Number of distinct cards (`nvidia.com/gpu`).
+    pub gpu: String,
+    /// MiB per card (`nvidia.com/gpumem`).
+    pub memory: String,
+    /// Percent of each card's memory (`nvidia.com/gpumem-percentage`).
+    pub memory_percentage: String,
+    /// Percent of each card's SMs (`nvidia.com/gpucores`).
+    pub cores: String,
+    /// Task priority (`nvidia.com/priority`).
+    pub priority: String,
+}
+
+impl Default for ResourceNames {
+    fn default() -> Self {
+        Self {
+            gpu: GPU_COUNT_RESOURCE.to_owned(),
+            memory: GPU_MEMORY_RESOURCE.to_owned(),
+            memory_percentage: GPU_MEMORY_PERCENTAGE_RESOURCE.to_owned(),
+            cores: GPU_CORES_RESOURCE.to_owned(),
+            priority: GPU_PRIORITY_RESOURCE.to_owned(),
+        }
+    }
+}
+
+impl ResourceNames {
+    /// Whether `name` is one of the GPU resources (so it is ours to account,
+    /// not an extended resource the node must advertise).
+    pub fn is_gpu_resource(&self, name: &str) -> bool {
+        name == self.gpu
+            || name == self.memory
+            || name == self.memory_percentage
+            || name == self.cores
+            || name == self.priority
+    }
+}
