@@ -1,0 +1,154 @@
+//! One card's state on a node (its inventory entry plus what is charged to
+//! it) and the per-card fit check with the reason a card is refused.
+
+use std::fmt;
+
+use tessera_api::inventory::GpuDevice;
+use tessera_api::request::{PodGpuPolicy, ResolvedGpuRequest};
+
+/// What is charged to a card.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CardUsage {
+    /// MiB charged.
+    pub memory_mib: u64,
+    /// Percent of compute charged.
+    pub cores: u32,
+    /// Containers sharing the card.
+    pub slots: u32,
+}
+
+impl CardUsage {
+    /// Adds a container's share.
+    pub fn add(&mut self, memory_mib: u64, cores: u32) {
+        self.memory_mib += memory_mib;
+        self.cores += cores;
+        self.slots += 1;
+    }
+}
+
+/// A card of a node with its charges.
+#[derive(Debug, Clone)]
+pub struct CardState {
+    /// The inventory entry.
+    pub device: GpuDevice,
+    /// `device.device_type`, lowercased once for type matching.
+    pub type_lowercase: String,
+    /// What pods are charged on it.
+    pub usage: CardUsage,
+}
+
+/// Why a card cannot take a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CardRejection {
+    /// The card reported a fatal error.
+    Unhealthy,
+    /// Its type is not in use-gputype / is in nouse-gputype.
+    TypeNotAllowed,
+    /// Its UUID is not in use-gpuuuid / is in nouse-gpuuuid.
+    UuidNotAllowed,
+    /// Its split count is used up.
+    NoSharingSlot,
+    /// Not enough free memory.
+    Memory,
+    /// Not enough free compute.
+    Cores,
+    /// The container wants the card exclusively but it is shared.
+    NotExclusive,
+    /// Another container holds the card exclusively.
+    HeldExclusively,
+    /// Not on the NUMA node the other cards of the container are on.
+    NumaMismatch,
+}
+
+impl fmt::Display for CardRejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Unhealthy => "card unhealthy",
+            Self::TypeNotAllowed => "card type not allowed by use-gputype/nouse-gputype",
+            Self::UuidNotAllowed => "card UUID not allowed by use-gpuuuid/nouse-gpuuuid",
+            Self::NoSharingSlot => "card shared by its split count already",
+            Self::Memory => "insufficient GPU memory",
+            Self::Cores => "insufficient GPU cores",
+            Self::NotExclusive => "exclusive card requested (gpucores 100) but card is in use",
+            Self::HeldExclusively => "card held exclusively by another pod",
+            Self::NumaMismatch => "cards not on one NUMA node (numa-bind)",
+        })
+    }
+}
+
+impl CardState {
+    /// Wraps an inventory entry with no charges.
+    pub fn new(device: GpuDevice) -> Self {
+        Self {
+            type_lowercase: device.device_type.to_ascii_lowercase(),
+            device,
+            usage: CardUsage::default(),
+        }
+    }
+
+    /// Whether the pod's type and UUID lists allow this card.
+    pub fn allowed_by(&self, policy: &PodGpuPolicy) -> Result<(), CardRejection> {
+        let t = self.type_lowercase.as_str();
+        if (!policy.use_types.is_empty()
+            && !policy.use_types.iter().any(|u| t.contains(u.as_str())))
+            || policy.avoid_types.iter().any(|u| t.contains(u.as_str()))
+        {
+            return Err(CardRejection::TypeNotAllowed);
+        }
+        if !policy.allows_uuid(&self.device.id) {
+            return Err(CardRejection::UuidNotAllowed);
+        }
+        Ok(())
+    }
+
+    /// Checks whether a container's request fits given `usage` (the card's
+    /// charges plus what this decision already put on it); on success,
+    /// the MiB it would take.
+    pub fn fits(
+        &self,
+        usage: CardUsage,
+        request: &ResolvedGpuRequest,
+        policy: &PodGpuPolicy,
+    ) -> Result<u64, CardRejection> {
+        if !self.device.health {
+            return Err(CardRejection::Unhealthy);
+        }
+        self.allowed_by(policy)?;
+        if usage.slots >= self.device.count {
+            return Err(CardRejection::NoSharingSlot);
+        }
+        let total_cores = self.total_cores();
+        if usage.slots > 0 && usage.cores >= total_cores {
+            return Err(CardRejection::HeldExclusively);
+        }
+        if request.cores >= 100 && usage.slots > 0 {
+            return Err(CardRejection::NotExclusive);
+        }
+        if usage.cores + request.cores > total_cores {
+            return Err(CardRejection::Cores);
+        }
+        let memory = request.memory.on_card(self.device.devmem);
+        if usage.memory_mib + memory > self.device.devmem {
+            return Err(CardRejection::Memory);
+        }
+        Ok(memory)
+    }
+
+    /// Compute of the card in percent (an inventory without it means 100).
+    pub fn total_cores(&self) -> u32 {
+        if self.device.devcore == 0 {
+            100
+        } else {
+            self.device.devcore
+        }
+    }
+
+    /// How full the card is, 0 (empty) to about 2 (memory and cores full),
+    /// for binpack and spread ordering.
+    pub fn fullness(&self, usage: CardUsage) -> f64 {
+        let memory = usage.memory_mib as f64 / self.device.devmem.max(1) as f64;
+        let cores = f64::from(usage.cores) / f64::from(self.total_cores());
+        let slots = f64::from(usage.slots) / f64::from(self.device.count.max(1));
+        memory + cores + slots * 0.01
+    }
+}

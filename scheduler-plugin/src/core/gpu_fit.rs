@@ -1,0 +1,237 @@
+//! Choosing cards on one node for every container of a pod: app containers
+//! are placed one after another (each sees what the earlier ones took),
+//! init containers each against the node as it is (they run before the app
+//! containers, one at a time). Cards are ordered by the GPU policy; NUMA
+//! binding keeps a container's cards on one NUMA node.
+
+use tessera_api::policy::GpuPolicy;
+use tessera_api::request::{PodGpuPolicy, ResolvedGpuRequest};
+
+use super::cards::{CardRejection, CardState, CardUsage};
+use super::requirements::{ContainerNeed, PodRequirements};
+
+/// Reusable buffers so the filter loop does not allocate per node.
+#[derive(Debug, Default)]
+pub struct FitScratch {
+    usage: Vec<CardUsage>,
+    candidates: Vec<(usize, u64)>,
+    rejections: Vec<CardRejection>,
+}
+
+/// A card picked for a container: index into the node's cards, MiB, cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CardPick {
+    /// Index into the node's card list.
+    pub card: usize,
+    /// MiB given.
+    pub memory_mib: u64,
+    /// Cores given.
+    pub cores: u32,
+}
+
+/// Why a pod's GPU containers do not fit on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuMisfit {
+    /// The reason in words, the same for every node failing the same way
+    /// (so reasons can be counted across nodes).
+    pub reason: String,
+}
+
+/// Picks for every container: `None` for containers without GPUs.
+pub type PodPicks = Vec<Option<Vec<CardPick>>>;
+
+/// The result of fitting a pod on a node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeFit {
+    /// Node fullness after placement (higher = fuller), for node scoring.
+    pub fullness_after: f64,
+    /// Picks for app containers (`Some` only when `with_picks`).
+    pub containers: Option<PodPicks>,
+    /// Picks for init containers (`Some` only when `with_picks`).
+    pub init_containers: Option<PodPicks>,
+}
+
+/// Fits the pod's GPU containers on `cards`. With `with_picks` false only the
+/// score is computed (no allocation in the common case).
+pub fn fit_pod(
+    cards: &[CardState],
+    pod: &PodRequirements,
+    scratch: &mut FitScratch,
+    with_picks: bool,
+) -> Result<NodeFit, GpuMisfit> {
+    if cards.is_empty() {
+        return Err(GpuMisfit {
+            reason: "no GPUs registered on the node".to_owned(),
+        });
+    }
+    let mut init_picks = with_picks.then(Vec::new);
+    for need in &pod.init_containers {
+        scratch.usage.clear();
+        scratch.usage.extend(cards.iter().map(|c| c.usage));
+        let picks = fit_container(cards, need, pod, scratch, with_picks)?;
+        if let Some(all) = init_picks.as_mut() {
+            all.push(picks);
+        }
+    }
+    scratch.usage.clear();
+    scratch.usage.extend(cards.iter().map(|c| c.usage));
+    let mut app_picks = with_picks.then(Vec::new);
+    for need in &pod.containers {
+        let picks = fit_container(cards, need, pod, scratch, with_picks)?;
+        if let Some(all) = app_picks.as_mut() {
+            all.push(picks);
+        }
+    }
+    let fullness_after = cards
+        .iter()
+        .zip(&scratch.usage)
+        .map(|(card, usage)| card.fullness(*usage))
+        .sum::<f64>()
+        / cards.len() as f64;
+    Ok(NodeFit {
+        fullness_after,
+        containers: app_picks,
+        init_containers: init_picks,
+    })
+}
+
+/// Places one container on `scratch.usage`, updating it.
+fn fit_container(
+    cards: &[CardState],
+    need: &ContainerNeed,
+    pod: &PodRequirements,
+    scratch: &mut FitScratch,
+    with_picks: bool,
+) -> Result<Option<Vec<CardPick>>, GpuMisfit> {
+    let Some(request) = need.gpu.as_ref() else {
+        return Ok(None);
+    };
+    let wanted = request.count as usize;
+    scratch.candidates.clear();
+    scratch.rejections.clear();
+    for (index, card) in cards.iter().enumerate() {
+        match card.fits(scratch.usage[index], request, &pod.policy) {
+            Ok(memory) => scratch.candidates.push((index, memory)),
+            Err(rejection) => scratch.rejections.push(rejection),
+        }
+    }
+    if scratch.candidates.len() < wanted {
+        return Err(misfit(need, request, &pod.policy, cards.len(), scratch));
+    }
+    order_candidates(
+        cards,
+        &scratch.usage,
+        pod.gpu_policy,
+        &mut scratch.candidates,
+    );
+    if pod.policy.numa_bind || (pod.gpu_policy == GpuPolicy::TopologyAware && wanted > 1) {
+        if !keep_one_numa_node(cards, wanted, &mut scratch.candidates) && pod.policy.numa_bind {
+            scratch.rejections.clear();
+            scratch.rejections.push(CardRejection::NumaMismatch);
+            return Err(misfit(need, request, &pod.policy, cards.len(), scratch));
+        }
+    }
+    let mut picks = with_picks.then(|| Vec::with_capacity(wanted));
+    for &(index, memory) in scratch.candidates.iter().take(wanted) {
+        scratch.usage[index].add(memory, request.cores);
+        if let Some(picks) = picks.as_mut() {
+            picks.push(CardPick {
+                card: index,
+                memory_mib: memory,
+                cores: request.cores,
+            });
+        }
+    }
+    Ok(picks)
+}
+
+/// Orders candidate cards: binpack fullest first, spread emptiest first,
+/// ties by card index so decisions are deterministic.
+fn order_candidates(
+    cards: &[CardState],
+    usage: &[CardUsage],
+    policy: GpuPolicy,
+    candidates: &mut [(usize, u64)],
+) {
+    let fullest_first = matches!(policy, GpuPolicy::Binpack | GpuPolicy::TopologyAware);
+    candidates.sort_by(|a, b| {
+        let fa = cards[a.0].fullness(usage[a.0]);
+        let fb = cards[b.0].fullness(usage[b.0]);
+        let by_fullness = if fullest_first {
+            fb.total_cmp(&fa)
+        } else {
+            fa.total_cmp(&fb)
+        };
+        by_fullness.then(cards[a.0].device.index.cmp(&cards[b.0].device.index))
+    });
+}
+
+/// Keeps, in order, the candidates of the first NUMA node (in candidate
+/// order) that has `wanted` of them. Returns false when none has.
+fn keep_one_numa_node(
+    cards: &[CardState],
+    wanted: usize,
+    candidates: &mut Vec<(usize, u64)>,
+) -> bool {
+    let chosen = candidates
+        .iter()
+        .map(|c| cards[c.0].device.numa)
+        .find(|numa| {
+            candidates
+                .iter()
+                .filter(|c| cards[c.0].device.numa == *numa)
+                .count()
+                >= wanted
+        });
+    match chosen {
+        Some(numa) => {
+            candidates.retain(|c| cards[c.0].device.numa == numa);
+            true
+        }
+        None => false,
+    }
+}
+
+fn misfit(
+    need: &ContainerNeed,
+    request: &ResolvedGpuRequest,
+    policy: &PodGpuPolicy,
+    total: usize,
+    scratch: &FitScratch,
+) -> GpuMisfit {
+    let mut reasons: Vec<CardRejection> = scratch.rejections.clone();
+    reasons.sort();
+    reasons.dedup();
+    let describe = |r: &CardRejection| match r {
+        CardRejection::TypeNotAllowed if !policy.use_types.is_empty() => {
+            format!(
+                "card type not in use-gputype [{}]",
+                policy.use_types.join(",")
+            )
+        }
+        CardRejection::TypeNotAllowed => format!(
+            "card type in nouse-gputype [{}]",
+            policy.avoid_types.join(",")
+        ),
+        other => other.to_string(),
+    };
+    let reason = match reasons.as_slice() {
+        [only] if scratch.candidates.is_empty() && scratch.rejections.len() == total => {
+            format!("{} on every card", describe(only))
+        }
+        [CardRejection::NumaMismatch] => format!(
+            "{} for container `{}` ({} cards)",
+            describe(&CardRejection::NumaMismatch),
+            need.name,
+            request.count
+        ),
+        _ => format!(
+            "container `{}` needs {} card(s), {} fit ({})",
+            need.name,
+            request.count,
+            scratch.candidates.len(),
+            reasons.iter().map(describe).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    GpuMisfit { reason }
+}

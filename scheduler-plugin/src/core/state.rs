@@ -1,0 +1,298 @@
+//! The scheduler's picture of the cluster: every node (facts, plain
+//! resources, cards) and every pod's charge on them. Charges come from two
+//! places: pods observed with an allocation (from their annotations, so a
+//! restarted scheduler rebuilds the same picture) and assumptions this
+//! scheduler made before the API server confirmed the bind.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use tessera_api::allocation::{decode_pod_devices, ContainerDevice};
+use tessera_api::config::Config;
+use tessera_api::inventory::decode_inventory;
+use tessera_api::names::{allocation as keys, NODE_REGISTER_ANNOTATION};
+
+use super::cards::CardState;
+use super::node_predicates::NodeFacts;
+use super::requirements::pod_key;
+use super::resources::ResourceAmounts;
+
+/// One node as the core sees it.
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    /// Readiness, labels, taints.
+    pub facts: NodeFacts,
+    /// `status.allocatable`.
+    pub allocatable: ResourceAmounts,
+    /// Sum of the requests of pods charged here.
+    pub requested: ResourceAmounts,
+    /// Cards from the inventory annotation, with charges.
+    pub cards: Vec<CardState>,
+    /// Set when the inventory annotation did not decode.
+    pub inventory_error: Option<String>,
+    pods: BTreeSet<String>,
+}
+
+/// A card share charged to a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardCharge {
+    /// Card UUID.
+    pub uuid: String,
+    /// MiB.
+    pub memory_mib: u64,
+    /// Cores.
+    pub cores: u32,
+    /// Containers of the pod on the card.
+    pub slots: u32,
+}
+
+/// Everything one pod takes on its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodCharge {
+    /// Node name.
+    pub node: String,
+    /// Plain resources.
+    pub resources: ResourceAmounts,
+    /// Per-card charges (peak of init containers vs sum of app containers).
+    pub cards: Vec<CardCharge>,
+    /// True while it is only this scheduler's assumption (not yet observed bound).
+    pub assumed: bool,
+}
+
+impl PodCharge {
+    /// Builds a charge from per-container devices, init containers first.
+    pub fn from_devices(
+        node: String,
+        resources: ResourceAmounts,
+        init: &[Vec<ContainerDevice>],
+        app: &[Vec<ContainerDevice>],
+        assumed: bool,
+    ) -> Self {
+        let mut app_sum: BTreeMap<&str, CardCharge> = BTreeMap::new();
+        for device in app.iter().flatten() {
+            let entry = app_sum
+                .entry(device.uuid.as_str())
+                .or_insert_with(|| CardCharge {
+                    uuid: device.uuid.clone(),
+                    memory_mib: 0,
+                    cores: 0,
+                    slots: 0,
+                });
+            entry.memory_mib += device.memory_mib;
+            entry.cores += device.cores;
+            entry.slots += 1;
+        }
+        for device in init.iter().flatten() {
+            let entry = app_sum
+                .entry(device.uuid.as_str())
+                .or_insert_with(|| CardCharge {
+                    uuid: device.uuid.clone(),
+                    memory_mib: 0,
+                    cores: 0,
+                    slots: 0,
+                });
+            entry.memory_mib = entry.memory_mib.max(device.memory_mib);
+            entry.cores = entry.cores.max(device.cores);
+            entry.slots = entry.slots.max(1);
+        }
+        Self {
+            node,
+            resources,
+            cards: app_sum.into_values().collect(),
+            assumed,
+        }
+    }
+}
+
+/// The cluster picture. Decisions read it; reflector events and
+/// assumptions update it.
+#[derive(Debug, Clone)]
+pub struct ClusterState {
+    pub(crate) config: Config,
+    pub(crate) nodes: BTreeMap<String, NodeState>,
+    charges: HashMap<String, PodCharge>,
+}
+
+impl ClusterState {
+    /// An empty cluster.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            nodes: BTreeMap::new(),
+            charges: HashMap::new(),
+        }
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Nodes by name.
+    pub fn nodes(&self) -> &BTreeMap<String, NodeState> {
+        &self.nodes
+    }
+
+    /// The charge of a pod, if any.
+    pub fn charge(&self, key: &str) -> Option<&PodCharge> {
+        self.charges.get(key)
+    }
+
+    /// Adds or refreshes a node. Returns the inventory error, if its
+    /// annotation is corrupt (the node then offers no cards).
+    pub fn upsert_node(&mut self, node: &Node) -> Option<String> {
+        let facts = NodeFacts::from_node(node);
+        let name = facts.name.clone();
+        let annotation = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(NODE_REGISTER_ANNOTATION));
+        let (cards, inventory_error) = match annotation.map(|a| decode_inventory(a)) {
+            None => (Vec::new(), None),
+            Some(Ok(devices)) => (devices.into_iter().map(CardState::new).collect(), None),
+            Some(Err(err)) => (Vec::new(), Some(err.to_string())),
+        };
+        let pods = match self.nodes.remove(&name) {
+            Some(previous) => previous.pods,
+            None => self
+                .charges
+                .iter()
+                .filter(|(_, c)| c.node == name)
+                .map(|(k, _)| k.clone())
+                .collect(),
+        };
+        let mut state = NodeState {
+            facts,
+            allocatable: ResourceAmounts::node_allocatable(node, &self.config.resources),
+            requested: ResourceAmounts::default(),
+            cards,
+            inventory_error: inventory_error.clone(),
+            pods,
+        };
+        let charges: Vec<&PodCharge> = state
+            .pods
+            .iter()
+            .filter_map(|k| self.charges.get(k))
+            .collect();
+        for charge in charges {
+            apply(&mut state, charge, true);
+        }
+        self.nodes.insert(name, state);
+        inventory_error
+    }
+
+    /// Forgets a node (its pods' charges are kept for when it returns).
+    pub fn remove_node(&mut self, name: &str) {
+        self.nodes.remove(name);
+    }
+
+    /// Records what an observed pod takes: bound, non-terminal pods are
+    /// charged from their annotations; terminal pods are released; an
+    /// unbound pod keeps this scheduler's assumption, if any, and a pod that
+    /// carries an allocation but is not bound (a bind cut off by a restart)
+    /// stays charged until it is rescheduled or deleted.
+    pub fn observe_pod(&mut self, pod: &Pod) {
+        let key = pod_key(pod);
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed"))
+            || pod.metadata.deletion_timestamp.is_some() && phase.is_none()
+        {
+            self.release(&key);
+            return;
+        }
+        let annotations = pod.metadata.annotations.as_ref();
+        let bound_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        let allocated_node = annotations.and_then(|a| a.get(keys::VGPU_NODE)).cloned();
+        let Some(node) = bound_node.clone().or(allocated_node) else {
+            return;
+        };
+        if bound_node.is_none() && self.charges.get(&key).is_some_and(|c| c.assumed) {
+            return;
+        }
+        let devices = annotations
+            .and_then(|a| a.get(keys::DEVICES_ALLOCATED))
+            .and_then(|v| decode_pod_devices(v).ok())
+            .unwrap_or_default();
+        let init_count = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .map_or(0, Vec::len);
+        let app_count = pod.spec.as_ref().map_or(0, |s| s.containers.len());
+        let (init, app) = if init_count > 0 && devices.len() == init_count + app_count {
+            devices.split_at(init_count)
+        } else {
+            (&devices[..0], &devices[..])
+        };
+        let resources = ResourceAmounts::pod_requests(pod, &self.config.resources);
+        let charge = PodCharge::from_devices(node, resources, init, app, bound_node.is_none());
+        self.set_charge(key, charge);
+    }
+
+    /// Forgets a deleted pod.
+    pub fn remove_pod(&mut self, pod: &Pod) {
+        self.release(&pod_key(pod));
+    }
+
+    /// Charges a decision before the bind is confirmed.
+    pub fn assume(&mut self, key: &str, charge: PodCharge) {
+        self.set_charge(key.to_owned(), charge);
+    }
+
+    /// Rolls back an assumption (bind failed). Observed charges stay.
+    pub fn forget_assumed(&mut self, key: &str) {
+        if self.charges.get(key).is_some_and(|c| c.assumed) {
+            self.release(key);
+        }
+    }
+
+    /// Releases whatever the pod is charged, assumed or observed.
+    pub fn release(&mut self, key: &str) {
+        if let Some(old) = self.charges.remove(key) {
+            if let Some(node) = self.nodes.get_mut(&old.node) {
+                apply(node, &old, false);
+                node.pods.remove(key);
+            }
+        }
+    }
+
+    fn set_charge(&mut self, key: String, charge: PodCharge) {
+        if self.charges.get(&key) == Some(&charge) {
+            return;
+        }
+        self.release(&key);
+        // A charge on a node not seen yet is attached when the node appears.
+        if let Some(node) = self.nodes.get_mut(&charge.node) {
+            apply(node, &charge, true);
+            node.pods.insert(key.clone());
+        }
+        self.charges.insert(key, charge);
+    }
+}
+
+fn apply(node: &mut NodeState, charge: &PodCharge, add: bool) {
+    if add {
+        node.requested.add(&charge.resources);
+    } else {
+        node.requested.subtract(&charge.resources);
+    }
+    for card_charge in &charge.cards {
+        if let Some(card) = node
+            .cards
+            .iter_mut()
+            .find(|c| c.device.id == card_charge.uuid)
+        {
+            let usage = &mut card.usage;
+            if add {
+                usage.memory_mib += card_charge.memory_mib;
+                usage.cores += card_charge.cores;
+                usage.slots += card_charge.slots;
+            } else {
+                usage.memory_mib = usage.memory_mib.saturating_sub(card_charge.memory_mib);
+                usage.cores = usage.cores.saturating_sub(card_charge.cores);
+                usage.slots = usage.slots.saturating_sub(card_charge.slots);
+            }
+        }
+    }
+}

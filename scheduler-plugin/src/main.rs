@@ -1,0 +1,3 @@
+//! `tessera-scheduler`: parses flags and runs the scheduler shell.
+
+fn main() {}
