@@ -1,0 +1,438 @@
+//! The admission decision, a pure function of the Pod, its namespace's
+//! labels (when known) and the config: allow it untouched, allow it with a
+//! JSON Patch that sets our scheduler and fills in HAMi's defaults, or deny
+//! it with a message a person can act on. No I/O; the server
+//! ([`crate::server`]) and the `tessera simulate` CLI call the same code.
+//!
+//! Validation and defaulting are the shared request model's
+//! ([`PodGpuRequest::from_pod`], [`ContainerGpuRequest::resolve`]), so the
+//! webhook and the scheduler can never disagree on what a pod asks for.
+
+use std::collections::BTreeMap;
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
+use k8s_openapi::api::core::v1::{Container, Pod};
+use serde_json::Value;
+use tessera_api::config::Config;
+use tessera_api::error::RequestError;
+use tessera_api::names::{self, ResourceNames};
+use tessera_api::request::{ContainerGpuRequest, MemoryRequest, PodGpuRequest};
+use thiserror::Error;
+
+/// The `spec.schedulerName` the API server fills in when a pod names none.
+pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
+
+/// What the webhook answers for one pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdmissionDecision {
+    /// Admit the pod, changed by `patch` when there is one.
+    Allowed {
+        /// Why the pod is admitted as it is (or changed).
+        reason: AllowReason,
+        /// The changes to make; `None` when the pod is admitted untouched.
+        patch: Option<Patch>,
+    },
+    /// Refuse the pod.
+    Denied(Denial),
+}
+
+impl AdmissionDecision {
+    fn untouched(reason: AllowReason) -> Self {
+        Self::Allowed {
+            reason,
+            patch: None,
+        }
+    }
+
+    /// Whether the pod is admitted.
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Self::Allowed { .. })
+    }
+
+    /// The patch, when the pod is admitted with changes.
+    pub fn patch(&self) -> Option<&Patch> {
+        match self {
+            Self::Allowed { patch, .. } => patch.as_ref(),
+            Self::Denied(_) => None,
+        }
+    }
+}
+
+/// Why a pod was admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllowReason {
+    /// No container asks for a GPU resource: not ours.
+    NoGpuRequest,
+    /// The pod or its namespace carries `hami.io/webhook: ignore`.
+    OptedOut,
+    /// The pod names another scheduler; that scheduler owns it.
+    OtherScheduler,
+    /// A GPU pod, patched (scheduler name and/or defaults).
+    Mutated,
+    /// A GPU pod that already says everything we would have written.
+    AlreadyComplete,
+}
+
+impl AllowReason {
+    /// A short label for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoGpuRequest => "no_gpu_request",
+            Self::OptedOut => "opted_out",
+            Self::OtherScheduler => "other_scheduler",
+            Self::Mutated => "mutated",
+            Self::AlreadyComplete => "already_complete",
+        }
+    }
+}
+
+/// Why a pod was refused. Every message names what is wrong and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Denial {
+    /// A GPU resource value or policy annotation is invalid.
+    #[error("invalid GPU request: {0}")]
+    InvalidRequest(#[from] RequestError),
+    /// `gpumem` is larger than any card in the cluster.
+    #[error("container `{container}`: {resource} = `{value}` asks for {mib} MiB per card, but the largest card in this cluster has {max_mib} MiB; write a value from 1 to {max_mib}, or use {percentage_resource}")]
+    MemoryAboveLargestCard {
+        /// Container name.
+        container: String,
+        /// The memory resource name.
+        resource: String,
+        /// The value as written.
+        value: String,
+        /// The value in MiB.
+        mib: u64,
+        /// The configured largest card.
+        max_mib: u64,
+        /// The percentage resource name, the alternative to suggest.
+        percentage_resource: String,
+    },
+    /// A privileged container asks for GPU resources.
+    #[error("container `{container}` is privileged and asks for GPU resources; a privileged container sees every GPU on the node and escapes the memory and compute caps, so remove `securityContext.privileged` or the GPU resources")]
+    PrivilegedGpuContainer {
+        /// Container name.
+        container: String,
+    },
+    /// The pod carries annotations only the scheduler may write.
+    #[error("the pod sets the scheduler-owned annotation(s) {}; these record a GPU allocation and only the scheduler may write them, so remove them from the pod", keys.join(", "))]
+    ForgedAllocation {
+        /// The offending keys, in the order of the scheduler's list.
+        keys: Vec<String>,
+    },
+    /// The pod is already bound to a node, bypassing GPU scheduling.
+    #[error("the pod sets spec.nodeName = `{node}` and asks for GPU resources; a pod placed by hand bypasses GPU placement and gets no card slice, so remove spec.nodeName (use a nodeSelector or node affinity to choose nodes)")]
+    NodeNameSet {
+        /// The node named.
+        node: String,
+    },
+}
+
+impl Denial {
+    /// The HTTP status code the denial carries in the AdmissionResponse:
+    /// 422 for values that are out of range, 403 for requests that are
+    /// refused whatever their values.
+    pub fn code(&self) -> u16 {
+        match self {
+            Self::InvalidRequest(_) | Self::MemoryAboveLargestCard { .. } => 422,
+            Self::PrivilegedGpuContainer { .. }
+            | Self::ForgedAllocation { .. }
+            | Self::NodeNameSet { .. } => 403,
+        }
+    }
+
+    /// The Kubernetes `Status.reason` matching [`Denial::code`].
+    pub fn status_reason(&self) -> &'static str {
+        match self.code() {
+            422 => "Invalid",
+            _ => "Forbidden",
+        }
+    }
+}
+
+/// Decides what to do with a Pod at CREATE.
+///
+/// `namespace_labels` are the labels of the pod's namespace when the caller
+/// knows them (the AdmissionReview does not carry them; in a cluster the
+/// webhook configuration's `namespaceSelector` keeps opted-out namespaces
+/// away from the webhook).
+pub fn admit(
+    pod: &Pod,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    config: &Config,
+) -> AdmissionDecision {
+    let names = &config.resources;
+    if !mentions_gpu_resource(pod, names) {
+        return AdmissionDecision::untouched(AllowReason::NoGpuRequest);
+    }
+    if opted_out(pod.metadata.labels.as_ref()) || opted_out(namespace_labels) {
+        return AdmissionDecision::untouched(AllowReason::OptedOut);
+    }
+    let spec = pod.spec.as_ref();
+    let scheduler = spec.and_then(|s| s.scheduler_name.as_deref());
+    let scheduler_is_ours = scheduler == Some(config.scheduler_name.as_str());
+    if let Some(other) = scheduler {
+        if !other.is_empty() && other != DEFAULT_SCHEDULER && !scheduler_is_ours {
+            return AdmissionDecision::untouched(AllowReason::OtherScheduler);
+        }
+    }
+    let request = match PodGpuRequest::from_pod(pod, names) {
+        Ok(request) => request,
+        Err(error) => return AdmissionDecision::Denied(error.into()),
+    };
+    if !request.asks_for_gpu() {
+        return AdmissionDecision::untouched(AllowReason::NoGpuRequest);
+    }
+    if let Some(denial) = forged_allocation(pod) {
+        return AdmissionDecision::Denied(denial);
+    }
+    if let Some(node) = spec
+        .and_then(|s| s.node_name.as_deref())
+        .filter(|n| !n.is_empty())
+    {
+        return AdmissionDecision::Denied(Denial::NodeNameSet {
+            node: node.to_owned(),
+        });
+    }
+
+    let mut operations = Vec::new();
+    let containers = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
+    let init_containers = spec
+        .and_then(|s| s.init_containers.as_deref())
+        .unwrap_or_default();
+    for (field, list, requests) in [
+        ("initContainers", init_containers, &request.init_containers),
+        ("containers", containers, &request.containers),
+    ] {
+        for (index, (container, gpu)) in list.iter().zip(requests).enumerate() {
+            if let Err(denial) =
+                container_operations(field, index, container, gpu, config, &mut operations)
+            {
+                return AdmissionDecision::Denied(denial);
+            }
+        }
+    }
+    if !scheduler_is_ours {
+        let path = PointerBuf::from_tokens(["spec", "schedulerName"]);
+        let value = Value::String(config.scheduler_name.clone());
+        operations.push(match scheduler {
+            Some(_) => PatchOperation::Replace(ReplaceOperation { path, value }),
+            None => PatchOperation::Add(AddOperation { path, value }),
+        });
+    }
+    if operations.is_empty() {
+        AdmissionDecision::untouched(AllowReason::AlreadyComplete)
+    } else {
+        AdmissionDecision::Allowed {
+            reason: AllowReason::Mutated,
+            patch: Some(Patch(operations)),
+        }
+    }
+}
+
+/// Runs [`admit`] and applies its patch: the Pod as the API server would
+/// store it. `tessera simulate` uses this to default pods exactly as the
+/// webhook does.
+pub fn mutate_pod(pod: &Pod, config: &Config) -> Result<Pod, MutateError> {
+    match admit(pod, None, config) {
+        AdmissionDecision::Denied(denial) => Err(MutateError::Denied(denial)),
+        AdmissionDecision::Allowed { patch: None, .. } => Ok(pod.clone()),
+        AdmissionDecision::Allowed {
+            patch: Some(patch), ..
+        } => {
+            let mut document = serde_json::to_value(pod).map_err(MutateError::Serialize)?;
+            json_patch::patch(&mut document, &patch).map_err(|e| MutateError::Patch {
+                reason: e.to_string(),
+            })?;
+            serde_json::from_value(document).map_err(MutateError::Serialize)
+        }
+    }
+}
+
+/// Why [`mutate_pod`] produced no Pod.
+#[derive(Debug, Error)]
+pub enum MutateError {
+    /// The webhook would refuse the pod.
+    #[error("the webhook denies this pod: {0}")]
+    Denied(Denial),
+    /// The pod could not be turned into JSON and back (a bug; please report it).
+    #[error("the pod could not be converted to or from JSON ({0}); this is a bug in Tessera, please report it with the pod")]
+    Serialize(#[source] serde_json::Error),
+    /// The patch did not apply (a bug; please report it).
+    #[error("the webhook's patch does not apply to the pod ({reason}); this is a bug in Tessera, please report it with the pod")]
+    Patch {
+        /// The json-patch error.
+        reason: String,
+    },
+}
+
+/// Whether any container or init container names one of our resources in
+/// its limits or requests, whatever the value.
+pub fn mentions_gpu_resource(pod: &Pod, names: &ResourceNames) -> bool {
+    let Some(spec) = pod.spec.as_ref() else {
+        return false;
+    };
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .filter_map(|c| c.resources.as_ref())
+        .flat_map(|r| r.limits.iter().chain(r.requests.iter()))
+        .flat_map(|map| map.keys())
+        .any(|key| names.is_gpu_resource(key))
+}
+
+fn opted_out(labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get(names::WEBHOOK_IGNORE_LABEL))
+        .is_some_and(|v| v == names::WEBHOOK_IGNORE_VALUE)
+}
+
+fn forged_allocation(pod: &Pod) -> Option<Denial> {
+    let annotations = pod.metadata.annotations.as_ref()?;
+    let keys: Vec<String> = names::allocation::SCHEDULER_OWNED
+        .iter()
+        .filter(|key| annotations.contains_key(**key))
+        .map(|key| (*key).to_owned())
+        .collect();
+    (!keys.is_empty()).then_some(Denial::ForgedAllocation { keys })
+}
+
+/// Checks one container and appends the operations that fill in its
+/// defaults and priority env.
+fn container_operations(
+    field: &str,
+    index: usize,
+    container: &Container,
+    gpu: &ContainerGpuRequest,
+    config: &Config,
+    operations: &mut Vec<PatchOperation>,
+) -> Result<(), Denial> {
+    let names = &config.resources;
+    let base = ["spec".to_owned(), field.to_owned(), index.to_string()];
+    if let Some(priority) = gpu.priority {
+        priority_env_operation(&base, container, priority, operations);
+    }
+    let Some(resolved) = gpu.resolve(&config.defaults) else {
+        return Ok(());
+    };
+    let privileged = container
+        .security_context
+        .as_ref()
+        .and_then(|s| s.privileged)
+        .unwrap_or(false);
+    if privileged {
+        return Err(Denial::PrivilegedGpuContainer {
+            container: container.name.clone(),
+        });
+    }
+    if let (MemoryRequest::MiB(mib), Some(max_mib)) = (gpu.memory, config.max_card_memory_mib) {
+        if mib > max_mib {
+            return Err(Denial::MemoryAboveLargestCard {
+                container: container.name.clone(),
+                resource: names.memory.clone(),
+                value: written_value(container, &names.memory).unwrap_or_default(),
+                mib,
+                max_mib,
+                percentage_resource: names.memory_percentage.clone(),
+            });
+        }
+    }
+
+    let mut defaults: Vec<(&str, String)> = Vec::new();
+    if gpu.count.is_none() {
+        defaults.push((&names.gpu, resolved.count.to_string()));
+    }
+    if gpu.memory == MemoryRequest::Unspecified {
+        match resolved.memory {
+            MemoryRequest::MiB(mib) => defaults.push((&names.memory, mib.to_string())),
+            MemoryRequest::Percent(percent) => {
+                defaults.push((&names.memory_percentage, percent.to_string()))
+            }
+            MemoryRequest::Unspecified => {}
+        }
+    }
+    if gpu.cores.is_none() && resolved.cores > 0 {
+        defaults.push((&names.cores, resolved.cores.to_string()));
+    }
+    if defaults.is_empty() {
+        return Ok(());
+    }
+
+    let resources = container.resources.as_ref();
+    let has_limits = resources.and_then(|r| r.limits.as_ref()).is_some();
+    let mut path = PointerBuf::from_tokens(&base);
+    path.push_back("resources");
+    if resources.is_none() {
+        let limits: serde_json::Map<String, Value> = defaults
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), Value::String(v)))
+            .collect();
+        operations.push(add(path, serde_json::json!({ "limits": limits })));
+    } else if !has_limits {
+        let limits: serde_json::Map<String, Value> = defaults
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), Value::String(v)))
+            .collect();
+        path.push_back("limits");
+        operations.push(add(path, Value::Object(limits)));
+    } else {
+        path.push_back("limits");
+        for (key, value) in defaults {
+            let mut key_path = path.clone();
+            key_path.push_back(key);
+            operations.push(add(key_path, Value::String(value)));
+        }
+    }
+    Ok(())
+}
+
+/// Sets `CUDA_TASK_PRIORITY` to the container's priority resource, unless
+/// the container already says the same.
+fn priority_env_operation(
+    base: &[String; 3],
+    container: &Container,
+    priority: u32,
+    operations: &mut Vec<PatchOperation>,
+) {
+    let value = priority.to_string();
+    let entry = serde_json::json!({ "name": names::env::TASK_PRIORITY, "value": value });
+    let mut path = PointerBuf::from_tokens(base);
+    path.push_back("env");
+    match container.env.as_ref() {
+        None => operations.push(add(path, Value::Array(vec![entry]))),
+        Some(env) => match env.iter().position(|e| e.name == names::env::TASK_PRIORITY) {
+            Some(position) => {
+                let existing = &env[position];
+                if existing.value.as_deref() != Some(value.as_str())
+                    || existing.value_from.is_some()
+                {
+                    path.push_back(position);
+                    operations.push(PatchOperation::Replace(ReplaceOperation {
+                        path,
+                        value: entry,
+                    }));
+                }
+            }
+            None => {
+                path.push_back("-");
+                operations.push(add(path, entry));
+            }
+        },
+    }
+}
+
+fn add(path: PointerBuf, value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation { path, value })
+}
+
+/// The value of `resource` as the container wrote it (limits first).
+fn written_value(container: &Container, resource: &str) -> Option<String> {
+    let resources = container.resources.as_ref()?;
+    resources
+        .limits
+        .as_ref()
+        .and_then(|l| l.get(resource))
+        .or_else(|| resources.requests.as_ref().and_then(|r| r.get(resource)))
+        .map(|q| q.0.clone())
+}

@@ -1,0 +1,652 @@
+//! Every admission rule, exercised with AdmissionReview JSON shaped as the
+//! API server sends it, through the same entry point the HTTPS handler uses
+//! ([`answer_review`]). Each patch is applied to the original object and the
+//! result checked.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{api_server_pod, apply, decode_answer, review, Answer};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{json, Value};
+use tessera_api::config::Config;
+use tessera_api::request::PodGpuRequest;
+use tessera_webhook::metrics::Outcome;
+use tessera_webhook::server::answer_review;
+use tessera_webhook::{admit, mutate_pod, AdmissionDecision, AllowReason, Denial};
+
+const V1: &str = "admission.k8s.io/v1";
+
+fn container(name: &str, limits: Value) -> Value {
+    json!({"name": name, "resources": {"limits": limits, "requests": {"cpu": "500m", "memory": "1Gi"}}})
+}
+
+fn gpu_pod(limits: Value) -> Value {
+    api_server_pod(json!([container("trainer", limits)]), json!({}), json!({}))
+}
+
+fn ask_with(config: &Config, pod: &Value) -> (Answer, Outcome) {
+    let body =
+        serde_json::to_vec(&review(V1, "7f0e5c8a-1d2b-4c3d-9e8f-a1b2c3d4e5f6", pod)).unwrap();
+    let (response, outcome) = answer_review(&body, config).expect("a well-formed review");
+    (
+        decode_answer(&response, V1, "7f0e5c8a-1d2b-4c3d-9e8f-a1b2c3d4e5f6"),
+        outcome,
+    )
+}
+
+fn ask(pod: &Value) -> Answer {
+    ask_with(&Config::default(), pod).0
+}
+
+/// The pod after the webhook's patch, which must exist and apply.
+fn mutated(pod: &Value) -> Value {
+    let answer = ask(pod);
+    assert!(answer.allowed, "{}", answer.body);
+    apply(pod, answer.patch.as_ref().expect("a patch"))
+}
+
+fn denial(config: &Config, pod: &Value) -> (String, u64) {
+    let (answer, outcome) = ask_with(config, pod);
+    assert!(!answer.allowed, "expected a denial: {}", answer.body);
+    assert!(answer.patch.is_none());
+    assert_eq!(outcome, Outcome::Denied);
+    (
+        answer.message.expect("a message"),
+        answer.code.expect("a code"),
+    )
+}
+
+fn limits(pod: &Value, index: usize) -> &Value {
+    &pod["spec"]["containers"][index]["resources"]["limits"]
+}
+
+#[test]
+fn plain_gpu_gets_whole_card_memory_exclusive_cores_and_our_scheduler() {
+    let pod = gpu_pod(json!({"nvidia.com/gpu": "1", "cpu": "2"}));
+    let (answer, outcome) = ask_with(&Config::default(), &pod);
+    assert_eq!(outcome, Outcome::Mutated);
+    let after = apply(&pod, answer.patch.as_ref().expect("patch"));
+    assert_eq!(
+        limits(&after, 0),
+        &json!({"nvidia.com/gpu": "1", "cpu": "2", "nvidia.com/gpumem-percentage": "100", "nvidia.com/gpucores": "100"})
+    );
+    assert_eq!(after["spec"]["schedulerName"], "tessera-scheduler");
+    // Only what must change: everything else is byte-for-byte the original.
+    let mut expected = pod.clone();
+    expected["spec"]["schedulerName"] = json!("tessera-scheduler");
+    expected["spec"]["containers"][0]["resources"]["limits"] = limits(&after, 0).clone();
+    assert_eq!(after, expected);
+    assert_eq!(answer.patch.unwrap().0.len(), 3, "one operation per change");
+}
+
+#[test]
+fn memory_only_gets_one_card_and_no_cores() {
+    let after = mutated(&gpu_pod(json!({"nvidia.com/gpumem": "7500"})));
+    assert_eq!(
+        limits(&after, 0),
+        &json!({"nvidia.com/gpumem": "7500", "nvidia.com/gpu": "1"})
+    );
+    let after = mutated(&gpu_pod(
+        json!({"nvidia.com/gpumem-percentage": "45", "nvidia.com/gpucores": "30"}),
+    ));
+    assert_eq!(
+        limits(&after, 0),
+        &json!({"nvidia.com/gpumem-percentage": "45", "nvidia.com/gpucores": "30", "nvidia.com/gpu": "1"})
+    );
+}
+
+#[test]
+fn cores_only_gets_a_card_and_the_whole_card_memory() {
+    let after = mutated(&gpu_pod(json!({"nvidia.com/gpucores": "30"})));
+    assert_eq!(
+        limits(&after, 0),
+        &json!({"nvidia.com/gpucores": "30", "nvidia.com/gpu": "1", "nvidia.com/gpumem-percentage": "100"})
+    );
+}
+
+#[test]
+fn configured_defaults_apply() {
+    let config = Config::from_yaml("defaults:\n  gpuCount: 2\n  memoryMib: 4096\n  cores: 20\n")
+        .expect("config");
+    let pod = gpu_pod(json!({"nvidia.com/gpucores": "50"}));
+    let (answer, _) = ask_with(&config, &pod);
+    let after = apply(&pod, answer.patch.as_ref().unwrap());
+    assert_eq!(
+        limits(&after, 0),
+        &json!({"nvidia.com/gpucores": "50", "nvidia.com/gpu": "2", "nvidia.com/gpumem": "4096"})
+    );
+    // A plain card with a default memory is a slice, not exclusive: it
+    // gets the default cores.
+    let pod = gpu_pod(json!({"nvidia.com/gpu": "1"}));
+    let (answer, _) = ask_with(&config, &pod);
+    let after = apply(&pod, answer.patch.as_ref().unwrap());
+    assert_eq!(
+        limits(&after, 0),
+        &json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "4096", "nvidia.com/gpucores": "20"})
+    );
+}
+
+#[test]
+fn renamed_resources_and_scheduler_are_honoured() {
+    let config = Config::from_yaml(
+        "schedulerName: gpu-sched\nresources:\n  gpu: example.com/vgpu\n  memory: example.com/vmem\n",
+    )
+    .expect("config");
+    let pod = gpu_pod(json!({"example.com/vmem": "1000"}));
+    let (answer, _) = ask_with(&config, &pod);
+    let after = apply(&pod, answer.patch.as_ref().unwrap());
+    assert_eq!(
+        limits(&after, 0),
+        &json!({"example.com/vmem": "1000", "example.com/vgpu": "1"})
+    );
+    assert_eq!(after["spec"]["schedulerName"], "gpu-sched");
+    // nvidia.com names are not ours under this config.
+    let (answer, outcome) = ask_with(&config, &gpu_pod(json!({"nvidia.com/gpu": "1"})));
+    assert!(answer.allowed && answer.patch.is_none());
+    assert_eq!(outcome, Outcome::Allowed);
+}
+
+#[test]
+fn init_containers_are_defaulted_too() {
+    let pod = api_server_pod(
+        json!([container("app", json!({"cpu": "1"}))]),
+        json!({}),
+        json!({"initContainers": [container("warmup", json!({"nvidia.com/gpumem": "2000"}))]}),
+    );
+    let after = mutated(&pod);
+    assert_eq!(
+        after["spec"]["initContainers"][0]["resources"]["limits"],
+        json!({"nvidia.com/gpumem": "2000", "nvidia.com/gpu": "1"})
+    );
+    assert_eq!(
+        limits(&after, 0),
+        &json!({"cpu": "1"}),
+        "the CPU container is untouched"
+    );
+    assert_eq!(after["spec"]["schedulerName"], "tessera-scheduler");
+}
+
+#[test]
+fn gpu_values_only_in_requests_get_limits_added() {
+    let pod = api_server_pod(
+        json!([{"name": "c", "resources": {"requests": {"nvidia.com/gpumem": "1000"}}}]),
+        json!({}),
+        json!({}),
+    );
+    let after = mutated(&pod);
+    assert_eq!(limits(&after, 0), &json!({"nvidia.com/gpu": "1"}));
+    assert_eq!(
+        after["spec"]["containers"][0]["resources"]["requests"],
+        json!({"nvidia.com/gpumem": "1000"})
+    );
+}
+
+#[test]
+fn priority_becomes_the_interceptor_env() {
+    let env_of = |after: &Value| after["spec"]["containers"][0]["env"].clone();
+    // No env yet.
+    let after = mutated(&gpu_pod(
+        json!({"nvidia.com/gpumem": "1000", "nvidia.com/priority": "1"}),
+    ));
+    assert_eq!(
+        env_of(&after),
+        json!([{"name": "CUDA_TASK_PRIORITY", "value": "1"}])
+    );
+    // Other env: appended, the rest kept.
+    let mut pod = gpu_pod(json!({"nvidia.com/gpumem": "1000", "nvidia.com/priority": "0"}));
+    pod["spec"]["containers"][0]["env"] = json!([{"name": "NCCL_DEBUG", "value": "INFO"}]);
+    let after = mutated(&pod);
+    assert_eq!(
+        env_of(&after),
+        json!([{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "CUDA_TASK_PRIORITY", "value": "0"}])
+    );
+    // A stale value is replaced in place.
+    pod["spec"]["containers"][0]["env"] = json!([
+        {"name": "CUDA_TASK_PRIORITY", "value": "1"},
+        {"name": "NCCL_DEBUG", "value": "INFO"}
+    ]);
+    let after = mutated(&pod);
+    assert_eq!(
+        env_of(&after),
+        json!([{"name": "CUDA_TASK_PRIORITY", "value": "0"}, {"name": "NCCL_DEBUG", "value": "INFO"}])
+    );
+}
+
+#[test]
+fn another_scheduler_is_left_alone() {
+    let mut pod = gpu_pod(json!({"nvidia.com/gpu": "1"}));
+    pod["spec"]["schedulerName"] = json!("volcano");
+    let (answer, outcome) = ask_with(&Config::default(), &pod);
+    assert!(answer.allowed);
+    assert!(answer.patch.is_none());
+    assert_eq!(outcome, Outcome::Allowed);
+}
+
+#[test]
+fn a_complete_pod_for_our_scheduler_needs_no_patch() {
+    let mut pod = gpu_pod(json!({"nvidia.com/gpu": "1", "nvidia.com/gpumem": "3000"}));
+    pod["spec"]["schedulerName"] = json!("tessera-scheduler");
+    let answer = ask(&pod);
+    assert!(answer.allowed);
+    assert!(answer.patch.is_none(), "{}", answer.body);
+    // And without a schedulerName at all (not defaulted), it is added.
+    pod["spec"].as_object_mut().unwrap().remove("schedulerName");
+    let after = mutated(&pod);
+    assert_eq!(after["spec"]["schedulerName"], "tessera-scheduler");
+}
+
+#[test]
+fn a_pod_with_node_name_is_denied() {
+    let pod = api_server_pod(
+        json!([container("trainer", json!({"nvidia.com/gpu": "1"}))]),
+        json!({}),
+        json!({"nodeName": "gpu-node-3"}),
+    );
+    let (message, code) = denial(&Config::default(), &pod);
+    assert_eq!(code, 403);
+    assert!(
+        message.contains("spec.nodeName = `gpu-node-3`"),
+        "{message}"
+    );
+    assert!(message.contains("remove spec.nodeName"), "{message}");
+}
+
+#[test]
+fn out_of_range_values_are_denied_naming_container_value_and_range() {
+    let cases = [
+        (
+            json!({"nvidia.com/gpumem-percentage": "0"}),
+            "`0`",
+            "from 1 to 100",
+        ),
+        (
+            json!({"nvidia.com/gpumem-percentage": "101"}),
+            "`101`",
+            "from 1 to 100",
+        ),
+        (
+            json!({"nvidia.com/gpucores": "150"}),
+            "`150`",
+            "from 0 to 100",
+        ),
+        (json!({"nvidia.com/gpu": "-1"}), "`-1`", "out of range"),
+        (
+            json!({"nvidia.com/gpu": "1.5"}),
+            "`1.5`",
+            "not a whole number",
+        ),
+        (json!({"nvidia.com/gpumem": "-4000"}), "`-4000`", "negative"),
+        (
+            json!({"nvidia.com/gpumem": "0.5"}),
+            "`0.5`",
+            "whole number of MiB",
+        ),
+        (json!({"nvidia.com/gpucores": "abc"}), "`abc`", ""),
+        (
+            json!({"nvidia.com/priority": "7", "nvidia.com/gpu": "1"}),
+            "`7`",
+            "0 (high) or 1 (low)",
+        ),
+    ];
+    for (limits, value, range) in cases {
+        let (message, code) = denial(&Config::default(), &gpu_pod(limits.clone()));
+        assert_eq!(code, 422, "{limits}");
+        assert!(
+            message.contains("container `trainer`"),
+            "{limits}: {message}"
+        );
+        assert!(message.contains(value), "{limits}: {message}");
+        assert!(message.contains(range), "{limits}: {message}");
+    }
+}
+
+#[test]
+fn memory_above_the_largest_card_is_denied_when_known() {
+    let pod = gpu_pod(json!({"nvidia.com/gpumem": "90Gi"}));
+    assert!(ask(&pod).allowed, "no limit configured: allowed");
+    let config = Config::from_yaml("maxCardMemoryMib: 81920\n").expect("config");
+    let (message, code) = denial(&config, &pod);
+    assert_eq!(code, 422);
+    assert!(message.contains("container `trainer`"), "{message}");
+    assert!(message.contains("`90Gi`"), "{message}");
+    assert!(message.contains("92160 MiB"), "{message}");
+    assert!(message.contains("from 1 to 81920"), "{message}");
+    let (answer, _) = ask_with(&config, &gpu_pod(json!({"nvidia.com/gpumem": "81920"})));
+    assert!(answer.allowed, "exactly the largest card fits");
+}
+
+#[test]
+fn privileged_gpu_containers_are_denied() {
+    let mut pod = gpu_pod(json!({"nvidia.com/gpumem": "4000"}));
+    pod["spec"]["containers"][0]["securityContext"] = json!({"privileged": true});
+    let (message, code) = denial(&Config::default(), &pod);
+    assert_eq!(code, 403);
+    assert!(
+        message.contains("container `trainer` is privileged"),
+        "{message}"
+    );
+    // A privileged sidecar with no GPU next to a GPU container is fine.
+    let mut pod = api_server_pod(
+        json!([
+            container("trainer", json!({"nvidia.com/gpumem": "4000"})),
+            {"name": "net-tools", "securityContext": {"privileged": true}}
+        ]),
+        json!({}),
+        json!({}),
+    );
+    assert!(ask(&pod).allowed);
+    pod["spec"]["containers"][0]["securityContext"] = json!({"privileged": false});
+    assert!(ask(&pod).allowed);
+}
+
+#[test]
+fn forged_allocation_annotations_are_denied() {
+    for key in tessera_api::names::allocation::SCHEDULER_OWNED {
+        let pod = api_server_pod(
+            json!([container("trainer", json!({"nvidia.com/gpu": "1"}))]),
+            json!({"annotations": {key: "GPU-0b1c,NVIDIA,81920,100:;"}}),
+            json!({}),
+        );
+        let (message, code) = denial(&Config::default(), &pod);
+        assert_eq!(code, 403);
+        assert!(message.contains(key), "{message}");
+        assert!(
+            message.contains("only the scheduler may write"),
+            "{message}"
+        );
+    }
+    // User-facing annotations are fine.
+    let pod = api_server_pod(
+        json!([container("trainer", json!({"nvidia.com/gpu": "1"}))]),
+        json!({"annotations": {"nvidia.com/use-gputype": "A100", "hami.io/gpu-scheduler-policy": "binpack"}}),
+        json!({}),
+    );
+    assert!(ask(&pod).allowed);
+}
+
+#[test]
+fn pods_without_gpu_requests_are_untouched() {
+    let pod = api_server_pod(
+        json!([container("web", json!({"cpu": "1"}))]),
+        json!({}),
+        json!({}),
+    );
+    let (answer, outcome) = ask_with(&Config::default(), &pod);
+    assert!(answer.allowed && answer.patch.is_none());
+    assert_eq!(outcome, Outcome::Allowed);
+    // Not ours even with a node name, forged-looking annotation or a bad
+    // policy annotation: nothing asks for a GPU.
+    let pod = api_server_pod(
+        json!([container("web", json!({"cpu": "1"}))]),
+        json!({"annotations": {"hami.io/bind-phase": "success", "hami.io/gpu-scheduler-policy": "fastest"}}),
+        json!({"nodeName": "n1"}),
+    );
+    let answer = ask(&pod);
+    assert!(answer.allowed && answer.patch.is_none());
+    // `nvidia.com/gpu: 0` asks for nothing.
+    let answer = ask(&gpu_pod(json!({"nvidia.com/gpu": "0"})));
+    assert!(answer.allowed && answer.patch.is_none());
+}
+
+#[test]
+fn opted_out_pods_and_namespaces_are_untouched() {
+    let pod = api_server_pod(
+        json!([container(
+            "trainer",
+            json!({"nvidia.com/gpumem-percentage": "500"})
+        )]),
+        json!({"labels": {"hami.io/webhook": "ignore"}}),
+        json!({}),
+    );
+    let answer = ask(&pod);
+    assert!(answer.allowed && answer.patch.is_none(), "{}", answer.body);
+
+    let pod: Pod = serde_json::from_value(gpu_pod(json!({"nvidia.com/gpu": "1"}))).unwrap();
+    let ignore = BTreeMap::from([("hami.io/webhook".to_owned(), "ignore".to_owned())]);
+    let other = BTreeMap::from([("hami.io/webhook".to_owned(), "enabled".to_owned())]);
+    assert_eq!(
+        admit(&pod, Some(&ignore), &Config::default()),
+        AdmissionDecision::Allowed {
+            reason: AllowReason::OptedOut,
+            patch: None
+        }
+    );
+    assert!(admit(&pod, Some(&other), &Config::default())
+        .patch()
+        .is_some());
+}
+
+#[test]
+fn v1beta1_reviews_get_a_v1beta1_answer() {
+    let pod = gpu_pod(json!({"nvidia.com/gpu": "1"}));
+    let body = serde_json::to_vec(&review("admission.k8s.io/v1beta1", "b1", &pod)).unwrap();
+    let (response, _) = answer_review(&body, &Config::default()).expect("answered");
+    let answer = decode_answer(&response, "admission.k8s.io/v1beta1", "b1");
+    assert!(answer.allowed);
+    assert!(answer.patch.is_some());
+}
+
+#[test]
+fn non_create_and_non_pod_requests_are_allowed_untouched() {
+    let pod = gpu_pod(json!({"nvidia.com/gpumem-percentage": "0"}));
+    let mut update = review(V1, "u1", &pod);
+    update["request"]["operation"] = json!("UPDATE");
+    update["request"]["oldObject"] = pod.clone();
+    let (response, _) =
+        answer_review(&serde_json::to_vec(&update).unwrap(), &Config::default()).unwrap();
+    let answer = decode_answer(&response, V1, "u1");
+    assert!(answer.allowed && answer.patch.is_none());
+
+    let mut binding = review(
+        V1,
+        "u2",
+        &json!({"kind": "Binding", "apiVersion": "v1", "metadata": {"name": "x"}, "target": {"kind": "Node", "name": "n"}}),
+    );
+    binding["request"]["subResource"] = json!("binding");
+    let (response, _) =
+        answer_review(&serde_json::to_vec(&binding).unwrap(), &Config::default()).unwrap();
+    assert!(decode_answer(&response, V1, "u2").allowed);
+}
+
+#[test]
+fn malformed_bodies_are_errors_with_a_reason() {
+    let config = Config::default();
+    let pod = gpu_pod(json!({"nvidia.com/gpu": "1"}));
+    let mut wrong_kind = review(V1, "w", &pod);
+    wrong_kind["kind"] = json!("TokenReview");
+    let mut wrong_version = review(V1, "w", &pod);
+    wrong_version["apiVersion"] = json!("admission.k8s.io/v2");
+    let mut bad_pod = review(V1, "w", &pod);
+    bad_pod["request"]["object"]["spec"]["containers"] = json!("not a list");
+    let mut no_object = review(V1, "w", &pod);
+    no_object["request"]
+        .as_object_mut()
+        .unwrap()
+        .remove("object");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"not json at all".to_vec(), "not an AdmissionReview"),
+        (b"".to_vec(), "not an AdmissionReview"),
+        (b"[1,2,3]".to_vec(), "not an AdmissionReview"),
+        (
+            serde_json::to_vec(&wrong_kind).unwrap(),
+            "kind `TokenReview`",
+        ),
+        (
+            serde_json::to_vec(&wrong_version).unwrap(),
+            "admission.k8s.io/v2",
+        ),
+        (
+            serde_json::to_vec(&json!({"kind": "AdmissionReview", "apiVersion": V1})).unwrap(),
+            "no `request`",
+        ),
+        (serde_json::to_vec(&bad_pod).unwrap(), "not a valid Pod"),
+        (serde_json::to_vec(&no_object).unwrap(), "no `object`"),
+        (
+            serde_json::to_vec(
+                &json!({"kind": "AdmissionReview", "apiVersion": V1, "request": {"uid": 5}}),
+            )
+            .unwrap(),
+            "not an AdmissionReview",
+        ),
+    ];
+    for (body, expected) in cases {
+        let error = answer_review(&body, &config)
+            .expect_err(expected)
+            .to_string();
+        assert!(error.contains(expected), "{expected}: {error}");
+    }
+}
+
+#[test]
+fn mutate_pod_returns_the_defaulted_pod() {
+    let pod: Pod = serde_json::from_value(gpu_pod(json!({"nvidia.com/gpu": "2"}))).unwrap();
+    let config = Config::default();
+    let after = mutate_pod(&pod, &config).expect("allowed");
+    let spec = after.spec.as_ref().unwrap();
+    assert_eq!(spec.scheduler_name.as_deref(), Some("tessera-scheduler"));
+    let limits = spec.containers[0]
+        .resources
+        .as_ref()
+        .unwrap()
+        .limits
+        .as_ref()
+        .unwrap();
+    assert_eq!(limits["nvidia.com/gpumem-percentage"].0, "100");
+    assert_eq!(limits["nvidia.com/gpucores"].0, "100");
+
+    let mut bad: Pod = pod.clone();
+    bad.spec.as_mut().unwrap().node_name = Some("n".into());
+    match mutate_pod(&bad, &config) {
+        Err(tessera_webhook::MutateError::Denied(Denial::NodeNameSet { node })) => {
+            assert_eq!(node, "n")
+        }
+        other => panic!("expected a node-name denial, got {other:?}"),
+    }
+}
+
+/// Every combination of what a container may write: the patch applies to
+/// the raw object, the result asks for exactly what the request model
+/// resolves for the original (so webhook and scheduler agree), and
+/// admitting the result again changes nothing.
+#[test]
+fn patches_apply_agree_with_resolve_and_are_idempotent() {
+    let counts = [None, Some("1"), Some("2")];
+    let memories = [
+        None,
+        Some(("nvidia.com/gpumem", "7500")),
+        Some(("nvidia.com/gpumem-percentage", "45")),
+    ];
+    let cores = [None, Some("30"), Some("100")];
+    let priorities = [None, Some("0"), Some("1")];
+    let envs = [
+        None,
+        Some(json!([{"name": "A", "value": "b"}])),
+        Some(json!([{"name": "CUDA_TASK_PRIORITY", "value": "1"}])),
+    ];
+    let configs = [
+        Config::default(),
+        Config::from_yaml("defaults:\n  memoryMib: 2048\n  cores: 10\n").unwrap(),
+    ];
+    let mut checked = 0;
+    for config in &configs {
+        for count in counts {
+            for memory in memories {
+                for core in cores {
+                    for priority in priorities {
+                        for env in &envs {
+                            for as_init in [false, true] {
+                                let mut limits = serde_json::Map::new();
+                                limits.insert("cpu".into(), json!("1"));
+                                if let Some(c) = count {
+                                    limits.insert("nvidia.com/gpu".into(), json!(c));
+                                }
+                                if let Some((k, v)) = memory {
+                                    limits.insert(k.into(), json!(v));
+                                }
+                                if let Some(c) = core {
+                                    limits.insert("nvidia.com/gpucores".into(), json!(c));
+                                }
+                                if let Some(p) = priority {
+                                    limits.insert("nvidia.com/priority".into(), json!(p));
+                                }
+                                let mut gpu = container("gpu", Value::Object(limits));
+                                if let Some(env) = env {
+                                    gpu["env"] = env.clone();
+                                }
+                                let pod = if as_init {
+                                    api_server_pod(
+                                        json!([container("app", json!({"cpu": "1"}))]),
+                                        json!({}),
+                                        json!({"initContainers": [gpu]}),
+                                    )
+                                } else {
+                                    api_server_pod(json!([gpu]), json!({}), json!({}))
+                                };
+                                let original: Pod = serde_json::from_value(pod.clone()).unwrap();
+                                let (answer, _) = ask_with(config, &pod);
+                                assert!(answer.allowed, "{pod}");
+                                let after = match &answer.patch {
+                                    Some(patch) => apply(&pod, patch),
+                                    None => pod.clone(),
+                                };
+                                let after_pod: Pod = serde_json::from_value(after.clone()).unwrap();
+                                let before =
+                                    PodGpuRequest::from_pod(&original, &config.resources).unwrap();
+                                let now =
+                                    PodGpuRequest::from_pod(&after_pod, &config.resources).unwrap();
+                                let resolve = |r: &PodGpuRequest| -> Vec<_> {
+                                    r.containers
+                                        .iter()
+                                        .chain(&r.init_containers)
+                                        .map(|c| c.resolve(&config.defaults))
+                                        .collect()
+                                };
+                                assert_eq!(resolve(&before), resolve(&now), "{pod}");
+                                if before.asks_for_gpu() {
+                                    for c in now
+                                        .containers
+                                        .iter()
+                                        .chain(&now.init_containers)
+                                        .filter(|c| c.asks_for_gpu())
+                                    {
+                                        assert!(c.count.is_some(), "count written: {after}");
+                                        assert_ne!(
+                                            c.memory,
+                                            tessera_api::request::MemoryRequest::Unspecified,
+                                            "{after}"
+                                        );
+                                    }
+                                }
+                                // A container that writes only a priority asks for no GPU and is not ours.
+                                if let (Some(p), true) = (priority, before.asks_for_gpu()) {
+                                    let field = if as_init {
+                                        "initContainers"
+                                    } else {
+                                        "containers"
+                                    };
+                                    let env = after["spec"][field][0]["env"].as_array().unwrap();
+                                    let entries: Vec<_> = env
+                                        .iter()
+                                        .filter(|e| e["name"] == "CUDA_TASK_PRIORITY")
+                                        .collect();
+                                    assert_eq!(entries.len(), 1, "{after}");
+                                    assert_eq!(entries[0]["value"], p);
+                                }
+                                let (again, _) = ask_with(config, &after);
+                                assert!(
+                                    again.allowed && again.patch.is_none(),
+                                    "not idempotent: {after} -> {}",
+                                    again.body
+                                );
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 3 * 3 * 3 * 3 * 3 * 2);
+}
