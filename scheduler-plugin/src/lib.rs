@@ -7,3 +7,4 @@
 //! make it operable.
 
 pub mod core;
+pub mod shell;

@@ -1,0 +1,549 @@
+//! The Kubernetes shell around the placement core. Reflectors keep the
+//! [`ClusterState`] current from node and pod watches; pending pods of ours
+//! flow through the [`SchedulingQueue`]; the decision loop asks the core,
+//! assumes the result at once (so the next decision already sees it) and
+//! hands the bind to a concurrent task. One bind request carries the
+//! allocation annotations (the API server copies them onto the pod), so a
+//! placed pod costs one API write, many pods bind to one node at once with
+//! no node lock, and a failed bind rolls its assumption back and retries.
+
+pub mod events;
+pub mod leader;
+pub mod metrics;
+pub mod queue;
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, PostParams};
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::WatchStreamExt;
+use kube::Client;
+use tessera_api::config::Config;
+use tessera_api::names::allocation as keys;
+use tokio::sync::{watch, Semaphore};
+
+use crate::core::{pod_key, ClusterState, Placement, ScheduleError};
+use events::Notifier;
+use leader::LeaseSettings;
+use metrics::{set_gauge, SchedulerMetrics};
+use queue::SchedulingQueue;
+
+/// How the shell runs.
+#[derive(Debug, Clone)]
+pub struct ShellOptions {
+    /// This replica's name (events, lease holder).
+    pub identity: String,
+    /// Leader election; `None` schedules without a lease (one replica).
+    pub lease: Option<LeaseSettings>,
+    /// Binds in flight at once.
+    pub bind_concurrency: usize,
+    /// Publish a `Scheduled` Event per placed pod (one more API write each).
+    pub scheduled_events: bool,
+}
+
+impl Default for ShellOptions {
+    fn default() -> Self {
+        Self {
+            identity: "tessera-scheduler".to_owned(),
+            lease: None,
+            bind_concurrency: 64,
+            scheduled_events: true,
+        }
+    }
+}
+
+/// Errors that stop the shell.
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    /// A watch stream ended, which only happens when the process is shutting down.
+    #[error("the {0} watch ended")]
+    WatchEnded(&'static str),
+}
+
+struct Shared {
+    client: Client,
+    config: Config,
+    options: ShellOptions,
+    state: Mutex<ClusterState>,
+    pending: Mutex<HashMap<String, Pod>>,
+    allocated: Mutex<HashMap<String, (String, String, String)>>,
+    recently_bound: Mutex<HashSet<String>>,
+    node_errors: Mutex<HashMap<String, String>>,
+    queue: SchedulingQueue,
+    metrics: SchedulerMetrics,
+    notifier: Notifier,
+    bind_slots: Arc<Semaphore>,
+    nodes_synced: AtomicBool,
+    pods_synced: AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The running scheduler. Cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("identity", &self.shared.options.identity)
+            .finish()
+    }
+}
+
+/// Identifies the schedulable content of a pod, so a parked pod is retried
+/// at once when its own spec changes but not on its own status updates.
+fn pod_signature(pod: &Pod) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(&pod.spec)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    pod.metadata.labels.hash(&mut hasher);
+    pod.metadata.annotations.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn is_terminal(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+impl Scheduler {
+    /// A scheduler over `client` with `config`.
+    pub fn new(client: Client, config: Config, options: ShellOptions) -> Self {
+        let notifier = Notifier::new(client.clone(), "tessera-scheduler", &options.identity);
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(ClusterState::new(config.clone())),
+                bind_slots: Arc::new(Semaphore::new(options.bind_concurrency.max(1))),
+                client,
+                config,
+                options,
+                pending: Mutex::default(),
+                allocated: Mutex::default(),
+                recently_bound: Mutex::default(),
+                node_errors: Mutex::default(),
+                queue: SchedulingQueue::default(),
+                metrics: SchedulerMetrics::new(),
+                notifier,
+                nodes_synced: AtomicBool::new(false),
+                pods_synced: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The metrics text for `/metrics`.
+    pub fn metrics_text(&self) -> String {
+        let (ready, parked) = self.shared.queue.depth();
+        set_gauge(&self.shared.metrics.queue_depth, ready + parked);
+        let allocated: Vec<(String, String, String)> =
+            lock(&self.shared.allocated).values().cloned().collect();
+        let state = lock(&self.shared.state);
+        self.shared.metrics.render(&state, &allocated)
+    }
+
+    /// Whether both reflectors finished their initial list.
+    pub fn is_synced(&self) -> bool {
+        self.shared.nodes_synced.load(Ordering::Relaxed)
+            && self.shared.pods_synced.load(Ordering::Relaxed)
+    }
+
+    /// A copy of the current cluster state (for tests and `inspect`).
+    pub fn state_snapshot(&self) -> ClusterState {
+        lock(&self.shared.state).clone()
+    }
+
+    /// The scheduling metrics.
+    pub fn metrics(&self) -> &SchedulerMetrics {
+        &self.shared.metrics
+    }
+
+    /// `/metrics`, `/healthz` and `/readyz`.
+    pub fn router(&self) -> axum::Router {
+        use axum::http::StatusCode;
+        use axum::routing::get;
+        let metrics = self.clone();
+        let ready = self.clone();
+        axum::Router::new()
+            .route(
+                "/metrics",
+                get(move || {
+                    let scheduler = metrics.clone();
+                    async move {
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            scheduler.metrics_text(),
+                        )
+                    }
+                }),
+            )
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                get(move || {
+                    let scheduler = ready.clone();
+                    async move {
+                        if scheduler.is_synced() {
+                            (StatusCode::OK, "ok")
+                        } else {
+                            (
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "waiting for the initial node and pod lists",
+                            )
+                        }
+                    }
+                }),
+            )
+    }
+
+    /// Runs reflectors, leader election and the decision loop until a
+    /// watch ends.
+    pub async fn run(self) -> Result<(), ShellError> {
+        let (leading_tx, leading_rx) = watch::channel(self.shared.options.lease.is_none());
+        if let Some(settings) = self.shared.options.lease.clone() {
+            tokio::spawn(leader::run_election(
+                self.shared.client.clone(),
+                settings,
+                leading_tx,
+            ));
+        }
+        let nodes = tokio::spawn(self.clone().reflect_nodes());
+        let pods = tokio::spawn(self.clone().reflect_pods());
+        let decide = tokio::spawn(self.clone().decision_loop(leading_rx));
+        tokio::select! {
+            r = nodes => r.unwrap_or(Err(ShellError::WatchEnded("node"))),
+            r = pods => r.unwrap_or(Err(ShellError::WatchEnded("pod"))),
+            _ = decide => Err(ShellError::WatchEnded("leadership")),
+        }
+    }
+
+    async fn reflect<K, S>(
+        stream: S,
+        mut on_apply: impl FnMut(&K),
+        mut on_delete: impl FnMut(&K),
+        mut on_synced: impl FnMut(),
+        key_of: impl Fn(&K) -> String,
+    ) -> Result<(), ShellError>
+    where
+        S: Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    {
+        let mut stream = std::pin::pin!(stream);
+        let mut known: HashMap<String, K> = HashMap::new();
+        let mut relisted: Option<HashSet<String>> = None;
+        let known_keys =
+            |known: &mut HashMap<String, K>, key: String, object: Option<K>| match object {
+                Some(o) => {
+                    known.insert(key, o);
+                }
+                None => {
+                    known.remove(&key);
+                }
+            };
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Init) => relisted = Some(HashSet::new()),
+                Ok(watcher::Event::InitApply(object)) => {
+                    let key = key_of(&object);
+                    on_apply(&object);
+                    if let Some(seen) = relisted.as_mut() {
+                        seen.insert(key.clone());
+                    }
+                    known_keys(&mut known, key, Some(object));
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(seen) = relisted.take() {
+                        let gone: Vec<String> = known
+                            .keys()
+                            .filter(|k| !seen.contains(*k))
+                            .cloned()
+                            .collect();
+                        for key in gone {
+                            if let Some(object) = known.remove(&key) {
+                                on_delete(&object);
+                            }
+                        }
+                    }
+                    on_synced();
+                }
+                Ok(watcher::Event::Apply(object)) => {
+                    on_apply(&object);
+                    known_keys(&mut known, key_of(&object), Some(object));
+                }
+                Ok(watcher::Event::Delete(object)) => {
+                    on_delete(&object);
+                    known_keys(&mut known, key_of(&object), None);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "watch error; the watcher retries with backoff")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn reflect_nodes(self) -> Result<(), ShellError> {
+        let api: Api<Node> = Api::all(self.shared.client.clone());
+        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        let apply = |node: &Node| self.node_changed(node);
+        let delete = |node: &Node| {
+            lock(&self.shared.state).remove_node(node.metadata.name.as_deref().unwrap_or(""));
+        };
+        let synced = || self.shared.nodes_synced.store(true, Ordering::Relaxed);
+        Self::reflect(stream, apply, delete, synced, |n: &Node| {
+            n.metadata.name.clone().unwrap_or_default()
+        })
+        .await?;
+        Err(ShellError::WatchEnded("node"))
+    }
+
+    fn node_changed(&self, node: &Node) {
+        let error = lock(&self.shared.state).upsert_node(node);
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let mut errors = lock(&self.shared.node_errors);
+        match error {
+            Some(error) if errors.get(&name) != Some(&error) => {
+                tracing::warn!(node = %name, %error, "GPU inventory annotation is corrupt; node skipped for GPU pods");
+                errors.insert(name, error.clone());
+                let notifier = self.shared.notifier.clone();
+                let node = node.clone();
+                tokio::spawn(async move { notifier.corrupt_inventory(&node, &error).await });
+            }
+            Some(_) => {}
+            None => {
+                errors.remove(&name);
+            }
+        }
+        drop(errors);
+        self.shared.queue.cluster_changed();
+    }
+
+    async fn reflect_pods(self) -> Result<(), ShellError> {
+        let api: Api<Pod> = Api::all(self.shared.client.clone());
+        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        let apply = |pod: &Pod| self.pod_changed(pod);
+        let delete = |pod: &Pod| self.pod_deleted(pod);
+        let synced = || self.shared.pods_synced.store(true, Ordering::Relaxed);
+        Self::reflect(stream, apply, delete, synced, pod_key).await?;
+        Err(ShellError::WatchEnded("pod"))
+    }
+
+    fn pod_changed(&self, pod: &Pod) {
+        let key = pod_key(pod);
+        let was_charged = {
+            let mut state = lock(&self.shared.state);
+            let before = state.charge(&key).is_some();
+            state.observe_pod(pod);
+            before && state.charge(&key).is_none()
+        };
+        let spec = pod.spec.as_ref();
+        let bound = spec.is_some_and(|s| s.node_name.is_some());
+        let ours = spec.and_then(|s| s.scheduler_name.as_deref())
+            == Some(self.shared.config.scheduler_name.as_str());
+        let pending =
+            ours && !bound && pod.metadata.deletion_timestamp.is_none() && !is_terminal(pod);
+        if pending {
+            lock(&self.shared.pending).insert(key.clone(), pod.clone());
+            self.shared.queue.pod_seen(&key, pod_signature(pod));
+        } else {
+            lock(&self.shared.pending).remove(&key);
+            self.shared.queue.pod_gone(&key);
+            if bound {
+                lock(&self.shared.recently_bound).remove(&key);
+            }
+        }
+        let annotation = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(keys::DEVICES_ALLOCATED));
+        match annotation {
+            Some(devices) if bound && !is_terminal(pod) => {
+                let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                lock(&self.shared.allocated).insert(key, (namespace, name, devices.clone()));
+            }
+            _ => {
+                lock(&self.shared.allocated).remove(&key);
+            }
+        }
+        if was_charged {
+            self.shared.queue.cluster_changed();
+        }
+    }
+
+    fn pod_deleted(&self, pod: &Pod) {
+        let key = pod_key(pod);
+        lock(&self.shared.state).remove_pod(pod);
+        lock(&self.shared.pending).remove(&key);
+        lock(&self.shared.allocated).remove(&key);
+        lock(&self.shared.recently_bound).remove(&key);
+        self.shared.queue.pod_gone(&key);
+        self.shared.queue.cluster_changed();
+    }
+
+    async fn decision_loop(self, mut leading: watch::Receiver<bool>) {
+        loop {
+            if leading.wait_for(|l| *l).await.is_err() {
+                return;
+            }
+            let key = self.shared.queue.next().await;
+            if !*leading.borrow() {
+                // Lost the lease while waiting: give the pod back.
+                self.shared.queue.finish(&key);
+                if let Some(pod) = lock(&self.shared.pending).get(&key) {
+                    self.shared.queue.pod_seen(&key, pod_signature(pod));
+                }
+                continue;
+            }
+            let Some(pod) = lock(&self.shared.pending).get(&key).cloned() else {
+                self.shared.queue.finish(&key);
+                continue;
+            };
+            if lock(&self.shared.recently_bound).contains(&key) {
+                self.shared.queue.finish(&key);
+                continue;
+            }
+            self.decide(key, pod).await;
+        }
+    }
+
+    async fn decide(&self, key: String, pod: Pod) {
+        let started = Instant::now();
+        let result = {
+            let mut state = lock(&self.shared.state);
+            // An unbound pod's old charge (a bind cut off by a restart) is replaced by this decision.
+            state.release(&key);
+            let result = state.schedule(&pod);
+            if let Ok(placement) = &result {
+                state.assume(&placement.pod, placement.charge.clone());
+            }
+            result
+        };
+        self.shared
+            .metrics
+            .decision_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let signature = pod_signature(&pod);
+        match result {
+            Ok(placement) => {
+                self.shared.metrics.count_decision("placed");
+                let permit = Arc::clone(&self.shared.bind_slots).acquire_owned().await;
+                let scheduler = self.clone();
+                tokio::spawn(async move {
+                    scheduler.bind(pod, placement, signature).await;
+                    drop(permit);
+                });
+            }
+            Err(ScheduleError::Unschedulable(why)) => {
+                self.shared.metrics.count_decision("unschedulable");
+                let message = format!("0/{} nodes are available: {why}", why.total_nodes);
+                tracing::info!(pod = %key, %message, "pod does not fit; waiting for the cluster to change");
+                self.shared.queue.park(&key, signature, true);
+                let notifier = self.shared.notifier.clone();
+                tokio::spawn(async move { notifier.failed(&pod, "Unschedulable", &message).await });
+            }
+            Err(ScheduleError::InvalidRequest(error)) => {
+                self.shared.metrics.count_decision("invalid");
+                let message = error.to_string();
+                tracing::warn!(pod = %key, %message, "invalid GPU request");
+                self.shared.queue.park(&key, signature, false);
+                let notifier = self.shared.notifier.clone();
+                tokio::spawn(
+                    async move { notifier.failed(&pod, "InvalidGPURequest", &message).await },
+                );
+            }
+        }
+    }
+
+    async fn bind(&self, pod: Pod, placement: Placement, signature: u64) {
+        let key = placement.pod.clone();
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned());
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let binding = Binding {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.clone()),
+                annotations: Some(
+                    placement.annotations(k8s_openapi::jiff::Timestamp::now().as_second()),
+                ),
+                ..ObjectMeta::default()
+            },
+            target: ObjectReference {
+                api_version: Some("v1".to_owned()),
+                kind: Some("Node".to_owned()),
+                name: Some(placement.node.clone()),
+                ..ObjectReference::default()
+            },
+        };
+        let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), &namespace);
+        let started = Instant::now();
+        let result = api
+            .create_subresource::<Binding, serde_json::Value>(
+                "binding",
+                &name,
+                &PostParams::default(),
+                &binding,
+            )
+            .await;
+        self.shared
+            .metrics
+            .bind_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(_) => {
+                lock(&self.shared.recently_bound).insert(key.clone());
+                self.shared.queue.finish(&key);
+                tracing::debug!(pod = %key, node = %placement.node, "bound");
+                if self.shared.options.scheduled_events {
+                    self.shared.notifier.scheduled(&pod, &placement.node).await;
+                }
+            }
+            Err(error) => {
+                self.shared.metrics.bind_failures.inc();
+                lock(&self.shared.state).forget_assumed(&key);
+                let code = match &error {
+                    kube::Error::Api(status) => Some(status.code),
+                    _ => None,
+                };
+                match code {
+                    Some(404) => {
+                        tracing::info!(pod = %key, "pod vanished before its bind");
+                        self.shared.queue.pod_gone(&key);
+                        self.shared.queue.finish(&key);
+                    }
+                    Some(409) => {
+                        tracing::info!(pod = %key, %error, "pod already bound; keeping the API server's answer");
+                        self.shared.queue.finish(&key);
+                    }
+                    _ => {
+                        tracing::warn!(pod = %key, %error, "bind failed; rolled back, retrying");
+                        self.shared.queue.retry_later(&key, signature);
+                    }
+                }
+                self.shared.queue.cluster_changed();
+            }
+        }
+    }
+}
