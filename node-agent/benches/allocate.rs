@@ -1,0 +1,2 @@
+//! Placeholder until the Allocate benchmark is written.
+fn main() {}

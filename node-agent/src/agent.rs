@@ -1,0 +1,256 @@
+//! Wires the agent together: GPU backend → health monitor → inventory
+//! publisher, device-plugin server (with the allocator), metrics and the
+//! pod sweep; installs the interceptor first. [`run`] takes every input
+//! explicitly, so tests run the same wiring as the binary.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tessera_api::config::Config;
+use tessera_api::error::ConfigError;
+use tessera_api::inventory::encode_inventory;
+use thiserror::Error;
+use tokio::sync::watch;
+
+use crate::allocate::Allocator;
+use crate::gpu::fake::FakeGpus;
+use crate::gpu::nvml::NvmlGpus;
+use crate::gpu::{GpuBackend, GpuError};
+use crate::health::HealthMonitor;
+use crate::host_files::{HostFileError, HostLayout};
+use crate::inventory::node_inventory;
+use crate::k8s::events::EventPoster;
+use crate::k8s::node::InventoryPublisher;
+use crate::k8s::pods::NodePods;
+use crate::metrics::Metrics;
+use crate::options::AgentOptions;
+use crate::plugin::registration::{self, PluginError, PluginSettings};
+use crate::plugin::service::DevicePluginService;
+
+/// Why the agent could not start or stopped.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// GPU discovery failed.
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    /// The config file could not be read.
+    #[error("could not read the config file `{path}`: {source}; check the --config path and the ConfigMap mount")]
+    ReadConfig {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is invalid.
+    #[error("config file `{path}`: {source}")]
+    Config {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: ConfigError,
+    },
+    /// No node name was given.
+    #[error("no node name: pass --node-name or set NODE_NAME (the DaemonSet sets it from spec.nodeName)")]
+    NoNodeName,
+    /// The interceptor could not be installed.
+    #[error(transparent)]
+    HostFiles(#[from] HostFileError),
+    /// The device plugin failed.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+}
+
+/// Reads the config file, or the defaults when none is given.
+pub fn load_config(path: Option<&Path>) -> Result<Config, AgentError> {
+    let Some(path) = path else {
+        return Ok(Config::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| AgentError::ReadConfig {
+        path: path.to_owned(),
+        source,
+    })?;
+    Config::from_yaml(&text).map_err(|source| AgentError::Config {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The backend the options ask for: fake cards, or NVML.
+pub fn backend_from_options(options: &AgentOptions) -> Result<Arc<dyn GpuBackend>, GpuError> {
+    match &options.fake_gpus {
+        Some(spec) => Ok(Arc::new(FakeGpus::parse(spec, &options.node_name)?)),
+        None => {
+            let nvml = NvmlGpus::init()?;
+            if let Some(version) = nvml.driver_version() {
+                tracing::info!(%version, "NVIDIA driver found");
+            }
+            Ok(Arc::new(nvml))
+        }
+    }
+}
+
+/// What `--discover-once` prints: every card, and the inventory annotation.
+pub fn discovery_report(backend: &dyn GpuBackend, config: &Config, node: &str) -> Result<String, GpuError> {
+    let cards = backend.discover()?;
+    let mut out = format!("backend: {}\ncards: {}\n", backend.kind(), cards.len());
+    if cards.is_empty() {
+        out.push_str("no GPU found on this node\n");
+    }
+    for card in &cards {
+        out.push_str(&format!(
+            "  [{}] {} {} {} MiB numa={} healthy={}\n",
+            card.index, card.uuid, card.name, card.memory_mib, card.numa, card.healthy
+        ));
+    }
+    let health = HealthMonitor::new(&cards, Duration::from_secs(1)).subscribe().borrow().clone();
+    let inventory = node_inventory(&cards, &config.sharing_for_node(node), &health);
+    out.push_str(&format!("hami.io/node-nvidia-register: {}\n", encode_inventory(&inventory)));
+    Ok(out)
+}
+
+/// Everything [`run`] needs.
+#[derive(Clone)]
+pub struct AgentSetup {
+    /// This node's name.
+    pub node: String,
+    /// The config file.
+    pub config: Config,
+    /// Where GPUs come from.
+    pub backend: Arc<dyn GpuBackend>,
+    /// The Kubernetes client.
+    pub client: kube::Client,
+    /// Kubelet socket and polling.
+    pub kubelet_socket: PathBuf,
+    /// File name of the plugin socket.
+    pub plugin_socket_name: String,
+    /// How often sockets are checked.
+    pub socket_poll: Duration,
+    /// Host files.
+    pub layout: HostLayout,
+    /// The interceptor to install, if the image has one.
+    pub interceptor_source: Option<PathBuf>,
+    /// Where to serve `/metrics` (none in tests).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Inventory check period.
+    pub publish_interval: Duration,
+    /// Quiet period before a card is healthy again.
+    pub health_quiet: Duration,
+    /// Pod sweep period.
+    pub sweep_interval: Duration,
+}
+
+impl std::fmt::Debug for AgentSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentSetup")
+            .field("node", &self.node)
+            .field("backend", &self.backend)
+            .field("kubelet_socket", &self.kubelet_socket)
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentSetup {
+    /// The setup the command line describes.
+    pub fn from_options(
+        options: &AgentOptions,
+        config: Config,
+        backend: Arc<dyn GpuBackend>,
+        client: kube::Client,
+    ) -> Result<Self, AgentError> {
+        if options.node_name.is_empty() {
+            return Err(AgentError::NoNodeName);
+        }
+        Ok(Self {
+            node: options.node_name.clone(),
+            config,
+            backend,
+            client,
+            kubelet_socket: options.kubelet_socket.clone(),
+            plugin_socket_name: options.plugin_socket_name.clone(),
+            socket_poll: options.socket_poll(),
+            layout: HostLayout::new(&options.host_dir),
+            interceptor_source: Some(options.interceptor_source.clone()),
+            metrics_addr: Some(options.metrics_addr),
+            publish_interval: options.publish_interval(),
+            health_quiet: options.health_quiet(),
+            sweep_interval: options.sweep_interval(),
+        })
+    }
+}
+
+/// Runs the agent until `shutdown` turns true.
+pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+    let cards: Arc<[_]> = setup.backend.discover()?.into();
+    if cards.is_empty() {
+        tracing::warn!(backend = setup.backend.kind(), "found no GPU on this node; advertising none");
+    }
+    for card in cards.iter() {
+        tracing::info!(index = card.index, uuid = %card.uuid, name = %card.name, memory_mib = card.memory_mib, numa = card.numa, "GPU discovered");
+    }
+    match &setup.interceptor_source {
+        Some(source) if source.exists() => {
+            setup.layout.install_interceptor(source)?;
+            tracing::info!(path = %setup.layout.interceptor().display(), "interceptor installed");
+        }
+        Some(source) => tracing::warn!(path = %source.display(), "interceptor library not found in the image; containers get their env but no memory cap until it is installed"),
+        None => {}
+    }
+    let sharing = setup.config.sharing_for_node(&setup.node);
+    let monitor = HealthMonitor::new(&cards, setup.health_quiet);
+    let health = monitor.subscribe();
+    let mut tasks = tokio::task::JoinSet::new();
+    let recovery_interval = (setup.health_quiet / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+    tasks.spawn(monitor.run(Arc::clone(&setup.backend), recovery_interval));
+
+    let publisher = InventoryPublisher::new(setup.client.clone(), &setup.node, Arc::clone(&cards), sharing.clone());
+    tasks.spawn(publisher.run(health.clone(), setup.publish_interval));
+
+    let pods = NodePods::new(setup.client.clone(), &setup.node);
+    let index = Arc::new(RwLock::new(Vec::new()));
+    tasks.spawn(crate::sweep::run(
+        pods.clone(),
+        setup.layout.clone(),
+        Arc::clone(&index),
+        setup.sweep_interval,
+        Duration::from_secs(300),
+    ));
+    if let Some(addr) = setup.metrics_addr {
+        let metrics = Metrics::new(Arc::clone(&setup.backend), Arc::clone(&cards), index);
+        tasks.spawn(async move {
+            if let Err(e) = metrics.serve(addr).await {
+                tracing::error!(%addr, error = %e, "could not serve /metrics; check that the port is free");
+            }
+        });
+    }
+
+    let allocator = Allocator::new(
+        pods,
+        EventPoster::new(setup.client.clone(), &setup.node),
+        setup.layout.clone(),
+        setup.config.resources.clone(),
+        &cards,
+        health.clone(),
+    );
+    let settings = PluginSettings {
+        kubelet_socket: setup.kubelet_socket.clone(),
+        endpoint: setup.plugin_socket_name.clone(),
+        resource_name: setup.config.resources.gpu.clone(),
+        poll_interval: setup.socket_poll,
+    };
+    let split_count = sharing.split_count;
+    let result = registration::run(
+        settings,
+        move |stopping| {
+            DevicePluginService::new(Arc::clone(&cards), split_count, health.clone(), allocator.clone(), stopping)
+        },
+        shutdown,
+    )
+    .await;
+    tasks.abort_all();
+    result.map_err(AgentError::from)
+}

@@ -1,0 +1,165 @@
+//! What kubelet hands one container: the environment the NVIDIA runtime
+//! and the interceptor read (`NVIDIA_VISIBLE_DEVICES`, per-card memory caps,
+//! SM cap, shared region path, priority) and the mounts (the container's
+//! accounting directory, and unless the container opts out with
+//! `CUDA_DISABLE_CONTROL=true`, the interceptor and `/etc/ld.so.preload`).
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use tessera_api::allocation::ContainerDevice;
+use tessera_api::container_env::{format_memory_limit_mib, memory_limit_var};
+use tessera_api::names::{env, ResourceNames};
+use tessera_api::request::container_request;
+
+use crate::host_files::{HostFileError, HostLayout, CONTAINER_PRELOAD, CONTAINER_SHARED_DIR};
+use crate::proto::{ContainerAllocateResponse, Mount};
+
+/// Whether the container opted out of the interceptor.
+pub fn control_disabled(container: &Container) -> bool {
+    container.env.iter().flatten().any(|var| {
+        var.name == env::DISABLE_CONTROL
+            && var.value.as_deref().is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    })
+}
+
+/// The user and group the container runs as, when the pod says so.
+fn container_owner(pod: &Pod, container: &Container) -> Option<(u32, Option<u32>)> {
+    let pod_context = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let own = container.security_context.as_ref();
+    let uid = own
+        .and_then(|c| c.run_as_user)
+        .or_else(|| pod_context.and_then(|c| c.run_as_user))?;
+    let gid = own
+        .and_then(|c| c.run_as_group)
+        .or_else(|| pod_context.and_then(|c| c.run_as_group))
+        .and_then(|g| u32::try_from(g).ok());
+    Some((u32::try_from(uid).ok()?, gid))
+}
+
+/// The pod's container at `index` (app containers, pod order).
+pub fn container_at(pod: &Pod, index: usize) -> Option<&Container> {
+    pod.spec.as_ref().and_then(|s| s.containers.get(index))
+}
+
+/// Builds the response for one container and prepares its host directory.
+pub fn container_response(
+    layout: &HostLayout,
+    names: &ResourceNames,
+    pod: &Pod,
+    container: &Container,
+    devices: &[ContainerDevice],
+) -> Result<ContainerAllocateResponse, HostFileError> {
+    let pod_uid = pod.metadata.uid.as_deref().unwrap_or("unknown-uid");
+    let host_dir =
+        layout.prepare_container_dir(pod_uid, &container.name, container_owner(pod, container))?;
+
+    let mut response = ContainerAllocateResponse::default();
+    let envs = &mut response.envs;
+    envs.insert(
+        env::NVIDIA_VISIBLE_DEVICES.to_owned(),
+        devices.iter().map(|d| d.uuid.as_str()).collect::<Vec<_>>().join(","),
+    );
+    for (i, device) in devices.iter().enumerate() {
+        envs.insert(memory_limit_var(i), format_memory_limit_mib(device.memory_mib));
+    }
+    if let Some(first) = devices.first() {
+        envs.insert(env::SM_LIMIT.to_owned(), first.cores.to_string());
+    }
+    envs.insert(env::SHARED_CACHE.to_owned(), HostLayout::container_region_path());
+    // The request was validated at admission; a value that no longer parses
+    // simply sets no priority.
+    if let Some(priority) = container_request(container, names).ok().and_then(|r| r.priority) {
+        envs.insert(env::TASK_PRIORITY.to_owned(), priority.to_string());
+    }
+
+    response.mounts.push(Mount {
+        container_path: CONTAINER_SHARED_DIR.to_owned(),
+        host_path: host_dir.to_string_lossy().into_owned(),
+        read_only: false,
+    });
+    if !control_disabled(container) {
+        response.mounts.push(Mount {
+            container_path: HostLayout::container_interceptor_path(),
+            host_path: layout.interceptor().to_string_lossy().into_owned(),
+            read_only: true,
+        });
+        response.mounts.push(Mount {
+            container_path: CONTAINER_PRELOAD.to_owned(),
+            host_path: layout.preload().to_string_lossy().into_owned(),
+            read_only: true,
+        });
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tessera_api::allocation::NVIDIA_VENDOR;
+
+    fn pod(env: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "uid-7"},
+            "spec": {
+                "securityContext": {"runAsUser": 4242},
+                "containers": [{
+                    "name": "main", "image": "x", "env": env,
+                    "resources": {"limits": {"nvidia.com/gpu": "2", "nvidia.com/priority": "1"}}
+                }]
+            }
+        }))
+        .expect("pod")
+    }
+
+    fn devices() -> Vec<ContainerDevice> {
+        ["GPU-a", "GPU-b"]
+            .iter()
+            .map(|uuid| ContainerDevice {
+                uuid: (*uuid).into(),
+                vendor: NVIDIA_VENDOR.into(),
+                memory_mib: 7500,
+                cores: 30,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn env_and_mounts_for_a_controlled_container() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let layout = HostLayout::new(temp.path());
+        let pod = pod(json!([]));
+        let container = container_at(&pod, 0).expect("container");
+        let r = container_response(&layout, &ResourceNames::default(), &pod, container, &devices())
+            .expect("response");
+        assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], "GPU-a,GPU-b");
+        assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "7500m");
+        assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_1"], "7500m");
+        assert_eq!(r.envs["CUDA_DEVICE_SM_LIMIT"], "30");
+        assert_eq!(r.envs["CUDA_TASK_PRIORITY"], "1");
+        assert_eq!(r.envs["CUDA_DEVICE_MEMORY_SHARED_CACHE"], "/usr/local/tessera/shared/region.cache");
+        let paths: Vec<_> = r.mounts.iter().map(|m| (m.container_path.as_str(), m.read_only)).collect();
+        assert_eq!(
+            paths,
+            vec![
+                ("/usr/local/tessera/shared", false),
+                ("/usr/local/tessera/libtessera-cuda.so", true),
+                ("/etc/ld.so.preload", true)
+            ]
+        );
+        assert_eq!(r.mounts[0].host_path, layout.container_dir("uid-7", "main").to_string_lossy());
+        assert!(layout.container_dir("uid-7", "main").join("region.cache").exists());
+    }
+
+    #[test]
+    fn opted_out_container_gets_no_preload() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let layout = HostLayout::new(temp.path());
+        let pod = pod(json!([{"name": "CUDA_DISABLE_CONTROL", "value": "true"}]));
+        let container = container_at(&pod, 0).expect("container");
+        let r = container_response(&layout, &ResourceNames::default(), &pod, container, &devices())
+            .expect("response");
+        assert_eq!(r.mounts.len(), 1);
+        assert!(r.mounts.iter().all(|m| m.container_path != "/etc/ld.so.preload"));
+        assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], "GPU-a,GPU-b");
+    }
+}

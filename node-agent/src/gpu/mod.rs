@@ -1,0 +1,135 @@
+//! GPU discovery behind one trait, [`GpuBackend`]: the real backend reads
+//! NVML ([`nvml::NvmlGpus`], the library is loaded at run time), the fake
+//! backend ([`fake::FakeGpus`]) serves a described set of cards so the rest
+//! of the agent runs and is tested without a GPU. Both report the same
+//! facts: identity, memory, NUMA node, health events and host usage.
+
+pub mod fake;
+pub mod nvml;
+
+use std::fmt;
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+/// One physical GPU as discovered on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuInfo {
+    /// Card UUID (`GPU-…`).
+    pub uuid: String,
+    /// Index as NVML numbers the cards.
+    pub index: u32,
+    /// Product name as NVML reports it (e.g. `NVIDIA A10G`).
+    pub name: String,
+    /// Physical memory in MiB.
+    pub memory_mib: u64,
+    /// NUMA node of the card's PCI device (0 when the platform has none).
+    pub numa: i32,
+    /// Health at discovery time.
+    pub healthy: bool,
+}
+
+/// Host-level usage of one card, for the host metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostGpuUsage {
+    /// Card UUID.
+    pub uuid: String,
+    /// Device memory in use by every process, bytes.
+    pub memory_used_bytes: u64,
+    /// Share of time a kernel ran over the last sample period, 0 to 1.
+    pub utilization_ratio: f64,
+}
+
+/// Something happened to a card that decides its health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthEvent {
+    /// Card UUID.
+    pub uuid: String,
+    /// What happened.
+    pub kind: HealthEventKind,
+}
+
+/// The kinds of health events the backends report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthEventKind {
+    /// An XID error; [`is_fatal_xid`] says whether it means a dead card.
+    Xid(u64),
+    /// An uncorrectable (double-bit) ECC error.
+    UncorrectableEcc,
+    /// The backend lost the card entirely.
+    Lost,
+}
+
+impl HealthEventKind {
+    /// Whether the event takes the card out of service.
+    pub fn is_fatal(self) -> bool {
+        match self {
+            Self::Xid(xid) => is_fatal_xid(xid),
+            Self::UncorrectableEcc | Self::Lost => true,
+        }
+    }
+}
+
+impl fmt::Display for HealthEventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Xid(xid) => write!(f, "XID {xid}"),
+            Self::UncorrectableEcc => f.write_str("uncorrectable ECC error"),
+            Self::Lost => f.write_str("card lost"),
+        }
+    }
+}
+
+/// XIDs caused by an application (bad memory access, a killed context,
+/// a preempted or reset channel): they do not mean the card is broken.
+/// Every other XID reported as critical takes the card out of service.
+const APPLICATION_XIDS: [u64; 6] = [13, 31, 43, 45, 68, 109];
+
+/// Whether an XID error means the card can no longer be trusted.
+pub fn is_fatal_xid(xid: u64) -> bool {
+    !APPLICATION_XIDS.contains(&xid)
+}
+
+/// Errors of the GPU backends.
+#[derive(Debug, Error)]
+pub enum GpuError {
+    /// NVML could not be loaded or initialised: no driver on this machine.
+    #[error("no NVIDIA driver found: NVML could not be loaded or initialised ({reason}); install the NVIDIA driver and make libnvidia-ml.so.1 visible to the agent (the DaemonSet mounts it from the host), or run with --fake-gpus for a machine without GPUs")]
+    NoDriver {
+        /// What NVML said.
+        reason: String,
+    },
+    /// An NVML query failed for one card.
+    #[error("NVML query `{query}` failed for GPU {index}: {reason}; check `nvidia-smi` on the node")]
+    Query {
+        /// Card index.
+        index: u32,
+        /// Which query.
+        query: &'static str,
+        /// What NVML said.
+        reason: String,
+    },
+    /// The `--fake-gpus` description does not parse.
+    #[error("--fake-gpus `{spec}` is not valid: {reason}; write e.g. `4x NVIDIA A10G 23028` (count, name, MiB), several groups separated by `;`")]
+    FakeSpec {
+        /// The description as given.
+        spec: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+/// A source of GPUs and their health.
+pub trait GpuBackend: Send + Sync + fmt::Debug {
+    /// Short name for logs (`nvml`, `fake`).
+    fn kind(&self) -> &'static str;
+    /// Lists the cards on this node.
+    fn discover(&self) -> Result<Vec<GpuInfo>, GpuError>;
+    /// Current host-level usage of every card; cards that cannot be read are left out.
+    fn host_usage(&self) -> Vec<HostGpuUsage>;
+    /// Starts delivering health events; the channel closes when the backend stops watching.
+    fn watch_health(&self) -> Result<mpsc::UnboundedReceiver<HealthEvent>, GpuError>;
+    /// Whether the card answers queries again (used to bring a card back
+    /// after a quiet period without fatal events).
+    fn is_responsive(&self, uuid: &str) -> bool;
+}

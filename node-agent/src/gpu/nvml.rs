@@ -1,0 +1,221 @@
+//! The NVML backend. `libnvidia-ml.so.1` is loaded when the agent starts
+//! (nvml-wrapper opens it at run time), so the binary runs on a machine
+//! without a driver and reports [`GpuError::NoDriver`] there. Health events
+//! (critical XIDs, uncorrectable ECC) are read on a dedicated thread that
+//! blocks in NVML's event wait.
+
+use std::sync::Arc;
+
+use nvml_wrapper::bitmasks::event::EventTypes;
+use nvml_wrapper::enums::event::XidError;
+use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::Nvml;
+use tokio::sync::mpsc;
+
+use super::{GpuBackend, GpuError, GpuInfo, HealthEvent, HealthEventKind, HostGpuUsage};
+
+/// How long one NVML event wait blocks before checking whether anyone still listens.
+const EVENT_WAIT_MS: u32 = 5_000;
+
+/// The cards NVML reports.
+#[derive(Clone)]
+pub struct NvmlGpus {
+    nvml: Arc<Nvml>,
+}
+
+impl std::fmt::Debug for NvmlGpus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmlGpus").finish_non_exhaustive()
+    }
+}
+
+impl NvmlGpus {
+    /// Loads and initialises NVML.
+    pub fn init() -> Result<Self, GpuError> {
+        let nvml = Nvml::init().map_err(|e| GpuError::NoDriver {
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            nvml: Arc::new(nvml),
+        })
+    }
+
+    /// The driver version NVML reports, for the startup log.
+    pub fn driver_version(&self) -> Option<String> {
+        self.nvml.sys_driver_version().ok()
+    }
+}
+
+fn query_error(index: u32, query: &'static str) -> impl Fn(NvmlError) -> GpuError {
+    move |e| GpuError::Query {
+        index,
+        query,
+        reason: e.to_string(),
+    }
+}
+
+/// The NUMA node of a PCI device from sysfs (`-1`, meaning none, becomes 0).
+fn numa_from_sysfs(bus_id: &str) -> Option<i32> {
+    // NVML writes an 8-digit domain (`00000000:17:00.0`); sysfs uses 4.
+    let short = bus_id.get(bus_id.len().checked_sub(12)?..)?.to_ascii_lowercase();
+    let text = std::fs::read_to_string(format!("/sys/bus/pci/devices/{short}/numa_node")).ok()?;
+    text.trim().parse::<i32>().ok().map(|n| n.max(0))
+}
+
+impl GpuBackend for NvmlGpus {
+    fn kind(&self) -> &'static str {
+        "nvml"
+    }
+
+    fn discover(&self) -> Result<Vec<GpuInfo>, GpuError> {
+        let count = self
+            .nvml
+            .device_count()
+            .map_err(query_error(0, "device_count"))?;
+        let mut cards = Vec::new();
+        for index in 0..count {
+            let device = self
+                .nvml
+                .device_by_index(index)
+                .map_err(query_error(index, "device_by_index"))?;
+            let uuid = device.uuid().map_err(query_error(index, "uuid"))?;
+            let name = device.name().map_err(query_error(index, "name"))?;
+            let memory = device
+                .memory_info()
+                .map_err(query_error(index, "memory_info"))?;
+            let numa = device
+                .numa_node_id()
+                .ok()
+                .and_then(|n| i32::try_from(n).ok())
+                .or_else(|| {
+                    device
+                        .pci_info()
+                        .ok()
+                        .and_then(|pci| numa_from_sysfs(&pci.bus_id))
+                })
+                .unwrap_or(0);
+            cards.push(GpuInfo {
+                uuid,
+                index,
+                name,
+                memory_mib: memory.total / (1024 * 1024),
+                numa,
+                healthy: true,
+            });
+        }
+        Ok(cards)
+    }
+
+    fn host_usage(&self) -> Vec<HostGpuUsage> {
+        let Ok(count) = self.nvml.device_count() else {
+            return Vec::new();
+        };
+        (0..count)
+            .filter_map(|index| {
+                let device = self.nvml.device_by_index(index).ok()?;
+                let memory = device.memory_info().ok()?;
+                let utilization = device.utilization_rates().ok()?;
+                Some(HostGpuUsage {
+                    uuid: device.uuid().ok()?,
+                    memory_used_bytes: memory.used,
+                    utilization_ratio: f64::from(utilization.gpu) / 100.0,
+                })
+            })
+            .collect()
+    }
+
+    fn watch_health(&self) -> Result<mpsc::UnboundedReceiver<HealthEvent>, GpuError> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let nvml = Arc::clone(&self.nvml);
+        std::thread::Builder::new()
+            .name("nvml-health".into())
+            .spawn(move || watch_events(&nvml, &sender))
+            .map_err(|e| GpuError::Query {
+                index: 0,
+                query: "start the health thread",
+                reason: e.to_string(),
+            })?;
+        Ok(receiver)
+    }
+
+    fn is_responsive(&self, uuid: &str) -> bool {
+        self.nvml
+            .device_by_uuid(uuid)
+            .and_then(|device| device.memory_info())
+            .is_ok()
+    }
+}
+
+/// Registers every card that supports the wanted events on one event set.
+/// A card whose registration fails is skipped: the failed call frees the
+/// set, so the set is rebuilt without it.
+fn build_event_set(nvml: &Nvml) -> Option<nvml_wrapper::EventSet<'_>> {
+    let wanted = EventTypes::CRITICAL_XID_ERROR | EventTypes::DOUBLE_BIT_ECC_ERROR;
+    let count = nvml.device_count().unwrap_or(0);
+    let mut skipped = std::collections::HashSet::new();
+    'rebuild: loop {
+        let mut set = match nvml.create_event_set() {
+            Ok(set) => set,
+            Err(e) => {
+                tracing::warn!(error = %e, "NVML event sets are not available; GPU health comes from discovery only");
+                return None;
+            }
+        };
+        for index in (0..count).filter(|i| !skipped.contains(i)) {
+            let Ok(device) = nvml.device_by_index(index) else {
+                continue;
+            };
+            let events = wanted & device.supported_event_types().unwrap_or(EventTypes::empty());
+            if events.is_empty() {
+                tracing::warn!(index, "GPU supports no health events; its health is not watched");
+                continue;
+            }
+            set = match device.register_events(events, set) {
+                Ok(set) => set,
+                Err(e) => {
+                    tracing::warn!(index, error = %e.error, "could not watch GPU health events; its health is not watched");
+                    skipped.insert(index);
+                    continue 'rebuild;
+                }
+            };
+        }
+        return Some(set);
+    }
+}
+
+fn watch_events(nvml: &Nvml, sender: &mpsc::UnboundedSender<HealthEvent>) {
+    let Some(set) = build_event_set(nvml) else {
+        return;
+    };
+    loop {
+        if sender.is_closed() {
+            return;
+        }
+        match set.wait(EVENT_WAIT_MS) {
+            Ok(event) => {
+                let Ok(uuid) = event.device.uuid() else {
+                    continue;
+                };
+                let kind = if event.event_type.contains(EventTypes::DOUBLE_BIT_ECC_ERROR) {
+                    HealthEventKind::UncorrectableEcc
+                } else {
+                    match event.event_data {
+                        Some(XidError::Value(xid)) => HealthEventKind::Xid(xid),
+                        _ => HealthEventKind::Xid(0),
+                    }
+                };
+                if sender.send(HealthEvent { uuid, kind }).is_err() {
+                    return;
+                }
+            }
+            Err(NvmlError::Timeout) => {}
+            Err(NvmlError::GpuLost) => {
+                tracing::error!("NVML reports a GPU fell off the bus");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "NVML event wait failed; GPU health watching stops");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! What this node offers, in the two shapes it is published in: the
+//! `hami.io/node-nvidia-register` inventory (one entry per card, with the
+//! configured split count and scaling) and kubelet's device list (each card
+//! split into `split_count` device IDs `<UUID>-<n>`).
+
+use tessera_api::config::DeviceSharing;
+use tessera_api::inventory::{GpuDevice, DEFAULT_MODE};
+
+use crate::gpu::GpuInfo;
+use crate::health::HealthSnapshot;
+
+/// Prefix of the card type in the inventory.
+pub const TYPE_PREFIX: &str = "NVIDIA-";
+
+/// The inventory entries of this node's cards.
+pub fn node_inventory(
+    cards: &[GpuInfo],
+    sharing: &DeviceSharing,
+    health: &HealthSnapshot,
+) -> Vec<GpuDevice> {
+    cards
+        .iter()
+        .map(|card| GpuDevice {
+            id: card.uuid.clone(),
+            index: card.index,
+            count: sharing.split_count,
+            devmem: scaled_memory_mib(card.memory_mib, sharing.memory_scaling),
+            devcore: scaled_cores(sharing.core_scaling),
+            device_type: format!("{TYPE_PREFIX}{}", card.name),
+            numa: card.numa,
+            mode: DEFAULT_MODE.to_owned(),
+            health: health.get(&card.uuid).map_or(card.healthy, |h| h.healthy),
+        })
+        .collect()
+}
+
+/// Card memory after scaling, truncated to whole MiB.
+pub fn scaled_memory_mib(memory_mib: u64, scaling: f64) -> u64 {
+    // Card sizes are far below 2^52 MiB, so the f64 round trip is exact enough.
+    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let scaled = (memory_mib as f64 * scaling) as u64;
+    scaled
+}
+
+/// Compute of one card in percent after scaling, truncated.
+pub fn scaled_cores(scaling: f64) -> u32 {
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let scaled = (100.0 * scaling) as u32;
+    scaled
+}
+
+/// The kubelet device IDs of one card.
+pub fn kubelet_device_ids(card: &GpuInfo, split_count: u32) -> impl Iterator<Item = String> + '_ {
+    (0..split_count).map(move |n| format!("{}-{n}", card.uuid))
+}
+
+/// The card UUID a kubelet device ID belongs to.
+pub fn card_of_device_id(device_id: &str) -> Option<&str> {
+    let (uuid, n) = device_id.rsplit_once('-')?;
+    n.parse::<u32>().ok().map(|_| uuid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::fake::FakeGpus;
+    use crate::gpu::GpuBackend;
+    use crate::health::HealthMonitor;
+
+    #[test]
+    fn inventory_applies_split_and_scaling() {
+        let cards = FakeGpus::parse("2x NVIDIA A10G 23028", "n")
+            .expect("parses")
+            .discover()
+            .expect("lists");
+        let sharing = DeviceSharing {
+            split_count: 4,
+            memory_scaling: 1.5,
+            core_scaling: 2.0,
+        };
+        let health = HealthMonitor::new(&cards, std::time::Duration::from_secs(1))
+            .subscribe()
+            .borrow()
+            .clone();
+        let devices = node_inventory(&cards, &sharing, &health);
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[1].index, 1);
+        assert_eq!(devices[0].count, 4);
+        assert_eq!(devices[0].devmem, 34542);
+        assert_eq!(devices[0].devcore, 200);
+        assert_eq!(devices[0].device_type, "NVIDIA-NVIDIA A10G");
+        assert_eq!(devices[0].mode, "hami-core");
+        assert!(devices[0].health);
+        let decoded = tessera_api::inventory::decode_inventory(
+            &tessera_api::inventory::encode_inventory(&devices),
+        )
+        .expect("our own inventory decodes");
+        assert_eq!(decoded, devices);
+    }
+
+    #[test]
+    fn device_ids_round_trip_to_their_card() {
+        let card = &FakeGpus::parse("1x A 100", "n").expect("parses").discover().expect("lists")[0];
+        let ids: Vec<String> = kubelet_device_ids(card, 3).collect();
+        assert_eq!(ids.len(), 3);
+        assert!(ids.iter().all(|id| id.len() <= 63));
+        for id in &ids {
+            assert_eq!(card_of_device_id(id), Some(card.uuid.as_str()));
+        }
+        assert_eq!(card_of_device_id("nonsense"), None);
+    }
+}

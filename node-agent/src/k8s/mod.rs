@@ -1,0 +1,7 @@
+//! The agent's Kubernetes side, through kube-rs: the pods bound to this
+//! node and their allocation annotations ([`pods`]), this node's inventory
+//! annotation ([`node`]) and Events ([`events`]).
+
+pub mod events;
+pub mod node;
+pub mod pods;

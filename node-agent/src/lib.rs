@@ -1,0 +1,26 @@
+//! Tessera's node agent, run as a DaemonSet on GPU nodes.
+//!
+//! It discovers the node's GPUs ([`gpu`], NVML or fake), follows their
+//! health ([`health`]), publishes the inventory on the Node
+//! ([`inventory`], [`k8s::node`]), serves the kubelet device-plugin API
+//! ([`plugin`], generated messages in [`proto`]) and answers `Allocate` by
+//! finding the pod the request belongs to and turning its allocation into
+//! container env and mounts ([`allocate`]). It installs the interceptor on
+//! the host and keeps per-container directories ([`host_files`]), reads
+//! usage from the containers' accounting regions ([`usage`]) for
+//! `/metrics` ([`metrics`]), and sweeps stale state ([`sweep`]).
+//! [`agent::run`] wires it all; `main.rs` only parses options.
+
+pub mod agent;
+pub mod allocate;
+pub mod gpu;
+pub mod health;
+pub mod host_files;
+pub mod inventory;
+pub mod k8s;
+pub mod metrics;
+pub mod options;
+pub mod plugin;
+pub mod proto;
+pub mod sweep;
+pub mod usage;

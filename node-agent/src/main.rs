@@ -1,0 +1,60 @@
+//! `tessera-node-agent`: parses options, sets up logging, runs the agent
+//! until SIGTERM or Ctrl-C.
+
+use anyhow::Context;
+use clap::Parser;
+use tessera_node_agent::agent::{self, AgentSetup};
+use tessera_node_agent::options::AgentOptions;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let options = AgentOptions::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if options.log_json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+
+    let config = agent::load_config(options.config.as_deref())?;
+    let backend = match agent::backend_from_options(&options) {
+        Ok(backend) => backend,
+        Err(e) => {
+            eprintln!("tessera-node-agent: {e}");
+            std::process::exit(2);
+        }
+    };
+    if options.discover_once {
+        print!("{}", agent::discovery_report(backend.as_ref(), &config, &options.node_name)?);
+        return Ok(());
+    }
+
+    let client = kube::Client::try_default()
+        .await
+        .context("could not configure the Kubernetes client; run in-cluster or set KUBECONFIG")?;
+    let setup = AgentSetup::from_options(&options, config, backend, client)?;
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stopping");
+        let _ = stop.send(true);
+    });
+    agent::run(setup, shutdown).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}

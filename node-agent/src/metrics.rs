@@ -1,0 +1,172 @@
+//! `/metrics` in Prometheus text format, with HAMi's metric and label
+//! names so its dashboards work: per container and card
+//! `hami_vgpu_memory_used_bytes` and `hami_vgpu_memory_limit_bytes` (from
+//! the containers' accounting regions), per card
+//! `hami_host_gpu_memory_used_bytes` and `hami_host_gpu_utilization_ratio`
+//! (from the GPU backend). Values are gathered when scraped.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::gpu::{GpuBackend, GpuInfo};
+use crate::usage::read_region;
+
+/// One GPU container on this node, as the metrics need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRecord {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Container name.
+    pub container: String,
+    /// Host path of its accounting region.
+    pub region: std::path::PathBuf,
+    /// UUIDs of its cards, in visible order.
+    pub cards: Vec<String>,
+}
+
+/// The GPU containers currently on this node, refreshed by the pod sweep.
+pub type ContainerIndex = Arc<RwLock<Vec<ContainerRecord>>>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ContainerLabels {
+    podnamespace: String,
+    podname: String,
+    ctrname: String,
+    vdeviceid: String,
+    deviceuuid: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabels {
+    deviceidx: String,
+    deviceuuid: String,
+    devicetype: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+struct Families {
+    registry: Registry,
+    vgpu_used: Family<ContainerLabels, FloatGauge>,
+    vgpu_limit: Family<ContainerLabels, FloatGauge>,
+    host_used: Family<HostLabels, FloatGauge>,
+    host_util: Family<HostLabels, FloatGauge>,
+}
+
+/// The agent's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    families: Arc<Mutex<Families>>,
+    backend: Arc<dyn GpuBackend>,
+    cards: Arc<[GpuInfo]>,
+    containers: ContainerIndex,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Metrics over these cards and containers.
+    pub fn new(backend: Arc<dyn GpuBackend>, cards: Arc<[GpuInfo]>, containers: ContainerIndex) -> Self {
+        let mut registry = Registry::default();
+        let vgpu_used = Family::<ContainerLabels, FloatGauge>::default();
+        let vgpu_limit = Family::<ContainerLabels, FloatGauge>::default();
+        let host_used = Family::<HostLabels, FloatGauge>::default();
+        let host_util = Family::<HostLabels, FloatGauge>::default();
+        registry.register("hami_vgpu_memory_used_bytes", "Device memory charged by a container on a card", vgpu_used.clone());
+        registry.register("hami_vgpu_memory_limit_bytes", "Device memory cap of a container on a card", vgpu_limit.clone());
+        registry.register("hami_host_gpu_memory_used_bytes", "Device memory in use on a card, all processes", host_used.clone());
+        registry.register("hami_host_gpu_utilization_ratio", "Share of time a kernel ran on a card", host_util.clone());
+        Self {
+            families: Arc::new(Mutex::new(Families {
+                registry,
+                vgpu_used,
+                vgpu_limit,
+                host_used,
+                host_util,
+            })),
+            backend,
+            cards,
+            containers,
+        }
+    }
+
+    /// Gathers current values and renders them.
+    pub fn render(&self) -> String {
+        let families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        families.host_used.clear();
+        families.host_util.clear();
+        for usage in self.backend.host_usage() {
+            let card = self.cards.iter().find(|c| c.uuid == usage.uuid);
+            let labels = HostLabels {
+                deviceidx: card.map(|c| c.index.to_string()).unwrap_or_default(),
+                deviceuuid: usage.uuid.clone(),
+                devicetype: card.map(|c| format!("{}{}", crate::inventory::TYPE_PREFIX, c.name)).unwrap_or_default(),
+            };
+            #[allow(clippy::cast_precision_loss)]
+            families.host_used.get_or_create(&labels).set(usage.memory_used_bytes as f64);
+            families.host_util.get_or_create(&labels).set(usage.utilization_ratio);
+        }
+        families.vgpu_used.clear();
+        families.vgpu_limit.clear();
+        let containers = self.containers.read().unwrap_or_else(PoisonError::into_inner).clone();
+        for record in containers {
+            let usage = match read_region(&record.region, record.cards.len()) {
+                Ok(usage) => usage,
+                Err(e) => {
+                    tracing::debug!(error = %e, "skipping a container's usage");
+                    continue;
+                }
+            };
+            for (i, (uuid, device)) in record.cards.iter().zip(usage).enumerate() {
+                let labels = ContainerLabels {
+                    podnamespace: record.namespace.clone(),
+                    podname: record.pod.clone(),
+                    ctrname: record.container.clone(),
+                    vdeviceid: i.to_string(),
+                    deviceuuid: uuid.clone(),
+                };
+                #[allow(clippy::cast_precision_loss)]
+                {
+                    families.vgpu_used.get_or_create(&labels).set(device.used_bytes as f64);
+                    families.vgpu_limit.get_or_create(&labels).set(device.limit_bytes as f64);
+                }
+            }
+        }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &families.registry) {
+            tracing::warn!(error = %e, "could not encode metrics");
+        }
+        out
+    }
+
+    /// Serves `/metrics` on `addr` until the process ends.
+    pub async fn serve(self, addr: SocketAddr) -> std::io::Result<()> {
+        let app = axum::Router::new().route(
+            "/metrics",
+            get(move || {
+                let metrics = self.clone();
+                async move {
+                    (
+                        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                        metrics.render(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        axum::serve(listener, app).await
+    }
+}
