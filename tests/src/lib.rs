@@ -1,1 +1,19 @@
-//! Test infrastructure for Tessera (see module docs).
+//! Test infrastructure for Tessera.
+//!
+//! [`ApiServer`] is an in-process Kubernetes API server stand-in that speaks
+//! real HTTP on `127.0.0.1`, so the real kube-rs client, reflectors and
+//! watchers run against it in tests. It keeps the semantics Tessera depends
+//! on: a global resourceVersion, watches replayable from any version, `409`
+//! on stale writes and on binding an already-bound pod, the status
+//! subresource, label and field selectors, and `Status` error bodies. Test
+//! hooks read and write objects directly, count API writes, and inject
+//! failures.
+//!
+//! Not modelled: authentication, admission, namespace existence checks,
+//! graceful deletion and finalizers, strategic-merge list semantics (treated
+//! as merge patch), server-side apply field ownership, pagination (lists
+//! return everything in one page), history compaction (no `410 Gone`).
+
+pub mod api_server;
+
+pub use api_server::{ApiServer, RequestRecord};
