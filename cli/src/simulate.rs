@@ -1,0 +1,210 @@
+//! `tessera simulate`: runs admission (the webhook's defaulting and
+//! validation) and the scheduler core over nodes and pods read from YAML,
+//! pod by pod in input order, exactly as the real components would decide,
+//! and reports where each pod landed and what its containers would see.
+
+use k8s_openapi::api::core::v1::Pod;
+use serde::Serialize;
+use tessera_api::config::Config;
+use tessera_scheduler::core::{pod_key, ClusterState, ScheduleError};
+
+use crate::workloads::Objects;
+
+/// The admission step applied to each pod before it is scheduled: returns
+/// the pod as the API server would store it, or the denial message.
+pub type Admission<'a> = &'a dyn Fn(&Pod, &Config) -> Result<Pod, String>;
+
+/// What `nvidia-smi` and the allocation show for one card of a container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceReport {
+    /// Card UUID.
+    pub uuid: String,
+    /// Card type as published (e.g. `NVIDIA-Tesla T4`).
+    #[serde(rename = "type")]
+    pub device_type: String,
+    /// MiB given to the container on this card.
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: u64,
+    /// Percent of the card's compute given.
+    pub cores: u32,
+    /// Memory total `nvidia-smi` shows inside the container: the cap, never
+    /// more than the card.
+    #[serde(rename = "nvidiaSmiMemoryTotalMiB")]
+    pub nvidia_smi_memory_total_mib: u64,
+}
+
+/// One container of a placed pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerReport {
+    /// Container name (init containers are prefixed `init:`).
+    pub name: String,
+    /// Cards, empty for containers without GPUs.
+    pub devices: Vec<DeviceReport>,
+}
+
+/// A placed pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacedPod {
+    /// `namespace/name`.
+    pub pod: String,
+    /// Node it was bound to.
+    pub node: String,
+    /// Its containers.
+    pub containers: Vec<ContainerReport>,
+}
+
+/// A pod that was not placed, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnplacedPod {
+    /// `namespace/name`.
+    pub pod: String,
+    /// Denied at admission, invalid request, or per-node reasons.
+    pub reason: String,
+}
+
+/// One card's state after the simulation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CardReport {
+    /// Node name.
+    pub node: String,
+    /// Card UUID.
+    pub uuid: String,
+    /// Card type.
+    #[serde(rename = "type")]
+    pub device_type: String,
+    /// Card memory, MiB.
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: u64,
+    /// MiB allocated.
+    #[serde(rename = "allocatedMemoryMiB")]
+    pub allocated_memory_mib: u64,
+    /// Percent of compute allocated.
+    pub allocated_cores: u32,
+    /// Pods holding a share, `namespace/name`.
+    pub pods: Vec<String>,
+}
+
+/// The whole result; `--output json` prints this (format documented in
+/// the README; fields are only ever added).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SimulationReport {
+    /// Pods placed, in input order.
+    pub placed: Vec<PlacedPod>,
+    /// Pods not placed, in input order.
+    pub unplaced: Vec<UnplacedPod>,
+    /// Cards with at least one pod, by node then index.
+    pub cards: Vec<CardReport>,
+    /// Objects that were not nodes or workloads, `Kind/name`.
+    pub skipped: Vec<String>,
+    /// Nodes whose inventory annotation did not decode.
+    pub warnings: Vec<String>,
+}
+
+/// Runs the simulation.
+pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) -> SimulationReport {
+    let mut state = ClusterState::new(config.clone());
+    let mut report = SimulationReport {
+        skipped: objects.skipped.clone(),
+        ..SimulationReport::default()
+    };
+    for node in &objects.nodes {
+        if let Some(error) = state.upsert_node(node) {
+            report.warnings.push(format!("node {}: {error}", node.metadata.name.as_deref().unwrap_or("?")));
+        }
+    }
+    // Pods already bound in the input are existing load, not decisions.
+    let (bound, pending): (Vec<&Pod>, Vec<&Pod>) = objects
+        .pods
+        .iter()
+        .partition(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()));
+    for pod in bound {
+        state.observe_pod(pod);
+    }
+    let mut holders: Vec<(String, String, String)> = Vec::new();
+    for original in pending {
+        let key = pod_key(original);
+        let pod = match admission(original, config) {
+            Ok(pod) => pod,
+            Err(denial) => {
+                report.unplaced.push(UnplacedPod {
+                    pod: key,
+                    reason: format!("denied at admission: {denial}"),
+                });
+                continue;
+            }
+        };
+        match state.schedule(&pod) {
+            Ok(placement) => {
+                let node = &state.nodes()[&placement.node];
+                let describe = |uuid: &str, memory_mib: u64, cores: u32| {
+                    let card = node.cards.iter().find(|c| c.device.id == uuid);
+                    DeviceReport {
+                        uuid: uuid.to_owned(),
+                        device_type: card.map(|c| c.device.device_type.clone()).unwrap_or_default(),
+                        memory_mib,
+                        cores,
+                        nvidia_smi_memory_total_mib: card.map_or(memory_mib, |c| memory_mib.min(c.device.devmem)),
+                    }
+                };
+                let spec = pod.spec.as_ref();
+                let init_names = spec.and_then(|s| s.init_containers.as_ref()).into_iter().flatten().map(|c| format!("init:{}", c.name));
+                let app_names = spec.into_iter().flat_map(|s| s.containers.iter()).map(|c| c.name.clone());
+                let init_devices = placement.init_containers.iter();
+                let containers = init_names
+                    .zip(init_devices)
+                    .chain(app_names.zip(placement.containers.iter()))
+                    .map(|(name, devices)| ContainerReport {
+                        name,
+                        devices: devices.iter().map(|d| describe(&d.uuid, d.memory_mib, d.cores)).collect(),
+                    })
+                    .collect();
+                for device in placement.annotated_devices().iter().flatten() {
+                    holders.push((placement.node.clone(), device.uuid.clone(), key.clone()));
+                }
+                report.placed.push(PlacedPod {
+                    pod: key,
+                    node: placement.node.clone(),
+                    containers,
+                });
+                state.assume(&placement.pod, placement.charge.clone());
+            }
+            Err(ScheduleError::InvalidRequest(error)) => report.unplaced.push(UnplacedPod {
+                pod: key,
+                reason: error.to_string(),
+            }),
+            Err(ScheduleError::Unschedulable(why)) => report.unplaced.push(UnplacedPod {
+                pod: key,
+                reason: why.to_string(),
+            }),
+        }
+    }
+    for (node_name, node) in state.nodes() {
+        for card in &node.cards {
+            if card.usage.slots == 0 {
+                continue;
+            }
+            let mut pods: Vec<String> = holders
+                .iter()
+                .filter(|(n, uuid, _)| n == node_name && *uuid == card.device.id)
+                .map(|(_, _, pod)| pod.clone())
+                .collect();
+            pods.dedup();
+            report.cards.push(CardReport {
+                node: node_name.clone(),
+                uuid: card.device.id.clone(),
+                device_type: card.device.device_type.clone(),
+                memory_mib: card.device.devmem,
+                allocated_memory_mib: card.usage.memory_mib,
+                allocated_cores: card.usage.cores,
+                pods,
+            });
+        }
+    }
+    report
+}

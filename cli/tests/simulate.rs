@@ -1,0 +1,137 @@
+//! `tessera simulate` as a user runs it: the bundled example shows the
+//! expected co-location; JSON output is parseable and stable; bad input
+//! gets a clear error; impossible and forged pods are reported, not placed.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn tessera(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().expect("runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path.display().to_string()
+}
+
+#[test]
+fn bundled_example_colocates_as_documented() {
+    let (ok, stdout, stderr) = tessera(&["simulate", "--output", "json"]);
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("json");
+    let placed = report["placed"].as_array().expect("placed");
+    assert_eq!(placed.len(), 4);
+    assert!(report["unplaced"].as_array().expect("unplaced").is_empty());
+    let card_of = |pod: &str| -> (String, String, u64, u64) {
+        let entry = placed.iter().find(|p| p["pod"] == pod).unwrap_or_else(|| panic!("{pod} placed"));
+        let device = &entry["containers"][0]["devices"][0];
+        (
+            entry["node"].as_str().expect("node").to_owned(),
+            device["uuid"].as_str().expect("uuid").to_owned(),
+            device["memoryMiB"].as_u64().expect("memory"),
+            device["nvidiaSmiMemoryTotalMiB"].as_u64().expect("smi"),
+        )
+    };
+    let chat = card_of("inference/chat-a10g-0");
+    let embed = card_of("inference/embed-a10g-0");
+    assert_eq!(chat.0, "gpu-a10g-a");
+    assert_eq!(chat.1, embed.1, "both A10G pods share one card");
+    assert_eq!(chat.2, 23028 * 45 / 100);
+    let t0 = card_of("inference/chat-t4-0");
+    let t1 = card_of("inference/chat-t4-1");
+    assert_eq!(t0.0, "gpu-t4-a");
+    assert_eq!(t0.1, t1.1, "both T4 replicas share one card");
+    assert_eq!((t0.2, t0.3, t1.2), (7500, 7500, 7500));
+    let cards = report["cards"].as_array().expect("cards");
+    assert_eq!(cards.len(), 2, "exactly two cards in use");
+
+    let (ok, table, _) = tessera(&["simulate"]);
+    assert!(ok);
+    assert!(table.contains("inference/chat-t4-1") && table.contains("15000/15360 MiB"), "{table}");
+}
+
+#[test]
+fn user_files_unplaced_pods_and_admission_denials() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = write(
+        dir.path(),
+        "cluster.yaml",
+        r#"
+apiVersion: v1
+kind: Node
+metadata:
+  name: one-t4
+  annotations:
+    hami.io/node-nvidia-register: '[{"id":"GPU-1","index":0,"count":4,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","numa":0,"mode":"hami-core","health":true}]'
+status:
+  conditions: [{type: Ready, status: "True"}]
+  allocatable: {cpu: "8", memory: 32Gi, pods: "20"}
+"#,
+    );
+    let workloads = write(
+        dir.path(),
+        "pods.yaml",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: too-big}
+spec:
+  containers: [{name: c, resources: {limits: {nvidia.com/gpumem: "20000"}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: bad-percent}
+spec:
+  containers: [{name: c, resources: {limits: {nvidia.com/gpumem-percentage: "150"}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: whole-card}
+spec:
+  containers: [{name: c, resources: {limits: {nvidia.com/gpu: "1"}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: after-whole}
+spec:
+  containers: [{name: c, resources: {limits: {nvidia.com/gpumem: "1000"}}}]
+"#,
+    );
+    let (ok, stdout, stderr) = tessera(&["simulate", "--cluster", &cluster, &workloads, "-o", "json"]);
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("json");
+    let reason = |pod: &str| -> String {
+        report["unplaced"]
+            .as_array()
+            .expect("unplaced")
+            .iter()
+            .find(|u| u["pod"] == pod)
+            .map(|u| u["reason"].as_str().expect("reason").to_owned())
+            .unwrap_or_else(|| panic!("{pod} should be unplaced: {report}"))
+    };
+    assert_eq!(reason("default/too-big"), "1/1 nodes: insufficient GPU memory on every card");
+    assert!(reason("default/bad-percent").contains("denied at admission") && reason("default/bad-percent").contains("1 to 100"));
+    let whole = &report["placed"][0];
+    assert_eq!(whole["pod"], "default/whole-card");
+    assert_eq!(whole["containers"][0]["devices"][0]["cores"], 100, "a plain whole card is exclusive");
+    assert!(reason("default/after-whole").contains("exclusively"));
+}
+
+#[test]
+fn unreadable_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broken = write(dir.path(), "broken.yaml", "kind: Pod\nmetadata: {name: [\n");
+    let (ok, _, stderr) = tessera(&["simulate", &broken]);
+    assert!(!ok);
+    assert!(stderr.contains("broken.yaml: document 1 is not valid YAML"), "{stderr}");
+    let (ok, _, stderr) = tessera(&["simulate", "/nonexistent.yaml"]);
+    assert!(!ok);
+    assert!(stderr.contains("cannot read /nonexistent.yaml"), "{stderr}");
+}
