@@ -94,7 +94,11 @@ pub fn backend_from_options(options: &AgentOptions) -> Result<Arc<dyn GpuBackend
 }
 
 /// What `--discover-once` prints: every card, and the inventory annotation.
-pub fn discovery_report(backend: &dyn GpuBackend, config: &Config, node: &str) -> Result<String, GpuError> {
+pub fn discovery_report(
+    backend: &dyn GpuBackend,
+    config: &Config,
+    node: &str,
+) -> Result<String, GpuError> {
     let cards = backend.discover()?;
     let mut out = format!("backend: {}\ncards: {}\n", backend.kind(), cards.len());
     if cards.is_empty() {
@@ -106,9 +110,15 @@ pub fn discovery_report(backend: &dyn GpuBackend, config: &Config, node: &str) -
             card.index, card.uuid, card.name, card.memory_mib, card.numa, card.healthy
         ));
     }
-    let health = HealthMonitor::new(&cards, Duration::from_secs(1)).subscribe().borrow().clone();
+    let health = HealthMonitor::new(&cards, Duration::from_secs(1))
+        .subscribe()
+        .borrow()
+        .clone();
     let inventory = node_inventory(&cards, &config.sharing_for_node(node), &health);
-    out.push_str(&format!("hami.io/node-nvidia-register: {}\n", encode_inventory(&inventory)));
+    out.push_str(&format!(
+        "hami.io/node-nvidia-register: {}\n",
+        encode_inventory(&inventory)
+    ));
     Ok(out)
 }
 
@@ -187,7 +197,10 @@ impl AgentSetup {
 pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
     let cards: Arc<[_]> = setup.backend.discover()?.into();
     if cards.is_empty() {
-        tracing::warn!(backend = setup.backend.kind(), "found no GPU on this node; advertising none");
+        tracing::warn!(
+            backend = setup.backend.kind(),
+            "found no GPU on this node; advertising none"
+        );
     }
     for card in cards.iter() {
         tracing::info!(index = card.index, uuid = %card.uuid, name = %card.name, memory_mib = card.memory_mib, numa = card.numa, "GPU discovered");
@@ -197,17 +210,25 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
             setup.layout.install_interceptor(source)?;
             tracing::info!(path = %setup.layout.interceptor().display(), "interceptor installed");
         }
-        Some(source) => tracing::warn!(path = %source.display(), "interceptor library not found in the image; containers get their env but no memory cap until it is installed"),
+        Some(source) => {
+            tracing::warn!(path = %source.display(), "interceptor library not found in the image; containers get their env but no memory cap until it is installed")
+        }
         None => {}
     }
     let sharing = setup.config.sharing_for_node(&setup.node);
     let monitor = HealthMonitor::new(&cards, setup.health_quiet);
     let health = monitor.subscribe();
     let mut tasks = tokio::task::JoinSet::new();
-    let recovery_interval = (setup.health_quiet / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+    let recovery_interval =
+        (setup.health_quiet / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
     tasks.spawn(monitor.run(Arc::clone(&setup.backend), recovery_interval));
 
-    let publisher = InventoryPublisher::new(setup.client.clone(), &setup.node, Arc::clone(&cards), sharing.clone());
+    let publisher = InventoryPublisher::new(
+        setup.client.clone(),
+        &setup.node,
+        Arc::clone(&cards),
+        sharing.clone(),
+    );
     tasks.spawn(publisher.run(health.clone(), setup.publish_interval));
 
     let pods = NodePods::new(setup.client.clone(), &setup.node);
@@ -246,7 +267,13 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
     let result = registration::run(
         settings,
         move |stopping| {
-            DevicePluginService::new(Arc::clone(&cards), split_count, health.clone(), allocator.clone(), stopping)
+            DevicePluginService::new(
+                Arc::clone(&cards),
+                split_count,
+                health.clone(),
+                allocator.clone(),
+                stopping,
+            )
         },
         shutdown,
     )

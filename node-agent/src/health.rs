@@ -147,9 +147,24 @@ mod tests {
         let (_, monitor, uuid) = setup();
         let receiver = monitor.subscribe();
         let now = Instant::now();
-        monitor.apply(&HealthEvent { uuid: uuid.clone(), kind: HealthEventKind::Xid(13) }, now);
-        assert!(receiver.borrow()[&uuid].healthy, "XID 13 is an application error");
-        monitor.apply(&HealthEvent { uuid: uuid.clone(), kind: HealthEventKind::Xid(79) }, now);
+        monitor.apply(
+            &HealthEvent {
+                uuid: uuid.clone(),
+                kind: HealthEventKind::Xid(13),
+            },
+            now,
+        );
+        assert!(
+            receiver.borrow()[&uuid].healthy,
+            "XID 13 is an application error"
+        );
+        monitor.apply(
+            &HealthEvent {
+                uuid: uuid.clone(),
+                kind: HealthEventKind::Xid(79),
+            },
+            now,
+        );
         assert!(!receiver.borrow()[&uuid].healthy);
         assert_eq!(receiver.borrow()[&uuid].reason, "XID 79");
     }
@@ -159,12 +174,24 @@ mod tests {
         let (gpus, monitor, uuid) = setup();
         let receiver = monitor.subscribe();
         let start = Instant::now();
-        monitor.apply(&HealthEvent { uuid: uuid.clone(), kind: HealthEventKind::UncorrectableEcc }, start);
+        monitor.apply(
+            &HealthEvent {
+                uuid: uuid.clone(),
+                kind: HealthEventKind::UncorrectableEcc,
+            },
+            start,
+        );
         monitor.check_recovery(&gpus, start + Duration::from_secs(30));
-        assert!(!receiver.borrow()[&uuid].healthy, "still inside the quiet period");
+        assert!(
+            !receiver.borrow()[&uuid].healthy,
+            "still inside the quiet period"
+        );
         gpus.control().set_responsive(&uuid, false);
         monitor.check_recovery(&gpus, start + Duration::from_secs(61));
-        assert!(!receiver.borrow()[&uuid].healthy, "does not answer the probe");
+        assert!(
+            !receiver.borrow()[&uuid].healthy,
+            "does not answer the probe"
+        );
         gpus.control().set_responsive(&uuid, true);
         monitor.check_recovery(&gpus, start + Duration::from_secs(61));
         assert!(receiver.borrow()[&uuid].healthy);

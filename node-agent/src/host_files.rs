@@ -33,7 +33,9 @@ pub const CONTAINER_PRELOAD: &str = "/etc/ld.so.preload";
 #[derive(Debug, Error)]
 pub enum HostFileError {
     /// A file system operation failed.
-    #[error("could not {action} `{path}`: {source}; check that --host-dir is a writable hostPath mount")]
+    #[error(
+        "could not {action} `{path}`: {source}; check that --host-dir is a writable hostPath mount"
+    )]
     Io {
         /// What was being done.
         action: &'static str,
@@ -45,7 +47,10 @@ pub enum HostFileError {
     },
 }
 
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> HostFileError + 'a {
+fn io<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> HostFileError + 'a {
     move |source| HostFileError::Io {
         action,
         path: path.to_owned(),
@@ -183,7 +188,9 @@ impl HostLayout {
             }
             match fs::remove_dir_all(&dir) {
                 Ok(()) => removed.push(dir),
-                Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "could not remove a stale container directory"),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "could not remove a stale container directory")
+                }
             }
         }
         removed
@@ -262,16 +269,29 @@ mod tests {
     fn container_dir_is_not_world_writable_and_stale_ones_go() {
         let temp = tempfile::tempdir().expect("tempdir");
         let layout = HostLayout::new(temp.path());
-        let dir = layout.prepare_container_dir("uid-1", "main", None).expect("dir");
+        let dir = layout
+            .prepare_container_dir("uid-1", "main", None)
+            .expect("dir");
         let (_, _, mode) = owner_of(&dir).expect("meta");
         assert_eq!(mode, 0o755);
         let (_, _, file_mode) = owner_of(&dir.join(REGION_FILE)).expect("meta");
         assert_eq!(file_mode, 0o666);
-        layout.prepare_container_dir("uid-2", "main", None).expect("dir");
+        layout
+            .prepare_container_dir("uid-2", "main", None)
+            .expect("dir");
         let live: HashSet<String> = ["uid-2".to_owned()].into();
         let now = SystemTime::now();
-        assert!(layout.remove_stale_container_dirs(&live, Duration::from_secs(60), now).is_empty(), "too young");
-        let removed = layout.remove_stale_container_dirs(&live, Duration::from_secs(60), now + Duration::from_secs(120));
+        assert!(
+            layout
+                .remove_stale_container_dirs(&live, Duration::from_secs(60), now)
+                .is_empty(),
+            "too young"
+        );
+        let removed = layout.remove_stale_container_dirs(
+            &live,
+            Duration::from_secs(60),
+            now + Duration::from_secs(120),
+        );
         assert_eq!(removed, vec![dir]);
         assert_eq!(layout.container_dirs().len(), 1);
     }

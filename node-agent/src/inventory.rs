@@ -37,7 +37,11 @@ pub fn node_inventory(
 /// Card memory after scaling, truncated to whole MiB.
 pub fn scaled_memory_mib(memory_mib: u64, scaling: f64) -> u64 {
     // Card sizes are far below 2^52 MiB, so the f64 round trip is exact enough.
-    #[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
     let scaled = (memory_mib as f64 * scaling) as u64;
     scaled
 }
@@ -100,7 +104,10 @@ mod tests {
 
     #[test]
     fn device_ids_round_trip_to_their_card() {
-        let card = &FakeGpus::parse("1x A 100", "n").expect("parses").discover().expect("lists")[0];
+        let card = &FakeGpus::parse("1x A 100", "n")
+            .expect("parses")
+            .discover()
+            .expect("lists")[0];
         let ids: Vec<String> = kubelet_device_ids(card, 3).collect();
         assert_eq!(ids.len(), 3);
         assert!(ids.iter().all(|id| id.len() <= 63));

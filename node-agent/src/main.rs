@@ -12,7 +12,10 @@ async fn main() -> anyhow::Result<()> {
     let options = AgentOptions::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if options.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
@@ -26,7 +29,10 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     if options.discover_once {
-        print!("{}", agent::discovery_report(backend.as_ref(), &config, &options.node_name)?);
+        print!(
+            "{}",
+            agent::discovery_report(backend.as_ref(), &config, &options.node_name)?
+        );
         return Ok(());
     }
 

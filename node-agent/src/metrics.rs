@@ -79,16 +79,36 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     /// Metrics over these cards and containers.
-    pub fn new(backend: Arc<dyn GpuBackend>, cards: Arc<[GpuInfo]>, containers: ContainerIndex) -> Self {
+    pub fn new(
+        backend: Arc<dyn GpuBackend>,
+        cards: Arc<[GpuInfo]>,
+        containers: ContainerIndex,
+    ) -> Self {
         let mut registry = Registry::default();
         let vgpu_used = Family::<ContainerLabels, FloatGauge>::default();
         let vgpu_limit = Family::<ContainerLabels, FloatGauge>::default();
         let host_used = Family::<HostLabels, FloatGauge>::default();
         let host_util = Family::<HostLabels, FloatGauge>::default();
-        registry.register("hami_vgpu_memory_used_bytes", "Device memory charged by a container on a card", vgpu_used.clone());
-        registry.register("hami_vgpu_memory_limit_bytes", "Device memory cap of a container on a card", vgpu_limit.clone());
-        registry.register("hami_host_gpu_memory_used_bytes", "Device memory in use on a card, all processes", host_used.clone());
-        registry.register("hami_host_gpu_utilization_ratio", "Share of time a kernel ran on a card", host_util.clone());
+        registry.register(
+            "hami_vgpu_memory_used_bytes",
+            "Device memory charged by a container on a card",
+            vgpu_used.clone(),
+        );
+        registry.register(
+            "hami_vgpu_memory_limit_bytes",
+            "Device memory cap of a container on a card",
+            vgpu_limit.clone(),
+        );
+        registry.register(
+            "hami_host_gpu_memory_used_bytes",
+            "Device memory in use on a card, all processes",
+            host_used.clone(),
+        );
+        registry.register(
+            "hami_host_gpu_utilization_ratio",
+            "Share of time a kernel ran on a card",
+            host_util.clone(),
+        );
         Self {
             families: Arc::new(Mutex::new(Families {
                 registry,
@@ -113,15 +133,27 @@ impl Metrics {
             let labels = HostLabels {
                 deviceidx: card.map(|c| c.index.to_string()).unwrap_or_default(),
                 deviceuuid: usage.uuid.clone(),
-                devicetype: card.map(|c| format!("{}{}", crate::inventory::TYPE_PREFIX, c.name)).unwrap_or_default(),
+                devicetype: card
+                    .map(|c| format!("{}{}", crate::inventory::TYPE_PREFIX, c.name))
+                    .unwrap_or_default(),
             };
             #[allow(clippy::cast_precision_loss)]
-            families.host_used.get_or_create(&labels).set(usage.memory_used_bytes as f64);
-            families.host_util.get_or_create(&labels).set(usage.utilization_ratio);
+            families
+                .host_used
+                .get_or_create(&labels)
+                .set(usage.memory_used_bytes as f64);
+            families
+                .host_util
+                .get_or_create(&labels)
+                .set(usage.utilization_ratio);
         }
         families.vgpu_used.clear();
         families.vgpu_limit.clear();
-        let containers = self.containers.read().unwrap_or_else(PoisonError::into_inner).clone();
+        let containers = self
+            .containers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         for record in containers {
             let usage = match read_region(&record.region, record.cards.len()) {
                 Ok(usage) => usage,
@@ -140,8 +172,14 @@ impl Metrics {
                 };
                 #[allow(clippy::cast_precision_loss)]
                 {
-                    families.vgpu_used.get_or_create(&labels).set(device.used_bytes as f64);
-                    families.vgpu_limit.get_or_create(&labels).set(device.limit_bytes as f64);
+                    families
+                        .vgpu_used
+                        .get_or_create(&labels)
+                        .set(device.used_bytes as f64);
+                    families
+                        .vgpu_limit
+                        .get_or_create(&labels)
+                        .set(device.limit_bytes as f64);
                 }
             }
         }

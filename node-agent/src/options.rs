@@ -25,7 +25,11 @@ pub struct AgentOptions {
     #[arg(long)]
     pub discover_once: bool,
     /// Kubelet's device-plugin registration socket.
-    #[arg(long, env = "KUBELET_SOCKET", default_value = "/var/lib/kubelet/device-plugins/kubelet.sock")]
+    #[arg(
+        long,
+        env = "KUBELET_SOCKET",
+        default_value = "/var/lib/kubelet/device-plugins/kubelet.sock"
+    )]
     pub kubelet_socket: PathBuf,
     /// File name of the agent's socket, created next to kubelet's.
     #[arg(long, default_value = "tessera-nvidia.sock")]
@@ -35,7 +39,11 @@ pub struct AgentOptions {
     #[arg(long, env = "TESSERA_HOST_DIR", default_value = "/usr/local/tessera")]
     pub host_dir: PathBuf,
     /// The interceptor library inside the agent's image, installed onto the host at start.
-    #[arg(long, env = "TESSERA_INTERCEPTOR", default_value = "/opt/tessera/lib/libtessera-cuda.so")]
+    #[arg(
+        long,
+        env = "TESSERA_INTERCEPTOR",
+        default_value = "/opt/tessera/lib/libtessera-cuda.so"
+    )]
     pub interceptor_source: PathBuf,
     /// Address of the /metrics endpoint.
     #[arg(long, env = "TESSERA_METRICS_ADDR", default_value = "0.0.0.0:9394")]

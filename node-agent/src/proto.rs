@@ -1,7 +1,12 @@
 //! The kubelet device-plugin v1beta1 messages and services, generated at
 //! build time from `proto/api.proto`.
 
-#![allow(missing_docs, missing_debug_implementations, clippy::all, clippy::pedantic)]
+#![allow(
+    missing_docs,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::pedantic
+)]
 
 tonic::include_proto!("v1beta1");
 

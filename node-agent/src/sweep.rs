@@ -27,7 +27,11 @@ pub fn container_records(pods: &[Pod], layout: &HostLayout) -> Vec<ContainerReco
             continue;
         };
         let uid = pod.metadata.uid.as_deref().unwrap_or("");
-        let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
+        let containers = pod
+            .spec
+            .as_ref()
+            .map(|s| s.containers.as_slice())
+            .unwrap_or_default();
         for (container, devices) in containers.iter().zip(allocated) {
             if devices.is_empty() {
                 continue;
@@ -53,8 +57,13 @@ pub async fn sweep_once(
 ) -> Result<(), kube::Error> {
     let listed = pods.list().await?;
     let records = container_records(&listed, layout);
-    *index.write().unwrap_or_else(std::sync::PoisonError::into_inner) = records;
-    let live: HashSet<String> = listed.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+    *index
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = records;
+    let live: HashSet<String> = listed
+        .iter()
+        .filter_map(|p| p.metadata.uid.clone())
+        .collect();
     for dir in layout.remove_stale_container_dirs(&live, min_age, SystemTime::now()) {
         tracing::info!(dir = %dir.display(), "removed the directory of a pod that no longer exists");
     }
@@ -62,7 +71,13 @@ pub async fn sweep_once(
 }
 
 /// Sweeps every `period`, forever.
-pub async fn run(pods: NodePods, layout: HostLayout, index: ContainerIndex, period: Duration, min_age: Duration) {
+pub async fn run(
+    pods: NodePods,
+    layout: HostLayout,
+    index: ContainerIndex,
+    period: Duration,
+    min_age: Duration,
+) {
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -59,7 +59,13 @@ pub fn read_region(path: &Path, cards: usize) -> Result<Vec<DeviceUsage>, UsageE
     };
     if bytes.len() < REGION_SIZE {
         if bytes.iter().all(|b| *b == 0) {
-            return Ok(vec![DeviceUsage { used_bytes: 0, limit_bytes: 0 }; cards.min(MAX_DEVICES)]);
+            return Ok(vec![
+                DeviceUsage {
+                    used_bytes: 0,
+                    limit_bytes: 0
+                };
+                cards.min(MAX_DEVICES)
+            ]);
         }
         return Err(layout_error(RegionError::TooSmall { len: bytes.len() }));
     }
@@ -73,7 +79,13 @@ pub fn read_region(path: &Path, cards: usize) -> Result<Vec<DeviceUsage>, UsageE
     let region = unsafe { SharedRegion::from_raw(lines.as_ptr().cast::<u8>(), lines.len() * 64) }
         .map_err(layout_error)?;
     if !region.is_initialised() {
-        return Ok(vec![DeviceUsage { used_bytes: 0, limit_bytes: 0 }; cards.min(MAX_DEVICES)]);
+        return Ok(vec![
+            DeviceUsage {
+                used_bytes: 0,
+                limit_bytes: 0
+            };
+            cards.min(MAX_DEVICES)
+        ]);
     }
     region.validate().map_err(layout_error)?;
     Ok((0..cards.min(MAX_DEVICES))
@@ -100,19 +112,31 @@ mod tests {
 
         let mut lines = Box::new(Lines([Line([0; 64]); REGION_SIZE.div_ceil(64)]));
         // SAFETY: the buffer is aligned, large enough and only used here.
-        let region = unsafe { SharedRegion::from_raw(lines.0.as_mut_ptr().cast::<u8>(), REGION_SIZE) }
-            .expect("region");
+        let region =
+            unsafe { SharedRegion::from_raw(lines.0.as_mut_ptr().cast::<u8>(), REGION_SIZE) }
+                .expect("region");
         region.initialise();
-        region.devices[1].limit_bytes.store(4 << 30, Ordering::Relaxed);
+        region.devices[1]
+            .limit_bytes
+            .store(4 << 30, Ordering::Relaxed);
         region.charge(0, 1, 1 << 30, 4 << 30).expect("fits");
         let bytes: Vec<u8> = lines.0.iter().flat_map(|l| l.0).take(REGION_SIZE).collect();
         std::fs::write(&path, &bytes).expect("write");
         let usage = read_region(&path, 2).expect("reads");
-        assert_eq!(usage[1], DeviceUsage { used_bytes: 1 << 30, limit_bytes: 4 << 30 });
+        assert_eq!(
+            usage[1],
+            DeviceUsage {
+                used_bytes: 1 << 30,
+                limit_bytes: 4 << 30
+            }
+        );
         assert_eq!(usage[0].used_bytes, 0);
 
         std::fs::write(&path, vec![0xAB; REGION_SIZE]).expect("write");
-        assert!(matches!(read_region(&path, 1), Err(UsageError::Layout { .. })));
+        assert!(matches!(
+            read_region(&path, 1),
+            Err(UsageError::Layout { .. })
+        ));
         std::fs::write(&path, b"garbage").expect("write");
         assert!(read_region(&path, 1).is_err());
     }

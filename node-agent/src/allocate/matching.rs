@@ -127,20 +127,18 @@ pub fn pending_pods<'a>(pods: &'a [Pod], node: &str) -> PendingPods<'a> {
         {
             continue;
         }
-        let to_allocate = match decode_pod_devices(
-            annotation(pod, keys::DEVICES_TO_ALLOCATE).unwrap_or(""),
-        ) {
-            Ok(devices) => devices,
-            Err(error) => {
-                out.corrupt.push(CorruptPod { pod, error });
-                continue;
-            }
-        };
+        let to_allocate =
+            match decode_pod_devices(annotation(pod, keys::DEVICES_TO_ALLOCATE).unwrap_or("")) {
+                Ok(devices) => devices,
+                Err(error) => {
+                    out.corrupt.push(CorruptPod { pod, error });
+                    continue;
+                }
+            };
         // What was allocated in full; containers holding devices there but
         // not in `to_allocate` are already applied.
-        let allocated =
-            decode_pod_devices(annotation(pod, keys::DEVICES_ALLOCATED).unwrap_or(""))
-                .unwrap_or_default();
+        let allocated = decode_pod_devices(annotation(pod, keys::DEVICES_ALLOCATED).unwrap_or(""))
+            .unwrap_or_default();
         let partly_applied = allocated.iter().enumerate().any(|(i, devices)| {
             !devices.is_empty() && to_allocate.get(i).is_none_or(Vec::is_empty)
         });
@@ -172,7 +170,10 @@ impl<'a> PendingPod<'a> {
     fn claim_for(&self, shape: &[usize]) -> Option<Claim<'a>> {
         let next = self.next_containers(shape.len());
         if next.len() != shape.len()
-            || next.iter().zip(shape).any(|((_, devices), want)| devices.len() != *want)
+            || next
+                .iter()
+                .zip(shape)
+                .any(|((_, devices), want)| devices.len() != *want)
         {
             return None;
         }
@@ -207,7 +208,11 @@ fn created(pod: &Pod) -> Option<&Time> {
 }
 
 /// Chooses the pod for a request whose containers ask for `shape` devices.
-pub fn choose<'a>(pending: &[PendingPod<'a>], node: &str, shape: &[usize]) -> Result<Claim<'a>, MatchError> {
+pub fn choose<'a>(
+    pending: &[PendingPod<'a>],
+    node: &str,
+    shape: &[usize],
+) -> Result<Claim<'a>, MatchError> {
     let mut candidates: Vec<(&PendingPod<'a>, Claim<'a>)> = pending
         .iter()
         .filter_map(|p| p.claim_for(shape).map(|claim| (p, claim)))
@@ -230,7 +235,11 @@ pub fn choose<'a>(pending: &[PendingPod<'a>], node: &str, shape: &[usize]) -> Re
             waiting: if pending.is_empty() {
                 "none".into()
             } else {
-                pending.iter().map(PendingPod::shape_summary).collect::<Vec<_>>().join(", ")
+                pending
+                    .iter()
+                    .map(PendingPod::shape_summary)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             },
         });
     };
@@ -299,7 +308,11 @@ mod tests {
         let pods = vec![
             fresh("new", "2024-01-01T00:00:05Z", vec![vec![dev("A", 1)]]),
             fresh("old", "2024-01-01T00:00:01Z", vec![vec![dev("B", 1)]]),
-            fresh("two", "2024-01-01T00:00:00Z", vec![vec![dev("A", 1), dev("B", 1)]]),
+            fresh(
+                "two",
+                "2024-01-01T00:00:00Z",
+                vec![vec![dev("A", 1), dev("B", 1)]],
+            ),
         ];
         let pending = pending_pods(&pods, NODE);
         let claim = choose(&pending.pending, NODE, &[1]).expect("matches");
@@ -333,7 +346,10 @@ mod tests {
         let pending = pending_pods(&pods, NODE);
         assert!(choose(&pending.pending, NODE, &[2, 1]).is_err());
         let claim = choose(&pending.pending, NODE, &[1, 2]).expect("matches");
-        assert_eq!(claim.containers.iter().map(|c| c.0).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(
+            claim.containers.iter().map(|c| c.0).collect::<Vec<_>>(),
+            vec![0, 2]
+        );
         let first_only = choose(&pending.pending, NODE, &[1]).expect("matches");
         assert!(!first_only.completes_pod());
         assert_eq!(first_only.remaining[2].len(), 2);
@@ -349,9 +365,19 @@ mod tests {
         let pending = pending_pods(&pods, NODE);
         let err = choose(&pending.pending, NODE, &[1]).expect_err("ambiguous");
         assert!(matches!(err, MatchError::Ambiguous { .. }), "{err}");
-        let pods = vec![fresh("a", t, vec![vec![dev("A", 1)]]), fresh("b", t, vec![vec![dev("A", 1)]])];
+        let pods = vec![
+            fresh("a", t, vec![vec![dev("A", 1)]]),
+            fresh("b", t, vec![vec![dev("A", 1)]]),
+        ];
         let pending = pending_pods(&pods, NODE);
-        assert_eq!(pod_key(choose(&pending.pending, NODE, &[1]).expect("equivalent").pod), "ns/a");
+        assert_eq!(
+            pod_key(
+                choose(&pending.pending, NODE, &[1])
+                    .expect("equivalent")
+                    .pod
+            ),
+            "ns/a"
+        );
     }
 
     #[test]
@@ -359,11 +385,20 @@ mod tests {
         let mut elsewhere = fresh("elsewhere", "2024-01-01T00:00:00Z", vec![vec![dev("A", 1)]]);
         elsewhere.spec.as_mut().expect("spec").node_name = Some("other".into());
         let mut done = fresh("done", "2024-01-01T00:00:00Z", vec![vec![dev("A", 1)]]);
-        done.metadata.annotations.as_mut().expect("annotations").insert(keys::BIND_PHASE.into(), keys::PHASE_SUCCESS.into());
+        done.metadata
+            .annotations
+            .as_mut()
+            .expect("annotations")
+            .insert(keys::BIND_PHASE.into(), keys::PHASE_SUCCESS.into());
         let mut finished = fresh("finished", "2024-01-01T00:00:00Z", vec![vec![dev("A", 1)]]);
         finished.status = Some(serde_json::from_value(json!({"phase": "Failed"})).expect("status"));
         let mut corrupt = fresh("corrupt", "2024-01-01T00:00:00Z", vec![vec![dev("A", 1)]]);
-        corrupt.metadata.annotations.as_mut().expect("annotations").insert(keys::DEVICES_TO_ALLOCATE.into(), "GPU-A,NVIDIA,lots".into());
+        corrupt
+            .metadata
+            .annotations
+            .as_mut()
+            .expect("annotations")
+            .insert(keys::DEVICES_TO_ALLOCATE.into(), "GPU-A,NVIDIA,lots".into());
         let pods = vec![elsewhere, done, finished, corrupt];
         let pending = pending_pods(&pods, NODE);
         assert!(pending.pending.is_empty());

@@ -118,9 +118,14 @@ impl Allocator {
             let mut responses = Vec::with_capacity(claim.containers.len());
             for (index, devices) in &claim.containers {
                 let Some(container) = response::container_at(claim.pod, *index) else {
-                    let reason = format!("its allocation names container #{index}, which the pod does not have");
+                    let reason = format!(
+                        "its allocation names container #{index}, which the pod does not have"
+                    );
                     self.fail_pod(claim.pod, &reason).await;
-                    return Err(AllocateError::Unusable { pod: pod_key(claim.pod), reason });
+                    return Err(AllocateError::Unusable {
+                        pod: pod_key(claim.pod),
+                        reason,
+                    });
                 };
                 responses.push(response::container_response(
                     &self.layout,
@@ -130,7 +135,11 @@ impl Allocator {
                     devices,
                 )?);
             }
-            match self.pods.apply_allocation(claim.pod, &claim.remaining).await? {
+            match self
+                .pods
+                .apply_allocation(claim.pod, &claim.remaining)
+                .await?
+            {
                 ApplyOutcome::Applied => {
                     tracing::info!(
                         pod = %pod_key(claim.pod),
@@ -155,7 +164,10 @@ impl Allocator {
                 return Err(format!("card {} is not on this node", device.uuid));
             }
             if let Some(card) = health.get(&device.uuid).filter(|h| !h.healthy) {
-                return Err(format!("card {} is unhealthy ({})", device.uuid, card.reason));
+                return Err(format!(
+                    "card {} is unhealthy ({})",
+                    device.uuid, card.reason
+                ));
             }
         }
         Ok(())
@@ -167,7 +179,14 @@ impl Allocator {
             tracing::warn!(pod = %pod_key(pod), error = %e, "could not mark the pod's bind phase failed");
         }
         self.events
-            .warn(pod, ALLOCATION_FAILED, &format!("GPU allocation failed on node {}: {reason}", self.pods.node()))
+            .warn(
+                pod,
+                ALLOCATION_FAILED,
+                &format!(
+                    "GPU allocation failed on node {}: {reason}",
+                    self.pods.node()
+                ),
+            )
             .await;
     }
 }

@@ -17,7 +17,10 @@ use crate::proto::{ContainerAllocateResponse, Mount};
 pub fn control_disabled(container: &Container) -> bool {
     container.env.iter().flatten().any(|var| {
         var.name == env::DISABLE_CONTROL
-            && var.value.as_deref().is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            && var
+                .value
+                .as_deref()
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
     })
 }
 
@@ -56,18 +59,31 @@ pub fn container_response(
     let envs = &mut response.envs;
     envs.insert(
         env::NVIDIA_VISIBLE_DEVICES.to_owned(),
-        devices.iter().map(|d| d.uuid.as_str()).collect::<Vec<_>>().join(","),
+        devices
+            .iter()
+            .map(|d| d.uuid.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
     );
     for (i, device) in devices.iter().enumerate() {
-        envs.insert(memory_limit_var(i), format_memory_limit_mib(device.memory_mib));
+        envs.insert(
+            memory_limit_var(i),
+            format_memory_limit_mib(device.memory_mib),
+        );
     }
     if let Some(first) = devices.first() {
         envs.insert(env::SM_LIMIT.to_owned(), first.cores.to_string());
     }
-    envs.insert(env::SHARED_CACHE.to_owned(), HostLayout::container_region_path());
+    envs.insert(
+        env::SHARED_CACHE.to_owned(),
+        HostLayout::container_region_path(),
+    );
     // The request was validated at admission; a value that no longer parses
     // simply sets no priority.
-    if let Some(priority) = container_request(container, names).ok().and_then(|r| r.priority) {
+    if let Some(priority) = container_request(container, names)
+        .ok()
+        .and_then(|r| r.priority)
+    {
         envs.insert(env::TASK_PRIORITY.to_owned(), priority.to_string());
     }
 
@@ -129,15 +145,28 @@ mod tests {
         let layout = HostLayout::new(temp.path());
         let pod = pod(json!([]));
         let container = container_at(&pod, 0).expect("container");
-        let r = container_response(&layout, &ResourceNames::default(), &pod, container, &devices())
-            .expect("response");
+        let r = container_response(
+            &layout,
+            &ResourceNames::default(),
+            &pod,
+            container,
+            &devices(),
+        )
+        .expect("response");
         assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], "GPU-a,GPU-b");
         assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "7500m");
         assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_1"], "7500m");
         assert_eq!(r.envs["CUDA_DEVICE_SM_LIMIT"], "30");
         assert_eq!(r.envs["CUDA_TASK_PRIORITY"], "1");
-        assert_eq!(r.envs["CUDA_DEVICE_MEMORY_SHARED_CACHE"], "/usr/local/tessera/shared/region.cache");
-        let paths: Vec<_> = r.mounts.iter().map(|m| (m.container_path.as_str(), m.read_only)).collect();
+        assert_eq!(
+            r.envs["CUDA_DEVICE_MEMORY_SHARED_CACHE"],
+            "/usr/local/tessera/shared/region.cache"
+        );
+        let paths: Vec<_> = r
+            .mounts
+            .iter()
+            .map(|m| (m.container_path.as_str(), m.read_only))
+            .collect();
         assert_eq!(
             paths,
             vec![
@@ -146,8 +175,14 @@ mod tests {
                 ("/etc/ld.so.preload", true)
             ]
         );
-        assert_eq!(r.mounts[0].host_path, layout.container_dir("uid-7", "main").to_string_lossy());
-        assert!(layout.container_dir("uid-7", "main").join("region.cache").exists());
+        assert_eq!(
+            r.mounts[0].host_path,
+            layout.container_dir("uid-7", "main").to_string_lossy()
+        );
+        assert!(layout
+            .container_dir("uid-7", "main")
+            .join("region.cache")
+            .exists());
     }
 
     #[test]
@@ -156,10 +191,19 @@ mod tests {
         let layout = HostLayout::new(temp.path());
         let pod = pod(json!([{"name": "CUDA_DISABLE_CONTROL", "value": "true"}]));
         let container = container_at(&pod, 0).expect("container");
-        let r = container_response(&layout, &ResourceNames::default(), &pod, container, &devices())
-            .expect("response");
+        let r = container_response(
+            &layout,
+            &ResourceNames::default(),
+            &pod,
+            container,
+            &devices(),
+        )
+        .expect("response");
         assert_eq!(r.mounts.len(), 1);
-        assert!(r.mounts.iter().all(|m| m.container_path != "/etc/ld.so.preload"));
+        assert!(r
+            .mounts
+            .iter()
+            .all(|m| m.container_path != "/etc/ld.so.preload"));
         assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], "GPU-a,GPU-b");
     }
 }

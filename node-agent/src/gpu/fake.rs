@@ -178,8 +178,11 @@ mod tests {
 
     #[test]
     fn parses_groups_with_multi_word_names() {
-        let gpus = FakeGpus::parse("2x NVIDIA H100 80GB HBM3 81559; 1x Tesla T4 15360", "node-a")
-            .expect("parses");
+        let gpus = FakeGpus::parse(
+            "2x NVIDIA H100 80GB HBM3 81559; 1x Tesla T4 15360",
+            "node-a",
+        )
+        .expect("parses");
         let cards = gpus.discover().expect("lists");
         assert_eq!(cards.len(), 3);
         assert_eq!(cards[0].name, "NVIDIA H100 80GB HBM3");
@@ -202,7 +205,14 @@ mod tests {
 
     #[test]
     fn bad_descriptions_say_what_to_write() {
-        for spec in ["", "4 NVIDIA 100", "fourx NVIDIA 100", "0x A 100", "2x A lots", "2x 100"] {
+        for spec in [
+            "",
+            "4 NVIDIA 100",
+            "fourx NVIDIA 100",
+            "0x A 100",
+            "2x A lots",
+            "2x 100",
+        ] {
             let err = FakeGpus::parse(spec, "n").expect_err(spec).to_string();
             assert!(err.contains("4x NVIDIA A10G 23028"), "{spec}: {err}");
         }

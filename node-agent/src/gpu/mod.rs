@@ -100,7 +100,9 @@ pub enum GpuError {
         reason: String,
     },
     /// An NVML query failed for one card.
-    #[error("NVML query `{query}` failed for GPU {index}: {reason}; check `nvidia-smi` on the node")]
+    #[error(
+        "NVML query `{query}` failed for GPU {index}: {reason}; check `nvidia-smi` on the node"
+    )]
     Query {
         /// Card index.
         index: u32,

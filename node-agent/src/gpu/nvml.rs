@@ -57,7 +57,9 @@ fn query_error(index: u32, query: &'static str) -> impl Fn(NvmlError) -> GpuErro
 /// The NUMA node of a PCI device from sysfs (`-1`, meaning none, becomes 0).
 fn numa_from_sysfs(bus_id: &str) -> Option<i32> {
     // NVML writes an 8-digit domain (`00000000:17:00.0`); sysfs uses 4.
-    let short = bus_id.get(bus_id.len().checked_sub(12)?..)?.to_ascii_lowercase();
+    let short = bus_id
+        .get(bus_id.len().checked_sub(12)?..)?
+        .to_ascii_lowercase();
     let text = std::fs::read_to_string(format!("/sys/bus/pci/devices/{short}/numa_node")).ok()?;
     text.trim().parse::<i32>().ok().map(|n| n.max(0))
 }
@@ -165,9 +167,15 @@ fn build_event_set(nvml: &Nvml) -> Option<nvml_wrapper::EventSet<'_>> {
             let Ok(device) = nvml.device_by_index(index) else {
                 continue;
             };
-            let events = wanted & device.supported_event_types().unwrap_or(EventTypes::empty());
+            let events = wanted
+                & device
+                    .supported_event_types()
+                    .unwrap_or(EventTypes::empty());
             if events.is_empty() {
-                tracing::warn!(index, "GPU supports no health events; its health is not watched");
+                tracing::warn!(
+                    index,
+                    "GPU supports no health events; its health is not watched"
+                );
                 continue;
             }
             set = match device.register_events(events, set) {

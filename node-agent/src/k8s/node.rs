@@ -40,7 +40,12 @@ pub struct InventoryPublisher {
 
 impl InventoryPublisher {
     /// A publisher for `node` with its cards and sharing settings.
-    pub fn new(client: kube::Client, node: &str, cards: Arc<[GpuInfo]>, sharing: DeviceSharing) -> Self {
+    pub fn new(
+        client: kube::Client,
+        node: &str,
+        cards: Arc<[GpuInfo]>,
+        sharing: DeviceSharing,
+    ) -> Self {
         Self {
             api: Api::all(client),
             node: node.to_owned(),

@@ -161,12 +161,20 @@ impl<S> AuthorityRepair<S> {
             // Our view of the client's table is lost; let the server judge
             // the original bytes and stop interfering with this connection.
             let mut original = Vec::new();
-            push_frame(&mut original, TYPE_HEADERS, partial.flags & !FLAG_PADDED & !FLAG_PRIORITY | FLAG_END_HEADERS, partial.stream_id, &partial.block);
+            push_frame(
+                &mut original,
+                TYPE_HEADERS,
+                partial.flags & !FLAG_PADDED & !FLAG_PRIORITY | FLAG_END_HEADERS,
+                partial.stream_id,
+                &partial.block,
+            );
             self.give_up(&original);
             return;
         };
         for (name, value) in &mut headers {
-            if name.as_slice() == b":authority" && http::uri::Authority::try_from(value.as_slice()).is_err() {
+            if name.as_slice() == b":authority"
+                && http::uri::Authority::try_from(value.as_slice()).is_err()
+            {
                 tracing::debug!(authority = %String::from_utf8_lossy(value), "replacing an :authority tonic would refuse");
                 *value = REPLACEMENT_AUTHORITY.to_vec();
             }
@@ -178,21 +186,45 @@ impl<S> AuthorityRepair<S> {
         for (name, value) in &headers {
             encode_literal(&mut payload, name, value);
         }
-        let keep = partial.flags & (FLAG_END_STREAM | if partial.priority.is_some() { FLAG_PRIORITY } else { 0 });
+        let keep = partial.flags
+            & (FLAG_END_STREAM
+                | if partial.priority.is_some() {
+                    FLAG_PRIORITY
+                } else {
+                    0
+                });
         let mut chunks = payload.chunks(MAX_FRAME_PAYLOAD).peekable();
         let mut first = true;
         if chunks.peek().is_none() {
-            push_frame(&mut self.ready, TYPE_HEADERS, keep | FLAG_END_HEADERS, partial.stream_id, &[]);
+            push_frame(
+                &mut self.ready,
+                TYPE_HEADERS,
+                keep | FLAG_END_HEADERS,
+                partial.stream_id,
+                &[],
+            );
             return;
         }
         while let Some(chunk) = chunks.next() {
             let last = chunks.peek().is_none();
             let end_headers = if last { FLAG_END_HEADERS } else { 0 };
             if first {
-                push_frame(&mut self.ready, TYPE_HEADERS, keep | end_headers, partial.stream_id, chunk);
+                push_frame(
+                    &mut self.ready,
+                    TYPE_HEADERS,
+                    keep | end_headers,
+                    partial.stream_id,
+                    chunk,
+                );
                 first = false;
             } else {
-                push_frame(&mut self.ready, TYPE_CONTINUATION, end_headers, partial.stream_id, chunk);
+                push_frame(
+                    &mut self.ready,
+                    TYPE_CONTINUATION,
+                    end_headers,
+                    partial.stream_id,
+                    chunk,
+                );
             }
         }
     }
@@ -224,7 +256,13 @@ fn split_headers_payload(flags: u8, payload: &[u8]) -> Option<(Option<[u8; 5]>, 
 
 fn push_frame(out: &mut Vec<u8>, frame_type: u8, flags: u8, stream_id: [u8; 4], payload: &[u8]) {
     let len = payload.len();
-    out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, frame_type, flags]);
+    out.extend_from_slice(&[
+        (len >> 16) as u8,
+        (len >> 8) as u8,
+        len as u8,
+        frame_type,
+        flags,
+    ]);
     out.extend_from_slice(&stream_id);
     out.extend_from_slice(payload);
 }
@@ -296,7 +334,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRepair<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityRepair<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -353,7 +395,8 @@ mod tests {
         let mut rest = &frames[PREFACE.len()..];
         let mut all = Vec::new();
         while rest.len() >= FRAME_HEADER_LEN {
-            let len = (usize::from(rest[0]) << 16) | (usize::from(rest[1]) << 8) | usize::from(rest[2]);
+            let len =
+                (usize::from(rest[0]) << 16) | (usize::from(rest[1]) << 8) | usize::from(rest[2]);
             if rest[3] == TYPE_HEADERS {
                 all.extend(decoder.decode(&rest[9..9 + len]).expect("valid block"));
             }
@@ -367,10 +410,16 @@ mod tests {
         let mut encoder = hpack::Encoder::new();
         let first = encoder.encode(vec![
             (&b":method"[..], &b"POST"[..]),
-            (b":authority", b"/var/lib/kubelet/device-plugins/tessera.sock"),
+            (
+                b":authority",
+                b"/var/lib/kubelet/device-plugins/tessera.sock",
+            ),
             (b"x-custom", b"kept"),
         ]);
-        let second = encoder.encode(vec![(&b":authority"[..], &b"%2Fvar%2Flib%2Fkubelet%2Fx.sock"[..]), (b"x-custom", b"kept")]);
+        let second = encoder.encode(vec![
+            (&b":authority"[..], &b"%2Fvar%2Flib%2Fkubelet%2Fx.sock"[..]),
+            (b"x-custom", b"kept"),
+        ]);
         let mut input = PREFACE.to_vec();
         input.extend(headers_frame(&first, FLAG_END_HEADERS));
         // A DATA frame in between passes untouched.
@@ -378,32 +427,59 @@ mod tests {
         input.extend(headers_frame(&second, FLAG_END_HEADERS | FLAG_END_STREAM));
         let out = repaired(input).await;
         let headers = decode_headers(&out);
-        let authorities: Vec<_> = headers.iter().filter(|(n, _)| n == b":authority").map(|(_, v)| v.clone()).collect();
+        let authorities: Vec<_> = headers
+            .iter()
+            .filter(|(n, _)| n == b":authority")
+            .map(|(_, v)| v.clone())
+            .collect();
         assert_eq!(authorities[0], b"localhost");
         assert_eq!(authorities.len(), 2);
-        let customs = headers.iter().filter(|(n, v)| n == b"x-custom" && v == b"kept").count();
-        assert_eq!(customs, 2, "headers from the client's dynamic table survive");
+        let customs = headers
+            .iter()
+            .filter(|(n, v)| n == b"x-custom" && v == b"kept")
+            .count();
+        assert_eq!(
+            customs, 2,
+            "headers from the client's dynamic table survive"
+        );
         assert!(out.windows(5).any(|w| w == b"hello"));
     }
 
     #[tokio::test]
     async fn padded_priority_and_continuation_frames_are_joined() {
         let mut encoder = hpack::Encoder::new();
-        let block = encoder.encode(vec![(&b":authority"[..], &b"/run/x.sock"[..]), (b"a", b"b")]);
+        let block = encoder.encode(vec![
+            (&b":authority"[..], &b"/run/x.sock"[..]),
+            (b"a", b"b"),
+        ]);
         let (head, tail) = block.split_at(block.len() / 2);
         let mut payload = vec![2u8];
         payload.extend([0, 0, 0, 0, 16]);
         payload.extend_from_slice(head);
         payload.extend([0, 0]);
         let mut input = PREFACE.to_vec();
-        push_frame(&mut input, TYPE_HEADERS, FLAG_PADDED | FLAG_PRIORITY, [0, 0, 0, 3], &payload);
-        push_frame(&mut input, TYPE_CONTINUATION, FLAG_END_HEADERS, [0, 0, 0, 3], tail);
+        push_frame(
+            &mut input,
+            TYPE_HEADERS,
+            FLAG_PADDED | FLAG_PRIORITY,
+            [0, 0, 0, 3],
+            &payload,
+        );
+        push_frame(
+            &mut input,
+            TYPE_CONTINUATION,
+            FLAG_END_HEADERS,
+            [0, 0, 0, 3],
+            tail,
+        );
         let out = repaired(input).await;
         let frame = &out[PREFACE.len()..];
         assert_eq!(frame[3], TYPE_HEADERS);
         assert_eq!(frame[4], FLAG_PRIORITY | FLAG_END_HEADERS);
         let len = (usize::from(frame[1]) << 8) | usize::from(frame[2]);
-        let headers = hpack::Decoder::new().decode(&frame[9 + 5..9 + len]).expect("decodes");
+        let headers = hpack::Decoder::new()
+            .decode(&frame[9 + 5..9 + len])
+            .expect("decodes");
         assert_eq!(headers[0], (b":authority".to_vec(), b"localhost".to_vec()));
         assert_eq!(headers[1], (b"a".to_vec(), b"b".to_vec()));
     }

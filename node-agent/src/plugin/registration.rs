@@ -130,7 +130,9 @@ pub async fn run(
                         tracing::info!(resource = %settings.resource_name, "registered with kubelet");
                         break Some(kubelet);
                     }
-                    Err(e) => tracing::warn!(error = %e, "registration with kubelet failed; retrying"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "registration with kubelet failed; retrying")
+                    }
                 }
             }
             if wait_or_shutdown(&mut shutdown, settings.poll_interval).await {
@@ -148,7 +150,9 @@ pub async fn run(
                     break;
                 }
                 if identity(&settings.kubelet_socket) != Some(kubelet_identity) {
-                    tracing::info!("kubelet socket was recreated (kubelet restarted); re-registering");
+                    tracing::info!(
+                        "kubelet socket was recreated (kubelet restarted); re-registering"
+                    );
                     break;
                 }
             }

@@ -26,7 +26,11 @@ use crate::proto::{
 
 /// The devices kubelet sees: `split_count` per card, with the card's
 /// health and NUMA node.
-pub fn kubelet_devices(cards: &[GpuInfo], split_count: u32, health: &HealthSnapshot) -> Vec<Device> {
+pub fn kubelet_devices(
+    cards: &[GpuInfo],
+    split_count: u32,
+    health: &HealthSnapshot,
+) -> Vec<Device> {
     cards
         .iter()
         .flat_map(|card| {
@@ -35,7 +39,9 @@ pub fn kubelet_devices(cards: &[GpuInfo], split_count: u32, health: &HealthSnaps
                 id,
                 health: if healthy { HEALTHY } else { UNHEALTHY }.to_owned(),
                 topology: Some(TopologyInfo {
-                    nodes: vec![NumaNode { id: i64::from(card.numa) }],
+                    nodes: vec![NumaNode {
+                        id: i64::from(card.numa),
+                    }],
                 }),
             })
         })
@@ -76,7 +82,9 @@ fn to_status(error: &AllocateError) -> Status {
     let message = error.to_string();
     match error {
         AllocateError::UnknownDevice(_) => Status::invalid_argument(message),
-        AllocateError::NoMatch(_) | AllocateError::Unusable { .. } => Status::failed_precondition(message),
+        AllocateError::NoMatch(_) | AllocateError::Unusable { .. } => {
+            Status::failed_precondition(message)
+        }
         AllocateError::Api(_) | AllocateError::TooMuchContention => Status::unavailable(message),
         AllocateError::HostFiles(_) => Status::internal(message),
     }
@@ -110,11 +118,15 @@ fn preferred(available: &[String], must_include: &[String], size: usize) -> Vec<
     chosen
 }
 
-type DeviceStream = Pin<Box<dyn Stream<Item = Result<ListAndWatchResponse, Status>> + Send + 'static>>;
+type DeviceStream =
+    Pin<Box<dyn Stream<Item = Result<ListAndWatchResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl DevicePlugin for DevicePluginService {
-    async fn get_device_plugin_options(&self, _: Request<Empty>) -> Result<Response<DevicePluginOptions>, Status> {
+    async fn get_device_plugin_options(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<DevicePluginOptions>, Status> {
         Ok(Response::new(DevicePluginOptions {
             pre_start_required: false,
             get_preferred_allocation_available: true,
@@ -123,7 +135,10 @@ impl DevicePlugin for DevicePluginService {
 
     type ListAndWatchStream = DeviceStream;
 
-    async fn list_and_watch(&self, _: Request<Empty>) -> Result<Response<Self::ListAndWatchStream>, Status> {
+    async fn list_and_watch(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<Self::ListAndWatchStream>, Status> {
         let cards = Arc::clone(&self.cards);
         let split_count = self.split_count;
         let mut stopping = self.stopping.clone();
@@ -156,10 +171,15 @@ impl DevicePlugin for DevicePluginService {
                 ),
             })
             .collect();
-        Ok(Response::new(PreferredAllocationResponse { container_responses }))
+        Ok(Response::new(PreferredAllocationResponse {
+            container_responses,
+        }))
     }
 
-    async fn allocate(&self, request: Request<AllocateRequest>) -> Result<Response<AllocateResponse>, Status> {
+    async fn allocate(
+        &self,
+        request: Request<AllocateRequest>,
+    ) -> Result<Response<AllocateResponse>, Status> {
         let requests: Vec<Vec<String>> = request
             .into_inner()
             .container_requests
@@ -167,7 +187,9 @@ impl DevicePlugin for DevicePluginService {
             .map(|c| c.devices_ids)
             .collect();
         match self.allocator.allocate(&requests).await {
-            Ok(container_responses) => Ok(Response::new(AllocateResponse { container_responses })),
+            Ok(container_responses) => Ok(Response::new(AllocateResponse {
+                container_responses,
+            })),
             Err(e) => {
                 tracing::warn!(error = %e, "Allocate refused");
                 Err(to_status(&e))
@@ -189,7 +211,10 @@ mod tests {
 
     #[test]
     fn preferred_spreads_over_cards_after_must_include() {
-        let ids: Vec<String> = ["A-0", "A-1", "B-0", "B-1", "C-0"].iter().map(|s| (*s).to_owned()).collect();
+        let ids: Vec<String> = ["A-0", "A-1", "B-0", "B-1", "C-0"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
         assert_eq!(preferred(&ids, &[], 3), vec!["A-0", "B-0", "C-0"]);
         assert_eq!(preferred(&ids, &["B-1".to_owned()], 2), vec!["B-1", "A-0"]);
         assert_eq!(preferred(&ids[..2], &[], 2), vec!["A-0", "A-1"]);

@@ -42,7 +42,10 @@ pub async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> 
         if let Some(value) = check() {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -55,8 +58,14 @@ struct Recorder {
 
 #[tonic::async_trait]
 impl Registration for Recorder {
-    async fn register(&self, request: tonic::Request<RegisterRequest>) -> Result<tonic::Response<Empty>, tonic::Status> {
-        self.requests.lock().expect("lock").push(request.into_inner());
+    async fn register(
+        &self,
+        request: tonic::Request<RegisterRequest>,
+    ) -> Result<tonic::Response<Empty>, tonic::Status> {
+        self.requests
+            .lock()
+            .expect("lock")
+            .push(request.into_inner());
         self.notify.notify_waiters();
         Ok(tonic::Response::new(Empty {}))
     }
@@ -134,7 +143,12 @@ impl KubeletStandIn {
 
     /// A client of the plugin the last registration named.
     pub async fn plugin_client(&self) -> DevicePluginClient<Channel> {
-        let endpoint = self.registrations().last().expect("registered").endpoint.clone();
+        let endpoint = self
+            .registrations()
+            .last()
+            .expect("registered")
+            .endpoint
+            .clone();
         let channel = socket::connect(self.dir.join(endpoint), "http://localhost")
             .await
             .expect("connect to the plugin");
@@ -163,12 +177,16 @@ pub struct AgentHandle {
 impl AgentHandle {
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        self.task.await.expect("agent task").expect("agent stops cleanly");
+        self.task
+            .await
+            .expect("agent task")
+            .expect("agent stops cleanly");
     }
 }
 
 pub fn node_object() -> Node {
-    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})).expect("node")
+    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))
+        .expect("node")
 }
 
 pub struct AgentConfig<'a> {
@@ -202,7 +220,13 @@ pub fn start_agent(api: &ApiServer, c: AgentConfig<'_>) -> AgentHandle {
     };
     let (stop, shutdown) = watch::channel(false);
     let task = tokio::spawn(agent::run(setup, shutdown));
-    AgentHandle { control, cards, layout, stop, task }
+    AgentHandle {
+        control,
+        cards,
+        layout,
+        stop,
+        task,
+    }
 }
 
 /// Everything a test of the plugin needs: API stand-in, kubelet stand-in, agent.
@@ -220,7 +244,12 @@ impl Cluster {
         let temp = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(temp.path().join("kubelet")).expect("dir");
         let kubelet = KubeletStandIn::start(&temp.path().join("kubelet")).await;
-        let mut cluster = Self { api, kubelet, agent: None, temp };
+        let mut cluster = Self {
+            api,
+            kubelet,
+            agent: None,
+            temp,
+        };
         cluster.start_agent(fake_gpus, config);
         cluster.kubelet.wait_registrations(1).await;
         cluster
@@ -257,17 +286,26 @@ impl Cluster {
 }
 
 pub fn device(uuid: &str, memory_mib: u64, cores: u32) -> ContainerDevice {
-    ContainerDevice { uuid: uuid.into(), vendor: NVIDIA_VENDOR.into(), memory_mib, cores }
+    ContainerDevice {
+        uuid: uuid.into(),
+        vendor: NVIDIA_VENDOR.into(),
+        memory_mib,
+        cores,
+    }
 }
 
 /// A pod as the scheduler leaves it after binding to [`NODE`]: one app
 /// container per entry of `devices` (an empty entry is a container without GPU).
-pub fn bound_pod(name: &str, created: &str, devices: &PodDevices) -> Pod {
+pub fn bound_pod(name: &str, devices: &PodDevices) -> Pod {
     let containers: Vec<_> = devices
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            let limits = if d.is_empty() { json!({}) } else { json!({"nvidia.com/gpu": d.len().to_string()}) };
+            let limits = if d.is_empty() {
+                json!({})
+            } else {
+                json!({"nvidia.com/gpu": d.len().to_string()})
+            };
             json!({"name": format!("c{i}"), "image": "cuda", "resources": {"limits": limits}})
         })
         .collect();
@@ -278,8 +316,6 @@ pub fn bound_pod(name: &str, created: &str, devices: &PodDevices) -> Pod {
         "metadata": {
             "name": name,
             "namespace": "default",
-            "uid": format!("uid-{name}"),
-            "creationTimestamp": created,
             "annotations": {
                 keys::VGPU_NODE: NODE,
                 keys::VGPU_TIME: "1700000000",
@@ -294,6 +330,37 @@ pub fn bound_pod(name: &str, created: &str, devices: &PodDevices) -> Pod {
     .expect("pod")
 }
 
+/// Sleeps until just after the next whole second: the API stand-in stamps
+/// `creationTimestamp` with whole seconds, so pods inserted after this
+/// and within the same second share it.
+pub async fn next_second() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    let into_second = Duration::from_nanos(u64::from(now.subsec_nanos()));
+    tokio::time::sleep(Duration::from_secs(1) - into_second + Duration::from_millis(5)).await;
+}
+
+/// Inserts pods so that each has a later creation second than the one before.
+pub async fn insert_in_order(api: &ApiServer, pods: &[Pod]) {
+    for pod in pods {
+        next_second().await;
+        api.insert(pod);
+    }
+}
+
+/// Inserts pods within one creation second.
+pub async fn insert_same_second(api: &ApiServer, pods: &[Pod]) {
+    next_second().await;
+    for pod in pods {
+        api.insert(pod);
+    }
+}
+
 pub fn annotation(pod: &Pod, key: &str) -> Option<String> {
-    pod.metadata.annotations.as_ref().and_then(|a| a.get(key)).cloned()
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .cloned()
 }

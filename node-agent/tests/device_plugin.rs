@@ -1,0 +1,650 @@
+//! The agent driven end to end: a kubelet stand-in over real unix sockets
+//! (registration, ListAndWatch, Allocate, kubelet restart, odd
+//! `:authority` values) against the API stand-in, with fake cards.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::events::v1::Event;
+use tessera_api::config::Config;
+use tessera_api::inventory::decode_inventory;
+use tessera_api::names::{allocation as keys, NODE_REGISTER_ANNOTATION};
+use tessera_node_agent::gpu::{HealthEvent, HealthEventKind};
+use tessera_node_agent::proto::{
+    AllocateRequest, ContainerAllocateRequest, ContainerAllocateResponse, Empty,
+};
+use tonic::Code;
+
+fn config(split: u32) -> Config {
+    Config::from_yaml(&format!(
+        "sharing:\n  splitCount: {split}\n  memoryScaling: 1.5\n"
+    ))
+    .expect("config")
+}
+
+fn request(containers: &[Vec<String>]) -> AllocateRequest {
+    AllocateRequest {
+        container_requests: containers
+            .iter()
+            .map(|ids| ContainerAllocateRequest {
+                devices_ids: ids.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn pod_of(cluster: &Cluster, name: &str) -> Pod {
+    cluster
+        .api
+        .get::<Pod>(Some("default"), name)
+        .expect("pod exists")
+}
+
+#[tokio::test]
+async fn registers_lists_devices_and_follows_health() {
+    let cluster = Cluster::start("2x NVIDIA A10G 23028", config(4)).await;
+    let registration = &cluster.kubelet.registrations()[0];
+    assert_eq!(registration.version, "v1beta1");
+    assert_eq!(registration.resource_name, "nvidia.com/gpu");
+    assert_eq!(registration.endpoint, PLUGIN_SOCKET);
+    assert!(
+        registration
+            .options
+            .as_ref()
+            .expect("options")
+            .get_preferred_allocation_available
+    );
+
+    let mut client = cluster.kubelet.plugin_client().await;
+    let mut stream = client
+        .list_and_watch(Empty {})
+        .await
+        .expect("ListAndWatch")
+        .into_inner();
+    let first = stream.message().await.expect("stream").expect("first list");
+    assert_eq!(first.devices.len(), 8, "2 cards x split 4");
+    assert!(first.devices.iter().all(|d| d.health == "Healthy"));
+    assert_eq!(
+        first
+            .devices
+            .iter()
+            .filter(|d| d.id.starts_with(&cluster.card(1)))
+            .count(),
+        4
+    );
+
+    let sick = cluster.card(0);
+    cluster.agent().control.set_responsive(&sick, false);
+    cluster.agent().control.inject(HealthEvent {
+        uuid: sick.clone(),
+        kind: HealthEventKind::Xid(79),
+    });
+    let update = stream.message().await.expect("stream").expect("update");
+    let unhealthy: Vec<_> = update
+        .devices
+        .iter()
+        .filter(|d| d.health == "Unhealthy")
+        .map(|d| d.id.clone())
+        .collect();
+    assert_eq!(unhealthy.len(), 4);
+    assert!(unhealthy.iter().all(|id| id.starts_with(&sick)));
+
+    // The inventory follows.
+    eventually("the inventory to mark the card unhealthy", || {
+        let node = cluster.api.get::<Node>(None, NODE)?;
+        let value = node
+            .metadata
+            .annotations?
+            .get(NODE_REGISTER_ANNOTATION)?
+            .clone();
+        let devices = decode_inventory(&value).ok()?;
+        devices
+            .iter()
+            .any(|d| d.id == sick && !d.health)
+            .then_some(())
+    })
+    .await;
+
+    // Once it answers again after the quiet period, it is back.
+    cluster.agent().control.set_responsive(&sick, true);
+    let recovered = stream.message().await.expect("stream").expect("recovery");
+    assert!(recovered.devices.iter().all(|d| d.health == "Healthy"));
+}
+
+#[tokio::test]
+async fn inventory_is_published_rewritten_when_wiped_and_not_rewritten_when_steady() {
+    let cluster = Cluster::start("2x NVIDIA A10G 23028", config(4)).await;
+    let read = || {
+        cluster
+            .api
+            .get::<Node>(None, NODE)
+            .and_then(|n| n.metadata.annotations)
+            .and_then(|a| a.get(NODE_REGISTER_ANNOTATION).cloned())
+    };
+    let value = eventually("the inventory annotation", read).await;
+    let devices = decode_inventory(&value).expect("our annotation decodes");
+    assert_eq!(devices.len(), 2);
+    assert_eq!(devices[0].count, 4);
+    assert_eq!(devices[0].devmem, 34542, "23028 MiB x 1.5");
+    assert_eq!(devices[0].devcore, 100);
+    assert_eq!(devices[0].device_type, "NVIDIA-NVIDIA A10G");
+    assert!(devices.iter().all(|d| d.health));
+
+    // Steady: several periods pass without a write.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let writes = cluster.api.write_count("PATCH", "nodes");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        cluster.api.write_count("PATCH", "nodes"),
+        writes,
+        "no rewrite while nothing changed"
+    );
+
+    // Wiped or replaced by something foreign: it comes back.
+    let mut node = node_object();
+    node.metadata.annotations = Some(
+        [(
+            NODE_REGISTER_ANNOTATION.to_owned(),
+            "{garbage,,:".to_owned(),
+        )]
+        .into(),
+    );
+    cluster.api.insert(&node);
+    eventually("the annotation to be restored", || {
+        (read()? == value).then_some(())
+    })
+    .await;
+    cluster.api.insert(&node_object());
+    eventually("the wiped annotation to come back", || {
+        (read()? == value).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn allocate_gives_one_pod_its_cards_and_marks_it_done() {
+    let cluster = Cluster::start("2x NVIDIA A10G 23028", config(4)).await;
+    let (a, b) = (cluster.card(0), cluster.card(1));
+    let pod = bound_pod(
+        "train",
+        &vec![vec![], vec![device(&a, 7500, 30), device(&b, 7500, 30)]],
+    );
+    cluster.api.insert(&pod);
+
+    let mut client = cluster.kubelet.plugin_client().await;
+    let ids = vec![cluster.ids(0, 1)[0].clone(), cluster.ids(1, 1)[0].clone()];
+    let response = client
+        .allocate(request(&[ids]))
+        .await
+        .expect("Allocate")
+        .into_inner();
+    assert_eq!(response.container_responses.len(), 1);
+    let c = &response.container_responses[0];
+    assert_eq!(c.envs["NVIDIA_VISIBLE_DEVICES"], format!("{a},{b}"));
+    assert_eq!(c.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "7500m");
+    assert_eq!(c.envs["CUDA_DEVICE_MEMORY_LIMIT_1"], "7500m");
+    assert_eq!(c.envs["CUDA_DEVICE_SM_LIMIT"], "30");
+    assert_eq!(
+        c.envs["CUDA_DEVICE_MEMORY_SHARED_CACHE"],
+        "/usr/local/tessera/shared/region.cache"
+    );
+    let preload = c
+        .mounts
+        .iter()
+        .find(|m| m.container_path == "/etc/ld.so.preload")
+        .expect("preload mount");
+    assert!(preload.read_only);
+    let shared = c
+        .mounts
+        .iter()
+        .find(|m| m.container_path == "/usr/local/tessera/shared")
+        .expect("shared dir");
+    let uid = pod_of(&cluster, "train").metadata.uid.expect("uid");
+    assert!(
+        shared.host_path.ends_with(&format!("{uid}_c1")),
+        "{}",
+        shared.host_path
+    );
+    assert!(std::path::Path::new(&shared.host_path)
+        .join("region.cache")
+        .exists());
+
+    let pod = pod_of(&cluster, "train");
+    assert_eq!(
+        annotation(&pod, keys::BIND_PHASE).as_deref(),
+        Some("success")
+    );
+    assert_eq!(
+        annotation(&pod, keys::DEVICES_TO_ALLOCATE).as_deref(),
+        Some(";;")
+    );
+
+    // Nothing is left for a second call of the same shape.
+    let err = client
+        .allocate(request(&[cluster.ids(0, 2)]))
+        .await
+        .expect_err("no pod waits");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("no pod bound to node"),
+        "{}",
+        err.message()
+    );
+}
+
+fn visible(response: &ContainerAllocateResponse) -> String {
+    response.envs["NVIDIA_VISIBLE_DEVICES"].clone()
+}
+
+#[tokio::test]
+async fn two_pods_bound_at_the_same_moment_each_get_their_own_cards() {
+    let cluster = Cluster::start("4x NVIDIA A10G 23028", config(4)).await;
+    let cards: Vec<String> = (0..4).map(|i| cluster.card(i)).collect();
+    // Same shape, different cards, bound together; created a second apart.
+    insert_in_order(
+        &cluster.api,
+        &[
+            bound_pod("first", &vec![vec![device(&cards[0], 1000, 10)]]),
+            bound_pod("second", &vec![vec![device(&cards[1], 2000, 20)]]),
+        ],
+    )
+    .await;
+    // Different shapes, created in the same second.
+    insert_same_second(
+        &cluster.api,
+        &[
+            bound_pod(
+                "pair",
+                &vec![vec![
+                    device(&cards[2], 3000, 30),
+                    device(&cards[3], 3000, 30),
+                ]],
+            ),
+            bound_pod("single", &vec![vec![device(&cards[3], 4000, 40)]]),
+        ],
+    )
+    .await;
+
+    let client = cluster.kubelet.plugin_client().await;
+    let call = |ids: Vec<String>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .allocate(request(&[ids]))
+                .await
+                .map(|r| r.into_inner().container_responses.remove(0))
+        }
+    };
+    let (one, two, pair, single) = tokio::join!(
+        call(cluster.ids(0, 1)),
+        call(vec![cluster.ids(1, 1)[0].clone()]),
+        call(vec![
+            cluster.ids(2, 1)[0].clone(),
+            cluster.ids(3, 1)[0].clone()
+        ]),
+        call(vec![cluster.ids(3, 2)[1].clone()]),
+    );
+    let (one, two, pair, single) = (
+        one.expect("1"),
+        two.expect("2"),
+        pair.expect("pair"),
+        single.expect("single"),
+    );
+    let mut singles = [visible(&one), visible(&two), visible(&single)];
+    singles.sort();
+    let mut expected = [cards[0].clone(), cards[1].clone(), cards[3].clone()];
+    expected.sort();
+    assert_eq!(singles, expected, "each single-card pod got its own card");
+    assert_eq!(visible(&pair), format!("{},{}", cards[2], cards[3]));
+    // The first call of the equal-shaped pair went to the older pod, and
+    // each response carries the caps of the pod it was attributed to.
+    for response in [&one, &two, &single] {
+        let limit = &response.envs["CUDA_DEVICE_MEMORY_LIMIT_0"];
+        let expected_limit = if visible(response) == cards[0] {
+            "1000m"
+        } else if visible(response) == cards[1] {
+            "2000m"
+        } else {
+            "4000m"
+        };
+        assert_eq!(limit, expected_limit);
+    }
+    for name in ["first", "second", "pair", "single"] {
+        assert_eq!(
+            annotation(&pod_of(&cluster, name), keys::BIND_PHASE).as_deref(),
+            Some("success"),
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sequential_calls_follow_creation_order() {
+    let cluster = Cluster::start("2x NVIDIA A10G 23028", config(4)).await;
+    let (a, b) = (cluster.card(0), cluster.card(1));
+    insert_in_order(
+        &cluster.api,
+        &[
+            bound_pod("earlier", &vec![vec![device(&a, 1000, 0)]]),
+            bound_pod("later", &vec![vec![device(&b, 2000, 0)]]),
+        ],
+    )
+    .await;
+    let mut client = cluster.kubelet.plugin_client().await;
+    let first = client
+        .allocate(request(&[cluster.ids(1, 1)]))
+        .await
+        .expect("first")
+        .into_inner();
+    assert_eq!(
+        visible(&first.container_responses[0]),
+        a,
+        "kubelet admits the older pod first"
+    );
+    assert_eq!(
+        annotation(&pod_of(&cluster, "earlier"), keys::BIND_PHASE).as_deref(),
+        Some("success")
+    );
+    assert_eq!(
+        annotation(&pod_of(&cluster, "later"), keys::BIND_PHASE).as_deref(),
+        Some("allocating")
+    );
+    let second = client
+        .allocate(request(&[cluster.ids(0, 1)]))
+        .await
+        .expect("second")
+        .into_inner();
+    assert_eq!(visible(&second.container_responses[0]), b);
+}
+
+#[tokio::test]
+async fn undecidable_request_fails_instead_of_guessing() {
+    let cluster = Cluster::start("2x NVIDIA A10G 23028", config(4)).await;
+    let (a, b) = (cluster.card(0), cluster.card(1));
+    insert_same_second(
+        &cluster.api,
+        &[
+            bound_pod("twin-a", &vec![vec![device(&a, 1000, 0)]]),
+            bound_pod("twin-b", &vec![vec![device(&b, 1000, 0)]]),
+        ],
+    )
+    .await;
+    let mut client = cluster.kubelet.plugin_client().await;
+    let err = client
+        .allocate(request(&[cluster.ids(0, 1)]))
+        .await
+        .expect_err("ambiguous");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("cannot tell which pod"),
+        "{}",
+        err.message()
+    );
+    for name in ["twin-a", "twin-b"] {
+        assert_eq!(
+            annotation(&pod_of(&cluster, name), keys::BIND_PHASE).as_deref(),
+            Some("allocating")
+        );
+    }
+    // Unknown device IDs are refused outright.
+    let err = client
+        .allocate(request(&[vec!["GPU-nope-0".into()]]))
+        .await
+        .expect_err("unknown id");
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn corrupt_and_foreign_annotations_never_crash_and_fail_only_their_pod() {
+    let cluster = Cluster::start("2x NVIDIA A10G 23028", config(4)).await;
+    let a = cluster.card(0);
+    let mut corrupt = bound_pod("corrupt", &vec![vec![device(&a, 1000, 0)]]);
+    corrupt
+        .metadata
+        .annotations
+        .as_mut()
+        .expect("annotations")
+        .insert(
+            keys::DEVICES_TO_ALLOCATE.into(),
+            "GPU-x,NVIDIA,lots;;;".into(),
+        );
+    cluster.api.insert(&corrupt);
+    let mut foreign = bound_pod(
+        "foreign",
+        &vec![vec![device("GPU-not-on-this-node", 1000, 0)]],
+    );
+    foreign
+        .metadata
+        .annotations
+        .as_mut()
+        .expect("annotations")
+        .insert(keys::DEVICES_ALLOCATED.into(), "\u{0}\u{ffff}".into());
+    cluster.api.insert(&foreign);
+    let mut client = cluster.kubelet.plugin_client().await;
+
+    // The foreign pod is the only candidate: its card is not here.
+    let err = client
+        .allocate(request(&[cluster.ids(0, 1)]))
+        .await
+        .expect_err("card not here");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("not on this node"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        annotation(&pod_of(&cluster, "corrupt"), keys::BIND_PHASE).as_deref(),
+        Some("failed")
+    );
+    assert_eq!(
+        annotation(&pod_of(&cluster, "foreign"), keys::BIND_PHASE).as_deref(),
+        Some("failed")
+    );
+    let events: Vec<Event> = cluster.api.list();
+    assert!(events
+        .iter()
+        .any(|e| e.reason.as_deref() == Some("GPUAllocationFailed")
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("corrupt")));
+
+    // A good pod still gets its cards.
+    cluster
+        .api
+        .insert(&bound_pod("good", &vec![vec![device(&a, 1000, 0)]]));
+    let ok = client
+        .allocate(request(&[cluster.ids(0, 1)]))
+        .await
+        .expect("good pod")
+        .into_inner();
+    assert_eq!(visible(&ok.container_responses[0]), a);
+}
+
+#[tokio::test]
+async fn unhealthy_card_fails_its_pod_with_an_event() {
+    let cluster = Cluster::start("1x NVIDIA A10G 23028", config(4)).await;
+    let a = cluster.card(0);
+    cluster.agent().control.set_responsive(&a, false);
+    cluster.agent().control.inject(HealthEvent {
+        uuid: a.clone(),
+        kind: HealthEventKind::UncorrectableEcc,
+    });
+    cluster
+        .api
+        .insert(&bound_pod("victim", &vec![vec![device(&a, 1000, 0)]]));
+    let mut client = cluster.kubelet.plugin_client().await;
+    let mut stream = client
+        .list_and_watch(Empty {})
+        .await
+        .expect("ListAndWatch")
+        .into_inner();
+    loop {
+        let list = stream.message().await.expect("stream").expect("list");
+        if list.devices.iter().all(|d| d.health == "Unhealthy") {
+            break;
+        }
+    }
+    let err = client
+        .allocate(request(&[cluster.ids(0, 1)]))
+        .await
+        .expect_err("unhealthy");
+    assert!(err.message().contains("unhealthy"), "{}", err.message());
+    assert_eq!(
+        annotation(&pod_of(&cluster, "victim"), keys::BIND_PHASE).as_deref(),
+        Some("failed")
+    );
+}
+
+#[tokio::test]
+async fn kubelet_restart_leads_to_a_new_registration_and_a_working_socket() {
+    let mut cluster = Cluster::start("1x NVIDIA A10G 23028", config(2)).await;
+    cluster.kubelet.restart().await;
+    cluster.kubelet.wait_registrations(2).await;
+    let mut client = cluster.kubelet.plugin_client().await;
+    let mut stream = client
+        .list_and_watch(Empty {})
+        .await
+        .expect("ListAndWatch")
+        .into_inner();
+    assert_eq!(
+        stream
+            .message()
+            .await
+            .expect("stream")
+            .expect("list")
+            .devices
+            .len(),
+        2
+    );
+    // And once more.
+    cluster.kubelet.restart().await;
+    cluster.kubelet.wait_registrations(3).await;
+    let mut client = cluster.kubelet.plugin_client().await;
+    client
+        .get_device_plugin_options(Empty {})
+        .await
+        .expect("options after the second restart");
+}
+
+#[tokio::test]
+async fn agent_restart_keeps_allocations_from_pod_annotations() {
+    let mut cluster = Cluster::start("2x NVIDIA A10G 23028", config(4)).await;
+    let (a, b) = (cluster.card(0), cluster.card(1));
+    insert_in_order(
+        &cluster.api,
+        &[
+            bound_pod(
+                "two-step",
+                &vec![vec![device(&a, 1000, 0)], vec![device(&b, 2000, 0)]],
+            ),
+            bound_pod("newer", &vec![vec![device(&b, 3000, 0)]]),
+        ],
+    )
+    .await;
+    let mut client = cluster.kubelet.plugin_client().await;
+    let first = client
+        .allocate(request(&[cluster.ids(0, 1)]))
+        .await
+        .expect("container 0")
+        .into_inner();
+    assert_eq!(visible(&first.container_responses[0]), a);
+    assert_eq!(
+        annotation(&pod_of(&cluster, "two-step"), keys::BIND_PHASE).as_deref(),
+        Some("allocating")
+    );
+
+    // Restart the agent between the pod's two containers.
+    cluster.agent.take().expect("agent").stop().await;
+    cluster.start_agent("2x NVIDIA A10G 23028", config(4));
+    cluster.kubelet.wait_registrations(2).await;
+    let mut client = cluster.kubelet.plugin_client().await;
+    let second = client
+        .allocate(request(&[cluster.ids(1, 1)]))
+        .await
+        .expect("container 1")
+        .into_inner();
+    assert_eq!(visible(&second.container_responses[0]), b);
+    assert_eq!(
+        second.container_responses[0].envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "2000m",
+        "the partly applied pod comes first"
+    );
+    assert_eq!(
+        annotation(&pod_of(&cluster, "two-step"), keys::BIND_PHASE).as_deref(),
+        Some("success")
+    );
+    assert_eq!(
+        annotation(&pod_of(&cluster, "newer"), keys::BIND_PHASE).as_deref(),
+        Some("allocating")
+    );
+}
+
+#[tokio::test]
+async fn accepts_every_authority_real_kubelets_send() {
+    let cluster = Cluster::start("1x NVIDIA A10G 23028", config(2)).await;
+    let socket = cluster.kubelet.dir.join(PLUGIN_SOCKET);
+    let path = socket.to_string_lossy().into_owned();
+    let encoded = path.replace('/', "%2F");
+    for authority in [
+        path.as_bytes(),
+        encoded.as_bytes(),
+        b"localhost",
+        b"unix",
+        b"tessera-nvidia.sock",
+    ] {
+        let outcome = raw_h2::unary(
+            &socket,
+            authority,
+            "/v1beta1.DevicePlugin/GetDevicePluginOptions",
+            &[],
+        )
+        .await;
+        assert_eq!(
+            outcome.grpc_status().as_deref(),
+            Some("0"),
+            "{}: {outcome:?}",
+            String::from_utf8_lossy(authority)
+        );
+        if let raw_h2::Outcome::Answered { body, .. } = outcome {
+            // A DevicePluginOptions with get_preferred_allocation_available = true.
+            assert_eq!(body, vec![0, 0, 0, 0, 2, 0x10, 0x01]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn without_the_repair_a_path_authority_is_refused() {
+    // The control for the test above: a plain tonic server resets the stream.
+    let temp = tempfile::tempdir().expect("tempdir");
+    let socket = temp.path().join("plain.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+    #[derive(Debug, Default)]
+    struct Registrar;
+    #[tonic::async_trait]
+    impl tessera_node_agent::proto::registration_server::Registration for Registrar {
+        async fn register(
+            &self,
+            _: tonic::Request<tessera_node_agent::proto::RegisterRequest>,
+        ) -> Result<tonic::Response<Empty>, tonic::Status> {
+            Ok(tonic::Response::new(Empty {}))
+        }
+    }
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                tessera_node_agent::proto::registration_server::RegistrationServer::new(Registrar),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+    let outcome = raw_h2::unary(
+        &socket,
+        socket.to_string_lossy().as_bytes(),
+        "/v1beta1.Registration/Register",
+        &[],
+    )
+    .await;
+    assert!(matches!(outcome, raw_h2::Outcome::Reset(_)), "{outcome:?}");
+    let outcome = raw_h2::unary(&socket, b"localhost", "/v1beta1.Registration/Register", &[]).await;
+    assert_eq!(outcome.grpc_status().as_deref(), Some("0"));
+}
