@@ -11,6 +11,7 @@ use tessera_api::error::ConfigError;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
+use crate::namespaces::OptedOutNamespaces;
 use crate::provision::{ProvisionError, SelfProvisioning};
 use crate::server::{router, serve_tls, AppState, DEFAULT_BODY_LIMIT};
 use crate::tls::{certified_key_from_pem, server_config, CertFiles, CertStore, TlsError};
@@ -81,6 +82,11 @@ pub struct Options {
     /// How often the caBundle is checked and restored, seconds.
     #[arg(long, env = "TESSERA_WEBHOOK_CA_SYNC_SECONDS", default_value_t = 60)]
     pub ca_sync_seconds: u64,
+    /// Also honour `hami.io/webhook: ignore` on namespaces by watching them
+    /// (needs list/watch on namespaces; the webhook configuration's
+    /// namespaceSelector is the primary mechanism).
+    #[arg(long, env = "TESSERA_WEBHOOK_WATCH_NAMESPACES")]
+    pub watch_namespaces: bool,
     /// Largest accepted review body, bytes; larger bodies get 413.
     #[arg(long, env = "TESSERA_WEBHOOK_BODY_LIMIT", default_value_t = DEFAULT_BODY_LIMIT)]
     pub body_limit_bytes: usize,
@@ -99,7 +105,9 @@ pub enum RunError {
         source: std::io::Error,
     },
     /// The config file is invalid.
-    #[error("config file {path}: {source}")]
+    #[error(
+        "config file {path} is not usable; correct it, or leave out --config for the defaults"
+    )]
     Config {
         /// The file.
         path: PathBuf,
@@ -146,7 +154,7 @@ pub fn load_config(path: Option<&PathBuf>) -> Result<Config, RunError> {
 }
 
 /// Binds `--listen` and runs the webhook until `shutdown` completes. With
-/// `--self-provision`, `client` is used for the API (built from the
+/// `--self-provision` or `--watch-namespaces`, `client` is used for the API (built from the
 /// environment when `None`).
 pub async fn run(
     options: Options,
@@ -171,11 +179,15 @@ pub async fn serve(
 ) -> Result<(), RunError> {
     let config = load_config(options.config.as_ref())?;
     let mut background = Vec::new();
-    let (store, state) = if options.self_provision {
-        let client = match client {
-            Some(client) => client,
-            None => kube::Client::try_default().await.map_err(RunError::Kube)?,
-        };
+    let client = match client {
+        Some(client) => Some(client),
+        None if options.self_provision || options.watch_namespaces => {
+            Some(kube::Client::try_default().await.map_err(RunError::Kube)?)
+        }
+        None => None,
+    };
+    let (store, mut state) = if let (true, Some(client)) = (options.self_provision, client.clone())
+    {
         let provisioning = SelfProvisioning {
             namespace: options.namespace.clone(),
             service: options.service_name.clone(),
@@ -209,6 +221,13 @@ pub async fn serve(
         )));
         (store, AppState::new(config, true))
     };
+    if let (true, Some(client)) = (options.watch_namespaces, client) {
+        let (namespaces, driver) = OptedOutNamespaces::watch(client);
+        background.push(tokio::spawn(driver));
+        tracing::info!("waiting for the list of opted-out namespaces");
+        namespaces.wait_until_ready().await;
+        state.namespaces = Some(namespaces);
+    }
     tracing::info!(addr = ?listener.local_addr().ok(), self_provision = options.self_provision, "serving admission reviews");
     let tls = server_config(store)?;
     serve_tls(

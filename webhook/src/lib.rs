@@ -8,6 +8,7 @@
 //! - [`tls`]: loading and hot-reloading the serving certificate.
 //! - [`provision`]: the self-provisioned CA, its Secret and the `caBundle`.
 //! - [`metrics`]: admissions by outcome and latency.
+//! - [`namespaces`]: the optional cache of opted-out namespaces.
 //! - [`app`]: command-line options and the process's `run`.
 //!
 //! # What the webhook configuration must provide
@@ -31,6 +32,7 @@
 pub mod app;
 pub mod decision;
 pub mod metrics;
+pub mod namespaces;
 pub mod provision;
 pub mod review;
 pub mod server;

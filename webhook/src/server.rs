@@ -2,6 +2,7 @@
 //! `GET /healthz`, `GET /readyz`, `GET /metrics`), the body size limit, and
 //! the TLS accept loop (tokio-rustls, HTTP/1.1 with keep-alive and HTTP/2).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tower::Service as _;
 
 use crate::decision::{admit, AdmissionDecision};
 use crate::metrics::{Outcome, WebhookMetrics};
+use crate::namespaces::OptedOutNamespaces;
 use crate::review::{parse_review, response_body, ReviewError};
 
 /// Default limit on a review body. The API server caps objects at 3 MiB;
@@ -41,6 +43,8 @@ pub struct AppState {
     pub metrics: Arc<WebhookMetrics>,
     /// Whether `/readyz` answers 200 (set once the API server trusts us).
     pub ready: Arc<AtomicBool>,
+    /// Opted-out namespaces, when `--watch-namespaces` is on.
+    pub namespaces: Option<OptedOutNamespaces>,
 }
 
 impl AppState {
@@ -50,6 +54,7 @@ impl AppState {
             config: Arc::new(config),
             metrics: Arc::new(WebhookMetrics::new()),
             ready: Arc::new(AtomicBool::new(ready)),
+            namespaces: None,
         }
     }
 }
@@ -68,6 +73,16 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
 /// Answers one review body: the response body, or why it is malformed.
 /// The outcome is for metrics.
 pub fn answer_review(body: &[u8], config: &Config) -> Result<(Vec<u8>, Outcome), ReviewError> {
+    answer_review_with(body, config, |_| None)
+}
+
+/// [`answer_review`], with the labels of the review's namespace looked up
+/// by `namespace_labels` (`None`: unknown).
+pub fn answer_review_with(
+    body: &[u8],
+    config: &Config,
+    namespace_labels: impl Fn(&str) -> Option<BTreeMap<String, String>>,
+) -> Result<(Vec<u8>, Outcome), ReviewError> {
     let review = parse_review(body)?;
     let Some(pod) = review.pod.as_deref() else {
         let decision = AdmissionDecision::Allowed {
@@ -79,7 +94,8 @@ pub fn answer_review(body: &[u8], config: &Config) -> Result<(Vec<u8>, Outcome),
             Outcome::Allowed,
         ));
     };
-    let decision = admit(pod, None, config);
+    let labels = review.namespace.as_deref().and_then(namespace_labels);
+    let decision = admit(pod, labels.as_ref(), config);
     let outcome = match &decision {
         AdmissionDecision::Allowed { patch: Some(_), .. } => Outcome::Mutated,
         AdmissionDecision::Allowed { reason, .. } => {
@@ -110,7 +126,9 @@ fn pod_name(
 
 async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
     let started = Instant::now();
-    match answer_review(&body, &state.config) {
+    let namespaces = state.namespaces.as_ref();
+    let lookup = |namespace: &str| namespaces.and_then(|n| n.labels(namespace));
+    match answer_review_with(&body, &state.config, lookup) {
         Ok((json, outcome)) => {
             state.metrics.observe(outcome, started.elapsed());
             ([(header::CONTENT_TYPE, "application/json")], json).into_response()

@@ -650,3 +650,34 @@ fn patches_apply_agree_with_resolve_and_are_idempotent() {
     }
     assert_eq!(checked, 2 * 3 * 3 * 3 * 3 * 3 * 2);
 }
+
+/// No input makes the decision panic: every prefix of a real review, and
+/// the review with each byte replaced by a few troublesome ones, either
+/// answers or is a malformed-body error.
+#[test]
+fn truncated_and_corrupted_bodies_never_panic() {
+    let pod = api_server_pod(
+        json!([container(
+            "trainer",
+            json!({"nvidia.com/gpumem": "7500", "nvidia.com/priority": "1"})
+        )]),
+        json!({"annotations": {"nvidia.com/use-gputype": "A100"}}),
+        json!({"initContainers": [container("init", json!({"nvidia.com/gpu": "1"}))]}),
+    );
+    let body = serde_json::to_vec(&review(V1, "t", &pod)).unwrap();
+    let config = Config::default();
+    let mut answered = 0;
+    for end in 0..body.len() {
+        if answer_review(&body[..end], &config).is_ok() {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 0, "no strict prefix of a JSON object is a review");
+    for position in 0..body.len() {
+        for replacement in [b'"', b'}', b'9', b'-', 0xff] {
+            let mut corrupted = body.clone();
+            corrupted[position] = replacement;
+            let _ = answer_review(&corrupted, &config);
+        }
+    }
+}

@@ -74,6 +74,10 @@ impl Connection {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))
             .unwrap();
+        self.sender
+            .ready()
+            .await
+            .expect("connection usable for the next request");
         let response = self.sender.send_request(request).await.expect("response");
         let status = response.status().as_u16();
         let body = response
@@ -467,6 +471,82 @@ async fn a_missing_webhook_configuration_keeps_the_replica_unready() {
     while connection.request("GET", "/readyz", vec![]).await.0 != 200 {
         assert!(Instant::now() < deadline, "never became ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    task.abort();
+}
+
+fn review_in(namespace: &str, uid: &str) -> Vec<u8> {
+    let pod = common::api_server_pod(
+        json!([{"name": "trainer", "resources": {"limits": {"nvidia.com/gpumem-percentage": "250"}}}]),
+        json!({"namespace": namespace}),
+        json!({}),
+    );
+    let mut review = common::review("admission.k8s.io/v1", uid, &pod);
+    review["request"]["namespace"] = json!(namespace);
+    serde_json::to_vec(&review).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watched_namespaces_that_opted_out_are_left_alone() {
+    let api = ApiServer::start().await.unwrap();
+    let namespace = |name: &str, ignore: bool| -> k8s_openapi::api::core::v1::Namespace {
+        let labels = if ignore {
+            json!({"hami.io/webhook": "ignore"})
+        } else {
+            json!({"team": "ml"})
+        };
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})).unwrap()
+    };
+    api.insert(&namespace("quiet", true));
+    api.insert(&namespace("ml-team", false));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertAuthority::generate().unwrap();
+    write_pair(dir.path(), &ca, &["localhost"]);
+    let options = Options::parse_from([
+        "tessera-webhook",
+        "--tls-cert",
+        dir.path().join("tls.crt").to_str().unwrap(),
+        "--tls-key",
+        dir.path().join("tls.key").to_str().unwrap(),
+        "--watch-namespaces",
+    ]);
+    let (addr, task) = start(options, Some(api.client())).await;
+    let deadline = Instant::now() + WAIT;
+    let mut connection = loop {
+        if let Ok(connection) = Connection::open(addr, ca.cert_pem(), "localhost").await {
+            break connection;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the webhook never started serving"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (_, body) = connection
+        .request("POST", "/mutate", review_in("quiet", "q1"))
+        .await;
+    let answer = common::decode_answer(&body, "admission.k8s.io/v1", "q1");
+    assert!(answer.allowed && answer.patch.is_none(), "{}", answer.body);
+    let (_, body) = connection
+        .request("POST", "/mutate", review_in("ml-team", "m1"))
+        .await;
+    assert!(!common::decode_answer(&body, "admission.k8s.io/v1", "m1").allowed);
+
+    // A namespace that opts out later is honoured once the watch sees it.
+    api.insert(&namespace("ml-team", true));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = connection
+            .request("POST", "/mutate", review_in("ml-team", "m2"))
+            .await;
+        if common::decode_answer(&body, "admission.k8s.io/v1", "m2").allowed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relabelled namespace was never honoured"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     task.abort();
 }
