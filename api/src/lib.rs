@@ -8,6 +8,7 @@
 
 pub mod allocation;
 pub mod config;
+pub mod container_env;
 pub mod error;
 pub mod inventory;
 pub mod names;
@@ -15,3 +16,4 @@ pub mod policy;
 pub mod quantity;
 #[cfg(feature = "k8s")]
 pub mod request;
+pub mod shared_region;

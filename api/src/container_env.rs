@@ -1,0 +1,175 @@
+//! The environment a GPU container runs with: the names of the variables the
+//! node agent sets and the interceptor reads, and the codec of the memory-cap
+//! values (`CUDA_DEVICE_MEMORY_LIMIT[_<i>]`), HAMi-compatible.
+//!
+//! Values are a whole number with an optional binary suffix: `7500m` (MiB),
+//! `10g` (GiB), `512k` (KiB), `1t` (TiB), or plain bytes (`1073741824`).
+//! Suffixes are case-insensitive and may be written `m`, `mi`, `mib` or `mb`;
+//! all of them mean powers of 1024, as in HAMi. The node agent writes
+//! `<MiB>m` through [`format_memory_limit_mib`].
+
+use thiserror::Error;
+
+/// Cap for every visible card that has no per-card variable.
+pub const MEMORY_LIMIT_ALL: &str = "CUDA_DEVICE_MEMORY_LIMIT";
+/// Prefix of the per-card cap: `CUDA_DEVICE_MEMORY_LIMIT_0`, `_1`, … where the
+/// number is the card's index among the cards visible in the container.
+pub const MEMORY_LIMIT_PREFIX: &str = "CUDA_DEVICE_MEMORY_LIMIT_";
+/// Share of the card's SMs, in percent (read by the SM limiter).
+pub const SM_LIMIT: &str = "CUDA_DEVICE_SM_LIMIT";
+/// Path of the memory-mapped accounting region shared by the processes of a
+/// container (layout in [`crate::shared_region`]).
+pub const SHARED_CACHE: &str = "CUDA_DEVICE_MEMORY_SHARED_CACHE";
+/// Interceptor log level: 0 errors, 1 warnings (default), 2 info, 3 and 4 debug.
+pub const LOG_LEVEL: &str = "LIBCUDA_LOG_LEVEL";
+/// Cards visible in the container (UUIDs), read by the NVIDIA container runtime.
+pub const VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
+
+/// Name of the per-card cap variable for visible card `index`.
+pub fn memory_limit_var(index: usize) -> String {
+    format!("{MEMORY_LIMIT_PREFIX}{index}")
+}
+
+/// The value the node agent writes for a cap of `mib` MiB: `7500m`.
+pub fn format_memory_limit_mib(mib: u64) -> String {
+    format!("{mib}m")
+}
+
+/// Why a memory-cap value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum MemoryLimitError {
+    /// Nothing but whitespace.
+    #[error("the value is empty; write a size such as `7500m`, `10g` or a byte count")]
+    Empty,
+    /// No digits before the suffix, or characters that are not a size.
+    #[error("`{0}` is not a size; write a whole number with an optional k/m/g/t suffix, e.g. `7500m` or `10g`")]
+    NotANumber(String),
+    /// A suffix other than k, m, g, t (optionally followed by `i`, `ib` or `b`).
+    #[error(
+        "`{0}` has an unknown unit suffix; use k, m, g or t (powers of 1024), or none for bytes"
+    )]
+    UnknownSuffix(String),
+    /// Zero would forbid every allocation; an absent variable means no cap.
+    #[error(
+        "`{0}` is a cap of zero bytes; unset the variable for no cap, or give a positive size"
+    )]
+    Zero(String),
+    /// More than `u64::MAX` bytes.
+    #[error("`{0}` does not fit in 64 bits of bytes")]
+    Overflow(String),
+}
+
+/// Parses a cap value into bytes. See the module doc for the accepted forms.
+pub fn parse_memory_limit(value: &str) -> Result<u64, MemoryLimitError> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(MemoryLimitError::Empty);
+    }
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, suffix) = trimmed.split_at(digits_end);
+    if digits.is_empty() {
+        return Err(MemoryLimitError::NotANumber(value.to_owned()));
+    }
+    let shift = suffix_shift(suffix).ok_or_else(|| {
+        if suffix.chars().all(|c| c.is_ascii_alphabetic()) {
+            MemoryLimitError::UnknownSuffix(value.to_owned())
+        } else {
+            MemoryLimitError::NotANumber(value.to_owned())
+        }
+    })?;
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| MemoryLimitError::Overflow(value.to_owned()))?;
+    let bytes = number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| MemoryLimitError::Overflow(value.to_owned()))?;
+    if bytes == 0 {
+        return Err(MemoryLimitError::Zero(value.to_owned()));
+    }
+    Ok(bytes)
+}
+
+/// Power of two a unit suffix stands for, `None` when it is not a unit.
+fn suffix_shift(suffix: &str) -> Option<u32> {
+    let lower = suffix.to_ascii_lowercase();
+    let (unit, rest) = match lower.char_indices().next() {
+        None => return Some(0),
+        Some((_, c)) => (c, &lower[c.len_utf8()..]),
+    };
+    if !matches!(rest, "" | "i" | "ib" | "b") {
+        return None;
+    }
+    match unit {
+        'b' if rest.is_empty() => Some(0),
+        'k' => Some(10),
+        'm' => Some(20),
+        'g' => Some(30),
+        't' => Some(40),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn accepts_hami_forms() {
+        assert_eq!(parse_memory_limit("7500m"), Ok(7500 << 20));
+        assert_eq!(parse_memory_limit("10g"), Ok(10 << 30));
+        assert_eq!(parse_memory_limit("10G"), Ok(10 << 30));
+        assert_eq!(parse_memory_limit("10Gi"), Ok(10 << 30));
+        assert_eq!(parse_memory_limit("512k"), Ok(512 << 10));
+        assert_eq!(parse_memory_limit("1073741824"), Ok(1 << 30));
+        assert_eq!(parse_memory_limit(" 2MiB "), Ok(2 << 20));
+        assert_eq!(parse_memory_limit("1t"), Ok(1 << 40));
+    }
+
+    #[test]
+    fn refuses_garbage_with_a_reason() {
+        assert_eq!(parse_memory_limit(""), Err(MemoryLimitError::Empty));
+        assert!(matches!(
+            parse_memory_limit("lots"),
+            Err(MemoryLimitError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_memory_limit("10x"),
+            Err(MemoryLimitError::UnknownSuffix(_))
+        ));
+        assert!(matches!(
+            parse_memory_limit("1.5g"),
+            Err(MemoryLimitError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_memory_limit("-1g"),
+            Err(MemoryLimitError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_memory_limit("0m"),
+            Err(MemoryLimitError::Zero(_))
+        ));
+        assert!(matches!(
+            parse_memory_limit("99999999999999999999"),
+            Err(MemoryLimitError::Overflow(_))
+        ));
+        assert!(matches!(
+            parse_memory_limit("20000000t"),
+            Err(MemoryLimitError::Overflow(_))
+        ));
+    }
+
+    #[test]
+    fn variable_names() {
+        assert_eq!(memory_limit_var(3), "CUDA_DEVICE_MEMORY_LIMIT_3");
+    }
+
+    proptest! {
+        #[test]
+        fn formatted_mib_round_trips(mib in 1u64..(1 << 40)) {
+            prop_assert_eq!(parse_memory_limit(&format_memory_limit_mib(mib)), Ok(mib << 20));
+        }
+    }
+}

@@ -1,0 +1,629 @@
+//! A fake `libcuda.so.1` for the interceptor's CI tests: it simulates cards
+//! with memory (no real memory behind the addresses) and the allocation paths
+//! the interceptor charges, so real processes can run with the interceptor
+//! preloaded on a machine without a GPU.
+//!
+//! The simulated machine is set by environment variables:
+//! `FAKE_CUDA_DEVICES` (cards, default 2), `FAKE_CUDA_TOTAL_MIB` (memory per
+//! card, default 16384) and `FAKE_CUDA_CONTEXT_MIB` (what a context costs on
+//! its card, default 64).
+//!
+//! `cuGetProcAddress` answers with *internal* function addresses, distinct
+//! from the exported symbols (as a real driver may), honours the requested
+//! version (`cuMemAlloc` below 3.2 is the legacy 32-bit entry point) and the
+//! per-thread-default-stream flag (`_ptsz` variants, counted by
+//! `fake_cuda_ptsz_calls`). `fake_cuda_device_used` lets the fake NVML and the
+//! tests see the card's real usage.
+#![allow(clippy::missing_safety_doc)] // C ABI entry points; contracts are the CUDA driver API's.
+#![allow(non_snake_case)]
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+type CUresult = c_int;
+const SUCCESS: CUresult = 0;
+const INVALID_VALUE: CUresult = 1;
+const OUT_OF_MEMORY: CUresult = 2;
+const NOT_INITIALIZED: CUresult = 3;
+const INVALID_DEVICE: CUresult = 101;
+const INVALID_CONTEXT: CUresult = 201;
+const NOT_FOUND: CUresult = 500;
+
+const PER_THREAD_FLAG: u64 = 2;
+const MIB: u64 = 1 << 20;
+
+struct Card {
+    total: u64,
+    used: u64,
+    primary_refs: u32,
+}
+
+struct Driver {
+    cards: Vec<Card>,
+    context_bytes: u64,
+    /// Device pointers, generic handles and arrays: id -> (card, bytes).
+    allocations: HashMap<u64, (usize, u64)>,
+    next_id: u64,
+    /// Context handle -> card.
+    contexts: HashMap<u64, usize>,
+}
+
+static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
+static PTSZ_CALLS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static CURRENT: Cell<u64> = const { Cell::new(0) };
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn primary_handle(device: usize) -> u64 {
+    0x1000 + device as u64
+}
+
+fn with_driver<R>(f: impl FnOnce(&mut Driver) -> Result<R, CUresult>) -> Result<R, CUresult> {
+    let mut guard = DRIVER.lock().unwrap_or_else(|e| e.into_inner());
+    match guard.as_mut() {
+        Some(driver) => f(driver),
+        None => Err(NOT_INITIALIZED),
+    }
+}
+
+fn status(result: Result<(), CUresult>) -> CUresult {
+    result.err().unwrap_or(SUCCESS)
+}
+
+impl Driver {
+    fn current_card(&self) -> Result<usize, CUresult> {
+        let ctx = CURRENT.with(Cell::get);
+        self.contexts.get(&ctx).copied().ok_or(INVALID_CONTEXT)
+    }
+
+    fn card(&mut self, device: c_int) -> Result<&mut Card, CUresult> {
+        usize::try_from(device)
+            .ok()
+            .and_then(|d| self.cards.get_mut(d))
+            .ok_or(INVALID_DEVICE)
+    }
+
+    fn allocate(&mut self, card: usize, bytes: u64) -> Result<u64, CUresult> {
+        if bytes == 0 {
+            return Err(INVALID_VALUE);
+        }
+        let c = self.cards.get_mut(card).ok_or(INVALID_DEVICE)?;
+        if c.used + bytes > c.total {
+            return Err(OUT_OF_MEMORY);
+        }
+        c.used += bytes;
+        // Addresses 2 MiB apart at least, like the real driver's granularity.
+        let id = self.next_id;
+        self.next_id += bytes.div_ceil(2 * MIB).max(1) * 2 * MIB;
+        self.allocations.insert(id, (card, bytes));
+        Ok(id)
+    }
+
+    fn free(&mut self, id: u64) -> Result<(), CUresult> {
+        let (card, bytes) = self.allocations.remove(&id).ok_or(INVALID_VALUE)?;
+        self.cards[card].used -= bytes;
+        Ok(())
+    }
+
+    fn charge_context(&mut self, card: usize) -> Result<(), CUresult> {
+        let bytes = self.context_bytes;
+        let c = &mut self.cards[card];
+        if c.used + bytes > c.total {
+            return Err(OUT_OF_MEMORY);
+        }
+        c.used += bytes;
+        Ok(())
+    }
+}
+
+/// Bytes in use on card `device` (allocations and contexts), for the fake NVML.
+#[no_mangle]
+pub extern "C" fn fake_cuda_device_used(device: c_uint) -> u64 {
+    with_driver(|d| Ok(d.cards.get(device as usize).map_or(0, |c| c.used))).unwrap_or(0)
+}
+
+/// Size of card `device` (also before `cuInit`), for the fake NVML.
+#[no_mangle]
+pub extern "C" fn fake_cuda_device_total(device: c_uint) -> u64 {
+    if (device as u64) < env_u64("FAKE_CUDA_DEVICES", 2) {
+        env_u64("FAKE_CUDA_TOTAL_MIB", 16384) * MIB
+    } else {
+        0
+    }
+}
+
+/// Calls that came in through a per-thread-default-stream (`_ptsz`) entry point.
+#[no_mangle]
+pub extern "C" fn fake_cuda_ptsz_calls() -> u64 {
+    PTSZ_CALLS.load(Ordering::Relaxed)
+}
+
+#[no_mangle]
+pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
+    let mut guard = DRIVER.lock().unwrap_or_else(|e| e.into_inner());
+    if guard.is_none() {
+        let count = env_u64("FAKE_CUDA_DEVICES", 2) as usize;
+        let total = env_u64("FAKE_CUDA_TOTAL_MIB", 16384) * MIB;
+        *guard = Some(Driver {
+            cards: (0..count)
+                .map(|_| Card {
+                    total,
+                    used: 0,
+                    primary_refs: 0,
+                })
+                .collect(),
+            context_bytes: env_u64("FAKE_CUDA_CONTEXT_MIB", 64) * MIB,
+            allocations: HashMap::new(),
+            next_id: 0x7f00_0000_0000,
+            contexts: HashMap::new(),
+        });
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> CUresult {
+    if version.is_null() {
+        return INVALID_VALUE;
+    }
+    unsafe { *version = 12080 };
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
+    status(with_driver(|d| {
+        unsafe { *count = d.cards.len() as c_int };
+        Ok(())
+    }))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGet(device: *mut c_int, ordinal: c_int) -> CUresult {
+    status(with_driver(|d| {
+        d.card(ordinal)?;
+        unsafe { *device = ordinal };
+        Ok(())
+    }))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut u8, device: c_int) -> CUresult {
+    status(with_driver(|d| {
+        d.card(device)?;
+        let mut bytes = [0x5au8; 16];
+        bytes[15] = device as u8;
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), uuid, 16) };
+        Ok(())
+    }))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut u8, device: c_int) -> CUresult {
+    unsafe { cuDeviceGetUuid(uuid, device) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, device: c_int) -> CUresult {
+    status(with_driver(|d| {
+        let total = d.card(device)?.total;
+        unsafe { *bytes = total as usize };
+        Ok(())
+    }))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut u64, device: c_int) -> CUresult {
+    status(with_driver(|d| {
+        let card = d.card(device)?;
+        if card.primary_refs == 0 {
+            d.charge_context(device as usize)?;
+        }
+        d.card(device)?.primary_refs += 1;
+        let handle = primary_handle(device as usize);
+        d.contexts.insert(handle, device as usize);
+        unsafe { *ctx = handle };
+        Ok(())
+    }))
+}
+
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxRelease_v2(device: c_int) -> CUresult {
+    status(with_driver(|d| {
+        let bytes = d.context_bytes;
+        let card = d.card(device)?;
+        if card.primary_refs == 0 {
+            return Err(INVALID_CONTEXT);
+        }
+        card.primary_refs -= 1;
+        if card.primary_refs == 0 {
+            card.used -= bytes;
+            d.contexts.remove(&primary_handle(device as usize));
+        }
+        Ok(())
+    }))
+}
+
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxReset_v2(device: c_int) -> CUresult {
+    status(with_driver(|d| {
+        let bytes = d.context_bytes;
+        let card = d.card(device)?;
+        if card.primary_refs > 0 {
+            card.primary_refs = 0;
+            card.used -= bytes;
+            d.contexts.remove(&primary_handle(device as usize));
+        }
+        Ok(())
+    }))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxCreate_v2(ctx: *mut u64, _flags: c_uint, device: c_int) -> CUresult {
+    status(with_driver(|d| {
+        d.card(device)?;
+        d.charge_context(device as usize)?;
+        let handle = 0x2000 + d.next_id;
+        d.next_id += 2 * MIB;
+        d.contexts.insert(handle, device as usize);
+        CURRENT.with(|c| c.set(handle));
+        unsafe { *ctx = handle };
+        Ok(())
+    }))
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxDestroy_v2(ctx: u64) -> CUresult {
+    status(with_driver(|d| {
+        if ctx < 0x2000 {
+            return Err(INVALID_CONTEXT);
+        }
+        let card = d.contexts.remove(&ctx).ok_or(INVALID_CONTEXT)?;
+        d.cards[card].used -= d.context_bytes;
+        CURRENT.with(|c| {
+            if c.get() == ctx {
+                c.set(0)
+            }
+        });
+        Ok(())
+    }))
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxSetCurrent(ctx: u64) -> CUresult {
+    status(with_driver(|d| {
+        if ctx != 0 && !d.contexts.contains_key(&ctx) {
+            return Err(INVALID_CONTEXT);
+        }
+        CURRENT.with(|c| c.set(ctx));
+        Ok(())
+    }))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxGetCurrent(ctx: *mut u64) -> CUresult {
+    unsafe { *ctx = CURRENT.with(Cell::get) };
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxGetDevice(device: *mut c_int) -> CUresult {
+    status(with_driver(|d| {
+        let card = d.current_card()?;
+        unsafe { *device = card as c_int };
+        Ok(())
+    }))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    status(with_driver(|d| {
+        let card = &d.cards[d.current_card()?];
+        unsafe {
+            *free = (card.total - card.used) as usize;
+            *total = card.total as usize;
+        }
+        Ok(())
+    }))
+}
+
+fn alloc_on_current(out: *mut u64, bytes: u64) -> CUresult {
+    if out.is_null() {
+        return INVALID_VALUE;
+    }
+    status(with_driver(|d| {
+        let card = d.current_card()?;
+        let ptr = d.allocate(card, bytes)?;
+        unsafe { *out = ptr };
+        Ok(())
+    }))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut u64, bytes: usize) -> CUresult {
+    alloc_on_current(dptr, bytes as u64)
+}
+
+/// The legacy 32-bit entry point (`cuMemAlloc` before CUDA 3.2): refused.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAlloc(_dptr: *mut u32, _bytes: c_uint) -> CUresult {
+    INVALID_VALUE
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocPitch_v2(
+    dptr: *mut u64,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+    _elem: c_uint,
+) -> CUresult {
+    let row = width.div_ceil(512) * 512;
+    let rc = alloc_on_current(dptr, (row * height) as u64);
+    if rc == SUCCESS {
+        unsafe { *pitch = row };
+    }
+    rc
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocManaged(
+    dptr: *mut u64,
+    bytes: usize,
+    _flags: c_uint,
+) -> CUresult {
+    alloc_on_current(dptr, bytes as u64)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFree_v2(dptr: u64) -> CUresult {
+    status(with_driver(|d| d.free(dptr)))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocAsync(
+    dptr: *mut u64,
+    bytes: usize,
+    _stream: *mut c_void,
+) -> CUresult {
+    alloc_on_current(dptr, bytes as u64)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
+    dptr: *mut u64,
+    bytes: usize,
+    _stream: *mut c_void,
+) -> CUresult {
+    PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
+    alloc_on_current(dptr, bytes as u64)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
+    dptr: *mut u64,
+    bytes: usize,
+    _pool: *mut c_void,
+    _stream: *mut c_void,
+) -> CUresult {
+    alloc_on_current(dptr, bytes as u64)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
+    dptr: *mut u64,
+    bytes: usize,
+    _pool: *mut c_void,
+    _stream: *mut c_void,
+) -> CUresult {
+    PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
+    alloc_on_current(dptr, bytes as u64)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFreeAsync(dptr: u64, _stream: *mut c_void) -> CUresult {
+    cuMemFree_v2(dptr)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFreeAsync_ptsz(dptr: u64, _stream: *mut c_void) -> CUresult {
+    PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
+    cuMemFree_v2(dptr)
+}
+
+/// `CUmemAllocationProp` up to the location, which is all the fake reads.
+#[repr(C)]
+struct AllocationPropHead {
+    kind: c_uint,
+    handle_types: c_uint,
+    location_type: c_uint,
+    location_id: c_int,
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut u64,
+    bytes: usize,
+    prop: *const c_void,
+    _flags: u64,
+) -> CUresult {
+    if prop.is_null() || handle.is_null() {
+        return INVALID_VALUE;
+    }
+    let prop = unsafe { &*(prop as *const AllocationPropHead) };
+    if prop.location_type != 1 {
+        return INVALID_VALUE;
+    }
+    status(with_driver(|d| {
+        let id = d.allocate(prop.location_id as usize, bytes as u64)?;
+        unsafe { *handle = id };
+        Ok(())
+    }))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemRelease(handle: u64) -> CUresult {
+    status(with_driver(|d| d.free(handle)))
+}
+
+fn format_bytes(format: c_uint) -> u64 {
+    match format {
+        0x01 | 0x08 => 1,
+        0x02 | 0x09 | 0x10 => 2,
+        _ => 4,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArrayCreate_v2(array: *mut u64, desc: *const usize) -> CUresult {
+    // CUDA_ARRAY_DESCRIPTOR: Width, Height (size_t), Format, NumChannels (uint).
+    let (w, h) = unsafe { (*desc, *desc.add(1)) };
+    let tail = unsafe { desc.add(2) as *const c_uint };
+    let (format, channels) = unsafe { (*tail, *tail.add(1)) };
+    let bytes = w as u64 * h.max(1) as u64 * format_bytes(format) * channels as u64;
+    alloc_on_current(array, bytes)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArray3DCreate_v2(array: *mut u64, desc: *const usize) -> CUresult {
+    let (w, h, depth) = unsafe { (*desc, *desc.add(1), *desc.add(2)) };
+    let tail = unsafe { desc.add(3) as *const c_uint };
+    let (format, channels) = unsafe { (*tail, *tail.add(1)) };
+    let bytes =
+        w as u64 * h.max(1) as u64 * depth.max(1) as u64 * format_bytes(format) * channels as u64;
+    alloc_on_current(array, bytes)
+}
+
+#[no_mangle]
+pub extern "C" fn cuArrayDestroy(array: u64) -> CUresult {
+    cuMemFree_v2(array)
+}
+
+/// Internal entry points handed out by `cuGetProcAddress`: same behaviour as
+/// the exports, different addresses.
+mod internal {
+    use super::*;
+
+    pub extern "C" fn init(flags: c_uint) -> CUresult {
+        cuInit(flags)
+    }
+    pub unsafe extern "C" fn mem_alloc(dptr: *mut u64, bytes: usize) -> CUresult {
+        unsafe { cuMemAlloc_v2(dptr, bytes) }
+    }
+    pub extern "C" fn mem_free(dptr: u64) -> CUresult {
+        cuMemFree_v2(dptr)
+    }
+    pub unsafe extern "C" fn mem_get_info(free: *mut usize, total: *mut usize) -> CUresult {
+        unsafe { cuMemGetInfo_v2(free, total) }
+    }
+    pub unsafe extern "C" fn total_mem(bytes: *mut usize, device: c_int) -> CUresult {
+        unsafe { cuDeviceTotalMem_v2(bytes, device) }
+    }
+    pub unsafe extern "C" fn alloc_async(dptr: *mut u64, bytes: usize, s: *mut c_void) -> CUresult {
+        unsafe { cuMemAllocAsync(dptr, bytes, s) }
+    }
+    pub unsafe extern "C" fn alloc_async_ptsz(
+        dptr: *mut u64,
+        bytes: usize,
+        s: *mut c_void,
+    ) -> CUresult {
+        unsafe { cuMemAllocAsync_ptsz(dptr, bytes, s) }
+    }
+    pub extern "C" fn free_async(dptr: u64, s: *mut c_void) -> CUresult {
+        cuMemFreeAsync(dptr, s)
+    }
+    pub extern "C" fn free_async_ptsz(dptr: u64, s: *mut c_void) -> CUresult {
+        cuMemFreeAsync_ptsz(dptr, s)
+    }
+    pub unsafe extern "C" fn retain(ctx: *mut u64, device: c_int) -> CUresult {
+        unsafe { cuDevicePrimaryCtxRetain(ctx, device) }
+    }
+}
+
+fn proc_address(name: &[u8], version: c_int, flags: u64) -> Option<*mut c_void> {
+    let per_thread = flags & PER_THREAD_FLAG != 0;
+    let f: *mut c_void = match name {
+        b"cuInit" => internal::init as *mut c_void,
+        b"cuGetProcAddress" if version >= 12000 => cuGetProcAddress_v2 as *mut c_void,
+        b"cuGetProcAddress" => cuGetProcAddress as *mut c_void,
+        b"cuMemAlloc" if version < 3020 => cuMemAlloc as *mut c_void,
+        b"cuMemAlloc" => internal::mem_alloc as *mut c_void,
+        b"cuMemFree" if version >= 3020 => internal::mem_free as *mut c_void,
+        b"cuMemGetInfo" if version >= 3020 => internal::mem_get_info as *mut c_void,
+        b"cuDeviceTotalMem" if version >= 3020 => internal::total_mem as *mut c_void,
+        b"cuMemAllocAsync" if per_thread => internal::alloc_async_ptsz as *mut c_void,
+        b"cuMemAllocAsync" => internal::alloc_async as *mut c_void,
+        b"cuMemFreeAsync" if per_thread => internal::free_async_ptsz as *mut c_void,
+        b"cuMemFreeAsync" => internal::free_async as *mut c_void,
+        b"cuMemAllocFromPoolAsync" if per_thread => cuMemAllocFromPoolAsync_ptsz as *mut c_void,
+        b"cuMemAllocFromPoolAsync" => cuMemAllocFromPoolAsync as *mut c_void,
+        b"cuDevicePrimaryCtxRetain" => internal::retain as *mut c_void,
+        b"cuDevicePrimaryCtxRelease" => cuDevicePrimaryCtxRelease_v2 as *mut c_void,
+        b"cuDevicePrimaryCtxReset" => cuDevicePrimaryCtxReset_v2 as *mut c_void,
+        b"cuMemAllocPitch" => cuMemAllocPitch_v2 as *mut c_void,
+        b"cuMemAllocManaged" => cuMemAllocManaged as *mut c_void,
+        b"cuMemCreate" => cuMemCreate as *mut c_void,
+        b"cuMemRelease" => cuMemRelease as *mut c_void,
+        b"cuArrayCreate" => cuArrayCreate_v2 as *mut c_void,
+        b"cuArray3DCreate" => cuArray3DCreate_v2 as *mut c_void,
+        b"cuArrayDestroy" => cuArrayDestroy as *mut c_void,
+        b"cuCtxCreate" => cuCtxCreate_v2 as *mut c_void,
+        b"cuCtxDestroy" => cuCtxDestroy_v2 as *mut c_void,
+        b"cuCtxSetCurrent" => cuCtxSetCurrent as *mut c_void,
+        b"cuCtxGetCurrent" => cuCtxGetCurrent as *mut c_void,
+        b"cuCtxGetDevice" => cuCtxGetDevice as *mut c_void,
+        b"cuDeviceGet" => cuDeviceGet as *mut c_void,
+        b"cuDeviceGetCount" => cuDeviceGetCount as *mut c_void,
+        b"cuDeviceGetUuid" => cuDeviceGetUuid_v2 as *mut c_void,
+        b"cuDriverGetVersion" => cuDriverGetVersion as *mut c_void,
+        _ => return None,
+    };
+    Some(f)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetProcAddress_v2(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    version: c_int,
+    flags: u64,
+    found: *mut c_int,
+) -> CUresult {
+    if symbol.is_null() || pfn.is_null() {
+        return INVALID_VALUE;
+    }
+    let name = unsafe { CStr::from_ptr(symbol) }.to_bytes();
+    let result = proc_address(name, version, flags);
+    unsafe {
+        *pfn = result.unwrap_or(std::ptr::null_mut());
+        if !found.is_null() {
+            *found = if result.is_some() { 0 } else { 1 };
+        }
+    }
+    if result.is_some() {
+        SUCCESS
+    } else {
+        NOT_FOUND
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetProcAddress(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    version: c_int,
+    flags: u64,
+) -> CUresult {
+    unsafe { cuGetProcAddress_v2(symbol, pfn, version, flags, std::ptr::null_mut()) }
+}

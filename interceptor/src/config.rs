@@ -1,0 +1,157 @@
+//! The container environment, read once: memory caps per visible card, the
+//! shared region's path and the log level. A cap that is set but cannot be
+//! parsed is an error (the interceptor then refuses CUDA initialisation);
+//! no cap at all means pass-through.
+
+use std::path::PathBuf;
+use tessera_api::container_env::{
+    parse_memory_limit, MemoryLimitError, LOG_LEVEL, MEMORY_LIMIT_ALL, MEMORY_LIMIT_PREFIX,
+    SHARED_CACHE,
+};
+use tessera_api::shared_region::MAX_DEVICES;
+use thiserror::Error;
+
+/// What the interceptor enforces in this process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Cap in bytes per visible card index; `None` = not capped.
+    pub limits: [Option<u64>; MAX_DEVICES],
+    /// Region shared by the container's processes; `None` = a private one.
+    pub shared_region: Option<PathBuf>,
+    /// `LIBCUDA_LOG_LEVEL`.
+    pub log_level: u8,
+}
+
+/// A configuration the interceptor refuses to run with.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    /// A cap value is not a size.
+    #[error("{var}={value:?}: {source}")]
+    BadLimit {
+        /// Variable name.
+        var: String,
+        /// Its value.
+        value: String,
+        /// Why it was refused.
+        source: MemoryLimitError,
+    },
+    /// `CUDA_DEVICE_MEMORY_LIMIT_<x>` where `<x>` is not a card index we support.
+    #[error("{var} does not name a card: the suffix must be an index from 0 to {}", MAX_DEVICES - 1)]
+    BadIndex {
+        /// Variable name.
+        var: String,
+    },
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let vars = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())));
+        Self::from_vars(vars)
+    }
+
+    /// Builds the configuration from `(name, value)` pairs.
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut all = None;
+        let mut per_card = [None; MAX_DEVICES];
+        let mut shared_region = None;
+        let mut log_level = crate::log::WARN;
+        for (name, value) in vars {
+            if name == MEMORY_LIMIT_ALL {
+                all = Some(parse(&name, &value)?);
+            } else if let Some(suffix) = name.strip_prefix(MEMORY_LIMIT_PREFIX) {
+                let index = suffix
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&i| i < MAX_DEVICES && !suffix.starts_with('+'))
+                    .ok_or_else(|| ConfigError::BadIndex { var: name.clone() })?;
+                per_card[index] = Some(parse(&name, &value)?);
+            } else if name == SHARED_CACHE && !value.is_empty() {
+                shared_region = Some(PathBuf::from(value));
+            } else if name == LOG_LEVEL {
+                // A bad log level is not worth refusing CUDA over.
+                log_level = value.trim().parse().unwrap_or(crate::log::WARN);
+            }
+        }
+        let mut limits = per_card;
+        for limit in &mut limits {
+            if limit.is_none() {
+                *limit = all;
+            }
+        }
+        Ok(Config {
+            limits,
+            shared_region,
+            log_level,
+        })
+    }
+
+    /// No card is capped: every hook forwards untouched.
+    pub fn is_pass_through(&self) -> bool {
+        self.limits.iter().all(Option::is_none)
+    }
+}
+
+fn parse(var: &str, value: &str) -> Result<u64, ConfigError> {
+    parse_memory_limit(value).map_err(|source| ConfigError::BadLimit {
+        var: var.to_owned(),
+        value: value.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn no_cap_is_pass_through() {
+        let c = config(&[("PATH", "/bin")]).unwrap();
+        assert!(c.is_pass_through());
+        assert_eq!(c.log_level, crate::log::WARN);
+    }
+
+    #[test]
+    fn per_card_overrides_all() {
+        let c = config(&[
+            ("CUDA_DEVICE_MEMORY_LIMIT", "10g"),
+            ("CUDA_DEVICE_MEMORY_LIMIT_1", "7500m"),
+            ("CUDA_DEVICE_MEMORY_SHARED_CACHE", "/tmp/x.cache"),
+            ("LIBCUDA_LOG_LEVEL", "4"),
+        ])
+        .unwrap();
+        assert_eq!(c.limits[0], Some(10 << 30));
+        assert_eq!(c.limits[1], Some(7500 << 20));
+        assert_eq!(c.limits[15], Some(10 << 30));
+        assert_eq!(c.shared_region, Some(PathBuf::from("/tmp/x.cache")));
+        assert_eq!(c.log_level, 4);
+    }
+
+    #[test]
+    fn only_one_card_capped() {
+        let c = config(&[("CUDA_DEVICE_MEMORY_LIMIT_0", "1024")]).unwrap();
+        assert_eq!(c.limits[0], Some(1024));
+        assert_eq!(c.limits[1], None);
+        assert!(!c.is_pass_through());
+    }
+
+    #[test]
+    fn bad_values_fail_closed() {
+        let e = config(&[("CUDA_DEVICE_MEMORY_LIMIT_0", "ten gigs")]).unwrap_err();
+        assert!(matches!(e, ConfigError::BadLimit { .. }), "{e}");
+        assert!(e.to_string().contains("CUDA_DEVICE_MEMORY_LIMIT_0"));
+        let e = config(&[("CUDA_DEVICE_MEMORY_LIMIT_x", "1g")]).unwrap_err();
+        assert!(matches!(e, ConfigError::BadIndex { .. }));
+        let e = config(&[("CUDA_DEVICE_MEMORY_LIMIT_16", "1g")]).unwrap_err();
+        assert!(matches!(e, ConfigError::BadIndex { .. }));
+        let e = config(&[("CUDA_DEVICE_MEMORY_LIMIT", "")]).unwrap_err();
+        assert!(matches!(e, ConfigError::BadLimit { .. }));
+    }
+}

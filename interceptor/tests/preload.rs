@@ -1,0 +1,585 @@
+//! End-to-end tests of `libtessera_cuda.so`: real processes run with the
+//! interceptor preloaded against the workspace's fake `libcuda.so.1` and
+//! `libnvidia-ml.so.1` (crates `fake-cuda`, `fake-nvml`, dev-dependencies of
+//! this crate, so `cargo test` has built their `.so` files before this runs).
+//!
+//! The C clients in `tests/programs/` are compiled here with `cc`, once per
+//! way of reaching the driver: linked, `dlopen`+`dlsym`, `cuGetProcAddress`.
+//! The fake card has 16 GiB, and a context costs 64 MiB on it.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tessera_api::shared_region::{SharedRegion, REGION_SIZE};
+
+const MIB: u64 = 1 << 20;
+const CONTEXT: u64 = 64 * MIB;
+const CARD: u64 = 16384 * MIB;
+
+struct Artifacts {
+    /// Holds libcuda.so.1, libnvidia-ml.so.1 and the compiled clients.
+    dir: PathBuf,
+    interceptor: PathBuf,
+}
+
+/// `target/<profile>/` of this test binary.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .to_owned()
+}
+
+/// A cdylib built by cargo for this profile: uplifted into `target/<profile>/`
+/// when built as a workspace member, else left in `deps/`.
+fn built_library(file: &str) -> PathBuf {
+    let profile = profile_dir();
+    [profile.join(file), profile.join("deps").join(file)]
+        .into_iter()
+        .filter(|p| p.exists())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{file} not found under {}; run `cargo test -p tessera-interceptor`",
+                profile.display()
+            )
+        })
+}
+
+fn compile(dir: &Path, source: &str, mode: &str, output: &str, link: &[&str]) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/programs")
+        .join(source);
+    let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .arg(format!("-DMODE_{mode}"))
+        .arg("-O1")
+        .arg("-o")
+        .arg(dir.join(output))
+        .arg(&src)
+        .arg(format!("-L{}", dir.display()))
+        .args(link)
+        .arg("-ldl")
+        .status()
+        .expect("a C compiler (cc) is needed for these tests");
+    assert!(status.success(), "compiling {source} ({mode}) failed");
+}
+
+fn artifacts() -> &'static Artifacts {
+    static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
+    ARTIFACTS.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("tessera-interceptor-test")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        std::fs::copy(built_library("libfake_cuda.so"), dir.join("libcuda.so.1")).unwrap();
+        std::fs::copy(
+            built_library("libfake_nvml.so"),
+            dir.join("libnvidia-ml.so.1"),
+        )
+        .unwrap();
+        compile(
+            &dir,
+            "cuda_client.c",
+            "LINKED",
+            "cuda_linked",
+            &["-l:libcuda.so.1"],
+        );
+        compile(&dir, "cuda_client.c", "DLSYM", "cuda_dlsym", &[]);
+        compile(&dir, "cuda_client.c", "PROCADDR", "cuda_procaddr", &[]);
+        compile(
+            &dir,
+            "nvml_client.c",
+            "LINKED",
+            "nvml_linked",
+            &["-l:libnvidia-ml.so.1"],
+        );
+        compile(&dir, "nvml_client.c", "DLSYM", "nvml_dlsym", &[]);
+        Artifacts {
+            dir,
+            interceptor: built_library("libtessera_cuda.so"),
+        }
+    })
+}
+
+/// The three ways a program reaches the driver.
+const CLIENTS: [&str; 3] = ["cuda_linked", "cuda_dlsym", "cuda_procaddr"];
+
+fn command(client: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let a = artifacts();
+    let mut cmd = Command::new(a.dir.join(client));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("LD_LIBRARY_PATH", &a.dir)
+        .env("LD_PRELOAD", &a.interceptor);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn run(client: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut child = command(client, args, env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start client");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().ok();
+            panic!("{client} {args:?} hung");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `key=value` pairs of every line of stdout (later lines win).
+fn values(output: &Output) -> HashMap<String, String> {
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn value(output: &Output, key: &str) -> u64 {
+    let v = values(output);
+    v.get(key)
+        .unwrap_or_else(|| {
+            panic!(
+                "no {key} in output:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })
+        .parse()
+        .unwrap()
+}
+
+fn shared_path(name: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name).display().to_string();
+    (dir, path)
+}
+
+/// Copies the shared region file into an aligned buffer and passes it on.
+fn with_region<R>(path: &str, f: impl FnOnce(&SharedRegion) -> R) -> R {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(bytes.len(), REGION_SIZE);
+    let layout = std::alloc::Layout::from_size_align(REGION_SIZE, 64).unwrap();
+    // SAFETY: aligned buffer of REGION_SIZE bytes, filled from the file and
+    // freed after use; the region is plain atomics.
+    unsafe {
+        let buf = std::alloc::alloc(layout);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, REGION_SIZE);
+        let result = f(SharedRegion::from_raw(buf, REGION_SIZE).unwrap());
+        std::alloc::dealloc(buf, layout);
+        result
+    }
+}
+
+#[test]
+fn reports_the_cap_on_every_path() {
+    for client in CLIENTS {
+        let out = run(client, &["info"], &[("CUDA_DEVICE_MEMORY_LIMIT", "4g")]);
+        assert!(out.status.success(), "{client}: {out:?}");
+        assert_eq!(value(&out, "total"), 4096 * MIB, "{client}");
+        assert_eq!(value(&out, "totalmem"), 4096 * MIB, "{client}");
+        // The context really costs 64 MiB on the card: it is charged.
+        assert_eq!(value(&out, "free"), 4096 * MIB - CONTEXT, "{client}");
+    }
+}
+
+#[test]
+fn passes_through_without_a_cap() {
+    let (_dir, path) = shared_path("unused.cache");
+    for client in CLIENTS {
+        let out = run(
+            client,
+            &["info"],
+            &[("CUDA_DEVICE_MEMORY_SHARED_CACHE", &path)],
+        );
+        assert!(out.status.success(), "{client}: {out:?}");
+        assert_eq!(value(&out, "total"), CARD);
+        assert_eq!(value(&out, "totalmem"), CARD);
+        assert_eq!(value(&out, "free"), CARD - CONTEXT);
+    }
+    assert!(
+        !Path::new(&path).exists(),
+        "pass-through must not touch the region"
+    );
+}
+
+#[test]
+fn cap_larger_than_the_card_reports_the_card() {
+    let out = run(
+        "cuda_dlsym",
+        &["info"],
+        &[("CUDA_DEVICE_MEMORY_LIMIT_0", "64g")],
+    );
+    assert_eq!(value(&out, "total"), CARD);
+    assert_eq!(value(&out, "totalmem"), CARD);
+    assert_eq!(value(&out, "free"), CARD - CONTEXT);
+}
+
+#[test]
+fn out_of_memory_exactly_at_the_cap() {
+    for client in CLIENTS {
+        let out = run(client, &["exact"], &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")]);
+        assert_eq!(value(&out, "free_before"), 1024 * MIB - CONTEXT, "{client}");
+        assert_eq!(
+            value(&out, "whole"),
+            0,
+            "{client}: the whole reported free must fit"
+        );
+        assert_eq!(
+            value(&out, "one_more"),
+            2,
+            "{client}: one byte more is CUDA_ERROR_OUT_OF_MEMORY"
+        );
+        assert_eq!(value(&out, "free_at_cap"), 0, "{client}");
+        assert_eq!(
+            value(&out, "again"),
+            0,
+            "{client}: a free gives the room back"
+        );
+
+        let out = run(
+            client,
+            &["fill", "256"],
+            &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")],
+        );
+        assert_eq!(value(&out, "filled"), 3, "{client}");
+        assert_eq!(value(&out, "last_rc"), 2, "{client}");
+        assert_eq!(
+            value(&out, "free"),
+            1024 * MIB - CONTEXT,
+            "{client}: frees release all"
+        );
+    }
+}
+
+#[test]
+fn every_allocation_path_is_charged_and_released() {
+    let expected: &[(&str, u64)] = &[
+        ("alloc", MIB),
+        ("pitch", 1024 * 100),
+        ("managed", 2 * MIB),
+        ("async", 3 * MIB),
+        ("pool", 4 * MIB),
+        ("pool_sync_free", 4 * MIB),
+        ("create", 2 * MIB),
+        ("create_other_card", 0),
+        ("array", 256 * 256 * 16),
+        ("array3d", 64 * 64 * 64),
+        ("context", CONTEXT),
+    ];
+    for client in CLIENTS {
+        let out = run(client, &["paths"], &[("CUDA_DEVICE_MEMORY_LIMIT", "4g")]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        for (name, bytes) in expected {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("path={name} ")))
+                .unwrap_or_else(|| panic!("{client}: no {name} in\n{text}"));
+            assert!(line.contains(" rc=0 "), "{client}: {line}");
+            assert!(
+                line.contains(&format!(" charged={bytes} ")),
+                "{client}: {line}"
+            );
+            assert!(line.ends_with(" left=0"), "{client}: {line}");
+        }
+    }
+}
+
+#[test]
+fn memory_on_another_card_is_charged_to_that_card() {
+    let (_dir, path) = shared_path("cards.cache");
+    let env = [
+        ("CUDA_DEVICE_MEMORY_LIMIT_0", "1g"),
+        ("CUDA_DEVICE_MEMORY_LIMIT_1", "2g"),
+        ("CUDA_DEVICE_MEMORY_SHARED_CACHE", path.as_str()),
+        ("CLIENT_DEVICE", "1"),
+    ];
+    let out = run("cuda_procaddr", &["info"], &env);
+    assert_eq!(value(&out, "total"), 2048 * MIB);
+    // cuDeviceTotalMem asks about card 0 explicitly.
+    assert_eq!(value(&out, "totalmem"), 1024 * MIB);
+    let out = run("cuda_procaddr", &["fill", "512"], &env);
+    assert_eq!(value(&out, "filled"), 3);
+}
+
+#[test]
+fn unknown_frees_are_forwarded_untouched() {
+    for client in CLIENTS {
+        let out = run(
+            client,
+            &["unknownfree"],
+            &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")],
+        );
+        // The fake driver's answer for a pointer it never gave out.
+        assert_eq!(value(&out, "unknown_free"), 1, "{client}");
+        assert_eq!(value(&out, "unchanged"), 1, "{client}");
+    }
+}
+
+#[test]
+fn proc_address_honours_versions_flags_and_addresses() {
+    let out = run(
+        "cuda_procaddr",
+        &["procaddr"],
+        &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")],
+    );
+    assert_eq!(value(&out, "ptsz_rc"), 0);
+    assert_eq!(
+        value(&out, "ptsz_calls"),
+        1,
+        "the _ptsz variant must reach the driver"
+    );
+    assert_eq!(value(&out, "ptsz_charged"), 8 * MIB);
+    let v = values(&out);
+    assert_eq!(v["ptsz_in"], "tessera");
+    assert_eq!(
+        v["getproc_in"], "tessera",
+        "cuGetProcAddress found through itself is hooked"
+    );
+    assert_eq!(
+        v["unhooked_in"], "driver",
+        "functions we don't intercept are the driver's"
+    );
+    assert_eq!(
+        value(&out, "legacy_untouched"),
+        1,
+        "the 32-bit cuMemAlloc ABI is not ours to replace"
+    );
+}
+
+#[test]
+fn bad_caps_stop_cuda_initialisation() {
+    for (var, value_text) in [
+        ("CUDA_DEVICE_MEMORY_LIMIT_0", "lots"),
+        ("CUDA_DEVICE_MEMORY_LIMIT", "0"),
+        ("CUDA_DEVICE_MEMORY_LIMIT", "1.5g"),
+        ("CUDA_DEVICE_MEMORY_LIMIT_X", "1g"),
+    ] {
+        for client in CLIENTS {
+            let out = run(client, &["info"], &[(var, value_text)]);
+            assert_eq!(
+                value(&out, "init"),
+                3,
+                "{client} {var}={value_text}: CUDA_ERROR_NOT_INITIALIZED"
+            );
+            assert!(!out.status.success());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(stderr.lines().count(), 1, "one message: {stderr}");
+            assert!(
+                stderr.contains(var) && stderr.contains("refused"),
+                "{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn processes_share_one_cap_and_kill_9_gives_memory_back() {
+    let (_dir, path) = shared_path("shared.cache");
+    let env = [
+        ("CUDA_DEVICE_MEMORY_LIMIT", "1g"),
+        ("CUDA_DEVICE_MEMORY_SHARED_CACHE", path.as_str()),
+    ];
+    let mut holder = command("cuda_dlsym", &["hold", "600"], &env)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .lines()
+        .map(Result::unwrap)
+        .find(|l| l.starts_with("held="))
+        .map(|l| line = l)
+        .expect("holder output");
+    assert_eq!(line, "held=0");
+    with_region(&path, |r| {
+        assert_eq!(r.device_used(0), 600 * MIB + CONTEXT);
+        assert_eq!(
+            r.devices[0]
+                .limit_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1024 * MIB
+        );
+        assert_eq!(r.active_processes().len(), 1);
+    });
+    // 64 + 600 held, 64 for this process's context: 600 more does not fit.
+    let out = run("cuda_linked", &["try", "600"], &env);
+    assert_eq!(value(&out, "try"), 2);
+    let out = run("cuda_linked", &["try", "296"], &env);
+    assert_eq!(value(&out, "try"), 0, "exactly the rest fits");
+    let out = run("cuda_linked", &["info"], &env);
+    assert_eq!(value(&out, "free"), 1024 * MIB - 600 * MIB - 2 * CONTEXT);
+
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(holder.id() as i32, libc::SIGKILL) };
+    holder.wait().unwrap();
+    let out = run("cuda_procaddr", &["try", "900"], &env);
+    assert_eq!(
+        value(&out, "try"),
+        0,
+        "the killed holder's memory came back"
+    );
+    // Processes that exit normally give their charges back at exit.
+    with_region(&path, |r| {
+        assert_eq!(r.device_used(0), 0);
+        assert!(r.active_processes().is_empty());
+    });
+}
+
+#[test]
+fn concurrent_processes_never_exceed_the_shared_cap() {
+    let (_dir, path) = shared_path("race.cache");
+    let env = [
+        ("CUDA_DEVICE_MEMORY_LIMIT", "2g"),
+        ("CUDA_DEVICE_MEMORY_SHARED_CACHE", path.as_str()),
+    ];
+    let children: Vec<_> = (0..4)
+        .map(|i| {
+            command(CLIENTS[i % 3], &["fillhold", "32", "2"], &env)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| values(&c.wait_with_output().unwrap()))
+        .collect();
+    // A process whose context no longer fits is refused at context creation.
+    let with_context = outputs
+        .iter()
+        .filter(|v| v.get("context").map(String::as_str) == Some("0"))
+        .count() as u64;
+    let chunks: u64 = outputs
+        .iter()
+        .filter_map(|v| v.get("filled"))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    let charged = chunks * 32 * MIB + with_context * CONTEXT;
+    assert!(
+        charged <= 2048 * MIB,
+        "{chunks} chunks and {with_context} contexts overshoot the cap"
+    );
+    assert!(
+        charged > 2048 * MIB - CONTEXT,
+        "{chunks} chunks and {with_context} contexts leave room"
+    );
+    // All exited without freeing: nothing stays charged.
+    let out = run("cuda_dlsym", &["info"], &env);
+    assert_eq!(value(&out, "free"), 2048 * MIB - CONTEXT);
+}
+
+#[test]
+fn a_forked_child_has_its_own_account() {
+    let (_dir, path) = shared_path("fork.cache");
+    for client in CLIENTS {
+        let out = run(
+            client,
+            &["fork"],
+            &[
+                ("CUDA_DEVICE_MEMORY_LIMIT", "1g"),
+                ("CUDA_DEVICE_MEMORY_SHARED_CACHE", path.as_str()),
+            ],
+        );
+        assert_eq!(value(&out, "child_alloc"), 0, "{client}");
+        // The child's 50 MiB went back when it exited; the parent's 164 MiB
+        // stayed charged, so exactly the rest fits and no byte more.
+        assert_eq!(value(&out, "parent_rest"), 0, "{client}: {out:?}");
+        assert_eq!(value(&out, "parent_one_more"), 2, "{client}");
+    }
+}
+
+#[test]
+fn nvml_shows_the_cap_and_the_containers_usage() {
+    let (_dir, path) = shared_path("nvml.cache");
+    let env = [
+        ("CUDA_DEVICE_MEMORY_LIMIT_0", "7500m"),
+        ("CUDA_DEVICE_MEMORY_SHARED_CACHE", path.as_str()),
+    ];
+    for client in ["nvml_dlsym", "nvml_linked"] {
+        let out = run(client, &[], &env);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let card0 = text.lines().find(|l| l.starts_with("card=0 ")).unwrap();
+        let card1 = text.lines().find(|l| l.starts_with("card=1 ")).unwrap();
+        assert!(
+            card0.contains(&format!(" total={} ", 7500 * MIB)),
+            "{client}: {card0}"
+        );
+        assert!(card0.contains(" used=0 "), "{client}: {card0}");
+        assert!(
+            card0.contains(&format!(" total2={} ", 7500 * MIB)),
+            "{client}: {card0}"
+        );
+        assert!(card0.contains(" reserved2=0 "), "{client}: {card0}");
+        assert!(
+            card1.contains(&format!(" total={CARD} ")),
+            "{client}: uncapped card: {card1}"
+        );
+    }
+    // With a CUDA process of the container holding memory, NVML shows it.
+    let mut holder = command("cuda_linked", &["hold", "1000"], &env)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    BufReader::new(holder.stdout.take().unwrap())
+        .lines()
+        .map(Result::unwrap)
+        .find(|l| l.starts_with("held="))
+        .expect("holder output");
+    let out = run("nvml_dlsym", &[], &env);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let used = 1000 * MIB + CONTEXT;
+    assert!(
+        text.contains(&format!(" used={used} free={} ", 7500 * MIB - used)),
+        "{text}"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
+
+#[test]
+fn rtld_next_lookups_keep_their_meaning() {
+    // A program that wraps `puts` and finds the real one with RTLD_NEXT,
+    // as preload libraries and sanitizers do.
+    let a = artifacts();
+    let src = a.dir.join("rtld_next.c");
+    std::fs::write(
+        &src,
+        r#"#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+int puts(const char *s) {
+    int (*next)(const char *) = (int (*)(const char *))dlsym(RTLD_NEXT, "puts");
+    if (!next || next == puts) return -1;
+    return next(s);
+}
+int main(void) { return puts("rtld_next=ok") < 0; }
+"#,
+    )
+    .unwrap();
+    let status = Command::new("cc")
+        .arg("-o")
+        .arg(a.dir.join("rtld_next"))
+        .arg(&src)
+        .arg("-ldl")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = run("rtld_next", &[], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "rtld_next=ok");
+}

@@ -1,0 +1,253 @@
+/* Test client for the interceptor: reaches the (fake) driver in one of three
+ * ways, chosen at compile time, and runs a scenario named on the command
+ * line. MODE_LINKED: linked against libcuda.so.1. MODE_DLSYM: dlopen+dlsym.
+ * MODE_PROCADDR: dlopen, then everything through cuGetProcAddress_v2 with
+ * explicit versions and flags. Prints `key=value` lines for the Rust tests. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+typedef void *CUcontext;
+typedef void *CUarray;
+#define MIB (1024ULL * 1024ULL)
+
+typedef struct { size_t Width, Height; unsigned Format, NumChannels; } ArrayDesc;
+typedef struct { size_t Width, Height, Depth; unsigned Format, NumChannels, Flags; } Array3DDesc;
+typedef struct { unsigned type, handleTypes, locType; int locId; void *win32; unsigned char flags[8]; } AllocProp;
+
+static CUresult (*p_cuInit)(unsigned);
+static CUresult (*p_retain)(CUcontext *, int);
+static CUresult (*p_release)(int);
+static CUresult (*p_setCurrent)(CUcontext);
+static CUresult (*p_getInfo)(size_t *, size_t *);
+static CUresult (*p_totalMem)(size_t *, int);
+static CUresult (*p_alloc)(CUdeviceptr *, size_t);
+static CUresult (*p_free)(CUdeviceptr);
+static CUresult (*p_pitch)(CUdeviceptr *, size_t *, size_t, size_t, unsigned);
+static CUresult (*p_managed)(CUdeviceptr *, size_t, unsigned);
+static CUresult (*p_async)(CUdeviceptr *, size_t, void *);
+static CUresult (*p_freeAsync)(CUdeviceptr, void *);
+static CUresult (*p_pool)(CUdeviceptr *, size_t, void *, void *);
+static CUresult (*p_create)(unsigned long long *, size_t, const AllocProp *, unsigned long long);
+static CUresult (*p_releaseHandle)(unsigned long long);
+static CUresult (*p_array)(CUarray *, const ArrayDesc *);
+static CUresult (*p_array3d)(CUarray *, const Array3DDesc *);
+static CUresult (*p_arrayDestroy)(CUarray);
+static CUresult (*p_ctxCreate)(CUcontext *, unsigned, int);
+static CUresult (*p_ctxDestroy)(CUcontext);
+static void *driver;
+
+#if defined(MODE_LINKED)
+CUresult cuInit(unsigned);
+CUresult cuDevicePrimaryCtxRetain(CUcontext *, int);
+CUresult cuDevicePrimaryCtxRelease_v2(int);
+CUresult cuCtxSetCurrent(CUcontext);
+CUresult cuMemGetInfo_v2(size_t *, size_t *);
+CUresult cuDeviceTotalMem_v2(size_t *, int);
+CUresult cuMemAlloc_v2(CUdeviceptr *, size_t);
+CUresult cuMemFree_v2(CUdeviceptr);
+CUresult cuMemAllocPitch_v2(CUdeviceptr *, size_t *, size_t, size_t, unsigned);
+CUresult cuMemAllocManaged(CUdeviceptr *, size_t, unsigned);
+CUresult cuMemAllocAsync(CUdeviceptr *, size_t, void *);
+CUresult cuMemFreeAsync(CUdeviceptr, void *);
+CUresult cuMemAllocFromPoolAsync(CUdeviceptr *, size_t, void *, void *);
+CUresult cuMemCreate(unsigned long long *, size_t, const AllocProp *, unsigned long long);
+CUresult cuMemRelease(unsigned long long);
+CUresult cuArrayCreate_v2(CUarray *, const ArrayDesc *);
+CUresult cuArray3DCreate_v2(CUarray *, const Array3DDesc *);
+CUresult cuArrayDestroy(CUarray);
+CUresult cuCtxCreate_v2(CUcontext *, unsigned, int);
+CUresult cuCtxDestroy_v2(CUcontext);
+#define R(var, export, base, version) var = (void *)&export
+#elif defined(MODE_DLSYM)
+#define R(var, export, base, version) var = dlsym(driver, #export)
+#elif defined(MODE_PROCADDR)
+static CUresult (*p_getProc)(const char *, void **, int, unsigned long long, int *);
+#define R(var, export, base, version) do { int st = -1; \
+    if (p_getProc(#base, (void **)&var, version, 0, &st) != 0) var = NULL; } while (0)
+#else
+#error "define MODE_LINKED, MODE_DLSYM or MODE_PROCADDR"
+#endif
+
+static void resolve(void) {
+    driver = dlopen("libcuda.so.1", RTLD_NOW);
+    if (!driver) { printf("dlopen_failed=%s\n", dlerror()); exit(90); }
+#if defined(MODE_PROCADDR)
+    p_getProc = dlsym(driver, "cuGetProcAddress_v2");
+    if (!p_getProc) { printf("no_getproc=1\n"); exit(91); }
+#endif
+    R(p_cuInit, cuInit, cuInit, 2000);
+    R(p_retain, cuDevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain, 7000);
+    R(p_release, cuDevicePrimaryCtxRelease_v2, cuDevicePrimaryCtxRelease, 11000);
+    R(p_setCurrent, cuCtxSetCurrent, cuCtxSetCurrent, 4000);
+    R(p_getInfo, cuMemGetInfo_v2, cuMemGetInfo, 3020);
+    R(p_totalMem, cuDeviceTotalMem_v2, cuDeviceTotalMem, 3020);
+    R(p_alloc, cuMemAlloc_v2, cuMemAlloc, 3020);
+    R(p_free, cuMemFree_v2, cuMemFree, 3020);
+    R(p_pitch, cuMemAllocPitch_v2, cuMemAllocPitch, 3020);
+    R(p_managed, cuMemAllocManaged, cuMemAllocManaged, 6000);
+    R(p_async, cuMemAllocAsync, cuMemAllocAsync, 11020);
+    R(p_freeAsync, cuMemFreeAsync, cuMemFreeAsync, 11020);
+    R(p_pool, cuMemAllocFromPoolAsync, cuMemAllocFromPoolAsync, 11020);
+    R(p_create, cuMemCreate, cuMemCreate, 10020);
+    R(p_releaseHandle, cuMemRelease, cuMemRelease, 10020);
+    R(p_array, cuArrayCreate_v2, cuArrayCreate, 3020);
+    R(p_array3d, cuArray3DCreate_v2, cuArray3DCreate, 3020);
+    R(p_arrayDestroy, cuArrayDestroy, cuArrayDestroy, 2000);
+    R(p_ctxCreate, cuCtxCreate_v2, cuCtxCreate, 3020);
+    R(p_ctxDestroy, cuCtxDestroy_v2, cuCtxDestroy, 4000);
+}
+
+static int start(int device) {
+    CUresult rc = p_cuInit(0);
+    printf("init=%d\n", rc);
+    if (rc != 0) return rc;
+    CUcontext ctx;
+    rc = p_retain(&ctx, device);
+    if (rc == 0) rc = p_setCurrent(ctx);
+    printf("context=%d\n", rc);
+    return rc;
+}
+
+static size_t free_now(void) {
+    size_t f = 0, t = 0;
+    p_getInfo(&f, &t);
+    return f;
+}
+
+static void print_info(void) {
+    size_t f = 0, t = 0, tm = 0;
+    CUresult rc = p_getInfo(&f, &t);
+    CUresult rc2 = p_totalMem(&tm, 0);
+    printf("info=%d free=%zu total=%zu totalmem_rc=%d totalmem=%zu\n", rc, f, t, rc2, tm);
+}
+
+/* Allocates chunks of `mib` until refusal; returns how many fitted. */
+static int fill(unsigned long long mib, CUdeviceptr *ptrs, int max) {
+    int n = 0;
+    CUresult rc = 0;
+    while (n < max && (rc = p_alloc(&ptrs[n], mib * MIB)) == 0) n++;
+    printf("filled=%d last_rc=%d\n", n, rc);
+    return n;
+}
+
+static void report(const char *name, size_t before, size_t after_alloc, size_t after_free, CUresult rc) {
+    printf("path=%s rc=%d charged=%lld left=%lld\n", name, rc, (long long)(before - after_alloc),
+           (long long)(before - after_free));
+}
+
+static void paths(void) {
+    size_t b, a;
+    CUdeviceptr p; size_t pitch;
+    b = free_now(); CUresult rc = p_alloc(&p, 1 * MIB); a = free_now(); p_free(p); report("alloc", b, a, free_now(), rc);
+    b = free_now(); rc = p_pitch(&p, &pitch, 1000, 100, 4); a = free_now(); p_free(p); report("pitch", b, a, free_now(), rc);
+    b = free_now(); rc = p_managed(&p, 2 * MIB, 1); a = free_now(); p_free(p); report("managed", b, a, free_now(), rc);
+    b = free_now(); rc = p_async(&p, 3 * MIB, NULL); a = free_now(); p_freeAsync(p, NULL); report("async", b, a, free_now(), rc);
+    b = free_now(); rc = p_pool(&p, 4 * MIB, NULL, NULL); a = free_now(); p_freeAsync(p, NULL); report("pool", b, a, free_now(), rc);
+    b = free_now(); rc = p_pool(&p, 4 * MIB, NULL, NULL); a = free_now(); p_free(p); report("pool_sync_free", b, a, free_now(), rc);
+    AllocProp prop; memset(&prop, 0, sizeof prop); prop.type = 1; prop.locType = 1; prop.locId = 0;
+    unsigned long long h;
+    b = free_now(); rc = p_create(&h, 2 * MIB, &prop, 0); a = free_now(); p_releaseHandle(h); report("create", b, a, free_now(), rc);
+    prop.locId = 1;
+    b = free_now(); rc = p_create(&h, 2 * MIB, &prop, 0); a = free_now(); p_releaseHandle(h); report("create_other_card", b, a, free_now(), rc);
+    CUarray arr; ArrayDesc d = {256, 256, 0x20, 4};
+    b = free_now(); rc = p_array(&arr, &d); a = free_now(); p_arrayDestroy(arr); report("array", b, a, free_now(), rc);
+    Array3DDesc d3 = {64, 64, 64, 0x01, 1, 0};
+    b = free_now(); rc = p_array3d(&arr, &d3); a = free_now(); p_arrayDestroy(arr); report("array3d", b, a, free_now(), rc);
+    CUcontext primary, extra;
+    b = free_now(); rc = p_ctxCreate(&extra, 0, 0);
+    a = free_now(); p_ctxDestroy(extra);
+    p_retain(&primary, 0); p_setCurrent(primary); p_release(0);
+    report("context", b, a, free_now(), rc);
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IONBF, 0);
+    resolve();
+    const char *scenario = argc > 1 ? argv[1] : "info";
+    int device = getenv("CLIENT_DEVICE") ? atoi(getenv("CLIENT_DEVICE")) : 0;
+    if (start(device) != 0) return 3;
+    static CUdeviceptr ptrs[4096];
+    if (!strcmp(scenario, "info")) {
+        print_info();
+    } else if (!strcmp(scenario, "fill")) {
+        int n = fill(strtoull(argv[2], NULL, 10), ptrs, 4096);
+        for (int i = 0; i < n; i++) p_free(ptrs[i]);
+        print_info();
+    } else if (!strcmp(scenario, "fillhold")) {
+        fill(strtoull(argv[2], NULL, 10), ptrs, 4096);
+        sleep(atoi(argv[3]));
+    } else if (!strcmp(scenario, "exact")) {
+        size_t f = free_now();
+        CUdeviceptr big, one;
+        CUresult rc1 = p_alloc(&big, f);
+        CUresult rc2 = p_alloc(&one, 1);
+        printf("free_before=%zu whole=%d one_more=%d free_at_cap=%zu\n", f, rc1, rc2, free_now());
+        p_free(big);
+        CUresult rc3 = p_alloc(&big, f);
+        printf("again=%d\n", rc3);
+    } else if (!strcmp(scenario, "paths")) {
+        paths();
+    } else if (!strcmp(scenario, "hold")) {
+        CUresult rc = p_alloc(&ptrs[0], strtoull(argv[2], NULL, 10) * MIB);
+        printf("held=%d\n", rc);
+        sleep(60);
+    } else if (!strcmp(scenario, "try")) {
+        CUresult rc = p_alloc(&ptrs[0], strtoull(argv[2], NULL, 10) * MIB);
+        printf("try=%d\n", rc);
+    } else if (!strcmp(scenario, "unknownfree")) {
+        size_t b = free_now();
+        CUresult rc = p_free(0xdead0000ULL);
+        printf("unknown_free=%d unchanged=%d\n", rc, b == free_now());
+    } else if (!strcmp(scenario, "fork")) {
+        p_alloc(&ptrs[0], 100 * MIB);
+        pid_t child = fork();
+        if (child == 0) {
+            CUcontext ctx;
+            p_retain(&ctx, 0);
+            CUresult rc = p_alloc(&ptrs[1], 50 * MIB);
+            printf("child_alloc=%d\n", rc);
+            _exit(0); /* leaves its 50 MiB charged: reclaimed when it is gone */
+        }
+        int status;
+        waitpid(child, &status, 0);
+        size_t room = 1024 * MIB - 64 * MIB - 100 * MIB;
+        CUresult rc1 = p_alloc(&ptrs[2], room);
+        CUresult rc2 = p_alloc(&ptrs[3], 1 * MIB);
+        printf("parent_rest=%d parent_one_more=%d\n", rc1, rc2);
+#if defined(MODE_PROCADDR)
+    } else if (!strcmp(scenario, "procaddr")) {
+        void *fn = NULL; int st = -1;
+        CUresult (*ptsz)(CUdeviceptr *, size_t, void *) = NULL;
+        p_getProc("cuMemAllocAsync", (void **)&ptsz, 12000, 2 /* PER_THREAD */, &st);
+        unsigned long long (*calls)(void) = dlsym(driver, "fake_cuda_ptsz_calls");
+        size_t b = free_now();
+        CUdeviceptr p;
+        CUresult rc = ptsz(&p, 8 * MIB, NULL);
+        printf("ptsz_rc=%d ptsz_calls=%llu ptsz_charged=%zu\n", rc, calls(), b - free_now());
+        Dl_info info;
+        dladdr((void *)ptsz, &info);
+        printf("ptsz_in=%s\n", strstr(info.dli_fname, "libtessera_cuda") ? "tessera" : info.dli_fname);
+        p_getProc("cuMemAlloc", &fn, 2000, 0, &st);
+        printf("legacy_untouched=%d\n", fn == dlsym(driver, "cuMemAlloc"));
+        p_getProc("cuGetProcAddress", &fn, 12000, 0, &st);
+        dladdr(fn, &info);
+        printf("getproc_in=%s\n", strstr(info.dli_fname, "libtessera_cuda") ? "tessera" : info.dli_fname);
+        p_getProc("cuCtxGetDevice", &fn, 2000, 0, &st);
+        dladdr(fn, &info);
+        printf("unhooked_in=%s\n", strstr(info.dli_fname, "libtessera_cuda") ? "tessera" : "driver");
+#endif
+    } else {
+        printf("unknown scenario %s\n", scenario);
+        return 2;
+    }
+    return 0;
+}
