@@ -208,3 +208,63 @@ impl Metrics {
         axum::serve(listener, app).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::fake::FakeGpus;
+    use crate::host_files::HostLayout;
+    use crate::sweep::container_records;
+    use serde_json::json;
+    use tessera_api::shared_region::{SharedRegion, REGION_SIZE};
+
+    #[repr(C, align(64))]
+    struct Lines([[u8; 64]; REGION_SIZE.div_ceil(64)]);
+
+    #[test]
+    fn renders_host_and_container_usage_with_hami_names() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let layout = HostLayout::new(temp.path());
+        let gpus = FakeGpus::parse("2x NVIDIA A10G 23028", "n").expect("parses");
+        let cards: Arc<[GpuInfo]> = gpus.discover().expect("cards").into();
+        gpus.control().set_usage(&cards[1].uuid, 3 << 30, 0.25);
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u1", "annotations": {
+                "hami.io/vgpu-devices-allocated": format!("{},NVIDIA,4096,30:;", cards[1].uuid)
+            }},
+            "spec": {"containers": [{"name": "main", "image": "x"}]}
+        }))
+        .expect("pod");
+        let dir = layout
+            .prepare_container_dir("u1", "main", None)
+            .expect("dir");
+        let mut lines = Box::new(Lines([[0; 64]; REGION_SIZE.div_ceil(64)]));
+        // SAFETY: aligned, large enough, used only here.
+        let region =
+            unsafe { SharedRegion::from_raw(lines.0.as_mut_ptr().cast::<u8>(), REGION_SIZE) }
+                .expect("region");
+        region.initialise();
+        region.devices[0]
+            .limit_bytes
+            .store(4096 << 20, std::sync::atomic::Ordering::Relaxed);
+        region.charge(0, 0, 1000 << 20, 4096 << 20).expect("fits");
+        let bytes: Vec<u8> = lines
+            .0
+            .iter()
+            .flatten()
+            .copied()
+            .take(REGION_SIZE)
+            .collect();
+        std::fs::write(dir.join(crate::host_files::REGION_FILE), bytes).expect("write");
+
+        let index: ContainerIndex = Arc::new(RwLock::new(container_records(&[pod], &layout)));
+        let metrics = Metrics::new(Arc::new(gpus), Arc::clone(&cards), index);
+        let text = metrics.render();
+        let uuid = &cards[1].uuid;
+        let expect = |line: String| assert!(text.contains(&line), "missing `{line}` in\n{text}");
+        expect(format!("hami_vgpu_memory_used_bytes{{podnamespace=\"ns\",podname=\"p\",ctrname=\"main\",vdeviceid=\"0\",deviceuuid=\"{uuid}\"}} 1048576000"));
+        expect(format!("hami_vgpu_memory_limit_bytes{{podnamespace=\"ns\",podname=\"p\",ctrname=\"main\",vdeviceid=\"0\",deviceuuid=\"{uuid}\"}} 4294967296"));
+        expect(format!("hami_host_gpu_memory_used_bytes{{deviceidx=\"1\",deviceuuid=\"{uuid}\",devicetype=\"NVIDIA-NVIDIA A10G\"}} 3221225472"));
+        expect(format!("hami_host_gpu_utilization_ratio{{deviceidx=\"1\",deviceuuid=\"{uuid}\",devicetype=\"NVIDIA-NVIDIA A10G\"}} 0.25"));
+    }
+}
