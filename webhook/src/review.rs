@@ -174,7 +174,8 @@ struct OutgoingStatus {
     message: String,
 }
 
-/// The response body for a decision, addressed to `review`.
+/// The response body for `decision`, addressed to the request `uid` in
+/// the review version `api_version` it came in.
 pub fn response_body(api_version: &str, uid: &str, decision: &AdmissionDecision) -> Vec<u8> {
     let response = match decision {
         AdmissionDecision::Allowed { patch, .. } => OutgoingResponse {
