@@ -436,3 +436,101 @@ fn written_value(container: &Container, resource: &str) -> Option<String> {
         .or_else(|| resources.requests.as_ref().and_then(|r| r.get(resource)))
         .map(|q| q.0.clone())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(value: serde_json::Value) -> Pod {
+        serde_json::from_value(value).expect("valid pod")
+    }
+
+    fn gpu_pod(extra_spec: serde_json::Value) -> Pod {
+        let mut value = json!({"metadata": {"name": "p"}, "spec": {"containers": [
+            {"name": "main", "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+        ]}});
+        json_patch::merge(&mut value, &json!({ "spec": extra_spec }));
+        pod(value)
+    }
+
+    fn reason(decision: &AdmissionDecision) -> Option<AllowReason> {
+        match decision {
+            AdmissionDecision::Allowed { reason, .. } => Some(*reason),
+            AdmissionDecision::Denied(_) => None,
+        }
+    }
+
+    #[test]
+    fn each_path_reports_its_reason() {
+        let config = Config::default();
+        let cpu_only = pod(
+            json!({"spec": {"containers": [{"name": "c", "resources": {"limits": {"cpu": "1"}}}]}}),
+        );
+        assert_eq!(
+            reason(&admit(&cpu_only, None, &config)),
+            Some(AllowReason::NoGpuRequest)
+        );
+        assert_eq!(
+            reason(&admit(&gpu_pod(json!({})), None, &config)),
+            Some(AllowReason::Mutated)
+        );
+        assert_eq!(
+            reason(&admit(
+                &gpu_pod(json!({"schedulerName": "volcano"})),
+                None,
+                &config
+            )),
+            Some(AllowReason::OtherScheduler)
+        );
+        let complete = pod(
+            json!({"spec": {"schedulerName": "tessera-scheduler", "containers": [
+                {"name": "main", "resources": {"limits": {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "100"}}}
+            ]}}),
+        );
+        assert_eq!(
+            admit(&complete, None, &config),
+            AdmissionDecision::Allowed {
+                reason: AllowReason::AlreadyComplete,
+                patch: None
+            }
+        );
+        let bound = admit(&gpu_pod(json!({"nodeName": "n1"})), None, &config);
+        assert_eq!(
+            bound,
+            AdmissionDecision::Denied(Denial::NodeNameSet { node: "n1".into() })
+        );
+    }
+
+    #[test]
+    fn the_patch_for_a_pod_without_scheduler_name_adds_it() {
+        let decision = admit(&gpu_pod(json!({})), None, &Config::default());
+        let patch = serde_json::to_value(decision.patch().expect("patch")).unwrap();
+        assert_eq!(
+            patch,
+            json!([
+                {"op": "add", "path": "/spec/containers/0/resources/limits/nvidia.com~1gpumem-percentage", "value": "100"},
+                {"op": "add", "path": "/spec/containers/0/resources/limits/nvidia.com~1gpucores", "value": "100"},
+                {"op": "add", "path": "/spec/schedulerName", "value": "tessera-scheduler"}
+            ])
+        );
+    }
+
+    #[test]
+    fn denial_codes_and_reasons() {
+        let forged = Denial::ForgedAllocation {
+            keys: vec!["hami.io/vgpu-node".into()],
+        };
+        assert_eq!((forged.code(), forged.status_reason()), (403, "Forbidden"));
+        let too_big = Denial::MemoryAboveLargestCard {
+            container: "c".into(),
+            resource: "nvidia.com/gpumem".into(),
+            value: "100000".into(),
+            mib: 100_000,
+            max_mib: 81_920,
+            percentage_resource: "nvidia.com/gpumem-percentage".into(),
+        };
+        assert_eq!((too_big.code(), too_big.status_reason()), (422, "Invalid"));
+        assert!(too_big.to_string().contains("from 1 to 81920"));
+    }
+}
