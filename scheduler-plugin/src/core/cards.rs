@@ -35,6 +35,8 @@ pub struct CardState {
     pub type_lowercase: String,
     /// What pods are charged on it.
     pub usage: CardUsage,
+    /// 1 / memory, 1 / cores, 1 / split count: fullness without divisions.
+    inverse_capacity: [f64; 3],
 }
 
 /// Why a card cannot take a container.
@@ -79,8 +81,18 @@ impl fmt::Display for CardRejection {
 impl CardState {
     /// Wraps an inventory entry with no charges.
     pub fn new(device: GpuDevice) -> Self {
+        let total_cores = if device.devcore == 0 {
+            100
+        } else {
+            device.devcore
+        };
         Self {
             type_lowercase: device.device_type.to_ascii_lowercase(),
+            inverse_capacity: [
+                1.0 / device.devmem.max(1) as f64,
+                1.0 / f64::from(total_cores),
+                0.01 / f64::from(device.count.max(1)),
+            ],
             device,
             usage: CardUsage::default(),
         }
@@ -146,9 +158,9 @@ impl CardState {
     /// How full the card is, 0 (empty) to about 2 (memory and cores full),
     /// for binpack and spread ordering.
     pub fn fullness(&self, usage: CardUsage) -> f64 {
-        let memory = usage.memory_mib as f64 / self.device.devmem.max(1) as f64;
-        let cores = f64::from(usage.cores) / f64::from(self.total_cores());
-        let slots = f64::from(usage.slots) / f64::from(self.device.count.max(1));
-        memory + cores + slots * 0.01
+        let [memory, cores, slots] = self.inverse_capacity;
+        usage.memory_mib as f64 * memory
+            + f64::from(usage.cores) * cores
+            + f64::from(usage.slots) * slots
     }
 }

@@ -14,8 +14,17 @@ use super::requirements::{ContainerNeed, PodRequirements};
 #[derive(Debug, Default)]
 pub struct FitScratch {
     usage: Vec<CardUsage>,
-    candidates: Vec<(usize, u64)>,
+    candidates: Vec<Candidate>,
     rejections: Vec<CardRejection>,
+}
+
+/// A card that can take the container: index, MiB it would take, and its
+/// fullness before (the ordering key).
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    card: usize,
+    memory_mib: u64,
+    fullness: f64,
 }
 
 /// A card picked for a container: index into the node's cards, MiB, cores.
@@ -111,20 +120,34 @@ fn fit_container(
     scratch.rejections.clear();
     for (index, card) in cards.iter().enumerate() {
         match card.fits(scratch.usage[index], request, &pod.policy) {
-            Ok(memory) => scratch.candidates.push((index, memory)),
+            Ok(memory) => scratch.candidates.push(Candidate {
+                card: index,
+                memory_mib: memory,
+                fullness: card.fullness(scratch.usage[index]),
+            }),
             Err(rejection) => scratch.rejections.push(rejection),
         }
     }
     if scratch.candidates.len() < wanted {
         return Err(misfit(need, request, &pod.policy, cards.len(), scratch));
     }
-    order_candidates(
-        cards,
-        &scratch.usage,
-        pod.gpu_policy,
-        &mut scratch.candidates,
-    );
-    if pod.policy.numa_bind || (pod.gpu_policy == GpuPolicy::TopologyAware && wanted > 1) {
+    let numa_matters =
+        pod.policy.numa_bind || (pod.gpu_policy == GpuPolicy::TopologyAware && wanted > 1);
+    if wanted == 1 && !numa_matters {
+        // The common case: one card; no need to order the rest.
+        let best = scratch.candidates.iter().copied().reduce(|a, b| {
+            if prefer(cards, pod.gpu_policy, &b, &a) {
+                b
+            } else {
+                a
+            }
+        });
+        scratch.candidates.clear();
+        scratch.candidates.extend(best);
+    } else {
+        order_candidates(cards, pod.gpu_policy, &mut scratch.candidates);
+    }
+    if numa_matters {
         if !keep_one_numa_node(cards, wanted, &mut scratch.candidates) && pod.policy.numa_bind {
             scratch.rejections.clear();
             scratch.rejections.push(CardRejection::NumaMismatch);
@@ -132,12 +155,12 @@ fn fit_container(
         }
     }
     let mut picks = with_picks.then(|| Vec::with_capacity(wanted));
-    for &(index, memory) in scratch.candidates.iter().take(wanted) {
-        scratch.usage[index].add(memory, request.cores);
+    for candidate in scratch.candidates.iter().take(wanted) {
+        scratch.usage[candidate.card].add(candidate.memory_mib, request.cores);
         if let Some(picks) = picks.as_mut() {
             picks.push(CardPick {
-                card: index,
-                memory_mib: memory,
+                card: candidate.card,
+                memory_mib: candidate.memory_mib,
                 cores: request.cores,
             });
         }
@@ -145,47 +168,46 @@ fn fit_container(
     Ok(picks)
 }
 
-/// Orders candidate cards: binpack fullest first, spread emptiest first,
-/// ties by card index so decisions are deterministic.
-fn order_candidates(
+/// Whether `a` comes before `b`: binpack fullest first, spread emptiest
+/// first, ties by card index so decisions are deterministic.
+fn prefer(cards: &[CardState], policy: GpuPolicy, a: &Candidate, b: &Candidate) -> bool {
+    order(cards, policy, a, b) == std::cmp::Ordering::Less
+}
+
+fn order(
     cards: &[CardState],
-    usage: &[CardUsage],
     policy: GpuPolicy,
-    candidates: &mut [(usize, u64)],
-) {
-    let fullest_first = matches!(policy, GpuPolicy::Binpack | GpuPolicy::TopologyAware);
-    candidates.sort_by(|a, b| {
-        let fa = cards[a.0].fullness(usage[a.0]);
-        let fb = cards[b.0].fullness(usage[b.0]);
-        let by_fullness = if fullest_first {
-            fb.total_cmp(&fa)
-        } else {
-            fa.total_cmp(&fb)
-        };
-        by_fullness.then(cards[a.0].device.index.cmp(&cards[b.0].device.index))
-    });
+    a: &Candidate,
+    b: &Candidate,
+) -> std::cmp::Ordering {
+    let by_fullness = match policy {
+        GpuPolicy::Binpack | GpuPolicy::TopologyAware => b.fullness.total_cmp(&a.fullness),
+        GpuPolicy::Spread => a.fullness.total_cmp(&b.fullness),
+    };
+    by_fullness.then(cards[a.card].device.index.cmp(&cards[b.card].device.index))
+}
+
+/// Orders candidate cards by the GPU policy.
+fn order_candidates(cards: &[CardState], policy: GpuPolicy, candidates: &mut [Candidate]) {
+    candidates.sort_by(|a, b| order(cards, policy, a, b));
 }
 
 /// Keeps, in order, the candidates of the first NUMA node (in candidate
 /// order) that has `wanted` of them. Returns false when none has.
-fn keep_one_numa_node(
-    cards: &[CardState],
-    wanted: usize,
-    candidates: &mut Vec<(usize, u64)>,
-) -> bool {
+fn keep_one_numa_node(cards: &[CardState], wanted: usize, candidates: &mut Vec<Candidate>) -> bool {
     let chosen = candidates
         .iter()
-        .map(|c| cards[c.0].device.numa)
+        .map(|c| cards[c.card].device.numa)
         .find(|numa| {
             candidates
                 .iter()
-                .filter(|c| cards[c.0].device.numa == *numa)
+                .filter(|c| cards[c.card].device.numa == *numa)
                 .count()
                 >= wanted
         });
     match chosen {
         Some(numa) => {
-            candidates.retain(|c| cards[c.0].device.numa == numa);
+            candidates.retain(|c| cards[c.card].device.numa == numa);
             true
         }
         None => false,

@@ -82,6 +82,7 @@ struct Shared {
     bind_slots: Arc<Semaphore>,
     nodes_synced: AtomicBool,
     pods_synced: AtomicBool,
+    synced: watch::Sender<bool>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -143,6 +144,7 @@ impl Scheduler {
                 notifier,
                 nodes_synced: AtomicBool::new(false),
                 pods_synced: AtomicBool::new(false),
+                synced: watch::channel(false).0,
             }),
         }
     }
@@ -306,7 +308,10 @@ impl Scheduler {
         let delete = |node: &Node| {
             lock(&self.shared.state).remove_node(node.metadata.name.as_deref().unwrap_or(""));
         };
-        let synced = || self.shared.nodes_synced.store(true, Ordering::Relaxed);
+        let synced = || {
+            self.shared.nodes_synced.store(true, Ordering::Relaxed);
+            self.shared.synced.send_replace(self.is_synced());
+        };
         Self::reflect(stream, apply, delete, synced, |n: &Node| {
             n.metadata.name.clone().unwrap_or_default()
         })
@@ -340,7 +345,10 @@ impl Scheduler {
         let stream = watcher(api, watcher::Config::default()).default_backoff();
         let apply = |pod: &Pod| self.pod_changed(pod);
         let delete = |pod: &Pod| self.pod_deleted(pod);
-        let synced = || self.shared.pods_synced.store(true, Ordering::Relaxed);
+        let synced = || {
+            self.shared.pods_synced.store(true, Ordering::Relaxed);
+            self.shared.synced.send_replace(self.is_synced());
+        };
         Self::reflect(stream, apply, delete, synced, pod_key).await?;
         Err(ShellError::WatchEnded("pod"))
     }
@@ -400,6 +408,11 @@ impl Scheduler {
     }
 
     async fn decision_loop(self, mut leading: watch::Receiver<bool>) {
+        // Deciding before every bound pod is known could hand out its cards twice.
+        let mut synced = self.shared.synced.subscribe();
+        if synced.wait_for(|s| *s).await.is_err() {
+            return;
+        }
         loop {
             if leading.wait_for(|l| *l).await.is_err() {
                 return;

@@ -7,7 +7,9 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::Notify;
 
@@ -139,7 +141,7 @@ impl SchedulingQueue {
             };
             match wake_at {
                 Some(at) => {
-                    let _ = tokio::time::timeout_at(at.into(), notified).await;
+                    let _ = tokio::time::timeout_at(at, notified).await;
                 }
                 None => notified.await,
             }

@@ -1,0 +1,135 @@
+//! Placement-core benchmark: decisions per second on a snapshot of 1,000
+//! nodes × 8 GPUs with half the cards partly used. Each decision is timed
+//! on its own; prints throughput, median and p99.
+//!
+//! `cargo bench -p tessera-scheduler --bench placement`
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use serde_json::json;
+use tessera_api::config::Config;
+use tessera_api::inventory::{encode_inventory, GpuDevice};
+use tessera_scheduler::core::{ClusterState, PodRequirements};
+
+const NODES: u32 = 1000;
+const CARDS: u32 = 8;
+
+fn snapshot() -> ClusterState {
+    let mut state = ClusterState::new(Config::default());
+    for n in 0..NODES {
+        let kind = if n % 2 == 0 {
+            "Tesla T4"
+        } else {
+            "NVIDIA A10G"
+        };
+        let devmem = if n % 2 == 0 { 15360 } else { 23028 };
+        let devices: Vec<GpuDevice> = (0..CARDS)
+            .map(|i| GpuDevice {
+                id: format!("GPU-{n:04}-{i}"),
+                index: i,
+                count: 10,
+                devmem,
+                devcore: 100,
+                device_type: format!("NVIDIA-{kind}"),
+                numa: i32::try_from(i / 4).unwrap_or(0),
+                mode: "hami-core".into(),
+                health: true,
+            })
+            .collect();
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": format!("node-{n:04}"),
+            "labels": {"gpu": "on"}, "annotations": {"hami.io/node-nvidia-register": encode_inventory(&devices)}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                       "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110"}}}))
+        .expect("node");
+        state.upsert_node(&node);
+        // Half the cards partly used: cards 0..4 of every node carry a pod.
+        for i in 0..CARDS / 2 {
+            let pod: Pod = serde_json::from_value(json!({"metadata": {"name": format!("load-{n}-{i}"), "namespace": "load",
+                "annotations": {"hami.io/vgpu-devices-allocated": format!("GPU-{n:04}-{i},NVIDIA,{},{}:;", 2000 + 500 * i, 10 * i)}},
+                "spec": {"nodeName": format!("node-{n:04}"), "containers": [{"name": "c", "resources": {"requests": {"cpu": "1"}}}]},
+                "status": {"phase": "Running"}}))
+            .expect("pod");
+            state.observe_pod(&pod);
+        }
+    }
+    state
+}
+
+fn pods() -> Vec<Pod> {
+    let shapes = [
+        json!({"nvidia.com/gpumem": "7500"}),
+        json!({"nvidia.com/gpumem-percentage": "45", "nvidia.com/gpucores": "30"}),
+        json!({"nvidia.com/gpu": "2", "nvidia.com/gpumem": "4000"}),
+        json!({"nvidia.com/gpumem": "12000", "nvidia.com/gpucores": "50"}),
+    ];
+    let policies = [
+        json!({}),
+        json!({"hami.io/gpu-scheduler-policy": "binpack"}),
+        json!({"nvidia.com/use-gputype": "A10G"}),
+        json!({"hami.io/node-scheduler-policy": "spread"}),
+    ];
+    (0..64)
+        .map(|i| {
+            serde_json::from_value(json!({"metadata": {"name": format!("p{i}"), "namespace": "bench", "annotations": policies[i % 4]},
+                "spec": {"schedulerName": "tessera-scheduler", "containers": [{"name": "main",
+                    "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": shapes[(i / 4) % 4]}}]}}))
+            .expect("pod")
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+fn main() {
+    let state = snapshot();
+    let config = Config::default();
+    let requirements: Vec<PodRequirements> = pods()
+        .iter()
+        .map(|p| PodRequirements::from_pod(p, &config).expect("valid"))
+        .collect();
+    // Warm up.
+    for r in requirements.iter().cycle().take(200) {
+        let _ = state.schedule_requirements(r);
+    }
+    let iterations = 20_000;
+    let mut times = Vec::with_capacity(iterations);
+    let mut placed = 0usize;
+    let started = Instant::now();
+    for r in requirements.iter().cycle().take(iterations) {
+        let t = Instant::now();
+        let result = state.schedule_requirements(r);
+        times.push(t.elapsed());
+        placed += usize::from(result.is_ok());
+    }
+    let total = started.elapsed();
+    // From a Pod object, including reading the request.
+    let raw = pods();
+    let t = Instant::now();
+    for p in raw.iter().cycle().take(5_000) {
+        let _ = state.schedule(p);
+    }
+    let with_parsing = t.elapsed() / 5_000;
+    times.sort();
+    println!("placement core: {NODES} nodes x {CARDS} GPUs, half the cards partly used, one core");
+    println!("  decisions:          {iterations} ({placed} placed)");
+    println!(
+        "  throughput:         {:.0} decisions/s",
+        iterations as f64 / total.as_secs_f64()
+    );
+    println!(
+        "  median:             {:.1} us",
+        percentile(&times, 0.5).as_secs_f64() * 1e6
+    );
+    println!(
+        "  p99:                {:.1} us",
+        percentile(&times, 0.99).as_secs_f64() * 1e6
+    );
+    println!(
+        "  from Pod (incl. request parsing): {:.1} us/decision",
+        with_parsing.as_secs_f64() * 1e6
+    );
+}
