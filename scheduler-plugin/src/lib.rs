@@ -7,4 +7,5 @@
 //! make it operable.
 
 pub mod core;
+pub mod options;
 pub mod shell;

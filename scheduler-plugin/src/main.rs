@@ -1,51 +1,14 @@
 //! `tessera-scheduler`: parses flags, sets up logging, and runs the
 //! scheduler shell with its metrics server.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
 use tessera_api::config::Config;
+use tessera_scheduler::options::Args;
 use tessera_scheduler::shell::leader::LeaseSettings;
 use tessera_scheduler::shell::{Scheduler, ShellOptions};
-
-/// Tessera's scheduler for GPU pods (pods with `schedulerName: <config schedulerName>`).
-#[derive(Debug, Parser)]
-#[command(name = "tessera-scheduler", version)]
-struct Args {
-    /// Tessera config file (YAML); defaults apply when absent.
-    #[arg(long, env = "TESSERA_CONFIG")]
-    config: Option<PathBuf>,
-    /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, default_value = "0.0.0.0:9395")]
-    metrics_address: SocketAddr,
-    /// Run leader election on a Lease so only one replica binds.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    leader_elect: bool,
-    /// Namespace of the Lease.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
-    lease_namespace: String,
-    /// Name of the Lease.
-    #[arg(long, default_value = "tessera-scheduler")]
-    lease_name: String,
-    /// This replica's identity (defaults to the pod name).
-    #[arg(long, env = "POD_NAME", default_value = "tessera-scheduler")]
-    identity: String,
-    /// Seconds a lease stays valid without renewal.
-    #[arg(long, default_value_t = 15)]
-    lease_duration_seconds: u64,
-    /// Binds in flight at once.
-    #[arg(long, default_value_t = 64)]
-    bind_concurrency: usize,
-    /// Publish a `Scheduled` Event per placed pod.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    scheduled_events: bool,
-    /// Log as JSON (for clusters) instead of text.
-    #[arg(long, default_value_t = false)]
-    log_json: bool,
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

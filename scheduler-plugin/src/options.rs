@@ -1,0 +1,43 @@
+//! Command-line options of `tessera-scheduler` (clap), in the library so
+//! manifests can be tested against the real parser.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Tessera's scheduler for GPU pods (pods with `schedulerName: <config schedulerName>`).
+#[derive(Debug, Parser)]
+#[command(name = "tessera-scheduler", version)]
+pub struct Args {
+    /// Tessera config file (YAML); defaults apply when absent.
+    #[arg(long, env = "TESSERA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:9395")]
+    pub metrics_address: SocketAddr,
+    /// Run leader election on a Lease so only one replica binds.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
+    pub lease_namespace: String,
+    /// Name of the Lease.
+    #[arg(long, default_value = "tessera-scheduler")]
+    pub lease_name: String,
+    /// This replica's identity (defaults to the pod name).
+    #[arg(long, env = "POD_NAME", default_value = "tessera-scheduler")]
+    pub identity: String,
+    /// Seconds a lease stays valid without renewal.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// Binds in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub bind_concurrency: usize,
+    /// Publish a `Scheduled` Event per placed pod.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub scheduled_events: bool,
+    /// Log as JSON (for clusters) instead of text.
+    #[arg(long, default_value_t = false)]
+    pub log_json: bool,
+}
