@@ -147,12 +147,13 @@ fn fit_container(
     } else {
         order_candidates(cards, pod.gpu_policy, &mut scratch.candidates);
     }
-    if numa_matters {
-        if !keep_one_numa_node(cards, wanted, &mut scratch.candidates) && pod.policy.numa_bind {
-            scratch.rejections.clear();
-            scratch.rejections.push(CardRejection::NumaMismatch);
-            return Err(misfit(need, request, &pod.policy, cards.len(), scratch));
-        }
+    if numa_matters
+        && !keep_one_numa_node(cards, wanted, &mut scratch.candidates)
+        && pod.policy.numa_bind
+    {
+        scratch.rejections.clear();
+        scratch.rejections.push(CardRejection::NumaMismatch);
+        return Err(misfit(need, request, &pod.policy, cards.len(), scratch));
     }
     let mut picks = with_picks.then(|| Vec::with_capacity(wanted));
     for candidate in scratch.candidates.iter().take(wanted) {
