@@ -62,26 +62,19 @@ impl Quantity {
     /// The value rounded up to a whole number (how Kubernetes reports
     /// `Value()` of a fractional quantity); `None` when out of range.
     pub fn to_integer_ceil(&self) -> Option<i64> {
-        let whole = self.nanos.div_euclid(NANOS_PER_UNIT);
-        let rounded = if self.nanos.rem_euclid(NANOS_PER_UNIT) == 0 {
-            whole
-        } else {
-            whole + 1
-        };
-        i64::try_from(rounded).ok()
+        self.ceil_in_units_of(NANOS_PER_UNIT)
     }
 
     /// The value in thousandths, rounded up (Kubernetes' `MilliValue`), for
     /// CPU accounting.
     pub fn to_millis_ceil(&self) -> Option<i64> {
-        let per_milli = NANOS_PER_UNIT / 1000;
-        let whole = self.nanos.div_euclid(per_milli);
-        let rounded = if self.nanos.rem_euclid(per_milli) == 0 {
-            whole
-        } else {
-            whole + 1
-        };
-        i64::try_from(rounded).ok()
+        self.ceil_in_units_of(NANOS_PER_UNIT / 1000)
+    }
+
+    fn ceil_in_units_of(&self, unit_nanos: i128) -> Option<i64> {
+        let whole = self.nanos.div_euclid(unit_nanos);
+        let remainder = self.nanos.rem_euclid(unit_nanos);
+        i64::try_from(whole + i128::from(remainder != 0)).ok()
     }
 
     /// Reads a GPU memory quantity as MiB: a plain number is MiB (HAMi's

@@ -59,6 +59,17 @@ pub struct PodCharge {
     pub assumed: bool,
 }
 
+impl CardCharge {
+    fn empty(uuid: &str) -> Self {
+        Self {
+            uuid: uuid.to_owned(),
+            memory_mib: 0,
+            cores: 0,
+            slots: 0,
+        }
+    }
+}
+
 impl PodCharge {
     /// Builds a charge from per-container devices, init containers first.
     pub fn from_devices(
@@ -68,37 +79,29 @@ impl PodCharge {
         app: &[Vec<ContainerDevice>],
         assumed: bool,
     ) -> Self {
-        let mut app_sum: BTreeMap<&str, CardCharge> = BTreeMap::new();
+        let mut per_card: BTreeMap<&str, CardCharge> = BTreeMap::new();
         for device in app.iter().flatten() {
-            let entry = app_sum
+            let charge = per_card
                 .entry(device.uuid.as_str())
-                .or_insert_with(|| CardCharge {
-                    uuid: device.uuid.clone(),
-                    memory_mib: 0,
-                    cores: 0,
-                    slots: 0,
-                });
-            entry.memory_mib += device.memory_mib;
-            entry.cores += device.cores;
-            entry.slots += 1;
+                .or_insert_with(|| CardCharge::empty(&device.uuid));
+            charge.memory_mib += device.memory_mib;
+            charge.cores += device.cores;
+            charge.slots += 1;
         }
+        // Init containers run one at a time before the app containers: the
+        // card carries the larger of either, not their sum.
         for device in init.iter().flatten() {
-            let entry = app_sum
+            let charge = per_card
                 .entry(device.uuid.as_str())
-                .or_insert_with(|| CardCharge {
-                    uuid: device.uuid.clone(),
-                    memory_mib: 0,
-                    cores: 0,
-                    slots: 0,
-                });
-            entry.memory_mib = entry.memory_mib.max(device.memory_mib);
-            entry.cores = entry.cores.max(device.cores);
-            entry.slots = entry.slots.max(1);
+                .or_insert_with(|| CardCharge::empty(&device.uuid));
+            charge.memory_mib = charge.memory_mib.max(device.memory_mib);
+            charge.cores = charge.cores.max(device.cores);
+            charge.slots = charge.slots.max(1);
         }
         Self {
             node,
             resources,
-            cards: app_sum.into_values().collect(),
+            cards: per_card.into_values().collect(),
             assumed,
         }
     }
