@@ -12,7 +12,7 @@ use crate::accounting::{Accounting, MEASURING};
 use crate::driver::Hook;
 use crate::ffi::*;
 use crate::log::{log, INFO};
-use crate::nvml_hooks::device_used_per_nvml;
+use crate::nvml_hooks::{usage_per_nvml, UsageSample};
 use crate::ptr_table::PtrTable;
 use crate::state;
 use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -440,8 +440,9 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, device: CuDevice
     rc
 }
 
-/// What creating a context cost on its card, by NVML's device-wide usage
-/// before and after `create`, charged to this process within the cap. A
+/// What creating a context cost on its card, by NVML's reading of this
+/// process's usage (or, where NVML cannot list us, the card's) before and
+/// after `create`, charged to this process within the cap. A
 /// context that does not fit is undone with `undo` and refused with
 /// `CUDA_ERROR_OUT_OF_MEMORY`: the container must never hold more than its
 /// slice, contexts included. Returns the result and the bytes charged.
@@ -451,14 +452,14 @@ fn measured_context(
     undo: impl FnOnce(),
     accounting: &Accounting,
 ) -> (CuResult, u64) {
-    let before = device_used_per_nvml(device as CuDevice);
+    let before = usage_per_nvml(device as CuDevice);
     let rc = create();
     if rc != CUDA_SUCCESS {
         return (rc, 0);
     }
-    let after = device_used_per_nvml(device as CuDevice);
+    let after = usage_per_nvml(device as CuDevice);
     let overhead = match (before, after) {
-        (Some(b), Some(a)) => a.saturating_sub(b),
+        (Some(b), Some(a)) => UsageSample::growth(b, a),
         _ => 0,
     };
     if overhead > 0 && accounting.charge(device, overhead).is_err() {

@@ -217,6 +217,8 @@ pub struct NvmlLibrary {
     pub device_index: usize,
     /// `nvmlDeviceGetHandleByUUID`.
     pub handle_by_uuid: usize,
+    /// `nvmlDeviceGetComputeRunningProcesses_v3` (or `_v2`, same layout).
+    pub running_processes: usize,
 }
 
 impl NvmlLibrary {
@@ -228,6 +230,10 @@ impl NvmlLibrary {
             init: lib.symbol(c"nvmlInit_v2"),
             device_index: lib.symbol(c"nvmlDeviceGetIndex"),
             handle_by_uuid: lib.symbol(c"nvmlDeviceGetHandleByUUID"),
+            running_processes: match lib.symbol(c"nvmlDeviceGetComputeRunningProcesses_v3") {
+                0 => lib.symbol(c"nvmlDeviceGetComputeRunningProcesses_v2"),
+                f => f,
+            },
         })
     }
 

@@ -99,9 +99,74 @@ fn nvml_uuid(bytes: &[u8; 16]) -> String {
     )
 }
 
-/// Device-wide used memory of CUDA card `device` per NVML, matched by UUID
-/// (CUDA and NVML may number cards differently). `None` when NVML is absent.
-pub fn device_used_per_nvml(device: CuDevice) -> Option<u64> {
+/// `nvmlProcessInfo_t` (v2/v3 layout).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ProcessInfo {
+    pid: c_uint,
+    used_gpu_memory: u64,
+    gpu_instance_id: c_uint,
+    compute_instance_id: c_uint,
+}
+
+type RunningProcessesFn =
+    unsafe extern "C" fn(NvmlDevice, *mut c_uint, *mut ProcessInfo) -> NvmlReturn;
+
+/// How NVML sees a card's usage, for measuring what a context costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageSample {
+    /// This process's usage, when NVML lists it under our pid (not inside a
+    /// pid namespace, where NVML reports host pids).
+    pub own: Option<u64>,
+    /// Device-wide usage (every process on the card).
+    pub device: u64,
+}
+
+impl UsageSample {
+    /// Bytes added between `before` and `after`: our own usage when NVML
+    /// shows it (immune to other processes allocating meanwhile), else the
+    /// device-wide difference.
+    pub fn growth(before: UsageSample, after: UsageSample) -> u64 {
+        match after.own {
+            Some(own) => own.saturating_sub(before.own.unwrap_or(0)),
+            None => after.device.saturating_sub(before.device),
+        }
+    }
+}
+
+/// This process's usage of `device` per NVML's process list, if listed.
+fn own_usage(running: usize, device: NvmlDevice) -> Option<u64> {
+    if running == 0 {
+        return None;
+    }
+    let mut list = [ProcessInfo {
+        pid: 0,
+        used_gpu_memory: 0,
+        gpu_instance_id: 0,
+        compute_instance_id: 0,
+    }; 256];
+    let mut count = list.len() as c_uint;
+    // SAFETY: NVML's process query with a buffer of `count` entries.
+    let rc = unsafe {
+        std::mem::transmute::<usize, RunningProcessesFn>(running)(
+            device,
+            &mut count,
+            list.as_mut_ptr(),
+        )
+    };
+    if rc != NVML_SUCCESS {
+        return None;
+    }
+    let me = std::process::id();
+    list[..(count as usize).min(list.len())]
+        .iter()
+        .find(|p| p.pid == me)
+        .map(|p| p.used_gpu_memory)
+}
+
+/// NVML's view of CUDA card `device`, matched by UUID (CUDA and NVML may
+/// number cards differently). `None` when NVML is absent.
+pub fn usage_per_nvml(device: CuDevice) -> Option<UsageSample> {
     static NVML_READY: OnceLock<bool> = OnceLock::new();
     let cuda = state::cuda()?;
     let nvml = state::nvml()?;
@@ -146,7 +211,10 @@ pub fn device_used_per_nvml(device: CuDevice) -> Option<u64> {
         {
             return None;
         }
-        Some(memory.used)
+        Some(UsageSample {
+            own: own_usage(nvml.running_processes, handle),
+            device: memory.used,
+        })
     }
 }
 

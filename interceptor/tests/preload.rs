@@ -198,6 +198,20 @@ fn reports_the_cap_on_every_path() {
 }
 
 #[test]
+fn context_cost_is_measured_without_nvml_process_list_too() {
+    // Inside a pid namespace NVML lists host pids: fall back to the card's usage.
+    let out = run(
+        "cuda_dlsym",
+        &["info"],
+        &[
+            ("CUDA_DEVICE_MEMORY_LIMIT", "4g"),
+            ("FAKE_NVML_NO_PROCESSES", "1"),
+        ],
+    );
+    assert_eq!(value(&out, "free"), 4096 * MIB - CONTEXT);
+}
+
+#[test]
 fn passes_through_without_a_cap() {
     let (_dir, path) = shared_path("unused.cache");
     for client in CLIENTS {

@@ -218,3 +218,40 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     };
     SUCCESS
 }
+
+/// `nvmlProcessInfo_t` (v2/v3).
+#[repr(C)]
+#[derive(Debug)]
+pub struct ProcessInfo {
+    pid: c_uint,
+    used_gpu_memory: u64,
+    gpu_instance_id: c_uint,
+    compute_instance_id: c_uint,
+}
+
+/// Lists this process (the only one the fake card knows) when it uses the
+/// card. `FAKE_NVML_NO_PROCESSES=1` lists none, as inside a pid namespace.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
+    device: *const u8,
+    count: *mut c_uint,
+    infos: *mut ProcessInfo,
+) -> NvmlReturn {
+    let Some(i) = index_of(device) else {
+        return INVALID_ARGUMENT;
+    };
+    let used = used_bytes(i);
+    let listed = used > 0 && std::env::var_os("FAKE_NVML_NO_PROCESSES").is_none();
+    unsafe {
+        if listed && *count >= 1 {
+            *infos = ProcessInfo {
+                pid: std::process::id(),
+                used_gpu_memory: used,
+                gpu_instance_id: u32::MAX,
+                compute_instance_id: u32::MAX,
+            };
+        }
+        *count = listed as c_uint;
+    }
+    SUCCESS
+}
