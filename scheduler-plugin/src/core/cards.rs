@@ -31,8 +31,9 @@ impl CardUsage {
 pub struct CardState {
     /// The inventory entry.
     pub device: GpuDevice,
-    /// `device.device_type`, lowercased once for type matching.
-    pub type_lowercase: String,
+    /// Index of the card's type in the cluster's type table, so type
+    /// filters are evaluated once per type and decision, not per card.
+    pub type_id: usize,
     /// What pods are charged on it.
     pub usage: CardUsage,
     /// 1 / memory, 1 / cores, 1 / split count: fullness without divisions.
@@ -79,15 +80,16 @@ impl fmt::Display for CardRejection {
 }
 
 impl CardState {
-    /// Wraps an inventory entry with no charges.
-    pub fn new(device: GpuDevice) -> Self {
+    /// Wraps an inventory entry with no charges; `type_id` indexes the
+    /// cluster's table of lowercased card types.
+    pub fn new(device: GpuDevice, type_id: usize) -> Self {
         let total_cores = if device.devcore == 0 {
             100
         } else {
             device.devcore
         };
         Self {
-            type_lowercase: device.device_type.to_ascii_lowercase(),
+            type_id,
             inverse_capacity: [
                 1.0 / device.devmem.max(1) as f64,
                 1.0 / f64::from(total_cores),
@@ -98,34 +100,32 @@ impl CardState {
         }
     }
 
-    /// Whether the pod's type and UUID lists allow this card.
-    pub fn allowed_by(&self, policy: &PodGpuPolicy) -> Result<(), CardRejection> {
-        let t = self.type_lowercase.as_str();
-        if (!policy.use_types.is_empty()
-            && !policy.use_types.iter().any(|u| t.contains(u.as_str())))
-            || policy.avoid_types.iter().any(|u| t.contains(u.as_str()))
-        {
-            return Err(CardRejection::TypeNotAllowed);
-        }
-        if !policy.allows_uuid(&self.device.id) {
-            return Err(CardRejection::UuidNotAllowed);
-        }
-        Ok(())
+    /// Whether the pod's UUID lists allow this card.
+    fn uuid_allowed(&self, policy: &PodGpuPolicy) -> bool {
+        (policy.use_uuids.is_empty() && policy.avoid_uuids.is_empty())
+            || policy.allows_uuid(&self.device.id)
     }
 
     /// Checks whether a container's request fits given `usage` (the card's
-    /// charges plus what this decision already put on it); on success,
+    /// charges plus what this decision already put on it) and whether the
+    /// pod's type lists allow the card's type (`type_allowed`); on success,
     /// the MiB it would take.
     pub fn fits(
         &self,
         usage: CardUsage,
         request: &ResolvedGpuRequest,
         policy: &PodGpuPolicy,
+        type_allowed: bool,
     ) -> Result<u64, CardRejection> {
         if !self.device.health {
             return Err(CardRejection::Unhealthy);
         }
-        self.allowed_by(policy)?;
+        if !type_allowed {
+            return Err(CardRejection::TypeNotAllowed);
+        }
+        if !self.uuid_allowed(policy) {
+            return Err(CardRejection::UuidNotAllowed);
+        }
         if usage.slots >= self.device.count {
             return Err(CardRejection::NoSharingSlot);
         }

@@ -10,12 +10,40 @@ use tessera_api::request::{PodGpuPolicy, ResolvedGpuRequest};
 use super::cards::{CardRejection, CardState, CardUsage};
 use super::requirements::{ContainerNeed, PodRequirements};
 
-/// Reusable buffers so the filter loop does not allocate per node.
+/// Per-decision context and reusable buffers, so the filter loop does not
+/// allocate per node.
 #[derive(Debug, Default)]
 pub struct FitScratch {
     usage: Vec<CardUsage>,
     candidates: Vec<Candidate>,
     rejections: Vec<CardRejection>,
+    /// Whether the pod's type lists allow each type of the cluster's table.
+    type_allowed: Vec<bool>,
+    /// Build reasons for misfits (off on the first pass: most nodes that
+    /// fail do not need words unless no node fits).
+    explain: bool,
+    /// How much fuller the picked cards became (sum of card fullness).
+    fullness_added: f64,
+}
+
+impl FitScratch {
+    /// A scratch for one decision over a cluster whose lowercased card types
+    /// are `card_types`.
+    pub fn for_decision(card_types: &[String], policy: &PodGpuPolicy, explain: bool) -> Self {
+        let type_allowed = card_types
+            .iter()
+            .map(|t| {
+                (policy.use_types.is_empty()
+                    || policy.use_types.iter().any(|u| t.contains(u.as_str())))
+                    && !policy.avoid_types.iter().any(|u| t.contains(u.as_str()))
+            })
+            .collect();
+        Self {
+            type_allowed,
+            explain,
+            ..Self::default()
+        }
+    }
 }
 
 /// A card that can take the container: index, MiB it would take, and its
@@ -64,6 +92,7 @@ pub struct NodeFit {
 /// score is computed (no allocation in the common case).
 pub fn fit_pod(
     cards: &[CardState],
+    fullness_sum: f64,
     pod: &PodRequirements,
     scratch: &mut FitScratch,
     with_picks: bool,
@@ -75,28 +104,28 @@ pub fn fit_pod(
     }
     let mut init_picks = with_picks.then(Vec::new);
     for need in &pod.init_containers {
-        scratch.usage.clear();
-        scratch.usage.extend(cards.iter().map(|c| c.usage));
-        let picks = fit_container(cards, need, pod, scratch, with_picks)?;
+        // Each init container is placed alone against the node as it is.
+        let picks = fit_container(cards, need, pod, scratch, with_picks, true)?;
         if let Some(all) = init_picks.as_mut() {
             all.push(picks);
         }
     }
-    scratch.usage.clear();
-    scratch.usage.extend(cards.iter().map(|c| c.usage));
+    // With one GPU container nothing accumulates: read the cards' usage in
+    // place instead of copying it.
+    let alone = pod.containers.iter().filter(|c| c.gpu.is_some()).count() <= 1;
+    if !alone {
+        scratch.usage.clear();
+        scratch.usage.extend(cards.iter().map(|c| c.usage));
+    }
+    scratch.fullness_added = 0.0;
     let mut app_picks = with_picks.then(Vec::new);
     for need in &pod.containers {
-        let picks = fit_container(cards, need, pod, scratch, with_picks)?;
+        let picks = fit_container(cards, need, pod, scratch, with_picks, alone)?;
         if let Some(all) = app_picks.as_mut() {
             all.push(picks);
         }
     }
-    let fullness_after = cards
-        .iter()
-        .zip(&scratch.usage)
-        .map(|(card, usage)| card.fullness(*usage))
-        .sum::<f64>()
-        / cards.len() as f64;
+    let fullness_after = (fullness_sum + scratch.fullness_added) / cards.len() as f64;
     Ok(NodeFit {
         fullness_after,
         containers: app_picks,
@@ -104,13 +133,16 @@ pub fn fit_pod(
     })
 }
 
-/// Places one container on `scratch.usage`, updating it.
+/// Places one container. With `alone` it is judged against the cards'
+/// own usage; otherwise against `scratch.usage`, which it updates so the
+/// next container of the pod sees it.
 fn fit_container(
     cards: &[CardState],
     need: &ContainerNeed,
     pod: &PodRequirements,
     scratch: &mut FitScratch,
     with_picks: bool,
+    alone: bool,
 ) -> Result<Option<Vec<CardPick>>, GpuMisfit> {
     let Some(request) = need.gpu.as_ref() else {
         return Ok(None);
@@ -119,11 +151,25 @@ fn fit_container(
     scratch.candidates.clear();
     scratch.rejections.clear();
     for (index, card) in cards.iter().enumerate() {
-        match card.fits(scratch.usage[index], request, &pod.policy) {
+        let usage = if alone {
+            card.usage
+        } else {
+            scratch.usage[index]
+        };
+        match card.fits(
+            usage,
+            request,
+            &pod.policy,
+            scratch
+                .type_allowed
+                .get(card.type_id)
+                .copied()
+                .unwrap_or(true),
+        ) {
             Ok(memory) => scratch.candidates.push(Candidate {
                 card: index,
                 memory_mib: memory,
-                fullness: card.fullness(scratch.usage[index]),
+                fullness: card.fullness(usage),
             }),
             Err(rejection) => scratch.rejections.push(rejection),
         }
@@ -157,7 +203,17 @@ fn fit_container(
     }
     let mut picks = with_picks.then(|| Vec::with_capacity(wanted));
     for candidate in scratch.candidates.iter().take(wanted) {
-        scratch.usage[candidate.card].add(candidate.memory_mib, request.cores);
+        let card = &cards[candidate.card];
+        let after = if alone {
+            let mut usage = card.usage;
+            usage.add(candidate.memory_mib, request.cores);
+            usage
+        } else {
+            let usage = &mut scratch.usage[candidate.card];
+            usage.add(candidate.memory_mib, request.cores);
+            *usage
+        };
+        scratch.fullness_added += card.fullness(after) - candidate.fullness;
         if let Some(picks) = picks.as_mut() {
             picks.push(CardPick {
                 card: candidate.card,
@@ -222,6 +278,11 @@ fn misfit(
     total: usize,
     scratch: &FitScratch,
 ) -> GpuMisfit {
+    if !scratch.explain {
+        return GpuMisfit {
+            reason: String::new(),
+        };
+    }
     let mut reasons: Vec<CardRejection> = scratch.rejections.clone();
     reasons.sort();
     reasons.dedup();

@@ -102,42 +102,25 @@ impl ClusterState {
         self.schedule_requirements(&requirements)
     }
 
-    /// [`ClusterState::schedule`] for requirements already read.
+    /// [`ClusterState::schedule`] for requirements already read. Nodes are
+    /// filtered and scored without building reasons; only when no node fits
+    /// is the filter run again to explain why, node by node.
     pub fn schedule_requirements(&self, pod: &PodRequirements) -> Result<Placement, ScheduleError> {
-        let mut scratch = FitScratch::default();
-        let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-        let mut best: Option<(f64, &NodeState)> = None;
         let needs_gpu = pod.needs_gpu();
-        let mut considered = 0;
-        for node in self.nodes.values() {
-            if node.facts.name.is_empty() {
-                continue;
-            }
-            considered += 1;
-            match evaluate_node(node, pod, needs_gpu, &mut scratch) {
-                Err(reason) => *reasons.entry(reason).or_default() += 1,
-                Ok(fullness) => {
-                    let better = match best {
-                        None => true,
-                        Some((current, _)) => match pod.node_policy {
-                            NodePolicy::Binpack => fullness > current,
-                            NodePolicy::Spread => fullness < current,
-                        },
-                    };
-                    if better {
-                        best = Some((fullness, node));
-                    }
-                }
-            }
-        }
-        let Some((_, node)) = best else {
+        let mut scratch = FitScratch::for_decision(&self.card_types, &pod.policy, false);
+        let (_, best) = self.filter_and_score(pod, needs_gpu, &mut scratch, None);
+        let Some(node) = best else {
+            let mut explaining = FitScratch::for_decision(&self.card_types, &pod.policy, true);
+            let mut reasons = BTreeMap::new();
+            let (considered, _) =
+                self.filter_and_score(pod, needs_gpu, &mut explaining, Some(&mut reasons));
             return Err(ScheduleError::Unschedulable(Unschedulable {
                 total_nodes: considered,
                 reasons,
             }));
         };
         let fit = if needs_gpu {
-            fit_pod(&node.cards, pod, &mut scratch, true).map_err(|m| {
+            fit_pod(&node.cards, node.fullness_sum, pod, &mut scratch, true).map_err(|m| {
                 ScheduleError::Unschedulable(Unschedulable {
                     total_nodes: 1,
                     reasons: BTreeMap::from([(m.reason, 1)]),
@@ -193,6 +176,45 @@ impl ClusterState {
     }
 }
 
+impl ClusterState {
+    /// Runs every node through the filter; returns how many were considered
+    /// and the best by the pod's node policy (ties: the first by name).
+    /// With `reasons`, counts why nodes were refused.
+    fn filter_and_score(
+        &self,
+        pod: &PodRequirements,
+        needs_gpu: bool,
+        scratch: &mut FitScratch,
+        mut reasons: Option<&mut BTreeMap<String, usize>>,
+    ) -> (usize, Option<&NodeState>) {
+        let mut best: Option<(f64, &NodeState)> = None;
+        let mut considered = 0;
+        for node in self.nodes.values() {
+            if node.facts.name.is_empty() {
+                continue;
+            }
+            considered += 1;
+            match evaluate_node(node, pod, needs_gpu, scratch) {
+                Err(reason) => {
+                    if let Some(reasons) = reasons.as_deref_mut() {
+                        *reasons.entry(reason).or_default() += 1;
+                    }
+                }
+                Ok(fullness) => {
+                    let better = best.is_none_or(|(current, _)| match pod.node_policy {
+                        NodePolicy::Binpack => fullness > current,
+                        NodePolicy::Spread => fullness < current,
+                    });
+                    if better {
+                        best = Some((fullness, node));
+                    }
+                }
+            }
+        }
+        (considered, best.map(|(_, node)| node))
+    }
+}
+
 /// Ok(node fullness after placement) or the reason the node is refused.
 fn evaluate_node(
     node: &NodeState,
@@ -215,7 +237,7 @@ fn evaluate_node(
         let _ = error;
         return Err("GPU inventory annotation is corrupt (see the node's events)".to_owned());
     }
-    fit_pod(&node.cards, pod, scratch, false)
+    fit_pod(&node.cards, node.fullness_sum, pod, scratch, false)
         .map(|fit| fit.fullness_after)
         .map_err(|misfit| misfit.reason)
 }

@@ -30,6 +30,9 @@ pub struct NodeState {
     pub cards: Vec<CardState>,
     /// Set when the inventory annotation did not decode.
     pub inventory_error: Option<String>,
+    /// Sum of the cards' fullness (kept current with the charges), the base
+    /// the node score is computed from.
+    pub fullness_sum: f64,
     pods: BTreeSet<String>,
 }
 
@@ -114,6 +117,8 @@ pub struct ClusterState {
     pub(crate) config: Config,
     pub(crate) nodes: BTreeMap<String, NodeState>,
     charges: HashMap<String, PodCharge>,
+    /// Lowercased card types seen in inventories; cards refer to them by index.
+    pub(crate) card_types: Vec<String>,
 }
 
 impl ClusterState {
@@ -123,6 +128,7 @@ impl ClusterState {
             config,
             nodes: BTreeMap::new(),
             charges: HashMap::new(),
+            card_types: Vec::new(),
         }
     }
 
@@ -153,7 +159,16 @@ impl ClusterState {
             .and_then(|a| a.get(NODE_REGISTER_ANNOTATION));
         let (cards, inventory_error) = match annotation.map(|a| decode_inventory(a)) {
             None => (Vec::new(), None),
-            Some(Ok(devices)) => (devices.into_iter().map(CardState::new).collect(), None),
+            Some(Ok(devices)) => (
+                devices
+                    .into_iter()
+                    .map(|device| {
+                        let type_id = self.card_type_id(&device.device_type);
+                        CardState::new(device, type_id)
+                    })
+                    .collect(),
+                None,
+            ),
             Some(Err(err)) => (Vec::new(), Some(err.to_string())),
         };
         let pods = match self.nodes.remove(&name) {
@@ -171,6 +186,7 @@ impl ClusterState {
             requested: ResourceAmounts::default(),
             cards,
             inventory_error: inventory_error.clone(),
+            fullness_sum: 0.0,
             pods,
         };
         let charges: Vec<&PodCharge> = state
@@ -183,6 +199,17 @@ impl ClusterState {
         }
         self.nodes.insert(name, state);
         inventory_error
+    }
+
+    fn card_type_id(&mut self, device_type: &str) -> usize {
+        let lowercase = device_type.to_ascii_lowercase();
+        match self.card_types.iter().position(|t| *t == lowercase) {
+            Some(id) => id,
+            None => {
+                self.card_types.push(lowercase);
+                self.card_types.len() - 1
+            }
+        }
     }
 
     /// Forgets a node (its pods' charges are kept for when it returns).
@@ -298,4 +325,5 @@ fn apply(node: &mut NodeState, charge: &PodCharge, add: bool) {
             }
         }
     }
+    node.fullness_sum = node.cards.iter().map(|c| c.fullness(c.usage)).sum();
 }
