@@ -1,7 +1,11 @@
 //! The `tessera` command-line tool. `simulate` reads cluster and workload
 //! YAML ([`workloads`]), runs admission and the scheduler core
-//! ([`simulate`]) and prints the result ([`render`]).
+//! ([`simulate`]) and prints the result ([`render`]). `inspect` reads a
+//! live cluster ([`kubeconfig`], [`inspect`]) and prints its per-card
+//! allocation ([`render`]).
 
+pub mod inspect;
+pub mod kubeconfig;
 pub mod render;
 pub mod simulate;
 pub mod workloads;

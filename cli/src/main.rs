@@ -4,14 +4,18 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 use tessera_api::config::Config;
 use tessera_cli::simulate::simulate;
 use tessera_cli::workloads::Objects;
 use tessera_cli::{render, BUNDLED_CLUSTER, BUNDLED_WORKLOADS};
 
 #[derive(Debug, Parser)]
-#[command(name = "tessera", version, about = "Tessera GPU sharing: simulate placements, inspect a cluster")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Tessera GPU sharing: simulate placements, inspect a cluster"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,6 +48,22 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Show per node and per card the GPU memory and cores allocated in a
+    /// live cluster, and which containers hold them.
+    ///
+    /// Reads the cluster through the kubeconfig (KUBECONFIG, ~/.kube/config
+    /// or the in-cluster service account); needs list on nodes and pods.
+    Inspect {
+        /// Output format (`json` is stable: fields are only ever added).
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: Output,
+        /// Kubeconfig file to use instead of the default lookup.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Kubeconfig context to use instead of the current one.
+        #[arg(long)]
+        context: Option<String>,
+    },
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<String> {
@@ -52,9 +72,15 @@ fn read(path: &PathBuf) -> anyhow::Result<String> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Simulate { cluster, workloads, output, config } => {
+        Command::Simulate {
+            cluster,
+            workloads,
+            output,
+            config,
+        } => {
             let config = match &config {
-                Some(path) => Config::from_yaml(&read(path)?).with_context(|| format!("in {}", path.display()))?,
+                Some(path) => Config::from_yaml(&read(path)?)
+                    .with_context(|| format!("in {}", path.display()))?,
                 None => Config::default(),
             };
             let mut objects = Objects::default();
@@ -68,7 +94,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for path in &workloads {
                 objects.read(&path.display().to_string(), &read(path)?)?;
             }
-            let admission = |pod: &_, config: &Config| tessera_webhook::decision::mutate_pod(pod, config).map_err(|e| e.to_string());
+            let admission = |pod: &_, config: &Config| {
+                tessera_webhook::decision::mutate_pod(pod, config).map_err(|e| e.to_string())
+            };
             let report = simulate(&objects, &config, &admission);
             match output {
                 Output::Table => print!("{}", render::render_table(&report)),
@@ -76,11 +104,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Inspect {
+            output,
+            kubeconfig,
+            context,
+        } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let report = runtime.block_on(async {
+                let client =
+                    tessera_cli::kubeconfig::connect(kubeconfig.as_deref(), context.as_deref())
+                        .await?;
+                anyhow::Ok(tessera_cli::inspect::inspect(client).await?)
+            })?;
+            match output {
+                Output::Table => print!("{}", render::render_inspect_table(&report)),
+                Output::Json => println!("{}", render::render_inspect_json(&report)),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `kubectl tessera …` when installed as `kubectl-tessera`, else `tessera …`
+/// (only the name shown in help and usage changes).
+fn invoked_name() -> &'static str {
+    let program = std::env::args_os().next().unwrap_or_default();
+    let file = std::path::Path::new(&program)
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    if file.starts_with("kubectl-") {
+        "kubectl tessera"
+    } else {
+        "tessera"
     }
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let matches = Cli::command().bin_name(invoked_name()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
