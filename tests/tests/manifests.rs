@@ -1,0 +1,1611 @@
+//! The install manifests (`manifests/`), the example workloads
+//! (`manifests/examples/`) and the optional monitoring add-on
+//! (`manifests/monitoring/`) checked against the code they deploy:
+//!
+//! - every document parses into its typed k8s-openapi object, with no field
+//!   the type does not know (a misspelt field would otherwise vanish
+//!   silently), and unknown kinds fail;
+//! - `kustomization.yaml` lists exactly the manifest files, and its one
+//!   `images:` entry names every container image;
+//! - references resolve: Service selectors and target ports, probe ports,
+//!   ServiceAccounts, role bindings, the webhook configuration's Service;
+//! - every container's `args` parse with that binary's own clap parser, and
+//!   what they say (listen ports, config path, host directories, webhook
+//!   names, Lease name) matches the container ports, volumes, RBAC resource
+//!   names and the Dockerfile;
+//! - the ConfigMap parses with `Config::from_yaml`, and the webhook's
+//!   `matchConditions` cover the resources it names;
+//! - every example pod passes the webhook decision (`mutate_pod`) and asks
+//!   for a GPU;
+//! - the Grafana dashboard only queries metrics the components expose.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use clap::Parser as _;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, Pod, PodSpec, PodTemplateSpec, Probe, Service, ServiceAccount,
+};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::de::DeserializeOwned;
+use serde::Deserialize as _;
+use serde::Serialize;
+use serde_json::Value as Json;
+use tessera_api::config::Config;
+use tessera_api::request::PodGpuRequest;
+
+const NAMESPACE: &str = "tessera-system";
+const IMAGE_NAME: &str = "tessera";
+
+// ---------------------------------------------------------------- loading
+
+/// One parsed document, typed by its apiVersion and kind.
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
+enum Object {
+    Namespace(Namespace),
+    ConfigMap(ConfigMap),
+    ServiceAccount(ServiceAccount),
+    ClusterRole(ClusterRole),
+    ClusterRoleBinding(ClusterRoleBinding),
+    Role(Role),
+    RoleBinding(RoleBinding),
+    Deployment(Deployment),
+    DaemonSet(DaemonSet),
+    Service(Service),
+    PodDisruptionBudget(PodDisruptionBudget),
+    MutatingWebhookConfiguration(MutatingWebhookConfiguration),
+    Pod(Pod),
+}
+
+/// A parsed document and where it came from.
+#[derive(Debug, Clone)]
+struct Doc {
+    file: String,
+    object: Object,
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn manifests_dir() -> PathBuf {
+    repo_root().join("manifests")
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// The `.yaml` files directly in `dir`, sorted.
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The documents of a multi-document YAML text, as JSON values (empty
+/// documents skipped).
+fn yaml_documents(text: &str, file: &str) -> Vec<Json> {
+    serde_yaml::Deserializer::from_str(text)
+        .enumerate()
+        .filter_map(|(i, document)| {
+            let value = serde_yaml::Value::deserialize(document)
+                .unwrap_or_else(|e| panic!("{file}: document {i} is not valid YAML: {e}"));
+            (!value.is_null()).then(|| {
+                serde_json::to_value(&value).unwrap_or_else(|e| {
+                    panic!("{file}: document {i} is not representable as JSON: {e}")
+                })
+            })
+        })
+        .collect()
+}
+
+/// Paths present in `original` but missing from `typed` (the object
+/// serialized back from its k8s-openapi type): fields the type does not
+/// know, usually a typo. Scalars are not compared (YAML `1` becomes the
+/// quantity `"1"`).
+fn dropped_fields(original: &Json, typed: &Json, path: &str, out: &mut Vec<String>) {
+    match (original, typed) {
+        (Json::Object(original), Json::Object(typed)) => {
+            for (key, value) in original {
+                let child = format!("{path}.{key}");
+                match typed.get(key) {
+                    Some(typed_value) => dropped_fields(value, typed_value, &child, out),
+                    // k8s-openapi leaves out empty optional objects and lists.
+                    None if is_empty(value) => {}
+                    None => out.push(child),
+                }
+            }
+        }
+        (Json::Array(original), Json::Array(typed)) => {
+            if original.len() != typed.len() {
+                out.push(format!("{path} (length)"));
+            }
+            for (i, (o, t)) in original.iter().zip(typed).enumerate() {
+                dropped_fields(o, t, &format!("{path}[{i}]"), out);
+            }
+        }
+        (Json::Object(_) | Json::Array(_), _) if !is_empty(original) => {
+            out.push(format!("{path} (shape)"));
+        }
+        _ => {}
+    }
+}
+
+fn is_empty(value: &Json) -> bool {
+    match value {
+        Json::Null => true,
+        Json::Object(map) => map.is_empty(),
+        Json::Array(list) => list.is_empty(),
+        _ => false,
+    }
+}
+
+fn typed<T: DeserializeOwned + Serialize>(value: &Json, file: &str) -> T {
+    let object: T = serde_json::from_value(value.clone())
+        .unwrap_or_else(|e| panic!("{file}: {} does not parse: {e}", describe(value)));
+    let back = serde_json::to_value(&object).expect("typed objects serialize");
+    let mut dropped = Vec::new();
+    dropped_fields(value, &back, "", &mut dropped);
+    assert!(
+        dropped.is_empty(),
+        "{file}: {} has fields its type does not know (misspelt?): {dropped:?}",
+        describe(value)
+    );
+    object
+}
+
+fn describe(value: &Json) -> String {
+    format!(
+        "{} {}",
+        value["kind"].as_str().unwrap_or("<no kind>"),
+        value["metadata"]["name"].as_str().unwrap_or("<no name>")
+    )
+}
+
+fn parse_object(value: &Json, file: &str) -> Object {
+    let api_version = value["apiVersion"].as_str().unwrap_or("");
+    let kind = value["kind"].as_str().unwrap_or("");
+    match (api_version, kind) {
+        ("v1", "Namespace") => Object::Namespace(typed(value, file)),
+        ("v1", "ConfigMap") => Object::ConfigMap(typed(value, file)),
+        ("v1", "ServiceAccount") => Object::ServiceAccount(typed(value, file)),
+        ("v1", "Service") => Object::Service(typed(value, file)),
+        ("v1", "Pod") => Object::Pod(typed(value, file)),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => Object::ClusterRole(typed(value, file)),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+            Object::ClusterRoleBinding(typed(value, file))
+        }
+        ("rbac.authorization.k8s.io/v1", "Role") => Object::Role(typed(value, file)),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => Object::RoleBinding(typed(value, file)),
+        ("apps/v1", "Deployment") => Object::Deployment(typed(value, file)),
+        ("apps/v1", "DaemonSet") => Object::DaemonSet(typed(value, file)),
+        ("policy/v1", "PodDisruptionBudget") => Object::PodDisruptionBudget(typed(value, file)),
+        ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
+            Object::MutatingWebhookConfiguration(typed(value, file))
+        }
+        _ => panic!(
+            "{file}: unexpected kind {kind:?} (apiVersion {api_version:?}); add it to parse_object if it is meant to be there"
+        ),
+    }
+}
+
+fn load_file(path: &Path) -> Vec<Doc> {
+    let file = path
+        .strip_prefix(repo_root())
+        .unwrap_or(path)
+        .display()
+        .to_string();
+    let documents = yaml_documents(&read(path), &file);
+    assert!(!documents.is_empty(), "{file} holds no document");
+    documents
+        .iter()
+        .map(|value| Doc {
+            file: file.clone(),
+            object: parse_object(value, &file),
+        })
+        .collect()
+}
+
+/// `manifests/kustomization.yaml` as JSON.
+fn kustomization(dir: &Path) -> Json {
+    let path = dir.join("kustomization.yaml");
+    let mut documents = yaml_documents(&read(&path), &path.display().to_string());
+    assert_eq!(documents.len(), 1, "kustomization.yaml is one document");
+    documents.remove(0)
+}
+
+/// The installed objects, from the files the kustomization lists.
+fn installed() -> Vec<Doc> {
+    let dir = manifests_dir();
+    let kustomization = kustomization(&dir);
+    kustomization["resources"]
+        .as_array()
+        .expect("kustomization.yaml has resources")
+        .iter()
+        .flat_map(|r| load_file(&dir.join(r.as_str().expect("resource is a path"))))
+        .collect()
+}
+
+fn examples() -> Vec<(PathBuf, Vec<Doc>)> {
+    yaml_files(&manifests_dir().join("examples"))
+        .into_iter()
+        .map(|path| {
+            let docs = load_file(&path);
+            (path, docs)
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------ accessors
+
+fn meta(object: &Object) -> &ObjectMeta {
+    match object {
+        Object::Namespace(o) => &o.metadata,
+        Object::ConfigMap(o) => &o.metadata,
+        Object::ServiceAccount(o) => &o.metadata,
+        Object::ClusterRole(o) => &o.metadata,
+        Object::ClusterRoleBinding(o) => &o.metadata,
+        Object::Role(o) => &o.metadata,
+        Object::RoleBinding(o) => &o.metadata,
+        Object::Deployment(o) => &o.metadata,
+        Object::DaemonSet(o) => &o.metadata,
+        Object::Service(o) => &o.metadata,
+        Object::PodDisruptionBudget(o) => &o.metadata,
+        Object::MutatingWebhookConfiguration(o) => &o.metadata,
+        Object::Pod(o) => &o.metadata,
+    }
+}
+
+fn name(object: &Object) -> &str {
+    meta(object).name.as_deref().unwrap_or("")
+}
+
+/// The namespace an object lands in (`default` when it names none, as for
+/// the examples applied into the current namespace).
+fn namespace(object: &Object) -> &str {
+    meta(object).namespace.as_deref().unwrap_or("default")
+}
+
+/// A workload's name, namespace, pod template labels and pod spec.
+struct Workload<'a> {
+    kind: &'static str,
+    name: &'a str,
+    namespace: &'a str,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+    spec: &'a PodSpec,
+    selector: Option<&'a LabelSelector>,
+}
+
+fn template<'a>(t: &'a PodTemplateSpec, what: &str) -> (&'a PodSpec, BTreeMap<String, String>) {
+    let spec = t
+        .spec
+        .as_ref()
+        .unwrap_or_else(|| panic!("{what} has no pod spec"));
+    let labels = t
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    (spec, labels)
+}
+
+fn workloads(docs: &[Doc]) -> Vec<Workload<'_>> {
+    docs.iter()
+        .filter_map(|doc| {
+            let object = &doc.object;
+            let annotations_of = |t: &PodTemplateSpec| {
+                t.metadata
+                    .as_ref()
+                    .and_then(|m| m.annotations.clone())
+                    .unwrap_or_default()
+            };
+            let (kind, spec, labels, annotations, selector) = match object {
+                Object::Deployment(d) => {
+                    let s = d.spec.as_ref().expect("Deployment has a spec");
+                    let (spec, labels) = template(&s.template, name(object));
+                    (
+                        "Deployment",
+                        spec,
+                        labels,
+                        annotations_of(&s.template),
+                        Some(&s.selector),
+                    )
+                }
+                Object::DaemonSet(d) => {
+                    let s = d.spec.as_ref().expect("DaemonSet has a spec");
+                    let (spec, labels) = template(&s.template, name(object));
+                    (
+                        "DaemonSet",
+                        spec,
+                        labels,
+                        annotations_of(&s.template),
+                        Some(&s.selector),
+                    )
+                }
+                Object::Pod(p) => (
+                    "Pod",
+                    p.spec.as_ref().expect("Pod has a spec"),
+                    p.metadata.labels.clone().unwrap_or_default(),
+                    p.metadata.annotations.clone().unwrap_or_default(),
+                    None,
+                ),
+                _ => return None,
+            };
+            Some(Workload {
+                kind,
+                name: name(object),
+                namespace: namespace(object),
+                labels,
+                annotations,
+                spec,
+                selector,
+            })
+        })
+        .collect()
+}
+
+fn selector_matches(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Whether a label selector (matchLabels and matchExpressions) selects `labels`.
+fn label_selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let by_labels = selector
+        .match_labels
+        .as_ref()
+        .is_none_or(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    let by_expressions = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            other => panic!("unknown selector operator {other}"),
+        }
+    });
+    by_labels && by_expressions
+}
+
+fn port_matches(container: &Container, port: &IntOrString) -> bool {
+    container.ports.iter().flatten().any(|p| match port {
+        IntOrString::Int(n) => p.container_port == *n,
+        IntOrString::String(s) => p.name.as_deref() == Some(s.as_str()),
+    })
+}
+
+fn probe_port(probe: &Probe) -> Option<&IntOrString> {
+    probe
+        .http_get
+        .as_ref()
+        .map(|h| &h.port)
+        .or(probe.tcp_socket.as_ref().map(|t| &t.port))
+}
+
+fn env_field_ref<'a>(container: &'a Container, var: &str) -> Option<&'a str> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == var)
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str())
+}
+
+/// The binary a container runs (the basename of `command[0]`).
+fn binary(container: &Container) -> &str {
+    container
+        .command
+        .as_ref()
+        .and_then(|c| c.first())
+        .map(|c| c.rsplit('/').next().unwrap_or(c))
+        .unwrap_or_else(|| panic!("container {} names no command", container.name))
+}
+
+fn argv(container: &Container) -> Vec<String> {
+    std::iter::once(binary(container).to_owned())
+        .chain(container.args.clone().unwrap_or_default())
+        .collect()
+}
+
+fn find<'a, T>(docs: &'a [Doc], pick: impl Fn(&'a Object) -> Option<&'a T>, what: &str) -> &'a T {
+    let found: Vec<&T> = docs.iter().filter_map(|d| pick(&d.object)).collect();
+    assert_eq!(found.len(), 1, "expected exactly one {what}");
+    found[0]
+}
+
+fn workload<'a>(docs: &'a [Doc], name: &str) -> Workload<'a> {
+    workloads(docs)
+        .into_iter()
+        .find(|w| w.name == name)
+        .unwrap_or_else(|| panic!("no workload {name} is installed"))
+}
+
+fn only_container<'a>(w: &Workload<'a>) -> &'a Container {
+    assert_eq!(w.spec.containers.len(), 1, "{} runs one container", w.name);
+    &w.spec.containers[0]
+}
+
+/// The installed config, from the ConfigMap the components mount.
+fn installed_config(docs: &[Doc]) -> Config {
+    let map = find(
+        docs,
+        |o| match o {
+            Object::ConfigMap(c) => Some(c),
+            _ => None,
+        },
+        "ConfigMap",
+    );
+    let text = map
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.yaml"))
+        .expect("the ConfigMap has a config.yaml key");
+    Config::from_yaml(text).unwrap_or_else(|e| {
+        panic!(
+            "the ConfigMap's config.yaml does not parse: {e} ({:?})",
+            std::error::Error::source(&e)
+        )
+    })
+}
+
+/// Checks that `--config` points at the ConfigMap's file through a volume.
+fn assert_config_mounted(docs: &[Doc], w: &Workload<'_>, container: &Container, config: &Path) {
+    let map_name = find(
+        docs,
+        |o| match o {
+            Object::ConfigMap(c) => Some(c),
+            _ => None,
+        },
+        "ConfigMap",
+    )
+    .metadata
+    .name
+    .clone()
+    .expect("ConfigMap has a name");
+    let dir = config.parent().expect("config path has a directory");
+    let key = config.file_name().expect("config path has a file name");
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| Path::new(&m.mount_path) == dir)
+        .unwrap_or_else(|| panic!("{}: nothing is mounted at {}", w.name, dir.display()));
+    let volume = w
+        .spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap_or_else(|| panic!("{}: volume {} is not declared", w.name, mount.name));
+    let source = volume
+        .config_map
+        .as_ref()
+        .unwrap_or_else(|| panic!("{}: {} is not a ConfigMap volume", w.name, mount.name));
+    assert_eq!(
+        source.name, map_name,
+        "{}: config volume names another ConfigMap",
+        w.name
+    );
+    assert_eq!(
+        key, "config.yaml",
+        "{}: --config names a key the ConfigMap lacks",
+        w.name
+    );
+}
+
+// -------------------------------------------------------------- the tests
+
+#[test]
+fn kustomization_lists_every_manifest_and_one_image() {
+    let dir = manifests_dir();
+    let kustomization = kustomization(&dir);
+    let listed: Vec<&str> = kustomization["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r.as_str().expect("resource is a path"))
+        .collect();
+    let unique: BTreeSet<&str> = listed.iter().copied().collect();
+    assert_eq!(unique.len(), listed.len(), "a resource is listed twice");
+    for resource in &listed {
+        assert!(
+            dir.join(resource).is_file(),
+            "kustomization lists {resource}, which does not exist"
+        );
+    }
+    let on_disk: BTreeSet<String> = yaml_files(&dir)
+        .iter()
+        .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+        .filter(|n| n != "kustomization.yaml")
+        .collect();
+    let listed: BTreeSet<String> = listed.iter().map(|s| (*s).to_owned()).collect();
+    assert_eq!(
+        on_disk, listed,
+        "manifests/*.yaml and the kustomization's resources differ"
+    );
+
+    let images = kustomization["images"]
+        .as_array()
+        .expect("an images: entry");
+    assert_eq!(images.len(), 1, "one image for every component");
+    assert_eq!(images[0]["name"], IMAGE_NAME);
+    assert!(
+        images[0]["newTag"].is_string(),
+        "images[0].newTag sets the tag"
+    );
+    assert!(
+        images[0]["newName"].is_string(),
+        "images[0].newName sets the registry"
+    );
+
+    let docs = installed();
+    for w in workloads(&docs) {
+        for c in &w.spec.containers {
+            let image = c.image.as_deref().unwrap_or("");
+            let image_name = image.split(':').next().unwrap_or("");
+            assert_eq!(
+                image_name, IMAGE_NAME,
+                "{}/{}: image {image} is not the one the kustomization's images: entry rewrites",
+                w.name, c.name
+            );
+        }
+    }
+}
+
+#[test]
+fn every_manifest_parses_typed_and_lands_in_the_namespace() {
+    let docs = installed();
+    assert!(docs
+        .iter()
+        .any(|d| matches!(&d.object, Object::Namespace(n) if n.metadata.name.as_deref() == Some(NAMESPACE))));
+    for doc in &docs {
+        let cluster_scoped = matches!(
+            doc.object,
+            Object::Namespace(_)
+                | Object::ClusterRole(_)
+                | Object::ClusterRoleBinding(_)
+                | Object::MutatingWebhookConfiguration(_)
+        );
+        let ns = meta(&doc.object).namespace.as_deref();
+        if cluster_scoped {
+            assert_eq!(
+                ns,
+                None,
+                "{}: cluster-scoped {} names a namespace",
+                doc.file,
+                name(&doc.object)
+            );
+        } else {
+            assert_eq!(
+                ns,
+                Some(NAMESPACE),
+                "{}: {} is not in {NAMESPACE}",
+                doc.file,
+                name(&doc.object)
+            );
+        }
+    }
+    // The namespace opts its own pods out of the webhook.
+    let ns = find(
+        &docs,
+        |o| match o {
+            Object::Namespace(n) => Some(n),
+            _ => None,
+        },
+        "Namespace",
+    );
+    assert_eq!(
+        ns.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("hami.io/webhook"))
+            .map(String::as_str),
+        Some("ignore")
+    );
+}
+
+#[test]
+fn rbac_lives_in_one_file_per_component() {
+    for component in ["webhook", "scheduler", "node-agent"] {
+        let file = manifests_dir().join(format!("rbac-{component}.yaml"));
+        let docs = load_file(&file);
+        let account = format!("tessera-{component}");
+        assert!(
+            docs.iter().any(|d| matches!(&d.object, Object::ServiceAccount(s) if s.metadata.name.as_deref() == Some(&account))),
+            "{} defines ServiceAccount {account}",
+            file.display()
+        );
+        for doc in &docs {
+            assert!(
+                matches!(
+                    doc.object,
+                    Object::ServiceAccount(_)
+                        | Object::ClusterRole(_)
+                        | Object::ClusterRoleBinding(_)
+                        | Object::Role(_)
+                        | Object::RoleBinding(_)
+                ),
+                "{} holds a non-RBAC object {}",
+                doc.file,
+                name(&doc.object)
+            );
+        }
+    }
+}
+
+#[test]
+fn bindings_reference_existing_roles_and_accounts() {
+    let docs = installed();
+    let accounts: BTreeSet<(String, String)> = docs
+        .iter()
+        .filter(|d| matches!(d.object, Object::ServiceAccount(_)))
+        .map(|d| (namespace(&d.object).to_owned(), name(&d.object).to_owned()))
+        .collect();
+    let cluster_roles: BTreeSet<&str> = docs
+        .iter()
+        .filter(|d| matches!(d.object, Object::ClusterRole(_)))
+        .map(|d| name(&d.object))
+        .collect();
+    let roles: BTreeSet<(&str, &str)> = docs
+        .iter()
+        .filter(|d| matches!(d.object, Object::Role(_)))
+        .map(|d| (namespace(&d.object), name(&d.object)))
+        .collect();
+    let mut bindings = 0;
+    for doc in &docs {
+        let (role_ref, subjects, binding_ns) = match &doc.object {
+            Object::ClusterRoleBinding(b) => (&b.role_ref, &b.subjects, None),
+            Object::RoleBinding(b) => (&b.role_ref, &b.subjects, Some(namespace(&doc.object))),
+            _ => continue,
+        };
+        bindings += 1;
+        assert_eq!(role_ref.api_group, "rbac.authorization.k8s.io");
+        match (role_ref.kind.as_str(), binding_ns) {
+            ("ClusterRole", _) => assert!(
+                cluster_roles.contains(role_ref.name.as_str()),
+                "{}: binding {} references missing ClusterRole {}",
+                doc.file,
+                name(&doc.object),
+                role_ref.name
+            ),
+            ("Role", Some(ns)) => assert!(
+                roles.contains(&(ns, role_ref.name.as_str())),
+                "{}: binding {} references missing Role {ns}/{}",
+                doc.file,
+                name(&doc.object),
+                role_ref.name
+            ),
+            (kind, _) => panic!(
+                "{}: binding {} references a {kind}",
+                doc.file,
+                name(&doc.object)
+            ),
+        }
+        let subjects = subjects.as_ref().expect("binding has subjects");
+        assert!(!subjects.is_empty());
+        for s in subjects {
+            assert_eq!(
+                s.kind, "ServiceAccount",
+                "{}: only service accounts are bound",
+                doc.file
+            );
+            let key = (s.namespace.clone().unwrap_or_default(), s.name.clone());
+            assert!(
+                accounts.contains(&key),
+                "{}: binding subject {key:?} does not exist",
+                doc.file
+            );
+        }
+    }
+    assert!(bindings >= 3, "each component has its bindings");
+
+    // Pods run as accounts that exist, and every account is bound.
+    for w in workloads(&docs) {
+        let account = w
+            .spec
+            .service_account_name
+            .as_deref()
+            .unwrap_or_else(|| panic!("{} names no serviceAccountName", w.name));
+        assert!(
+            accounts.contains(&(w.namespace.to_owned(), account.to_owned())),
+            "{} runs as ServiceAccount {account}, which is not defined",
+            w.name
+        );
+    }
+}
+
+#[test]
+fn services_select_workloads_and_reach_container_ports() {
+    let docs = installed();
+    check_services(&docs);
+}
+
+fn check_services(docs: &[Doc]) {
+    let workloads = workloads(docs);
+    for doc in docs {
+        let Object::Service(service) = &doc.object else {
+            continue;
+        };
+        let spec = service.spec.as_ref().expect("Service has a spec");
+        let selector = spec.selector.clone().unwrap_or_default();
+        let targets: Vec<&Workload> = workloads
+            .iter()
+            .filter(|w| {
+                w.namespace == namespace(&doc.object) && selector_matches(&selector, &w.labels)
+            })
+            .collect();
+        assert!(
+            !targets.is_empty(),
+            "{}: Service {} selects {selector:?}, which no pod template in its namespace carries",
+            doc.file,
+            name(&doc.object)
+        );
+        for port in spec.ports.iter().flatten() {
+            let target = port
+                .target_port
+                .clone()
+                .unwrap_or(IntOrString::Int(port.port));
+            for w in &targets {
+                assert!(
+                    w.spec.containers.iter().any(|c| port_matches(c, &target)),
+                    "{}: Service {} port {:?} targets {target:?}, which {} does not declare",
+                    doc.file,
+                    name(&doc.object),
+                    port.name,
+                    w.name
+                );
+            }
+        }
+    }
+    // Workload selectors select their own template, and probes name declared ports.
+    for w in &workloads {
+        if let Some(selector) = w.selector {
+            assert!(
+                label_selector_matches(selector, &w.labels),
+                "{} {}: its selector does not match its pod template",
+                w.kind,
+                w.name
+            );
+        }
+        for c in &w.spec.containers {
+            for probe in [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
+                .into_iter()
+                .flatten()
+            {
+                let port = probe_port(probe).expect("probes are httpGet or tcpSocket");
+                assert!(
+                    port_matches(c, port),
+                    "{}/{}: a probe uses port {port:?}, not declared",
+                    w.name,
+                    c.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn pod_disruption_budgets_select_a_workload() {
+    let docs = installed();
+    let workloads = workloads(&docs);
+    let mut budgets = 0;
+    for doc in &docs {
+        let Object::PodDisruptionBudget(pdb) = &doc.object else {
+            continue;
+        };
+        budgets += 1;
+        let selector = pdb
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .expect("PDB has a selector");
+        assert!(
+            workloads
+                .iter()
+                .any(|w| w.namespace == namespace(&doc.object)
+                    && label_selector_matches(selector, &w.labels)),
+            "{}: PDB {} selects no workload",
+            doc.file,
+            name(&doc.object)
+        );
+    }
+    assert!(budgets >= 1, "the webhook has a PodDisruptionBudget");
+}
+
+#[test]
+fn the_config_map_parses_as_the_components_config() {
+    let docs = installed();
+    let config = installed_config(&docs);
+    assert_eq!(config.scheduler_name, "tessera-scheduler");
+    assert_eq!(
+        config.resources,
+        tessera_api::names::ResourceNames::default()
+    );
+}
+
+#[test]
+fn containers_are_hardened_and_sized() {
+    let docs = installed();
+    for w in workloads(&docs) {
+        for c in &w.spec.containers {
+            let what = format!("{}/{}", w.name, c.name);
+            let resources = c
+                .resources
+                .as_ref()
+                .unwrap_or_else(|| panic!("{what}: no resources"));
+            let requests = resources
+                .requests
+                .as_ref()
+                .unwrap_or_else(|| panic!("{what}: no requests"));
+            assert!(
+                requests.contains_key("cpu") && requests.contains_key("memory"),
+                "{what}: requests cpu and memory"
+            );
+            let limits = resources
+                .limits
+                .as_ref()
+                .unwrap_or_else(|| panic!("{what}: no limits"));
+            assert!(limits.contains_key("memory"), "{what}: limits memory");
+            assert!(c.liveness_probe.is_some(), "{what}: liveness probe");
+            assert!(c.readiness_probe.is_some(), "{what}: readiness probe");
+            let security = c
+                .security_context
+                .as_ref()
+                .unwrap_or_else(|| panic!("{what}: no securityContext"));
+            assert_eq!(
+                security.allow_privilege_escalation,
+                Some(false),
+                "{what}: allowPrivilegeEscalation"
+            );
+            assert_eq!(
+                security.read_only_root_filesystem,
+                Some(true),
+                "{what}: readOnlyRootFilesystem"
+            );
+            assert_ne!(security.privileged, Some(true), "{what}: privileged");
+            let capabilities = security.capabilities.as_ref().expect("capabilities");
+            assert_eq!(
+                capabilities.drop.as_deref(),
+                Some(&["ALL".to_owned()][..]),
+                "{what}: drops ALL"
+            );
+            let pod_security = w.spec.security_context.as_ref();
+            let non_root = security
+                .run_as_non_root
+                .or(pod_security.and_then(|s| s.run_as_non_root));
+            if w.name == "tessera-node-agent" {
+                // Root, for kubelet's device-plugin directory; only the
+                // capabilities the host files need.
+                let added: BTreeSet<&str> = capabilities
+                    .add
+                    .iter()
+                    .flatten()
+                    .map(String::as_str)
+                    .collect();
+                assert_eq!(
+                    added,
+                    BTreeSet::from(["CHOWN", "DAC_OVERRIDE", "FOWNER"]),
+                    "{what}"
+                );
+            } else {
+                assert_eq!(non_root, Some(true), "{what}: runAsNonRoot");
+                assert!(capabilities.add.is_none(), "{what}: adds no capability");
+            }
+        }
+    }
+}
+
+#[test]
+fn webhook_args_parse_and_match_its_service_rbac_and_configuration() {
+    let docs = installed();
+    let w = workload(&docs, "tessera-webhook");
+    let c = only_container(&w);
+    assert_eq!(binary(c), "tessera-webhook");
+    let options = tessera_webhook::app::Options::try_parse_from(argv(c))
+        .unwrap_or_else(|e| panic!("tessera-webhook rejects its args: {e}"));
+    assert!(
+        options.self_provision,
+        "the manifests rely on --self-provision"
+    );
+    assert!(
+        !options.watch_namespaces,
+        "--watch-namespaces needs namespace RBAC the manifests do not grant"
+    );
+    assert!(
+        c.ports
+            .iter()
+            .flatten()
+            .any(|p| p.container_port == i32::from(options.listen.port())),
+        "--listen port {} is not a container port",
+        options.listen.port()
+    );
+    for probe in [&c.liveness_probe, &c.readiness_probe]
+        .into_iter()
+        .flatten()
+    {
+        let get = probe.http_get.as_ref().expect("httpGet probe");
+        assert_eq!(
+            get.scheme.as_deref(),
+            Some("HTTPS"),
+            "the webhook only speaks HTTPS"
+        );
+    }
+    assert_eq!(
+        env_field_ref(c, "POD_NAMESPACE"),
+        Some("metadata.namespace"),
+        "--namespace comes from POD_NAMESPACE"
+    );
+    assert_eq!(options.namespace, NAMESPACE, "default --namespace");
+    assert_config_mounted(&docs, &w, c, options.config.as_deref().expect("--config"));
+    let deployment = docs
+        .iter()
+        .find_map(|d| match &d.object {
+            Object::Deployment(dep) if dep.metadata.name.as_deref() == Some("tessera-webhook") => {
+                Some(dep)
+            }
+            _ => None,
+        })
+        .expect("webhook Deployment");
+    assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(2));
+
+    // The Service the certificate is issued for exists and reaches the port.
+    let service = docs
+        .iter()
+        .find_map(|d| match &d.object {
+            Object::Service(s)
+                if s.metadata.name.as_deref() == Some(&options.service_name)
+                    && s.metadata.namespace.as_deref() == Some(&options.namespace) =>
+            {
+                Some(s)
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no Service {} for --service-name", options.service_name));
+
+    // The webhook configuration it keeps the caBundle of.
+    let configuration = find(
+        &docs,
+        |o| match o {
+            Object::MutatingWebhookConfiguration(m) => Some(m),
+            _ => None,
+        },
+        "MutatingWebhookConfiguration",
+    );
+    assert_eq!(
+        configuration.metadata.name.as_deref(),
+        Some(options.webhook_config_name.as_str())
+    );
+    let webhooks = configuration.webhooks.as_ref().expect("webhooks");
+    assert!(!webhooks.is_empty());
+    let config = installed_config(&docs);
+    for hook in webhooks {
+        assert_eq!(hook.failure_policy.as_deref(), Some("Fail"));
+        assert_eq!(hook.side_effects, "None");
+        assert!(hook.timeout_seconds.is_some_and(|t| (1..=30).contains(&t)));
+        assert!(hook.admission_review_versions.contains(&"v1".to_owned()));
+        assert!(
+            hook.client_config.ca_bundle.is_none(),
+            "the webhook fills in caBundle"
+        );
+        let target = hook
+            .client_config
+            .service
+            .as_ref()
+            .expect("a service reference");
+        assert_eq!(target.name, options.service_name);
+        assert_eq!(target.namespace, options.namespace);
+        assert_eq!(target.path.as_deref(), Some("/mutate"));
+        let port = target.port.unwrap_or(443);
+        assert!(
+            service
+                .spec
+                .as_ref()
+                .and_then(|s| s.ports.as_ref())
+                .is_some_and(|ports| ports.iter().any(|p| p.port == port)),
+            "the webhook configuration calls port {port}, which the Service lacks"
+        );
+        let rules = hook.rules.as_ref().expect("rules");
+        assert!(rules.iter().all(
+            |r| r.operations.as_deref() == Some(&["CREATE".to_owned()][..])
+                && r.resources.as_deref() == Some(&["pods".to_owned()][..])
+        ));
+        // Opted-out namespaces and pods never reach it.
+        let ignored = BTreeMap::from([("hami.io/webhook".to_owned(), "ignore".to_owned())]);
+        for selector in [&hook.namespace_selector, &hook.object_selector] {
+            let selector = selector
+                .as_ref()
+                .expect("namespaceSelector and objectSelector");
+            assert!(
+                !label_selector_matches(selector, &ignored),
+                "hami.io/webhook=ignore is excluded"
+            );
+            assert!(
+                label_selector_matches(selector, &BTreeMap::new()),
+                "unlabelled objects are included"
+            );
+        }
+        // matchConditions let through every resource the config names.
+        let conditions = hook.match_conditions.as_ref().expect("matchConditions");
+        let expressions: String = conditions.iter().map(|c| c.expression.as_str()).collect();
+        let resources = &config.resources;
+        for resource in [
+            &resources.gpu,
+            &resources.memory,
+            &resources.memory_percentage,
+            &resources.cores,
+            &resources.priority,
+        ] {
+            assert!(
+                cel_names_resource(&expressions, resource),
+                "matchConditions would keep pods naming {resource} away from the webhook"
+            );
+        }
+        assert!(
+            !cel_names_resource(&expressions, "cpu"),
+            "matchConditions must not pass every pod"
+        );
+    }
+
+    // RBAC names the same Secret and configuration.
+    let rbac = load_file(&manifests_dir().join("rbac-webhook.yaml"));
+    let rules: Vec<&PolicyRule> = rbac
+        .iter()
+        .flat_map(|d| match &d.object {
+            Object::Role(r) => r.rules.iter().flatten().collect::<Vec<_>>(),
+            Object::ClusterRole(r) => r.rules.iter().flatten().collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    let names_of = |resource: &str, verb: &str| -> Vec<String> {
+        rules
+            .iter()
+            .filter(|r| {
+                r.resources.iter().flatten().any(|x| x == resource)
+                    && r.verbs.iter().any(|v| v == verb)
+            })
+            .flat_map(|r| {
+                r.resource_names
+                    .clone()
+                    .unwrap_or_else(|| vec!["*".to_owned()])
+            })
+            .collect()
+    };
+    assert!(names_of("secrets", "get").contains(&options.ca_secret));
+    assert!(!names_of("secrets", "create").is_empty());
+    assert!(
+        names_of("mutatingwebhookconfigurations", "patch").contains(&options.webhook_config_name)
+    );
+    assert!(names_of("mutatingwebhookconfigurations", "get").contains(&options.webhook_config_name));
+}
+
+/// Whether the CEL text lets a resource key through: it compares the key
+/// to that name (`k == '…'`) or to a prefix of it (`k.startsWith('…')`).
+fn cel_names_resource(expression: &str, resource: &str) -> bool {
+    let literals = |marker: &str| -> Vec<String> {
+        expression
+            .match_indices(marker)
+            .filter_map(|(i, _)| {
+                let rest = &expression[i + marker.len()..];
+                rest.split('\'').next().map(str::to_owned)
+            })
+            .collect()
+    };
+    literals("startsWith('")
+        .iter()
+        .any(|p| resource.starts_with(p.as_str()))
+        || literals("== '").iter().any(|n| n == resource)
+}
+
+#[test]
+fn scheduler_args_parse_and_match_its_lease_and_ports() {
+    let docs = installed();
+    let w = workload(&docs, "tessera-scheduler");
+    let c = only_container(&w);
+    assert_eq!(binary(c), "tessera-scheduler");
+    let args = tessera_scheduler::options::Args::try_parse_from(argv(c))
+        .unwrap_or_else(|e| panic!("tessera-scheduler rejects its args: {e}"));
+    assert!(args.leader_elect, "two replicas need leader election");
+    assert!(
+        c.ports
+            .iter()
+            .flatten()
+            .any(|p| p.container_port == i32::from(args.metrics_address.port())),
+        "--metrics-address port is not a container port"
+    );
+    for (probe, path) in [
+        (&c.liveness_probe, "/healthz"),
+        (&c.readiness_probe, "/readyz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("httpGet probe");
+        assert_eq!(get.path.as_deref(), Some(path));
+    }
+    assert_eq!(
+        env_field_ref(c, "POD_NAME"),
+        Some("metadata.name"),
+        "--identity from POD_NAME"
+    );
+    assert_eq!(
+        env_field_ref(c, "POD_NAMESPACE"),
+        Some("metadata.namespace"),
+        "--lease-namespace from POD_NAMESPACE"
+    );
+    assert_config_mounted(&docs, &w, c, args.config.as_deref().expect("--config"));
+    let deployment = docs
+        .iter()
+        .find_map(|d| match &d.object {
+            Object::Deployment(dep)
+                if dep.metadata.name.as_deref() == Some("tessera-scheduler") =>
+            {
+                Some(dep)
+            }
+            _ => None,
+        })
+        .expect("scheduler Deployment");
+    assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(2));
+
+    // The Lease RBAC is in the pod's namespace and names --lease-name.
+    let rbac = load_file(&manifests_dir().join("rbac-scheduler.yaml"));
+    let lease_rules: Vec<&PolicyRule> = rbac
+        .iter()
+        .filter(|d| matches!(d.object, Object::Role(_)) && namespace(&d.object) == w.namespace)
+        .flat_map(|d| match &d.object {
+            Object::Role(r) => r.rules.iter().flatten().collect::<Vec<_>>(),
+            _ => Vec::new(),
+        })
+        .filter(|r| r.resources.iter().flatten().any(|x| x == "leases"))
+        .collect();
+    for verb in ["get", "update"] {
+        assert!(
+            lease_rules.iter().any(|r| r.verbs.iter().any(|v| v == verb)
+                && r.resource_names
+                    .as_ref()
+                    .is_none_or(|n| n.contains(&args.lease_name))),
+            "the scheduler cannot {verb} Lease {}",
+            args.lease_name
+        );
+    }
+    assert!(lease_rules
+        .iter()
+        .any(|r| r.verbs.iter().any(|v| v == "create")));
+}
+
+#[test]
+fn node_agent_args_parse_and_match_its_host_mounts_and_image() {
+    let docs = installed();
+    let w = workload(&docs, "tessera-node-agent");
+    assert_eq!(w.kind, "DaemonSet");
+    let c = only_container(&w);
+    assert_eq!(binary(c), "tessera-node-agent");
+    let options = tessera_node_agent::options::AgentOptions::try_parse_from(argv(c))
+        .unwrap_or_else(|e| panic!("tessera-node-agent rejects its args: {e}"));
+    assert_eq!(
+        env_field_ref(c, "NODE_NAME"),
+        Some("spec.nodeName"),
+        "--node-name from spec.nodeName"
+    );
+    assert_eq!(
+        w.spec
+            .node_selector
+            .as_ref()
+            .and_then(|s| s.get("gpu"))
+            .map(String::as_str),
+        Some("on"),
+        "runs on nodes labelled gpu=on"
+    );
+    assert!(
+        c.ports
+            .iter()
+            .flatten()
+            .any(|p| p.container_port == i32::from(options.metrics_addr.port())),
+        "--metrics-addr port is not a container port"
+    );
+    assert_config_mounted(&docs, &w, c, options.config.as_deref().expect("--config"));
+
+    // A hostPath mounted at `path` inside whose host path is `host`.
+    let host_mount = |path: &Path| -> String {
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| path.starts_with(&m.mount_path))
+            .unwrap_or_else(|| panic!("nothing is mounted over {}", path.display()));
+        let volume = w
+            .spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .expect("volume declared");
+        assert_ne!(
+            mount.read_only,
+            Some(true),
+            "{} must be writable",
+            mount.mount_path
+        );
+        volume
+            .host_path
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} is not a hostPath", mount.mount_path))
+            .path
+            .clone()
+            + &path.to_string_lossy()[mount.mount_path.len()..]
+    };
+    // --host-dir must appear at the same path on the host and inside.
+    assert_eq!(Path::new(&host_mount(&options.host_dir)), options.host_dir);
+    // The kubelet socket's directory (where the agent's socket goes too).
+    let socket_dir = options.kubelet_socket.parent().expect("socket directory");
+    assert_eq!(Path::new(&host_mount(socket_dir)), socket_dir);
+
+    // The image ships the interceptor where --interceptor-source expects it.
+    let dockerfile = read(&repo_root().join("Dockerfile"));
+    let source = options.interceptor_source.to_string_lossy().into_owned();
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.trim_start().starts_with("COPY") && l.trim_end().ends_with(&source)),
+        "the Dockerfile does not COPY the interceptor to {source}"
+    );
+    assert!(
+        dockerfile.contains("libtessera_cuda.so"),
+        "the Dockerfile copies the cdylib tessera_cuda builds"
+    );
+    // The binaries each container runs are in the image.
+    for w in workloads(&docs) {
+        for c in &w.spec.containers {
+            let command = c.command.as_ref().and_then(|c| c.first()).expect("command");
+            let (dir, file) = command.rsplit_once('/').expect("an absolute command");
+            assert!(
+                dockerfile.contains(&format!("target/release/{file}"))
+                    && dockerfile.contains(&format!(" {dir}/")),
+                "the Dockerfile does not put {file} in {dir}"
+            );
+        }
+    }
+}
+
+#[test]
+fn examples_parse_reach_their_services_and_pass_the_webhook() {
+    let config = installed_config(&installed());
+    let examples = examples();
+    assert!(examples.len() >= 8, "the examples are there");
+    for (path, docs) in &examples {
+        let file = path.display().to_string();
+        check_services(docs);
+        let pods = workloads(docs);
+        assert!(!pods.is_empty(), "{file} holds no workload");
+        for w in pods {
+            let pod = Pod {
+                metadata: ObjectMeta {
+                    name: Some(w.name.to_owned()),
+                    namespace: Some(w.namespace.to_owned()),
+                    labels: Some(w.labels.clone()),
+                    annotations: Some(w.annotations.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(w.spec.clone()),
+                status: None,
+            };
+            let admitted = tessera_webhook::decision::mutate_pod(&pod, &config)
+                .unwrap_or_else(|e| panic!("{file}: {} {}: {e}", w.kind, w.name));
+            let spec = admitted.spec.as_ref().expect("spec");
+            assert_eq!(
+                spec.scheduler_name.as_deref(),
+                Some(config.scheduler_name.as_str()),
+                "{file}: {} is not sent to our scheduler",
+                w.name
+            );
+            let request = PodGpuRequest::from_pod(&admitted, &config.resources)
+                .unwrap_or_else(|e| panic!("{file}: {}: {e}", w.name));
+            assert!(request.asks_for_gpu(), "{file}: {} asks for no GPU", w.name);
+        }
+    }
+}
+
+#[test]
+fn the_vllm_examples_ask_for_their_slices() {
+    let examples = examples();
+    let docs_of = |file: &str| -> &Vec<Doc> {
+        &examples
+            .iter()
+            .find(|(p, _)| p.file_name().is_some_and(|n| n == file))
+            .unwrap_or_else(|| panic!("no example {file}"))
+            .1
+    };
+    for (file, replicas, resource, amount) in [
+        ("vllm-t4.yaml", 2, "nvidia.com/gpumem", "7500"),
+        ("vllm-a10g.yaml", 1, "nvidia.com/gpumem-percentage", "45"),
+    ] {
+        let docs = docs_of(file);
+        let deployment = docs
+            .iter()
+            .find_map(|d| match &d.object {
+                Object::Deployment(dep) => Some(dep),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{file} has a Deployment"));
+        let spec = deployment.spec.as_ref().expect("spec");
+        assert_eq!(spec.replicas, Some(replicas), "{file}");
+        let container = &spec.template.spec.as_ref().expect("pod spec").containers[0];
+        assert!(
+            container
+                .image
+                .as_deref()
+                .is_some_and(|i| i.starts_with("vllm/vllm-openai")),
+            "{file}"
+        );
+        let limits = container
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .expect("limits");
+        assert_eq!(
+            limits.get(resource).map(|q| q.0.as_str()),
+            Some(amount),
+            "{file}"
+        );
+        assert!(
+            docs.iter().any(|d| matches!(d.object, Object::Service(_))),
+            "{file} has a Service"
+        );
+    }
+}
+
+// ------------------------------------------------------------ monitoring
+
+/// Metric names the components expose: the `# TYPE` lines of their real
+/// renderings.
+fn exposed_metrics() -> BTreeSet<String> {
+    let scheduler = tessera_scheduler::shell::metrics::SchedulerMetrics::new();
+    scheduler.count_decision("placed");
+    let scheduler = scheduler.render(
+        &tessera_scheduler::core::ClusterState::new(Config::default()),
+        &[],
+    );
+    // Counter families render once they have a sample.
+    let webhook = tessera_webhook::metrics::WebhookMetrics::new();
+    webhook.observe(
+        tessera_webhook::metrics::Outcome::Mutated,
+        std::time::Duration::from_micros(100),
+    );
+    let webhook = webhook.render();
+    let gpus = tessera_node_agent::gpu::fake::FakeGpus::parse("1x Tesla T4 15360", "node")
+        .expect("fake cards");
+    let cards: Arc<[tessera_node_agent::gpu::GpuInfo]> =
+        tessera_node_agent::gpu::GpuBackend::discover(&gpus)
+            .expect("cards")
+            .into();
+    // One container whose region no process has initialised yet (an empty
+    // file): its families render, with zero usage.
+    let region = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("manifests-region-{}.cache", std::process::id()));
+    std::fs::write(&region, b"").expect("write an empty region file");
+    let container = tessera_node_agent::metrics::ContainerRecord {
+        namespace: "ns".to_owned(),
+        pod: "pod".to_owned(),
+        container: "main".to_owned(),
+        region: region.clone(),
+        cards: vec![cards[0].uuid.clone()],
+    };
+    let agent = tessera_node_agent::metrics::Metrics::new(
+        Arc::new(gpus),
+        cards,
+        Arc::new(RwLock::new(vec![container])),
+    )
+    .render();
+    let _ = std::fs::remove_file(region);
+    [scheduler, webhook, agent]
+        .iter()
+        .flat_map(|text| text.lines())
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether a queried series name belongs to an exposed family (counters
+/// get `_total`, histograms `_bucket`, `_sum`, `_count`).
+fn is_exposed(series: &str, exposed: &BTreeSet<String>) -> bool {
+    exposed.contains(series)
+        || ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .any(|suffix| {
+                series
+                    .strip_suffix(suffix)
+                    .is_some_and(|base| exposed.contains(base))
+            })
+}
+
+#[test]
+fn monitoring_targets_our_services_and_queries_exposed_metrics() {
+    let dir = manifests_dir().join("monitoring");
+    let kustomization = kustomization(&dir);
+    let installed = installed();
+    let services: Vec<&Service> = installed
+        .iter()
+        .filter_map(|d| match &d.object {
+            Object::Service(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let mut monitors = 0;
+    for resource in kustomization["resources"].as_array().expect("resources") {
+        let path = dir.join(resource.as_str().expect("a path"));
+        for monitor in yaml_documents(&read(&path), &path.display().to_string()) {
+            assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+            assert_eq!(monitor["kind"], "ServiceMonitor", "{}", path.display());
+            monitors += 1;
+            let selector: LabelSelector =
+                serde_json::from_value(monitor["spec"]["selector"].clone())
+                    .expect("a label selector");
+            let namespaces = monitor["spec"]["namespaceSelector"]["matchNames"].clone();
+            assert_eq!(namespaces, serde_json::json!([NAMESPACE]));
+            let matched: Vec<&&Service> = services
+                .iter()
+                .filter(|s| {
+                    label_selector_matches(&selector, s.metadata.labels.as_ref().expect("labels"))
+                })
+                .collect();
+            assert_eq!(
+                matched.len(),
+                1,
+                "{}: selects exactly one Service",
+                describe(&monitor)
+            );
+            let ports = matched[0]
+                .spec
+                .as_ref()
+                .and_then(|s| s.ports.clone())
+                .unwrap_or_default();
+            for endpoint in monitor["spec"]["endpoints"].as_array().expect("endpoints") {
+                let port = endpoint["port"].as_str().expect("endpoint port name");
+                assert!(
+                    ports.iter().any(|p| p.name.as_deref() == Some(port)),
+                    "{}: the Service has no port {port}",
+                    describe(&monitor)
+                );
+            }
+        }
+    }
+    assert_eq!(monitors, 3, "one ServiceMonitor per component");
+
+    // Every listed file exists, every file is listed.
+    let generated: Vec<String> = kustomization["configMapGenerator"]
+        .as_array()
+        .expect("configMapGenerator for the dashboard")
+        .iter()
+        .flat_map(|g| g["files"].as_array().cloned().unwrap_or_default())
+        .map(|f| {
+            f.as_str()
+                .expect("file")
+                .rsplit('=')
+                .next()
+                .expect("file")
+                .to_owned()
+        })
+        .collect();
+    assert!(!generated.is_empty());
+    let exposed = exposed_metrics();
+    for required in [
+        "hami_gpu_memory_allocated_bytes",
+        "hami_gpu_memory_limit_bytes",
+        "hami_vgpu_memory_used_bytes",
+        "hami_vgpu_memory_limit_bytes",
+        "tessera_scheduler_decision_duration_seconds",
+        "tessera_scheduler_bind_duration_seconds",
+        "tessera_scheduler_queue_depth",
+        "tessera_scheduler_bind_failures",
+        "tessera_webhook_admissions",
+    ] {
+        assert!(
+            exposed.contains(required),
+            "the components no longer expose {required}"
+        );
+    }
+    let mut queried = BTreeSet::new();
+    for file in &generated {
+        let dashboard: Json = serde_json::from_str(&read(&dir.join(file)))
+            .unwrap_or_else(|e| panic!("{file} is not JSON: {e}"));
+        let mut expressions = Vec::new();
+        collect_exprs(&dashboard, &mut expressions);
+        assert!(!expressions.is_empty(), "{file} has queries");
+        for expr in expressions {
+            for series in metric_names(&expr) {
+                assert!(
+                    is_exposed(&series, &exposed),
+                    "{file}: query {expr:?} uses {series}, which no component exposes"
+                );
+                queried.insert(series);
+            }
+        }
+    }
+    for family in [
+        "hami_gpu_memory_allocated_bytes",
+        "hami_vgpu_memory_used_bytes",
+        "tessera_scheduler_decision_duration_seconds_bucket",
+        "tessera_scheduler_bind_duration_seconds_bucket",
+        "tessera_scheduler_queue_depth",
+        "tessera_scheduler_bind_failures_total",
+        "tessera_webhook_admissions_total",
+    ] {
+        assert!(
+            queried.contains(family),
+            "the dashboard does not show {family}"
+        );
+    }
+    let listed: BTreeSet<String> = kustomization["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r.as_str().expect("path").to_owned())
+        .chain(generated)
+        .collect();
+    let on_disk: BTreeSet<String> = std::fs::read_dir(&dir)
+        .expect("monitoring/")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "kustomization.yaml")
+        .collect();
+    assert_eq!(
+        on_disk, listed,
+        "monitoring/ files and its kustomization differ"
+    );
+}
+
+fn collect_exprs(value: &Json, out: &mut Vec<String>) {
+    match value {
+        Json::Object(map) => {
+            for (key, v) in map {
+                match (key.as_str(), v) {
+                    ("expr", Json::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        Json::Array(list) => list.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// Our metric names in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let at_word_start =
+            i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        if at_word_start && (expr[i..].starts_with("hami_") || expr[i..].starts_with("tessera_")) {
+            let end = expr[i..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(expr.len(), |n| i + n);
+            names.push(expr[i..end].to_owned());
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
