@@ -1,6 +1,7 @@
 //! The environment a GPU container runs with: the names of the variables the
 //! node agent sets and the interceptor reads, and the codec of the memory-cap
-//! values (`CUDA_DEVICE_MEMORY_LIMIT[_<i>]`), HAMi-compatible.
+//! values (`CUDA_DEVICE_MEMORY_LIMIT[_<i>]`), HAMi-compatible; and the
+//! compute settings: SM caps, the core utilisation policy and the priority.
 //!
 //! Values are a whole number with an optional binary suffix: `7500m` (MiB),
 //! `10g` (GiB), `512k` (KiB), `1t` (TiB), or plain bytes (`1073741824`).
@@ -111,6 +112,91 @@ fn suffix_shift(suffix: &str) -> Option<u32> {
     }
 }
 
+// ---- Compute (SM) limits and priority --------------------------------------
+
+/// Prefix of the per-card SM cap: `CUDA_DEVICE_SM_LIMIT_0`, `_1`, … (visible
+/// card index), overriding [`SM_LIMIT`] for that card.
+pub const SM_LIMIT_PREFIX: &str = "CUDA_DEVICE_SM_LIMIT_";
+/// When the SM cap applies: `force`, `disable` or `default` (see [`CorePolicy`]).
+pub const CORE_UTILIZATION_POLICY: &str = "GPU_CORE_UTILIZATION_POLICY";
+/// The container's priority on its cards: `0` high, `1` low (`nvidia.com/priority`).
+pub const TASK_PRIORITY: &str = "CUDA_TASK_PRIORITY";
+/// Directory (mounted from the host into every GPU container) holding one
+/// tenant table per physical card (layout in [`crate::card_tenants`]).
+pub const CARD_TENANTS_DIR: &str = "TESSERA_CARD_TENANTS_DIR";
+
+/// Name of the per-card SM cap variable for visible card `index`.
+pub fn sm_limit_var(index: usize) -> String {
+    format!("{SM_LIMIT_PREFIX}{index}")
+}
+
+/// When a container's SM cap is enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CorePolicy {
+    /// Only while another tenant is active on the card (HAMi's default):
+    /// a container alone on its card runs at full speed.
+    #[default]
+    Default,
+    /// Always, even alone on the card.
+    Force,
+    /// Never: the cap is ignored (priority still applies).
+    Disable,
+}
+
+/// A container's priority on its cards (`nvidia.com/priority`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskPriority {
+    /// `0`: low-priority tenants of the card yield while this one launches.
+    High,
+    /// `1`: yields to high-priority tenants of the card.
+    Low,
+}
+
+/// Why an SM-limit, policy or priority value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ComputeEnvError {
+    /// Not a whole percentage from 0 to 100.
+    #[error(
+        "`{0}` is not an SM share; write a whole percentage from 0 to 100 (0 or 100 = no cap)"
+    )]
+    BadSmLimit(String),
+    /// Not one of the three policies.
+    #[error("`{0}` is not a core utilisation policy; write `default`, `force` or `disable`")]
+    BadPolicy(String),
+    /// Not 0 or 1.
+    #[error("`{0}` is not a task priority; write 0 (high) or 1 (low)")]
+    BadPriority(String),
+}
+
+/// Parses an SM cap: `Some(percent)` for 1–99, `None` for 0 or 100 (no cap,
+/// as in HAMi: 0 means not requested, 100 the whole card).
+pub fn parse_sm_limit(value: &str) -> Result<Option<u8>, ComputeEnvError> {
+    match value.trim().parse::<u8>() {
+        Ok(0 | 100) => Ok(None),
+        Ok(p) if p < 100 => Ok(Some(p)),
+        _ => Err(ComputeEnvError::BadSmLimit(value.to_owned())),
+    }
+}
+
+/// Parses [`CORE_UTILIZATION_POLICY`] (case-insensitive; empty = default).
+pub fn parse_core_policy(value: &str) -> Result<CorePolicy, ComputeEnvError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" | "default" => Ok(CorePolicy::Default),
+        "force" => Ok(CorePolicy::Force),
+        "disable" => Ok(CorePolicy::Disable),
+        _ => Err(ComputeEnvError::BadPolicy(value.to_owned())),
+    }
+}
+
+/// Parses [`TASK_PRIORITY`].
+pub fn parse_task_priority(value: &str) -> Result<TaskPriority, ComputeEnvError> {
+    match value.trim() {
+        "0" => Ok(TaskPriority::High),
+        "1" => Ok(TaskPriority::Low),
+        _ => Err(ComputeEnvError::BadPriority(value.to_owned())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +245,24 @@ mod tests {
             parse_memory_limit("20000000t"),
             Err(MemoryLimitError::Overflow(_))
         ));
+    }
+
+    #[test]
+    fn compute_values() {
+        assert_eq!(parse_sm_limit("30"), Ok(Some(30)));
+        assert_eq!(parse_sm_limit(" 0 "), Ok(None));
+        assert_eq!(parse_sm_limit("100"), Ok(None));
+        assert!(parse_sm_limit("101").is_err());
+        assert!(parse_sm_limit("-5").is_err());
+        assert!(parse_sm_limit("30%").is_err());
+        assert_eq!(parse_core_policy("FORCE"), Ok(CorePolicy::Force));
+        assert_eq!(parse_core_policy(""), Ok(CorePolicy::Default));
+        assert_eq!(parse_core_policy("disable"), Ok(CorePolicy::Disable));
+        assert!(parse_core_policy("sometimes").is_err());
+        assert_eq!(parse_task_priority("0"), Ok(TaskPriority::High));
+        assert_eq!(parse_task_priority("1"), Ok(TaskPriority::Low));
+        assert!(parse_task_priority("2").is_err());
+        assert_eq!(sm_limit_var(2), "CUDA_DEVICE_SM_LIMIT_2");
     }
 
     #[test]

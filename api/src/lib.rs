@@ -3,10 +3,13 @@
 //! pod-allocation codecs ([`inventory`], [`allocation`], HAMi-compatible),
 //! Kubernetes quantity parsing ([`quantity`]), scheduling policies
 //! ([`policy`]), the pod request model ([`request`], feature `k8s`), the
-//! config file ([`config`]) and the typed errors ([`error`]). Nothing here
+//! config file ([`config`]), the typed errors ([`error`]), and the layouts
+//! shared through files: the container accounting region ([`shared_region`])
+//! and the per-card tenant table ([`card_tenants`]). Nothing here
 //! does I/O.
 
 pub mod allocation;
+pub mod card_tenants;
 pub mod config;
 pub mod container_env;
 pub mod error;

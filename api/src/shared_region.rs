@@ -5,13 +5,21 @@
 //! arithmetic on it; opening, mapping and locking the file belong to the
 //! interceptor (and to the node agent's reader), since this crate does no I/O.
 //!
-//! Layout (version 1), all integers little-endian native atomics:
+//! Layout (version 2), all integers little-endian native atomics:
 //!
 //! | part | what it holds |
 //! |---|---|
 //! | [`RegionHeader`] | magic, version, sizes, so a reader can refuse a file it does not understand |
 //! | `[`[`DeviceAccount`]`; MAX_DEVICES]` | per visible card: the cap and the bytes charged by all live processes |
 //! | `[`[`ProcessSlot`]`; MAX_PROCESSES]` | per process: its pid and the bytes it charged on each card |
+//! | [`CoreControl`] | (v2) the SM limiter's updater: who runs it, its heartbeat |
+//! | `[`[`CoreAccount`]`; MAX_DEVICES]` | (v2) per card: the SM cap's token bucket and the measured utilisation |
+//!
+//! The SM limiter (v2) keeps one token bucket per card for the whole
+//! container, not per process: every governed launch of every process spends
+//! from [`CoreAccount::tokens`], and one elected process (holder of the OFD
+//! lock on [`SM_UPDATER_LOCK_OFFSET`]) refills it at the rate its controller
+//! chose. Version 1 files are refused (restart the container).
 //!
 //! Admission is [`DeviceAccount::try_reserve`], a compare-and-swap on the
 //! card's counter, made before the driver is asked, so two processes can never
@@ -26,13 +34,13 @@
 //! Lock offsets lie far past the end of the file (locks may cover bytes that
 //! do not exist), so they never collide with data.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use thiserror::Error;
 
 /// `"TESSERA\x01"` read as a little-endian `u64`.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TESSERA\x01");
 /// Layout version; bumped on any change to the structures below.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Visible cards one container can account for.
 pub const MAX_DEVICES: usize = 16;
 /// Processes of one container that can hold a slot at the same time.
@@ -41,6 +49,9 @@ pub const MAX_PROCESSES: usize = 1024;
 pub const SLOT_LOCK_BASE: u64 = 1 << 40;
 /// File offset of the byte locked while the region is being initialised.
 pub const INIT_LOCK_OFFSET: u64 = SLOT_LOCK_BASE - 1;
+/// File offset of the byte the SM limiter's updater holds locked while it
+/// runs (one updater per container; the kernel drops the lock if it dies).
+pub const SM_UPDATER_LOCK_OFFSET: u64 = SLOT_LOCK_BASE - 2;
 
 /// File offset of the lock byte that marks slot `slot` as owned.
 pub const fn slot_lock_offset(slot: usize) -> u64 {
@@ -192,6 +203,87 @@ impl ProcessSlot {
     }
 }
 
+/// The SM limiter's updater, one per container (layout version 2).
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct CoreControl {
+    /// Pid (as the updater sees itself) of the process running the updater; 0 = none yet.
+    pub updater_pid: AtomicU32,
+    /// Reserved, zero.
+    pub flags: AtomicU32,
+    /// `CLOCK_MONOTONIC` nanoseconds of the updater's last tick; a process
+    /// that finds it stale tries to take the updater lock over.
+    pub updater_beat_ns: AtomicU64,
+    /// Reserved, zero.
+    pub reserved: [AtomicU64; 6],
+}
+
+/// [`CoreAccount::mode`]: launches pass without spending (no cap, or the
+/// policy says not to limit now).
+pub const CORE_FREE: u32 = 0;
+/// [`CoreAccount::mode`]: launches spend tokens and wait while there are none.
+pub const CORE_LIMITED: u32 = 1;
+
+/// One card's SM account for the whole container (layout version 2).
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct CoreAccount {
+    /// Launch budget in cost units (blocks × threads); may go below zero
+    /// (a launch larger than what is left is let through and paid back).
+    pub tokens: AtomicI64,
+    /// Cost units launched in total by every process (monotonic).
+    pub spent: AtomicU64,
+    /// Governed launches in total (monotonic).
+    pub launches: AtomicU64,
+    /// Refill rate the controller chose, cost units per second (for readers).
+    pub refill_per_sec: AtomicU64,
+    /// [`CORE_FREE`] or [`CORE_LIMITED`].
+    pub mode: AtomicU32,
+    /// Non-zero while a high-priority tenant of the card is active and this
+    /// (low-priority) container must hold its launches.
+    pub yield_to_priority: AtomicU32,
+    /// The cap in percent as the updater applies it; 0 = none.
+    pub limit_percent: AtomicU32,
+    /// The container's measured share of the card's compute, per mille
+    /// (from NVML), refreshed by the updater; read by the node agent.
+    pub utilization_permille: AtomicU32,
+    /// `CLOCK_MONOTONIC` nanoseconds when the utilisation was measured.
+    pub measured_at_ns: AtomicU64,
+    /// Reserved, zero.
+    pub reserved: AtomicU64,
+}
+
+impl CoreAccount {
+    /// One launch of `cost` units: `true` if it may go now (and it is
+    /// charged), `false` if the bucket is empty and the caller must wait.
+    /// In [`CORE_FREE`] mode only the counters move.
+    #[inline]
+    pub fn try_spend(&self, cost: u64) -> bool {
+        if self.mode.load(Ordering::Relaxed) == CORE_LIMITED
+            && self.tokens.load(Ordering::Relaxed) <= 0
+        {
+            return false;
+        }
+        let signed = i64::try_from(cost).unwrap_or(i64::MAX);
+        self.tokens.fetch_sub(signed, Ordering::Relaxed);
+        self.spent.fetch_add(cost, Ordering::Relaxed);
+        self.launches.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Adds `amount` units, never past `burst` (a bucket left idle must not
+    /// save up an unbounded burst), paying off debt first.
+    pub fn refill(&self, amount: u64, burst: u64) {
+        let amount = i64::try_from(amount).unwrap_or(i64::MAX);
+        let burst = i64::try_from(burst).unwrap_or(i64::MAX);
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_add(amount).min(burst))
+            });
+    }
+}
+
 /// The whole region as it lies in the file.
 #[repr(C)]
 #[derive(Debug)]
@@ -202,6 +294,10 @@ pub struct SharedRegion {
     pub devices: [DeviceAccount; MAX_DEVICES],
     /// Per-process slots.
     pub processes: [ProcessSlot; MAX_PROCESSES],
+    /// The SM limiter's updater (v2).
+    pub core_control: CoreControl,
+    /// Per-card SM accounts, indexed like `devices` (v2).
+    pub cores: [CoreAccount; MAX_DEVICES],
 }
 
 /// Size of the file in bytes.
@@ -379,8 +475,41 @@ mod tests {
         assert_eq!(std::mem::size_of::<RegionHeader>(), 64);
         assert_eq!(std::mem::size_of::<DeviceAccount>(), 64);
         assert_eq!(std::mem::size_of::<ProcessSlot>(), 192);
-        assert_eq!(REGION_SIZE, 64 + 16 * 64 + 1024 * 192);
+        assert_eq!(std::mem::size_of::<CoreControl>(), 64);
+        assert_eq!(std::mem::size_of::<CoreAccount>(), 64);
+        assert_eq!(REGION_SIZE, 64 + 16 * 64 + 1024 * 192 + 64 + 16 * 64);
         assert_eq!(std::mem::offset_of!(SharedRegion, devices), 64);
+        // Version 2 appends; the version-1 parts keep their offsets.
+        assert_eq!(
+            std::mem::offset_of!(SharedRegion, core_control),
+            64 + 16 * 64 + 1024 * 192
+        );
+    }
+
+    #[test]
+    fn token_bucket_spends_waits_and_refills_within_the_burst() {
+        let region = zeroed_region();
+        let core = &region.cores[0];
+        // Free mode: always passes, counts.
+        assert!(core.try_spend(500));
+        assert_eq!(core.spent.load(Ordering::Relaxed), 500);
+        core.tokens.store(0, Ordering::Relaxed);
+        core.mode.store(CORE_LIMITED, Ordering::Relaxed);
+        assert!(!core.try_spend(1), "empty bucket waits");
+        core.refill(100, 1000);
+        assert!(core.try_spend(250), "a launch larger than the rest passes");
+        assert_eq!(core.tokens.load(Ordering::Relaxed), -150);
+        assert!(!core.try_spend(1), "and is paid back before the next");
+        core.refill(10_000, 1000);
+        assert_eq!(core.tokens.load(Ordering::Relaxed), 1000, "capped at burst");
+        core.tokens.store(5000, Ordering::Relaxed);
+        core.refill(10, 1000);
+        assert_eq!(
+            core.tokens.load(Ordering::Relaxed),
+            1000,
+            "a lowered burst trims savings"
+        );
+        assert_eq!(core.launches.load(Ordering::Relaxed), 2);
     }
 
     #[test]
