@@ -1,0 +1,590 @@
+//! The RBAC manifests against what the code really does. Each component
+//! runs its main API flows against its own API stand-in; the stand-in's
+//! request log, turned into RBAC terms (API group, `resource[/subresource]`,
+//! verb, namespace, name), is checked against the rules of
+//! `manifests/rbac-<component>.yaml`: every call must be allowed, and every
+//! granted (group, resource, verb) must have been used (least privilege),
+//! except the few entries of [`UNEXERCISED`], each with its reason.
+//!
+//! - scheduler: leader election on, a pod scheduled and bound with a
+//!   `Scheduled` Event, a pod that fits nowhere (`PodScheduled=False` and
+//!   `FailedScheduling`, retried);
+//! - webhook: the self-provisioned CA (Secret, caBundle of the
+//!   MutatingWebhookConfiguration) and, separately, the optional
+//!   `--watch-namespaces` cache, whose calls must be exactly the extra
+//!   grant the manifest and the webhook's README document;
+//! - node agent: inventory publish, kubelet's `Allocate`, the
+//!   `bind-phase` update, and a failed allocation's Event.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
+use serde_json::{json, Value};
+use tessera_api::allocation::{encode_pod_devices, ContainerDevice, NVIDIA_VENDOR};
+use tessera_api::config::Config;
+use tessera_api::inventory::{encode_inventory, GpuDevice};
+use tessera_api::names::{allocation as keys, NODE_REGISTER_ANNOTATION};
+use tessera_scheduler::shell::leader::LeaseSettings;
+use tessera_scheduler::shell::{Scheduler, ShellOptions};
+use tessera_testkit::{ApiServer, RequestRecord};
+
+/// Granted (component, group, resource, verb) that the flows here do not
+/// exercise, and why that is acceptable.
+const UNEXERCISED: &[(&str, &str, &str, &str, &str)] = &[(
+    "node-agent",
+    "events.k8s.io",
+    "events",
+    "patch",
+    "kube-rs's event Recorder patches an Event only when the same event repeats on the same pod; \
+     the agent fails a pod once (bind-phase failed), so a repeat needs a second failing Allocate \
+     for it, which this flow does not make",
+)];
+
+/// One API call in RBAC terms.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Call {
+    group: String,
+    resource: String,
+    verb: &'static str,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+impl std::fmt::Display for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}.{} (namespace {:?}, name {:?})",
+            self.verb, self.resource, self.group, self.namespace, self.name
+        )
+    }
+}
+
+fn to_call(record: &RequestRecord) -> Call {
+    let group = match record.api_version.split_once('/') {
+        Some((group, _)) => group.to_owned(),
+        None => String::new(),
+    };
+    let verb = match (record.method.as_str(), record.watch, record.name.is_some()) {
+        ("GET", true, _) => "watch",
+        ("GET", false, true) => "get",
+        ("GET", false, false) => "list",
+        ("POST", ..) => "create",
+        ("PUT", ..) => "update",
+        ("PATCH", ..) => "patch",
+        ("DELETE", _, true) => "delete",
+        ("DELETE", _, false) => "deletecollection",
+        (other, ..) => panic!("unexpected method {other} in the request log"),
+    };
+    Call {
+        group,
+        resource: record.target(),
+        verb,
+        namespace: record.namespace.clone(),
+        name: record.name.clone(),
+    }
+}
+
+/// One rule of a Role (`namespace` set) or ClusterRole.
+#[derive(Debug)]
+struct Grant {
+    role: String,
+    namespace: Option<String>,
+    rule: PolicyRule,
+}
+
+fn contains(list: &[String], value: &str) -> bool {
+    list.iter().any(|v| v == "*" || v == value)
+}
+
+impl Grant {
+    fn allows(&self, call: &Call) -> bool {
+        let rule = &self.rule;
+        let names = rule.resource_names.as_deref().unwrap_or_default();
+        let namespace_ok = match &self.namespace {
+            Some(ns) => call.namespace.as_deref() == Some(ns.as_str()),
+            None => true,
+        };
+        // A rule limited by name allows only calls that name one of them
+        // (create, list and watch name nothing).
+        let name_ok = names.is_empty()
+            || call
+                .name
+                .as_deref()
+                .is_some_and(|n| names.iter().any(|r| r == n));
+        namespace_ok
+            && name_ok
+            && contains(rule.api_groups.as_deref().unwrap_or_default(), &call.group)
+            && contains(
+                rule.resources.as_deref().unwrap_or_default(),
+                &call.resource,
+            )
+            && contains(&rule.verbs, call.verb)
+    }
+
+    /// Every (group, resource, verb) the rule grants.
+    fn triples(&self) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for group in self.rule.api_groups.iter().flatten() {
+            for resource in self.rule.resources.iter().flatten() {
+                for verb in &self.rule.verbs {
+                    out.push((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The Role and ClusterRole rules of `manifests/rbac-<component>.yaml`.
+fn grants(component: &str) -> Vec<Grant> {
+    let path = format!(
+        "{}/../manifests/rbac-{component}.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {path}: {e}; the RBAC manifests live there"));
+    let mut grants = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value: Value = serde::Deserialize::deserialize(document).expect("YAML document");
+        let (role, namespace, rules) = match value["kind"].as_str() {
+            Some("ClusterRole") => {
+                let role: ClusterRole = serde_json::from_value(value).expect("ClusterRole");
+                (role.metadata.name.unwrap_or_default(), None, role.rules)
+            }
+            Some("Role") => {
+                let role: Role = serde_json::from_value(value).expect("Role");
+                let namespace = role.metadata.namespace.clone();
+                assert!(namespace.is_some(), "a Role in {path} names no namespace");
+                (
+                    role.metadata.name.unwrap_or_default(),
+                    namespace,
+                    role.rules,
+                )
+            }
+            _ => continue,
+        };
+        for rule in rules.unwrap_or_default() {
+            grants.push(Grant {
+                role: role.clone(),
+                namespace: namespace.clone(),
+                rule,
+            });
+        }
+    }
+    assert!(!grants.is_empty(), "{path} grants nothing");
+    grants
+}
+
+/// The calls `grants` do not allow, and the granted triples no call used
+/// (less those in [`UNEXERCISED`] for `component`).
+fn violations(
+    component: &str,
+    grants: &[Grant],
+    records: &[RequestRecord],
+) -> (Vec<String>, Vec<String>) {
+    let calls: BTreeSet<Call> = records.iter().map(to_call).collect();
+    let denied = calls
+        .iter()
+        .filter(|call| !grants.iter().any(|g| g.allows(call)))
+        .map(ToString::to_string)
+        .collect();
+    let mut unused = Vec::new();
+    for grant in grants {
+        for (group, resource, verb) in grant.triples() {
+            let used = calls.iter().any(|call| {
+                call.group == group
+                    && call.resource == resource
+                    && call.verb == verb
+                    && grant.allows(call)
+            });
+            let excused = UNEXERCISED.iter().any(|(c, g, r, v, _)| {
+                *c == component && *g == group && *r == resource && *v == verb
+            });
+            if !used && !excused {
+                unused.push(format!("{verb} {resource}.{group} (role {})", grant.role));
+            }
+        }
+    }
+    (denied, unused)
+}
+
+/// Every call allowed; every granted triple used or listed in [`UNEXERCISED`].
+fn check(component: &str, records: &[RequestRecord]) {
+    assert!(!records.is_empty(), "{component} made no API call");
+    let (denied, unused) = violations(component, &grants(component), records);
+    assert!(
+        denied.is_empty(),
+        "manifests/rbac-{component}.yaml does not allow calls {component} makes:\n  {}",
+        denied.join("\n  ")
+    );
+    assert!(
+        unused.is_empty(),
+        "manifests/rbac-{component}.yaml grants what {component} never used (least privilege):\n  {}",
+        unused.join("\n  ")
+    );
+}
+
+fn record(
+    method: &str,
+    api_version: &str,
+    resource: &str,
+    sub: Option<&str>,
+    ns: Option<&str>,
+    name: Option<&str>,
+    watch: bool,
+) -> RequestRecord {
+    RequestRecord {
+        method: method.into(),
+        api_version: api_version.into(),
+        resource: resource.into(),
+        subresource: sub.map(Into::into),
+        namespace: ns.map(Into::into),
+        name: name.map(Into::into),
+        status: 200,
+        watch,
+    }
+}
+
+#[test]
+fn the_checker_finds_missing_and_unused_grants() {
+    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str], names: &[&str]| PolicyRule {
+        api_groups: Some(groups.iter().map(|s| (*s).to_owned()).collect()),
+        resources: Some(resources.iter().map(|s| (*s).to_owned()).collect()),
+        verbs: verbs.iter().map(|s| (*s).to_owned()).collect(),
+        resource_names: (!names.is_empty())
+            .then(|| names.iter().map(|s| (*s).to_owned()).collect()),
+        non_resource_urls: None,
+    };
+    let grants = [
+        Grant {
+            role: "cluster".into(),
+            namespace: None,
+            rule: rule(&[""], &["pods"], &["list", "watch", "delete"], &[]),
+        },
+        Grant {
+            role: "cluster".into(),
+            namespace: None,
+            rule: rule(&[""], &["pods/binding"], &["create"], &[]),
+        },
+        Grant {
+            role: "ns".into(),
+            namespace: Some("tessera-system".into()),
+            rule: rule(&["coordination.k8s.io"], &["leases"], &["get"], &["mine"]),
+        },
+    ];
+    let records = [
+        record("GET", "v1", "pods", None, None, None, false),
+        record("GET", "v1", "pods", None, None, None, true),
+        record(
+            "POST",
+            "v1",
+            "pods",
+            Some("binding"),
+            Some("team"),
+            Some("p"),
+            false,
+        ),
+        record(
+            "GET",
+            "coordination.k8s.io/v1",
+            "leases",
+            None,
+            Some("tessera-system"),
+            Some("mine"),
+            false,
+        ),
+        // Not granted: another lease by name, a lease in another namespace, a pod patch.
+        record(
+            "GET",
+            "coordination.k8s.io/v1",
+            "leases",
+            None,
+            Some("tessera-system"),
+            Some("theirs"),
+            false,
+        ),
+        record(
+            "GET",
+            "coordination.k8s.io/v1",
+            "leases",
+            None,
+            Some("default"),
+            Some("mine"),
+            false,
+        ),
+        record("PATCH", "v1", "pods", None, Some("team"), Some("p"), false),
+    ];
+    let (denied, unused) = violations("test", &grants, &records);
+    assert_eq!(denied.len(), 3, "{denied:?}");
+    assert!(
+        denied.iter().any(|d| d.contains("theirs"))
+            && denied.iter().any(|d| d.contains("\"default\""))
+            && denied.iter().any(|d| d.starts_with("patch pods")),
+        "{denied:?}"
+    );
+    assert_eq!(unused, ["delete pods. (role cluster)"]);
+}
+
+fn cards(count: u32) -> String {
+    encode_inventory(
+        &(0..count)
+            .map(|i| GpuDevice {
+                id: format!("GPU-rbac-{i}"),
+                index: i,
+                count: 10,
+                devmem: 15360,
+                devcore: 100,
+                device_type: "NVIDIA-Tesla T4".into(),
+                numa: 0,
+                mode: "hami-core".into(),
+                health: true,
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn pending_pod(name: &str, memory_mib: u64) -> Pod {
+    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "team"},
+        "spec": {"schedulerName": "tessera-scheduler",
+                 "containers": [{"name": "main", "image": "x", "resources": {"limits": {
+                     "nvidia.com/gpu": "1", "nvidia.com/gpumem": memory_mib.to_string()}}}]}}))
+    .expect("pod")
+}
+
+fn writes_of(api: &ApiServer, method: &str, target: &str) -> usize {
+    api.write_count(method, target)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_calls_match_its_rbac() {
+    let api = ApiServer::start().await.expect("API stand-in");
+    let mut node = ready_node("gpu-1");
+    node.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(NODE_REGISTER_ANNOTATION.into(), cards(1));
+    api.insert(&node);
+    api.insert(&pending_pod("fits", 4000));
+    api.insert(&pending_pod("too-big", 20000));
+    let options = ShellOptions {
+        lease: Some(LeaseSettings {
+            namespace: "tessera-system".into(),
+            name: "tessera-scheduler".into(),
+            identity: "scheduler-0".into(),
+            lease_duration: Duration::from_secs(2),
+            retry_period: Duration::from_millis(100),
+        }),
+        scheduled_events: true,
+        ..ShellOptions::default()
+    };
+    let scheduler = Scheduler::new(api.client(), Config::default(), options);
+    let task = tokio::spawn(scheduler.run());
+    eventually("the pod that fits bound", || {
+        api.get::<Pod>(Some("team"), "fits")
+            .and_then(|p| p.spec?.node_name)
+    })
+    .await;
+    for (what, method, target, at_least) in [
+        ("one bind", "POST", "pods/binding", 1),
+        (
+            "PodScheduled=False on the pod that fits nowhere",
+            "PATCH",
+            "pods/status",
+            1,
+        ),
+        ("Scheduled and FailedScheduling events", "POST", "events", 2),
+        ("the lease renewed", "PUT", "leases", 1),
+    ] {
+        eventually(what, || {
+            (writes_of(&api, method, target) >= at_least).then_some(())
+        })
+        .await;
+    }
+    // A node change retries the parked pod: the same FailedScheduling
+    // again, which the event recorder sends as a patch of the series.
+    node.metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("changed".into(), "yes".into());
+    api.insert(&node);
+    eventually("a repeated FailedScheduling event (series patch)", || {
+        (writes_of(&api, "PATCH", "events") >= 1).then_some(())
+    })
+    .await;
+    task.abort();
+    check("scheduler", &api.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_calls_match_its_rbac() {
+    // Self-provisioned CA: Secret, then the configuration's caBundle.
+    let api = ApiServer::start().await.expect("API stand-in");
+    api.insert::<MutatingWebhookConfiguration>(
+        &serde_json::from_value(json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": "tessera-webhook"},
+            "webhooks": [{
+                "name": "pods.tessera.io",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "clientConfig": {"service": {"name": "tessera-webhook", "namespace": "tessera-system", "path": "/mutate"}}
+            }]
+        }))
+        .expect("configuration"),
+    );
+    let options = <tessera_webhook::app::Options as clap::Parser>::parse_from([
+        "tessera-webhook",
+        "--self-provision",
+        "--namespace",
+        "tessera-system",
+        "--ca-sync-seconds",
+        "1",
+    ]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let client = api.client();
+    let task = tokio::spawn(async move {
+        let _ =
+            tessera_webhook::app::serve(options, listener, Some(client), std::future::pending())
+                .await;
+    });
+    eventually("the caBundle patched and re-checked", || {
+        let config: MutatingWebhookConfiguration = api.get(None, "tessera-webhook")?;
+        let patched = config.webhooks?[0].client_config.ca_bundle.is_some();
+        (patched && writes_of(&api, "PATCH", "mutatingwebhookconfigurations") >= 1).then_some(())
+    })
+    .await;
+    // A second replica finds the stored CA.
+    let options = <tessera_webhook::app::Options as clap::Parser>::parse_from([
+        "tessera-webhook",
+        "--self-provision",
+        "--namespace",
+        "tessera-system",
+    ]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let client = api.client();
+    let second = tokio::spawn(async move {
+        let _ =
+            tessera_webhook::app::serve(options, listener, Some(client), std::future::pending())
+                .await;
+    });
+    eventually("the second replica reads the CA Secret", || {
+        let reads = api
+            .requests()
+            .iter()
+            .filter(|r| r.resource == "secrets" && r.method == "GET" && r.status == 200)
+            .count();
+        (reads >= 1).then_some(())
+    })
+    .await;
+    task.abort();
+    second.abort();
+    check("webhook", &api.requests());
+
+    // The optional namespace cache: exactly list and watch on namespaces,
+    // the extra grant that manifests/rbac-webhook.yaml and
+    // webhook/README.md name for --watch-namespaces.
+    let api = ApiServer::start().await.expect("API stand-in");
+    let _webhook = Webhook::start(Some(api.client()), &["--watch-namespaces"]).await;
+    eventually("the namespace watch", || {
+        api.requests()
+            .iter()
+            .any(|r| r.resource == "namespaces" && r.watch)
+            .then_some(())
+    })
+    .await;
+    let calls: BTreeSet<(String, String, &str)> = api
+        .requests()
+        .iter()
+        .map(to_call)
+        .map(|c| (c.group, c.resource, c.verb))
+        .collect();
+    let expected: BTreeSet<(String, String, &str)> = [
+        (String::new(), "namespaces".to_owned(), "list"),
+        (String::new(), "namespaces".to_owned(), "watch"),
+    ]
+    .into();
+    assert_eq!(calls, expected);
+    let manifest = std::fs::read_to_string(format!(
+        "{}/../manifests/rbac-webhook.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("manifest");
+    assert!(
+        manifest.contains("--watch-namespaces") && manifest.contains("list/watch on namespaces"),
+        "manifests/rbac-webhook.yaml must document the extra grant --watch-namespaces needs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_agent_calls_match_its_rbac() {
+    let api = ApiServer::start().await.expect("API stand-in");
+    api.insert(&ready_node("gpu-1"));
+    let temp = tempfile::tempdir().expect("tempdir");
+    let kubelet = Kubelet::start(&temp.path().join("kubelet"));
+    let agent = Agent::start(
+        api.client(),
+        "gpu-1",
+        "2x Tesla T4 15360",
+        &temp.path().join("host"),
+        kubelet.socket(),
+        None,
+    );
+    eventually("the inventory published", || {
+        let node: Node = api.get(None, "gpu-1")?;
+        node.metadata
+            .annotations?
+            .contains_key(NODE_REGISTER_ANNOTATION)
+            .then_some(())
+    })
+    .await;
+    let mut plugin = kubelet.connect_plugin().await;
+
+    // A pod as the scheduler binds it, then kubelet's Allocate.
+    let bound = |name: &str, uuid: &str| -> Pod {
+        let devices = encode_pod_devices(&[vec![ContainerDevice {
+            uuid: uuid.to_owned(),
+            vendor: NVIDIA_VENDOR.to_owned(),
+            memory_mib: 4000,
+            cores: 0,
+        }]]);
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "team", "annotations": {
+                keys::VGPU_NODE: "gpu-1", keys::DEVICES_ALLOCATED: devices,
+                keys::DEVICES_TO_ALLOCATE: devices, keys::BIND_PHASE: keys::PHASE_ALLOCATING}},
+            "spec": {"nodeName": "gpu-1", "containers": [{"name": "main", "image": "x",
+                "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}))
+        .expect("pod")
+    };
+    api.insert(&bound("good", &agent.cards[0].uuid));
+    let (_, answer) = plugin.allocate_container(1).await;
+    answer.expect("Allocate for the good pod");
+    eventually("bind-phase success", || {
+        let pod: Pod = api.get(Some("team"), "good")?;
+        (annotation(&pod, keys::BIND_PHASE).as_deref() == Some(keys::PHASE_SUCCESS)).then_some(())
+    })
+    .await;
+
+    // A pod whose card is not on this node: Allocate fails with an Event.
+    api.insert(&bound("foreign", "GPU-elsewhere"));
+    let (_, answer) = plugin.allocate_container(1).await;
+    assert!(answer.is_err(), "a card not on this node cannot be given");
+    eventually("the failure Event", || {
+        (writes_of(&api, "POST", "events") >= 1).then_some(())
+    })
+    .await;
+    agent.stop().await;
+    check("node-agent", &api.requests());
+}
