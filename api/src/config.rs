@@ -26,6 +26,7 @@ pub struct Config {
     pub scheduling: SchedulingDefaults,
     /// Largest card memory in the cluster, MiB; when set, the webhook denies
     /// `gpumem` above it at admission instead of leaving the pod pending.
+    #[serde(rename = "maxCardMemoryMiB", alias = "maxCardMemoryMib")]
     pub max_card_memory_mib: Option<u64>,
 }
 
@@ -37,6 +38,7 @@ pub struct RequestDefaults {
     /// Cards for a container that gives only memory or cores.
     pub gpu_count: u32,
     /// MiB for a container that gives no memory; 0 = the whole card.
+    #[serde(rename = "memoryMiB", alias = "memoryMib")]
     pub memory_mib: u64,
     /// Cores for a container that gives none.
     pub cores: u32,
@@ -230,6 +232,18 @@ scheduling:
         assert!((config.sharing_for_node("big").memory_scaling - 1.5).abs() < f64::EPSILON);
         assert!((config.sharing_for_node("small").memory_scaling - 1.0).abs() < f64::EPSILON);
         assert_eq!(config.scheduling.gpu_policy, GpuPolicy::Binpack);
+    }
+
+    #[test]
+    fn mib_fields_accept_both_spellings() {
+        let config = Config::from_yaml("defaults:\n  memoryMiB: 4096\nmaxCardMemoryMiB: 81920\n")
+            .expect("MiB");
+        assert_eq!(config.defaults.memory_mib, 4096);
+        assert_eq!(config.max_card_memory_mib, Some(81920));
+        let config = Config::from_yaml("defaults:\n  memoryMib: 2048\nmaxCardMemoryMib: 1024\n")
+            .expect("Mib");
+        assert_eq!(config.defaults.memory_mib, 2048);
+        assert_eq!(config.max_card_memory_mib, Some(1024));
     }
 
     #[test]
