@@ -222,12 +222,12 @@ async fn bundled_workloads_flow_from_admission_to_allocate() {
     {
         assert_eq!(
             allocated("t4", &t4_cards_0[0]),
-            Some((2 * T4_SLICE_MIB << 20) as f64),
+            Some(((2 * T4_SLICE_MIB) << 20) as f64),
             "{text}"
         );
         assert_eq!(
             allocated("a10g", &chat_cards[0]),
-            Some((2 * A10G_SLICE_MIB << 20) as f64),
+            Some(((2 * A10G_SLICE_MIB) << 20) as f64),
             "{text}"
         );
     }
