@@ -20,3 +20,4 @@ pub mod quantity;
 #[cfg(feature = "k8s")]
 pub mod request;
 pub mod shared_region;
+pub mod visible_cards;

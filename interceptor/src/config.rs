@@ -1,4 +1,5 @@
 //! The container environment, read once: memory caps per visible card, the
+//! container's card UUIDs (which physical card each `_<i>` cap is for), the
 //! shared region's path and the log level. A cap that is set but cannot be
 //! parsed is an error (the interceptor then refuses CUDA initialisation);
 //! no cap at all means pass-through.
@@ -6,9 +7,10 @@
 use std::path::PathBuf;
 use tessera_api::container_env::{
     parse_memory_limit, MemoryLimitError, LOG_LEVEL, MEMORY_LIMIT_ALL, MEMORY_LIMIT_PREFIX,
-    SHARED_CACHE,
+    SHARED_CACHE, VISIBLE_DEVICES,
 };
 use tessera_api::shared_region::MAX_DEVICES;
+use tessera_api::visible_cards::{parse_visible_uuids, VISIBLE_UUIDS};
 use thiserror::Error;
 
 /// What the interceptor enforces in this process.
@@ -16,6 +18,13 @@ use thiserror::Error;
 pub struct Config {
     /// Cap in bytes per visible card index; `None` = not capped.
     pub limits: [Option<u64>; MAX_DEVICES],
+    /// The container's cards in cap order (`TESSERA_VISIBLE_UUIDS`, else
+    /// `NVIDIA_VISIBLE_DEVICES` when it is a UUID list); `None` = CUDA
+    /// ordinal `i` is taken to be card `i`.
+    pub visible_uuids: Option<Vec<String>>,
+    /// The list came from the node agent's own variable: a card missing
+    /// from it is not the container's and is refused.
+    pub visible_uuids_from_agent: bool,
     /// Region shared by the container's processes; `None` = a private one.
     pub shared_region: Option<PathBuf>,
     /// `LIBCUDA_LOG_LEVEL`.
@@ -59,6 +68,7 @@ impl Config {
         let mut per_card = [None; MAX_DEVICES];
         let mut shared_region = None;
         let mut log_level = crate::log::WARN;
+        let (mut tessera_uuids, mut runtime_uuids) = (None, None);
         for (name, value) in vars {
             if name == MEMORY_LIMIT_ALL {
                 all = Some(parse(&name, &value)?);
@@ -71,6 +81,10 @@ impl Config {
                 per_card[index] = Some(parse(&name, &value)?);
             } else if name == SHARED_CACHE && !value.is_empty() {
                 shared_region = Some(PathBuf::from(value));
+            } else if name == VISIBLE_UUIDS {
+                tessera_uuids = parse_visible_uuids(&value);
+            } else if name == VISIBLE_DEVICES {
+                runtime_uuids = parse_visible_uuids(&value);
             } else if name == LOG_LEVEL {
                 // A bad log level is not worth refusing CUDA over.
                 log_level = value.trim().parse().unwrap_or(crate::log::WARN);
@@ -84,6 +98,8 @@ impl Config {
         }
         Ok(Config {
             limits,
+            visible_uuids_from_agent: tessera_uuids.is_some(),
+            visible_uuids: tessera_uuids.or(runtime_uuids),
             shared_region,
             log_level,
         })
@@ -132,6 +148,22 @@ mod tests {
         assert_eq!(c.limits[15], Some(10 << 30));
         assert_eq!(c.shared_region, Some(PathBuf::from("/tmp/x.cache")));
         assert_eq!(c.log_level, 4);
+    }
+
+    #[test]
+    fn card_uuids_prefer_tesseras_list() {
+        let c = config(&[("NVIDIA_VISIBLE_DEVICES", "GPU-b,GPU-a")]).unwrap();
+        assert_eq!(c.visible_uuids, Some(vec!["GPU-b".into(), "GPU-a".into()]));
+        assert!(!c.visible_uuids_from_agent);
+        let c = config(&[
+            ("NVIDIA_VISIBLE_DEVICES", "all"),
+            ("TESSERA_VISIBLE_UUIDS", "GPU-x"),
+        ])
+        .unwrap();
+        assert_eq!(c.visible_uuids, Some(vec!["GPU-x".into()]));
+        assert!(c.visible_uuids_from_agent);
+        let c = config(&[("NVIDIA_VISIBLE_DEVICES", "all")]).unwrap();
+        assert_eq!(c.visible_uuids, None);
     }
 
     #[test]

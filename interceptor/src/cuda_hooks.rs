@@ -9,10 +9,11 @@
 //! builds, where they would interpose on the test binary itself).
 
 use crate::accounting::{Accounting, MEASURING};
+use crate::cards::{self, Card};
 use crate::driver::Hook;
 use crate::ffi::*;
-use crate::log::{log, INFO};
-use crate::nvml_hooks::{usage_per_nvml, UsageSample};
+use crate::log::{self, log, DEBUG, ERROR, INFO};
+use crate::nvml_hooks::{usage_after_context, usage_before_context, UsageSample};
 use crate::ptr_table::PtrTable;
 use crate::state;
 use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -59,7 +60,8 @@ type GetProcFn = unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u6
 type GetProcV2Fn =
     unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> CuResult;
 
-/// The card of the calling thread's current context, if it is accounted.
+/// The container card (index into caps and counters, see `cards`) of the
+/// calling thread's current context, if it is accounted.
 #[inline]
 fn current_device() -> Option<usize> {
     let driver = state::cuda()?;
@@ -72,16 +74,27 @@ fn current_device() -> Option<usize> {
     let mut device: CuDevice = -1;
     // SAFETY: valid out-pointer.
     let rc = unsafe { get(&mut device) };
-    usize::try_from(device)
-        .ok()
-        .filter(|&d| rc == CUDA_SUCCESS && Accounting::tracks(d))
+    if rc != CUDA_SUCCESS {
+        return None;
+    }
+    cards::container_index(device).filter(|&d| Accounting::tracks(d))
 }
 
-/// A card ordinal argument, if it is accounted.
+/// The container card of a CUDA ordinal argument, if it is accounted.
 fn tracked(device: CuDevice) -> Option<usize> {
-    usize::try_from(device)
-        .ok()
-        .filter(|&d| Accounting::tracks(d))
+    cards::container_index(device).filter(|&d| Accounting::tracks(d))
+}
+
+/// Refuses a card that is not the container's (see `cards`).
+fn refused_foreign(device: CuDevice) -> bool {
+    if cards::card_of(device) == Card::Foreign {
+        log!(
+            ERROR,
+            "CUDA device {device} is not one of the container's cards: refused"
+        );
+        return true;
+    }
+    false
 }
 
 /// Runs `allocate` under a charge of `bytes` on `device()`: refused with
@@ -167,11 +180,26 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
     let real = real!(Hook::Init, InitFn);
     // Refuses a bad cap and attaches the shared region before the driver
     // starts, so a misconfiguration shows at the first CUDA call.
-    if let Err(rc) = state::accounting() {
-        return rc;
+    let started = log::enabled(DEBUG).then(std::time::Instant::now);
+    match state::accounting() {
+        Err(rc) => return rc,
+        // Capped: NVML (to measure the first context) starts now on a
+        // helper thread, overlapping the driver's own initialisation.
+        Ok(Some(_)) => state::start_nvml_warm_up(),
+        Ok(None) => {}
     }
+    let attached = started.map(|t| t.elapsed());
     // SAFETY: forwarding the caller's arguments.
-    unsafe { real(flags) }
+    let rc = unsafe { real(flags) };
+    if let (Some(t), Some(attached)) = (started, attached) {
+        log!(
+            DEBUG,
+            "timing: cuInit {} us, of which configuration and region attach {} us",
+            t.elapsed().as_micros(),
+            attached.as_micros()
+        );
+    }
+    rc
 }
 
 #[cfg_attr(not(test), no_mangle)]
@@ -326,6 +354,12 @@ pub unsafe extern "C" fn cuMemCreate(
     } else {
         // SAFETY: non-null CUmemAllocationProp from the caller.
         let prop = unsafe { &*prop };
+        if prop.location_type == MEM_LOCATION_DEVICE
+            && state::accounting().is_ok_and(|a| a.is_some())
+            && refused_foreign(prop.location_id)
+        {
+            return CUDA_ERROR_INVALID_DEVICE;
+        }
         (prop.location_type == MEM_LOCATION_DEVICE)
             .then(|| tracked(prop.location_id))
             .flatten()
@@ -442,35 +476,50 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, device: CuDevice
 
 /// What creating a context cost on its card, by NVML's reading of this
 /// process's usage (or, where NVML cannot list us, the card's) before and
-/// after `create`, charged to this process within the cap. A
-/// context that does not fit is undone with `undo` and refused with
-/// `CUDA_ERROR_OUT_OF_MEMORY`: the container must never hold more than its
-/// slice, contexts included. Returns the result and the bytes charged.
+/// after `create`, charged to this process within the cap of container card
+/// `card` (CUDA ordinal `ordinal`). A context that does not fit is undone
+/// with `undo` and refused with `CUDA_ERROR_OUT_OF_MEMORY`: the container
+/// must never hold more than its slice, contexts included. Returns the
+/// result and the bytes charged.
 fn measured_context(
-    device: usize,
+    ordinal: CuDevice,
+    card: usize,
     create: impl FnOnce() -> CuResult,
     undo: impl FnOnce(),
     accounting: &Accounting,
 ) -> (CuResult, u64) {
-    let before = usage_per_nvml(device as CuDevice);
+    let timing = log::enabled(DEBUG);
+    let t0 = timing.then(std::time::Instant::now);
+    let before = usage_before_context(ordinal);
+    let t1 = timing.then(std::time::Instant::now);
     let rc = create();
     if rc != CUDA_SUCCESS {
         return (rc, 0);
     }
-    let after = usage_per_nvml(device as CuDevice);
+    let t2 = timing.then(std::time::Instant::now);
+    let after = before.and_then(|_| usage_after_context(ordinal));
+    if let (Some(t0), Some(t1), Some(t2)) = (t0, t1, t2) {
+        log!(
+            DEBUG,
+            "timing: card {card}: NVML before the context {} us (NVML start-up waited for included), context {} us, NVML after {} us",
+            (t1 - t0).as_micros(),
+            (t2 - t1).as_micros(),
+            t2.elapsed().as_micros()
+        );
+    }
     let overhead = match (before, after) {
         (Some(b), Some(a)) => UsageSample::growth(b, a),
         _ => 0,
     };
-    if overhead > 0 && accounting.charge(device, overhead).is_err() {
+    if overhead > 0 && accounting.charge(card, overhead).is_err() {
         log!(
             INFO,
-            "card {device}: a context of {overhead} bytes does not fit the cap"
+            "card {card}: a context of {overhead} bytes does not fit the cap"
         );
         undo();
         return (CUDA_ERROR_OUT_OF_MEMORY, 0);
     }
-    log!(INFO, "card {device}: context charged {overhead} bytes");
+    log!(INFO, "card {card}: context charged {overhead} bytes");
     (rc, overhead)
 }
 
@@ -483,6 +532,9 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Opaque, device: CuDe
         Ok(None) => return forward(),
         Ok(Some(a)) => a,
     };
+    if refused_foreign(device) {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
     let Some(d) = tracked(device) else {
         return forward();
     };
@@ -507,7 +559,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Opaque, device: CuDe
             unsafe { std::mem::transmute::<usize, DeviceFn>(release)(device) };
         }
     };
-    let (rc, overhead) = measured_context(d, forward, undo, accounting);
+    let (rc, overhead) = measured_context(device, d, forward, undo, accounting);
     if rc == CUDA_SUCCESS {
         primary.refs.fetch_add(1, Ordering::AcqRel);
     }
@@ -570,6 +622,9 @@ fn created_context(
         Ok(None) => return create(),
         Ok(Some(a)) => a,
     };
+    if refused_foreign(device) {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
     let Some(d) = tracked(device) else {
         return create();
     };
@@ -579,7 +634,7 @@ fn created_context(
             unsafe { std::mem::transmute::<usize, CtxDestroyFn>(destroy)(read(ctx)) };
         }
     };
-    let (rc, overhead) = measured_context(d, create, undo, accounting);
+    let (rc, overhead) = measured_context(device, d, create, undo, accounting);
     if rc == CUDA_SUCCESS && overhead > 0 {
         accounting.remember(
             &accounting.contexts,

@@ -217,6 +217,8 @@ pub struct NvmlLibrary {
     pub device_index: usize,
     /// `nvmlDeviceGetHandleByUUID`.
     pub handle_by_uuid: usize,
+    /// `nvmlDeviceGetUUID`, to find an NVML card in the container's list.
+    pub device_uuid: usize,
     /// `nvmlDeviceGetComputeRunningProcesses_v3` (or `_v2`, same layout).
     pub running_processes: usize,
 }
@@ -230,6 +232,7 @@ impl NvmlLibrary {
             init: lib.symbol(c"nvmlInit_v2"),
             device_index: lib.symbol(c"nvmlDeviceGetIndex"),
             handle_by_uuid: lib.symbol(c"nvmlDeviceGetHandleByUUID"),
+            device_uuid: lib.symbol(c"nvmlDeviceGetUUID"),
             running_processes: match lib.symbol(c"nvmlDeviceGetComputeRunningProcesses_v3") {
                 0 => lib.symbol(c"nvmlDeviceGetComputeRunningProcesses_v2"),
                 f => f,

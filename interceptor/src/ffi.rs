@@ -20,6 +20,7 @@ pub type NvmlDevice = *mut c_void;
 pub const CUDA_SUCCESS: CuResult = 0;
 pub const CUDA_ERROR_OUT_OF_MEMORY: CuResult = 2;
 pub const CUDA_ERROR_NOT_INITIALIZED: CuResult = 3;
+pub const CUDA_ERROR_INVALID_DEVICE: CuResult = 101;
 pub const CUDA_ERROR_NOT_FOUND: CuResult = 500;
 
 pub const NVML_SUCCESS: NvmlReturn = 0;

@@ -10,6 +10,8 @@
 //! - `cuda_hooks` and `nvml_hooks` are the exported entry points; `dlsym`
 //!   overrides glibc's lookup and `cuGetProcAddress` is hooked, so programs
 //!   reach the hooks however they find the driver.
+//! - `cards` maps CUDA ordinals to the container's cards (by UUID), which
+//!   is how caps and counters are numbered.
 //! - `accounting` charges the container's account in the shared region
 //!   (`region`, layout in `tessera_api::shared_region`) and remembers each
 //!   allocation's charge in a lock-free table (`ptr_table`).
@@ -25,6 +27,7 @@
 #![cfg_attr(test, allow(dead_code))]
 
 mod accounting;
+mod cards;
 pub mod config;
 mod cuda_hooks;
 mod dlsym;

@@ -11,6 +11,9 @@ pub const ERROR: u8 = 0;
 pub const WARN: u8 = 1;
 /// Informational messages (attach, context charges).
 pub const INFO: u8 = 2;
+/// Debug messages, including the `timing:` lines of the cold paths (region
+/// attach, NVML start-up, context measurement).
+pub const DEBUG: u8 = 3;
 
 static LEVEL: AtomicU8 = AtomicU8::new(WARN);
 

@@ -1,26 +1,53 @@
 //! NVML: the intercepted memory queries (`nvmlDeviceGetMemoryInfo` v1 and
 //! v2), which show the container's cap as the card's total and the
 //! container's charges as used, so `nvidia-smi` in the container shows the
-//! slice; and the device-wide usage reading that measures what a CUDA
-//! context costs.
+//! slice; and the usage readings that measure what a CUDA context costs.
+//!
+//! Measuring a context costs as little NVML as exactness allows: NVML is
+//! initialised once, on a helper thread started at `cuInit`
+//! ([`state::start_nvml_warm_up`]); each card's NVML handle is looked up
+//! once (by UUID) and kept; before a context, one process-list call and one
+//! memory call; after it, one process-list call, plus the memory call only
+//! where NVML does not list this process (inside a pid namespace).
 
+use crate::cards;
 use crate::ffi::*;
 use crate::state;
-use std::ffi::{c_char, c_uint, CString};
-use std::sync::OnceLock;
+use std::ffi::{c_char, c_uint, CStr, CString};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tessera_api::shared_region::MAX_DEVICES;
+use tessera_api::visible_cards::position_of;
 
 type MemoryInfoFn = unsafe extern "C" fn(NvmlDevice, *mut NvmlMemory) -> NvmlReturn;
 type MemoryInfoV2Fn = unsafe extern "C" fn(NvmlDevice, *mut NvmlMemoryV2) -> NvmlReturn;
 type IndexFn = unsafe extern "C" fn(NvmlDevice, *mut c_uint) -> NvmlReturn;
 type ByUuidFn = unsafe extern "C" fn(*const c_char, *mut NvmlDevice) -> NvmlReturn;
-type UuidFn = unsafe extern "C" fn(*mut u8, CuDevice) -> CuResult;
+type NvmlUuidFn = unsafe extern "C" fn(NvmlDevice, *mut c_char, c_uint) -> NvmlReturn;
 
-/// `(cap, container usage)` for an NVML device, when it is capped.
-fn capped_view(device: NvmlDevice) -> Option<(u64, u64)> {
-    let nvml = state::nvml()?;
-    let Ok(Some(accounting)) = state::accounting() else {
-        return None;
-    };
+/// The container card an NVML device is: by its UUID's place in the
+/// container's list when there is one, else by NVML's index.
+fn container_card(nvml: &crate::driver::NvmlLibrary, device: NvmlDevice) -> Option<usize> {
+    let config = state::config().ok()?;
+    if let (Some(list), true) = (&config.visible_uuids, nvml.device_uuid != 0) {
+        let mut text = [0 as c_char; 96];
+        // SAFETY: NVML's nvmlDeviceGetUUID with a buffer of the stated size.
+        let rc = unsafe {
+            std::mem::transmute::<usize, NvmlUuidFn>(nvml.device_uuid)(
+                device,
+                text.as_mut_ptr(),
+                text.len() as c_uint,
+            )
+        };
+        if rc == NVML_SUCCESS {
+            // SAFETY: NVML wrote a NUL-terminated string into the buffer.
+            let uuid = unsafe { CStr::from_ptr(text.as_ptr()) }.to_string_lossy();
+            match position_of(list, &uuid) {
+                Some(i) => return (i < MAX_DEVICES).then_some(i),
+                None if config.visible_uuids_from_agent => return None,
+                None => {}
+            }
+        }
+    }
     if nvml.device_index == 0 {
         return None;
     }
@@ -28,13 +55,20 @@ fn capped_view(device: NvmlDevice) -> Option<(u64, u64)> {
     // SAFETY: NVML's nvmlDeviceGetIndex with a valid out-pointer.
     let rc =
         unsafe { std::mem::transmute::<usize, IndexFn>(nvml.device_index)(device, &mut index) };
-    if rc != NVML_SUCCESS {
+    (rc == NVML_SUCCESS).then_some(index as usize)
+}
+
+/// `(cap, container usage)` for an NVML device, when it is capped.
+fn capped_view(device: NvmlDevice) -> Option<(u64, u64)> {
+    let nvml = state::nvml()?;
+    let Ok(Some(accounting)) = state::accounting() else {
         return None;
-    }
-    let limit = accounting.limit(index as usize)?;
+    };
+    let card = container_card(nvml, device)?;
+    let limit = accounting.limit(card)?;
     // A query is rare and not on any hot path: show live usage only.
     accounting.reclaim_dead();
-    Some((limit, accounting.used(index as usize)))
+    Some((limit, accounting.used(card)))
 }
 
 /// `(total, used, free)` as the container should see them.
@@ -86,19 +120,6 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     rc
 }
 
-/// NVML's text form of a CUDA UUID: `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
-fn nvml_uuid(bytes: &[u8; 16]) -> String {
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "GPU-{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
-}
-
 /// `nvmlProcessInfo_t` (v2/v3 layout).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -118,7 +139,8 @@ pub struct UsageSample {
     /// This process's usage, when NVML lists it under our pid (not inside a
     /// pid namespace, where NVML reports host pids).
     pub own: Option<u64>,
-    /// Device-wide usage (every process on the card).
+    /// Device-wide usage (every process on the card). Read before a
+    /// context always, after it only when `own` is `None`.
     pub device: u64,
 }
 
@@ -164,57 +186,79 @@ fn own_usage(running: usize, device: NvmlDevice) -> Option<u64> {
         .map(|p| p.used_gpu_memory)
 }
 
-/// NVML's view of CUDA card `device`, matched by UUID (CUDA and NVML may
-/// number cards differently). `None` when NVML is absent.
-pub fn usage_per_nvml(device: CuDevice) -> Option<UsageSample> {
-    static NVML_READY: OnceLock<bool> = OnceLock::new();
-    let cuda = state::cuda()?;
-    let nvml = state::nvml()?;
-    if cuda.device_get_uuid == 0 || nvml.handle_by_uuid == 0 || nvml.memory_info[0] == 0 {
-        return None;
-    }
-    let ready = *NVML_READY.get_or_init(|| {
-        // SAFETY: nvmlInit_v2(void).
-        nvml.init != 0
-            && unsafe {
-                std::mem::transmute::<usize, unsafe extern "C" fn() -> NvmlReturn>(nvml.init)()
-            } == NVML_SUCCESS
-    });
-    if !ready {
-        return None;
-    }
-    let mut uuid = [0u8; 16];
-    // SAFETY: the driver's cuDeviceGetUuid with a 16-byte buffer.
-    let rc = unsafe {
-        std::mem::transmute::<usize, UuidFn>(cuda.device_get_uuid)(uuid.as_mut_ptr(), device)
+/// Device-wide bytes in use per NVML (the real query, not our hook).
+fn device_used(nvml: &crate::driver::NvmlLibrary, handle: NvmlDevice) -> Option<u64> {
+    let mut memory = NvmlMemory {
+        total: 0,
+        free: 0,
+        used: 0,
     };
-    if rc != CUDA_SUCCESS {
+    // SAFETY: NVML's real nvmlDeviceGetMemoryInfo with a valid out-pointer.
+    let rc = unsafe {
+        std::mem::transmute::<usize, MemoryInfoFn>(nvml.memory_info[0])(handle, &mut memory)
+    };
+    (rc == NVML_SUCCESS).then_some(memory.used)
+}
+
+/// No handle: the card is not in NVML (looked up, not found).
+const NO_HANDLE: usize = 1;
+
+/// NVML handles of CUDA ordinals, looked up once by UUID (0 = not yet).
+static HANDLES: [AtomicUsize; MAX_DEVICES] = [const { AtomicUsize::new(0) }; MAX_DEVICES];
+
+/// The NVML handle of CUDA card `ordinal` (CUDA and NVML may number cards
+/// differently, so it is found by UUID), kept after the first lookup.
+fn card_handle(nvml: &crate::driver::NvmlLibrary, ordinal: CuDevice) -> Option<NvmlDevice> {
+    let slot = usize::try_from(ordinal).ok().and_then(|o| HANDLES.get(o));
+    match slot.map(|s| s.load(Ordering::Relaxed)) {
+        Some(NO_HANDLE) => return None,
+        Some(0) | None => {}
+        Some(handle) => return Some(handle as NvmlDevice),
+    }
+    if nvml.handle_by_uuid == 0 {
         return None;
     }
-    let text = CString::new(nvml_uuid(&uuid)).ok()?;
+    let text = CString::new(cards::cuda_uuid(ordinal)?).ok()?;
     let mut handle: NvmlDevice = std::ptr::null_mut();
-    // SAFETY: NVML calls with valid buffers; the memory call is the real
-    // one, not our hook.
-    unsafe {
-        if std::mem::transmute::<usize, ByUuidFn>(nvml.handle_by_uuid)(text.as_ptr(), &mut handle)
-            != NVML_SUCCESS
-        {
-            return None;
-        }
-        let mut memory = NvmlMemory {
-            total: 0,
-            free: 0,
-            used: 0,
-        };
-        if std::mem::transmute::<usize, MemoryInfoFn>(nvml.memory_info[0])(handle, &mut memory)
-            != NVML_SUCCESS
-        {
-            return None;
-        }
-        Some(UsageSample {
-            own: own_usage(nvml.running_processes, handle),
-            device: memory.used,
-        })
+    // SAFETY: NVML's lookup with a NUL-terminated UUID and a valid out-pointer.
+    let rc = unsafe {
+        std::mem::transmute::<usize, ByUuidFn>(nvml.handle_by_uuid)(text.as_ptr(), &mut handle)
+    };
+    let found = (rc == NVML_SUCCESS && handle as usize > NO_HANDLE).then_some(handle);
+    if let Some(slot) = slot {
+        slot.store(found.map_or(NO_HANDLE, |h| h as usize), Ordering::Relaxed);
+    }
+    found
+}
+
+/// NVML's view of CUDA card `ordinal` just before a context is made on it.
+/// `None` when NVML is absent; waits for the NVML warm-up if it is running.
+pub fn usage_before_context(ordinal: CuDevice) -> Option<UsageSample> {
+    let nvml = state::measuring_nvml()?;
+    if nvml.memory_info[0] == 0 {
+        return None;
+    }
+    let handle = card_handle(nvml, ordinal)?;
+    Some(UsageSample {
+        own: own_usage(nvml.running_processes, handle),
+        device: device_used(nvml, handle)?,
+    })
+}
+
+/// NVML's view of CUDA card `ordinal` just after a context was made on it:
+/// the device-wide reading only where NVML does not list this process.
+pub fn usage_after_context(ordinal: CuDevice) -> Option<UsageSample> {
+    let nvml = state::measuring_nvml()?;
+    let handle = card_handle(nvml, ordinal)?;
+    match own_usage(nvml.running_processes, handle) {
+        Some(own) => Some(UsageSample {
+            own: Some(own),
+            device: 0,
+        }),
+        None => Some(UsageSample {
+            own: None,
+            device: device_used(nvml, handle)?,
+        }),
     }
 }
 
@@ -223,11 +267,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uuid_text() {
-        let mut b = [0u8; 16];
-        b[0] = 0xab;
-        b[15] = 0x01;
-        assert_eq!(nvml_uuid(&b), "GPU-ab000000-0000-0000-0000-000000000001");
+    fn growth_prefers_own_usage() {
+        let before = UsageSample {
+            own: None,
+            device: 1000,
+        };
+        let after = UsageSample {
+            own: Some(300),
+            device: 0,
+        };
+        assert_eq!(UsageSample::growth(before, after), 300);
+        let after = UsageSample {
+            own: None,
+            device: 1500,
+        };
+        assert_eq!(UsageSample::growth(before, after), 500);
+        let before = UsageSample {
+            own: Some(200),
+            device: 9,
+        };
+        let after = UsageSample {
+            own: Some(250),
+            device: 0,
+        };
+        assert_eq!(UsageSample::growth(before, after), 50);
     }
 
     #[test]

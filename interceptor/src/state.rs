@@ -2,18 +2,27 @@
 //! the configuration, the real driver and NVML, and the accounting. Each is
 //! a `OnceLock`, so after the first call reaching one costs an atomic load.
 //! Also the fork handler and the re-entrancy guard for initialisation.
+//!
+//! NVML is the one thing initialised on a thread of ours (the warm-up helper
+//! started at `cuInit`), so it sits in a [`ForkSafeOnce`]: a child forked
+//! while the helper was at work does not wait forever for a thread it does
+//! not have, and an exit while it is at work waits for it (NVML's
+//! destructors must not run under it).
 
 use crate::accounting::Accounting;
 use crate::config::{Config, ConfigError};
 use crate::driver::{CudaDriver, NvmlLibrary};
-use crate::ffi::{CuResult, CUDA_ERROR_NOT_INITIALIZED};
+use crate::ffi::{CuResult, NvmlReturn, CUDA_ERROR_NOT_INITIALIZED, NVML_SUCCESS};
 use crate::log::{self, log, ERROR};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 static CONFIG: OnceLock<Result<Config, ConfigError>> = OnceLock::new();
 static CUDA: OnceLock<Option<CudaDriver>> = OnceLock::new();
-static NVML: OnceLock<Option<NvmlLibrary>> = OnceLock::new();
+static NVML: ForkSafeOnce<Option<NvmlLibrary>> = ForkSafeOnce::new();
+static NVML_INITIALISED: ForkSafeOnce<Option<&'static NvmlLibrary>> = ForkSafeOnce::new();
 static ACCOUNTING: OnceLock<Option<Accounting>> = OnceLock::new();
 
 thread_local! {
@@ -29,9 +38,9 @@ pub fn initialising() -> bool {
 }
 
 fn guarded<T>(init: impl FnOnce() -> T) -> T {
-    INITIALISING.with(|flag| flag.set(true));
+    let outer = INITIALISING.with(|flag| flag.replace(true));
     let value = init();
-    INITIALISING.with(|flag| flag.set(false));
+    INITIALISING.with(|flag| flag.set(outer));
     value
 }
 
@@ -61,9 +70,52 @@ pub fn cuda() -> Option<&'static CudaDriver> {
     CUDA.get_or_init(|| guarded(CudaDriver::load)).as_ref()
 }
 
-/// Real NVML (`None` if `libnvidia-ml.so.1` cannot be loaded).
+/// Real NVML (`None` if `libnvidia-ml.so.1` cannot be loaded, or when
+/// asked from inside our own initialisation of it).
 pub fn nvml() -> Option<&'static NvmlLibrary> {
-    NVML.get_or_init(|| guarded(NvmlLibrary::load)).as_ref()
+    NVML.get_or_init(|| guarded(NvmlLibrary::load))?.as_ref()
+}
+
+/// NVML loaded and initialised (`nvmlInit_v2`) for measuring contexts:
+/// `None` when it cannot be. Started early on a helper thread by
+/// [`start_nvml_warm_up`]; a caller that comes while the helper is still at
+/// it waits for it.
+pub fn measuring_nvml() -> Option<&'static NvmlLibrary> {
+    NVML_INITIALISED
+        .get_or_init(|| {
+            let started = log::enabled(log::DEBUG).then(std::time::Instant::now);
+            let nvml = nvml()?;
+            let ready = nvml.init != 0
+                // SAFETY: nvmlInit_v2(void).
+                && unsafe {
+                    std::mem::transmute::<usize, unsafe extern "C" fn() -> NvmlReturn>(nvml.init)()
+                } == NVML_SUCCESS;
+            if let Some(t) = started {
+                log!(
+                    log::DEBUG,
+                    "timing: NVML load and nvmlInit_v2 {} us (ok: {ready})",
+                    t.elapsed().as_micros()
+                );
+            }
+            ready.then_some(nvml)
+        })
+        .copied()
+        .flatten()
+}
+
+/// Starts loading and initialising NVML on a helper thread, so that it
+/// overlaps the driver's own initialisation instead of delaying the first
+/// context. Called from `cuInit` when a cap is set; at most one helper.
+pub fn start_nvml_warm_up() {
+    if NVML_INITIALISED.started() {
+        return;
+    }
+    // If the thread cannot be made, the first context does the work itself.
+    let _ = std::thread::Builder::new()
+        .name("tessera-nvml".into())
+        .spawn(|| {
+            measuring_nvml();
+        });
 }
 
 /// The accounting: `Ok(None)` when nothing is capped (pass-through), `Err`
@@ -97,6 +149,8 @@ pub fn accounting() -> Result<Option<&'static Accounting>, CuResult> {
 
 fn register_process_handlers() {
     extern "C" fn in_child() {
+        NVML.forget_unfinished();
+        NVML_INITIALISED.forget_unfinished();
         if let Some(Some(accounting)) = ACCOUNTING.get() {
             accounting.after_fork_in_child();
         }
@@ -105,11 +159,79 @@ fn register_process_handlers() {
         if let Some(Some(accounting)) = ACCOUNTING.get() {
             accounting.release_all();
         }
+        NVML_INITIALISED.wait_while_running(Duration::from_secs(2));
     }
     // SAFETY: registering handlers that only touch our own state. This
     // library is never unloaded (preloaded), so the handlers stay valid.
     unsafe {
         libc::pthread_atfork(None, None, Some(in_child));
         libc::atexit(at_exit);
+    }
+}
+
+/// A once-cell that may be filled by a helper thread and survives `fork`:
+/// a child whose parent was filling it at the fork starts over instead of
+/// waiting for a thread that does not exist in it.
+pub struct ForkSafeOnce<T> {
+    state: AtomicU8,
+    value: OnceLock<T>,
+}
+
+const IDLE: u8 = 0;
+const RUNNING: u8 = 1;
+const DONE: u8 = 2;
+
+impl<T> ForkSafeOnce<T> {
+    /// An empty cell.
+    pub const fn new() -> Self {
+        Self {
+            state: AtomicU8::new(IDLE),
+            value: OnceLock::new(),
+        }
+    }
+
+    /// The value, filling it with `init` if nobody has; waits while another
+    /// thread fills it. `None` only when this very thread is inside our
+    /// initialisation (a re-entrant call must not wait on itself).
+    pub fn get_or_init(&self, init: impl FnOnce() -> T) -> Option<&T> {
+        let mut init = Some(init);
+        loop {
+            if let Some(value) = self.value.get() {
+                return Some(value);
+            }
+            match self
+                .state
+                .compare_exchange(IDLE, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    let make = init.take().expect("initialiser runs once");
+                    let _ = self.value.set(guarded(make));
+                    self.state.store(DONE, Ordering::Release);
+                }
+                Err(_) if initialising() => return None,
+                Err(_) => std::thread::sleep(Duration::from_micros(100)),
+            }
+        }
+    }
+
+    /// Whether someone has started (or finished) filling it.
+    pub fn started(&self) -> bool {
+        self.state.load(Ordering::Acquire) != IDLE
+    }
+
+    /// In a child after fork: a fill that was running in the parent will
+    /// never finish here; let the child's own first caller do it.
+    pub fn forget_unfinished(&self) {
+        let _ = self
+            .state
+            .compare_exchange(RUNNING, IDLE, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Waits (at most `limit`) for a fill in progress to finish.
+    pub fn wait_while_running(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.state.load(Ordering::Acquire) == RUNNING && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 }
