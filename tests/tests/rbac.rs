@@ -229,6 +229,16 @@ fn check(component: &str, records: &[RequestRecord]) {
         "manifests/rbac-{component}.yaml grants what {component} never used (least privilege):\n  {}",
         unused.join("\n  ")
     );
+    // The allow-list stays honest: an excused grant that is now used must leave it.
+    let calls: Vec<Call> = records.iter().map(to_call).collect();
+    for (c, group, resource, verb, _) in UNEXERCISED.iter().filter(|e| e.0 == component) {
+        assert!(
+            !calls.iter().any(|call| call.group == *group
+                && call.resource == *resource
+                && call.verb == *verb),
+            "{c}: {verb} {resource}.{group} is exercised now; remove it from UNEXERCISED"
+        );
+    }
 }
 
 fn record(
