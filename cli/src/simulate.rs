@@ -115,7 +115,10 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
     };
     for node in &objects.nodes {
         if let Some(error) = state.upsert_node(node) {
-            report.warnings.push(format!("node {}: {error}", node.metadata.name.as_deref().unwrap_or("?")));
+            report.warnings.push(format!(
+                "node {}: {error}",
+                node.metadata.name.as_deref().unwrap_or("?")
+            ));
         }
     }
     // Pods already bound in the input are existing load, not decisions.
@@ -146,22 +149,35 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
                     let card = node.cards.iter().find(|c| c.device.id == uuid);
                     DeviceReport {
                         uuid: uuid.to_owned(),
-                        device_type: card.map(|c| c.device.device_type.clone()).unwrap_or_default(),
+                        device_type: card
+                            .map(|c| c.device.device_type.clone())
+                            .unwrap_or_default(),
                         memory_mib,
                         cores,
-                        nvidia_smi_memory_total_mib: card.map_or(memory_mib, |c| memory_mib.min(c.device.devmem)),
+                        nvidia_smi_memory_total_mib: card
+                            .map_or(memory_mib, |c| memory_mib.min(c.device.devmem)),
                     }
                 };
                 let spec = pod.spec.as_ref();
-                let init_names = spec.and_then(|s| s.init_containers.as_ref()).into_iter().flatten().map(|c| format!("init:{}", c.name));
-                let app_names = spec.into_iter().flat_map(|s| s.containers.iter()).map(|c| c.name.clone());
+                let init_names = spec
+                    .and_then(|s| s.init_containers.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|c| format!("init:{}", c.name));
+                let app_names = spec
+                    .into_iter()
+                    .flat_map(|s| s.containers.iter())
+                    .map(|c| c.name.clone());
                 let init_devices = placement.init_containers.iter();
                 let containers = init_names
                     .zip(init_devices)
                     .chain(app_names.zip(placement.containers.iter()))
                     .map(|(name, devices)| ContainerReport {
                         name,
-                        devices: devices.iter().map(|d| describe(&d.uuid, d.memory_mib, d.cores)).collect(),
+                        devices: devices
+                            .iter()
+                            .map(|d| describe(&d.uuid, d.memory_mib, d.cores))
+                            .collect(),
                     })
                     .collect();
                 for device in placement.annotated_devices().iter().flatten() {

@@ -62,11 +62,12 @@ impl Objects {
     pub fn read(&mut self, source_name: &str, text: &str) -> Result<(), WorkloadError> {
         let mut daemonsets = Vec::new();
         for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value = serde_yaml::Value::deserialize(document).map_err(|e| WorkloadError::Yaml {
-                source_name: source_name.to_owned(),
-                document: i + 1,
-                message: e.to_string(),
-            })?;
+            let value =
+                serde_yaml::Value::deserialize(document).map_err(|e| WorkloadError::Yaml {
+                    source_name: source_name.to_owned(),
+                    document: i + 1,
+                    message: e.to_string(),
+                })?;
             if value.is_null() {
                 continue;
             }
@@ -83,10 +84,19 @@ impl Objects {
         Ok(())
     }
 
-    fn add_object(&mut self, source_name: &str, document: usize, value: Value, daemonsets: &mut Vec<PendingDaemonSet>) -> Result<(), WorkloadError> {
+    fn add_object(
+        &mut self,
+        source_name: &str,
+        document: usize,
+        value: Value,
+        daemonsets: &mut Vec<PendingDaemonSet>,
+    ) -> Result<(), WorkloadError> {
         let kind = value["kind"].as_str().unwrap_or("").to_owned();
         let name = value["metadata"]["name"].as_str().unwrap_or("").to_owned();
-        let namespace = value["metadata"]["namespace"].as_str().unwrap_or("default").to_owned();
+        let namespace = value["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned();
         let object_error = |message: String| WorkloadError::Object {
             source_name: source_name.to_owned(),
             document,
@@ -95,9 +105,12 @@ impl Objects {
             message,
         };
         match kind.as_str() {
-            "Node" => self.nodes.push(serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?),
+            "Node" => self.nodes.push(
+                serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
+            ),
             "Pod" => {
-                let mut pod: Pod = serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?;
+                let mut pod: Pod = serde_json::from_value(value.clone())
+                    .map_err(|e| object_error(e.to_string()))?;
                 pod.metadata.namespace.get_or_insert(namespace);
                 self.pods.push(pod);
             }
@@ -105,20 +118,33 @@ impl Objects {
                 let replicas = value["spec"]["replicas"].as_u64().unwrap_or(1);
                 let template = &value["spec"]["template"];
                 for i in 0..replicas {
-                    self.pods.push(pod_from_template(template, &format!("{name}-{i}"), &namespace).map_err(object_error)?);
+                    self.pods.push(
+                        pod_from_template(template, &format!("{name}-{i}"), &namespace)
+                            .map_err(object_error)?,
+                    );
                 }
             }
             "Job" => {
                 let parallelism = value["spec"]["parallelism"].as_u64().unwrap_or(1);
                 for i in 0..parallelism {
-                    self.pods.push(pod_from_template(&value["spec"]["template"], &format!("{name}-{i}"), &namespace).map_err(object_error)?);
+                    self.pods.push(
+                        pod_from_template(
+                            &value["spec"]["template"],
+                            &format!("{name}-{i}"),
+                            &namespace,
+                        )
+                        .map_err(object_error)?,
+                    );
                 }
             }
             "CronJob" => {
                 let job = &value["spec"]["jobTemplate"]["spec"];
                 let parallelism = job["parallelism"].as_u64().unwrap_or(1);
                 for i in 0..parallelism {
-                    self.pods.push(pod_from_template(&job["template"], &format!("{name}-{i}"), &namespace).map_err(object_error)?);
+                    self.pods.push(
+                        pod_from_template(&job["template"], &format!("{name}-{i}"), &namespace)
+                            .map_err(object_error)?,
+                    );
                 }
             }
             "DaemonSet" => daemonsets.push(PendingDaemonSet {
@@ -140,12 +166,20 @@ impl Objects {
 
     /// One pod per node, pinned to it the way the DaemonSet controller does.
     fn expand_daemonset(&mut self, daemonset: PendingDaemonSet) {
-        let node_names: Vec<String> = self.nodes.iter().filter_map(|n| n.metadata.name.clone()).collect();
+        let node_names: Vec<String> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
         for node in node_names {
             let mut template = daemonset.template.clone();
             template["spec"]["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
                 "nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}]}}});
-            if let Ok(pod) = pod_from_template(&template, &format!("{}-{node}", daemonset.name), &daemonset.namespace) {
+            if let Ok(pod) = pod_from_template(
+                &template,
+                &format!("{}-{node}", daemonset.name),
+                &daemonset.namespace,
+            ) {
                 self.pods.push(pod);
             }
         }
@@ -162,7 +196,8 @@ fn pod_from_template(template: &Value, name: &str, namespace: &str) -> Result<Po
     }
     metadata["name"] = json!(name);
     metadata["namespace"] = json!(namespace);
-    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]});
+    let pod =
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]});
     serde_json::from_value(pod).map_err(|e| format!("its pod template does not parse: {e}"))
 }
 
@@ -204,8 +239,29 @@ spec: {template: {spec: {containers: [{name: c}]}}}
 "#;
         let mut objects = Objects::default();
         objects.read("test.yaml", yaml).expect("reads");
-        let names: Vec<String> = objects.pods.iter().map(|p| format!("{}/{}", p.metadata.namespace.as_deref().unwrap_or(""), p.metadata.name.as_deref().unwrap_or(""))).collect();
-        assert_eq!(names, ["prod/web-0", "prod/web-1", "prod/web-2", "default/nightly-0", "default/nightly-1", "default/agent-n1", "default/agent-n2"]);
+        let names: Vec<String> = objects
+            .pods
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p.metadata.namespace.as_deref().unwrap_or(""),
+                    p.metadata.name.as_deref().unwrap_or("")
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "prod/web-0",
+                "prod/web-1",
+                "prod/web-2",
+                "default/nightly-0",
+                "default/nightly-1",
+                "default/agent-n1",
+                "default/agent-n2"
+            ]
+        );
         assert_eq!(objects.nodes.len(), 2);
         assert_eq!(objects.skipped, ["Service/web"]);
     }
@@ -213,9 +269,16 @@ spec: {template: {spec: {containers: [{name: c}]}}}
     #[test]
     fn errors_name_the_file_and_document() {
         let mut objects = Objects::default();
-        let err = objects.read("bad.yaml", "kind: Pod\n---\nkind: [unclosed\n").expect_err("bad yaml");
+        let err = objects
+            .read("bad.yaml", "kind: Pod\n---\nkind: [unclosed\n")
+            .expect_err("bad yaml");
         assert!(err.to_string().starts_with("bad.yaml: document 2"), "{err}");
-        let err = objects.read("bad.yaml", "kind: Node\nmetadata: {name: 5, labels: nope}\n").expect_err("bad node");
+        let err = objects
+            .read(
+                "bad.yaml",
+                "kind: Node\nmetadata: {name: 5, labels: nope}\n",
+            )
+            .expect_err("bad node");
         assert!(err.to_string().contains("Node"), "{err}");
     }
 }

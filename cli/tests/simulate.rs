@@ -7,7 +7,10 @@ use std::process::Command;
 use serde_json::Value;
 
 fn tessera(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().expect("runs");
+    let output = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .output()
+        .expect("runs");
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -30,7 +33,10 @@ fn bundled_example_colocates_as_documented() {
     assert_eq!(placed.len(), 4);
     assert!(report["unplaced"].as_array().expect("unplaced").is_empty());
     let card_of = |pod: &str| -> (String, String, u64, u64) {
-        let entry = placed.iter().find(|p| p["pod"] == pod).unwrap_or_else(|| panic!("{pod} placed"));
+        let entry = placed
+            .iter()
+            .find(|p| p["pod"] == pod)
+            .unwrap_or_else(|| panic!("{pod} placed"));
         let device = &entry["containers"][0]["devices"][0];
         (
             entry["node"].as_str().expect("node").to_owned(),
@@ -54,7 +60,10 @@ fn bundled_example_colocates_as_documented() {
 
     let (ok, table, _) = tessera(&["simulate"]);
     assert!(ok);
-    assert!(table.contains("inference/chat-t4-1") && table.contains("15000/15360 MiB"), "{table}");
+    assert!(
+        table.contains("inference/chat-t4-1") && table.contains("15000/15360 MiB"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -104,7 +113,8 @@ spec:
   containers: [{name: c, resources: {limits: {nvidia.com/gpumem: "1000"}}}]
 "#,
     );
-    let (ok, stdout, stderr) = tessera(&["simulate", "--cluster", &cluster, &workloads, "-o", "json"]);
+    let (ok, stdout, stderr) =
+        tessera(&["simulate", "--cluster", &cluster, &workloads, "-o", "json"]);
     assert!(ok, "{stderr}");
     let report: Value = serde_json::from_str(&stdout).expect("json");
     let reason = |pod: &str| -> String {
@@ -116,11 +126,20 @@ spec:
             .map(|u| u["reason"].as_str().expect("reason").to_owned())
             .unwrap_or_else(|| panic!("{pod} should be unplaced: {report}"))
     };
-    assert_eq!(reason("default/too-big"), "1/1 nodes: insufficient GPU memory on every card");
-    assert!(reason("default/bad-percent").contains("denied at admission") && reason("default/bad-percent").contains("1 to 100"));
+    assert_eq!(
+        reason("default/too-big"),
+        "1/1 nodes: insufficient GPU memory on every card"
+    );
+    assert!(
+        reason("default/bad-percent").contains("denied at admission")
+            && reason("default/bad-percent").contains("1 to 100")
+    );
     let whole = &report["placed"][0];
     assert_eq!(whole["pod"], "default/whole-card");
-    assert_eq!(whole["containers"][0]["devices"][0]["cores"], 100, "a plain whole card is exclusive");
+    assert_eq!(
+        whole["containers"][0]["devices"][0]["cores"], 100,
+        "a plain whole card is exclusive"
+    );
     assert!(reason("default/after-whole").contains("exclusively"));
 }
 
@@ -130,7 +149,10 @@ fn unreadable_input_is_a_clear_error() {
     let broken = write(dir.path(), "broken.yaml", "kind: Pod\nmetadata: {name: [\n");
     let (ok, _, stderr) = tessera(&["simulate", &broken]);
     assert!(!ok);
-    assert!(stderr.contains("broken.yaml: document 1 is not valid YAML"), "{stderr}");
+    assert!(
+        stderr.contains("broken.yaml: document 1 is not valid YAML"),
+        "{stderr}"
+    );
     let (ok, _, stderr) = tessera(&["simulate", "/nonexistent.yaml"]);
     assert!(!ok);
     assert!(stderr.contains("cannot read /nonexistent.yaml"), "{stderr}");
