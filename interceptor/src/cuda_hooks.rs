@@ -180,7 +180,8 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
     let real = real!(Hook::Init, InitFn);
     // Refuses a bad cap and attaches the shared region before the driver
     // starts, so a misconfiguration shows at the first CUDA call.
-    let started = log::enabled(DEBUG).then(std::time::Instant::now);
+    // Once per process, so always timed; printed at DEBUG.
+    let started = std::time::Instant::now();
     match state::accounting() {
         Err(rc) => return rc,
         // Capped: NVML (to measure the first context) starts now on a
@@ -188,17 +189,15 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
         Ok(Some(_)) => state::start_nvml_warm_up(),
         Ok(None) => {}
     }
-    let attached = started.map(|t| t.elapsed());
+    let attached = started.elapsed();
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(flags) };
-    if let (Some(t), Some(attached)) = (started, attached) {
-        log!(
-            DEBUG,
-            "timing: cuInit {} us, of which configuration and region attach {} us",
-            t.elapsed().as_micros(),
-            attached.as_micros()
-        );
-    }
+    log!(
+        DEBUG,
+        "timing: cuInit {} us, of which configuration, region attach and NVML helper start {} us",
+        started.elapsed().as_micros(),
+        attached.as_micros()
+    );
     rc
 }
 

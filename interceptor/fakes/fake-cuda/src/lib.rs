@@ -5,8 +5,14 @@
 //!
 //! The simulated machine is set by environment variables:
 //! `FAKE_CUDA_DEVICES` (cards, default 2), `FAKE_CUDA_TOTAL_MIB` (memory per
-//! card, default 16384) and `FAKE_CUDA_CONTEXT_MIB` (what a context costs on
-//! its card, default 64).
+//! card, default 16384; a comma list gives each card its own size) and
+//! `FAKE_CUDA_CONTEXT_MIB` (what a context costs on its card, default 64).
+//! Card `p` of the machine has the UUID `GPU-5a5a5a5a-5a5a-5a5a-5a5a-5a5a5a5a5a<p>`
+//! (see [`physical_uuid`]). `CUDA_VISIBLE_DEVICES` (physical indices or
+//! UUIDs, comma-separated) narrows and renumbers the cards as the real
+//! driver does; the fake NVML ignores it, as real NVML does. Peer access
+//! (`cuDeviceCanAccessPeer`, `cuCtxEnablePeerAccess`) is possible between
+//! any two distinct cards.
 //!
 //! `cuGetProcAddress` answers with *internal* function addresses, distinct
 //! from the exported symbols (as a real driver may), honours the requested
@@ -36,6 +42,8 @@ const PER_THREAD_FLAG: u64 = 2;
 const MIB: u64 = 1 << 20;
 
 struct Card {
+    /// Index on the machine (what NVML numbers it).
+    physical: usize,
     total: u64,
     used: u64,
     primary_refs: u32,
@@ -49,6 +57,8 @@ struct Driver {
     next_id: u64,
     /// Context handle -> card.
     contexts: HashMap<u64, usize>,
+    /// (context, peer context) pairs with peer access enabled.
+    peers: std::collections::HashSet<(u64, u64)>,
 }
 
 static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
@@ -63,6 +73,61 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Memory of physical card `p`: `FAKE_CUDA_TOTAL_MIB` is one size for all
+/// cards or a comma list, one size per card (the last repeats).
+fn physical_total(p: usize) -> u64 {
+    let text = std::env::var("FAKE_CUDA_TOTAL_MIB").unwrap_or_default();
+    let sizes: Vec<u64> = text
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    sizes.get(p).or(sizes.last()).copied().unwrap_or(16384) * MIB
+}
+
+/// UUID bytes of physical card `p` (the fake NVML derives the same).
+pub fn physical_uuid(p: usize) -> [u8; 16] {
+    let mut bytes = [0x5au8; 16];
+    bytes[15] = p as u8;
+    bytes
+}
+
+fn uuid_text(bytes: &[u8; 16]) -> String {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// The physical cards CUDA shows, in ordinal order: all of them, or those
+/// `CUDA_VISIBLE_DEVICES` names (indices or UUIDs; enumeration stops at the
+/// first entry that names no card, as with the real driver).
+fn visible_physical_cards() -> Vec<usize> {
+    let count = env_u64("FAKE_CUDA_DEVICES", 2) as usize;
+    let Ok(list) = std::env::var("CUDA_VISIBLE_DEVICES") else {
+        return (0..count).collect();
+    };
+    let mut cards = Vec::new();
+    for entry in list.split(',').map(str::trim) {
+        let found = entry
+            .parse::<usize>()
+            .ok()
+            .filter(|&p| p < count)
+            .or_else(|| {
+                (0..count).find(|&p| uuid_text(&physical_uuid(p)).eq_ignore_ascii_case(entry))
+            });
+        match found {
+            Some(p) if !cards.contains(&p) => cards.push(p),
+            _ => break,
+        }
+    }
+    cards
 }
 
 fn primary_handle(device: usize) -> u64 {
@@ -127,17 +192,24 @@ impl Driver {
     }
 }
 
-/// Bytes in use on card `device` (allocations and contexts), for the fake NVML.
+/// Bytes in use on physical card `device` (allocations and contexts), for
+/// the fake NVML, which numbers cards physically.
 #[no_mangle]
 pub extern "C" fn fake_cuda_device_used(device: c_uint) -> u64 {
-    with_driver(|d| Ok(d.cards.get(device as usize).map_or(0, |c| c.used))).unwrap_or(0)
+    with_driver(|d| {
+        Ok(d.cards
+            .iter()
+            .find(|c| c.physical == device as usize)
+            .map_or(0, |c| c.used))
+    })
+    .unwrap_or(0)
 }
 
-/// Size of card `device` (also before `cuInit`), for the fake NVML.
+/// Size of physical card `device` (also before `cuInit`), for the fake NVML.
 #[no_mangle]
 pub extern "C" fn fake_cuda_device_total(device: c_uint) -> u64 {
     if (device as u64) < env_u64("FAKE_CUDA_DEVICES", 2) {
-        env_u64("FAKE_CUDA_TOTAL_MIB", 16384) * MIB
+        physical_total(device as usize)
     } else {
         0
     }
@@ -153,12 +225,12 @@ pub extern "C" fn fake_cuda_ptsz_calls() -> u64 {
 pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
     let mut guard = DRIVER.lock().unwrap_or_else(|e| e.into_inner());
     if guard.is_none() {
-        let count = env_u64("FAKE_CUDA_DEVICES", 2) as usize;
-        let total = env_u64("FAKE_CUDA_TOTAL_MIB", 16384) * MIB;
         *guard = Some(Driver {
-            cards: (0..count)
-                .map(|_| Card {
-                    total,
+            cards: visible_physical_cards()
+                .into_iter()
+                .map(|physical| Card {
+                    physical,
+                    total: physical_total(physical),
                     used: 0,
                     primary_refs: 0,
                 })
@@ -167,6 +239,7 @@ pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
             allocations: HashMap::new(),
             next_id: 0x7f00_0000_0000,
             contexts: HashMap::new(),
+            peers: std::collections::HashSet::new(),
         });
     }
     SUCCESS
@@ -201,9 +274,7 @@ pub unsafe extern "C" fn cuDeviceGet(device: *mut c_int, ordinal: c_int) -> CUre
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut u8, device: c_int) -> CUresult {
     status(with_driver(|d| {
-        d.card(device)?;
-        let mut bytes = [0x5au8; 16];
-        bytes[15] = device as u8;
+        let bytes = physical_uuid(d.card(device)?.physical);
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), uuid, 16) };
         Ok(())
     }))
@@ -510,6 +581,44 @@ pub extern "C" fn cuArrayDestroy(array: u64) -> CUresult {
     cuMemFree_v2(array)
 }
 
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceCanAccessPeer(
+    can: *mut c_int,
+    device: c_int,
+    peer: c_int,
+) -> CUresult {
+    if can.is_null() {
+        return INVALID_VALUE;
+    }
+    status(with_driver(|d| {
+        d.card(device)?;
+        d.card(peer)?;
+        unsafe { *can = c_int::from(device != peer) };
+        Ok(())
+    }))
+}
+
+/// `CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED`.
+const PEER_ACCESS_ALREADY_ENABLED: CUresult = 704;
+/// `CUDA_ERROR_PEER_ACCESS_UNSUPPORTED`.
+const PEER_ACCESS_UNSUPPORTED: CUresult = 217;
+
+#[no_mangle]
+pub extern "C" fn cuCtxEnablePeerAccess(peer: u64, _flags: c_uint) -> CUresult {
+    status(with_driver(|d| {
+        let current = CURRENT.with(Cell::get);
+        let own = d.current_card()?;
+        let other = *d.contexts.get(&peer).ok_or(INVALID_CONTEXT)?;
+        if own == other {
+            return Err(PEER_ACCESS_UNSUPPORTED);
+        }
+        if !d.peers.insert((current, peer)) {
+            return Err(PEER_ACCESS_ALREADY_ENABLED);
+        }
+        Ok(())
+    }))
+}
+
 /// Internal entry points handed out by `cuGetProcAddress`: same behaviour as
 /// the exports, different addresses.
 mod internal {
@@ -587,6 +696,8 @@ fn proc_address(name: &[u8], version: c_int, flags: u64) -> Option<*mut c_void> 
         b"cuDeviceGetCount" => cuDeviceGetCount as *mut c_void,
         b"cuDeviceGetUuid" => cuDeviceGetUuid_v2 as *mut c_void,
         b"cuDriverGetVersion" => cuDriverGetVersion as *mut c_void,
+        b"cuDeviceCanAccessPeer" => cuDeviceCanAccessPeer as *mut c_void,
+        b"cuCtxEnablePeerAccess" => cuCtxEnablePeerAccess as *mut c_void,
         _ => return None,
     };
     Some(f)

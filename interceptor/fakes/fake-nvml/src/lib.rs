@@ -49,12 +49,15 @@ fn index_of(device: *const u8) -> Option<usize> {
     (i < device_count()).then_some(i)
 }
 
-fn total_bytes() -> u64 {
-    std::env::var("FAKE_CUDA_TOTAL_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(16384u64)
-        << 20
+/// Size of card `index`: `FAKE_CUDA_TOTAL_MIB` is one size for all cards
+/// or a comma list, one per card (the last repeats), as in the fake driver.
+fn total_bytes(index: usize) -> u64 {
+    let text = std::env::var("FAKE_CUDA_TOTAL_MIB").unwrap_or_default();
+    let sizes: Vec<u64> = text
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    sizes.get(index).or(sizes.last()).copied().unwrap_or(16384) << 20
 }
 
 /// Usage as the fake driver in this process sees it (0 when it isn't loaded).
@@ -185,7 +188,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
     let Some(i) = index_of(device) else {
         return INVALID_ARGUMENT;
     };
-    let (total, used) = (total_bytes(), used_bytes(i));
+    let (total, used) = (total_bytes(i), used_bytes(i));
     unsafe {
         *memory = Memory {
             total,
@@ -205,7 +208,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
         return INVALID_ARGUMENT;
     };
     let reserved = 4 << 20;
-    let (total, used) = (total_bytes(), used_bytes(i));
+    let (total, used) = (total_bytes(i), used_bytes(i));
     unsafe {
         let version = (*memory).version;
         *memory = MemoryV2 {
