@@ -93,7 +93,8 @@ pub fn backend_from_options(options: &AgentOptions) -> Result<Arc<dyn GpuBackend
     }
 }
 
-/// What `--discover-once` prints: every card, and the inventory annotation.
+/// What `--discover-once` prints: every card, how each pair is linked (when
+/// there are several and the backend can tell), and the inventory annotation.
 pub fn discovery_report(
     backend: &dyn GpuBackend,
     config: &Config,
@@ -110,6 +111,9 @@ pub fn discovery_report(
             card.index, card.uuid, card.name, card.memory_mib, card.numa, card.healthy
         ));
     }
+    if cards.len() > 1 {
+        out.push_str(&format_links(&backend.links()));
+    }
     let health = HealthMonitor::new(&cards, Duration::from_secs(1))
         .subscribe()
         .borrow()
@@ -120,6 +124,21 @@ pub fn discovery_report(
         encode_inventory(&inventory)
     ));
     Ok(out)
+}
+
+/// The `links:` section of the discovery report.
+fn format_links(links: &[crate::gpu::GpuLink]) -> String {
+    if links.is_empty() {
+        return "links: not reported by this backend\n".to_owned();
+    }
+    let mut out = String::from("links:\n");
+    for link in links {
+        out.push_str(&format!(
+            "  [{}]-[{}] nvlink={} p2p_read={} topology={}\n",
+            link.from, link.to, link.nvlink, link.p2p_read, link.topology
+        ));
+    }
+    out
 }
 
 /// Everything [`run`] needs.
@@ -280,4 +299,42 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
     .await;
     tasks.abort_all();
     result.map_err(AgentError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::GpuLink;
+
+    #[test]
+    fn links_are_listed_per_pair() {
+        let text = format_links(&[GpuLink {
+            from: 0,
+            to: 1,
+            nvlink: true,
+            p2p_read: true,
+            topology: "system",
+        }]);
+        assert_eq!(
+            text,
+            "links:\n  [0]-[1] nvlink=true p2p_read=true topology=system\n"
+        );
+        assert_eq!(format_links(&[]), "links: not reported by this backend\n");
+    }
+
+    #[test]
+    fn discovery_report_names_both_cards_and_their_numa_nodes() {
+        let backend = FakeGpus::parse("2x NVIDIA H200 143771", "node-a").expect("fake cards");
+        let report =
+            discovery_report(&backend, &Config::default(), "node-a").expect("discovery report");
+        assert!(report.contains("cards: 2\n"), "{report}");
+        assert!(
+            report.contains("numa=0") && report.contains("numa=1"),
+            "{report}"
+        );
+        assert!(report.contains("links: not reported"), "{report}");
+        let single = FakeGpus::parse("1x NVIDIA H100 81559", "node-a").expect("fake card");
+        let report = discovery_report(&single, &Config::default(), "node-a").expect("report");
+        assert!(!report.contains("links"), "{report}");
+    }
 }

@@ -1,6 +1,7 @@
 //! What kubelet hands one container: the environment the NVIDIA runtime
 //! and the interceptor read (`NVIDIA_VISIBLE_DEVICES`, per-card memory caps,
-//! SM cap, shared region path, priority) and the mounts (the container's
+//! the card list the caps are numbered by (`TESSERA_VISIBLE_UUIDS`), SM cap,
+//! shared region path, priority) and the mounts (the container's
 //! accounting directory, and unless the container opts out with
 //! `CUDA_DISABLE_CONTROL=true`, the interceptor and `/etc/ld.so.preload`).
 
@@ -9,6 +10,7 @@ use tessera_api::allocation::ContainerDevice;
 use tessera_api::container_env::{format_memory_limit_mib, memory_limit_var};
 use tessera_api::names::{env, ResourceNames};
 use tessera_api::request::container_request;
+use tessera_api::visible_cards::{format_visible_uuids, VISIBLE_UUIDS};
 
 use crate::host_files::{HostFileError, HostLayout, CONTAINER_PRELOAD, CONTAINER_SHARED_DIR};
 use crate::proto::{ContainerAllocateResponse, Mount};
@@ -64,6 +66,14 @@ pub fn container_response(
             .map(|d| d.uuid.as_str())
             .collect::<Vec<_>>()
             .join(","),
+    );
+    // The same list for the interceptor alone: `CUDA_DEVICE_MEMORY_LIMIT_<i>`
+    // is the cap of its `i`-th card, matched to CUDA ordinals by UUID (the
+    // runtime may rewrite NVIDIA_VISIBLE_DEVICES, CUDA may order the cards
+    // differently, the application may renumber them).
+    envs.insert(
+        VISIBLE_UUIDS.to_owned(),
+        format_visible_uuids(devices.iter().map(|d| d.uuid.as_str())),
     );
     for (i, device) in devices.iter().enumerate() {
         envs.insert(
@@ -154,6 +164,7 @@ mod tests {
         )
         .expect("response");
         assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], "GPU-a,GPU-b");
+        assert_eq!(r.envs["TESSERA_VISIBLE_UUIDS"], "GPU-a,GPU-b");
         assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "7500m");
         assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_1"], "7500m");
         assert_eq!(r.envs["CUDA_DEVICE_SM_LIMIT"], "30");
@@ -183,6 +194,27 @@ mod tests {
             .container_dir("uid-7", "main")
             .join("region.cache")
             .exists());
+    }
+
+    #[test]
+    fn caps_are_numbered_by_the_card_list_the_interceptor_reads() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let layout = HostLayout::new(temp.path());
+        let pod = pod(json!([]));
+        let container = container_at(&pod, 0).expect("container");
+        let mut cards = devices();
+        cards[0].memory_mib = 20480;
+        cards[1].memory_mib = 30720;
+        cards.swap(0, 1);
+        let r = container_response(&layout, &ResourceNames::default(), &pod, container, &cards)
+            .expect("response");
+        let list =
+            tessera_api::visible_cards::parse_visible_uuids(&r.envs["TESSERA_VISIBLE_UUIDS"])
+                .expect("a UUID list");
+        for (uuid, mib) in [("GPU-a", "20480m"), ("GPU-b", "30720m")] {
+            let i = tessera_api::visible_cards::position_of(&list, uuid).expect("listed");
+            assert_eq!(r.envs[&memory_limit_var(i)], mib, "{uuid}");
+        }
     }
 
     #[test]

@@ -29,6 +29,24 @@ pub struct GpuInfo {
     pub healthy: bool,
 }
 
+/// How two cards of the node reach each other, for the discovery report
+/// (tensor-parallel and NCCL jobs care whether peers share NVLink).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuLink {
+    /// NVML index of one card.
+    pub from: u32,
+    /// NVML index of the other.
+    pub to: u32,
+    /// Whether NVML reports peer-to-peer over NVLink between them.
+    pub nvlink: bool,
+    /// Whether NVML reports peer-to-peer reads between them (any path).
+    pub p2p_read: bool,
+    /// Their closest common ancestor in the PCIe topology (`internal`,
+    /// `single-switch`, `multiple-switches`, `host-bridge`, `numa-node`,
+    /// `system`), or `unknown`.
+    pub topology: &'static str,
+}
+
 /// Host-level usage of one card, for the host metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostGpuUsage {
@@ -127,6 +145,10 @@ pub trait GpuBackend: Send + Sync + fmt::Debug {
     fn kind(&self) -> &'static str;
     /// Lists the cards on this node.
     fn discover(&self) -> Result<Vec<GpuInfo>, GpuError>;
+    /// How each pair of cards is linked; backends that cannot tell list none.
+    fn links(&self) -> Vec<GpuLink> {
+        Vec::new()
+    }
     /// Current host-level usage of every card; cards that cannot be read are left out.
     fn host_usage(&self) -> Vec<HostGpuUsage>;
     /// Starts delivering health events; the channel closes when the backend stops watching.

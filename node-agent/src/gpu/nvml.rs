@@ -12,7 +12,9 @@ use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::Nvml;
 use tokio::sync::mpsc;
 
-use super::{GpuBackend, GpuError, GpuInfo, HealthEvent, HealthEventKind, HostGpuUsage};
+use nvml_wrapper::enum_wrappers::device::{P2pCapabilitiesIndex, P2pStatus, TopologyLevel};
+
+use super::{GpuBackend, GpuError, GpuInfo, GpuLink, HealthEvent, HealthEventKind, HostGpuUsage};
 
 /// How long one NVML event wait blocks before checking whether anyone still listens.
 const EVENT_WAIT_MS: u32 = 5_000;
@@ -106,6 +108,41 @@ impl GpuBackend for NvmlGpus {
             });
         }
         Ok(cards)
+    }
+
+    fn links(&self) -> Vec<GpuLink> {
+        let count = self.nvml.device_count().unwrap_or(0);
+        let mut links = Vec::new();
+        for from in 0..count {
+            for to in from + 1..count {
+                let (Ok(a), Ok(b)) = (
+                    self.nvml.device_by_index(from),
+                    self.nvml.device_by_index(to),
+                ) else {
+                    continue;
+                };
+                let status = |index| matches!(a.p2p_status(&b, index), Ok(P2pStatus::Ok));
+                let nvlink = status(P2pCapabilitiesIndex::NvLink);
+                let p2p_read = status(P2pCapabilitiesIndex::Read);
+                let topology = match a.topology_common_ancestor(b) {
+                    Ok(TopologyLevel::Internal) => "internal",
+                    Ok(TopologyLevel::Single) => "single-switch",
+                    Ok(TopologyLevel::Multiple) => "multiple-switches",
+                    Ok(TopologyLevel::HostBridge) => "host-bridge",
+                    Ok(TopologyLevel::Node) => "numa-node",
+                    Ok(TopologyLevel::System) => "system",
+                    Err(_) => "unknown",
+                };
+                links.push(GpuLink {
+                    from,
+                    to,
+                    nvlink,
+                    p2p_read,
+                    topology,
+                });
+            }
+        }
+        links
     }
 
     fn host_usage(&self) -> Vec<HostGpuUsage> {
