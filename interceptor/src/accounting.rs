@@ -84,6 +84,14 @@ impl Accounting {
         device < MAX_DEVICES
     }
 
+    /// Bytes this process has charged on card `device` (0 before its first
+    /// charge anywhere).
+    pub fn own_usage(&self, device: usize) -> u64 {
+        self.region.claimed_slot().map_or(0, |slot| {
+            self.region.map().processes[slot].used_bytes[device].load(Ordering::Relaxed)
+        })
+    }
+
     /// Bytes the container has charged on card `device`.
     pub fn used(&self, device: usize) -> u64 {
         self.region.map().device_used(device)

@@ -13,6 +13,11 @@ use tessera_api::shared_region::MAX_DEVICES;
 use tessera_api::visible_cards::{parse_visible_uuids, VISIBLE_UUIDS};
 use thiserror::Error;
 
+/// Set to `1`: measure every context by the card-wide NVML reading before
+/// and after it, even where NVML lists this process by its own pid (for
+/// drivers whose process lists cannot be trusted, and for tests).
+pub const MEASURE_CONTEXT_CARD_WIDE: &str = "TESSERA_MEASURE_CONTEXT_CARD_WIDE";
+
 /// What the interceptor enforces in this process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -29,6 +34,8 @@ pub struct Config {
     pub shared_region: Option<PathBuf>,
     /// `LIBCUDA_LOG_LEVEL`.
     pub log_level: u8,
+    /// [`MEASURE_CONTEXT_CARD_WIDE`] is `1`.
+    pub measure_context_card_wide: bool,
 }
 
 /// A configuration the interceptor refuses to run with.
@@ -69,6 +76,7 @@ impl Config {
         let mut shared_region = None;
         let mut log_level = crate::log::WARN;
         let (mut tessera_uuids, mut runtime_uuids) = (None, None);
+        let mut measure_context_card_wide = false;
         for (name, value) in vars {
             if name == MEMORY_LIMIT_ALL {
                 all = Some(parse(&name, &value)?);
@@ -85,6 +93,8 @@ impl Config {
                 tessera_uuids = parse_visible_uuids(&value);
             } else if name == VISIBLE_DEVICES {
                 runtime_uuids = parse_visible_uuids(&value);
+            } else if name == MEASURE_CONTEXT_CARD_WIDE {
+                measure_context_card_wide = value.trim() == "1";
             } else if name == LOG_LEVEL {
                 // A bad log level is not worth refusing CUDA over.
                 log_level = value.trim().parse().unwrap_or(crate::log::WARN);
@@ -102,6 +112,7 @@ impl Config {
             visible_uuids: tessera_uuids.or(runtime_uuids),
             shared_region,
             log_level,
+            measure_context_card_wide,
         })
     }
 

@@ -13,7 +13,9 @@ use crate::cards::{self, Card};
 use crate::driver::Hook;
 use crate::ffi::*;
 use crate::log::{self, log, DEBUG, ERROR, INFO};
-use crate::nvml_hooks::{usage_after_context, usage_before_context, UsageSample};
+use crate::nvml_hooks::{
+    nvml_lists_our_pid, usage_after_context, usage_before_context, UsageSample,
+};
 use crate::ptr_table::PtrTable;
 use crate::state;
 use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -489,7 +491,17 @@ fn measured_context(
 ) -> (CuResult, u64) {
     let timing = log::enabled(DEBUG);
     let t0 = timing.then(std::time::Instant::now);
-    let before = usage_before_context(ordinal);
+    // Where NVML reports our own pid and this process holds nothing on the
+    // card yet, its usage before the context is known to be zero: no NVML
+    // reading (nor waiting for NVML's start-up) before the context. Else
+    // (inside a pid namespace NVML reports host pids, so the card-wide
+    // difference is used) the reading is taken first.
+    let known_empty = nvml_lists_our_pid() && accounting.own_usage(card) == 0;
+    let before = if known_empty {
+        Some(UsageSample::NOTHING_OF_OURS)
+    } else {
+        usage_before_context(ordinal)
+    };
     let t1 = timing.then(std::time::Instant::now);
     let rc = create();
     if rc != CUDA_SUCCESS {
@@ -500,13 +512,21 @@ fn measured_context(
     if let (Some(t0), Some(t1), Some(t2)) = (t0, t1, t2) {
         log!(
             DEBUG,
-            "timing: card {card}: NVML before the context {} us (NVML start-up waited for included), context {} us, NVML after {} us",
+            "timing: card {card}: NVML before the context {} us ({}), context {} us, NVML after {} us (NVML start-up waited for included)",
             (t1 - t0).as_micros(),
+            if known_empty { "none needed: own usage known to be 0" } else { "read" },
             (t2 - t1).as_micros(),
             t2.elapsed().as_micros()
         );
     }
     let overhead = match (before, after) {
+        (Some(_), Some(a)) if known_empty && a.own.is_none() => {
+            log!(
+                crate::log::WARN,
+                "card {card}: NVML does not list this process; its context is not charged"
+            );
+            0
+        }
         (Some(b), Some(a)) => UsageSample::growth(b, a),
         _ => 0,
     };

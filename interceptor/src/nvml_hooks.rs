@@ -145,6 +145,13 @@ pub struct UsageSample {
 }
 
 impl UsageSample {
+    /// Before a first context, in a process NVML lists by its own pid and
+    /// that holds nothing on the card: its own usage is zero.
+    pub const NOTHING_OF_OURS: UsageSample = UsageSample {
+        own: Some(0),
+        device: 0,
+    };
+
     /// Bytes added between `before` and `after`: our own usage when NVML
     /// shows it (immune to other processes allocating meanwhile), else the
     /// device-wide difference.
@@ -198,6 +205,24 @@ fn device_used(nvml: &crate::driver::NvmlLibrary, handle: NvmlDevice) -> Option<
         std::mem::transmute::<usize, MemoryInfoFn>(nvml.memory_info[0])(handle, &mut memory)
     };
     (rc == NVML_SUCCESS).then_some(memory.used)
+}
+
+/// `readlink /proc/self/ns/pid` in the initial pid namespace (its inode
+/// number is fixed by the kernel, `PROC_PID_INIT_INO`).
+const INITIAL_PID_NAMESPACE: &[u8] = b"pid:[4026531836]";
+
+/// Whether NVML's process lists carry our own pid: NVML reports pids of the
+/// initial pid namespace, so only there (the host, `hostPID` pods, bare
+/// machines), unless `TESSERA_MEASURE_CONTEXT_CARD_WIDE=1`. Read once.
+pub fn nvml_lists_our_pid() -> bool {
+    static LISTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LISTED.get_or_init(|| {
+        if state::config().is_ok_and(|c| c.measure_context_card_wide) {
+            return false;
+        }
+        std::fs::read_link("/proc/self/ns/pid")
+            .is_ok_and(|target| target.as_os_str().as_encoded_bytes() == INITIAL_PID_NAMESPACE)
+    })
 }
 
 /// No handle: the card is not in NVML (looked up, not found).

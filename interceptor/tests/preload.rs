@@ -206,6 +206,8 @@ fn context_cost_is_measured_without_nvml_process_list_too() {
         &[
             ("CUDA_DEVICE_MEMORY_LIMIT", "4g"),
             ("FAKE_NVML_NO_PROCESSES", "1"),
+            // As inside a pid namespace, whatever namespace the test runs in.
+            ("TESSERA_MEASURE_CONTEXT_CARD_WIDE", "1"),
         ],
     );
     assert_eq!(value(&out, "free"), 4096 * MIB - CONTEXT);
