@@ -5,10 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
-use tessera_api::config::Config;
-use tessera_cli::simulate::simulate;
-use tessera_cli::workloads::Objects;
-use tessera_cli::{render, BUNDLED_CLUSTER, BUNDLED_WORKLOADS};
+use tessera_cli::render;
+use tessera_cli::simulate::{simulate_files, SimulationFiles};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -66,10 +64,6 @@ enum Command {
     },
 }
 
-fn read(path: &PathBuf) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Simulate {
@@ -78,26 +72,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             config,
         } => {
-            let config = match &config {
-                Some(path) => Config::from_yaml(&read(path)?)
-                    .with_context(|| format!("in {}", path.display()))?,
-                None => Config::default(),
-            };
-            let mut objects = Objects::default();
-            match &cluster {
-                Some(path) => objects.read(&path.display().to_string(), &read(path)?)?,
-                None => objects.read("bundled example cluster", BUNDLED_CLUSTER)?,
-            }
-            if workloads.is_empty() && cluster.is_none() {
-                objects.read("bundled example workloads", BUNDLED_WORKLOADS)?;
-            }
-            for path in &workloads {
-                objects.read(&path.display().to_string(), &read(path)?)?;
-            }
-            let admission = |pod: &_, config: &Config| {
-                tessera_webhook::decision::mutate_pod(pod, config).map_err(|e| e.to_string())
-            };
-            let report = simulate(&objects, &config, &admission);
+            let report = simulate_files(SimulationFiles {
+                cluster: cluster.as_deref(),
+                workloads: &workloads,
+                config: config.as_deref(),
+            })?;
             match output {
                 Output::Table => print!("{}", render::render_table(&report)),
                 Output::Json => println!("{}", render::render_json(&report)),

@@ -8,7 +8,8 @@ use serde::Serialize;
 use tessera_api::config::Config;
 use tessera_scheduler::core::{pod_key, ClusterState, ScheduleError};
 
-use crate::workloads::Objects;
+use crate::workloads::{Objects, WorkloadError};
+use crate::{BUNDLED_CLUSTER, BUNDLED_WORKLOADS};
 
 /// The admission step applied to each pod before it is scheduled: returns
 /// the pod as the API server would store it, or the denial message.
@@ -104,6 +105,83 @@ pub struct SimulationReport {
     pub skipped: Vec<String>,
     /// Nodes whose inventory annotation did not decode.
     pub warnings: Vec<String>,
+}
+
+/// Input files that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateInputError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is invalid.
+    #[error("in {path}: {source}")]
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        #[source]
+        source: tessera_api::error::ConfigError,
+    },
+    /// A cluster or workload file is invalid.
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+}
+
+/// Where the simulation reads from. With no cluster file the bundled
+/// example cluster is used, and with neither a cluster nor workload files
+/// the bundled example workloads too.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SimulationFiles<'a> {
+    /// Nodes (and already-bound pods).
+    pub cluster: Option<&'a std::path::Path>,
+    /// Workloads.
+    pub workloads: &'a [std::path::PathBuf],
+    /// Tessera config file.
+    pub config: Option<&'a std::path::Path>,
+}
+
+fn read_file(path: &std::path::Path) -> Result<String, SimulateInputError> {
+    std::fs::read_to_string(path).map_err(|source| SimulateInputError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The webhook's own defaulting and validation, as the API server would
+/// apply it at admission.
+pub fn webhook_admission(pod: &Pod, config: &Config) -> Result<Pod, String> {
+    tessera_webhook::decision::mutate_pod(pod, config).map_err(|e| e.to_string())
+}
+
+/// Reads the files and runs the simulation with the webhook's admission.
+pub fn simulate_files(files: SimulationFiles<'_>) -> Result<SimulationReport, SimulateInputError> {
+    let config = match files.config {
+        Some(path) => {
+            Config::from_yaml(&read_file(path)?).map_err(|source| SimulateInputError::Config {
+                path: path.display().to_string(),
+                source,
+            })?
+        }
+        None => Config::default(),
+    };
+    let mut objects = Objects::default();
+    match files.cluster {
+        Some(path) => objects.read(&path.display().to_string(), &read_file(path)?)?,
+        None => objects.read("bundled example cluster", BUNDLED_CLUSTER)?,
+    }
+    if files.workloads.is_empty() && files.cluster.is_none() {
+        objects.read("bundled example workloads", BUNDLED_WORKLOADS)?;
+    }
+    for path in files.workloads {
+        objects.read(&path.display().to_string(), &read_file(path)?)?;
+    }
+    Ok(simulate(&objects, &config, &webhook_admission))
 }
 
 /// Runs the simulation.
