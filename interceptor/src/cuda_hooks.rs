@@ -184,6 +184,11 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
     // starts, so a misconfiguration shows at the first CUDA call.
     // Once per process, so always timed; printed at DEBUG.
     let started = std::time::Instant::now();
+    // Reads the SM caps and priority and sets the launch gate (no work
+    // beyond that until the first governed launch).
+    if let Err(rc) = crate::sm_limiter::configure() {
+        return rc;
+    }
     match state::accounting() {
         Err(rc) => return rc,
         // Capped: NVML (to measure the first context) starts now on a

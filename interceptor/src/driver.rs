@@ -12,6 +12,7 @@
 
 use crate::cuda_hooks as cu;
 use crate::ffi::PROC_PER_THREAD;
+use crate::launch_hooks as lh;
 use crate::loader::Library;
 use crate::nvml_hooks as nv;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -79,6 +80,14 @@ hook_table! {
     CtxCreateV3 => c"cuCtxCreate_v3", c"cuCtxCreate", 11040, 0, cu::cuCtxCreate_v3;
     CtxCreateV4 => c"cuCtxCreate_v4", c"cuCtxCreate", 12050, 0, cu::cuCtxCreate_v4;
     CtxDestroy => c"cuCtxDestroy_v2", c"cuCtxDestroy", 4000, 0, cu::cuCtxDestroy_v2;
+    LaunchKernel => c"cuLaunchKernel", c"cuLaunchKernel", 4000, 0, lh::cuLaunchKernel;
+    LaunchKernelPtsz => c"cuLaunchKernel_ptsz", c"cuLaunchKernel", 4000, PROC_PER_THREAD, lh::cuLaunchKernel_ptsz;
+    LaunchKernelEx => c"cuLaunchKernelEx", c"cuLaunchKernelEx", 11060, 0, lh::cuLaunchKernelEx;
+    LaunchKernelExPtsz => c"cuLaunchKernelEx_ptsz", c"cuLaunchKernelEx", 11060, PROC_PER_THREAD, lh::cuLaunchKernelEx_ptsz;
+    LaunchCooperativeKernel => c"cuLaunchCooperativeKernel", c"cuLaunchCooperativeKernel", 9000, 0, lh::cuLaunchCooperativeKernel;
+    LaunchCooperativeKernelPtsz => c"cuLaunchCooperativeKernel_ptsz", c"cuLaunchCooperativeKernel", 9000, PROC_PER_THREAD, lh::cuLaunchCooperativeKernel_ptsz;
+    GraphLaunch => c"cuGraphLaunch", c"cuGraphLaunch", 10000, 0, lh::cuGraphLaunch;
+    GraphLaunchPtsz => c"cuGraphLaunch_ptsz", c"cuGraphLaunch", 10000, PROC_PER_THREAD, lh::cuGraphLaunch_ptsz;
 }
 
 /// Intercepted NVML entry points (NVML has no proc-address mechanism).

@@ -88,3 +88,18 @@ pub struct NvmlMemoryV2 {
     pub free: u64,
     pub used: u64,
 }
+
+/// `CUlaunchConfig` (the head `cuLaunchKernelEx` reads; attributes follow).
+#[repr(C)]
+pub struct LaunchConfig {
+    pub grid_dim_x: c_uint,
+    pub grid_dim_y: c_uint,
+    pub grid_dim_z: c_uint,
+    pub block_dim_x: c_uint,
+    pub block_dim_y: c_uint,
+    pub block_dim_z: c_uint,
+    pub shared_mem_bytes: c_uint,
+    pub stream: Opaque,
+    pub attrs: *mut c_void,
+    pub num_attrs: c_uint,
+}

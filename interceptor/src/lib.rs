@@ -16,6 +16,15 @@
 //!   (`region`, layout in `tessera_api::shared_region`) and remembers each
 //!   allocation's charge in a lock-free table (`ptr_table`).
 //! - `state` holds the lazily created process-wide state and the fork handler.
+//! - `launch_hooks` are the kernel-launch entry points; they pass the SM
+//!   limiter's gate (`sm_limiter`: one relaxed load when nothing is
+//!   governed), which spends from the container's per-card token bucket in
+//!   the shared region. One elected process per container runs the updater
+//!   thread (`sm_updater`) that refills the buckets at the rate the pure
+//!   [`sm_controller`] computes from NVML's utilisation figures, and that
+//!   keeps the container's entry in the card's node-wide tenant table
+//!   (`card_table`) for the default policy and priorities. [`sm_config`]
+//!   reads the compute settings.
 //!
 //! Nothing runs at load time. The hooks are `unsafe extern "C"` functions
 //! whose contracts are those of the CUDA driver API and NVML.
@@ -27,15 +36,21 @@
 #![cfg_attr(test, allow(dead_code))]
 
 mod accounting;
+mod card_table;
 mod cards;
 pub mod config;
 mod cuda_hooks;
 mod dlsym;
 mod driver;
 mod ffi;
+mod launch_hooks;
 mod loader;
 mod log;
 mod nvml_hooks;
 mod ptr_table;
 mod region;
+pub mod sm_config;
+pub mod sm_controller;
+mod sm_limiter;
+mod sm_updater;
 mod state;

@@ -78,7 +78,7 @@ fn io_error(what: &'static str, path: &Path) -> AttachError {
 }
 
 /// Sets (`F_WRLCK`) or clears (`F_UNLCK`) an OFD lock on one byte.
-fn lock_byte(fd: i32, offset: u64, kind: i32, wait: bool) -> bool {
+pub(crate) fn lock_byte(fd: i32, offset: u64, kind: i32, wait: bool) -> bool {
     // SAFETY: a zeroed flock is valid; OFD locks require l_pid == 0.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = kind as _;
@@ -124,7 +124,7 @@ impl Drop for ScanGuard<'_> {
     }
 }
 
-fn open_region_file(path: &Path) -> Result<i32, AttachError> {
+pub(crate) fn open_region_file(path: &Path) -> Result<i32, AttachError> {
     let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| AttachError::Io {
         what: "open",
         path: path.display().to_string(),
@@ -274,6 +274,11 @@ impl Region {
     /// The mapped layout.
     pub fn map(&self) -> &'static SharedRegion {
         self.map
+    }
+
+    /// The region file, `None` for a private region.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// This process's slot, claiming one on first use.

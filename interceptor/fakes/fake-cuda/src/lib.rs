@@ -696,6 +696,16 @@ fn proc_address(name: &[u8], version: c_int, flags: u64) -> Option<*mut c_void> 
         b"cuDeviceGetCount" => cuDeviceGetCount as *mut c_void,
         b"cuDeviceGetUuid" => cuDeviceGetUuid_v2 as *mut c_void,
         b"cuDriverGetVersion" => cuDriverGetVersion as *mut c_void,
+        b"cuLaunchKernel" if per_thread => launch::cuLaunchKernel_ptsz as *mut c_void,
+        b"cuLaunchKernel" => launch::cuLaunchKernel as *mut c_void,
+        b"cuLaunchCooperativeKernel" if per_thread => {
+            launch::cuLaunchCooperativeKernel_ptsz as *mut c_void
+        }
+        b"cuLaunchCooperativeKernel" => launch::cuLaunchCooperativeKernel as *mut c_void,
+        b"cuLaunchKernelEx" if per_thread => launch::cuLaunchKernelEx_ptsz as *mut c_void,
+        b"cuLaunchKernelEx" => launch::cuLaunchKernelEx as *mut c_void,
+        b"cuGraphLaunch" if per_thread => launch::cuGraphLaunch_ptsz as *mut c_void,
+        b"cuGraphLaunch" => launch::cuGraphLaunch as *mut c_void,
         b"cuDeviceCanAccessPeer" => cuDeviceCanAccessPeer as *mut c_void,
         b"cuCtxEnablePeerAccess" => cuCtxEnablePeerAccess as *mut c_void,
         _ => return None,
@@ -737,4 +747,153 @@ pub unsafe extern "C" fn cuGetProcAddress(
     flags: u64,
 ) -> CUresult {
     unsafe { cuGetProcAddress_v2(symbol, pfn, version, flags, std::ptr::null_mut()) }
+}
+
+/// Kernel launches: nothing runs; each launch needs a current context and
+/// is counted, with its threads (`fake_cuda_launches`,
+/// `fake_cuda_launched_threads`). A graph launch counts as one launch of
+/// zero threads.
+pub mod launch {
+    use super::*;
+
+    static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+    static THREADS: AtomicU64 = AtomicU64::new(0);
+
+    /// Launches that reached the fake driver.
+    #[no_mangle]
+    pub extern "C" fn fake_cuda_launches() -> u64 {
+        LAUNCHES.load(Ordering::Relaxed)
+    }
+
+    /// Threads (blocks × threads per block) of all launches.
+    #[no_mangle]
+    pub extern "C" fn fake_cuda_launched_threads() -> u64 {
+        THREADS.load(Ordering::Relaxed)
+    }
+
+    fn launched(grid: [c_uint; 3], block: [c_uint; 3]) -> CUresult {
+        status(with_driver(|d| {
+            d.current_card()?;
+            let n = |v: [c_uint; 3]| v.iter().map(|&x| u64::from(x)).product::<u64>();
+            LAUNCHES.fetch_add(1, Ordering::Relaxed);
+            THREADS.fetch_add(n(grid) * n(block), Ordering::Relaxed);
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuLaunchKernel(
+        _f: *mut c_void,
+        gx: c_uint,
+        gy: c_uint,
+        gz: c_uint,
+        bx: c_uint,
+        by: c_uint,
+        bz: c_uint,
+        _shared: c_uint,
+        _stream: *mut c_void,
+        _params: *mut *mut c_void,
+        _extra: *mut *mut c_void,
+    ) -> CUresult {
+        launched([gx, gy, gz], [bx, by, bz])
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuLaunchKernel_ptsz(
+        f: *mut c_void,
+        gx: c_uint,
+        gy: c_uint,
+        gz: c_uint,
+        bx: c_uint,
+        by: c_uint,
+        bz: c_uint,
+        shared: c_uint,
+        stream: *mut c_void,
+        params: *mut *mut c_void,
+        extra: *mut *mut c_void,
+    ) -> CUresult {
+        PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
+        cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra)
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuLaunchCooperativeKernel(
+        _f: *mut c_void,
+        gx: c_uint,
+        gy: c_uint,
+        gz: c_uint,
+        bx: c_uint,
+        by: c_uint,
+        bz: c_uint,
+        _shared: c_uint,
+        _stream: *mut c_void,
+        _params: *mut *mut c_void,
+    ) -> CUresult {
+        launched([gx, gy, gz], [bx, by, bz])
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuLaunchCooperativeKernel_ptsz(
+        f: *mut c_void,
+        gx: c_uint,
+        gy: c_uint,
+        gz: c_uint,
+        bx: c_uint,
+        by: c_uint,
+        bz: c_uint,
+        shared: c_uint,
+        stream: *mut c_void,
+        params: *mut *mut c_void,
+    ) -> CUresult {
+        PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
+        cuLaunchCooperativeKernel(f, gx, gy, gz, bx, by, bz, shared, stream, params)
+    }
+
+    /// The head of `CUlaunchConfig`.
+    #[repr(C)]
+    #[derive(Debug)]
+    pub struct LaunchConfig {
+        grid: [c_uint; 3],
+        block: [c_uint; 3],
+        shared: c_uint,
+        stream: *mut c_void,
+        attrs: *mut c_void,
+        num_attrs: c_uint,
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuLaunchKernelEx(
+        config: *const LaunchConfig,
+        _f: *mut c_void,
+        _params: *mut *mut c_void,
+        _extra: *mut *mut c_void,
+    ) -> CUresult {
+        if config.is_null() {
+            return INVALID_VALUE;
+        }
+        let c = unsafe { &*config };
+        launched(c.grid, c.block)
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
+        config: *const LaunchConfig,
+        f: *mut c_void,
+        params: *mut *mut c_void,
+        extra: *mut *mut c_void,
+    ) -> CUresult {
+        PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
+        unsafe { cuLaunchKernelEx(config, f, params, extra) }
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuGraphLaunch(_exec: *mut c_void, _stream: *mut c_void) -> CUresult {
+        launched([0, 1, 1], [1, 1, 1])
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuGraphLaunch_ptsz(exec: *mut c_void, stream: *mut c_void) -> CUresult {
+        PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
+        cuGraphLaunch(exec, stream)
+    }
 }

@@ -11,6 +11,7 @@ type NvmlReturn = c_int;
 const SUCCESS: NvmlReturn = 0;
 const INVALID_ARGUMENT: NvmlReturn = 2;
 const NOT_FOUND: NvmlReturn = 6;
+const INSUFFICIENT_SIZE: NvmlReturn = 7;
 
 /// `nvmlMemory_t`.
 #[repr(C)]
@@ -256,5 +257,92 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
         }
         *count = listed as c_uint;
     }
+    SUCCESS
+}
+
+/// `nvmlProcessUtilizationSample_t`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct ProcessUtilizationSample {
+    pid: c_uint,
+    time_stamp: u64,
+    sm_util: c_uint,
+    mem_util: c_uint,
+    enc_util: c_uint,
+    dec_util: c_uint,
+}
+
+/// `nvmlUtilization_t`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct Utilization {
+    gpu: c_uint,
+    memory: c_uint,
+}
+
+/// SM utilisation the fake reports: `FAKE_NVML_SM_UTIL` percent (default 0).
+fn sm_util() -> c_uint {
+    std::env::var("FAKE_NVML_SM_UTIL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One fresh sample for this process at `FAKE_NVML_SM_UTIL` percent (under
+/// a pid 100000 higher, as a host pid, with `FAKE_NVML_NO_PROCESSES=1`).
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
+    device: *const u8,
+    samples: *mut ProcessUtilizationSample,
+    count: *mut c_uint,
+    last_seen: u64,
+) -> NvmlReturn {
+    if index_of(device).is_none() || count.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    if now_us <= last_seen {
+        return NOT_FOUND;
+    }
+    let pid = if std::env::var_os("FAKE_NVML_NO_PROCESSES").is_some() {
+        std::process::id() + 100_000
+    } else {
+        std::process::id()
+    };
+    unsafe {
+        if samples.is_null() || *count < 1 {
+            *count = 1;
+            return INSUFFICIENT_SIZE;
+        }
+        *samples = ProcessUtilizationSample {
+            pid,
+            time_stamp: now_us,
+            sm_util: sm_util(),
+            mem_util: 0,
+            enc_util: 0,
+            dec_util: 0,
+        };
+        *count = 1;
+    }
+    SUCCESS
+}
+
+/// The card at `FAKE_NVML_SM_UTIL` percent.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
+    device: *const u8,
+    utilization: *mut Utilization,
+) -> NvmlReturn {
+    if index_of(device).is_none() || utilization.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    unsafe {
+        *utilization = Utilization {
+            gpu: sm_util(),
+            memory: 0,
+        }
+    };
     SUCCESS
 }

@@ -1,0 +1,492 @@
+//! The container's SM updater: one thread, in the process that won the
+//! election (see [`crate::sm_limiter`]), started on the first governed
+//! launch. Every [`REFILL_PERIOD`] it refills each active card's token
+//! bucket at the controller's rate; every [`CONTROL_PERIOD`] it
+//!
+//! 1. reads NVML's per-process utilisation samples of the card
+//!    (`nvmlDeviceGetProcessUtilization`) and sums those of the container's
+//!    processes (the pids in the region's slots). Inside a pid namespace
+//!    NVML reports host pids, which match none of ours: then the card-wide
+//!    figure (`nvmlDeviceGetUtilizationRates`) stands in, which counts other
+//!    tenants' work as ours and so errs towards limiting harder;
+//! 2. refreshes this container's entry in the card's node-wide tenant table
+//!    (when launches happened since the last period) and reads the others';
+//! 3. decides whether the cap applies now (`force`: always; default: while
+//!    another tenant is active, by the tenant table or by NVML listing a
+//!    process that is not ours; `disable`: never) and, if so, feeds the
+//!    [`Controller`] the measurement and what was spent;
+//! 4. for a low-priority container, sets or clears the card's yield flag
+//!    from whether a high-priority tenant launched within [`ACTIVE_WINDOW`].
+
+use crate::card_table::CardTable;
+use crate::ffi::{NvmlDevice, NvmlReturn, NVML_SUCCESS};
+use crate::loader::Library;
+use crate::log::{log, INFO, WARN};
+use crate::sm_config::ComputeConfig;
+use crate::sm_controller::{Controller, Observation, Tuning};
+use crate::sm_limiter::monotonic_ns;
+use std::ffi::{c_char, c_uint, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tessera_api::card_tenants::{PRIORITY_HIGH, PRIORITY_LOW};
+use tessera_api::container_env::{CorePolicy, TaskPriority};
+use tessera_api::shared_region::{
+    CoreAccount, SharedRegion, CORE_FREE, CORE_LIMITED, MAX_DEVICES, SLOT_ACTIVE,
+};
+
+/// How often buckets are refilled.
+pub const REFILL_PERIOD: Duration = Duration::from_millis(5);
+/// How often utilisation is measured and the rate adjusted.
+pub const CONTROL_PERIOD: Duration = Duration::from_millis(100);
+/// A tenant that launched within this window is active.
+pub const ACTIVE_WINDOW: Duration = Duration::from_millis(500);
+/// The bucket holds at most this much time's worth of the rate.
+const BURST: Duration = Duration::from_millis(20);
+
+/// Starts the updater thread; `running` is cleared if it ever stops.
+pub fn spawn(
+    region: &'static SharedRegion,
+    config: &'static ComputeConfig,
+    running: &'static AtomicBool,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("tessera-sm".into())
+        .spawn(move || {
+            Updater::new(region, config).run();
+            running.store(false, Ordering::Release);
+        });
+    if let Err(e) = spawned {
+        log!(WARN, "cannot start the SM updater thread: {e}");
+        running.store(false, Ordering::Release);
+    }
+}
+
+/// `nvmlProcessUtilizationSample_t`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct ProcessSample {
+    pid: c_uint,
+    time_stamp: u64,
+    sm_util: c_uint,
+    mem_util: c_uint,
+    enc_util: c_uint,
+    dec_util: c_uint,
+}
+
+/// `nvmlUtilization_t`.
+#[repr(C)]
+#[derive(Default)]
+struct Utilization {
+    gpu: c_uint,
+    memory: c_uint,
+}
+
+/// `nvmlProcessInfo_t` (v2/v3).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct ProcessInfo {
+    pid: c_uint,
+    used_gpu_memory: u64,
+    gpu_instance_id: c_uint,
+    compute_instance_id: c_uint,
+}
+
+type ProcessUtilFn =
+    unsafe extern "C" fn(NvmlDevice, *mut ProcessSample, *mut c_uint, u64) -> NvmlReturn;
+type UtilRatesFn = unsafe extern "C" fn(NvmlDevice, *mut Utilization) -> NvmlReturn;
+type RunningFn = unsafe extern "C" fn(NvmlDevice, *mut c_uint, *mut ProcessInfo) -> NvmlReturn;
+type ByUuidFn = unsafe extern "C" fn(*const c_char, *mut NvmlDevice) -> NvmlReturn;
+
+/// The NVML calls the updater makes (the real functions, not our hooks).
+struct Nvml {
+    process_util: usize,
+    util_rates: usize,
+    running: usize,
+    by_uuid: usize,
+}
+
+impl Nvml {
+    fn load() -> Option<Nvml> {
+        let lib = Library::open(c"libnvidia-ml.so.1")?;
+        let init = lib.symbol(c"nvmlInit_v2");
+        // SAFETY: nvmlInit_v2(void); NVML counts initialisations.
+        if init == 0
+            || unsafe { std::mem::transmute::<usize, unsafe extern "C" fn() -> NvmlReturn>(init)() }
+                != NVML_SUCCESS
+        {
+            return None;
+        }
+        Some(Nvml {
+            process_util: lib.symbol(c"nvmlDeviceGetProcessUtilization"),
+            util_rates: lib.symbol(c"nvmlDeviceGetUtilizationRates"),
+            running: match lib.symbol(c"nvmlDeviceGetComputeRunningProcesses_v3") {
+                0 => lib.symbol(c"nvmlDeviceGetComputeRunningProcesses_v2"),
+                f => f,
+            },
+            by_uuid: lib.symbol(c"nvmlDeviceGetHandleByUUID"),
+        })
+    }
+
+    fn handle(&self, uuid: &str) -> Option<NvmlDevice> {
+        let text = CString::new(uuid).ok()?;
+        let mut handle: NvmlDevice = std::ptr::null_mut();
+        // SAFETY: NVML's lookup with a NUL-terminated UUID and an out-pointer.
+        (self.by_uuid != 0
+            && unsafe {
+                std::mem::transmute::<usize, ByUuidFn>(self.by_uuid)(text.as_ptr(), &mut handle)
+            } == NVML_SUCCESS)
+            .then_some(handle)
+    }
+
+    /// Per-pid SM utilisation (percent, averaged over the samples) newer
+    /// than `since_us`, and the newest timestamp seen. `None` when NVML has
+    /// no new samples or lacks the call.
+    fn process_utilisation(
+        &self,
+        device: NvmlDevice,
+        since_us: u64,
+    ) -> Option<(Vec<(u32, f64)>, u64)> {
+        if self.process_util == 0 {
+            return None;
+        }
+        let mut samples = [ProcessSample::default(); 512];
+        let mut count = samples.len() as c_uint;
+        // SAFETY: NVML's query with a buffer of `count` samples.
+        let rc = unsafe {
+            std::mem::transmute::<usize, ProcessUtilFn>(self.process_util)(
+                device,
+                samples.as_mut_ptr(),
+                &mut count,
+                since_us,
+            )
+        };
+        if rc != NVML_SUCCESS {
+            return None;
+        }
+        let samples = &samples[..(count as usize).min(samples.len())];
+        let newest = samples.iter().map(|s| s.time_stamp).max()?;
+        let mut per_pid: Vec<(u32, f64, u32)> = Vec::new();
+        for s in samples.iter().filter(|s| s.time_stamp > since_us) {
+            match per_pid.iter_mut().find(|(pid, _, _)| *pid == s.pid) {
+                Some(entry) => {
+                    entry.1 += f64::from(s.sm_util);
+                    entry.2 += 1;
+                }
+                None => per_pid.push((s.pid, f64::from(s.sm_util), 1)),
+            }
+        }
+        let averaged = per_pid
+            .into_iter()
+            .map(|(pid, sum, n)| (pid, sum / f64::from(n)))
+            .collect();
+        Some((averaged, newest))
+    }
+
+    /// The card-wide SM utilisation in percent.
+    fn card_utilisation(&self, device: NvmlDevice) -> Option<f64> {
+        if self.util_rates == 0 {
+            return None;
+        }
+        let mut u = Utilization::default();
+        // SAFETY: NVML's query with a valid out-pointer.
+        (unsafe { std::mem::transmute::<usize, UtilRatesFn>(self.util_rates)(device, &mut u) }
+            == NVML_SUCCESS)
+            .then_some(f64::from(u.gpu))
+    }
+
+    /// Pids NVML lists as computing on the card.
+    fn running_pids(&self, device: NvmlDevice) -> Option<Vec<u32>> {
+        if self.running == 0 {
+            return None;
+        }
+        let mut list = [ProcessInfo::default(); 256];
+        let mut count = list.len() as c_uint;
+        // SAFETY: NVML's query with a buffer of `count` entries.
+        let rc = unsafe {
+            std::mem::transmute::<usize, RunningFn>(self.running)(
+                device,
+                &mut count,
+                list.as_mut_ptr(),
+            )
+        };
+        (rc == NVML_SUCCESS).then(|| {
+            list[..(count as usize).min(list.len())]
+                .iter()
+                .map(|p| p.pid)
+                .collect()
+        })
+    }
+}
+
+/// What the updater keeps per card.
+struct CardState {
+    nvml_device: Option<NvmlDevice>,
+    table: Option<CardTable>,
+    controller: Option<Controller>,
+    limited: bool,
+    last_spent: u64,
+    last_launches: u64,
+    /// Spending and time since the controller was last fed.
+    spent_since_fed: u64,
+    fed_at_ns: u64,
+    samples_seen_us: u64,
+}
+
+struct Updater {
+    region: &'static SharedRegion,
+    config: &'static ComputeConfig,
+    nvml: Option<Nvml>,
+    cards: Vec<Option<CardState>>,
+}
+
+/// Which of the container's processes NVML can see: the pids in the slots.
+fn container_pids(region: &SharedRegion) -> Vec<u32> {
+    region
+        .processes
+        .iter()
+        .filter(|s| s.state.load(Ordering::Acquire) == SLOT_ACTIVE)
+        .map(|s| s.pid.load(Ordering::Relaxed))
+        .filter(|&p| p != 0)
+        .collect()
+}
+
+impl Updater {
+    fn new(region: &'static SharedRegion, config: &'static ComputeConfig) -> Updater {
+        let nvml = Nvml::load();
+        if nvml.is_none() {
+            log!(
+                WARN,
+                "NVML is not available: SM caps are enforced without measurement (rates stay at their first estimate)"
+            );
+        }
+        Updater {
+            region,
+            config,
+            nvml,
+            cards: (0..MAX_DEVICES).map(|_| None).collect(),
+        }
+    }
+
+    fn run(mut self) {
+        let mut last_refill = monotonic_ns();
+        let mut last_control = 0;
+        loop {
+            std::thread::sleep(REFILL_PERIOD);
+            let now = monotonic_ns();
+            self.region
+                .core_control
+                .updater_beat_ns
+                .store(now, Ordering::Relaxed);
+            let dt = now.saturating_sub(last_refill);
+            last_refill = now;
+            for (card, core) in self.region.cores.iter().enumerate() {
+                if self.cards[card].is_none() {
+                    continue;
+                }
+                let rate = core.refill_per_sec.load(Ordering::Relaxed);
+                if core.mode.load(Ordering::Relaxed) == CORE_LIMITED {
+                    let amount = (rate as f64 * dt as f64 / 1e9) as u64;
+                    let burst = (rate as f64 * BURST.as_secs_f64()) as u64;
+                    core.refill(amount, burst.max(1));
+                }
+            }
+            if now.saturating_sub(last_control) >= CONTROL_PERIOD.as_nanos() as u64 {
+                last_control = now;
+                for card in 0..MAX_DEVICES {
+                    self.control(card, now);
+                }
+            }
+        }
+    }
+
+    /// One control period for `card`.
+    fn control(&mut self, card: usize, now: u64) {
+        let core: &CoreAccount = &self.region.cores[card];
+        let launches = core.launches.load(Ordering::Relaxed);
+        if self.cards[card].is_none() {
+            if launches == 0 {
+                return; // the container never launched on this card
+            }
+            // Measured from the next period on: nothing is known yet.
+            self.cards[card] = Some(self.start_card(card, now));
+            return;
+        }
+        let config = self.config;
+        let pids = container_pids(self.region);
+        let state = self.cards[card].as_mut().expect("just set");
+        let spent = core.spent.load(Ordering::Relaxed);
+        state.spent_since_fed += spent.wrapping_sub(state.last_spent);
+        state.last_spent = spent;
+        let launched = launches != state.last_launches;
+        state.last_launches = launches;
+
+        // The node-wide view.
+        let mut neighbours = Default::default();
+        if let Some(table) = &state.table {
+            let entry = &table.table().entries[table.entry()];
+            entry.beat_ns.store(now, Ordering::Relaxed);
+            if launched {
+                entry.last_launch_ns.store(now, Ordering::Relaxed);
+            }
+            neighbours =
+                table
+                    .table()
+                    .neighbours(table.entry(), now, ACTIVE_WINDOW.as_nanos() as u64);
+        }
+
+        // NVML's view: our share, and whether someone else computes here.
+        let mut share = None;
+        let mut foreign_process = false;
+        if let (Some(nvml), Some(device)) = (&self.nvml, state.nvml_device) {
+            let listed = nvml.running_pids(device).unwrap_or_default();
+            let matchable = listed.iter().any(|p| pids.contains(p));
+            foreign_process = matchable && listed.iter().any(|p| !pids.contains(p));
+            share = match nvml.process_utilisation(device, state.samples_seen_us) {
+                Some((samples, newest)) => {
+                    state.samples_seen_us = newest;
+                    if matchable || samples.iter().any(|(p, _)| pids.contains(p)) {
+                        Some(
+                            samples
+                                .iter()
+                                .filter(|(pid, _)| pids.contains(pid))
+                                .map(|(_, u)| u)
+                                .sum(),
+                        )
+                    } else {
+                        nvml.card_utilisation(device)
+                    }
+                }
+                // No per-process figures from this NVML at all: the card's.
+                None if nvml.process_util == 0 => nvml.card_utilisation(device),
+                None => None,
+            };
+        }
+        if let Some(percent) = share {
+            core.utilization_permille.store(
+                (percent * 10.0).clamp(0.0, 1000.0) as u32,
+                Ordering::Relaxed,
+            );
+            core.measured_at_ns.store(now, Ordering::Relaxed);
+        }
+
+        // Priority.
+        let yield_now =
+            config.priority == Some(TaskPriority::Low) && neighbours.high_priority_active;
+        core.yield_to_priority
+            .store(u32::from(yield_now), Ordering::Relaxed);
+
+        // The cap.
+        let limit = config.effective_limit(card);
+        let applies = match (limit, config.policy) {
+            (None, _) | (_, CorePolicy::Disable) => false,
+            (Some(_), CorePolicy::Force) => true,
+            (Some(_), CorePolicy::Default) => neighbours.other_active || foreign_process,
+        };
+        let Some(controller) = state.controller.as_mut() else {
+            return;
+        };
+        if !applies {
+            if state.limited {
+                log!(INFO, "card {card}: alone, SM cap lifted");
+            }
+            state.limited = false;
+            core.mode.store(CORE_FREE, Ordering::Relaxed);
+            // Keep the spending window short so a later seed is current.
+            if share.is_some() {
+                state.spent_since_fed = 0;
+                state.fed_at_ns = now;
+            }
+            return;
+        }
+        if !state.limited {
+            if state.spent_since_fed == 0 {
+                return; // nothing launched to estimate from, nothing to hold back
+            }
+            controller.reset();
+        }
+        let Some(percent) = share else {
+            if !state.limited {
+                // No measurement yet: start from the current spending.
+                let elapsed = now.saturating_sub(state.fed_at_ns).max(1) as f64 / 1e9;
+                let spent_per_sec = state.spent_since_fed as f64 / elapsed;
+                if spent_per_sec > 0.0 {
+                    let rate = spent_per_sec * controller.target();
+                    Self::limit(core, rate, &mut state.limited, card);
+                }
+            }
+            return;
+        };
+        let elapsed = now.saturating_sub(state.fed_at_ns).max(1) as f64 / 1e9;
+        let rate = controller.observe(Observation {
+            share: percent / 100.0,
+            spent_per_sec: state.spent_since_fed as f64 / elapsed,
+        });
+        state.spent_since_fed = 0;
+        state.fed_at_ns = now;
+        Self::limit(core, rate, &mut state.limited, card);
+    }
+
+    fn limit(core: &CoreAccount, rate: f64, limited: &mut bool, card: usize) {
+        core.refill_per_sec
+            .store(rate.max(1.0) as u64, Ordering::Relaxed);
+        if !*limited {
+            core.tokens
+                .store((rate * BURST.as_secs_f64()) as i64, Ordering::Relaxed);
+            log!(INFO, "card {card}: SM cap applies");
+        }
+        *limited = true;
+        core.mode.store(CORE_LIMITED, Ordering::Relaxed);
+    }
+
+    fn start_card(&self, card: usize, now: u64) -> CardState {
+        let core = &self.region.cores[card];
+        let limit = self.config.effective_limit(card);
+        core.limit_percent
+            .store(limit.map_or(0, u32::from), Ordering::Relaxed);
+        let uuid = crate::cards::cuda_uuid(ordinal_of(card));
+        let nvml_device = match (&self.nvml, &uuid) {
+            (Some(nvml), Some(uuid)) => nvml.handle(uuid),
+            _ => None,
+        };
+        let table = match (&self.config.tenants_dir, &uuid) {
+            (Some(dir), Some(uuid)) => CardTable::claim(dir, uuid),
+            _ => None,
+        };
+        if let Some(table) = &table {
+            let priority = match self.config.priority {
+                Some(TaskPriority::High) => PRIORITY_HIGH,
+                _ => PRIORITY_LOW,
+            };
+            table.table().entries[table.entry()]
+                .priority
+                .store(priority, Ordering::Relaxed);
+        }
+        log!(
+            INFO,
+            "card {card} ({}): SM cap {:?}, policy {:?}, priority {:?}",
+            uuid.as_deref().unwrap_or("uuid unknown"),
+            limit,
+            self.config.policy,
+            self.config.priority
+        );
+        CardState {
+            nvml_device,
+            table,
+            controller: limit.map(|l| Controller::new(l, Tuning::default())),
+            limited: false,
+            last_spent: core.spent.load(Ordering::Relaxed),
+            last_launches: 0,
+            spent_since_fed: 0,
+            fed_at_ns: now,
+            samples_seen_us: 0,
+        }
+    }
+}
+
+/// The CUDA ordinal of container card `card` (the inverse of
+/// `cards::container_index`, searched over the ordinals the driver has).
+fn ordinal_of(card: usize) -> crate::ffi::CuDevice {
+    (0..MAX_DEVICES as crate::ffi::CuDevice)
+        .find(|&o| crate::cards::container_index(o) == Some(card))
+        .unwrap_or(card as crate::ffi::CuDevice)
+}
