@@ -1,0 +1,296 @@
+//! The launch path under the fake driver: real processes with the
+//! interceptor preloaded, reaching every launch entry point (linked,
+//! `dlsym`, `cuGetProcAddress`), with and without SM caps and priorities.
+//! The region and tenant-table files are read back to check what the
+//! limiter did.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+use tessera_api::shared_region::{SharedRegion, CORE_FREE, CORE_LIMITED, REGION_SIZE};
+
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .to_owned()
+}
+
+fn built_library(file: &str) -> PathBuf {
+    let profile = profile_dir();
+    [profile.join(file), profile.join("deps").join(file)]
+        .into_iter()
+        .filter(|p| p.exists())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .unwrap_or_else(|| panic!("{file} not built; run `cargo test -p tessera-interceptor`"))
+}
+
+struct Artifacts {
+    dir: PathBuf,
+    interceptor: PathBuf,
+}
+
+const CLIENTS: [&str; 3] = ["launch_linked", "launch_dlsym", "launch_procaddr"];
+
+fn artifacts() -> &'static Artifacts {
+    static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
+    ARTIFACTS.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("tessera-launch-test")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        std::fs::copy(built_library("libfake_cuda.so"), dir.join("libcuda.so.1")).unwrap();
+        std::fs::copy(
+            built_library("libfake_nvml.so"),
+            dir.join("libnvidia-ml.so.1"),
+        )
+        .unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/launch_client.c");
+        for (client, mode) in CLIENTS.iter().zip(["LINKED", "DLSYM", "PROCADDR"]) {
+            let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
+            cc.arg(format!("-DMODE_{mode}"))
+                .arg("-O1")
+                .arg("-o")
+                .arg(dir.join(client))
+                .arg(&src)
+                .arg(format!("-L{}", dir.display()));
+            if mode == "LINKED" {
+                cc.arg("-l:libcuda.so.1");
+            }
+            let status = cc.arg("-ldl").status().expect("a C compiler (cc)");
+            assert!(status.success(), "compiling launch_client.c ({mode})");
+        }
+        Artifacts {
+            dir,
+            interceptor: built_library("libtessera_cuda.so"),
+        }
+    })
+}
+
+fn spawn(client: &str, args: &[&str], env: &[(&str, &str)]) -> Child {
+    let a = artifacts();
+    let mut cmd = Command::new(a.dir.join(client));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("LD_LIBRARY_PATH", &a.dir)
+        .env("LD_PRELOAD", &a.interceptor)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("start client")
+}
+
+fn finish(child: Child) -> Output {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "client failed: {out:?}");
+    out
+}
+
+fn values(out: &Output) -> HashMap<String, String> {
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn value(out: &Output, key: &str) -> u64 {
+    values(out)
+        .get(key)
+        .unwrap_or_else(|| panic!("no {key} in {out:?}"))
+        .parse()
+        .unwrap()
+}
+
+fn windows(out: &Output) -> Vec<u64> {
+    values(out)["windows"]
+        .split(',')
+        .map(|w| w.parse().unwrap())
+        .collect()
+}
+
+fn with_region<R>(path: &Path, f: impl FnOnce(&SharedRegion) -> R) -> R {
+    let bytes = std::fs::read(path).unwrap();
+    assert!(bytes.len() >= REGION_SIZE);
+    let layout = std::alloc::Layout::from_size_align(REGION_SIZE, 64).unwrap();
+    // SAFETY: aligned buffer of REGION_SIZE bytes filled from the file,
+    // freed after use; the region is plain atomics.
+    unsafe {
+        let buf = std::alloc::alloc(layout);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, REGION_SIZE);
+        let result = f(SharedRegion::from_raw(buf, REGION_SIZE).unwrap());
+        std::alloc::dealloc(buf, layout);
+        result
+    }
+}
+
+fn pairs<'a>(vars: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    vars.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Cost of one launch in launch_client: grid 4×2×1, block 32×2×1.
+const KERNEL_COST: u64 = 8 * 64;
+
+#[test]
+fn without_a_cap_every_path_forwards_and_nothing_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = dir.path().join("r.cache");
+    for client in CLIENTS {
+        let out = finish(spawn(
+            client,
+            &["all", "5"],
+            &[("CUDA_DEVICE_MEMORY_SHARED_CACHE", region.to_str().unwrap())],
+        ));
+        assert_eq!(value(&out, "failed"), 0, "{client}");
+        assert_eq!(
+            value(&out, "launches"),
+            40,
+            "{client}: all 8 paths reach the driver"
+        );
+        assert_eq!(
+            value(&out, "ptsz"),
+            20,
+            "{client}: _ptsz variants stay _ptsz"
+        );
+    }
+    assert!(
+        !region.exists(),
+        "the ungoverned path must not open the region"
+    );
+}
+
+#[test]
+fn every_launch_path_is_governed_and_charged_by_size() {
+    for client in CLIENTS {
+        let dir = tempfile::tempdir().unwrap();
+        let region = dir.path().join("r.cache");
+        let out = finish(spawn(
+            client,
+            &["all", "5"],
+            &[
+                ("CUDA_DEVICE_SM_LIMIT", "30"),
+                ("CUDA_DEVICE_MEMORY_SHARED_CACHE", region.to_str().unwrap()),
+            ],
+        ));
+        assert_eq!(value(&out, "failed"), 0, "{client}");
+        assert_eq!(value(&out, "launches"), 40, "{client}");
+        assert_eq!(value(&out, "ptsz"), 20, "{client}");
+        with_region(&region, |r| {
+            let core = &r.cores[0];
+            assert_eq!(core.launches.load(Ordering::Relaxed), 40, "{client}");
+            // Graphs are charged as the largest kernel seen (the same here).
+            assert_eq!(
+                core.spent.load(Ordering::Relaxed),
+                40 * KERNEL_COST,
+                "{client}: cost is blocks x threads"
+            );
+        });
+    }
+}
+
+#[test]
+fn force_limits_a_tenant_alone_and_default_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let forced = dir.path().join("forced.cache");
+    let alone = dir.path().join("alone.cache");
+    let common = [("FAKE_NVML_SM_UTIL", "100"), ("CUDA_DEVICE_SM_LIMIT", "20")];
+    let run = |region: &Path, policy: &str| {
+        let mut env = common.to_vec();
+        env.push(("CUDA_DEVICE_MEMORY_SHARED_CACHE", region.to_str().unwrap()));
+        env.push(("GPU_CORE_UTILIZATION_POLICY", policy));
+        finish(spawn("launch_dlsym", &["loop", "1.5"], &env))
+    };
+    let forced_out = run(&forced, "force");
+    let alone_out = run(&alone, "default");
+    with_region(&forced, |r| {
+        let core = &r.cores[0];
+        assert_eq!(core.mode.load(Ordering::Relaxed), CORE_LIMITED);
+        assert_eq!(core.limit_percent.load(Ordering::Relaxed), 20);
+        assert_eq!(core.utilization_permille.load(Ordering::Relaxed), 1000);
+        assert!(core.refill_per_sec.load(Ordering::Relaxed) > 0);
+    });
+    with_region(&alone, |r| {
+        assert_eq!(r.cores[0].mode.load(Ordering::Relaxed), CORE_FREE);
+    });
+    // The measurement says 100% against a cap of 20%: the forced tenant's
+    // launch rate falls well below its unlimited start; the one alone
+    // under the default policy keeps its pace.
+    let f = windows(&forced_out);
+    let a = windows(&alone_out);
+    assert!(f[14] * 3 < f[0], "force did not slow launches: {f:?}");
+    assert!(a[14] * 3 > a[0], "default policy alone was slowed: {a:?}");
+}
+
+#[test]
+fn two_tenants_under_the_default_policy_both_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cards = dir.path().join("cards");
+    std::fs::create_dir(&cards).unwrap();
+    let start = |name: &str| {
+        let region = dir.path().join(name);
+        spawn(
+            "launch_dlsym",
+            &["loop", "1.5"],
+            &[
+                ("FAKE_NVML_SM_UTIL", "50"),
+                ("CUDA_DEVICE_SM_LIMIT", "30"),
+                ("CUDA_DEVICE_MEMORY_SHARED_CACHE", region.to_str().unwrap()),
+                ("TESSERA_CARD_TENANTS_DIR", cards.to_str().unwrap()),
+            ],
+        )
+    };
+    let (a, b) = (start("a.cache"), start("b.cache"));
+    finish(a);
+    finish(b);
+    for name in ["a.cache", "b.cache"] {
+        with_region(&dir.path().join(name), |r| {
+            assert_eq!(
+                r.cores[0].mode.load(Ordering::Relaxed),
+                CORE_LIMITED,
+                "{name}"
+            );
+        });
+    }
+    let tables: Vec<_> = std::fs::read_dir(&cards).unwrap().collect();
+    assert_eq!(tables.len(), 1, "one table for the one card");
+}
+
+#[test]
+fn low_priority_yields_while_high_priority_launches_and_resumes_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let cards = dir.path().join("cards");
+    std::fs::create_dir(&cards).unwrap();
+    let cards_dir = cards.display().to_string();
+    let low_region = dir.path().join("low.cache").display().to_string();
+    let high_region = dir.path().join("high.cache").display().to_string();
+    let vars = |region: &'static str, priority: &'static str| {
+        let region = if region == "low" {
+            &low_region
+        } else {
+            &high_region
+        };
+        [
+            ("CUDA_DEVICE_MEMORY_SHARED_CACHE", region.clone()),
+            ("TESSERA_CARD_TENANTS_DIR", cards_dir.clone()),
+            ("CUDA_TASK_PRIORITY", priority.to_owned()),
+        ]
+    };
+    let (low_vars, high_vars) = (vars("low", "1"), vars("high", "0"));
+    let low = spawn("launch_dlsym", &["loop", "4"], &pairs(&low_vars));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    finish(spawn("launch_dlsym", &["loop", "1.5"], &pairs(&high_vars)));
+    let w = windows(&finish(low));
+    let sum = |r: std::ops::Range<usize>| w[r].iter().sum::<u64>();
+    let before = sum(2..8);
+    let during = sum(17..23); // 0.7 s into the high-priority run
+    let after = sum(34..40); // 0.9 s after it stopped
+    assert!(during * 20 < before, "did not yield: {w:?}");
+    assert!(after * 3 > before, "did not resume within a second: {w:?}");
+}
