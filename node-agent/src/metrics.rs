@@ -1,6 +1,8 @@
 //! `/metrics` in Prometheus text format, with HAMi's metric and label
 //! names so its dashboards work: per container and card
-//! `hami_vgpu_memory_used_bytes` and `hami_vgpu_memory_limit_bytes` (from
+//! `hami_vgpu_memory_used_bytes`, `hami_vgpu_memory_limit_bytes` and
+//! `hami_container_device_utilization_ratio` (the container's measured share
+//! of the card's compute, written by the interceptor's SM updater) (from
 //! the containers' accounting regions), per card
 //! `hami_host_gpu_memory_used_bytes` and `hami_host_gpu_utilization_ratio`
 //! (from the GPU backend). Values are gathered when scraped.
@@ -58,6 +60,7 @@ struct Families {
     registry: Registry,
     vgpu_used: Family<ContainerLabels, FloatGauge>,
     vgpu_limit: Family<ContainerLabels, FloatGauge>,
+    container_util: Family<ContainerLabels, FloatGauge>,
     host_used: Family<HostLabels, FloatGauge>,
     host_util: Family<HostLabels, FloatGauge>,
 }
@@ -87,6 +90,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let vgpu_used = Family::<ContainerLabels, FloatGauge>::default();
         let vgpu_limit = Family::<ContainerLabels, FloatGauge>::default();
+        let container_util = Family::<ContainerLabels, FloatGauge>::default();
         let host_used = Family::<HostLabels, FloatGauge>::default();
         let host_util = Family::<HostLabels, FloatGauge>::default();
         registry.register(
@@ -98,6 +102,11 @@ impl Metrics {
             "hami_vgpu_memory_limit_bytes",
             "Device memory cap of a container on a card",
             vgpu_limit.clone(),
+        );
+        registry.register(
+            "hami_container_device_utilization_ratio",
+            "Share of a card's compute a container used, as its SM limiter measured it",
+            container_util.clone(),
         );
         registry.register(
             "hami_host_gpu_memory_used_bytes",
@@ -114,6 +123,7 @@ impl Metrics {
                 registry,
                 vgpu_used,
                 vgpu_limit,
+                container_util,
                 host_used,
                 host_util,
             })),
@@ -149,6 +159,7 @@ impl Metrics {
         }
         families.vgpu_used.clear();
         families.vgpu_limit.clear();
+        families.container_util.clear();
         let containers = self
             .containers
             .read()
@@ -180,6 +191,10 @@ impl Metrics {
                         .vgpu_limit
                         .get_or_create(&labels)
                         .set(device.limit_bytes as f64);
+                    families
+                        .container_util
+                        .get_or_create(&labels)
+                        .set(device.utilization_ratio);
                 }
             }
         }
@@ -248,6 +263,9 @@ mod tests {
             .limit_bytes
             .store(4096 << 20, std::sync::atomic::Ordering::Relaxed);
         region.charge(0, 0, 1000 << 20, 4096 << 20).expect("fits");
+        region.cores[0]
+            .utilization_permille
+            .store(250, std::sync::atomic::Ordering::Relaxed);
         let bytes: Vec<u8> = lines
             .0
             .iter()
@@ -264,6 +282,7 @@ mod tests {
         let expect = |line: String| assert!(text.contains(&line), "missing `{line}` in\n{text}");
         expect(format!("hami_vgpu_memory_used_bytes{{podnamespace=\"ns\",podname=\"p\",ctrname=\"main\",vdeviceid=\"0\",deviceuuid=\"{uuid}\"}} 1048576000"));
         expect(format!("hami_vgpu_memory_limit_bytes{{podnamespace=\"ns\",podname=\"p\",ctrname=\"main\",vdeviceid=\"0\",deviceuuid=\"{uuid}\"}} 4294967296"));
+        expect(format!("hami_container_device_utilization_ratio{{podnamespace=\"ns\",podname=\"p\",ctrname=\"main\",vdeviceid=\"0\",deviceuuid=\"{uuid}\"}} 0.25"));
         expect(format!("hami_host_gpu_memory_used_bytes{{deviceidx=\"1\",deviceuuid=\"{uuid}\",devicetype=\"NVIDIA-NVIDIA A10G\"}} 3221225472"));
         expect(format!("hami_host_gpu_utilization_ratio{{deviceidx=\"1\",deviceuuid=\"{uuid}\",devicetype=\"NVIDIA-NVIDIA A10G\"}} 0.25"));
     }

@@ -11,12 +11,15 @@ use tessera_api::shared_region::{RegionError, SharedRegion, MAX_DEVICES, REGION_
 use thiserror::Error;
 
 /// Usage of one visible card of a container.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DeviceUsage {
     /// Bytes charged by the container's live processes.
     pub used_bytes: u64,
     /// The cap in bytes (0 when the interceptor has not set one yet).
     pub limit_bytes: u64,
+    /// The container's share of the card's compute (0.0–1.0) as its SM
+    /// updater last measured it from NVML; 0 when nothing measured it.
+    pub utilization_ratio: f64,
 }
 
 /// Why a region could not be read.
@@ -62,7 +65,8 @@ pub fn read_region(path: &Path, cards: usize) -> Result<Vec<DeviceUsage>, UsageE
             return Ok(vec![
                 DeviceUsage {
                     used_bytes: 0,
-                    limit_bytes: 0
+                    limit_bytes: 0,
+                    utilization_ratio: 0.0,
                 };
                 cards.min(MAX_DEVICES)
             ]);
@@ -82,7 +86,8 @@ pub fn read_region(path: &Path, cards: usize) -> Result<Vec<DeviceUsage>, UsageE
         return Ok(vec![
             DeviceUsage {
                 used_bytes: 0,
-                limit_bytes: 0
+                limit_bytes: 0,
+                utilization_ratio: 0.0,
             };
             cards.min(MAX_DEVICES)
         ]);
@@ -92,6 +97,9 @@ pub fn read_region(path: &Path, cards: usize) -> Result<Vec<DeviceUsage>, UsageE
         .map(|i| DeviceUsage {
             used_bytes: region.device_used(i),
             limit_bytes: region.devices[i].limit_bytes.load(Ordering::Relaxed),
+            utilization_ratio: f64::from(
+                region.cores[i].utilization_permille.load(Ordering::Relaxed),
+            ) / 1000.0,
         })
         .collect())
 }
@@ -120,6 +128,9 @@ mod tests {
             .limit_bytes
             .store(4 << 30, Ordering::Relaxed);
         region.charge(0, 1, 1 << 30, 4 << 30).expect("fits");
+        region.cores[1]
+            .utilization_permille
+            .store(300, Ordering::Relaxed);
         let bytes: Vec<u8> = lines.0.iter().flat_map(|l| l.0).take(REGION_SIZE).collect();
         std::fs::write(&path, &bytes).expect("write");
         let usage = read_region(&path, 2).expect("reads");
@@ -127,7 +138,8 @@ mod tests {
             usage[1],
             DeviceUsage {
                 used_bytes: 1 << 30,
-                limit_bytes: 4 << 30
+                limit_bytes: 4 << 30,
+                utilization_ratio: 0.3,
             }
         );
         assert_eq!(usage[0].used_bytes, 0);
