@@ -26,6 +26,8 @@ pub const CONTAINER_LIB_DIR: &str = "/usr/local/tessera";
 pub const CONTAINER_SHARED_DIR: &str = "/usr/local/tessera/shared";
 /// Name of the accounting region file in that directory.
 pub const REGION_FILE: &str = "region.cache";
+/// Where the node-wide per-card tenant tables appear inside containers.
+pub const CONTAINER_CARDS_DIR: &str = "/usr/local/tessera/cards";
 /// The preload file every GPU container gets.
 pub const CONTAINER_PRELOAD: &str = "/etc/ld.so.preload";
 
@@ -83,6 +85,17 @@ impl HostLayout {
     /// Directory holding one subdirectory per GPU container.
     pub fn containers_dir(&self) -> PathBuf {
         self.root.join("containers")
+    }
+
+    /// Directory of the per-card tenant tables (one file per card UUID,
+    /// shared by every GPU container of the node for SM limits and
+    /// priorities); created world-writable with the sticky bit.
+    pub fn prepare_cards_dir(&self) -> Result<PathBuf, HostFileError> {
+        let dir = self.root.join("cards");
+        fs::create_dir_all(&dir).map_err(io("create the card tenants directory", &dir))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777))
+            .map_err(io("set permissions of", &dir))?;
+        Ok(dir)
     }
 
     /// Host directory of one container's accounting region.

@@ -7,12 +7,16 @@
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use tessera_api::allocation::ContainerDevice;
-use tessera_api::container_env::{format_memory_limit_mib, memory_limit_var};
+use tessera_api::container_env::{
+    format_memory_limit_mib, memory_limit_var, sm_limit_var, CARD_TENANTS_DIR,
+};
 use tessera_api::names::{env, ResourceNames};
 use tessera_api::request::container_request;
 use tessera_api::visible_cards::{format_visible_uuids, VISIBLE_UUIDS};
 
-use crate::host_files::{HostFileError, HostLayout, CONTAINER_PRELOAD, CONTAINER_SHARED_DIR};
+use crate::host_files::{
+    HostFileError, HostLayout, CONTAINER_CARDS_DIR, CONTAINER_PRELOAD, CONTAINER_SHARED_DIR,
+};
 use crate::proto::{ContainerAllocateResponse, Mount};
 
 /// Whether the container opted out of the interceptor.
@@ -84,6 +88,10 @@ pub fn container_response(
     if let Some(first) = devices.first() {
         envs.insert(env::SM_LIMIT.to_owned(), first.cores.to_string());
     }
+    for (i, device) in devices.iter().enumerate() {
+        envs.insert(sm_limit_var(i), device.cores.to_string());
+    }
+    envs.insert(CARD_TENANTS_DIR.to_owned(), CONTAINER_CARDS_DIR.to_owned());
     envs.insert(
         env::SHARED_CACHE.to_owned(),
         HostLayout::container_region_path(),
@@ -100,6 +108,12 @@ pub fn container_response(
     response.mounts.push(Mount {
         container_path: CONTAINER_SHARED_DIR.to_owned(),
         host_path: host_dir.to_string_lossy().into_owned(),
+        read_only: false,
+    });
+    let cards_dir = layout.prepare_cards_dir()?;
+    response.mounts.push(Mount {
+        container_path: CONTAINER_CARDS_DIR.to_owned(),
+        host_path: cards_dir.to_string_lossy().into_owned(),
         read_only: false,
     });
     if !control_disabled(container) {
@@ -168,6 +182,11 @@ mod tests {
         assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "7500m");
         assert_eq!(r.envs["CUDA_DEVICE_MEMORY_LIMIT_1"], "7500m");
         assert_eq!(r.envs["CUDA_DEVICE_SM_LIMIT"], "30");
+        assert_eq!(r.envs["CUDA_DEVICE_SM_LIMIT_1"], "30");
+        assert_eq!(
+            r.envs["TESSERA_CARD_TENANTS_DIR"],
+            "/usr/local/tessera/cards"
+        );
         assert_eq!(r.envs["CUDA_TASK_PRIORITY"], "1");
         assert_eq!(
             r.envs["CUDA_DEVICE_MEMORY_SHARED_CACHE"],
@@ -182,6 +201,7 @@ mod tests {
             paths,
             vec![
                 ("/usr/local/tessera/shared", false),
+                ("/usr/local/tessera/cards", false),
                 ("/usr/local/tessera/libtessera-cuda.so", true),
                 ("/etc/ld.so.preload", true)
             ]
@@ -231,7 +251,7 @@ mod tests {
             &devices(),
         )
         .expect("response");
-        assert_eq!(r.mounts.len(), 1);
+        assert_eq!(r.mounts.len(), 2);
         assert!(r
             .mounts
             .iter()
