@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#define CHECK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { \
-    std::fprintf(stderr, "%s failed: %s\n", #x, cudaGetErrorString(e)); std::exit(1); } } while (0)
+#define CHECK(x) do { cudaError_t check_rc_ = (x); if (check_rc_ != cudaSuccess) { \
+    std::fprintf(stderr, "%s failed: %s\n", #x, cudaGetErrorString(check_rc_)); std::exit(1); } } while (0)
 
 __global__ void spin(float *out, int iters) {
     float a = threadIdx.x * 1e-3f, b = 1.0001f;
