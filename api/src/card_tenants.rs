@@ -2,10 +2,18 @@
 //! (named by the card's UUID) in a host directory the node agent mounts into
 //! every GPU container (`TESSERA_CARD_TENANTS_DIR`). Each container that
 //! governs its launches on the card holds one entry, written by its SM
-//! updater: its priority and when it last launched. Other containers read
-//! the table to learn whether another tenant is active on the card (the
-//! default core policy limits only then) and whether a high-priority tenant
-//! is launching (low-priority tenants then yield).
+//! updater: its priority, when it last launched and how fast it launches
+//! (cost units per second, see [`TenantEntry::launch_rate`]). Other
+//! containers read the table to learn whether another tenant is active on
+//! the card (the default core policy limits only then), whether a
+//! high-priority tenant is launching (low-priority tenants then yield), and
+//! the card's total launch rate (from which the SM limiter estimates the
+//! card's capacity).
+//!
+//! Compatibility: `launch_rate` took the first word of what layout version
+//! 1 reserved (zero), so the header still says version 1 and builds from
+//! before it keep reading the table; their entries leave the rate at 0,
+//! which readers take as "not published" ([`Neighbours::unpublished`]).
 //!
 //! Entries are owned like the accounting region's process slots: the owner
 //! holds an OFD write lock on byte [`entry_lock_offset`]`(i)`, which the
@@ -49,8 +57,12 @@ pub struct TenantEntry {
     pub last_launch_ns: AtomicU64,
     /// When the owner's updater last ran (liveness).
     pub beat_ns: AtomicU64,
+    /// Cost units (blocks × threads) the owner's container launched per
+    /// second on the card, smoothed over a fraction of a second; 0 = not
+    /// published (an older build). Writers store at least 1.
+    pub launch_rate: AtomicU64,
     /// Reserved, zero.
-    pub reserved: [AtomicU64; 5],
+    pub reserved: [AtomicU64; 4],
 }
 
 /// The whole file.
@@ -79,6 +91,11 @@ pub struct Neighbours {
     pub other_active: bool,
     /// Another high-priority tenant launched within the window.
     pub high_priority_active: bool,
+    /// Sum of the active others' published launch rates (cost units/s).
+    pub others_launch_rate: u64,
+    /// Some active other publishes no launch rate (an older build), so
+    /// [`Neighbours::others_launch_rate`] undercounts the card's load.
+    pub unpublished: bool,
 }
 
 impl TenantTable {
@@ -98,7 +115,8 @@ impl TenantTable {
 
     /// The others' activity as entry `own` sees it at `now_ns`: a tenant
     /// counts as active while it launched within `window_ns` and its
-    /// updater is alive (beat within `window_ns`).
+    /// updater is alive (beat within `window_ns`); the launch rates of the
+    /// active ones are summed.
     pub fn neighbours(&self, own: usize, now_ns: u64, window_ns: u64) -> Neighbours {
         let mut seen = Neighbours::default();
         for (i, entry) in self.entries.iter().enumerate() {
@@ -110,6 +128,10 @@ impl TenantTable {
                 && fresh(entry.last_launch_ns.load(Ordering::Relaxed))
             {
                 seen.other_active = true;
+                match entry.launch_rate.load(Ordering::Relaxed) {
+                    0 => seen.unpublished = true,
+                    rate => seen.others_launch_rate = seen.others_launch_rate.saturating_add(rate),
+                }
                 if entry.priority.load(Ordering::Relaxed) == PRIORITY_HIGH {
                     seen.high_priority_active = true;
                 }
@@ -150,6 +172,8 @@ mod tests {
         let set = |i: usize, prio: u32, launch: u64, beat: u64| {
             let e = &table.entries[i];
             e.in_use.store(1, Ordering::Relaxed);
+            e.launch_rate
+                .store(1000 * (i as u64 + 1), Ordering::Relaxed);
             e.priority.store(prio, Ordering::Relaxed);
             e.last_launch_ns.store(launch, Ordering::Relaxed);
             e.beat_ns.store(beat, Ordering::Relaxed);
@@ -161,7 +185,9 @@ mod tests {
             table.neighbours(0, now, 500 * ms),
             Neighbours {
                 other_active: true,
-                high_priority_active: false
+                high_priority_active: false,
+                others_launch_rate: 4000,
+                unpublished: false,
             }
         );
         // A high-priority tenant that went idle 600 ms ago no longer counts.
@@ -174,5 +200,34 @@ mod tests {
         // A dead owner (no beat) launching "recently" is not active.
         set(5, PRIORITY_HIGH, now, now - 2_000 * ms);
         assert!(!table.neighbours(0, now, 500 * ms).high_priority_active);
+    }
+
+    #[test]
+    fn launch_rates_of_active_others_are_summed_and_gaps_flagged() {
+        let table = zeroed();
+        table.initialise();
+        let ms = 1_000_000;
+        let now = 10_000 * ms;
+        let set = |i: usize, rate: u64, launch: u64| {
+            let e = &table.entries[i];
+            e.in_use.store(1, Ordering::Relaxed);
+            e.launch_rate.store(rate, Ordering::Relaxed);
+            e.last_launch_ns.store(launch, Ordering::Relaxed);
+            e.beat_ns.store(now, Ordering::Relaxed);
+        };
+        set(0, 7, now);
+        set(1, 300, now - 10 * ms);
+        set(2, 500, now - 20 * ms);
+        // Idle for 900 ms: its stale rate is not counted.
+        set(3, 9_000, now - 900 * ms);
+        let seen = table.neighbours(0, now, 500 * ms);
+        assert_eq!(seen.others_launch_rate, 800);
+        assert!(!seen.unpublished);
+        assert_eq!(table.neighbours(1, now, 500 * ms).others_launch_rate, 507);
+        // An active tenant of an older build (rate left at 0).
+        set(4, 0, now);
+        let seen = table.neighbours(0, now, 500 * ms);
+        assert!(seen.unpublished);
+        assert_eq!(seen.others_launch_rate, 800);
     }
 }

@@ -104,6 +104,7 @@ impl CardTable {
         let e = &table.entries[entry];
         e.last_launch_ns.store(0, Ordering::Relaxed);
         e.beat_ns.store(0, Ordering::Relaxed);
+        e.launch_rate.store(0, Ordering::Relaxed);
         e.in_use.store(1, Ordering::Release);
         Some(CardTable {
             table,

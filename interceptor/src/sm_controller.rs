@@ -1,64 +1,92 @@
-//! The SM limiter's controller, pure arithmetic with no I/O: from the
-//! container's measured share of the card (NVML) and what it spent in the
-//! last interval, the refill rate of its token bucket for the next one.
+//! The SM limiter's controller, pure arithmetic with no I/O: the refill
+//! rate of a container's token bucket on one card.
 //!
-//! The plant is "cost units per second in, share of the card out", with an
-//! unknown and drifting gain (how long a thread of *this* workload runs) and
-//! about one interval of delay (NVML averages over its sampling period).
-//! The controller therefore works on the logarithm of the rate: a damped
-//! proportional-integral step on `ln(target / measured)`, so an error of 2×
-//! moves the rate by the same factor whatever its scale. Gains are chosen so
-//! that with one interval of delay the loop's poles stay real (no ringing);
-//! each step is clamped to a factor of two either way.
+//! The rate is open-loop: `rate = cap × C`, where `C` is the card's
+//! capacity in cost units (blocks × threads) per second, the launch rate
+//! that keeps it fully busy. Each tenant of the card publishes its own
+//! launched-cost rate (exact and immediate, from its spend counters), so
+//! the card's total launch rate `R` is known without delay; NVML's
+//! device-wide utilisation `U` says how busy that kept the card, about a
+//! second late. `C` is a slow estimate of `R / U`, and NVML's lag touches
+//! only that slowly varying constant, never the fast loop. Nothing in a
+//! tenant's rate depends on another tenant's share, so tenants do not chase
+//! each other.
 //!
-//! Two guards keep it honest:
-//! - **anti-windup**: when the container spends less than its budget
-//!   (demand below the cap), the rate is held near what it actually spends
-//!   (×2 headroom) instead of integrating upwards without bound, so when
-//!   demand returns it is met within a step or two but cannot burst far past
-//!   the cap;
-//! - **no starvation**: the rate never drops below a floor of a tenth of the
-//!   target share of the fastest spending seen, so a noisy or wrongly high
-//!   measurement can slow a tenant but never stop it.
+//! The estimate is updated only when it can be right:
+//! - `U` is meaningful (above [`Tuning::min_busy`]; a nearly idle card says
+//!   little about its capacity), averaged over [`Tuning::window`] intervals
+//!   against NVML's noise and integer percents;
+//! - `R` was known (every active tenant publishes its rate) and steady
+//!   (block means within [`Tuning::steady_ratio`]) for a whole
+//!   [`Tuning::span`] — NVML's sampling period plus its lag — so the lagged
+//!   `U` describes the same load as `R`'s mean over the last window;
+//! - after an update the history starts over, so the next one waits for a
+//!   whole span of the load that update caused. This is what keeps the
+//!   lag out of the loop: each update sees the consequence of the last, and
+//!   the estimate moves in steps (about every two seconds while it is off)
+//!   rather than chasing a reading that describes an older rate.
+//!
+//! Each update moves `ln C` by [`Tuning::gain`] of its error, the error
+//! clamped to a factor of [`Tuning::max_step`]. `C` is kept between a tenth
+//! of the fastest total seen (no starvation, whatever NVML says) and that
+//! total over `min_busy`. The first estimate is taken after
+//! [`Tuning::seed_after`] intervals of known load (the cap cannot
+//! apply before: the container runs unlimited for about half a second),
+//! taking the card as fully busy: NVML's reading may still describe the
+//! card before these launches, and under unlimited compute-bound work the
+//! card is full. A lighter load gives a low first estimate (limiting
+//! harder than the cap), raised by the next updates once `U` counts.
+
+use std::collections::VecDeque;
 
 /// Tunables. The defaults are what the interceptor runs with.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tuning {
-    /// Proportional gain on the log error.
-    pub kp: f64,
-    /// Integral gain on the log error.
-    pub ki: f64,
-    /// Largest change of the log rate in one step (`ln 2`: at most ×2 or ÷2).
-    pub max_log_step: f64,
-    /// Measurements below this share are read as this share (avoids
-    /// dividing by zero on an idle or unsampled interval).
-    pub min_share: f64,
-    /// The floor as a fraction of `target × fastest spending seen`.
+    /// Control intervals averaged for the numerator `R`.
+    pub window: usize,
+    /// Intervals of steady load an update needs (at least `window`):
+    /// NVML's sampling period plus its lag, so that `U` describes the
+    /// same load as `R`.
+    pub span: usize,
+    /// Fraction of the log error of `C` corrected per update.
+    pub gain: f64,
+    /// `U` at or below this is not used.
+    pub min_busy: f64,
+    /// Largest ratio between the mean `R` of the last window and that of
+    /// the rest of the span that counts as steady.
+    pub steady_ratio: f64,
+    /// The error of one update is clamped to this factor either way.
+    pub max_step: f64,
+    /// `C` never drops below this fraction of the fastest total seen.
     pub floor_fraction: f64,
-    /// Headroom over actual spending that an under-using tenant keeps.
-    pub idle_headroom: f64,
+    /// Intervals of steady, known load before the first estimate.
+    pub seed_after: usize,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            kp: 0.15,
-            ki: 0.25,
-            max_log_step: std::f64::consts::LN_2,
-            min_share: 0.01,
+            window: 10,
+            span: 30,
+            gain: 0.8,
+            min_busy: 0.1,
+            steady_ratio: 1.1,
+            max_step: 4.0,
             floor_fraction: 0.1,
-            idle_headroom: 2.0,
+            seed_after: 6,
         }
     }
 }
 
-/// One interval's observation.
+/// One control interval's observation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Observation {
-    /// The container's measured share of the card's compute, 0.0–1.0.
-    pub share: f64,
-    /// Cost units the container launched per second over the interval.
-    pub spent_per_sec: f64,
+    /// Launched cost per second of every active tenant of the card, this
+    /// container's included; `None` when some active tenant does not
+    /// publish its rate (the card's load is not known).
+    pub total_rate: Option<f64>,
+    /// NVML's device-wide busy fraction, 0.0–1.0, if read.
+    pub busy: Option<f64>,
 }
 
 /// Controller state for one (container, card).
@@ -67,12 +95,14 @@ pub struct Controller {
     tuning: Tuning,
     /// Target share, 0.0–1.0.
     target: f64,
-    /// Integral term: log of the rate before the proportional part.
-    integral: Option<f64>,
-    /// Fastest spending seen (cost units per second).
-    peak_spent: f64,
-    /// The rate last returned.
-    rate: f64,
+    /// Estimated capacity, cost units per second.
+    capacity: Option<f64>,
+    /// The last `span` totals since the last update (`None`: unknown).
+    history: VecDeque<Option<f64>>,
+    /// The last `window` meaningful busy readings.
+    busy_history: VecDeque<f64>,
+    /// Fastest total seen.
+    peak_total: f64,
 }
 
 impl Controller {
@@ -81,9 +111,10 @@ impl Controller {
         Controller {
             tuning,
             target: f64::from(target_percent.clamp(1, 100)) / 100.0,
-            integral: None,
-            peak_spent: 0.0,
-            rate: 0.0,
+            capacity: None,
+            history: VecDeque::with_capacity(tuning.span.max(tuning.window).max(1)),
+            busy_history: VecDeque::with_capacity(tuning.window.max(1)),
+            peak_total: 0.0,
         }
     }
 
@@ -92,61 +123,118 @@ impl Controller {
         self.target
     }
 
-    /// The rate last returned (0 before the first observation).
-    pub fn rate(&self) -> f64 {
-        self.rate
+    /// The card's estimated capacity (cost units per second), once known.
+    pub fn capacity(&self) -> Option<f64> {
+        self.capacity
     }
 
-    /// Forgets the integral (the next observation re-seeds it), e.g. when
-    /// limiting resumes after the tenant ran alone; the peak is kept.
-    pub fn reset(&mut self) {
-        self.integral = None;
+    /// The refill rate (cost units per second): `target × capacity`, once
+    /// the capacity is known.
+    pub fn rate(&self) -> Option<f64> {
+        self.capacity.map(|c| (c * self.target).max(1.0))
     }
 
-    /// The lowest rate it will ever return once it has seen spending.
+    /// The lowest capacity it will ever assume once it has seen launches.
     pub fn floor(&self) -> f64 {
-        (self.peak_spent * self.target * self.tuning.floor_fraction).max(1.0)
+        (self.peak_total * self.tuning.floor_fraction).max(1.0)
     }
 
-    /// Feeds one interval's observation; returns the refill rate (cost units
-    /// per second) for the next interval.
-    pub fn observe(&mut self, obs: Observation) -> f64 {
+    /// Feeds one interval's observation (every interval, limited or not);
+    /// returns the refill rate for the next one, once known.
+    pub fn observe(&mut self, obs: Observation) -> Option<f64> {
         let t = self.tuning;
-        let spent = obs.spent_per_sec.max(0.0);
-        self.peak_spent = self.peak_spent.max(spent);
-        let share = obs.share.clamp(t.min_share, 1.0);
-        let floor = self.floor();
-        let log_rate = match self.integral {
-            None => {
-                // First look: estimate the gain as spent / share and aim the
-                // rate straight at the target.
-                let seeded = if spent > 0.0 {
-                    spent * self.target / share
-                } else {
-                    floor
-                };
-                let seeded = seeded.max(floor).ln();
-                self.integral = Some(seeded);
-                seeded
-            }
-            Some(integral) => {
-                let error = (self.target / share)
-                    .ln()
-                    .clamp(-t.max_log_step, t.max_log_step);
-                let mut next = integral + t.ki * error;
-                // Anti-windup: a tenant spending under its budget keeps
-                // headroom over what it spends, no more.
-                let ceiling = (spent.max(floor) * t.idle_headroom).ln();
-                if error > 0.0 {
-                    next = next.min(ceiling);
+        let window = t.window.max(1);
+        let span = t.span.max(window);
+        let total = obs.total_rate.filter(|r| r.is_finite() && *r >= 0.0);
+        if self.history.len() >= span {
+            self.history.pop_front();
+        }
+        self.history.push_back(total);
+        if let Some(r) = total {
+            self.peak_total = self.peak_total.max(r);
+        }
+        // NVML's readings, averaged over the window against its noise and
+        // its integer percents.
+        match obs.busy.filter(|u| u.is_finite() && *u > t.min_busy) {
+            Some(u) => {
+                if self.busy_history.len() >= window {
+                    self.busy_history.pop_front();
                 }
-                next = next.max(floor.ln());
-                self.integral = Some(next);
-                (next + t.kp * error).max(floor.ln())
+                self.busy_history.push_back(u.min(1.0));
             }
+            None => self.busy_history.clear(),
+        }
+        let busy = (self.busy_history.len() == window)
+            .then(|| self.busy_history.iter().sum::<f64>() / window as f64);
+        let updated = match self.capacity {
+            // The first estimate: the card taken as fully busy (NVML's
+            // reading may still describe the time before these launches).
+            None => self
+                .seed()
+                .map(|loaded| self.capacity = Some(loaded))
+                .is_some(),
+            Some(capacity) => match (busy, self.steady_mean(span, window)) {
+                (Some(busy), Some(loaded)) => {
+                    let error = (loaded / busy / capacity)
+                        .ln()
+                        .clamp(-t.max_step.ln(), t.max_step.ln());
+                    self.capacity = Some(capacity * (t.gain * error).exp());
+                    true
+                }
+                _ => false,
+            },
         };
-        self.rate = log_rate.exp();
-        self.rate
+        if updated {
+            // The next update waits for a whole span of the new load.
+            self.history.clear();
+        }
+        let ceiling = (self.peak_total / t.min_busy).max(1.0);
+        let floor = self.floor().min(ceiling);
+        if let Some(c) = self.capacity.as_mut() {
+            *c = c.clamp(floor, ceiling);
+        }
+        self.rate()
+    }
+
+    /// The latest total once the last `seed_after` are known and positive
+    /// (each is already smoothed over a few intervals by its publisher).
+    fn seed(&self) -> Option<f64> {
+        let need = self.tuning.seed_after.max(1);
+        if self.history.len() < need {
+            return None;
+        }
+        let recent = self.history.iter().skip(self.history.len() - need);
+        let known: Vec<f64> = recent.copied().collect::<Option<_>>()?;
+        known.iter().all(|r| *r > 0.0).then(|| known[need - 1])
+    }
+
+    /// The mean total over the last `window` intervals, if the last `span`
+    /// are known and positive and the load was steady: the mean of the
+    /// last window within [`Tuning::steady_ratio`] of the mean of the
+    /// intervals before it (block means, so a noisy but stationary load
+    /// counts as steady, a step or a trend does not).
+    fn steady_mean(&self, span: usize, window: usize) -> Option<f64> {
+        if self.history.len() < span {
+            return None;
+        }
+        let known: Vec<f64> = self
+            .history
+            .iter()
+            .skip(self.history.len() - span)
+            .copied()
+            .collect::<Option<_>>()?;
+        if known.iter().any(|r| *r <= 0.0) {
+            return None;
+        }
+        let mean = |rs: &[f64]| rs.iter().sum::<f64>() / rs.len() as f64;
+        let last = mean(&known[span - window..]);
+        if span > window {
+            let before = mean(&known[..span - window]);
+            if last.max(before) / last.min(before) > self.tuning.steady_ratio {
+                return None;
+            }
+        }
+        Some(last)
     }
 }
 
@@ -155,41 +243,142 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// A simulated tenant: a share of the card proportional to the rate
-    /// (gain `gain` share per unit/s), bounded by its demand, measured one
-    /// interval late with multiplicative noise from `noise`.
-    struct Plant {
-        gain: f64,
-        demand: f64,
-        pending: f64,
+    /// How the card divides itself when the tenants offer more than it can
+    /// run.
+    #[derive(Debug, Clone, Copy)]
+    enum Slicing {
+        /// In proportion to the launch rates.
+        Proportional,
+        /// Each tenant gets what it offers up to an even split; what one
+        /// leaves goes to the others (how time slices behave when a
+        /// tenant's queue drains).
+        MaxMin,
     }
 
-    impl Plant {
-        /// Runs one interval at `rate`; returns the observation of the
-        /// previous interval (the delay) and what was spent.
-        fn step(&mut self, rate: f64, noise: f64) -> Observation {
-            let share_now = (self.gain * rate).min(self.demand).min(1.0);
-            let spent = share_now / self.gain;
-            let measured = (self.pending * (1.0 + noise)).clamp(0.0, 1.0);
-            self.pending = share_now;
-            Observation {
-                share: measured,
-                spent_per_sec: spent,
+    /// A simulated card: capacity `capacity` cost units/s, tenants offering
+    /// launch rates, NVML's busy reading averaged over `nvml_window`
+    /// intervals and `lag` intervals late, plus multiplicative noise.
+    struct Card {
+        capacity: f64,
+        slicing: Slicing,
+        lag: usize,
+        nvml_window: usize,
+        busy_history: Vec<f64>,
+    }
+
+    impl Card {
+        fn new(capacity: f64, slicing: Slicing, lag: usize) -> Card {
+            Card {
+                capacity,
+                slicing,
+                lag,
+                nvml_window: 10,
+                // The card was idle before.
+                busy_history: vec![0.0; 40],
+            }
+        }
+
+        /// Runs one interval with the tenants offering `offered`; returns
+        /// what each got (cost units/s).
+        fn run(&mut self, offered: &[f64]) -> Vec<f64> {
+            let sum: f64 = offered.iter().sum();
+            let served = if sum <= self.capacity {
+                offered.to_vec()
+            } else {
+                match self.slicing {
+                    Slicing::Proportional => {
+                        offered.iter().map(|o| o / sum * self.capacity).collect()
+                    }
+                    Slicing::MaxMin => {
+                        let mut served = vec![0.0; offered.len()];
+                        let mut left = self.capacity;
+                        let mut open: Vec<usize> = (0..offered.len()).collect();
+                        while !open.is_empty() {
+                            let fair = left / open.len() as f64;
+                            let (small, big): (Vec<usize>, Vec<usize>) =
+                                open.iter().partition(|&&i| offered[i] <= fair);
+                            if small.is_empty() {
+                                for i in big {
+                                    served[i] = fair;
+                                }
+                                break;
+                            }
+                            for i in small {
+                                served[i] = offered[i];
+                                left -= offered[i];
+                            }
+                            open = big;
+                        }
+                        served
+                    }
+                }
+            };
+            self.busy_history
+                .push((served.iter().sum::<f64>() / self.capacity).min(1.0));
+            served
+        }
+
+        /// NVML's reading now.
+        fn busy(&self, noise: f64) -> f64 {
+            let end = self.busy_history.len() - self.lag;
+            let w = &self.busy_history[end - self.nvml_window..end];
+            (w.iter().sum::<f64>() / w.len() as f64 * (1.0 + noise)).clamp(0.0, 1.0)
+        }
+    }
+
+    /// A tenant as the updater sees it: its controller, the smoothed rate
+    /// it publishes, whether its cap applies, how much it wants.
+    struct Tenant {
+        ctl: Controller,
+        published: f64,
+        capped: bool,
+        demand: f64,
+    }
+
+    impl Tenant {
+        fn new(cap: u8, capped: bool) -> Tenant {
+            Tenant {
+                ctl: Controller::new(cap, Tuning::default()),
+                published: 0.0,
+                capped,
+                demand: f64::INFINITY,
+            }
+        }
+
+        fn offer(&self) -> f64 {
+            match (self.capped, self.ctl.rate()) {
+                (true, Some(rate)) => rate.min(self.demand),
+                _ => self.demand,
             }
         }
     }
 
-    /// Runs `steps` intervals; returns the true shares.
-    fn run(ctl: &mut Controller, plant: &mut Plant, steps: usize, noise: &[f64]) -> Vec<f64> {
-        // Before the first tick the tenant ran unlimited.
-        let mut rate = plant.demand / plant.gain;
-        let mut shares = Vec::new();
+    /// Runs `steps` intervals; returns each interval's shares of the card
+    /// (served over capacity), per tenant.
+    fn run(card: &mut Card, tenants: &mut [Tenant], steps: usize, noise: &[f64]) -> Vec<Vec<f64>> {
+        // 100 ms intervals, 200 ms EMA of the tenant's own launches.
+        let ema = 1.0 - (-0.5f64).exp();
+        let mut trace = Vec::new();
         for i in 0..steps {
-            let obs = plant.step(rate, noise.get(i).copied().unwrap_or(0.0));
-            rate = ctl.observe(obs);
-            shares.push(plant.pending);
+            let offered: Vec<f64> = tenants
+                .iter()
+                .map(|t| t.offer().min(card.capacity * 4.0))
+                .collect();
+            let served = card.run(&offered);
+            for (t, s) in tenants.iter_mut().zip(&served) {
+                t.published += ema * (s - t.published);
+            }
+            let total: f64 = tenants.iter().map(|t| t.published).sum();
+            let busy = card.busy(noise.get(i).copied().unwrap_or(0.0));
+            for t in tenants.iter_mut() {
+                t.ctl.observe(Observation {
+                    total_rate: Some(total),
+                    busy: Some(busy),
+                });
+            }
+            trace.push(served.iter().map(|s| s / card.capacity).collect());
         }
-        shares
+        trace
     }
 
     fn sign_changes(errors: &[f64], band: f64) -> usize {
@@ -201,146 +390,233 @@ mod tests {
         signs.windows(2).filter(|w| w[0] != w[1]).count()
     }
 
+    /// Shares of tenant `i` from interval `from` on.
+    fn column(trace: &[Vec<f64>], i: usize, from: usize) -> Vec<f64> {
+        trace[from..].iter().map(|s| s[i]).collect()
+    }
+
     #[test]
-    fn converges_to_the_cap_without_oscillating() {
-        for (target, gain) in [(30u8, 1e-9), (50, 3e-7), (10, 0.02), (70, 5e-5)] {
-            let mut ctl = Controller::new(target, Tuning::default());
-            let mut plant = Plant {
-                gain,
-                demand: 1.0,
-                pending: 1.0,
-            };
-            let shares = run(&mut ctl, &mut plant, 40, &[]);
-            let want = f64::from(target) / 100.0;
-            let last = *shares.last().unwrap();
-            assert!(
-                (last - want).abs() < 0.01,
-                "target {target}: settled at {last}, {shares:?}"
-            );
-            let errors: Vec<f64> = shares.iter().map(|s| s - want).collect();
-            assert!(
-                sign_changes(&errors, 0.02) <= 1,
-                "target {target}: oscillates {shares:?}"
-            );
-            // Settles within 10 intervals to ±3 points.
-            assert!(
-                shares[10..].iter().all(|s| (s - want).abs() < 0.03),
-                "target {target}: slow {shares:?}"
-            );
+    fn two_capped_tenants_get_their_caps_on_a_lagged_time_sliced_card() {
+        for slicing in [Slicing::Proportional, Slicing::MaxMin] {
+            for lag in [2, 5, 10] {
+                for (a, b) in [(30u8, 70u8), (50, 50), (10, 90)] {
+                    let mut card = Card::new(2.4e6, slicing, lag);
+                    // Both run unlimited for a second, then their caps apply.
+                    let mut tenants = [Tenant::new(a, false), Tenant::new(b, false)];
+                    run(&mut card, &mut tenants, 10, &[]);
+                    for t in tenants.iter_mut() {
+                        t.capped = true;
+                    }
+                    let trace = run(&mut card, &mut tenants, 100, &[]);
+                    for (i, cap) in [(0, a), (1, b)] {
+                        let want = f64::from(cap) / 100.0;
+                        let shares = column(&trace, i, 0);
+                        assert!(
+                            shares[30..].iter().all(|s| (s - want).abs() < 0.03),
+                            "{slicing:?} lag {lag} {a}/{b}: tenant {i} {shares:?}"
+                        );
+                        let errors: Vec<f64> = shares.iter().map(|s| s - want).collect();
+                        assert!(
+                            sign_changes(&errors, 0.01) <= 1,
+                            "{slicing:?} lag {lag} {a}/{b}: tenant {i} oscillates {shares:?}"
+                        );
+                    }
+                    let busy: f64 = trace[99].iter().sum();
+                    assert!(busy > 0.97, "card under-used: {busy}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_tenant_capped_from_its_first_launch_converges() {
+        // `force` alone: no unlimited run to learn from, NVML still
+        // reporting the idle card at first.
+        for lag in [2, 5, 10] {
+            for cap in [10u8, 30, 50, 70] {
+                let mut card = Card::new(1e9, Slicing::Proportional, lag);
+                let mut tenants = [Tenant::new(cap, true)];
+                let trace = run(&mut card, &mut tenants, 120, &[]);
+                let want = f64::from(cap) / 100.0;
+                let shares = column(&trace, 0, 1);
+                assert!(
+                    shares[60..].iter().all(|s| (s - want).abs() < 0.03),
+                    "lag {lag} cap {cap}: {shares:?}"
+                );
+                let errors: Vec<f64> = shares.iter().map(|s| s - want).collect();
+                assert!(
+                    sign_changes(&errors, 0.01) <= 1,
+                    "lag {lag} cap {cap}: oscillates {shares:?}"
+                );
+            }
         }
     }
 
     #[test]
     fn follows_a_change_of_workload() {
-        // Kernels get 4× longer half-way (the gain quadruples).
-        let mut ctl = Controller::new(30, Tuning::default());
-        let mut plant = Plant {
-            gain: 1e-6,
-            demand: 1.0,
-            pending: 1.0,
-        };
-        run(&mut ctl, &mut plant, 30, &[]);
-        plant.gain *= 4.0;
-        let mut rate = ctl.rate();
-        let mut shares = Vec::new();
-        for _ in 0..30 {
-            rate = ctl.observe(plant.step(rate, 0.0));
-            shares.push(plant.pending);
+        // Kernels get 3× longer (the capacity in cost units drops to a
+        // third), then 6× shorter.
+        let mut card = Card::new(3e6, Slicing::MaxMin, 8);
+        let mut tenants = [Tenant::new(30, false), Tenant::new(70, false)];
+        run(&mut card, &mut tenants, 10, &[]);
+        for t in tenants.iter_mut() {
+            t.capped = true;
         }
-        assert!((shares[29] - 0.30).abs() < 0.01, "{shares:?}");
-        let errors: Vec<f64> = shares.iter().map(|s| s - 0.30).collect();
-        assert!(sign_changes(&errors[1..], 0.02) <= 1, "{shares:?}");
+        run(&mut card, &mut tenants, 60, &[]);
+        for capacity in [1e6, 6e6] {
+            card.capacity = capacity;
+            let trace = run(&mut card, &mut tenants, 200, &[]);
+            for (i, want) in [(0, 0.3), (1, 0.7)] {
+                let shares = column(&trace, i, 0);
+                assert!(
+                    shares[150..].iter().all(|s| (s - want).abs() < 0.03),
+                    "capacity {capacity}: tenant {i} {shares:?}"
+                );
+            }
+        }
     }
 
     #[test]
-    fn idle_demand_does_not_wind_up() {
-        // The tenant wants 5% for a long time, then everything.
-        let mut ctl = Controller::new(30, Tuning::default());
-        let mut plant = Plant {
-            gain: 1e-6,
-            demand: 1.0,
-            pending: 1.0,
-        };
-        run(&mut ctl, &mut plant, 20, &[]);
-        plant.demand = 0.05;
-        let mut rate = ctl.rate();
-        for _ in 0..200 {
-            rate = ctl.observe(plant.step(rate, 0.0));
+    fn idle_demand_leaves_the_estimate_alone() {
+        // The 30% tenant wants 5% for a long time, then everything; its
+        // budget stays 30% of the card throughout (no wind-up, no burst).
+        let mut card = Card::new(1e6, Slicing::MaxMin, 8);
+        let mut tenants = [Tenant::new(30, false), Tenant::new(70, false)];
+        run(&mut card, &mut tenants, 10, &[]);
+        for t in tenants.iter_mut() {
+            t.capped = true;
         }
-        // The rate stayed near what is spent (×2 headroom, plus at most
-        // one proportional step of kp·ln 2), not far above the cap.
-        let p_step = (Tuning::default().kp * std::f64::consts::LN_2).exp();
-        assert!(
-            rate * plant.gain <= 0.05 * 2.0 * p_step + 1e-9,
-            "wound up: {rate}"
-        );
-        plant.demand = 1.0;
-        let mut shares = Vec::new();
-        for _ in 0..20 {
-            rate = ctl.observe(plant.step(rate, 0.0));
-            shares.push(plant.pending);
-        }
-        assert!(
-            shares.iter().all(|s| *s <= 0.30 * 1.35),
-            "burst past the cap: {shares:?}"
-        );
-        assert!((shares[19] - 0.30).abs() < 0.01, "{shares:?}");
+        run(&mut card, &mut tenants, 60, &[]);
+        tenants[0].demand = 0.05 * card.capacity;
+        let trace = run(&mut card, &mut tenants, 200, &[]);
+        assert!(column(&trace, 0, 0).iter().all(|s| (s - 0.05).abs() < 0.01));
+        let rate = tenants[0].ctl.rate().unwrap();
+        assert!((rate / card.capacity - 0.3).abs() < 0.03, "{rate}");
+        tenants[0].demand = f64::INFINITY;
+        let trace = run(&mut card, &mut tenants, 50, &[]);
+        let shares = column(&trace, 0, 0);
+        assert!(shares.iter().all(|s| *s <= 0.33), "burst: {shares:?}");
+        assert!((shares[49] - 0.3).abs() < 0.03, "{shares:?}");
     }
 
     #[test]
     fn never_starves_even_when_measurements_lie() {
-        // NVML reads the whole card (another tenant's load included): the
-        // measurement is always 100%.
+        // NVML says the card is full whatever is launched: each update
+        // lowers the estimate, but never below a tenth of the peak.
         let mut ctl = Controller::new(30, Tuning::default());
         let peak = 1e6;
-        ctl.observe(Observation {
-            share: 1.0,
-            spent_per_sec: peak,
-        });
-        let mut rate = 0.0;
-        for _ in 0..500 {
-            rate = ctl.observe(Observation {
-                share: 1.0,
-                spent_per_sec: rate,
+        for _ in 0..Tuning::default().seed_after {
+            ctl.observe(Observation {
+                total_rate: Some(peak),
+                busy: Some(1.0),
             });
         }
-        assert!(rate >= peak * 0.3 * 0.1 * 0.999, "starved: {rate}");
+        let mut rate = ctl.rate().unwrap();
+        for _ in 0..2000 {
+            rate = ctl
+                .observe(Observation {
+                    total_rate: Some(rate),
+                    busy: Some(1.0),
+                })
+                .unwrap();
+        }
+        assert!(rate >= peak * 0.1 * 0.3 * 0.999, "starved: {rate}");
     }
 
     #[test]
-    fn first_observation_aims_at_the_target() {
+    fn a_steady_load_seeds_the_capacity() {
+        let seed_after = Tuning::default().seed_after;
         let mut ctl = Controller::new(25, Tuning::default());
-        let rate = ctl.observe(Observation {
-            share: 1.0,
-            spent_per_sec: 4000.0,
-        });
-        assert!((rate - 1000.0).abs() < 1e-6, "{rate}");
-        ctl.reset();
-        let rate = ctl.observe(Observation {
-            share: 0.5,
-            spent_per_sec: 4000.0,
-        });
-        assert!((rate - 2000.0).abs() < 1e-6, "{rate}");
+        let idle = Observation {
+            total_rate: Some(0.0),
+            busy: Some(0.0),
+        };
+        assert_eq!(ctl.observe(idle), None);
+        let half = Observation {
+            total_rate: Some(4000.0),
+            busy: Some(0.5),
+        };
+        for _ in 1..seed_after {
+            assert_eq!(ctl.observe(half), None);
+        }
+        // The first estimate takes the card as full (NVML's reading may
+        // still describe the card before these launches).
+        assert_eq!(ctl.observe(half), Some(1000.0));
+        assert_eq!(ctl.capacity(), Some(4000.0));
+        // A whole span later, NVML's reading counts: half busy, so the
+        // capacity is twice the launches (approached by the gain).
+        let t = Tuning::default();
+        for _ in 0..t.span {
+            ctl.observe(half);
+        }
+        let want = 4000.0 * (t.gain * 2f64.ln()).exp();
+        assert!(
+            (ctl.capacity().unwrap() - want).abs() < 1e-6,
+            "{:?}",
+            ctl.capacity()
+        );
+    }
+
+    #[test]
+    fn unknown_or_unsteady_load_does_not_move_the_estimate() {
+        let mut ctl = Controller::new(50, Tuning::default());
+        for _ in 0..Tuning::default().seed_after {
+            ctl.observe(Observation {
+                total_rate: Some(1000.0),
+                busy: Some(1.0),
+            });
+        }
+        let seeded = ctl.capacity();
+        assert_eq!(seeded, Some(1000.0));
+        // A neighbour that publishes nothing: the load is unknown.
+        for _ in 0..50 {
+            ctl.observe(Observation {
+                total_rate: None,
+                busy: Some(0.5),
+            });
+        }
+        assert_eq!(ctl.capacity(), seeded);
+        // A load growing by 3% every interval (a trend: NVML's lagged
+        // reading describes a smaller load than the recent mean).
+        for i in 0..60 {
+            ctl.observe(Observation {
+                total_rate: Some(500.0 * 1.03f64.powi(i)),
+                busy: Some(0.4),
+            });
+        }
+        assert_eq!(ctl.capacity(), seeded);
     }
 
     proptest! {
-        /// Any gain, any target, noisy measurements (±10%): the tenant's
-        /// average share over the last half lands within 3 points of the
-        /// cap, and it never falls to zero.
+        /// Any capacity, any pair of caps summing to at most 100, either
+        /// slicing, any lag, noisy NVML readings (±10%): each tenant's
+        /// average share over the last half lands within 3 points of its
+        /// cap and never falls to zero.
         #[test]
-        fn noisy_traces_settle_near_the_cap(
-            target in 5u8..95,
-            log_gain in -20.0f64..-2.0,
-            noise in proptest::collection::vec(-0.1f64..0.1, 80),
+        fn noisy_pairs_settle_near_their_caps(
+            a in 5u8..95,
+            b_room in 0u8..100,
+            log_capacity in 5.0f64..25.0,
+            lag in 1usize..12,
+            proportional in any::<bool>(),
+            noise in proptest::collection::vec(-0.1f64..0.1, 160),
         ) {
-            let mut ctl = Controller::new(target, Tuning::default());
-            let mut plant = Plant { gain: log_gain.exp(), demand: 1.0, pending: 1.0 };
-            let shares = run(&mut ctl, &mut plant, 80, &noise);
-            let want = f64::from(target) / 100.0;
-            let tail = &shares[40..];
-            let mean = tail.iter().sum::<f64>() / tail.len() as f64;
-            prop_assert!((mean - want).abs() < 0.03, "mean {} for {}", mean, want);
-            prop_assert!(shares.iter().all(|s| *s > 0.0));
+            let b = (b_room % (101 - a)).max(1);
+            let slicing = if proportional { Slicing::Proportional } else { Slicing::MaxMin };
+            let mut card = Card::new(log_capacity.exp(), slicing, lag);
+            let mut tenants = [Tenant::new(a, false), Tenant::new(b, false)];
+            run(&mut card, &mut tenants, 10, &noise);
+            for t in tenants.iter_mut() {
+                t.capped = true;
+            }
+            let trace = run(&mut card, &mut tenants, 160, &noise);
+            for (i, cap) in [(0, a), (1, b)] {
+                let tail = column(&trace, i, 80);
+                let mean = tail.iter().sum::<f64>() / tail.len() as f64;
+                let want = f64::from(cap) / 100.0;
+                prop_assert!((mean - want).abs() < 0.03, "tenant {} mean {} for {}", i, mean, want);
+                prop_assert!(trace.iter().all(|s| s[i] > 0.0));
+            }
         }
     }
 }

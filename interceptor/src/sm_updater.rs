@@ -3,18 +3,22 @@
 //! launch. Every [`REFILL_PERIOD`] it refills each active card's token
 //! bucket at the controller's rate; every [`CONTROL_PERIOD`] it
 //!
-//! 1. reads NVML's per-process utilisation samples of the card
-//!    (`nvmlDeviceGetProcessUtilization`) and sums those of the container's
-//!    processes (the pids in the region's slots). Inside a pid namespace
-//!    NVML reports host pids, which match none of ours: then the card-wide
-//!    figure (`nvmlDeviceGetUtilizationRates`) stands in, which counts other
-//!    tenants' work as ours and so errs towards limiting harder;
-//! 2. refreshes this container's entry in the card's node-wide tenant table
-//!    (when launches happened since the last period) and reads the others';
-//! 3. decides whether the cap applies now (`force`: always; default: while
-//!    another tenant is active, by the tenant table or by NVML listing a
-//!    process that is not ours; `disable`: never) and, if so, feeds the
-//!    [`Controller`] the measurement and what was spent;
+//! 1. updates the container's own launched-cost rate on the card (cost
+//!    units per second from the region's spend counter, smoothed over
+//!    [`RATE_SMOOTHING`]) and publishes it, with a heartbeat and the time of
+//!    the last launch, in the container's entry of the card's node-wide
+//!    tenant table; reads the others' entries (who is active, their rates);
+//! 2. reads NVML: the card-wide busy fraction (`nvmlDeviceGetUtilizationRates`,
+//!    or the sum of the per-process samples), and the container's own share
+//!    (per-process samples of the pids in the region's slots; inside a pid
+//!    namespace, where NVML reports host pids, the card-wide figure) for the
+//!    node agent's metrics;
+//! 3. feeds the [`Controller`] the card's total launch rate (ours plus the
+//!    active others') and the busy fraction, from which it estimates the
+//!    card's capacity; the refill rate is `cap × capacity`, applied when the
+//!    cap applies (`force`: always; default: while another tenant is active,
+//!    by the tenant table or by NVML listing a process that is not ours;
+//!    `disable`: never);
 //! 4. for a low-priority container, sets or clears the card's yield flag
 //!    from whether a high-priority tenant launched within [`ACTIVE_WINDOW`].
 
@@ -28,7 +32,7 @@ use crate::sm_limiter::monotonic_ns;
 use std::ffi::{c_char, c_uint, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tessera_api::card_tenants::{PRIORITY_HIGH, PRIORITY_LOW};
+use tessera_api::card_tenants::{Neighbours, PRIORITY_HIGH, PRIORITY_LOW};
 use tessera_api::container_env::{CorePolicy, TaskPriority};
 use tessera_api::shared_region::{
     CoreAccount, SharedRegion, CORE_FREE, CORE_LIMITED, MAX_DEVICES, SLOT_ACTIVE,
@@ -40,6 +44,8 @@ pub const REFILL_PERIOD: Duration = Duration::from_millis(5);
 pub const CONTROL_PERIOD: Duration = Duration::from_millis(100);
 /// A tenant that launched within this window is active.
 pub const ACTIVE_WINDOW: Duration = Duration::from_millis(500);
+/// Time constant of the launch rate each container publishes.
+pub const RATE_SMOOTHING: Duration = Duration::from_millis(200);
 /// The bucket holds at most this much time's worth of the rate.
 const BURST: Duration = Duration::from_millis(20);
 
@@ -226,9 +232,10 @@ struct CardState {
     limited: bool,
     last_spent: u64,
     last_launches: u64,
-    /// Spending and time since the controller was last fed.
-    spent_since_fed: u64,
-    fed_at_ns: u64,
+    /// The container's launched cost per second on the card, smoothed
+    /// over [`RATE_SMOOTHING`], and when it was last updated.
+    own_rate: f64,
+    rate_at_ns: u64,
     samples_seen_us: u64,
 }
 
@@ -315,15 +322,25 @@ impl Updater {
         let pids = container_pids(self.region);
         let state = self.cards[card].as_mut().expect("just set");
         let spent = core.spent.load(Ordering::Relaxed);
-        state.spent_since_fed += spent.wrapping_sub(state.last_spent);
+        let spent_now = spent.wrapping_sub(state.last_spent);
         state.last_spent = spent;
+        let dt_ns = now.saturating_sub(state.rate_at_ns);
+        if dt_ns > 0 {
+            state.rate_at_ns = now;
+            let dt = dt_ns as f64 / 1e9;
+            let weight = 1.0 - (-dt / RATE_SMOOTHING.as_secs_f64()).exp();
+            state.own_rate += weight * (spent_now as f64 / dt - state.own_rate);
+        }
         let launched = launches != state.last_launches;
         state.last_launches = launches;
 
-        // The node-wide view.
-        let mut neighbours = Default::default();
+        // The node-wide view: publish our launch rate, read the others'.
+        let mut neighbours = Neighbours::default();
         if let Some(table) = &state.table {
             let entry = &table.table().entries[table.entry()];
+            entry
+                .launch_rate
+                .store(state.own_rate.round().max(1.0) as u64, Ordering::Relaxed);
             entry.beat_ns.store(now, Ordering::Relaxed);
             if launched {
                 entry.last_launch_ns.store(now, Ordering::Relaxed);
@@ -334,14 +351,23 @@ impl Updater {
                     .neighbours(table.entry(), now, ACTIVE_WINDOW.as_nanos() as u64);
         }
 
-        // NVML's view: our share, and whether someone else computes here.
+        // NVML's view: how busy the card is, our share (for the node
+        // agent), and whether someone else computes here.
         let mut share = None;
+        let mut busy = None;
         let mut foreign_process = false;
         if let (Some(nvml), Some(device)) = (&self.nvml, state.nvml_device) {
             let listed = nvml.running_pids(device).unwrap_or_default();
             let matchable = listed.iter().any(|p| pids.contains(p));
             foreign_process = matchable && listed.iter().any(|p| !pids.contains(p));
-            share = match nvml.process_utilisation(device, state.samples_seen_us) {
+            let card_wide = nvml.card_utilisation(device);
+            let samples = nvml.process_utilisation(device, state.samples_seen_us);
+            busy = card_wide.or_else(|| {
+                samples
+                    .as_ref()
+                    .map(|(samples, _)| samples.iter().map(|(_, u)| u).sum::<f64>())
+            });
+            share = match samples {
                 Some((samples, newest)) => {
                     state.samples_seen_us = newest;
                     if matchable || samples.iter().any(|(p, _)| pids.contains(p)) {
@@ -353,11 +379,11 @@ impl Updater {
                                 .sum(),
                         )
                     } else {
-                        nvml.card_utilisation(device)
+                        card_wide
                     }
                 }
                 // No per-process figures from this NVML at all: the card's.
-                None if nvml.process_util == 0 => nvml.card_utilisation(device),
+                None if nvml.process_util == 0 => card_wide,
                 None => None,
             };
         }
@@ -385,45 +411,26 @@ impl Updater {
         let Some(controller) = state.controller.as_mut() else {
             return;
         };
+        // The capacity is estimated whether or not the cap applies now, so
+        // it is known when a neighbour arrives.
+        let rate = controller.observe(Observation {
+            total_rate: (!neighbours.unpublished)
+                .then_some(state.own_rate + neighbours.others_launch_rate as f64),
+            busy: busy.map(|percent| percent / 100.0),
+        });
         if !applies {
             if state.limited {
                 log!(INFO, "card {card}: alone, SM cap lifted");
             }
             state.limited = false;
             core.mode.store(CORE_FREE, Ordering::Relaxed);
-            // Keep the spending window short so a later seed is current.
-            if share.is_some() {
-                state.spent_since_fed = 0;
-                state.fed_at_ns = now;
-            }
             return;
         }
-        if !state.limited {
-            if state.spent_since_fed == 0 {
-                return; // nothing launched to estimate from, nothing to hold back
-            }
-            controller.reset();
+        // Until the capacity is known (the first half second of launches)
+        // the container runs unlimited.
+        if let Some(rate) = rate {
+            Self::limit(core, rate, &mut state.limited, card);
         }
-        let Some(percent) = share else {
-            if !state.limited {
-                // No measurement yet: start from the current spending.
-                let elapsed = now.saturating_sub(state.fed_at_ns).max(1) as f64 / 1e9;
-                let spent_per_sec = state.spent_since_fed as f64 / elapsed;
-                if spent_per_sec > 0.0 {
-                    let rate = spent_per_sec * controller.target();
-                    Self::limit(core, rate, &mut state.limited, card);
-                }
-            }
-            return;
-        };
-        let elapsed = now.saturating_sub(state.fed_at_ns).max(1) as f64 / 1e9;
-        let rate = controller.observe(Observation {
-            share: percent / 100.0,
-            spent_per_sec: state.spent_since_fed as f64 / elapsed,
-        });
-        state.spent_since_fed = 0;
-        state.fed_at_ns = now;
-        Self::limit(core, rate, &mut state.limited, card);
     }
 
     fn limit(core: &CoreAccount, rate: f64, limited: &mut bool, card: usize) {
@@ -476,8 +483,8 @@ impl Updater {
             limited: false,
             last_spent: core.spent.load(Ordering::Relaxed),
             last_launches: 0,
-            spent_since_fed: 0,
-            fed_at_ns: now,
+            own_rate: 0.0,
+            rate_at_ns: now,
             samples_seen_us: 0,
         }
     }
