@@ -413,11 +413,22 @@ impl Updater {
         };
         // The capacity is estimated whether or not the cap applies now, so
         // it is known when a neighbour arrives.
+        let before = controller.capacity();
+        let total_rate = (!neighbours.unpublished)
+            .then_some(state.own_rate + neighbours.others_launch_rate as f64);
         let rate = controller.observe(Observation {
-            total_rate: (!neighbours.unpublished)
-                .then_some(state.own_rate + neighbours.others_launch_rate as f64),
+            total_rate,
             busy: busy.map(|percent| percent / 100.0),
         });
+        if controller.capacity() != before {
+            log!(
+                INFO,
+                "card {card}: capacity estimate {:.0} cost units/s (card total {:.0}/s, NVML busy {:?}%)",
+                controller.capacity().unwrap_or(0.0),
+                total_rate.unwrap_or(0.0),
+                busy
+            );
+        }
         if !applies {
             if state.limited {
                 log!(INFO, "card {card}: alone, SM cap lifted");
