@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tessera_api::config::Config;
-use tessera_node_agent::proto::{AllocateRequest, ContainerAllocateRequest};
 
 const CARDS: &str = "8x NVIDIA A10G 23028";
 const CALLS: usize = 400;
@@ -46,11 +45,7 @@ async fn allocate_latency() {
         cluster
             .api
             .insert(&bound_pod(&name, &vec![vec![device(&card, 1000, 10)]]));
-        let request = AllocateRequest {
-            container_requests: vec![ContainerAllocateRequest {
-                devices_ids: cluster.ids(3, 1),
-            }],
-        };
+        let request = allocate_request(&[cluster.ids(3, 1)]);
         let start = Instant::now();
         client.allocate(request).await.expect("Allocate succeeds");
         latencies.push(start.elapsed());
@@ -81,7 +76,7 @@ async fn idle_rss() {
     let temp = tempfile::tempdir().expect("tempdir");
     let kubelet_dir = temp.path().join("kubelet");
     std::fs::create_dir_all(&kubelet_dir).expect("dir");
-    let kubelet = KubeletStandIn::start(&kubelet_dir).await;
+    let kubelet = KubeletStandIn::start(&kubelet_dir);
     let kubeconfig = temp.path().join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -102,7 +97,7 @@ async fn idle_rss() {
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("start the agent binary");
-    kubelet.wait_registrations(1).await;
+    kubelet.wait_registrations(1, WAIT).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut client = kubelet.plugin_client().await;
     client

@@ -10,6 +10,10 @@
 //! usage from the containers' accounting regions ([`usage`]) for
 //! `/metrics` ([`metrics`]), and sweeps stale state ([`sweep`]).
 //! [`agent::run`] wires it all; `main.rs` only parses options.
+//!
+//! With the `test-support` feature (turned on only by dev-dependencies),
+//! `testing` holds test infrastructure: a kubelet stand-in and an agent
+//! spawned on fake cards.
 
 pub mod agent;
 pub mod allocate;
@@ -23,4 +27,6 @@ pub mod options;
 pub mod plugin;
 pub mod proto;
 pub mod sweep;
+#[cfg(feature = "test-support")]
+pub mod testing;
 pub mod usage;

@@ -13,9 +13,7 @@ use tessera_api::config::Config;
 use tessera_api::inventory::decode_inventory;
 use tessera_api::names::{allocation as keys, NODE_REGISTER_ANNOTATION};
 use tessera_node_agent::gpu::{HealthEvent, HealthEventKind};
-use tessera_node_agent::proto::{
-    AllocateRequest, ContainerAllocateRequest, ContainerAllocateResponse, Empty,
-};
+use tessera_node_agent::proto::{ContainerAllocateResponse, Empty};
 use tonic::Code;
 
 fn config(split: u32) -> Config {
@@ -23,17 +21,6 @@ fn config(split: u32) -> Config {
         "sharing:\n  splitCount: {split}\n  memoryScaling: 1.5\n"
     ))
     .expect("config")
-}
-
-fn request(containers: &[Vec<String>]) -> AllocateRequest {
-    AllocateRequest {
-        container_requests: containers
-            .iter()
-            .map(|ids| ContainerAllocateRequest {
-                devices_ids: ids.clone(),
-            })
-            .collect(),
-    }
 }
 
 fn pod_of(cluster: &Cluster, name: &str) -> Pod {
@@ -177,7 +164,7 @@ async fn allocate_gives_one_pod_its_cards_and_marks_it_done() {
     let mut client = cluster.kubelet.plugin_client().await;
     let ids = vec![cluster.ids(0, 1)[0].clone(), cluster.ids(1, 1)[0].clone()];
     let response = client
-        .allocate(request(&[ids]))
+        .allocate(allocate_request(&[ids]))
         .await
         .expect("Allocate")
         .into_inner();
@@ -224,7 +211,7 @@ async fn allocate_gives_one_pod_its_cards_and_marks_it_done() {
 
     // Nothing is left for a second call of the same shape.
     let err = client
-        .allocate(request(&[cluster.ids(0, 2)]))
+        .allocate(allocate_request(&[cluster.ids(0, 2)]))
         .await
         .expect_err("no pod waits");
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -273,7 +260,7 @@ async fn two_pods_bound_at_the_same_moment_each_get_their_own_cards() {
         let mut client = client.clone();
         async move {
             client
-                .allocate(request(&[ids]))
+                .allocate(allocate_request(&[ids]))
                 .await
                 .map(|r| r.into_inner().container_responses.remove(0))
         }
@@ -335,7 +322,7 @@ async fn sequential_calls_follow_creation_order() {
     .await;
     let mut client = cluster.kubelet.plugin_client().await;
     let first = client
-        .allocate(request(&[cluster.ids(1, 1)]))
+        .allocate(allocate_request(&[cluster.ids(1, 1)]))
         .await
         .expect("first")
         .into_inner();
@@ -353,7 +340,7 @@ async fn sequential_calls_follow_creation_order() {
         Some("allocating")
     );
     let second = client
-        .allocate(request(&[cluster.ids(0, 1)]))
+        .allocate(allocate_request(&[cluster.ids(0, 1)]))
         .await
         .expect("second")
         .into_inner();
@@ -374,7 +361,7 @@ async fn undecidable_request_fails_instead_of_guessing() {
     .await;
     let mut client = cluster.kubelet.plugin_client().await;
     let err = client
-        .allocate(request(&[cluster.ids(0, 1)]))
+        .allocate(allocate_request(&[cluster.ids(0, 1)]))
         .await
         .expect_err("ambiguous");
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -391,7 +378,7 @@ async fn undecidable_request_fails_instead_of_guessing() {
     }
     // Unknown device IDs are refused outright.
     let err = client
-        .allocate(request(&[vec!["GPU-nope-0".into()]]))
+        .allocate(allocate_request(&[vec!["GPU-nope-0".into()]]))
         .await
         .expect_err("unknown id");
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -427,7 +414,7 @@ async fn corrupt_and_foreign_annotations_never_crash_and_fail_only_their_pod() {
 
     // The foreign pod is the only candidate: its card is not here.
     let err = client
-        .allocate(request(&[cluster.ids(0, 1)]))
+        .allocate(allocate_request(&[cluster.ids(0, 1)]))
         .await
         .expect_err("card not here");
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -455,7 +442,7 @@ async fn corrupt_and_foreign_annotations_never_crash_and_fail_only_their_pod() {
         .api
         .insert(&bound_pod("good", &vec![vec![device(&a, 1000, 0)]]));
     let ok = client
-        .allocate(request(&[cluster.ids(0, 1)]))
+        .allocate(allocate_request(&[cluster.ids(0, 1)]))
         .await
         .expect("good pod")
         .into_inner();
@@ -487,7 +474,7 @@ async fn unhealthy_card_fails_its_pod_with_an_event() {
         }
     }
     let err = client
-        .allocate(request(&[cluster.ids(0, 1)]))
+        .allocate(allocate_request(&[cluster.ids(0, 1)]))
         .await
         .expect_err("unhealthy");
     assert!(err.message().contains("unhealthy"), "{}", err.message());
@@ -501,7 +488,7 @@ async fn unhealthy_card_fails_its_pod_with_an_event() {
 async fn kubelet_restart_leads_to_a_new_registration_and_a_working_socket() {
     let mut cluster = Cluster::start("1x NVIDIA A10G 23028", config(2)).await;
     cluster.kubelet.restart().await;
-    cluster.kubelet.wait_registrations(2).await;
+    cluster.kubelet.wait_registrations(2, WAIT).await;
     let mut client = cluster.kubelet.plugin_client().await;
     let mut stream = client
         .list_and_watch(Empty {})
@@ -520,7 +507,7 @@ async fn kubelet_restart_leads_to_a_new_registration_and_a_working_socket() {
     );
     // And once more.
     cluster.kubelet.restart().await;
-    cluster.kubelet.wait_registrations(3).await;
+    cluster.kubelet.wait_registrations(3, WAIT).await;
     let mut client = cluster.kubelet.plugin_client().await;
     client
         .get_device_plugin_options(Empty {})
@@ -545,7 +532,7 @@ async fn agent_restart_keeps_allocations_from_pod_annotations() {
     .await;
     let mut client = cluster.kubelet.plugin_client().await;
     let first = client
-        .allocate(request(&[cluster.ids(0, 1)]))
+        .allocate(allocate_request(&[cluster.ids(0, 1)]))
         .await
         .expect("container 0")
         .into_inner();
@@ -558,10 +545,10 @@ async fn agent_restart_keeps_allocations_from_pod_annotations() {
     // Restart the agent between the pod's two containers.
     cluster.agent.take().expect("agent").stop().await;
     cluster.start_agent("2x NVIDIA A10G 23028", config(4));
-    cluster.kubelet.wait_registrations(2).await;
+    cluster.kubelet.wait_registrations(2, WAIT).await;
     let mut client = cluster.kubelet.plugin_client().await;
     let second = client
-        .allocate(request(&[cluster.ids(1, 1)]))
+        .allocate(allocate_request(&[cluster.ids(1, 1)]))
         .await
         .expect("container 1")
         .into_inner();
@@ -583,7 +570,7 @@ async fn agent_restart_keeps_allocations_from_pod_annotations() {
 #[tokio::test]
 async fn accepts_every_authority_real_kubelets_send() {
     let cluster = Cluster::start("1x NVIDIA A10G 23028", config(2)).await;
-    let socket = cluster.kubelet.dir.join(PLUGIN_SOCKET);
+    let socket = cluster.kubelet.dir().join(PLUGIN_SOCKET);
     let path = socket.to_string_lossy().into_owned();
     let encoded = path.replace('/', "%2F");
     for authority in [

@@ -13,7 +13,12 @@
 //! graceful deletion and finalizers, strategic-merge list semantics (treated
 //! as merge patch), server-side apply field ownership, pagination (lists
 //! return everything in one page), history compaction (no `410 Gone`).
+//!
+//! [`helpers`] holds small generic test helpers: [`eventually_within`]
+//! (polling with a deadline) and [`annotation`].
 
 pub mod api_server;
+pub mod helpers;
 
 pub use api_server::{ApiServer, RequestRecord};
+pub use helpers::{annotation, eventually_within};

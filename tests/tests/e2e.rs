@@ -68,9 +68,9 @@ async fn bundled_workloads_flow_from_admission_to_allocate() {
         ("a10g", "4x NVIDIA A10G 23028"),
     ] {
         api.insert(&ready_node(node));
-        let kubelet = Kubelet::start(&temp.path().join(node).join("kubelet"));
+        let kubelet = KubeletStandIn::start(&temp.path().join(node).join("kubelet"));
         let metrics = free_local_addr();
-        let agent = Agent::start(
+        let agent = start_agent(
             api.client(),
             node,
             spec,
@@ -99,7 +99,7 @@ async fn bundled_workloads_flow_from_admission_to_allocate() {
     }
     let mut plugins = BTreeMap::new();
     for (node, kubelet) in &kubelets {
-        plugins.insert(*node, kubelet.connect_plugin().await);
+        plugins.insert(*node, kubelet.connect_plugin(WAIT).await);
     }
 
     let scheduler = Scheduler::new(api.client(), Config::default(), ShellOptions::default());

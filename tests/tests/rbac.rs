@@ -543,8 +543,8 @@ async fn node_agent_calls_match_its_rbac() {
     let api = ApiServer::start().await.expect("API stand-in");
     api.insert(&ready_node("gpu-1"));
     let temp = tempfile::tempdir().expect("tempdir");
-    let kubelet = Kubelet::start(&temp.path().join("kubelet"));
-    let agent = Agent::start(
+    let kubelet = KubeletStandIn::start(&temp.path().join("kubelet"));
+    let agent = start_agent(
         api.client(),
         "gpu-1",
         "2x Tesla T4 15360",
@@ -560,7 +560,7 @@ async fn node_agent_calls_match_its_rbac() {
             .then_some(())
     })
     .await;
-    let mut plugin = kubelet.connect_plugin().await;
+    let mut plugin = kubelet.connect_plugin(WAIT).await;
 
     // A pod as the scheduler binds it, then kubelet's Allocate.
     let bound = |name: &str, uuid: &str| -> Pod {

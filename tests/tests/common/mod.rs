@@ -5,17 +5,16 @@
 //! webhook served over TLS with a client that posts AdmissionReviews as the
 //! API server does, and a plain HTTP GET for `/metrics`.
 //!
-//! The kubelet stand-in here is a sibling of the one in
-//! `node-agent/tests/common`: both speak through the node agent's generated
-//! protos, so neither can live in `tessera-testkit` without making the
-//! testkit depend on the node agent.
+//! The kubelet stand-in and the running agent are the node agent's own
+//! test infrastructure (`tessera_node_agent::testing`, feature
+//! `test-support`), shared with `node-agent/tests`; polling and annotations
+//! come from `tessera-testkit`.
 
 #![allow(dead_code)]
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -24,41 +23,22 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Value};
-use tessera_api::config::Config;
-use tessera_node_agent::agent::{self, AgentSetup};
+use tessera_node_agent::agent::AgentSetup;
 use tessera_node_agent::gpu::fake::FakeGpus;
-use tessera_node_agent::gpu::{GpuBackend, GpuInfo};
-use tessera_node_agent::host_files::HostLayout;
-use tessera_node_agent::plugin::socket;
-use tessera_node_agent::proto::device_plugin_client::DevicePluginClient;
-use tessera_node_agent::proto::registration_server::{Registration, RegistrationServer};
-use tessera_node_agent::proto::{
-    AllocateRequest, ContainerAllocateRequest, ContainerAllocateResponse,
-    ContainerPreferredAllocationRequest, Empty, PreferredAllocationRequest, RegisterRequest,
-};
+use tessera_node_agent::testing::fake_agent_setup;
+pub use tessera_node_agent::testing::{KubeletStandIn, RunningAgent};
+pub use tessera_testkit::annotation;
+use tessera_testkit::eventually_within;
 use tessera_webhook::provision::CertAuthority;
-use tokio::net::{TcpListener, TcpStream, UnixListener};
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::Channel;
 
 /// The longest any single wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 
 /// Polls `check` every 20 ms until it returns `Some`, failing after [`WAIT`].
-pub async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+pub async fn eventually<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    eventually_within(WAIT, what, check).await
 }
 
 /// A Ready node with room for pods, without GPU inventory (the agent adds it).
@@ -70,227 +50,23 @@ pub fn ready_node(name: &str) -> Node {
     .expect("node object")
 }
 
-/// An annotation of a pod, if set.
-pub fn annotation(pod: &Pod, key: &str) -> Option<String> {
-    pod.metadata.annotations.as_ref()?.get(key).cloned()
-}
-
-#[derive(Debug, Default, Clone)]
-struct Registrations(Arc<Mutex<Vec<RegisterRequest>>>);
-
-#[tonic::async_trait]
-impl Registration for Registrations {
-    async fn register(
-        &self,
-        request: tonic::Request<RegisterRequest>,
-    ) -> Result<tonic::Response<Empty>, tonic::Status> {
-        self.0
-            .lock()
-            .expect("registrations lock")
-            .push(request.into_inner());
-        Ok(tonic::Response::new(Empty {}))
-    }
-}
-
-/// Kubelet's device-plugin side for one node: serves `kubelet.sock` in
-/// `dir` and records registrations.
-#[derive(Debug)]
-pub struct Kubelet {
-    dir: PathBuf,
-    registrations: Registrations,
-    stop: watch::Sender<bool>,
-}
-
-impl Kubelet {
-    /// Serves `dir/kubelet.sock` on the current runtime.
-    pub fn start(dir: &Path) -> Self {
-        std::fs::create_dir_all(dir).expect("kubelet directory");
-        let listener = UnixListener::bind(dir.join("kubelet.sock")).expect("bind kubelet.sock");
-        let registrations = Registrations::default();
-        let (stop, mut stopping) = watch::channel(false);
-        let service = RegistrationServer::new(registrations.clone());
-        tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                    let _ = stopping.wait_for(|s| *s).await;
-                })
-                .await;
-        });
-        Self {
-            dir: dir.to_owned(),
-            registrations,
-            stop,
-        }
-    }
-
-    /// The registration socket the agent dials.
-    pub fn socket(&self) -> PathBuf {
-        self.dir.join("kubelet.sock")
-    }
-
-    /// Waits for the plugin to register, connects to it and reads its
-    /// first device list, as kubelet does.
-    pub async fn connect_plugin(&self) -> PluginConnection {
-        let registration = eventually("the device plugin to register", || {
-            self.registrations
-                .0
-                .lock()
-                .expect("registrations lock")
-                .last()
-                .cloned()
-        })
-        .await;
-        assert_eq!(registration.resource_name, "nvidia.com/gpu");
-        let channel = socket::connect(self.dir.join(&registration.endpoint), "http://localhost")
-            .await
-            .expect("connect to the plugin socket");
-        let mut client = DevicePluginClient::new(channel);
-        let mut stream = client
-            .list_and_watch(Empty {})
-            .await
-            .expect("ListAndWatch")
-            .into_inner();
-        let first = stream
-            .message()
-            .await
-            .expect("ListAndWatch stream")
-            .expect("a first device list");
-        let healthy = first
-            .devices
-            .iter()
-            .filter(|d| d.health == "Healthy")
-            .map(|d| d.id.clone())
-            .collect();
-        PluginConnection {
-            client,
-            healthy,
-            in_use: HashSet::new(),
-        }
-    }
-}
-
-impl Drop for Kubelet {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-    }
-}
-
-/// Kubelet's connection to one registered plugin: the device IDs it
-/// advertised and those already handed to containers.
-#[derive(Debug)]
-pub struct PluginConnection {
-    client: DevicePluginClient<Channel>,
-    /// Healthy device IDs from the first ListAndWatch message.
-    pub healthy: Vec<String>,
-    in_use: HashSet<String>,
-}
-
-impl PluginConnection {
-    /// Admits one container asking for `count` devices as kubelet does:
-    /// asks the plugin for a preferred choice among the free device IDs,
-    /// then calls `Allocate` with it. Returns the device IDs and the answer.
-    pub async fn allocate_container(
-        &mut self,
-        count: usize,
-    ) -> (
-        Vec<String>,
-        Result<ContainerAllocateResponse, tonic::Status>,
-    ) {
-        let available: Vec<String> = self
-            .healthy
-            .iter()
-            .filter(|id| !self.in_use.contains(*id))
-            .cloned()
-            .collect();
-        let preferred = self
-            .client
-            .get_preferred_allocation(PreferredAllocationRequest {
-                container_requests: vec![ContainerPreferredAllocationRequest {
-                    available_device_i_ds: available,
-                    must_include_device_i_ds: Vec::new(),
-                    allocation_size: i32::try_from(count).expect("small count"),
-                }],
-            })
-            .await
-            .expect("GetPreferredAllocation")
-            .into_inner();
-        let ids = preferred.container_responses[0].device_i_ds.clone();
-        assert_eq!(ids.len(), count, "the plugin prefers exactly {count} IDs");
-        let answer = self
-            .client
-            .allocate(AllocateRequest {
-                container_requests: vec![ContainerAllocateRequest {
-                    devices_ids: ids.clone(),
-                }],
-            })
-            .await
-            .map(|r| r.into_inner().container_responses.remove(0));
-        if answer.is_ok() {
-            self.in_use.extend(ids.iter().cloned());
-        }
-        (ids, answer)
-    }
-}
-
-/// A node agent running on fake cards.
-#[derive(Debug)]
-pub struct Agent {
-    /// The fake cards, as discovered.
-    pub cards: Vec<GpuInfo>,
-    /// Its host directory layout.
-    pub layout: HostLayout,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<Result<(), agent::AgentError>>,
-}
-
-impl Agent {
-    /// Starts the agent for `node` with `fake_gpus` (e.g. `4x Tesla T4 15360`),
-    /// host files under `host_dir`, registering at `kubelet_socket`.
-    pub fn start(
-        client: kube::Client,
-        node: &str,
-        fake_gpus: &str,
-        host_dir: &Path,
-        kubelet_socket: PathBuf,
-        metrics_addr: Option<SocketAddr>,
-    ) -> Self {
-        let gpus = FakeGpus::parse(fake_gpus, node).expect("fake GPU spec");
-        let cards = gpus.discover().expect("fake cards");
-        let layout = HostLayout::new(host_dir);
-        let setup = AgentSetup {
-            node: node.to_owned(),
-            config: Config::default(),
-            backend: Arc::new(gpus),
-            client,
-            kubelet_socket,
-            plugin_socket_name: "tessera-nvidia.sock".to_owned(),
-            socket_poll: Duration::from_millis(50),
-            layout: layout.clone(),
-            interceptor_source: None,
-            metrics_addr,
-            publish_interval: Duration::from_millis(100),
-            health_quiet: Duration::from_millis(200),
-            sweep_interval: Duration::from_millis(100),
-        };
-        let (stop, shutdown) = watch::channel(false);
-        let task = tokio::spawn(agent::run(setup, shutdown));
-        Self {
-            cards,
-            layout,
-            stop,
-            task,
-        }
-    }
-
-    /// Stops the agent and checks it stopped cleanly.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        self.task
-            .await
-            .expect("agent task")
-            .expect("agent stops cleanly");
-    }
+/// Starts a node agent for `node` with `fake_gpus` (e.g. `4x Tesla T4 15360`),
+/// host files under `host_dir`, registering at `kubelet_socket`.
+pub fn start_agent(
+    client: kube::Client,
+    node: &str,
+    fake_gpus: &str,
+    host_dir: &Path,
+    kubelet_socket: PathBuf,
+    metrics_addr: Option<SocketAddr>,
+) -> RunningAgent {
+    let gpus = FakeGpus::parse(fake_gpus, node).expect("fake GPU spec");
+    let defaults = fake_agent_setup(node, &gpus, client, host_dir, kubelet_socket);
+    let setup = AgentSetup {
+        metrics_addr,
+        ..defaults
+    };
+    RunningAgent::spawn(&gpus, setup)
 }
 
 /// A free port on 127.0.0.1 for a component that takes an address rather
