@@ -4,87 +4,46 @@
 //! The region and tenant-table files are read back to check what the
 //! limiter did.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use common::{compile, value, values, with_region, Artifacts};
+use std::path::Path;
+use std::process::{Child, Output, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
-use tessera_api::shared_region::{SharedRegion, CORE_FREE, CORE_LIMITED, REGION_SIZE};
-
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .to_owned()
-}
-
-fn built_library(file: &str) -> PathBuf {
-    let profile = profile_dir();
-    [profile.join(file), profile.join("deps").join(file)]
-        .into_iter()
-        .filter(|p| p.exists())
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
-        .unwrap_or_else(|| panic!("{file} not built; run `cargo test -p tessera-interceptor`"))
-}
-
-struct Artifacts {
-    dir: PathBuf,
-    interceptor: PathBuf,
-}
+use tessera_api::shared_region::{CORE_FREE, CORE_LIMITED};
 
 const CLIENTS: [&str; 3] = ["launch_linked", "launch_dlsym", "launch_procaddr"];
 
 fn artifacts() -> &'static Artifacts {
     static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
     ARTIFACTS.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("tessera-launch-test")
-            .tempdir()
-            .expect("temp dir")
-            .keep();
-        std::fs::copy(built_library("libfake_cuda.so"), dir.join("libcuda.so.1")).unwrap();
-        std::fs::copy(
-            built_library("libfake_nvml.so"),
-            dir.join("libnvidia-ml.so.1"),
-        )
-        .unwrap();
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/launch_client.c");
-        for (client, mode) in CLIENTS.iter().zip(["LINKED", "DLSYM", "PROCADDR"]) {
-            let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
-            cc.arg(format!("-DMODE_{mode}"))
-                .arg("-O1")
-                .arg("-o")
-                .arg(dir.join(client))
-                .arg(&src)
-                .arg(format!("-L{}", dir.display()));
-            if mode == "LINKED" {
-                cc.arg("-l:libcuda.so.1");
+        Artifacts::prepare("tessera-launch-test", |dir| {
+            for (client, mode) in CLIENTS.iter().zip(["LINKED", "DLSYM", "PROCADDR"]) {
+                let link: &[&str] = if mode == "LINKED" {
+                    &["-l:libcuda.so.1"]
+                } else {
+                    &[]
+                };
+                compile(
+                    dir,
+                    "launch_client.c",
+                    &[&format!("-DMODE_{mode}")],
+                    client,
+                    link,
+                );
             }
-            let status = cc.arg("-ldl").status().expect("a C compiler (cc)");
-            assert!(status.success(), "compiling launch_client.c ({mode})");
-        }
-        Artifacts {
-            dir,
-            interceptor: built_library("libtessera_cuda.so"),
-        }
+        })
     })
 }
 
 fn spawn(client: &str, args: &[&str], env: &[(&str, &str)]) -> Child {
-    let a = artifacts();
-    let mut cmd = Command::new(a.dir.join(client));
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("LD_LIBRARY_PATH", &a.dir)
-        .env("LD_PRELOAD", &a.interceptor)
+    artifacts()
+        .command(client, args, env)
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn().expect("start client")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start client")
 }
 
 fn finish(child: Child) -> Output {
@@ -93,42 +52,11 @@ fn finish(child: Child) -> Output {
     out
 }
 
-fn values(out: &Output) -> HashMap<String, String> {
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
-
-fn value(out: &Output, key: &str) -> u64 {
-    values(out)
-        .get(key)
-        .unwrap_or_else(|| panic!("no {key} in {out:?}"))
-        .parse()
-        .unwrap()
-}
-
 fn windows(out: &Output) -> Vec<u64> {
     values(out)["windows"]
         .split(',')
         .map(|w| w.parse().unwrap())
         .collect()
-}
-
-fn with_region<R>(path: &Path, f: impl FnOnce(&SharedRegion) -> R) -> R {
-    let bytes = std::fs::read(path).unwrap();
-    assert!(bytes.len() >= REGION_SIZE);
-    let layout = std::alloc::Layout::from_size_align(REGION_SIZE, 64).unwrap();
-    // SAFETY: aligned buffer of REGION_SIZE bytes filled from the file,
-    // freed after use; the region is plain atomics.
-    unsafe {
-        let buf = std::alloc::alloc(layout);
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, REGION_SIZE);
-        let result = f(SharedRegion::from_raw(buf, REGION_SIZE).unwrap());
-        std::alloc::dealloc(buf, layout);
-        result
-    }
 }
 
 fn pairs<'a>(vars: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {

@@ -9,12 +9,13 @@
 //! The fake machine: card 0 has 16 GiB, card 1 24 GiB; a context costs
 //! 64 MiB. Card `p`'s UUID is `GPU-5a5a5a5a-5a5a-5a5a-5a5a-5a5a5a5a5a<p>`.
 
+mod common;
+
+use common::{compile, key_values, with_region, Artifacts};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use tessera_api::shared_region::{SharedRegion, REGION_SIZE};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -22,76 +23,27 @@ const CONTEXT: u64 = 64 * MIB;
 const UUID0: &str = "GPU-5a5a5a5a-5a5a-5a5a-5a5a-5a5a5a5a5a00";
 const UUID1: &str = "GPU-5a5a5a5a-5a5a-5a5a-5a5a-5a5a5a5a5a01";
 
-struct Artifacts {
-    dir: PathBuf,
-    interceptor: PathBuf,
-}
-
-fn built_library(file: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
-    [profile.join(file), profile.join("deps").join(file)]
-        .into_iter()
-        .filter(|p| p.exists())
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
-        .unwrap_or_else(|| panic!("{file} not built; run `cargo test -p tessera-interceptor`"))
-}
-
-fn compile(dir: &Path, source: &str, defines: &[&str], output: &str) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/programs")
-        .join(source);
-    let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-        .args(defines)
-        .arg("-O1")
-        .arg("-o")
-        .arg(dir.join(output))
-        .arg(&src)
-        .arg("-ldl")
-        .status()
-        .expect("a C compiler (cc) is needed for these tests");
-    assert!(status.success(), "compiling {source} failed");
-}
-
 fn artifacts() -> &'static Artifacts {
     static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
     ARTIFACTS.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("tessera-multi-card-test")
-            .tempdir()
-            .expect("temp dir")
-            .keep();
-        std::fs::copy(built_library("libfake_cuda.so"), dir.join("libcuda.so.1")).unwrap();
-        std::fs::copy(
-            built_library("libfake_nvml.so"),
-            dir.join("libnvidia-ml.so.1"),
-        )
-        .unwrap();
-        compile(&dir, "multi_card_client.c", &[], "multi");
-        compile(&dir, "nvml_client.c", &["-DMODE_DLSYM"], "nvml");
-        Artifacts {
-            dir,
-            interceptor: built_library("libtessera_cuda.so"),
-        }
+        Artifacts::prepare("tessera-multi-card-test", |dir| {
+            compile(dir, "multi_card_client.c", &[], "multi", &[]);
+            compile(dir, "nvml_client.c", &["-DMODE_DLSYM"], "nvml", &[]);
+        })
     })
 }
 
+/// A client on the fake two-card machine; `env` may override its shape.
 fn command(program: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let a = artifacts();
-    let mut cmd = Command::new(a.dir.join(program));
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("LD_LIBRARY_PATH", &a.dir)
-        .env("LD_PRELOAD", &a.interceptor)
-        .env("FAKE_CUDA_DEVICES", "2")
-        .env("FAKE_CUDA_TOTAL_MIB", "16384,24576");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
+    let mut cmd = artifacts().command(
+        program,
+        args,
+        &[
+            ("FAKE_CUDA_DEVICES", "2"),
+            ("FAKE_CUDA_TOTAL_MIB", "16384,24576"),
+        ],
+    );
+    cmd.envs(env.iter().copied());
     cmd
 }
 
@@ -108,12 +60,7 @@ fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
 fn lines(out: &Output) -> Vec<HashMap<String, String>> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .map(|l| {
-            l.split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect()
-        })
+        .map(key_values)
         .collect()
 }
 
@@ -136,21 +83,6 @@ fn num(map: &HashMap<String, String>, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {map:?}"))
         .parse()
         .unwrap()
-}
-
-fn with_region<R>(path: &Path, f: impl FnOnce(&SharedRegion) -> R) -> R {
-    let bytes = std::fs::read(path).unwrap();
-    assert_eq!(bytes.len(), REGION_SIZE);
-    let layout = std::alloc::Layout::from_size_align(REGION_SIZE, 64).unwrap();
-    // SAFETY: aligned buffer of REGION_SIZE bytes, filled from the file and
-    // freed after use; the region is plain atomics.
-    unsafe {
-        let buf = std::alloc::alloc(layout);
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, REGION_SIZE);
-        let result = f(SharedRegion::from_raw(buf, REGION_SIZE).unwrap());
-        std::alloc::dealloc(buf, layout);
-        result
-    }
 }
 
 const TWO_CAPS: [(&str, &str); 3] = [

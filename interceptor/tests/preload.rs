@@ -7,102 +7,49 @@
 //! way of reaching the driver: linked, `dlopen`+`dlsym`, `cuGetProcAddress`.
 //! The fake card has 16 GiB, and a context costs 64 MiB on it.
 
-use std::collections::HashMap;
+mod common;
+
+use common::{compile, value, values, with_region, Artifacts};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use tessera_api::shared_region::{SharedRegion, REGION_SIZE};
 
 const MIB: u64 = 1 << 20;
 const CONTEXT: u64 = 64 * MIB;
 const CARD: u64 = 16384 * MIB;
 
-struct Artifacts {
-    /// Holds libcuda.so.1, libnvidia-ml.so.1 and the compiled clients.
-    dir: PathBuf,
-    interceptor: PathBuf,
-}
-
-/// `target/<profile>/` of this test binary.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .to_owned()
-}
-
-/// A cdylib built by cargo for this profile: uplifted into `target/<profile>/`
-/// when built as a workspace member, else left in `deps/`.
-fn built_library(file: &str) -> PathBuf {
-    let profile = profile_dir();
-    [profile.join(file), profile.join("deps").join(file)]
-        .into_iter()
-        .filter(|p| p.exists())
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "{file} not found under {}; run `cargo test -p tessera-interceptor`",
-                profile.display()
-            )
-        })
-}
-
-fn compile(dir: &Path, source: &str, mode: &str, output: &str, link: &[&str]) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/programs")
-        .join(source);
-    let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-        .arg(format!("-DMODE_{mode}"))
-        .arg("-O1")
-        .arg("-o")
-        .arg(dir.join(output))
-        .arg(&src)
-        .arg(format!("-L{}", dir.display()))
-        .args(link)
-        .arg("-ldl")
-        .status()
-        .expect("a C compiler (cc) is needed for these tests");
-    assert!(status.success(), "compiling {source} ({mode}) failed");
-}
-
 fn artifacts() -> &'static Artifacts {
     static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
     ARTIFACTS.get_or_init(|| {
-        let dir = tempfile::Builder::new()
-            .prefix("tessera-interceptor-test")
-            .tempdir()
-            .expect("temp dir")
-            .keep();
-        std::fs::copy(built_library("libfake_cuda.so"), dir.join("libcuda.so.1")).unwrap();
-        std::fs::copy(
-            built_library("libfake_nvml.so"),
-            dir.join("libnvidia-ml.so.1"),
-        )
-        .unwrap();
-        compile(
-            &dir,
-            "cuda_client.c",
-            "LINKED",
-            "cuda_linked",
-            &["-l:libcuda.so.1"],
-        );
-        compile(&dir, "cuda_client.c", "DLSYM", "cuda_dlsym", &[]);
-        compile(&dir, "cuda_client.c", "PROCADDR", "cuda_procaddr", &[]);
-        compile(
-            &dir,
-            "nvml_client.c",
-            "LINKED",
-            "nvml_linked",
-            &["-l:libnvidia-ml.so.1"],
-        );
-        compile(&dir, "nvml_client.c", "DLSYM", "nvml_dlsym", &[]);
-        Artifacts {
-            dir,
-            interceptor: built_library("libtessera_cuda.so"),
-        }
+        Artifacts::prepare("tessera-interceptor-test", |dir| {
+            let cuda = ["-l:libcuda.so.1"];
+            let nvml = ["-l:libnvidia-ml.so.1"];
+            compile(
+                dir,
+                "cuda_client.c",
+                &["-DMODE_LINKED"],
+                "cuda_linked",
+                &cuda,
+            );
+            compile(dir, "cuda_client.c", &["-DMODE_DLSYM"], "cuda_dlsym", &[]);
+            compile(
+                dir,
+                "cuda_client.c",
+                &["-DMODE_PROCADDR"],
+                "cuda_procaddr",
+                &[],
+            );
+            compile(
+                dir,
+                "nvml_client.c",
+                &["-DMODE_LINKED"],
+                "nvml_linked",
+                &nvml,
+            );
+            compile(dir, "nvml_client.c", &["-DMODE_DLSYM"], "nvml_dlsym", &[]);
+        })
     })
 }
 
@@ -110,17 +57,7 @@ fn artifacts() -> &'static Artifacts {
 const CLIENTS: [&str; 3] = ["cuda_linked", "cuda_dlsym", "cuda_procaddr"];
 
 fn command(client: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let a = artifacts();
-    let mut cmd = Command::new(a.dir.join(client));
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("LD_LIBRARY_PATH", &a.dir)
-        .env("LD_PRELOAD", &a.interceptor);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd
+    artifacts().command(client, args, env)
 }
 
 fn run(client: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -140,49 +77,10 @@ fn run(client: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     child.wait_with_output().unwrap()
 }
 
-/// `key=value` pairs of every line of stdout (later lines win).
-fn values(output: &Output) -> HashMap<String, String> {
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
-
-fn value(output: &Output, key: &str) -> u64 {
-    let v = values(output);
-    v.get(key)
-        .unwrap_or_else(|| {
-            panic!(
-                "no {key} in output:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            )
-        })
-        .parse()
-        .unwrap()
-}
-
 fn shared_path(name: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(name).display().to_string();
     (dir, path)
-}
-
-/// Copies the shared region file into an aligned buffer and passes it on.
-fn with_region<R>(path: &str, f: impl FnOnce(&SharedRegion) -> R) -> R {
-    let bytes = std::fs::read(path).unwrap();
-    assert_eq!(bytes.len(), REGION_SIZE);
-    let layout = std::alloc::Layout::from_size_align(REGION_SIZE, 64).unwrap();
-    // SAFETY: aligned buffer of REGION_SIZE bytes, filled from the file and
-    // freed after use; the region is plain atomics.
-    unsafe {
-        let buf = std::alloc::alloc(layout);
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, REGION_SIZE);
-        let result = f(SharedRegion::from_raw(buf, REGION_SIZE).unwrap());
-        std::alloc::dealloc(buf, layout);
-        result
-    }
 }
 
 #[test]
