@@ -390,25 +390,43 @@ fn array_bytes(width: usize, height: usize, depth: usize, format: c_uint, channe
         .saturating_mul(channels.max(1) as u64)
 }
 
+/// An array made by `create` into `*array`, charged on the current card by
+/// the size `bytes` reads off the caller's descriptor; without a descriptor
+/// the call is forwarded uncharged.
+///
+/// # Safety
+/// `desc` is null or points to a valid descriptor; `array` is the caller's
+/// out-pointer that `create` fills.
+unsafe fn charged_array<D>(
+    array: *mut Opaque,
+    desc: *const D,
+    bytes: impl FnOnce(&D) -> u64,
+    create: impl FnOnce() -> CuResult,
+) -> CuResult {
+    let forward = || (create(), read(array as *const usize) as u64);
+    if desc.is_null() {
+        return forward().0;
+    }
+    // SAFETY: non-null descriptor from the caller.
+    let d = unsafe { &*desc };
+    charged(arrays, current_device, bytes(d), forward)
+}
+
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuArrayCreate_v2(
     array: *mut Opaque,
     desc: *const ArrayDescriptor,
 ) -> CuResult {
     let real = real!(Hook::ArrayCreate, ArrayCreateFn);
-    let forward = || {
-        (
-            unsafe { real(array, desc) },
-            read(array as *const usize) as u64,
+    // SAFETY: the caller's descriptor and out-pointer, forwarded as given.
+    unsafe {
+        charged_array(
+            array,
+            desc,
+            |d| array_bytes(d.width, d.height, 1, d.format, d.channels),
+            || real(array, desc),
         )
-    };
-    if desc.is_null() {
-        return forward().0;
     }
-    // SAFETY: non-null descriptor from the caller.
-    let d = unsafe { &*desc };
-    let bytes = array_bytes(d.width, d.height, 1, d.format, d.channels);
-    charged(arrays, current_device, bytes, forward)
 }
 
 #[cfg_attr(not(test), no_mangle)]
@@ -417,19 +435,15 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(
     desc: *const Array3dDescriptor,
 ) -> CuResult {
     let real = real!(Hook::Array3DCreate, Array3dCreateFn);
-    let forward = || {
-        (
-            unsafe { real(array, desc) },
-            read(array as *const usize) as u64,
+    // SAFETY: the caller's descriptor and out-pointer, forwarded as given.
+    unsafe {
+        charged_array(
+            array,
+            desc,
+            |d| array_bytes(d.width, d.height, d.depth, d.format, d.channels),
+            || real(array, desc),
         )
-    };
-    if desc.is_null() {
-        return forward().0;
     }
-    // SAFETY: non-null descriptor from the caller.
-    let d = unsafe { &*desc };
-    let bytes = array_bytes(d.width, d.height, d.depth, d.format, d.channels);
-    charged(arrays, current_device, bytes, forward)
 }
 
 #[cfg_attr(not(test), no_mangle)]

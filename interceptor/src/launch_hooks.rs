@@ -68,8 +68,11 @@ fn governed(cost: impl FnOnce() -> u64, launch: impl FnOnce() -> CuResult) -> Cu
     }
 }
 
-macro_rules! launch_kernel_hook {
-    ($name:ident, $hook:expr) => {
+/// A hook for a launch taking the grid and block shape as arguments:
+/// `f`, grid, block, shared bytes, stream, kernel parameters, then `$tail`
+/// (`extra` for `cuLaunchKernel`, nothing for the cooperative launch).
+macro_rules! grid_launch_hook {
+    ($name:ident, $hook:expr, $real:ty $(, $tail:ident: $tail_ty:ty)*) => {
         #[cfg_attr(not(test), no_mangle)]
         pub unsafe extern "C" fn $name(
             f: Opaque,
@@ -82,38 +85,13 @@ macro_rules! launch_kernel_hook {
             shared: c_uint,
             stream: Opaque,
             params: *mut *mut c_void,
-            extra: *mut *mut c_void,
+            $($tail: $tail_ty,)*
         ) -> CuResult {
-            let real = real!($hook, LaunchFn);
+            let real = real!($hook, $real);
             governed(
                 || launch_cost([gx, gy, gz], [bx, by, bz]),
                 // SAFETY: forwarding the caller's arguments.
-                || unsafe { real(f, gx, gy, gz, bx, by, bz, shared, stream, params, extra) },
-            )
-        }
-    };
-}
-
-macro_rules! cooperative_hook {
-    ($name:ident, $hook:expr) => {
-        #[cfg_attr(not(test), no_mangle)]
-        pub unsafe extern "C" fn $name(
-            f: Opaque,
-            gx: c_uint,
-            gy: c_uint,
-            gz: c_uint,
-            bx: c_uint,
-            by: c_uint,
-            bz: c_uint,
-            shared: c_uint,
-            stream: Opaque,
-            params: *mut *mut c_void,
-        ) -> CuResult {
-            let real = real!($hook, CooperativeFn);
-            governed(
-                || launch_cost([gx, gy, gz], [bx, by, bz]),
-                // SAFETY: forwarding the caller's arguments.
-                || unsafe { real(f, gx, gy, gz, bx, by, bz, shared, stream, params) },
+                || unsafe { real(f, gx, gy, gz, bx, by, bz, shared, stream, params $(, $tail)*) },
             )
         }
     };
@@ -159,12 +137,22 @@ macro_rules! graph_hook {
     };
 }
 
-launch_kernel_hook!(cuLaunchKernel, Hook::LaunchKernel);
-launch_kernel_hook!(cuLaunchKernel_ptsz, Hook::LaunchKernelPtsz);
-cooperative_hook!(cuLaunchCooperativeKernel, Hook::LaunchCooperativeKernel);
-cooperative_hook!(
+grid_launch_hook!(cuLaunchKernel, Hook::LaunchKernel, LaunchFn, extra: *mut *mut c_void);
+grid_launch_hook!(
+    cuLaunchKernel_ptsz,
+    Hook::LaunchKernelPtsz,
+    LaunchFn,
+    extra: *mut *mut c_void
+);
+grid_launch_hook!(
+    cuLaunchCooperativeKernel,
+    Hook::LaunchCooperativeKernel,
+    CooperativeFn
+);
+grid_launch_hook!(
     cuLaunchCooperativeKernel_ptsz,
-    Hook::LaunchCooperativeKernelPtsz
+    Hook::LaunchCooperativeKernelPtsz,
+    CooperativeFn
 );
 launch_ex_hook!(cuLaunchKernelEx, Hook::LaunchKernelEx);
 launch_ex_hook!(cuLaunchKernelEx_ptsz, Hook::LaunchKernelExPtsz);

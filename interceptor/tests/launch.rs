@@ -179,7 +179,7 @@ fn two_tenants_under_the_default_policy_both_limit() {
     finish(a);
     finish(b);
     for name in ["a.cache", "b.cache"] {
-        with_region(&dir.path().join(name), |r| {
+        with_region(dir.path().join(name), |r| {
             assert_eq!(
                 r.cores[0].mode.load(Ordering::Relaxed),
                 CORE_LIMITED,

@@ -781,76 +781,38 @@ pub mod launch {
         }))
     }
 
-    #[no_mangle]
-    pub extern "C" fn cuLaunchKernel(
-        _f: *mut c_void,
-        gx: c_uint,
-        gy: c_uint,
-        gz: c_uint,
-        bx: c_uint,
-        by: c_uint,
-        bz: c_uint,
-        _shared: c_uint,
-        _stream: *mut c_void,
-        _params: *mut *mut c_void,
-        _extra: *mut *mut c_void,
-    ) -> CUresult {
-        launched([gx, gy, gz], [bx, by, bz])
+    /// A launch taking the grid and block shape as arguments: `f`, grid,
+    /// block, shared bytes, stream, kernel parameters, then `$tail`.
+    /// `ptsz` variants count their calls first; they never go through the
+    /// exported plain name, which the preloaded hook would interpose.
+    macro_rules! grid_launch {
+        ($name:ident, ptsz = $ptsz:expr $(, $tail:ident: $tail_ty:ty)*) => {
+            #[no_mangle]
+            pub extern "C" fn $name(
+                _f: *mut c_void,
+                gx: c_uint,
+                gy: c_uint,
+                gz: c_uint,
+                bx: c_uint,
+                by: c_uint,
+                bz: c_uint,
+                _shared: c_uint,
+                _stream: *mut c_void,
+                _params: *mut *mut c_void,
+                $($tail: $tail_ty,)*
+            ) -> CUresult {
+                if $ptsz {
+                    PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
+                }
+                launched([gx, gy, gz], [bx, by, bz])
+            }
+        };
     }
 
-    #[no_mangle]
-    pub extern "C" fn cuLaunchKernel_ptsz(
-        f: *mut c_void,
-        gx: c_uint,
-        gy: c_uint,
-        gz: c_uint,
-        bx: c_uint,
-        by: c_uint,
-        bz: c_uint,
-        shared: c_uint,
-        stream: *mut c_void,
-        params: *mut *mut c_void,
-        extra: *mut *mut c_void,
-    ) -> CUresult {
-        // Not through the exported name: the preloaded hook would interpose.
-        let _ = (f, shared, stream, params, extra);
-        PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
-        launched([gx, gy, gz], [bx, by, bz])
-    }
-
-    #[no_mangle]
-    pub extern "C" fn cuLaunchCooperativeKernel(
-        _f: *mut c_void,
-        gx: c_uint,
-        gy: c_uint,
-        gz: c_uint,
-        bx: c_uint,
-        by: c_uint,
-        bz: c_uint,
-        _shared: c_uint,
-        _stream: *mut c_void,
-        _params: *mut *mut c_void,
-    ) -> CUresult {
-        launched([gx, gy, gz], [bx, by, bz])
-    }
-
-    #[no_mangle]
-    pub extern "C" fn cuLaunchCooperativeKernel_ptsz(
-        f: *mut c_void,
-        gx: c_uint,
-        gy: c_uint,
-        gz: c_uint,
-        bx: c_uint,
-        by: c_uint,
-        bz: c_uint,
-        shared: c_uint,
-        stream: *mut c_void,
-        params: *mut *mut c_void,
-    ) -> CUresult {
-        let _ = (f, shared, stream, params);
-        PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
-        launched([gx, gy, gz], [bx, by, bz])
-    }
+    grid_launch!(cuLaunchKernel, ptsz = false, _extra: *mut *mut c_void);
+    grid_launch!(cuLaunchKernel_ptsz, ptsz = true, _extra: *mut *mut c_void);
+    grid_launch!(cuLaunchCooperativeKernel, ptsz = false);
+    grid_launch!(cuLaunchCooperativeKernel_ptsz, ptsz = true);
 
     /// The head of `CUlaunchConfig`.
     #[repr(C)]
