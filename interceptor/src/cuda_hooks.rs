@@ -66,20 +66,7 @@ type GetProcV2Fn =
 /// calling thread's current context, if it is accounted.
 #[inline]
 fn current_device() -> Option<usize> {
-    let driver = state::cuda()?;
-    if driver.ctx_get_device == 0 {
-        return None;
-    }
-    // SAFETY: the driver's cuCtxGetDevice(CUdevice*).
-    let get: unsafe extern "C" fn(*mut CuDevice) -> CuResult =
-        unsafe { std::mem::transmute::<usize, _>(driver.ctx_get_device) };
-    let mut device: CuDevice = -1;
-    // SAFETY: valid out-pointer.
-    let rc = unsafe { get(&mut device) };
-    if rc != CUDA_SUCCESS {
-        return None;
-    }
-    cards::container_index(device).filter(|&d| Accounting::tracks(d))
+    crate::sm_limiter::current_card().filter(|&d| Accounting::tracks(d))
 }
 
 /// The container card of a CUDA ordinal argument, if it is accounted.

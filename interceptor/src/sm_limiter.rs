@@ -108,7 +108,7 @@ fn admit_governed(cost: u64) -> Result<(), CuResult> {
 }
 
 /// The container card of the calling thread's current context.
-fn current_card() -> Option<usize> {
+pub(crate) fn current_card() -> Option<usize> {
     let driver = state::cuda()?;
     if driver.ctx_get_device == 0 {
         return None;
