@@ -2,7 +2,8 @@
 //! resources (limits, falling back to requests) and its policy annotations,
 //! validated with messages a person can act on. [`ContainerGpuRequest::resolve`]
 //! applies the configured defaults the same way for the webhook and the
-//! scheduler.
+//! scheduler. [`annotated_container`] maps an entry of the allocation
+//! annotation back to its container (init containers first when listed).
 
 use std::collections::BTreeMap;
 
@@ -290,6 +291,28 @@ pub fn container_request(
     Ok(request)
 }
 
+/// The container that entry `entry` of a pod's allocation annotation
+/// (`hami.io/vgpu-devices-allocated` / `-to-allocate`, `entries` entries in
+/// all) belongs to. The scheduler writes one entry per container in
+/// kubelet's `Allocate` order: when any init container asks for a GPU, every
+/// init container comes first (those without a GPU as empty entries), then
+/// every app container; otherwise only the app containers. The two layouts
+/// differ in length whenever the pod has init containers, so the count
+/// tells them apart without re-reading the requests: `entries` equal to
+/// init + app containers (with at least one init container) means init
+/// containers first, anything else means app containers only. `None` when
+/// the entry names no container of the pod.
+pub fn annotated_container(pod: &Pod, entries: usize, entry: usize) -> Option<&Container> {
+    let spec = pod.spec.as_ref()?;
+    let init = spec.init_containers.as_deref().unwrap_or_default();
+    if !init.is_empty() && entries == init.len() + spec.containers.len() {
+        init.get(entry)
+            .or_else(|| spec.containers.get(entry - init.len()))
+    } else {
+        spec.containers.get(entry)
+    }
+}
+
 fn comma_list(value: &str, lowercase: bool) -> Vec<String> {
     value
         .split(',')
@@ -508,6 +531,33 @@ mod tests {
         assert!(err
             .to_string()
             .contains("binpack, spread or topology-aware"));
+    }
+
+    #[test]
+    fn annotation_entries_name_init_containers_first_only_when_listed() {
+        let p = pod(json!({"spec": {
+            "initContainers": [{"name": "fetch"}, {"name": "warm"}],
+            "containers": [{"name": "main"}, {"name": "side"}]}}));
+        let name =
+            |entries, entry| annotated_container(&p, entries, entry).map(|c| c.name.as_str());
+        // Init containers listed: init, init, app, app.
+        assert_eq!(name(4, 0), Some("fetch"));
+        assert_eq!(name(4, 1), Some("warm"));
+        assert_eq!(name(4, 2), Some("main"));
+        assert_eq!(name(4, 3), Some("side"));
+        assert_eq!(name(4, 4), None);
+        // Only app containers listed.
+        assert_eq!(name(2, 0), Some("main"));
+        assert_eq!(name(2, 1), Some("side"));
+        assert_eq!(name(2, 2), None);
+
+        let no_init = pod(json!({"spec": {"containers": [{"name": "main"}]}}));
+        assert_eq!(
+            annotated_container(&no_init, 1, 0).map(|c| c.name.as_str()),
+            Some("main")
+        );
+        assert!(annotated_container(&no_init, 1, 1).is_none());
+        assert!(annotated_container(&pod(json!({})), 1, 0).is_none());
     }
 
     #[test]
