@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::core::v1::Pod;
 use tessera_api::allocation::decode_pod_devices;
 use tessera_api::names::allocation as keys;
+use tessera_api::request::annotated_container;
 
 use crate::host_files::{HostLayout, REGION_FILE};
 use crate::k8s::pods::NodePods;
@@ -27,15 +28,14 @@ pub fn container_records(pods: &[Pod], layout: &HostLayout) -> Vec<ContainerReco
             continue;
         };
         let uid = pod.metadata.uid.as_deref().unwrap_or("");
-        let containers = pod
-            .spec
-            .as_ref()
-            .map(|s| s.containers.as_slice())
-            .unwrap_or_default();
-        for (container, devices) in containers.iter().zip(allocated) {
+        let entries = allocated.len();
+        for (entry, devices) in allocated.into_iter().enumerate() {
             if devices.is_empty() {
                 continue;
             }
+            let Some(container) = annotated_container(pod, entries, entry) else {
+                continue;
+            };
             records.push(ContainerRecord {
                 namespace: pod.metadata.namespace.clone().unwrap_or_default(),
                 pod: pod.metadata.name.clone().unwrap_or_default(),
@@ -85,5 +85,42 @@ pub async fn run(
         if let Err(e) = sweep_once(&pods, &layout, &index, min_age).await {
             tracing::warn!(error = %e, "pod sweep failed; retrying on the next period");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn records_name_init_containers_when_the_allocation_lists_them() {
+        let layout = HostLayout::new("/host");
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": "u1", "annotations": {
+                keys::DEVICES_ALLOCATED: "GPU-a,NVIDIA,1000,10:;;GPU-b,NVIDIA,2000,20:;"
+            }},
+            "spec": {
+                "initContainers": [{"name": "fetch"}, {"name": "idle"}],
+                "containers": [{"name": "main"}]
+            }
+        }))
+        .expect("pod");
+        let records = container_records(&[pod], &layout);
+        let named: Vec<_> = records
+            .iter()
+            .map(|r| (r.container.as_str(), r.cards.clone()))
+            .collect();
+        assert_eq!(
+            named,
+            vec![
+                ("fetch", vec!["GPU-a".to_owned()]),
+                ("main", vec!["GPU-b".to_owned()])
+            ]
+        );
+        assert_eq!(
+            records[1].region,
+            layout.container_dir("u1", "main").join(REGION_FILE)
+        );
     }
 }

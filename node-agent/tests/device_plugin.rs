@@ -635,3 +635,115 @@ async fn without_the_repair_a_path_authority_is_refused() {
     let outcome = raw_h2::unary(&socket, b"localhost", "/v1beta1.Registration/Register", &[]).await;
     assert_eq!(outcome.grpc_status().as_deref(), Some("0"));
 }
+
+/// A pod as the scheduler leaves it when an init container asks for a GPU:
+/// the annotation lists the init container first, then the app container.
+fn pod_with_gpu_init_container(init_card: &str, app_card: &str) -> Pod {
+    let encoded = tessera_api::allocation::encode_pod_devices(&[
+        vec![device(init_card, 2000, 10)],
+        vec![device(app_card, 6000, 50)],
+    ]);
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "warmed",
+            "namespace": "default",
+            "annotations": {
+                keys::VGPU_NODE: NODE,
+                keys::VGPU_TIME: "1700000000",
+                keys::DEVICES_ALLOCATED: encoded,
+                keys::DEVICES_TO_ALLOCATE: encoded,
+                keys::BIND_PHASE: keys::PHASE_ALLOCATING,
+                keys::BIND_TIME: "1700000000",
+            }
+        },
+        "spec": {
+            "nodeName": NODE,
+            "initContainers": [{
+                "name": "warm-cache", "image": "cuda",
+                "env": [{"name": "CUDA_DISABLE_CONTROL", "value": "true"}],
+                "resources": {"limits": {"nvidia.com/gpu": "1"}}
+            }],
+            "containers": [{
+                "name": "serve", "image": "cuda",
+                "resources": {"limits": {"nvidia.com/gpu": "1"}}
+            }]
+        }
+    }))
+    .expect("pod")
+}
+
+#[tokio::test]
+async fn gpu_init_container_gets_its_own_devices_and_opt_out_first() {
+    let cluster = Cluster::start("2x NVIDIA A10G 23028", config(4)).await;
+    let (init_card, app_card) = (cluster.card(0), cluster.card(1));
+    cluster
+        .api
+        .insert(&pod_with_gpu_init_container(&init_card, &app_card));
+    let uid = pod_of(&cluster, "warmed").metadata.uid.expect("uid");
+    let mut client = cluster.kubelet.plugin_client().await;
+    let has_preload = |c: &ContainerAllocateResponse| {
+        c.mounts
+            .iter()
+            .any(|m| m.container_path == "/etc/ld.so.preload")
+    };
+    let shared_dir = |c: &ContainerAllocateResponse| {
+        c.mounts
+            .iter()
+            .find(|m| m.container_path == "/usr/local/tessera/shared")
+            .expect("shared dir")
+            .host_path
+            .clone()
+    };
+
+    // Kubelet admits the init container first.
+    let init = client
+        .allocate(allocate_request(&[cluster.ids(0, 1)]))
+        .await
+        .expect("Allocate for the init container")
+        .into_inner()
+        .container_responses
+        .remove(0);
+    assert_eq!(visible(&init), init_card);
+    assert_eq!(init.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "2000m");
+    assert_eq!(init.envs["CUDA_DEVICE_SM_LIMIT"], "10");
+    assert!(!has_preload(&init), "the init container opted out");
+    assert!(
+        shared_dir(&init).ends_with(&format!("{uid}_warm-cache")),
+        "{}",
+        shared_dir(&init)
+    );
+    assert_eq!(
+        annotation(&pod_of(&cluster, "warmed"), keys::BIND_PHASE).as_deref(),
+        Some("allocating"),
+        "the app container still waits"
+    );
+
+    // Then the app container, which did not opt out.
+    let app = client
+        .allocate(allocate_request(&[cluster.ids(1, 1)]))
+        .await
+        .expect("Allocate for the app container")
+        .into_inner()
+        .container_responses
+        .remove(0);
+    assert_eq!(visible(&app), app_card);
+    assert_eq!(app.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "6000m");
+    assert_eq!(app.envs["CUDA_DEVICE_SM_LIMIT"], "50");
+    assert!(has_preload(&app), "the app container keeps the interceptor");
+    assert!(
+        shared_dir(&app).ends_with(&format!("{uid}_serve")),
+        "{}",
+        shared_dir(&app)
+    );
+    let pod = pod_of(&cluster, "warmed");
+    assert_eq!(
+        annotation(&pod, keys::BIND_PHASE).as_deref(),
+        Some("success")
+    );
+    assert_eq!(
+        annotation(&pod, keys::DEVICES_TO_ALLOCATE).as_deref(),
+        Some(";;")
+    );
+}

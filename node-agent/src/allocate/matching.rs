@@ -50,7 +50,8 @@ pub struct PendingPods<'a> {
 pub struct Claim<'a> {
     /// The pod the request belongs to.
     pub pod: &'a Pod,
-    /// For each container request, the pod container index and its devices.
+    /// For each container request, its entry in the allocation annotation
+    /// (see `tessera_api::request::annotated_container`) and its devices.
     pub containers: Vec<(usize, Vec<ContainerDevice>)>,
     /// `hami.io/vgpu-devices-to-allocate` once these containers are applied.
     pub remaining: PodDevices,

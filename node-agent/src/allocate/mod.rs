@@ -1,7 +1,9 @@
 //! `Allocate`: from kubelet's device IDs to the containers' env and mounts.
 //! The steps: check the IDs are ours; read the pods bound to this node from
 //! the API server; choose the pod ([`matching`]); check its cards are on
-//! this node and healthy; build each container's response ([`response`]);
+//! this node and healthy; build each container's response ([`response`]),
+//! finding the container of each annotation entry (init containers first
+//! when the scheduler listed them) with `annotated_container`;
 //! record the applied containers on the pod with a write conditional on its
 //! resourceVersion. A conflicting write means another call applied that pod
 //! first, so the decision is made again from a fresh listing. No lock is
@@ -15,6 +17,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use tessera_api::names::ResourceNames;
+use tessera_api::request::annotated_container;
 use thiserror::Error;
 use tokio::sync::watch;
 
@@ -117,7 +120,8 @@ impl Allocator {
             }
             let mut responses = Vec::with_capacity(claim.containers.len());
             for (index, devices) in &claim.containers {
-                let Some(container) = response::container_at(claim.pod, *index) else {
+                let Some(container) = annotated_container(claim.pod, claim.remaining.len(), *index)
+                else {
                     let reason = format!(
                         "its allocation names container #{index}, which the pod does not have"
                     );

@@ -44,11 +44,6 @@ fn container_owner(pod: &Pod, container: &Container) -> Option<(u32, Option<u32>
     Some((u32::try_from(uid).ok()?, gid))
 }
 
-/// The pod's container at `index` (app containers, pod order).
-pub fn container_at(pod: &Pod, index: usize) -> Option<&Container> {
-    pod.spec.as_ref().and_then(|s| s.containers.get(index))
-}
-
 /// Builds the response for one container and prepares its host directory.
 pub fn container_response(
     layout: &HostLayout,
@@ -136,6 +131,7 @@ mod tests {
     use super::*;
     use serde_json::json;
     use tessera_api::allocation::NVIDIA_VENDOR;
+    use tessera_api::request::annotated_container;
 
     fn pod(env: serde_json::Value) -> Pod {
         serde_json::from_value(json!({
@@ -168,7 +164,7 @@ mod tests {
         let temp = tempfile::tempdir().expect("tempdir");
         let layout = HostLayout::new(temp.path());
         let pod = pod(json!([]));
-        let container = container_at(&pod, 0).expect("container");
+        let container = annotated_container(&pod, 1, 0).expect("container");
         let r = container_response(
             &layout,
             &ResourceNames::default(),
@@ -221,7 +217,7 @@ mod tests {
         let temp = tempfile::tempdir().expect("tempdir");
         let layout = HostLayout::new(temp.path());
         let pod = pod(json!([]));
-        let container = container_at(&pod, 0).expect("container");
+        let container = annotated_container(&pod, 1, 0).expect("container");
         let mut cards = devices();
         cards[0].memory_mib = 20480;
         cards[1].memory_mib = 30720;
@@ -242,7 +238,7 @@ mod tests {
         let temp = tempfile::tempdir().expect("tempdir");
         let layout = HostLayout::new(temp.path());
         let pod = pod(json!([{"name": "CUDA_DISABLE_CONTROL", "value": "true"}]));
-        let container = container_at(&pod, 0).expect("container");
+        let container = annotated_container(&pod, 1, 0).expect("container");
         let r = container_response(
             &layout,
             &ResourceNames::default(),
