@@ -1,7 +1,8 @@
 //! Wires the agent together: GPU backend → health monitor → inventory
-//! publisher, device-plugin server (with the allocator), metrics and the
-//! pod sweep; installs the interceptor first. [`run`] takes every input
-//! explicitly, so tests run the same wiring as the binary.
+//! publisher, device-plugin server (with the allocator), metrics and probes
+//! (one HTTP listener), and the pod sweep; installs the interceptor first.
+//! [`run`] takes every input explicitly, so tests run the same wiring as
+//! the binary.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::options::AgentOptions;
 use crate::plugin::registration::{self, PluginError, PluginSettings};
 use crate::plugin::service::DevicePluginService;
+use crate::probes::{self, Readiness};
 
 /// Why the agent could not start or stopped.
 #[derive(Debug, Error)]
@@ -162,7 +164,7 @@ pub struct AgentSetup {
     pub layout: HostLayout,
     /// The interceptor to install, if the image has one.
     pub interceptor_source: Option<PathBuf>,
-    /// Where to serve `/metrics` (none in tests).
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (none in most tests).
     pub metrics_addr: Option<SocketAddr>,
     /// Inventory check period.
     pub publish_interval: Duration,
@@ -248,7 +250,8 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
         Arc::clone(&cards),
         sharing.clone(),
     );
-    tasks.spawn(publisher.run(health.clone(), setup.publish_interval));
+    let readiness = Readiness::new();
+    tasks.spawn(publisher.run(health.clone(), setup.publish_interval, readiness.clone()));
 
     let pods = NodePods::new(setup.client.clone(), &setup.node);
     let index = Arc::new(RwLock::new(Vec::new()));
@@ -261,9 +264,10 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
     ));
     if let Some(addr) = setup.metrics_addr {
         let metrics = Metrics::new(Arc::clone(&setup.backend), Arc::clone(&cards), index);
+        let app = metrics.router().merge(probes::router(readiness.clone()));
         tasks.spawn(async move {
-            if let Err(e) = metrics.serve(addr).await {
-                tracing::error!(%addr, error = %e, "could not serve /metrics; check that the port is free");
+            if let Err(e) = serve_http(addr, app).await {
+                tracing::error!(%addr, error = %e, "could not serve /metrics, /healthz and /readyz; check that the port is free");
             }
         });
     }
@@ -295,10 +299,17 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
             )
         },
         shutdown,
+        readiness,
     )
     .await;
     tasks.abort_all();
     result.map_err(AgentError::from)
+}
+
+/// Serves `app` on `addr` until the process ends.
+async fn serve_http(addr: SocketAddr, app: axum::Router) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
 }
 
 #[cfg(test)]

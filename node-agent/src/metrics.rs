@@ -5,9 +5,9 @@
 //! of the card's compute, written by the interceptor's SM updater) (from
 //! the containers' accounting regions), per card
 //! `hami_host_gpu_memory_used_bytes` and `hami_host_gpu_utilization_ratio`
-//! (from the GPU backend). Values are gathered when scraped.
+//! (from the GPU backend). Values are gathered when scraped. The agent
+//! serves [`Metrics::router`] together with the probes (`crate::probes`).
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use axum::routing::get;
@@ -205,9 +205,9 @@ impl Metrics {
         out
     }
 
-    /// Serves `/metrics` on `addr` until the process ends.
-    pub async fn serve(self, addr: SocketAddr) -> std::io::Result<()> {
-        let app = axum::Router::new().route(
+    /// The `/metrics` route, to serve on the agent's HTTP listener.
+    pub fn router(self) -> axum::Router {
+        axum::Router::new().route(
             "/metrics",
             get(move || {
                 let metrics = self.clone();
@@ -218,9 +218,7 @@ impl Metrics {
                     )
                 }
             }),
-        );
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        axum::serve(listener, app).await
+        )
     }
 }
 

@@ -747,3 +747,83 @@ async fn gpu_init_container_gets_its_own_devices_and_opt_out_first() {
         Some(";;")
     );
 }
+
+/// `GET path` over plain HTTP/1.0: the status code and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+#[tokio::test]
+async fn probes_report_alive_at_once_and_ready_after_registration_and_inventory() {
+    let api = ApiServer::start().await.expect("API stand-in");
+    api.insert(&node_object());
+    let temp = tempfile::tempdir().expect("tempdir");
+    let kubelet_dir = temp.path().join("kubelet");
+    std::fs::create_dir_all(&kubelet_dir).expect("dir");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let gpus =
+        tessera_node_agent::gpu::fake::FakeGpus::parse("1x NVIDIA A10G 23028", NODE).expect("fake");
+    let setup = tessera_node_agent::agent::AgentSetup {
+        metrics_addr: Some(addr),
+        ..tessera_node_agent::testing::fake_agent_setup(
+            NODE,
+            &gpus,
+            api.client(),
+            &temp.path().join("host"),
+            kubelet_dir.join("kubelet.sock"),
+        )
+    };
+    let agent = RunningAgent::spawn(&gpus, setup);
+
+    // No kubelet yet: alive, not ready, and it says why.
+    let mut healthz = None;
+    for _ in 0..200 {
+        healthz = http_get(addr, "/healthz").await;
+        if healthz.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(healthz, Some((200, "ok".to_owned())));
+    let (status, body) = http_get(addr, "/readyz").await.expect("readyz answers");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not registered with kubelet"), "{body}");
+
+    // Kubelet comes up: the agent registers, publishes, and turns ready.
+    let kubelet = KubeletStandIn::start(&kubelet_dir);
+    kubelet.wait_registrations(1, WAIT).await;
+    let mut ready = None;
+    for _ in 0..400 {
+        ready = http_get(addr, "/readyz").await;
+        if ready.as_ref().is_some_and(|(status, _)| *status == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(ready, Some((200, "ok".to_owned())));
+    assert!(
+        api.get::<Node>(None, NODE)
+            .and_then(|n| n.metadata.annotations)
+            .is_some_and(|a| a.contains_key(NODE_REGISTER_ANNOTATION)),
+        "ready only after the inventory is on the Node"
+    );
+    let (status, metrics) = http_get(addr, "/metrics").await.expect("metrics answer");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("hami_host_gpu_memory_used_bytes"),
+        "{metrics}"
+    );
+    agent.stop().await;
+}

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::gpu::GpuInfo;
 use crate::health::HealthSnapshot;
 use crate::inventory::node_inventory;
+use crate::probes::Readiness;
 
 /// Outcome of one publication attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,14 +80,23 @@ impl InventoryPublisher {
     }
 
     /// Publishes now, on every health change and every `period`, until the
-    /// health channel closes.
-    pub async fn run(self, mut health: watch::Receiver<HealthSnapshot>, period: Duration) {
+    /// health channel closes; marks `readiness` published after the first
+    /// success.
+    pub async fn run(
+        self,
+        mut health: watch::Receiver<HealthSnapshot>,
+        period: Duration,
+        readiness: Readiness,
+    ) {
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let desired = self.desired(&health.borrow_and_update());
-            if let Err(e) = self.publish(&desired).await {
-                tracing::warn!(node = %self.node, error = %e, "could not publish the GPU inventory; retrying on the next period. Check that the node exists and the agent's RBAC allows get and patch on nodes");
+            match self.publish(&desired).await {
+                Ok(_) => readiness.mark_published(),
+                Err(e) => {
+                    tracing::warn!(node = %self.node, error = %e, "could not publish the GPU inventory; retrying on the next period. Check that the node exists and the agent's RBAC allows get and patch on nodes");
+                }
             }
             tokio::select! {
                 _ = ticker.tick() => {}

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use super::service::DevicePluginService;
 use super::socket;
+use crate::probes::Readiness;
 use crate::proto::registration_client::RegistrationClient;
 use crate::proto::{DevicePluginOptions, RegisterRequest, API_VERSION};
 
@@ -101,11 +102,13 @@ fn identity(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
-/// Serves and stays registered until `shutdown` turns true.
+/// Serves and stays registered until `shutdown` turns true; `readiness`
+/// says whether kubelet currently has the registration.
 pub async fn run(
     settings: PluginSettings,
     make_service: impl Fn(watch::Receiver<bool>) -> DevicePluginService,
     mut shutdown: watch::Receiver<bool>,
+    readiness: Readiness,
 ) -> Result<(), PluginError> {
     let plugin_socket = settings.plugin_socket();
     loop {
@@ -128,6 +131,7 @@ pub async fn run(
                 match register(&settings).await {
                     Ok(()) => {
                         tracing::info!(resource = %settings.resource_name, "registered with kubelet");
+                        readiness.set_registered(true);
                         break Some(kubelet);
                     }
                     Err(e) => {
@@ -157,6 +161,7 @@ pub async fn run(
                 }
             }
         }
+        readiness.set_registered(false);
         let _ = stop.send(true);
         match server.await {
             Ok(Ok(())) => {}
