@@ -1223,6 +1223,16 @@ fn node_agent_args_parse_and_match_its_host_mounts_and_image() {
             .any(|p| p.container_port == i32::from(options.metrics_addr.port())),
         "--metrics-addr port is not a container port"
     );
+    for (probe, path) in [
+        (&c.liveness_probe, "/healthz"),
+        (&c.readiness_probe, "/readyz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("httpGet probe");
+        assert_eq!(get.path.as_deref(), Some(path));
+    }
     assert_config_mounted(&docs, &w, c, options.config.as_deref().expect("--config"));
 
     // A hostPath mounted at `path` inside whose host path is `host`.
