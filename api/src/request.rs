@@ -305,11 +305,26 @@ pub fn container_request(
 pub fn annotated_container(pod: &Pod, entries: usize, entry: usize) -> Option<&Container> {
     let spec = pod.spec.as_ref()?;
     let init = spec.init_containers.as_deref().unwrap_or_default();
-    if !init.is_empty() && entries == init.len() + spec.containers.len() {
+    let leading_init = annotated_init_entries(pod, entries);
+    if entry < leading_init {
         init.get(entry)
-            .or_else(|| spec.containers.get(entry - init.len()))
     } else {
-        spec.containers.get(entry)
+        spec.containers.get(entry - leading_init)
+    }
+}
+
+/// How many leading entries of an allocation annotation with `entries`
+/// entries belong to init containers (see [`annotated_container`]): all of
+/// the pod's init containers, or none.
+pub fn annotated_init_entries(pod: &Pod, entries: usize) -> usize {
+    let Some(spec) = pod.spec.as_ref() else {
+        return 0;
+    };
+    let init = spec.init_containers.as_ref().map_or(0, Vec::len);
+    if init > 0 && entries == init + spec.containers.len() {
+        init
+    } else {
+        0
     }
 }
 

@@ -244,17 +244,10 @@ impl ClusterState {
             .and_then(|a| a.get(keys::DEVICES_ALLOCATED))
             .and_then(|v| decode_pod_devices(v).ok())
             .unwrap_or_default();
-        let init_count = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.init_containers.as_ref())
-            .map_or(0, Vec::len);
-        let app_count = pod.spec.as_ref().map_or(0, |s| s.containers.len());
-        let (init, app) = if init_count > 0 && devices.len() == init_count + app_count {
-            devices.split_at(init_count)
-        } else {
-            (&devices[..0], &devices[..])
-        };
+        let (init, app) = devices.split_at(tessera_api::request::annotated_init_entries(
+            pod,
+            devices.len(),
+        ));
         let resources = ResourceAmounts::pod_requests(pod, &self.config.resources);
         let charge = PodCharge::from_devices(node, resources, init, app, bound_node.is_none());
         self.set_charge(key, charge);
