@@ -112,6 +112,13 @@ fn suffix_shift(suffix: &str) -> Option<u32> {
     }
 }
 
+// ---- Host pid ------------------------------------------------------------
+
+/// Path of the node agent's host-pid socket (mounted into every GPU
+/// container): a process that connects reads its pid in the host's pid
+/// namespace (4 bytes, little-endian), which is how NVML lists it.
+pub const PID_SOCKET: &str = "TESSERA_PID_SOCKET";
+
 // ---- Compute (SM) limits and priority --------------------------------------
 
 /// Prefix of the per-card SM cap: `CUDA_DEVICE_SM_LIMIT_0`, `_1`, … (visible

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use tessera_api::container_env::{
     parse_memory_limit, MemoryLimitError, LOG_LEVEL, MEMORY_LIMIT_ALL, MEMORY_LIMIT_PREFIX,
-    SHARED_CACHE, VISIBLE_DEVICES,
+    PID_SOCKET, SHARED_CACHE, VISIBLE_DEVICES,
 };
 use tessera_api::shared_region::MAX_DEVICES;
 use tessera_api::visible_cards::{parse_visible_uuids, VISIBLE_UUIDS};
@@ -17,6 +17,11 @@ use thiserror::Error;
 /// and after it, even where NVML lists this process by its own pid (for
 /// drivers whose process lists cannot be trusted, and for tests).
 pub const MEASURE_CONTEXT_CARD_WIDE: &str = "TESSERA_MEASURE_CONTEXT_CARD_WIDE";
+
+/// Set to `1`: act as inside a pid namespace (NVML does not list this
+/// process by its own pid; ask the agent's socket) wherever the process
+/// runs; for tests, which cannot make a pid namespace.
+pub const ASSUME_PID_NAMESPACE: &str = "TESSERA_ASSUME_PID_NAMESPACE";
 
 /// What the interceptor enforces in this process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +41,10 @@ pub struct Config {
     pub log_level: u8,
     /// [`MEASURE_CONTEXT_CARD_WIDE`] is `1`.
     pub measure_context_card_wide: bool,
+    /// The node agent's host-pid socket (`TESSERA_PID_SOCKET`).
+    pub pid_socket: Option<PathBuf>,
+    /// [`ASSUME_PID_NAMESPACE`] is `1`.
+    pub assume_pid_namespace: bool,
 }
 
 /// A configuration the interceptor refuses to run with.
@@ -77,6 +86,8 @@ impl Config {
         let mut log_level = crate::log::WARN;
         let (mut tessera_uuids, mut runtime_uuids) = (None, None);
         let mut measure_context_card_wide = false;
+        let mut pid_socket = None;
+        let mut assume_pid_namespace = false;
         for (name, value) in vars {
             if name == MEMORY_LIMIT_ALL {
                 all = Some(parse(&name, &value)?);
@@ -95,6 +106,10 @@ impl Config {
                 runtime_uuids = parse_visible_uuids(&value);
             } else if name == MEASURE_CONTEXT_CARD_WIDE {
                 measure_context_card_wide = value.trim() == "1";
+            } else if name == PID_SOCKET && !value.is_empty() {
+                pid_socket = Some(PathBuf::from(value));
+            } else if name == ASSUME_PID_NAMESPACE {
+                assume_pid_namespace = value.trim() == "1";
             } else if name == LOG_LEVEL {
                 // A bad log level is not worth refusing CUDA over.
                 log_level = value.trim().parse().unwrap_or(crate::log::WARN);
@@ -113,6 +128,8 @@ impl Config {
             shared_region,
             log_level,
             measure_context_card_wide,
+            pid_socket,
+            assume_pid_namespace,
         })
     }
 

@@ -13,9 +13,7 @@ use crate::cards::{self, Card};
 use crate::driver::Hook;
 use crate::ffi::*;
 use crate::log::{self, log, DEBUG, ERROR, INFO};
-use crate::nvml_hooks::{
-    nvml_lists_our_pid, usage_after_context, usage_before_context, UsageSample,
-};
+use crate::nvml_hooks::{usage_after_context, usage_before_context, UsageSample};
 use crate::ptr_table::PtrTable;
 use crate::state;
 use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -497,12 +495,14 @@ fn measured_context(
 ) -> (CuResult, u64) {
     let timing = log::enabled(DEBUG);
     let t0 = timing.then(std::time::Instant::now);
-    // Where NVML reports our own pid and this process holds nothing on the
-    // card yet, its usage before the context is known to be zero: no NVML
-    // reading (nor waiting for NVML's start-up) before the context. Else
-    // (inside a pid namespace NVML reports host pids, so the card-wide
-    // difference is used) the reading is taken first.
-    let known_empty = nvml_lists_our_pid() && accounting.own_usage(card) == 0;
+    // Where we know the pid NVML lists us under (our own in the initial
+    // pid namespace, else the host pid the node agent told us) and this
+    // process holds nothing on the card yet, its usage before the context
+    // is known to be zero: no NVML reading (nor waiting for NVML's
+    // start-up) before the context. Else (NVML lists host pids and we do
+    // not know ours, so the card-wide difference is used) the reading is
+    // taken first.
+    let known_empty = crate::host_pid::nvml_pid().is_some() && accounting.own_usage(card) == 0;
     let before = if known_empty {
         Some(UsageSample::NOTHING_OF_OURS)
     } else {

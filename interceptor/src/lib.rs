@@ -43,6 +43,7 @@ mod cuda_hooks;
 mod dlsym;
 mod driver;
 mod ffi;
+mod host_pid;
 mod launch_hooks;
 mod loader;
 mod log;

@@ -8,7 +8,8 @@
 //! ([`state::start_nvml_warm_up`]); each card's NVML handle is looked up
 //! once (by UUID) and kept; before a context, one process-list call and one
 //! memory call; after it, one process-list call, plus the memory call only
-//! where NVML does not list this process (inside a pid namespace).
+//! where NVML does not list this process (inside a pid namespace whose host
+//! pid the node agent could not tell us, [`crate::host_pid`]).
 
 use crate::cards;
 use crate::ffi::*;
@@ -168,6 +169,7 @@ fn own_usage(running: usize, device: NvmlDevice) -> Option<u64> {
     if running == 0 {
         return None;
     }
+    let me = crate::host_pid::nvml_pid()?;
     let mut list = [ProcessInfo {
         pid: 0,
         used_gpu_memory: 0,
@@ -186,7 +188,6 @@ fn own_usage(running: usize, device: NvmlDevice) -> Option<u64> {
     if rc != NVML_SUCCESS {
         return None;
     }
-    let me = std::process::id();
     list[..(count as usize).min(list.len())]
         .iter()
         .find(|p| p.pid == me)
@@ -205,24 +206,6 @@ fn device_used(nvml: &crate::driver::NvmlLibrary, handle: NvmlDevice) -> Option<
         std::mem::transmute::<usize, MemoryInfoFn>(nvml.memory_info[0])(handle, &mut memory)
     };
     (rc == NVML_SUCCESS).then_some(memory.used)
-}
-
-/// `readlink /proc/self/ns/pid` in the initial pid namespace (its inode
-/// number is fixed by the kernel, `PROC_PID_INIT_INO`).
-const INITIAL_PID_NAMESPACE: &[u8] = b"pid:[4026531836]";
-
-/// Whether NVML's process lists carry our own pid: NVML reports pids of the
-/// initial pid namespace, so only there (the host, `hostPID` pods, bare
-/// machines), unless `TESSERA_MEASURE_CONTEXT_CARD_WIDE=1`. Read once.
-pub fn nvml_lists_our_pid() -> bool {
-    static LISTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *LISTED.get_or_init(|| {
-        if state::config().is_ok_and(|c| c.measure_context_card_wide) {
-            return false;
-        }
-        std::fs::read_link("/proc/self/ns/pid")
-            .is_ok_and(|target| target.as_os_str().as_encoded_bytes() == INITIAL_PID_NAMESPACE)
-    })
 }
 
 /// No handle: the card is not in NVML (looked up, not found).

@@ -105,7 +105,8 @@ pub fn measuring_nvml() -> Option<&'static NvmlLibrary> {
 
 /// Starts loading and initialising NVML on a helper thread, so that it
 /// overlaps the driver's own initialisation instead of delaying the first
-/// context. Called from `cuInit` when a cap is set; at most one helper.
+/// context; the thread first asks the node agent for our host pid
+/// ([`crate::host_pid`]). Called from `cuInit` when a cap is set; at most one helper.
 pub fn start_nvml_warm_up() {
     if NVML_INITIALISED.started() {
         return;
@@ -114,6 +115,10 @@ pub fn start_nvml_warm_up() {
     let _ = std::thread::Builder::new()
         .name("tessera-nvml".into())
         .spawn(|| {
+            // Inside a pid namespace: the host pid NVML lists us under,
+            // from the node agent (a few microseconds; before NVML, so the
+            // first context finds it).
+            crate::host_pid::learn_in_advance();
             measuring_nvml();
         });
 }

@@ -497,3 +497,140 @@ int main(void) { return puts("rtld_next=ok") < 0; }
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "rtld_next=ok");
 }
+
+/// A stand-in for the node agent's host-pid socket: answers each peer with
+/// its pid (`SO_PEERCRED`; the same namespace here) plus `offset`, as the
+/// agent answers a pod's process with its host pid, and records the pids
+/// that asked.
+struct PidServer {
+    _dir: tempfile::TempDir,
+    path: String,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+}
+
+impl PidServer {
+    fn start(offset: u32) -> Self {
+        use std::io::Write;
+        use std::os::unix::io::AsRawFd;
+        let (dir, path) = shared_path("pid.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind the pid socket");
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = std::sync::Arc::clone(&asked);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut cred = libc::ucred {
+                    pid: 0,
+                    uid: 0,
+                    gid: 0,
+                };
+                let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+                // SAFETY: getsockopt(SO_PEERCRED) into a ucred of the stated size.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        stream.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_PEERCRED,
+                        std::ptr::addr_of_mut!(cred).cast(),
+                        &mut len,
+                    )
+                };
+                assert_eq!(rc, 0, "SO_PEERCRED");
+                let pid = cred.pid as u32;
+                record.lock().unwrap().push(pid);
+                stream.write_all(&(pid + offset).to_le_bytes()).ok();
+            }
+        });
+        PidServer {
+            _dir: dir,
+            path,
+            asked,
+        }
+    }
+
+    fn asked(&self) -> Vec<u32> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+/// NVML lists the fake's process under its pid plus this, as a host pid.
+const HOST_PID_OFFSET: u32 = 100_000;
+
+fn in_pid_namespace(socket: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("CUDA_DEVICE_MEMORY_LIMIT", "4g"),
+        ("FAKE_NVML_PID_OFFSET", "100000"),
+        // As inside a pid namespace, whatever namespace the test runs in.
+        ("TESSERA_ASSUME_PID_NAMESPACE", "1"),
+        ("TESSERA_PID_SOCKET", socket),
+        ("LIBCUDA_LOG_LEVEL", "3"),
+    ]
+}
+
+#[test]
+fn a_host_pid_from_the_agent_spares_the_card_wide_reading() {
+    let server = PidServer::start(HOST_PID_OFFSET);
+    for client in CLIENTS {
+        let out = run(client, &["info"], &in_pid_namespace(&server.path));
+        assert!(out.status.success(), "{client}: {out:?}");
+        let log = String::from_utf8_lossy(&out.stderr);
+        // Charged exactly, from NVML's process list under the host pid.
+        assert_eq!(value(&out, "free"), 4096 * MIB - CONTEXT, "{client}: {log}");
+        assert!(
+            log.contains("NVML before the context") && log.contains("(none needed"),
+            "{client}: no reading before the context: {log}"
+        );
+        assert!(
+            !log.contains("does not list this process"),
+            "{client}: {log}"
+        );
+        let asker = *server.asked().last().expect("the client asked");
+        assert!(
+            log.contains(&format!(
+                "host pid {} (own pid {asker})",
+                asker + HOST_PID_OFFSET
+            )),
+            "{client}: {log}"
+        );
+    }
+    assert_eq!(
+        server.asked().len(),
+        CLIENTS.len(),
+        "one question per process"
+    );
+}
+
+#[test]
+fn without_the_agents_socket_contexts_are_measured_card_wide() {
+    let (_dir, missing) = shared_path("no-agent.sock");
+    for client in CLIENTS {
+        let out = run(client, &["info"], &in_pid_namespace(&missing));
+        assert!(out.status.success(), "{client}: {out:?}");
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(value(&out, "free"), 4096 * MIB - CONTEXT, "{client}: {log}");
+        assert!(log.contains("no host pid from"), "{client}: {log}");
+        assert!(
+            log.contains("NVML before the context") && log.contains("(read)"),
+            "{client}: the card-wide reading is taken: {log}"
+        );
+    }
+}
+
+#[test]
+fn a_forked_child_asks_for_its_own_host_pid() {
+    let server = PidServer::start(HOST_PID_OFFSET);
+    let (_dir, path) = shared_path("fork-pid.cache");
+    let mut env = in_pid_namespace(&server.path);
+    env[0] = ("CUDA_DEVICE_MEMORY_LIMIT", "1g");
+    env.push(("CUDA_DEVICE_MEMORY_SHARED_CACHE", path.as_str()));
+    let out = run("cuda_dlsym", &["fork"], &env);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(value(&out, "child_alloc"), 0, "{log}");
+    assert_eq!(value(&out, "parent_rest"), 0, "{log}");
+    // The child made its own context: it asked under its own pid, and
+    // NVML listed it under that pid's host pid.
+    let mut asked = server.asked();
+    asked.dedup();
+    assert_eq!(asked.len(), 2, "parent and child each asked: {asked:?}");
+    assert!(!log.contains("does not list this process"), "{log}");
+}

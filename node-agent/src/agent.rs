@@ -1,6 +1,7 @@
 //! Wires the agent together: GPU backend → health monitor → inventory
 //! publisher, device-plugin server (with the allocator), metrics and probes
-//! (one HTTP listener), and the pod sweep; installs the interceptor first.
+//! (one HTTP listener), the host-pid socket, and the pod sweep; installs the
+//! interceptor first.
 //! [`run`] takes every input explicitly, so tests run the same wiring as
 //! the binary.
 
@@ -237,9 +238,19 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
         None => {}
     }
     let sharing = setup.config.sharing_for_node(&setup.node);
+    let mut tasks = tokio::task::JoinSet::new();
+    // Without it the interceptor measures contexts card-wide (slower
+    // start-up, still correct): not worth refusing to run over.
+    match crate::pid_socket::bind(&setup.layout.pid_socket()) {
+        Ok(listener) => {
+            tasks.spawn(crate::pid_socket::serve(listener));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot serve the host-pid socket; CUDA start-up in GPU containers waits for NVML instead")
+        }
+    }
     let monitor = HealthMonitor::new(&cards, setup.health_quiet);
     let health = monitor.subscribe();
-    let mut tasks = tokio::task::JoinSet::new();
     let recovery_interval =
         (setup.health_quiet / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
     tasks.spawn(monitor.run(Arc::clone(&setup.backend), recovery_interval));

@@ -6,7 +6,8 @@
 //! per GPU container holding its shared accounting region. Directories are
 //! owned by the agent and not world-writable; the region file inside is
 //! made writable for the container's user. Directories of pods that no
-//! longer exist are removed.
+//! longer exist are removed. The host-pid socket lives in its own directory
+//! (`pid/`), served by [`crate::pid_socket`].
 
 use std::collections::HashSet;
 use std::fs;
@@ -30,6 +31,11 @@ pub const REGION_FILE: &str = "region.cache";
 pub const CONTAINER_CARDS_DIR: &str = "/usr/local/tessera/cards";
 /// The preload file every GPU container gets.
 pub const CONTAINER_PRELOAD: &str = "/etc/ld.so.preload";
+/// Where the directory of the host-pid socket appears inside containers
+/// (read-only: connecting to a socket needs no write access to the mount).
+pub const CONTAINER_PID_DIR: &str = "/usr/local/tessera/pid";
+/// File name of the host-pid socket in that directory.
+pub const PID_SOCKET_FILE: &str = "pid.sock";
 
 /// Errors writing host files.
 #[derive(Debug, Error)]
@@ -80,6 +86,32 @@ impl HostLayout {
     /// Host path of the preload file mounted as `/etc/ld.so.preload`.
     pub fn preload(&self) -> PathBuf {
         self.root.join("lib").join("ld.so.preload")
+    }
+
+    /// Directory of the host-pid socket ([`crate::pid_socket`]); mounted
+    /// as a directory, so a socket re-made by a restarted agent is seen.
+    pub fn pid_dir(&self) -> PathBuf {
+        self.root.join("pid")
+    }
+
+    /// Creates the host-pid socket's directory (mode 0755, owned by the
+    /// agent) and returns it.
+    pub fn prepare_pid_dir(&self) -> Result<PathBuf, HostFileError> {
+        let dir = self.pid_dir();
+        fs::create_dir_all(&dir).map_err(io("create the host-pid socket directory", &dir))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+            .map_err(io("set permissions of", &dir))?;
+        Ok(dir)
+    }
+
+    /// Host path of the host-pid socket.
+    pub fn pid_socket(&self) -> PathBuf {
+        self.pid_dir().join(PID_SOCKET_FILE)
+    }
+
+    /// Path of the host-pid socket inside a container.
+    pub fn container_pid_socket_path() -> String {
+        format!("{CONTAINER_PID_DIR}/{PID_SOCKET_FILE}")
     }
 
     /// Directory holding one subdirectory per GPU container.

@@ -9,7 +9,8 @@
 //! the host and keeps per-container directories ([`host_files`]), reads
 //! usage from the containers' accounting regions ([`usage`]) for
 //! `/metrics` ([`metrics`]), serves `/healthz` and `/readyz` next to it
-//! ([`probes`]), and sweeps stale state ([`sweep`]).
+//! ([`probes`]), tells container processes their host pid
+//! ([`pid_socket`]), and sweeps stale state ([`sweep`]).
 //! [`agent::run`] wires it all; `main.rs` only parses options.
 //!
 //! With the `test-support` feature (turned on only by dev-dependencies),
@@ -25,6 +26,7 @@ pub mod inventory;
 pub mod k8s;
 pub mod metrics;
 pub mod options;
+pub mod pid_socket;
 pub mod plugin;
 pub mod probes;
 pub mod proto;

@@ -891,6 +891,17 @@ fn containers_are_hardened_and_sized() {
                 "{what}: drops ALL"
             );
             let pod_security = w.spec.security_context.as_ref();
+            assert_ne!(w.spec.host_network, Some(true), "{what}: hostNetwork");
+            assert_ne!(w.spec.host_ipc, Some(true), "{what}: hostIPC");
+            // Only the node agent shares the host's pid namespace: its
+            // host-pid socket answers each GPU container process with its
+            // pid as SO_PEERCRED reports it in the agent's namespace, which
+            // must be the host's, since NVML lists processes by host pid.
+            assert_eq!(
+                w.spec.host_pid == Some(true),
+                w.name == "tessera-node-agent",
+                "{what}: hostPID only for the node agent"
+            );
             let non_root = security
                 .run_as_non_root
                 .or(pod_security.and_then(|s| s.run_as_non_root));

@@ -3,19 +3,21 @@
 //! the card list the caps are numbered by (`TESSERA_VISIBLE_UUIDS`), SM cap,
 //! shared region path, priority) and the mounts (the container's
 //! accounting directory, and unless the container opts out with
-//! `CUDA_DISABLE_CONTROL=true`, the interceptor and `/etc/ld.so.preload`).
+//! `CUDA_DISABLE_CONTROL=true`, the interceptor, `/etc/ld.so.preload` and
+//! the host-pid socket's directory, read-only, named by `TESSERA_PID_SOCKET`).
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use tessera_api::allocation::ContainerDevice;
 use tessera_api::container_env::{
-    format_memory_limit_mib, memory_limit_var, sm_limit_var, CARD_TENANTS_DIR,
+    format_memory_limit_mib, memory_limit_var, sm_limit_var, CARD_TENANTS_DIR, PID_SOCKET,
 };
 use tessera_api::names::{env, ResourceNames};
 use tessera_api::request::container_request;
 use tessera_api::visible_cards::{format_visible_uuids, VISIBLE_UUIDS};
 
 use crate::host_files::{
-    HostFileError, HostLayout, CONTAINER_CARDS_DIR, CONTAINER_PRELOAD, CONTAINER_SHARED_DIR,
+    HostFileError, HostLayout, CONTAINER_CARDS_DIR, CONTAINER_PID_DIR, CONTAINER_PRELOAD,
+    CONTAINER_SHARED_DIR,
 };
 use crate::proto::{ContainerAllocateResponse, Mount};
 
@@ -122,6 +124,18 @@ pub fn container_response(
             host_path: layout.preload().to_string_lossy().into_owned(),
             read_only: true,
         });
+        // Where the interceptor learns its host pid (NVML lists processes
+        // by host pid); the directory exists even before the agent's socket.
+        let pid_dir = layout.prepare_pid_dir()?;
+        response.mounts.push(Mount {
+            container_path: CONTAINER_PID_DIR.to_owned(),
+            host_path: pid_dir.to_string_lossy().into_owned(),
+            read_only: true,
+        });
+        response.envs.insert(
+            PID_SOCKET.to_owned(),
+            HostLayout::container_pid_socket_path(),
+        );
     }
     Ok(response)
 }
@@ -199,8 +213,20 @@ mod tests {
                 ("/usr/local/tessera/shared", false),
                 ("/usr/local/tessera/cards", false),
                 ("/usr/local/tessera/libtessera-cuda.so", true),
-                ("/etc/ld.so.preload", true)
+                ("/etc/ld.so.preload", true),
+                ("/usr/local/tessera/pid", true)
             ]
+        );
+        assert_eq!(
+            r.envs["TESSERA_PID_SOCKET"],
+            "/usr/local/tessera/pid/pid.sock"
+        );
+        // The socket the agent serves is in the mounted directory.
+        assert_eq!(r.mounts[4].host_path, layout.pid_dir().to_string_lossy());
+        assert!(layout.pid_dir().is_dir());
+        assert_eq!(
+            layout.pid_socket().parent(),
+            Some(layout.pid_dir().as_path())
         );
         assert_eq!(
             r.mounts[0].host_path,
@@ -252,6 +278,7 @@ mod tests {
             .mounts
             .iter()
             .all(|m| m.container_path != "/etc/ld.so.preload"));
+        assert!(!r.envs.contains_key("TESSERA_PID_SOCKET"));
         assert_eq!(r.envs["NVIDIA_VISIBLE_DEVICES"], "GPU-a,GPU-b");
     }
 }

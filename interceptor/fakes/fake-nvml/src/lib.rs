@@ -234,7 +234,9 @@ pub struct ProcessInfo {
 }
 
 /// Lists this process (the only one the fake card knows) when it uses the
-/// card. `FAKE_NVML_NO_PROCESSES=1` lists none, as inside a pid namespace.
+/// card. `FAKE_NVML_NO_PROCESSES=1` lists none; `FAKE_NVML_PID_OFFSET=<n>`
+/// lists it under its pid plus `n`, as a host pid seen from inside a pid
+/// namespace.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     device: *const u8,
@@ -249,7 +251,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     unsafe {
         if listed && *count >= 1 {
             *infos = ProcessInfo {
-                pid: std::process::id(),
+                pid: std::process::id() + pid_offset(),
                 used_gpu_memory: used,
                 gpu_instance_id: u32::MAX,
                 compute_instance_id: u32::MAX,
@@ -258,6 +260,14 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
         *count = listed as c_uint;
     }
     SUCCESS
+}
+
+/// `FAKE_NVML_PID_OFFSET` (default 0).
+fn pid_offset() -> c_uint {
+    std::env::var("FAKE_NVML_PID_OFFSET")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// `nvmlProcessUtilizationSample_t`.
