@@ -10,7 +10,16 @@
 # prints medians. Then one run at LIBCUDA_LOG_LEVEL=3 prints the
 # interceptor's `timing:` lines (cuInit, region attach, NVML start-up on its
 # helper thread, NVML readings around the first context).
+#
+# PIDNS=1: every preloaded run starts in a new pid namespace (`unshare
+# --pid --fork --mount-proc`, needs root), as in a pod; bare runs stay on
+# the host. The LIB runs then get TESSERA_PID_SOCKET=$PID_SOCKET (start
+# hack/gpu-validate/pid-server.py on it first, in the host namespace); the
+# OTHER runs do not, so passing LIB again as OTHER compares the host-pid
+# path with the card-wide one.
 set -uo pipefail
+PIDNS=${PIDNS:-}
+PID_SOCKET=${PID_SOCKET:-}
 LIB=${LIB:-$PWD/build-gpu/libtessera-cuda.so}
 OTHER=${1:-}
 ROUNDS=${ROUNDS:-25}
@@ -18,15 +27,16 @@ WORK=$(mktemp -d)
 nvcc -O2 -arch=native -o "$WORK/bench" hack/gpu-validate/bench.cu -lcuda || exit 1
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 field() { sed -n "s/.*init_ms=\([0-9.]*\).*/\1/p"; }
-run_with() { # run_with <lib or ""> 
+wrap() { if [ -n "$PIDNS" ]; then unshare --pid --fork --mount-proc "$@"; else "$@"; fi; }
+run_with() { # run_with <lib or ""> [pid socket]
     if [ -z "$1" ]; then "$WORK/bench" init; else
-        env LD_PRELOAD="$1" CUDA_DEVICE_MEMORY_LIMIT=40g \
+        wrap env LD_PRELOAD="$1" CUDA_DEVICE_MEMORY_LIMIT=40g ${2:+TESSERA_PID_SOCKET=$2} \
             CUDA_DEVICE_MEMORY_SHARED_CACHE="$WORK/r$RANDOM$RANDOM.cache" "$WORK/bench" init; fi
 }
 "$WORK/bench" init > /dev/null # warm the driver's caches once
 for i in $(seq "$ROUNDS"); do
     run_with "" | field >> "$WORK/bare"
-    run_with "$LIB" | field >> "$WORK/new"
+    run_with "$LIB" "$PID_SOCKET" | field >> "$WORK/new"
     [ -n "$OTHER" ] && run_with "$OTHER" | field >> "$WORK/other"
 done
 b=$(median < "$WORK/bare"); n=$(median < "$WORK/new")
@@ -40,6 +50,6 @@ echo "samples new[$(paste -sd' ' "$WORK/new")]"
 [ -n "$OTHER" ] && echo "samples other[$(paste -sd' ' "$WORK/other")]"
 echo "== interceptor timing lines (LIBCUDA_LOG_LEVEL=3), three runs"
 for i in 1 2 3; do
-    env LIBCUDA_LOG_LEVEL=3 LD_PRELOAD="$LIB" CUDA_DEVICE_MEMORY_LIMIT=40g \
-        CUDA_DEVICE_MEMORY_SHARED_CACHE="$WORK/t$i.cache" "$WORK/bench" init 2>&1 | grep -E "timing|init_ms|charged"
+    wrap env LIBCUDA_LOG_LEVEL=3 LD_PRELOAD="$LIB" CUDA_DEVICE_MEMORY_LIMIT=40g ${PID_SOCKET:+TESSERA_PID_SOCKET=$PID_SOCKET} \
+        CUDA_DEVICE_MEMORY_SHARED_CACHE="$WORK/t$i.cache" "$WORK/bench" init 2>&1 | grep -E "timing|init_ms|charged|host pid"
 done

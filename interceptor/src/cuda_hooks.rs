@@ -495,14 +495,15 @@ fn measured_context(
 ) -> (CuResult, u64) {
     let timing = log::enabled(DEBUG);
     let t0 = timing.then(std::time::Instant::now);
-    // Where we know the pid NVML lists us under (our own in the initial
-    // pid namespace, else the host pid the node agent told us) and this
+    // Where we know the pids NVML lists us under (our own in the initial
+    // pid namespace; inside another, our own or the host pid the node
+    // agent told us, whichever the driver reports) and this
     // process holds nothing on the card yet, its usage before the context
     // is known to be zero: no NVML reading (nor waiting for NVML's
     // start-up) before the context. Else (NVML lists host pids and we do
     // not know ours, so the card-wide difference is used) the reading is
     // taken first.
-    let known_empty = crate::host_pid::nvml_pid().is_some() && accounting.own_usage(card) == 0;
+    let known_empty = crate::host_pid::listed_by_nvml() && accounting.own_usage(card) == 0;
     let before = if known_empty {
         Some(UsageSample::NOTHING_OF_OURS)
     } else {

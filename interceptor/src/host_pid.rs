@@ -1,10 +1,13 @@
-//! Which pid NVML lists this process under. NVML reports pids of the
-//! initial (host) pid namespace: there (the host, `hostPID` pods, bare
-//! machines) it is our own pid; inside a pid namespace (every other pod) it
-//! is the host pid, which the node agent's socket (`TESSERA_PID_SOCKET`)
-//! tells us: it reads our credentials (`SO_PEERCRED`, translated by the
-//! kernel into its host namespace) and writes the pid as 4 bytes
-//! little-endian.
+//! Which pid NVML lists this process under. In the initial (host) pid
+//! namespace (the host, `hostPID` pods, bare machines) it is our own pid.
+//! Inside a pid namespace (every other pod) some drivers report the host
+//! pid, others (580.159.04, seen on an H100) translate it into the caller's
+//! namespace, i.e. our own pid again; the host pid comes from the node
+//! agent's socket (`TESSERA_PID_SOCKET`), which reads our credentials
+//! (`SO_PEERCRED`, translated by the kernel into its host namespace) and
+//! writes the pid as 4 bytes little-endian. With it, NVML's list is
+//! searched for either pid, and the reading before a first context can be
+//! skipped whichever way the driver reports.
 //!
 //! Asked on the NVML helper thread started at `cuInit` (off the critical
 //! path), never at load time; a context made before the answer is in asks
@@ -51,26 +54,62 @@ fn in_initial_pid_namespace() -> bool {
     })
 }
 
-/// Whether NVML's process lists can be matched at all (not with
+/// Whether the known-empty shortcut may be used at all (not with
 /// `TESSERA_MEASURE_CONTEXT_CARD_WIDE=1`).
 fn process_lists_trusted() -> bool {
     !state::config().is_ok_and(|c| c.measure_context_card_wide)
 }
 
-/// The pid NVML lists this process under, if it is known (asking the
-/// agent's socket if this process has not asked yet).
-pub fn nvml_pid() -> Option<u32> {
-    if !process_lists_trusted() {
-        return None;
+/// The pids NVML may list this process under: its own, and inside a pid
+/// namespace the host pid the agent told us, if any. Drivers differ: some
+/// report host pids, others (seen with 580.159.04) translate them into the
+/// caller's pid namespace, so both are looked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NvmlPids {
+    /// `getpid()`.
+    pub own: u32,
+    /// The host pid, when known and different from `own`.
+    pub host: Option<u32>,
+}
+
+impl NvmlPids {
+    /// Whether NVML lists a process of this pid as us.
+    pub fn matches(self, pid: u32) -> bool {
+        pid == self.own || self.host == Some(pid)
     }
-    let me = std::process::id();
-    if in_initial_pid_namespace() {
-        return Some(me);
+}
+
+/// The pids NVML may list this process under (asking the agent's socket,
+/// inside a pid namespace, if this process has not asked yet).
+pub fn nvml_pids() -> NvmlPids {
+    let own = std::process::id();
+    let host = if in_initial_pid_namespace() || !process_lists_trusted() {
+        None
+    } else {
+        match kept_answer(own) {
+            Some(answer) => answer,
+            None => ask(own),
+        }
+    };
+    NvmlPids {
+        own,
+        host: host.filter(|&h| h != own),
     }
-    match kept_answer(me) {
-        Some(answer) => answer,
-        None => ask(me),
-    }
+}
+
+/// Whether NVML surely lists this process under one of [`nvml_pids`]: in
+/// the initial pid namespace, or inside another once the agent told us our
+/// host pid. Only then may the reading before a first context be skipped.
+pub fn listed_by_nvml() -> bool {
+    process_lists_trusted()
+        && (in_initial_pid_namespace() || {
+            let own = std::process::id();
+            let answer = match kept_answer(own) {
+                Some(answer) => answer,
+                None => ask(own),
+            };
+            answer.is_some()
+        })
 }
 
 /// Asks the agent's socket now if this process is inside a pid namespace
@@ -233,6 +272,18 @@ mod tests {
         ANSWER.store(42u64 << 32, Ordering::Release);
         assert_eq!(kept_answer(42), Some(None), "a failure is kept too");
         ANSWER.store(0, Ordering::Release);
+    }
+
+    #[test]
+    fn either_pid_is_ours() {
+        let pids = NvmlPids {
+            own: 7,
+            host: Some(4007),
+        };
+        assert!(pids.matches(7) && pids.matches(4007));
+        assert!(!pids.matches(8));
+        let own_only = NvmlPids { own: 7, host: None };
+        assert!(own_only.matches(7) && !own_only.matches(4007));
     }
 
     #[test]

@@ -169,7 +169,7 @@ fn own_usage(running: usize, device: NvmlDevice) -> Option<u64> {
     if running == 0 {
         return None;
     }
-    let me = crate::host_pid::nvml_pid()?;
+    let me = crate::host_pid::nvml_pids();
     let mut list = [ProcessInfo {
         pid: 0,
         used_gpu_memory: 0,
@@ -188,10 +188,13 @@ fn own_usage(running: usize, device: NvmlDevice) -> Option<u64> {
     if rc != NVML_SUCCESS {
         return None;
     }
+    // Both our own and our host pid listed (one of them is another
+    // process's): the larger, so a context is never charged too little.
     list[..(count as usize).min(list.len())]
         .iter()
-        .find(|p| p.pid == me)
+        .filter(|p| me.matches(p.pid))
         .map(|p| p.used_gpu_memory)
+        .max()
 }
 
 /// Device-wide bytes in use per NVML (the real query, not our hook).

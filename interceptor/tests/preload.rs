@@ -556,10 +556,10 @@ impl PidServer {
 /// NVML lists the fake's process under its pid plus this, as a host pid.
 const HOST_PID_OFFSET: u32 = 100_000;
 
-fn in_pid_namespace(socket: &str) -> Vec<(&str, &str)> {
+fn in_pid_namespace<'a>(socket: &'a str, nvml_pid_offset: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
         ("CUDA_DEVICE_MEMORY_LIMIT", "4g"),
-        ("FAKE_NVML_PID_OFFSET", "100000"),
+        ("FAKE_NVML_PID_OFFSET", nvml_pid_offset),
         // As inside a pid namespace, whatever namespace the test runs in.
         ("TESSERA_ASSUME_PID_NAMESPACE", "1"),
         ("TESSERA_PID_SOCKET", socket),
@@ -569,42 +569,49 @@ fn in_pid_namespace(socket: &str) -> Vec<(&str, &str)> {
 
 #[test]
 fn a_host_pid_from_the_agent_spares_the_card_wide_reading() {
-    let server = PidServer::start(HOST_PID_OFFSET);
-    for client in CLIENTS {
-        let out = run(client, &["info"], &in_pid_namespace(&server.path));
-        assert!(out.status.success(), "{client}: {out:?}");
-        let log = String::from_utf8_lossy(&out.stderr);
-        // Charged exactly, from NVML's process list under the host pid.
-        assert_eq!(value(&out, "free"), 4096 * MIB - CONTEXT, "{client}: {log}");
-        assert!(
-            log.contains("NVML before the context") && log.contains("(none needed"),
-            "{client}: no reading before the context: {log}"
-        );
-        assert!(
-            !log.contains("does not list this process"),
-            "{client}: {log}"
-        );
-        let asker = *server.asked().last().expect("the client asked");
-        assert!(
-            log.contains(&format!(
-                "host pid {} (own pid {asker})",
-                asker + HOST_PID_OFFSET
-            )),
-            "{client}: {log}"
+    // NVML lists host pids (offset 100000, as the agent answers), or
+    // translates them into the caller's namespace (offset 0: our own pid,
+    // as driver 580 does): exact either way, with no reading before.
+    for nvml_offset in ["100000", "0"] {
+        let server = PidServer::start(HOST_PID_OFFSET);
+        for client in CLIENTS {
+            let out = run(
+                client,
+                &["info"],
+                &in_pid_namespace(&server.path, nvml_offset),
+            );
+            assert!(out.status.success(), "{client}: {out:?}");
+            let log = String::from_utf8_lossy(&out.stderr);
+            let what = format!("{client}, NVML pid offset {nvml_offset}");
+            // Charged exactly, from NVML's process list.
+            assert_eq!(value(&out, "free"), 4096 * MIB - CONTEXT, "{what}: {log}");
+            assert!(
+                log.contains("NVML before the context") && log.contains("(none needed"),
+                "{what}: no reading before the context: {log}"
+            );
+            assert!(!log.contains("does not list this process"), "{what}: {log}");
+            let asker = *server.asked().last().expect("the client asked");
+            assert!(
+                log.contains(&format!(
+                    "host pid {} (own pid {asker})",
+                    asker + HOST_PID_OFFSET
+                )),
+                "{what}: {log}"
+            );
+        }
+        assert_eq!(
+            server.asked().len(),
+            CLIENTS.len(),
+            "one question per process"
         );
     }
-    assert_eq!(
-        server.asked().len(),
-        CLIENTS.len(),
-        "one question per process"
-    );
 }
 
 #[test]
 fn without_the_agents_socket_contexts_are_measured_card_wide() {
     let (_dir, missing) = shared_path("no-agent.sock");
     for client in CLIENTS {
-        let out = run(client, &["info"], &in_pid_namespace(&missing));
+        let out = run(client, &["info"], &in_pid_namespace(&missing, "100000"));
         assert!(out.status.success(), "{client}: {out:?}");
         let log = String::from_utf8_lossy(&out.stderr);
         assert_eq!(value(&out, "free"), 4096 * MIB - CONTEXT, "{client}: {log}");
@@ -620,7 +627,7 @@ fn without_the_agents_socket_contexts_are_measured_card_wide() {
 fn a_forked_child_asks_for_its_own_host_pid() {
     let server = PidServer::start(HOST_PID_OFFSET);
     let (_dir, path) = shared_path("fork-pid.cache");
-    let mut env = in_pid_namespace(&server.path);
+    let mut env = in_pid_namespace(&server.path, "100000");
     env[0] = ("CUDA_DEVICE_MEMORY_LIMIT", "1g");
     env.push(("CUDA_DEVICE_MEMORY_SHARED_CACHE", path.as_str()));
     let out = run("cuda_dlsym", &["fork"], &env);
