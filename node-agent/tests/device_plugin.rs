@@ -7,14 +7,23 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{EnvVar, Node, Pod};
 use k8s_openapi::api::events::v1::Event;
 use tessera_api::config::Config;
 use tessera_api::inventory::decode_inventory;
 use tessera_api::names::{allocation as keys, NODE_REGISTER_ANNOTATION};
 use tessera_node_agent::gpu::{HealthEvent, HealthEventKind};
-use tessera_node_agent::proto::{ContainerAllocateResponse, Empty};
-use tonic::Code;
+use tessera_node_agent::proto::device_plugin_client::DevicePluginClient;
+use tessera_node_agent::proto::{
+    AllocateResponse, ContainerAllocateResponse, Empty, ListAndWatchResponse, Mount,
+};
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+type PluginClient = DevicePluginClient<Channel>;
+
+const PRELOAD_PATH: &str = "/etc/ld.so.preload";
+const SHARED_DIR_PATH: &str = "/usr/local/tessera/shared";
 
 fn config(split: u32) -> Config {
     Config::from_yaml(&format!(
@@ -28,6 +37,93 @@ fn pod_of(cluster: &Cluster, name: &str) -> Pod {
         .api
         .get::<Pod>(Some("default"), name)
         .expect("pod exists")
+}
+
+/// The bind phase the agent left on pod `name`.
+fn bind_phase(cluster: &Cluster, name: &str) -> Option<String> {
+    annotation(&pod_of(cluster, name), keys::BIND_PHASE)
+}
+
+/// Pod `name` is fully allocated: phase success and nothing left to hand out.
+fn assert_pod_done(cluster: &Cluster, name: &str) {
+    let pod = pod_of(cluster, name);
+    assert_eq!(
+        annotation(&pod, keys::BIND_PHASE).as_deref(),
+        Some("success")
+    );
+    assert_eq!(
+        annotation(&pod, keys::DEVICES_TO_ALLOCATE).as_deref(),
+        Some(";;")
+    );
+}
+
+/// The inventory annotation on the Node, if any.
+fn inventory_annotation(api: &ApiServer) -> Option<String> {
+    api.get::<Node>(None, NODE)?
+        .metadata
+        .annotations?
+        .get(NODE_REGISTER_ANNOTATION)
+        .cloned()
+}
+
+/// Opens ListAndWatch.
+async fn watch_devices(client: &mut PluginClient) -> Streaming<ListAndWatchResponse> {
+    client
+        .list_and_watch(Empty {})
+        .await
+        .expect("ListAndWatch")
+        .into_inner()
+}
+
+/// Allocate for one container holding kubelet device `ids`; `what` names the call.
+async fn allocate(client: &mut PluginClient, ids: Vec<String>, what: &str) -> AllocateResponse {
+    client
+        .allocate(allocate_request(&[ids]))
+        .await
+        .expect(what)
+        .into_inner()
+}
+
+/// Allocate for one container holding `ids`, expected to be refused; `what` names the call.
+async fn allocate_refused(client: &mut PluginClient, ids: Vec<String>, what: &str) -> Status {
+    client
+        .allocate(allocate_request(&[ids]))
+        .await
+        .expect_err(what)
+}
+
+/// The refusal has `code` and its message says `says`.
+fn assert_refused(err: &Status, code: Code, says: &str) {
+    assert_eq!(err.code(), code);
+    assert!(err.message().contains(says), "{}", err.message());
+}
+
+/// Card `uuid` stops answering and reports `kind`.
+fn make_unhealthy(cluster: &Cluster, uuid: &str, kind: HealthEventKind) {
+    cluster.agent().control.set_responsive(uuid, false);
+    cluster.agent().control.inject(HealthEvent {
+        uuid: uuid.to_owned(),
+        kind,
+    });
+}
+
+/// The mount at `container_path`, if the response has one.
+fn mount_at<'a>(
+    response: &'a ContainerAllocateResponse,
+    container_path: &str,
+) -> Option<&'a Mount> {
+    response
+        .mounts
+        .iter()
+        .find(|m| m.container_path == container_path)
+}
+
+/// The host directory mounted as the container's shared region directory.
+fn shared_dir(response: &ContainerAllocateResponse) -> String {
+    mount_at(response, SHARED_DIR_PATH)
+        .expect("shared dir")
+        .host_path
+        .clone()
 }
 
 #[tokio::test]
@@ -46,11 +142,7 @@ async fn registers_lists_devices_and_follows_health() {
     );
 
     let mut client = cluster.kubelet.plugin_client().await;
-    let mut stream = client
-        .list_and_watch(Empty {})
-        .await
-        .expect("ListAndWatch")
-        .into_inner();
+    let mut stream = watch_devices(&mut client).await;
     let first = stream.message().await.expect("stream").expect("first list");
     assert_eq!(first.devices.len(), 8, "2 cards x split 4");
     assert!(first.devices.iter().all(|d| d.health == "Healthy"));
@@ -64,11 +156,7 @@ async fn registers_lists_devices_and_follows_health() {
     );
 
     let sick = cluster.card(0);
-    cluster.agent().control.set_responsive(&sick, false);
-    cluster.agent().control.inject(HealthEvent {
-        uuid: sick.clone(),
-        kind: HealthEventKind::Xid(79),
-    });
+    make_unhealthy(&cluster, &sick, HealthEventKind::Xid(79));
     let update = stream.message().await.expect("stream").expect("update");
     let unhealthy: Vec<_> = update
         .devices
@@ -81,12 +169,7 @@ async fn registers_lists_devices_and_follows_health() {
 
     // The inventory follows.
     eventually("the inventory to mark the card unhealthy", || {
-        let node = cluster.api.get::<Node>(None, NODE)?;
-        let value = node
-            .metadata
-            .annotations?
-            .get(NODE_REGISTER_ANNOTATION)?
-            .clone();
+        let value = inventory_annotation(&cluster.api)?;
         let devices = decode_inventory(&value).ok()?;
         devices
             .iter()
@@ -104,13 +187,7 @@ async fn registers_lists_devices_and_follows_health() {
 #[tokio::test]
 async fn inventory_is_published_rewritten_when_wiped_and_not_rewritten_when_steady() {
     let cluster = Cluster::start("2x NVIDIA A10G 23028", config(4)).await;
-    let read = || {
-        cluster
-            .api
-            .get::<Node>(None, NODE)
-            .and_then(|n| n.metadata.annotations)
-            .and_then(|a| a.get(NODE_REGISTER_ANNOTATION).cloned())
-    };
+    let read = || inventory_annotation(&cluster.api);
     let value = eventually("the inventory annotation", read).await;
     let devices = decode_inventory(&value).expect("our annotation decodes");
     assert_eq!(devices.len(), 2);
@@ -163,11 +240,7 @@ async fn allocate_gives_one_pod_its_cards_and_marks_it_done() {
 
     let mut client = cluster.kubelet.plugin_client().await;
     let ids = vec![cluster.ids(0, 1)[0].clone(), cluster.ids(1, 1)[0].clone()];
-    let response = client
-        .allocate(allocate_request(&[ids]))
-        .await
-        .expect("Allocate")
-        .into_inner();
+    let response = allocate(&mut client, ids, "Allocate").await;
     assert_eq!(response.container_responses.len(), 1);
     let c = &response.container_responses[0];
     assert_eq!(c.envs["NVIDIA_VISIBLE_DEVICES"], format!("{a},{b}"));
@@ -178,48 +251,18 @@ async fn allocate_gives_one_pod_its_cards_and_marks_it_done() {
         c.envs["CUDA_DEVICE_MEMORY_SHARED_CACHE"],
         "/usr/local/tessera/shared/region.cache"
     );
-    let preload = c
-        .mounts
-        .iter()
-        .find(|m| m.container_path == "/etc/ld.so.preload")
-        .expect("preload mount");
+    let preload = mount_at(c, PRELOAD_PATH).expect("preload mount");
     assert!(preload.read_only);
-    let shared = c
-        .mounts
-        .iter()
-        .find(|m| m.container_path == "/usr/local/tessera/shared")
-        .expect("shared dir");
+    let shared = shared_dir(c);
     let uid = pod_of(&cluster, "train").metadata.uid.expect("uid");
-    assert!(
-        shared.host_path.ends_with(&format!("{uid}_c1")),
-        "{}",
-        shared.host_path
-    );
-    assert!(std::path::Path::new(&shared.host_path)
-        .join("region.cache")
-        .exists());
+    assert!(shared.ends_with(&format!("{uid}_c1")), "{shared}");
+    assert!(std::path::Path::new(&shared).join("region.cache").exists());
 
-    let pod = pod_of(&cluster, "train");
-    assert_eq!(
-        annotation(&pod, keys::BIND_PHASE).as_deref(),
-        Some("success")
-    );
-    assert_eq!(
-        annotation(&pod, keys::DEVICES_TO_ALLOCATE).as_deref(),
-        Some(";;")
-    );
+    assert_pod_done(&cluster, "train");
 
     // Nothing is left for a second call of the same shape.
-    let err = client
-        .allocate(allocate_request(&[cluster.ids(0, 2)]))
-        .await
-        .expect_err("no pod waits");
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(
-        err.message().contains("no pod bound to node"),
-        "{}",
-        err.message()
-    );
+    let err = allocate_refused(&mut client, cluster.ids(0, 2), "no pod waits").await;
+    assert_refused(&err, Code::FailedPrecondition, "no pod bound to node");
 }
 
 fn visible(response: &ContainerAllocateResponse) -> String {
@@ -301,7 +344,7 @@ async fn two_pods_bound_at_the_same_moment_each_get_their_own_cards() {
     }
     for name in ["first", "second", "pair", "single"] {
         assert_eq!(
-            annotation(&pod_of(&cluster, name), keys::BIND_PHASE).as_deref(),
+            bind_phase(&cluster, name).as_deref(),
             Some("success"),
             "{name}"
         );
@@ -321,29 +364,15 @@ async fn sequential_calls_follow_creation_order() {
     )
     .await;
     let mut client = cluster.kubelet.plugin_client().await;
-    let first = client
-        .allocate(allocate_request(&[cluster.ids(1, 1)]))
-        .await
-        .expect("first")
-        .into_inner();
+    let first = allocate(&mut client, cluster.ids(1, 1), "first").await;
     assert_eq!(
         visible(&first.container_responses[0]),
         a,
         "kubelet admits the older pod first"
     );
-    assert_eq!(
-        annotation(&pod_of(&cluster, "earlier"), keys::BIND_PHASE).as_deref(),
-        Some("success")
-    );
-    assert_eq!(
-        annotation(&pod_of(&cluster, "later"), keys::BIND_PHASE).as_deref(),
-        Some("allocating")
-    );
-    let second = client
-        .allocate(allocate_request(&[cluster.ids(0, 1)]))
-        .await
-        .expect("second")
-        .into_inner();
+    assert_eq!(bind_phase(&cluster, "earlier").as_deref(), Some("success"));
+    assert_eq!(bind_phase(&cluster, "later").as_deref(), Some("allocating"));
+    let second = allocate(&mut client, cluster.ids(0, 1), "second").await;
     assert_eq!(visible(&second.container_responses[0]), b);
 }
 
@@ -360,27 +389,13 @@ async fn undecidable_request_fails_instead_of_guessing() {
     )
     .await;
     let mut client = cluster.kubelet.plugin_client().await;
-    let err = client
-        .allocate(allocate_request(&[cluster.ids(0, 1)]))
-        .await
-        .expect_err("ambiguous");
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(
-        err.message().contains("cannot tell which pod"),
-        "{}",
-        err.message()
-    );
+    let err = allocate_refused(&mut client, cluster.ids(0, 1), "ambiguous").await;
+    assert_refused(&err, Code::FailedPrecondition, "cannot tell which pod");
     for name in ["twin-a", "twin-b"] {
-        assert_eq!(
-            annotation(&pod_of(&cluster, name), keys::BIND_PHASE).as_deref(),
-            Some("allocating")
-        );
+        assert_eq!(bind_phase(&cluster, name).as_deref(), Some("allocating"));
     }
     // Unknown device IDs are refused outright.
-    let err = client
-        .allocate(allocate_request(&[vec!["GPU-nope-0".into()]]))
-        .await
-        .expect_err("unknown id");
+    let err = allocate_refused(&mut client, vec!["GPU-nope-0".into()], "unknown id").await;
     assert_eq!(err.code(), Code::InvalidArgument);
 }
 
@@ -413,24 +428,10 @@ async fn corrupt_and_foreign_annotations_never_crash_and_fail_only_their_pod() {
     let mut client = cluster.kubelet.plugin_client().await;
 
     // The foreign pod is the only candidate: its card is not here.
-    let err = client
-        .allocate(allocate_request(&[cluster.ids(0, 1)]))
-        .await
-        .expect_err("card not here");
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(
-        err.message().contains("not on this node"),
-        "{}",
-        err.message()
-    );
-    assert_eq!(
-        annotation(&pod_of(&cluster, "corrupt"), keys::BIND_PHASE).as_deref(),
-        Some("failed")
-    );
-    assert_eq!(
-        annotation(&pod_of(&cluster, "foreign"), keys::BIND_PHASE).as_deref(),
-        Some("failed")
-    );
+    let err = allocate_refused(&mut client, cluster.ids(0, 1), "card not here").await;
+    assert_refused(&err, Code::FailedPrecondition, "not on this node");
+    assert_eq!(bind_phase(&cluster, "corrupt").as_deref(), Some("failed"));
+    assert_eq!(bind_phase(&cluster, "foreign").as_deref(), Some("failed"));
     let events: Vec<Event> = cluster.api.list();
     assert!(events
         .iter()
@@ -441,11 +442,7 @@ async fn corrupt_and_foreign_annotations_never_crash_and_fail_only_their_pod() {
     cluster
         .api
         .insert(&bound_pod("good", &vec![vec![device(&a, 1000, 0)]]));
-    let ok = client
-        .allocate(allocate_request(&[cluster.ids(0, 1)]))
-        .await
-        .expect("good pod")
-        .into_inner();
+    let ok = allocate(&mut client, cluster.ids(0, 1), "good pod").await;
     assert_eq!(visible(&ok.container_responses[0]), a);
 }
 
@@ -453,35 +450,21 @@ async fn corrupt_and_foreign_annotations_never_crash_and_fail_only_their_pod() {
 async fn unhealthy_card_fails_its_pod_with_an_event() {
     let cluster = Cluster::start("1x NVIDIA A10G 23028", config(4)).await;
     let a = cluster.card(0);
-    cluster.agent().control.set_responsive(&a, false);
-    cluster.agent().control.inject(HealthEvent {
-        uuid: a.clone(),
-        kind: HealthEventKind::UncorrectableEcc,
-    });
+    make_unhealthy(&cluster, &a, HealthEventKind::UncorrectableEcc);
     cluster
         .api
         .insert(&bound_pod("victim", &vec![vec![device(&a, 1000, 0)]]));
     let mut client = cluster.kubelet.plugin_client().await;
-    let mut stream = client
-        .list_and_watch(Empty {})
-        .await
-        .expect("ListAndWatch")
-        .into_inner();
+    let mut stream = watch_devices(&mut client).await;
     loop {
         let list = stream.message().await.expect("stream").expect("list");
         if list.devices.iter().all(|d| d.health == "Unhealthy") {
             break;
         }
     }
-    let err = client
-        .allocate(allocate_request(&[cluster.ids(0, 1)]))
-        .await
-        .expect_err("unhealthy");
+    let err = allocate_refused(&mut client, cluster.ids(0, 1), "unhealthy").await;
     assert!(err.message().contains("unhealthy"), "{}", err.message());
-    assert_eq!(
-        annotation(&pod_of(&cluster, "victim"), keys::BIND_PHASE).as_deref(),
-        Some("failed")
-    );
+    assert_eq!(bind_phase(&cluster, "victim").as_deref(), Some("failed"));
 }
 
 #[tokio::test]
@@ -490,11 +473,7 @@ async fn kubelet_restart_leads_to_a_new_registration_and_a_working_socket() {
     cluster.kubelet.restart().await;
     cluster.kubelet.wait_registrations(2, WAIT).await;
     let mut client = cluster.kubelet.plugin_client().await;
-    let mut stream = client
-        .list_and_watch(Empty {})
-        .await
-        .expect("ListAndWatch")
-        .into_inner();
+    let mut stream = watch_devices(&mut client).await;
     assert_eq!(
         stream
             .message()
@@ -531,14 +510,10 @@ async fn agent_restart_keeps_allocations_from_pod_annotations() {
     )
     .await;
     let mut client = cluster.kubelet.plugin_client().await;
-    let first = client
-        .allocate(allocate_request(&[cluster.ids(0, 1)]))
-        .await
-        .expect("container 0")
-        .into_inner();
+    let first = allocate(&mut client, cluster.ids(0, 1), "container 0").await;
     assert_eq!(visible(&first.container_responses[0]), a);
     assert_eq!(
-        annotation(&pod_of(&cluster, "two-step"), keys::BIND_PHASE).as_deref(),
+        bind_phase(&cluster, "two-step").as_deref(),
         Some("allocating")
     );
 
@@ -547,24 +522,14 @@ async fn agent_restart_keeps_allocations_from_pod_annotations() {
     cluster.start_agent("2x NVIDIA A10G 23028", config(4));
     cluster.kubelet.wait_registrations(2, WAIT).await;
     let mut client = cluster.kubelet.plugin_client().await;
-    let second = client
-        .allocate(allocate_request(&[cluster.ids(1, 1)]))
-        .await
-        .expect("container 1")
-        .into_inner();
+    let second = allocate(&mut client, cluster.ids(1, 1), "container 1").await;
     assert_eq!(visible(&second.container_responses[0]), b);
     assert_eq!(
         second.container_responses[0].envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "2000m",
         "the partly applied pod comes first"
     );
-    assert_eq!(
-        annotation(&pod_of(&cluster, "two-step"), keys::BIND_PHASE).as_deref(),
-        Some("success")
-    );
-    assert_eq!(
-        annotation(&pod_of(&cluster, "newer"), keys::BIND_PHASE).as_deref(),
-        Some("allocating")
-    );
+    assert_eq!(bind_phase(&cluster, "two-step").as_deref(), Some("success"));
+    assert_eq!(bind_phase(&cluster, "newer").as_deref(), Some("allocating"));
 }
 
 #[tokio::test]
@@ -639,39 +604,24 @@ async fn without_the_repair_a_path_authority_is_refused() {
 /// A pod as the scheduler leaves it when an init container asks for a GPU:
 /// the annotation lists the init container first, then the app container.
 fn pod_with_gpu_init_container(init_card: &str, app_card: &str) -> Pod {
-    let encoded = tessera_api::allocation::encode_pod_devices(&[
-        vec![device(init_card, 2000, 10)],
-        vec![device(app_card, 6000, 50)],
-    ]);
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": "warmed",
-            "namespace": "default",
-            "annotations": {
-                keys::VGPU_NODE: NODE,
-                keys::VGPU_TIME: "1700000000",
-                keys::DEVICES_ALLOCATED: encoded,
-                keys::DEVICES_TO_ALLOCATE: encoded,
-                keys::BIND_PHASE: keys::PHASE_ALLOCATING,
-                keys::BIND_TIME: "1700000000",
-            }
-        },
-        "spec": {
-            "nodeName": NODE,
-            "initContainers": [{
-                "name": "warm-cache", "image": "cuda",
-                "env": [{"name": "CUDA_DISABLE_CONTROL", "value": "true"}],
-                "resources": {"limits": {"nvidia.com/gpu": "1"}}
-            }],
-            "containers": [{
-                "name": "serve", "image": "cuda",
-                "resources": {"limits": {"nvidia.com/gpu": "1"}}
-            }]
-        }
-    }))
-    .expect("pod")
+    let mut pod = bound_pod(
+        "warmed",
+        &vec![
+            vec![device(init_card, 2000, 10)],
+            vec![device(app_card, 6000, 50)],
+        ],
+    );
+    let spec = pod.spec.as_mut().expect("spec");
+    let mut init = spec.containers.remove(0);
+    init.name = "warm-cache".into();
+    init.env = Some(vec![EnvVar {
+        name: "CUDA_DISABLE_CONTROL".into(),
+        value: Some("true".into()),
+        ..EnvVar::default()
+    }]);
+    spec.containers[0].name = "serve".into();
+    spec.init_containers = Some(vec![init]);
+    pod
 }
 
 #[tokio::test]
@@ -683,28 +633,17 @@ async fn gpu_init_container_gets_its_own_devices_and_opt_out_first() {
         .insert(&pod_with_gpu_init_container(&init_card, &app_card));
     let uid = pod_of(&cluster, "warmed").metadata.uid.expect("uid");
     let mut client = cluster.kubelet.plugin_client().await;
-    let has_preload = |c: &ContainerAllocateResponse| {
-        c.mounts
-            .iter()
-            .any(|m| m.container_path == "/etc/ld.so.preload")
-    };
-    let shared_dir = |c: &ContainerAllocateResponse| {
-        c.mounts
-            .iter()
-            .find(|m| m.container_path == "/usr/local/tessera/shared")
-            .expect("shared dir")
-            .host_path
-            .clone()
-    };
+    let has_preload = |c: &ContainerAllocateResponse| mount_at(c, PRELOAD_PATH).is_some();
 
     // Kubelet admits the init container first.
-    let init = client
-        .allocate(allocate_request(&[cluster.ids(0, 1)]))
-        .await
-        .expect("Allocate for the init container")
-        .into_inner()
-        .container_responses
-        .remove(0);
+    let init = allocate(
+        &mut client,
+        cluster.ids(0, 1),
+        "Allocate for the init container",
+    )
+    .await
+    .container_responses
+    .remove(0);
     assert_eq!(visible(&init), init_card);
     assert_eq!(init.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "2000m");
     assert_eq!(init.envs["CUDA_DEVICE_SM_LIMIT"], "10");
@@ -715,19 +654,20 @@ async fn gpu_init_container_gets_its_own_devices_and_opt_out_first() {
         shared_dir(&init)
     );
     assert_eq!(
-        annotation(&pod_of(&cluster, "warmed"), keys::BIND_PHASE).as_deref(),
+        bind_phase(&cluster, "warmed").as_deref(),
         Some("allocating"),
         "the app container still waits"
     );
 
     // Then the app container, which did not opt out.
-    let app = client
-        .allocate(allocate_request(&[cluster.ids(1, 1)]))
-        .await
-        .expect("Allocate for the app container")
-        .into_inner()
-        .container_responses
-        .remove(0);
+    let app = allocate(
+        &mut client,
+        cluster.ids(1, 1),
+        "Allocate for the app container",
+    )
+    .await
+    .container_responses
+    .remove(0);
     assert_eq!(visible(&app), app_card);
     assert_eq!(app.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "6000m");
     assert_eq!(app.envs["CUDA_DEVICE_SM_LIMIT"], "50");
@@ -737,15 +677,7 @@ async fn gpu_init_container_gets_its_own_devices_and_opt_out_first() {
         "{}",
         shared_dir(&app)
     );
-    let pod = pod_of(&cluster, "warmed");
-    assert_eq!(
-        annotation(&pod, keys::BIND_PHASE).as_deref(),
-        Some("success")
-    );
-    assert_eq!(
-        annotation(&pod, keys::DEVICES_TO_ALLOCATE).as_deref(),
-        Some(";;")
-    );
+    assert_pod_done(&cluster, "warmed");
 }
 
 /// `GET path` over plain HTTP/1.0: the status code and the body.
@@ -761,6 +693,25 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String
     let status = text.split(' ').nth(1)?.parse().ok()?;
     let body = text.split_once("\r\n\r\n")?.1.to_owned();
     Some((status, body))
+}
+
+/// `GET path` every 25 ms, at most `tries` times, until an answer satisfies
+/// `done`: the last answer.
+async fn http_get_until(
+    addr: std::net::SocketAddr,
+    path: &str,
+    tries: usize,
+    done: impl Fn(&(u16, String)) -> bool,
+) -> Option<(u16, String)> {
+    let mut answer = None;
+    for _ in 0..tries {
+        answer = http_get(addr, path).await;
+        if answer.as_ref().is_some_and(&done) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    answer
 }
 
 #[tokio::test]
@@ -788,14 +739,7 @@ async fn probes_report_alive_at_once_and_ready_after_registration_and_inventory(
     let agent = RunningAgent::spawn(&gpus, setup);
 
     // No kubelet yet: alive, not ready, and it says why.
-    let mut healthz = None;
-    for _ in 0..200 {
-        healthz = http_get(addr, "/healthz").await;
-        if healthz.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let healthz = http_get_until(addr, "/healthz", 200, |_| true).await;
     assert_eq!(healthz, Some((200, "ok".to_owned())));
     let (status, body) = http_get(addr, "/readyz").await.expect("readyz answers");
     assert_eq!(status, 503, "{body}");
@@ -804,19 +748,10 @@ async fn probes_report_alive_at_once_and_ready_after_registration_and_inventory(
     // Kubelet comes up: the agent registers, publishes, and turns ready.
     let kubelet = KubeletStandIn::start(&kubelet_dir);
     kubelet.wait_registrations(1, WAIT).await;
-    let mut ready = None;
-    for _ in 0..400 {
-        ready = http_get(addr, "/readyz").await;
-        if ready.as_ref().is_some_and(|(status, _)| *status == 200) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let ready = http_get_until(addr, "/readyz", 400, |(status, _)| *status == 200).await;
     assert_eq!(ready, Some((200, "ok".to_owned())));
     assert!(
-        api.get::<Node>(None, NODE)
-            .and_then(|n| n.metadata.annotations)
-            .is_some_and(|a| a.contains_key(NODE_REGISTER_ANNOTATION)),
+        inventory_annotation(&api).is_some(),
         "ready only after the inventory is on the Node"
     );
     let (status, metrics) = http_get(addr, "/metrics").await.expect("metrics answer");
