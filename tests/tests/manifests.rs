@@ -23,7 +23,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use clap::Parser as _;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
@@ -292,69 +291,54 @@ struct Workload<'a> {
     selector: Option<&'a LabelSelector>,
 }
 
-fn template<'a>(t: &'a PodTemplateSpec, what: &str) -> (&'a PodSpec, BTreeMap<String, String>) {
-    let spec = t
+/// A Deployment's or DaemonSet's workload: its pod template and selector.
+fn controller_workload<'a>(
+    kind: &'static str,
+    object: &'a Object,
+    template: &'a PodTemplateSpec,
+    selector: &'a LabelSelector,
+) -> Workload<'a> {
+    let spec = template
         .spec
         .as_ref()
-        .unwrap_or_else(|| panic!("{what} has no pod spec"));
-    let labels = t
-        .metadata
-        .as_ref()
-        .and_then(|m| m.labels.clone())
-        .unwrap_or_default();
-    (spec, labels)
+        .unwrap_or_else(|| panic!("{} has no pod spec", name(object)));
+    let metadata = template.metadata.as_ref();
+    Workload {
+        kind,
+        name: name(object),
+        namespace: namespace(object),
+        labels: metadata.and_then(|m| m.labels.clone()).unwrap_or_default(),
+        annotations: metadata
+            .and_then(|m| m.annotations.clone())
+            .unwrap_or_default(),
+        spec,
+        selector: Some(selector),
+    }
 }
 
 fn workloads(docs: &[Doc]) -> Vec<Workload<'_>> {
     docs.iter()
         .filter_map(|doc| {
             let object = &doc.object;
-            let annotations_of = |t: &PodTemplateSpec| {
-                t.metadata
-                    .as_ref()
-                    .and_then(|m| m.annotations.clone())
-                    .unwrap_or_default()
-            };
-            let (kind, spec, labels, annotations, selector) = match object {
+            Some(match object {
                 Object::Deployment(d) => {
                     let s = d.spec.as_ref().expect("Deployment has a spec");
-                    let (spec, labels) = template(&s.template, name(object));
-                    (
-                        "Deployment",
-                        spec,
-                        labels,
-                        annotations_of(&s.template),
-                        Some(&s.selector),
-                    )
+                    controller_workload("Deployment", object, &s.template, &s.selector)
                 }
                 Object::DaemonSet(d) => {
                     let s = d.spec.as_ref().expect("DaemonSet has a spec");
-                    let (spec, labels) = template(&s.template, name(object));
-                    (
-                        "DaemonSet",
-                        spec,
-                        labels,
-                        annotations_of(&s.template),
-                        Some(&s.selector),
-                    )
+                    controller_workload("DaemonSet", object, &s.template, &s.selector)
                 }
-                Object::Pod(p) => (
-                    "Pod",
-                    p.spec.as_ref().expect("Pod has a spec"),
-                    p.metadata.labels.clone().unwrap_or_default(),
-                    p.metadata.annotations.clone().unwrap_or_default(),
-                    None,
-                ),
+                Object::Pod(p) => Workload {
+                    kind: "Pod",
+                    name: name(object),
+                    namespace: namespace(object),
+                    labels: p.metadata.labels.clone().unwrap_or_default(),
+                    annotations: p.metadata.annotations.clone().unwrap_or_default(),
+                    spec: p.spec.as_ref().expect("Pod has a spec"),
+                    selector: None,
+                },
                 _ => return None,
-            };
-            Some(Workload {
-                kind,
-                name: name(object),
-                namespace: namespace(object),
-                labels,
-                annotations,
-                spec,
-                selector,
             })
         })
         .collect()
@@ -446,16 +430,77 @@ fn only_container<'a>(w: &Workload<'a>) -> &'a Container {
     &w.spec.containers[0]
 }
 
-/// The installed config, from the ConfigMap the components mount.
-fn installed_config(docs: &[Doc]) -> Config {
-    let map = find(
+/// The workload `name` and its one container, which runs the binary `name`.
+fn component<'a>(docs: &'a [Doc], name: &str) -> (Workload<'a>, &'a Container) {
+    let w = workload(docs, name);
+    let c = only_container(&w);
+    assert_eq!(binary(c), name);
+    (w, c)
+}
+
+/// The container's args parsed by its binary's own clap parser.
+fn parse_args<P: clap::Parser>(container: &Container) -> P {
+    P::try_parse_from(argv(container))
+        .unwrap_or_else(|e| panic!("{} rejects its args: {e}", binary(container)))
+}
+
+/// Whether the container declares `port` among its container ports.
+fn declares_port(container: &Container, port: u16) -> bool {
+    container
+        .ports
+        .iter()
+        .flatten()
+        .any(|p| p.container_port == i32::from(port))
+}
+
+/// Liveness asks `/healthz` and readiness `/readyz`, both over httpGet.
+fn assert_probe_paths(container: &Container) {
+    for (probe, path) in [
+        (&container.liveness_probe, "/healthz"),
+        (&container.readiness_probe, "/readyz"),
+    ] {
+        let get = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("httpGet probe");
+        assert_eq!(get.path.as_deref(), Some(path));
+    }
+}
+
+/// The Deployment called `name`.
+fn deployment<'a>(docs: &'a [Doc], name: &str) -> &'a Deployment {
+    docs.iter()
+        .find_map(|d| match &d.object {
+            Object::Deployment(dep) if dep.metadata.name.as_deref() == Some(name) => Some(dep),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no Deployment {name}"))
+}
+
+/// The one ConfigMap the components mount.
+fn config_map(docs: &[Doc]) -> &ConfigMap {
+    find(
         docs,
         |o| match o {
             Object::ConfigMap(c) => Some(c),
             _ => None,
         },
         "ConfigMap",
-    );
+    )
+}
+
+/// The rules of a Role or ClusterRole; none for any other object.
+fn policy_rules(object: &Object) -> Vec<&PolicyRule> {
+    match object {
+        Object::Role(r) => r.rules.iter().flatten().collect(),
+        Object::ClusterRole(r) => r.rules.iter().flatten().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The installed config, from the ConfigMap the components mount.
+fn installed_config(docs: &[Doc]) -> Config {
+    let map = config_map(docs);
     let text = map
         .data
         .as_ref()
@@ -471,18 +516,11 @@ fn installed_config(docs: &[Doc]) -> Config {
 
 /// Checks that `--config` points at the ConfigMap's file through a volume.
 fn assert_config_mounted(docs: &[Doc], w: &Workload<'_>, container: &Container, config: &Path) {
-    let map_name = find(
-        docs,
-        |o| match o {
-            Object::ConfigMap(c) => Some(c),
-            _ => None,
-        },
-        "ConfigMap",
-    )
-    .metadata
-    .name
-    .clone()
-    .expect("ConfigMap has a name");
+    let map_name = config_map(docs)
+        .metadata
+        .name
+        .clone()
+        .expect("ConfigMap has a name");
     let dir = config.parent().expect("config path has a directory");
     let key = config.file_name().expect("config path has a file name");
     let mount = container
@@ -930,11 +968,8 @@ fn containers_are_hardened_and_sized() {
 #[test]
 fn webhook_args_parse_and_match_its_service_rbac_and_configuration() {
     let docs = installed();
-    let w = workload(&docs, "tessera-webhook");
-    let c = only_container(&w);
-    assert_eq!(binary(c), "tessera-webhook");
-    let options = tessera_webhook::app::Options::try_parse_from(argv(c))
-        .unwrap_or_else(|e| panic!("tessera-webhook rejects its args: {e}"));
+    let (w, c) = component(&docs, "tessera-webhook");
+    let options: tessera_webhook::app::Options = parse_args(c);
     assert!(
         options.self_provision,
         "the manifests rely on --self-provision"
@@ -944,10 +979,7 @@ fn webhook_args_parse_and_match_its_service_rbac_and_configuration() {
         "--watch-namespaces needs namespace RBAC the manifests do not grant"
     );
     assert!(
-        c.ports
-            .iter()
-            .flatten()
-            .any(|p| p.container_port == i32::from(options.listen.port())),
+        declares_port(c, options.listen.port()),
         "--listen port {} is not a container port",
         options.listen.port()
     );
@@ -969,15 +1001,7 @@ fn webhook_args_parse_and_match_its_service_rbac_and_configuration() {
     );
     assert_eq!(options.namespace, NAMESPACE, "default --namespace");
     assert_config_mounted(&docs, &w, c, options.config.as_deref().expect("--config"));
-    let deployment = docs
-        .iter()
-        .find_map(|d| match &d.object {
-            Object::Deployment(dep) if dep.metadata.name.as_deref() == Some("tessera-webhook") => {
-                Some(dep)
-            }
-            _ => None,
-        })
-        .expect("webhook Deployment");
+    let deployment = deployment(&docs, "tessera-webhook");
     assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(2));
 
     // The Service the certificate is issued for exists and reaches the port.
@@ -1080,14 +1104,7 @@ fn webhook_args_parse_and_match_its_service_rbac_and_configuration() {
 
     // RBAC names the same Secret and configuration.
     let rbac = load_file(&manifests_dir().join("rbac-webhook.yaml"));
-    let rules: Vec<&PolicyRule> = rbac
-        .iter()
-        .flat_map(|d| match &d.object {
-            Object::Role(r) => r.rules.iter().flatten().collect::<Vec<_>>(),
-            Object::ClusterRole(r) => r.rules.iter().flatten().collect(),
-            _ => Vec::new(),
-        })
-        .collect();
+    let rules: Vec<&PolicyRule> = rbac.iter().flat_map(|d| policy_rules(&d.object)).collect();
     let names_of = |resource: &str, verb: &str| -> Vec<String> {
         rules
             .iter()
@@ -1131,29 +1148,14 @@ fn cel_names_resource(expression: &str, resource: &str) -> bool {
 #[test]
 fn scheduler_args_parse_and_match_its_lease_and_ports() {
     let docs = installed();
-    let w = workload(&docs, "tessera-scheduler");
-    let c = only_container(&w);
-    assert_eq!(binary(c), "tessera-scheduler");
-    let args = tessera_scheduler::options::Args::try_parse_from(argv(c))
-        .unwrap_or_else(|e| panic!("tessera-scheduler rejects its args: {e}"));
+    let (w, c) = component(&docs, "tessera-scheduler");
+    let args: tessera_scheduler::options::Args = parse_args(c);
     assert!(args.leader_elect, "two replicas need leader election");
     assert!(
-        c.ports
-            .iter()
-            .flatten()
-            .any(|p| p.container_port == i32::from(args.metrics_address.port())),
+        declares_port(c, args.metrics_address.port()),
         "--metrics-address port is not a container port"
     );
-    for (probe, path) in [
-        (&c.liveness_probe, "/healthz"),
-        (&c.readiness_probe, "/readyz"),
-    ] {
-        let get = probe
-            .as_ref()
-            .and_then(|p| p.http_get.as_ref())
-            .expect("httpGet probe");
-        assert_eq!(get.path.as_deref(), Some(path));
-    }
+    assert_probe_paths(c);
     assert_eq!(
         env_field_ref(c, "POD_NAME"),
         Some("metadata.name"),
@@ -1165,17 +1167,7 @@ fn scheduler_args_parse_and_match_its_lease_and_ports() {
         "--lease-namespace from POD_NAMESPACE"
     );
     assert_config_mounted(&docs, &w, c, args.config.as_deref().expect("--config"));
-    let deployment = docs
-        .iter()
-        .find_map(|d| match &d.object {
-            Object::Deployment(dep)
-                if dep.metadata.name.as_deref() == Some("tessera-scheduler") =>
-            {
-                Some(dep)
-            }
-            _ => None,
-        })
-        .expect("scheduler Deployment");
+    let deployment = deployment(&docs, "tessera-scheduler");
     assert_eq!(deployment.spec.as_ref().and_then(|s| s.replicas), Some(2));
 
     // The Lease RBAC is in the pod's namespace and names --lease-name.
@@ -1183,10 +1175,7 @@ fn scheduler_args_parse_and_match_its_lease_and_ports() {
     let lease_rules: Vec<&PolicyRule> = rbac
         .iter()
         .filter(|d| matches!(d.object, Object::Role(_)) && namespace(&d.object) == w.namespace)
-        .flat_map(|d| match &d.object {
-            Object::Role(r) => r.rules.iter().flatten().collect::<Vec<_>>(),
-            _ => Vec::new(),
-        })
+        .flat_map(|d| policy_rules(&d.object))
         .filter(|r| r.resources.iter().flatten().any(|x| x == "leases"))
         .collect();
     for verb in ["get", "update"] {
@@ -1207,12 +1196,9 @@ fn scheduler_args_parse_and_match_its_lease_and_ports() {
 #[test]
 fn node_agent_args_parse_and_match_its_host_mounts_and_image() {
     let docs = installed();
-    let w = workload(&docs, "tessera-node-agent");
+    let (w, c) = component(&docs, "tessera-node-agent");
     assert_eq!(w.kind, "DaemonSet");
-    let c = only_container(&w);
-    assert_eq!(binary(c), "tessera-node-agent");
-    let options = tessera_node_agent::options::AgentOptions::try_parse_from(argv(c))
-        .unwrap_or_else(|e| panic!("tessera-node-agent rejects its args: {e}"));
+    let options: tessera_node_agent::options::AgentOptions = parse_args(c);
     assert_eq!(
         env_field_ref(c, "NODE_NAME"),
         Some("spec.nodeName"),
@@ -1228,22 +1214,10 @@ fn node_agent_args_parse_and_match_its_host_mounts_and_image() {
         "runs on nodes labelled gpu=on"
     );
     assert!(
-        c.ports
-            .iter()
-            .flatten()
-            .any(|p| p.container_port == i32::from(options.metrics_addr.port())),
+        declares_port(c, options.metrics_addr.port()),
         "--metrics-addr port is not a container port"
     );
-    for (probe, path) in [
-        (&c.liveness_probe, "/healthz"),
-        (&c.readiness_probe, "/readyz"),
-    ] {
-        let get = probe
-            .as_ref()
-            .and_then(|p| p.http_get.as_ref())
-            .expect("httpGet probe");
-        assert_eq!(get.path.as_deref(), Some(path));
-    }
+    assert_probe_paths(c);
     assert_config_mounted(&docs, &w, c, options.config.as_deref().expect("--config"));
 
     // A hostPath mounted at `path` inside whose host path is `host`.
