@@ -289,6 +289,17 @@ fn the_checker_finds_missing_and_unused_grants() {
             rule: rule(&["coordination.k8s.io"], &["leases"], &["get"], &["mine"]),
         },
     ];
+    let lease_get = |namespace: &str, name: &str| {
+        record(
+            "GET",
+            "coordination.k8s.io/v1",
+            "leases",
+            None,
+            Some(namespace),
+            Some(name),
+            false,
+        )
+    };
     let records = [
         record("GET", "v1", "pods", None, None, None, false),
         record("GET", "v1", "pods", None, None, None, true),
@@ -301,34 +312,10 @@ fn the_checker_finds_missing_and_unused_grants() {
             Some("p"),
             false,
         ),
-        record(
-            "GET",
-            "coordination.k8s.io/v1",
-            "leases",
-            None,
-            Some("tessera-system"),
-            Some("mine"),
-            false,
-        ),
+        lease_get("tessera-system", "mine"),
         // Not granted: another lease by name, a lease in another namespace, a pod patch.
-        record(
-            "GET",
-            "coordination.k8s.io/v1",
-            "leases",
-            None,
-            Some("tessera-system"),
-            Some("theirs"),
-            false,
-        ),
-        record(
-            "GET",
-            "coordination.k8s.io/v1",
-            "leases",
-            None,
-            Some("default"),
-            Some("mine"),
-            false,
-        ),
+        lease_get("tessera-system", "theirs"),
+        lease_get("default", "mine"),
         record("PATCH", "v1", "pods", None, Some("team"), Some("p"), false),
     ];
     let (denied, unused) = violations("test", &grants, &records);
@@ -373,6 +360,40 @@ fn writes_of(api: &ApiServer, method: &str, target: &str) -> usize {
     api.write_count(method, target)
 }
 
+/// Waits until the stand-in has seen `at_least` writes `method target`.
+async fn await_writes(api: &ApiServer, what: &str, method: &str, target: &str, at_least: usize) {
+    eventually(what, || {
+        (writes_of(api, method, target) >= at_least).then_some(())
+    })
+    .await;
+}
+
+/// A webhook replica in `tessera-system` with `--self-provision` and
+/// `extra_args`, serving on a free local port against `api`.
+async fn spawn_self_provisioning_webhook(
+    api: &ApiServer,
+    extra_args: &[&str],
+) -> tokio::task::JoinHandle<()> {
+    let args = [
+        "tessera-webhook",
+        "--self-provision",
+        "--namespace",
+        "tessera-system",
+    ]
+    .iter()
+    .chain(extra_args);
+    let options = <tessera_webhook::app::Options as clap::Parser>::parse_from(args);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let client = api.client();
+    tokio::spawn(async move {
+        let _ =
+            tessera_webhook::app::serve(options, listener, Some(client), std::future::pending())
+                .await;
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_calls_match_its_rbac() {
     let api = ApiServer::start().await.expect("API stand-in");
@@ -413,10 +434,7 @@ async fn scheduler_calls_match_its_rbac() {
         ("Scheduled and FailedScheduling events", "POST", "events", 2),
         ("the lease renewed", "PUT", "leases", 1),
     ] {
-        eventually(what, || {
-            (writes_of(&api, method, target) >= at_least).then_some(())
-        })
-        .await;
+        await_writes(&api, what, method, target, at_least).await;
     }
     // A node change retries the parked pod: the same FailedScheduling
     // again, which the event recorder sends as a patch of the series.
@@ -425,9 +443,13 @@ async fn scheduler_calls_match_its_rbac() {
         .get_or_insert_with(Default::default)
         .insert("changed".into(), "yes".into());
     api.insert(&node);
-    eventually("a repeated FailedScheduling event (series patch)", || {
-        (writes_of(&api, "PATCH", "events") >= 1).then_some(())
-    })
+    await_writes(
+        &api,
+        "a repeated FailedScheduling event (series patch)",
+        "PATCH",
+        "events",
+        1,
+    )
     .await;
     task.abort();
     check("scheduler", &api.requests());
@@ -451,23 +473,7 @@ async fn webhook_calls_match_its_rbac() {
         }))
         .expect("configuration"),
     );
-    let options = <tessera_webhook::app::Options as clap::Parser>::parse_from([
-        "tessera-webhook",
-        "--self-provision",
-        "--namespace",
-        "tessera-system",
-        "--ca-sync-seconds",
-        "1",
-    ]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let client = api.client();
-    let task = tokio::spawn(async move {
-        let _ =
-            tessera_webhook::app::serve(options, listener, Some(client), std::future::pending())
-                .await;
-    });
+    let task = spawn_self_provisioning_webhook(&api, &["--ca-sync-seconds", "1"]).await;
     eventually("the caBundle patched and re-checked", || {
         let config: MutatingWebhookConfiguration = api.get(None, "tessera-webhook")?;
         let patched = config.webhooks?[0].client_config.ca_bundle.is_some();
@@ -475,21 +481,7 @@ async fn webhook_calls_match_its_rbac() {
     })
     .await;
     // A second replica finds the stored CA.
-    let options = <tessera_webhook::app::Options as clap::Parser>::parse_from([
-        "tessera-webhook",
-        "--self-provision",
-        "--namespace",
-        "tessera-system",
-    ]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let client = api.client();
-    let second = tokio::spawn(async move {
-        let _ =
-            tessera_webhook::app::serve(options, listener, Some(client), std::future::pending())
-                .await;
-    });
+    let second = spawn_self_provisioning_webhook(&api, &[]).await;
     eventually("the second replica reads the CA Secret", || {
         let reads = api
             .requests()
@@ -591,10 +583,7 @@ async fn node_agent_calls_match_its_rbac() {
     api.insert(&bound("foreign", "GPU-elsewhere"));
     let (_, answer) = plugin.allocate_container(1).await;
     assert!(answer.is_err(), "a card not on this node cannot be given");
-    eventually("the failure Event", || {
-        (writes_of(&api, "POST", "events") >= 1).then_some(())
-    })
-    .await;
+    await_writes(&api, "the failure Event", "POST", "events", 1).await;
     agent.stop().await;
     check("node-agent", &api.requests());
 }
