@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
 use rustls::pki_types::ServerName;
 use serde_json::{json, Value};
 use tessera_testkit::ApiServer;
@@ -26,6 +27,10 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
 const WAIT: Duration = Duration::from_secs(15);
+/// The name the webhook's Service gives it, which self-provisioned
+/// certificates are issued for.
+const SERVICE_DNS: &str = "tessera-webhook.tessera-system.svc";
+const REVIEW_VERSION: &str = "admission.k8s.io/v1";
 
 /// A client that trusts `ca_pem` only.
 fn connector(ca_pem: &str) -> TlsConnector {
@@ -89,6 +94,42 @@ impl Connection {
             .to_vec();
         (status, body)
     }
+
+    /// POSTs an AdmissionReview to `/mutate`: the status and the decoded answer.
+    async fn admit(&mut self, review: Vec<u8>, uid: &str) -> (u16, common::Answer) {
+        let (status, body) = self.request("POST", "/mutate", review).await;
+        (status, common::decode_answer(&body, REVIEW_VERSION, uid))
+    }
+
+    /// Asks `/readyz` every 100 ms until it answers 200; `what` says what
+    /// failed when it never does.
+    async fn wait_ready(&mut self, what: &str) {
+        let deadline = Instant::now() + WAIT;
+        while self.request("GET", "/readyz", vec![]).await.0 != 200 {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Opens a verified connection once the server presents a certificate
+/// from `ca_pem` for `server_name`, retrying every `every`; `what` says
+/// what failed when it never does.
+async fn open_once_served(
+    addr: SocketAddr,
+    ca_pem: &str,
+    server_name: &str,
+    every: Duration,
+    what: &str,
+) -> Connection {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(connection) = Connection::open(addr, ca_pem, server_name).await {
+            return connection;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(every).await;
+    }
 }
 
 async fn start(options: Options, client: Option<kube::Client>) -> (SocketAddr, JoinHandle<()>) {
@@ -112,13 +153,27 @@ fn write_pair(dir: &Path, ca: &CertAuthority, names: &[&str]) {
     std::fs::rename(dir.join("tls.crt.new"), dir.join("tls.crt")).unwrap();
 }
 
+/// Options serving the mounted pair `tls.crt`/`tls.key` in `dir`, plus `extra`.
+fn mounted_cert_options(dir: &Path, extra: &[&str]) -> Options {
+    let cert = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    let args = [
+        "tessera-webhook",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    Options::parse_from(args.iter().chain(extra))
+}
+
 fn gpu_review(uid: &str) -> Vec<u8> {
     let pod = common::api_server_pod(
         json!([{"name": "trainer", "resources": {"limits": {"nvidia.com/gpu": "1"}}}]),
         json!({}),
         json!({}),
     );
-    serde_json::to_vec(&common::review("admission.k8s.io/v1", uid, &pod)).unwrap()
+    serde_json::to_vec(&common::review(REVIEW_VERSION, uid, &pod)).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,17 +181,10 @@ async fn serves_mounted_certificate_and_reloads_it() {
     let dir = tempfile::tempdir().unwrap();
     let first_ca = CertAuthority::generate().unwrap();
     write_pair(dir.path(), &first_ca, &["localhost"]);
-    let options = Options::parse_from([
-        "tessera-webhook",
-        "--tls-cert",
-        dir.path().join("tls.crt").to_str().unwrap(),
-        "--tls-key",
-        dir.path().join("tls.key").to_str().unwrap(),
-        "--cert-reload-seconds",
-        "1",
-        "--body-limit-bytes",
-        "65536",
-    ]);
+    let options = mounted_cert_options(
+        dir.path(),
+        &["--cert-reload-seconds", "1", "--body-limit-bytes", "65536"],
+    );
     let (addr, task) = start(options, None).await;
 
     let mut connection = Connection::open(addr, first_ca.cert_pem(), "localhost")
@@ -144,9 +192,8 @@ async fn serves_mounted_certificate_and_reloads_it() {
         .expect("verified TLS");
     // Several reviews on one keep-alive connection.
     for uid in ["a", "b", "c"] {
-        let (status, body) = connection.request("POST", "/mutate", gpu_review(uid)).await;
+        let (status, answer) = connection.admit(gpu_review(uid), uid).await;
         assert_eq!(status, 200);
-        let answer = common::decode_answer(&body, "admission.k8s.io/v1", uid);
         assert!(answer.allowed);
         assert!(answer.patch.is_some());
     }
@@ -163,10 +210,8 @@ async fn serves_mounted_certificate_and_reloads_it() {
         .request(
             "POST",
             "/mutate",
-            serde_json::to_vec(
-                &json!({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1"}),
-            )
-            .unwrap(),
+            serde_json::to_vec(&json!({"kind": "AdmissionReview", "apiVersion": REVIEW_VERSION}))
+                .unwrap(),
         )
         .await;
     assert_eq!(status, 400);
@@ -214,20 +259,14 @@ async fn serves_mounted_certificate_and_reloads_it() {
     // Rotate: a certificate from a new CA replaces the files.
     let second_ca = CertAuthority::generate().unwrap();
     write_pair(dir.path(), &second_ca, &["localhost"]);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if Connection::open(addr, second_ca.cert_pem(), "localhost")
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the rotated certificate was never served"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    open_once_served(
+        addr,
+        second_ca.cert_pem(),
+        "localhost",
+        Duration::from_millis(200),
+        "the rotated certificate was never served",
+    )
+    .await;
     assert!(
         Connection::open(addr, first_ca.cert_pem(), "localhost")
             .await
@@ -284,6 +323,24 @@ fn self_provision_options(sync_seconds: &str) -> Options {
     ])
 }
 
+/// Waits until every webhook in the configuration carries `ca_pem` as its caBundle.
+async fn wait_for_ca_bundles(api: &ApiServer, what: &str, ca_pem: &str) {
+    let expected = Some(ca_pem.to_owned());
+    wait_for(what, || {
+        ca_bundles(api).iter().all(|b| *b == expected).then_some(())
+    })
+    .await;
+}
+
+/// Waits for the self-provisioned CA Secret: its data.
+async fn wait_for_ca_secret(api: &ApiServer) -> std::collections::BTreeMap<String, ByteString> {
+    let secret: Secret = wait_for("the CA Secret", || {
+        api.get(Some("tessera-system"), "tessera-webhook-ca")
+    })
+    .await;
+    secret.data.expect("Secret has data")
+}
+
 async fn wait_for<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -320,45 +377,24 @@ async fn self_provisioned_ca_is_shared_published_and_trusted() {
     let (first, first_task) = start(self_provision_options("1"), Some(api.client())).await;
     let (second, second_task) = start(self_provision_options("1"), Some(api.client())).await;
 
-    let secret: Secret = wait_for("the CA Secret", || {
-        api.get(Some("tessera-system"), "tessera-webhook-ca")
-    })
-    .await;
-    let data = secret.data.expect("Secret has data");
+    let data = wait_for_ca_secret(&api).await;
     let ca_pem = String::from_utf8(data["ca.crt"].0.clone()).unwrap();
     assert!(data.contains_key("ca.key"));
 
     // Every webhook in the configuration trusts exactly that CA.
-    let expected = Some(ca_pem.clone());
-    wait_for("caBundle patched", || {
-        ca_bundles(&api)
-            .iter()
-            .all(|b| *b == expected)
-            .then_some(())
-    })
-    .await;
+    wait_for_ca_bundles(&api, "caBundle patched", &ca_pem).await;
 
     // Clients that know only the published caBundle verify both replicas
     // under the Service's DNS name.
     let published = ca_bundles(&api)[0].clone().unwrap();
     for addr in [first, second] {
-        let mut connection =
-            Connection::open(addr, &published, "tessera-webhook.tessera-system.svc")
-                .await
-                .expect("replica serves a certificate from the published CA");
-        let (status, body) = connection
-            .request("POST", "/mutate", gpu_review("sp"))
-            .await;
+        let mut connection = Connection::open(addr, &published, SERVICE_DNS)
+            .await
+            .expect("replica serves a certificate from the published CA");
+        let (status, answer) = connection.admit(gpu_review("sp"), "sp").await;
         assert_eq!(status, 200);
-        assert!(common::decode_answer(&body, "admission.k8s.io/v1", "sp").allowed);
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if connection.request("GET", "/readyz", vec![]).await.0 == 200 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "replica never became ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        assert!(answer.allowed);
+        connection.wait_ready("replica never became ready").await;
     }
 
     // Someone re-applies the manifests with an empty caBundle: restored.
@@ -367,19 +403,13 @@ async fn self_provisioned_ca_is_shared_published_and_trusted() {
         webhook.client_config.ca_bundle = None;
     }
     api.insert(&config);
-    wait_for("caBundle restored", || {
-        ca_bundles(&api)
-            .iter()
-            .all(|b| *b == expected)
-            .then_some(())
-    })
-    .await;
+    wait_for_ca_bundles(&api, "caBundle restored", &ca_pem).await;
 
     // A restarted replica reuses the stored CA instead of writing a new one.
     first_task.abort();
     let creates_before = api.write_count("POST", "secrets");
     let (third, third_task) = start(self_provision_options("1"), Some(api.client())).await;
-    let mut connection = Connection::open(third, &ca_pem, "tessera-webhook.tessera-system.svc")
+    let mut connection = Connection::open(third, &ca_pem, SERVICE_DNS)
         .await
         .expect("the restarted replica signs with the same CA");
     assert_eq!(connection.request("GET", "/healthz", vec![]).await.0, 200);
@@ -436,9 +466,7 @@ async fn a_replica_that_loses_the_create_race_uses_the_winners_ca() {
         1,
         "it did try to create"
     );
-    let issued = ca
-        .issue_serving_cert(&["tessera-webhook.tessera-system.svc".to_owned()])
-        .unwrap();
+    let issued = ca.issue_serving_cert(&[SERVICE_DNS.to_owned()]).unwrap();
     assert!(issued.chain_pem.ends_with(winner.cert_pem()));
 }
 
@@ -446,32 +474,16 @@ async fn a_replica_that_loses_the_create_race_uses_the_winners_ca() {
 async fn a_missing_webhook_configuration_keeps_the_replica_unready() {
     let api = ApiServer::start().await.unwrap();
     let (addr, task) = start(self_provision_options("1"), Some(api.client())).await;
-    let secret: Secret = wait_for("the CA Secret", || {
-        api.get(Some("tessera-system"), "tessera-webhook-ca")
-    })
-    .await;
-    let ca_pem = String::from_utf8(secret.data.unwrap()["ca.crt"].0.clone()).unwrap();
-    let mut connection = Connection::open(addr, &ca_pem, "tessera-webhook.tessera-system.svc")
-        .await
-        .unwrap();
+    let data = wait_for_ca_secret(&api).await;
+    let ca_pem = String::from_utf8(data["ca.crt"].0.clone()).unwrap();
+    let mut connection = Connection::open(addr, &ca_pem, SERVICE_DNS).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(connection.request("GET", "/readyz", vec![]).await.0, 503);
     assert_eq!(connection.request("GET", "/healthz", vec![]).await.0, 200);
     // Once the configuration is installed, the next sync patches it.
     api.insert(&webhook_configuration());
-    let expected = Some(ca_pem.clone());
-    wait_for("caBundle patched", || {
-        ca_bundles(&api)
-            .iter()
-            .all(|b| *b == expected)
-            .then_some(())
-    })
-    .await;
-    let deadline = Instant::now() + WAIT;
-    while connection.request("GET", "/readyz", vec![]).await.0 != 200 {
-        assert!(Instant::now() < deadline, "never became ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_ca_bundles(&api, "caBundle patched", &ca_pem).await;
+    connection.wait_ready("never became ready").await;
     task.abort();
 }
 
@@ -481,7 +493,7 @@ fn review_in(namespace: &str, uid: &str) -> Vec<u8> {
         json!({"namespace": namespace}),
         json!({}),
     );
-    let mut review = common::review("admission.k8s.io/v1", uid, &pod);
+    let mut review = common::review(REVIEW_VERSION, uid, &pod);
     review["request"]["namespace"] = json!(namespace);
     serde_json::to_vec(&review).unwrap()
 }
@@ -502,44 +514,27 @@ async fn watched_namespaces_that_opted_out_are_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let ca = CertAuthority::generate().unwrap();
     write_pair(dir.path(), &ca, &["localhost"]);
-    let options = Options::parse_from([
-        "tessera-webhook",
-        "--tls-cert",
-        dir.path().join("tls.crt").to_str().unwrap(),
-        "--tls-key",
-        dir.path().join("tls.key").to_str().unwrap(),
-        "--watch-namespaces",
-    ]);
+    let options = mounted_cert_options(dir.path(), &["--watch-namespaces"]);
     let (addr, task) = start(options, Some(api.client())).await;
-    let deadline = Instant::now() + WAIT;
-    let mut connection = loop {
-        if let Ok(connection) = Connection::open(addr, ca.cert_pem(), "localhost").await {
-            break connection;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the webhook never started serving"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let (_, body) = connection
-        .request("POST", "/mutate", review_in("quiet", "q1"))
-        .await;
-    let answer = common::decode_answer(&body, "admission.k8s.io/v1", "q1");
+    let mut connection = open_once_served(
+        addr,
+        ca.cert_pem(),
+        "localhost",
+        Duration::from_millis(50),
+        "the webhook never started serving",
+    )
+    .await;
+    let (_, answer) = connection.admit(review_in("quiet", "q1"), "q1").await;
     assert!(answer.allowed && answer.patch.is_none(), "{}", answer.body);
-    let (_, body) = connection
-        .request("POST", "/mutate", review_in("ml-team", "m1"))
-        .await;
-    assert!(!common::decode_answer(&body, "admission.k8s.io/v1", "m1").allowed);
+    let (_, answer) = connection.admit(review_in("ml-team", "m1"), "m1").await;
+    assert!(!answer.allowed);
 
     // A namespace that opts out later is honoured once the watch sees it.
     api.insert(&namespace("ml-team", true));
     let deadline = Instant::now() + WAIT;
     loop {
-        let (_, body) = connection
-            .request("POST", "/mutate", review_in("ml-team", "m2"))
-            .await;
-        if common::decode_answer(&body, "admission.k8s.io/v1", "m2").allowed {
+        let (_, answer) = connection.admit(review_in("ml-team", "m2"), "m2").await;
+        if answer.allowed {
             break;
         }
         assert!(
