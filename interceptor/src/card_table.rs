@@ -4,7 +4,7 @@
 //! initialised by whichever container comes first, mapped shared. Only the
 //! SM updater thread uses it, never a launch.
 
-use crate::region::lock_byte;
+use crate::region::{lock_byte, map_read_write};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -76,20 +76,7 @@ impl CardTable {
                     return None;
                 }
             }
-            // SAFETY: shared mapping of TABLE_SIZE bytes of our descriptor.
-            let ptr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    TABLE_SIZE,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    fd,
-                    0,
-                )
-            };
-            if ptr == libc::MAP_FAILED {
-                return None;
-            }
+            let ptr = map_read_write(fd, TABLE_SIZE)?;
             // SAFETY: page-aligned, TABLE_SIZE bytes, never unmapped, atomics only.
             let table: &'static TenantTable = unsafe { &*(ptr as *const TenantTable) };
             if table.magic.load(Ordering::Acquire) == 0 {

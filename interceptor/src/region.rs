@@ -77,6 +77,24 @@ fn io_error(what: &'static str, path: &Path) -> AttachError {
     }
 }
 
+/// Maps `len` bytes of the open file `fd` shared and read-write; `None`
+/// when the kernel refuses. The mapping is never unmapped.
+pub(crate) fn map_read_write(fd: i32, len: usize) -> Option<*mut libc::c_void> {
+    // SAFETY: a fresh shared mapping of our own descriptor; the kernel picks
+    // the address, so nothing existing is replaced.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    (ptr != libc::MAP_FAILED).then_some(ptr)
+}
+
 /// Sets (`F_WRLCK`) or clears (`F_UNLCK`) an OFD lock on one byte.
 pub(crate) fn lock_byte(fd: i32, offset: u64, kind: i32, wait: bool) -> bool {
     // SAFETY: a zeroed flock is valid; OFD locks require l_pid == 0.
@@ -188,20 +206,7 @@ impl Region {
                     },
                 });
             }
-            // SAFETY: shared mapping of REGION_SIZE bytes of our descriptor.
-            let ptr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    REGION_SIZE,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    fd,
-                    0,
-                )
-            };
-            if ptr == libc::MAP_FAILED {
-                return Err(io_error("map", path));
-            }
+            let ptr = map_read_write(fd, REGION_SIZE).ok_or_else(|| io_error("map", path))?;
             // SAFETY: the mapping lives for the rest of the process (never
             // unmapped) and the region is only accessed through atomics.
             let map = unsafe { SharedRegion::from_raw(ptr as *const u8, REGION_SIZE) }.map_err(
