@@ -1,6 +1,8 @@
 //! Tessera's shared vocabulary. Every other crate speaks through this one:
 //! resource names and annotation keys ([`names`]), the node-inventory and
 //! pod-allocation codecs ([`inventory`], [`allocation`], HAMi-compatible),
+//! the seal that proves an allocation came from Tessera's scheduler
+//! ([`allocation_seal`], feature `k8s`),
 //! Kubernetes quantity parsing ([`quantity`]), scheduling policies
 //! ([`policy`]), the pod request model ([`request`], feature `k8s`), the
 //! config file ([`config`]), the typed errors ([`error`]), and the layouts
@@ -9,6 +11,8 @@
 //! does I/O.
 
 pub mod allocation;
+#[cfg(feature = "k8s")]
+pub mod allocation_seal;
 pub mod card_tenants;
 pub mod config;
 pub mod container_env;

@@ -71,6 +71,13 @@ pub mod allocation {
         BIND_TIME,
     ];
 
+    /// Tessera's seal over the allocation: an HMAC that only Tessera's
+    /// scheduler can write and every Tessera component checks (see
+    /// `tessera_api::allocation_seal`). Not part of HAMi's protocol.
+    pub const SEAL: &str = "tessera.io/allocation-seal";
+    /// Prefix of every pod annotation Tessera owns; users never set these.
+    pub const TESSERA_PREFIX: &str = "tessera.io/";
+
     /// `hami.io/bind-phase` while the node agent has not applied it yet.
     pub const PHASE_ALLOCATING: &str = "allocating";
     /// `hami.io/bind-phase` once every container got its devices.

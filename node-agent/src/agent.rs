@@ -31,6 +31,7 @@ use crate::options::AgentOptions;
 use crate::plugin::registration::{self, PluginError, PluginSettings};
 use crate::plugin::service::DevicePluginService;
 use crate::probes::{self, Readiness};
+use crate::seal::{SealKeys, SealSource};
 
 /// Why the agent could not start or stopped.
 #[derive(Debug, Error)]
@@ -173,6 +174,8 @@ pub struct AgentSetup {
     pub health_quiet: Duration,
     /// Pod sweep period.
     pub sweep_interval: Duration,
+    /// Which allocations to believe (the seal key's source).
+    pub seal: SealSource,
 }
 
 impl std::fmt::Debug for AgentSetup {
@@ -211,6 +214,9 @@ impl AgentSetup {
             publish_interval: options.publish_interval(),
             health_quiet: options.health_quiet(),
             sweep_interval: options.sweep_interval(),
+            seal: SealSource::Secret {
+                namespace: options.namespace.clone(),
+            },
         })
     }
 }
@@ -290,6 +296,7 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
         setup.config.resources.clone(),
         &cards,
         health.clone(),
+        SealKeys::new(setup.seal.clone(), setup.client.clone()),
     );
     let settings = PluginSettings {
         kubelet_socket: setup.kubelet_socket.clone(),

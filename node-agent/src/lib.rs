@@ -30,6 +30,7 @@ pub mod pid_socket;
 pub mod plugin;
 pub mod probes;
 pub mod proto;
+pub mod seal;
 pub mod sweep;
 #[cfg(feature = "test-support")]
 pub mod testing;

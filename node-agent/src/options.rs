@@ -18,6 +18,10 @@ pub struct AgentOptions {
     /// Tessera config file (YAML); defaults apply when absent.
     #[arg(long, env = "TESSERA_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Tessera's namespace, where the Secret `tessera-allocation-key` (the
+    /// key that proves an allocation is the scheduler's) lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
+    pub namespace: String,
     /// Serve fake cards instead of reading NVML, e.g. "4x NVIDIA A10G 23028".
     #[arg(long, env = "TESSERA_FAKE_GPUS")]
     pub fake_gpus: Option<String>,

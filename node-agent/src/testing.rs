@@ -35,6 +35,7 @@ use crate::proto::{
     AllocateRequest, ContainerAllocateRequest, ContainerAllocateResponse,
     ContainerPreferredAllocationRequest, Empty, PreferredAllocationRequest, RegisterRequest,
 };
+use crate::seal::SealSource;
 
 /// The registration socket's file name in the kubelet directory.
 pub const KUBELET_SOCKET: &str = "kubelet.sock";
@@ -272,7 +273,8 @@ impl PluginConnection {
 /// An [`AgentSetup`] for a test agent of `node` on `gpus`: default config,
 /// host files under `host_dir`, registering at `kubelet_socket` as
 /// [`PLUGIN_SOCKET`] (polled every 50 ms), no interceptor, no `/metrics`,
-/// publishing every 100 ms, health quiet 200 ms, sweeping every 100 ms.
+/// publishing every 100 ms, health quiet 200 ms, sweeping every 100 ms,
+/// believing allocation annotations without a seal.
 /// Tests override fields with struct update syntax.
 pub fn fake_agent_setup(
     node: &str,
@@ -295,6 +297,7 @@ pub fn fake_agent_setup(
         publish_interval: Duration::from_millis(100),
         health_quiet: Duration::from_millis(200),
         sweep_interval: Duration::from_millis(100),
+        seal: SealSource::TrustAnnotations,
     }
 }
 

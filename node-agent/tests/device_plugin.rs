@@ -270,30 +270,30 @@ fn visible(response: &ContainerAllocateResponse) -> String {
 }
 
 #[tokio::test]
-async fn two_pods_bound_at_the_same_moment_each_get_their_own_cards() {
+async fn pods_of_different_shapes_bound_at_once_each_get_their_own_cards() {
     let cluster = Cluster::start("4x NVIDIA A10G 23028", config(4)).await;
     let cards: Vec<String> = (0..4).map(|i| cluster.card(i)).collect();
-    // Same shape, different cards, bound together; created a second apart.
-    insert_in_order(
-        &cluster.api,
-        &[
-            bound_pod("first", &vec![vec![device(&cards[0], 1000, 10)]]),
-            bound_pod("second", &vec![vec![device(&cards[1], 2000, 20)]]),
-        ],
-    )
-    .await;
-    // Different shapes, created in the same second.
+    // The scheduler keeps one unacknowledged pod per shape on a node; pods
+    // of different shapes wait together, created in the same second.
     insert_same_second(
         &cluster.api,
         &[
+            bound_pod("single", &vec![vec![device(&cards[0], 1000, 10)]]),
             bound_pod(
                 "pair",
                 &vec![vec![
+                    device(&cards[1], 2000, 20),
+                    device(&cards[2], 2000, 20),
+                ]],
+            ),
+            bound_pod(
+                "triple",
+                &vec![vec![
+                    device(&cards[1], 3000, 30),
                     device(&cards[2], 3000, 30),
                     device(&cards[3], 3000, 30),
                 ]],
             ),
-            bound_pod("single", &vec![vec![device(&cards[3], 4000, 40)]]),
         ],
     )
     .await;
@@ -308,41 +308,31 @@ async fn two_pods_bound_at_the_same_moment_each_get_their_own_cards() {
                 .map(|r| r.into_inner().container_responses.remove(0))
         }
     };
-    let (one, two, pair, single) = tokio::join!(
-        call(cluster.ids(0, 1)),
-        call(vec![cluster.ids(1, 1)[0].clone()]),
+    // Kubelet's device IDs name whatever cards it picked; the pod's own
+    // cards and caps are what the container gets.
+    let (single, pair, triple) = tokio::join!(
+        call(cluster.ids(3, 1)),
         call(vec![
-            cluster.ids(2, 1)[0].clone(),
-            cluster.ids(3, 1)[0].clone()
+            cluster.ids(0, 2)[1].clone(),
+            cluster.ids(3, 2)[1].clone()
         ]),
-        call(vec![cluster.ids(3, 2)[1].clone()]),
+        call(vec![
+            cluster.ids(0, 3)[2].clone(),
+            cluster.ids(1, 3)[2].clone(),
+            cluster.ids(2, 3)[2].clone()
+        ]),
     );
-    let (one, two, pair, single) = (
-        one.expect("1"),
-        two.expect("2"),
-        pair.expect("pair"),
-        single.expect("single"),
+    let (single, pair, triple) = (single.expect("1"), pair.expect("2"), triple.expect("3"));
+    assert_eq!(visible(&single), cards[0]);
+    assert_eq!(single.envs["CUDA_DEVICE_MEMORY_LIMIT_0"], "1000m");
+    assert_eq!(visible(&pair), format!("{},{}", cards[1], cards[2]));
+    assert_eq!(pair.envs["CUDA_DEVICE_MEMORY_LIMIT_1"], "2000m");
+    assert_eq!(
+        visible(&triple),
+        format!("{},{},{}", cards[1], cards[2], cards[3])
     );
-    let mut singles = [visible(&one), visible(&two), visible(&single)];
-    singles.sort();
-    let mut expected = [cards[0].clone(), cards[1].clone(), cards[3].clone()];
-    expected.sort();
-    assert_eq!(singles, expected, "each single-card pod got its own card");
-    assert_eq!(visible(&pair), format!("{},{}", cards[2], cards[3]));
-    // The first call of the equal-shaped pair went to the older pod, and
-    // each response carries the caps of the pod it was attributed to.
-    for response in [&one, &two, &single] {
-        let limit = &response.envs["CUDA_DEVICE_MEMORY_LIMIT_0"];
-        let expected_limit = if visible(response) == cards[0] {
-            "1000m"
-        } else if visible(response) == cards[1] {
-            "2000m"
-        } else {
-            "4000m"
-        };
-        assert_eq!(limit, expected_limit);
-    }
-    for name in ["first", "second", "pair", "single"] {
+    assert_eq!(triple.envs["CUDA_DEVICE_MEMORY_LIMIT_2"], "3000m");
+    for name in ["single", "pair", "triple"] {
         assert_eq!(
             bind_phase(&cluster, name).as_deref(),
             Some("success"),
@@ -352,28 +342,36 @@ async fn two_pods_bound_at_the_same_moment_each_get_their_own_cards() {
 }
 
 #[tokio::test]
-async fn sequential_calls_follow_creation_order() {
+async fn an_admitted_pod_set_back_to_allocating_never_takes_a_later_pods_call() {
     let cluster = Cluster::start("2x NVIDIA A10G 23028", config(4)).await;
     let (a, b) = (cluster.card(0), cluster.card(1));
+    // Running for a while (kubelet wrote its container statuses); its owner
+    // patched the bind phase back to `allocating` to catch the next call.
+    let mut replay = bound_pod("replay", &vec![vec![device(&a, 20000, 0)]]);
+    replay.status = Some(
+        serde_json::from_value(
+            serde_json::json!({"phase": "Running", "containerStatuses": [
+            {"name": "c0", "image": "cuda", "imageID": "", "ready": true, "restartCount": 0}]}),
+        )
+        .expect("status"),
+    );
     insert_in_order(
         &cluster.api,
-        &[
-            bound_pod("earlier", &vec![vec![device(&a, 1000, 0)]]),
-            bound_pod("later", &vec![vec![device(&b, 2000, 0)]]),
-        ],
+        &[replay, bound_pod("later", &vec![vec![device(&b, 2000, 0)]])],
     )
     .await;
     let mut client = cluster.kubelet.plugin_client().await;
-    let first = allocate(&mut client, cluster.ids(1, 1), "first").await;
+    let got = allocate(&mut client, cluster.ids(0, 1), "later").await;
+    assert_eq!(visible(&got.container_responses[0]), b);
     assert_eq!(
-        visible(&first.container_responses[0]),
-        a,
-        "kubelet admits the older pod first"
+        got.container_responses[0].envs["CUDA_DEVICE_MEMORY_LIMIT_0"],
+        "2000m"
     );
-    assert_eq!(bind_phase(&cluster, "earlier").as_deref(), Some("success"));
-    assert_eq!(bind_phase(&cluster, "later").as_deref(), Some("allocating"));
-    let second = allocate(&mut client, cluster.ids(0, 1), "second").await;
-    assert_eq!(visible(&second.container_responses[0]), b);
+    assert_eq!(bind_phase(&cluster, "later").as_deref(), Some("success"));
+    assert_eq!(
+        bind_phase(&cluster, "replay").as_deref(),
+        Some("allocating")
+    );
 }
 
 #[tokio::test]
@@ -414,17 +412,19 @@ async fn corrupt_and_foreign_annotations_never_crash_and_fail_only_their_pod() {
             "GPU-x,NVIDIA,lots;;;".into(),
         );
     cluster.api.insert(&corrupt);
-    let mut foreign = bound_pod(
+    let foreign = bound_pod(
         "foreign",
         &vec![vec![device("GPU-not-on-this-node", 1000, 0)]],
     );
-    foreign
+    cluster.api.insert(&foreign);
+    let mut garbage = bound_pod("garbage", &vec![vec![device(&a, 1000, 0)]]);
+    garbage
         .metadata
         .annotations
         .as_mut()
         .expect("annotations")
         .insert(keys::DEVICES_ALLOCATED.into(), "\u{0}\u{ffff}".into());
-    cluster.api.insert(&foreign);
+    cluster.api.insert(&garbage);
     let mut client = cluster.kubelet.plugin_client().await;
 
     // The foreign pod is the only candidate: its card is not here.
@@ -432,6 +432,7 @@ async fn corrupt_and_foreign_annotations_never_crash_and_fail_only_their_pod() {
     assert_refused(&err, Code::FailedPrecondition, "not on this node");
     assert_eq!(bind_phase(&cluster, "corrupt").as_deref(), Some("failed"));
     assert_eq!(bind_phase(&cluster, "foreign").as_deref(), Some("failed"));
+    assert_eq!(bind_phase(&cluster, "garbage").as_deref(), Some("failed"));
     let events: Vec<Event> = cluster.api.list();
     assert!(events
         .iter()
@@ -505,7 +506,11 @@ async fn agent_restart_keeps_allocations_from_pod_annotations() {
                 "two-step",
                 &vec![vec![device(&a, 1000, 0)], vec![device(&b, 2000, 0)]],
             ),
-            bound_pod("newer", &vec![vec![device(&b, 3000, 0)]]),
+            // Another shape may wait beside it (one pod per shape and node).
+            bound_pod(
+                "newer",
+                &vec![vec![device(&a, 3000, 0), device(&b, 3000, 0)]],
+            ),
         ],
     )
     .await;

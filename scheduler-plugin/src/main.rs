@@ -8,7 +8,7 @@ use clap::Parser;
 use tessera_api::config::Config;
 use tessera_scheduler::options::Args;
 use tessera_scheduler::shell::leader::LeaseSettings;
-use tessera_scheduler::shell::{Scheduler, ShellOptions};
+use tessera_scheduler::shell::{seal_key, Scheduler, ShellOptions};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -34,6 +34,9 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let seal_key = seal_key::load_or_create(client.clone(), &args.key_namespace)
+        .await
+        .context("cannot load the allocation seal key")?;
     let options = ShellOptions {
         identity: args.identity.clone(),
         lease: args.leader_elect.then(|| LeaseSettings {
@@ -45,6 +48,8 @@ async fn main() -> anyhow::Result<()> {
         }),
         bind_concurrency: args.bind_concurrency,
         scheduled_events: args.scheduled_events,
+        seal_key: Some(seal_key),
+        allocation_timeout: Duration::from_secs(args.allocation_timeout_seconds),
     };
     let scheduler = Scheduler::new(client, config, options);
     let listener = tokio::net::TcpListener::bind(args.metrics_address)

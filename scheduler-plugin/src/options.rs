@@ -37,6 +37,14 @@ pub struct Args {
     /// Publish a `Scheduled` Event per placed pod.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub scheduled_events: bool,
+    /// Seconds a bound GPU pod may wait for its node to admit it (bind
+    /// phase `allocating`) before it is marked failed and the node's next
+    /// GPU pod of its shape is bound.
+    #[arg(long, default_value_t = 120)]
+    pub allocation_timeout_seconds: u64,
+    /// Namespace of the Secret `tessera-allocation-key` (the seal key).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
+    pub key_namespace: String,
     /// Log as JSON (for clusters) instead of text.
     #[arg(long, default_value_t = false)]
     pub log_json: bool,

@@ -1,5 +1,5 @@
-//! The scheduler shell against the API stand-in over real HTTP: concurrent
-//! binds to one node, event-driven retry, bind failure rollback, restart
+//! The scheduler shell against the API stand-in over real HTTP: many binds
+//! to one node (acknowledged by the testkit's kubelet stand-in), event-driven retry, bind failure rollback, restart
 //! recovery, corrupt inventory, leader election.
 
 use std::time::Duration;
@@ -96,6 +96,8 @@ async fn many_pods_bind_to_one_node_at_once_and_never_overfill_a_card() {
     for i in 0..10 {
         server.insert(&pod(&format!("p{i}"), 4000, json!({})));
     }
+    // Kubelet and the node agent admit each pod, so the node's gate opens.
+    let _kubelet = server.acknowledge_allocations(Duration::ZERO);
     let (scheduler, handle) = start(&server, ShellOptions::default());
     wait_until("six binds", || bound_pods(&server).len() == 6).await;
     wait_until("four failed decisions", || {
@@ -109,7 +111,10 @@ async fn many_pods_bind_to_one_node_at_once_and_never_overfill_a_card() {
     for pod in &bound {
         let annotations = pod.metadata.annotations.as_ref().expect("annotations");
         assert_eq!(annotations["hami.io/vgpu-node"], "gpu-1");
-        assert_eq!(annotations["hami.io/bind-phase"], "allocating");
+        assert_eq!(
+            annotations["hami.io/bind-phase"], "success",
+            "acknowledged by the kubelet stand-in"
+        );
         assert_eq!(
             annotations["hami.io/vgpu-devices-allocated"],
             annotations["hami.io/vgpu-devices-to-allocate"]

@@ -20,5 +20,5 @@
 pub mod api_server;
 pub mod helpers;
 
-pub use api_server::{ApiServer, RequestRecord};
+pub use api_server::{AllocationAcknowledger, ApiServer, RequestRecord};
 pub use helpers::{annotation, eventually_within};

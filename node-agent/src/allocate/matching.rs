@@ -1,19 +1,28 @@
 //! Which pod an `Allocate` call belongs to. Kubelet's request names only
 //! device IDs, so the pod is found among the pods bound to this node whose
-//! allocation is not yet applied (`hami.io/bind-phase: allocating`): the
-//! next unapplied containers of a candidate must ask for exactly the
-//! request's per-container device counts. Kubelet admits pods one at a time
-//! in creation order and allocates every container of a pod before the
-//! next pod, so a partly applied pod comes first, then the oldest. When the
-//! two oldest candidates were created in the same second and would get
-//! different cards, nothing tells them apart: the call fails rather than
-//! give a pod another pod's cards. Pure functions over pod objects; the API
-//! calls live in [`super::Allocator`].
+//! allocation is not yet applied (`hami.io/bind-phase: allocating`), whose
+//! allocation is sealed by Tessera's scheduler, and that kubelet has not
+//! admitted yet (no container statuses): the next unapplied containers of
+//! a candidate must ask for exactly the request's per-container device
+//! counts.
+//!
+//! Why exactly one pod matches: the scheduler keeps at most one
+//! unacknowledged bind per node and *shape* (the device count of the pod's
+//! first GPU container; see the scheduler's `shell::node_gate`), and
+//! kubelet admits one pod at a time, calling `Allocate` for each of its GPU
+//! containers in order before the next pod. So the first call of a pod
+//! names a count that no other waiting pod starts with, and every later
+//! call of it belongs to the pod already partly applied, which therefore
+//! comes first. Creation times play no part (they have one-second
+//! resolution, and binds reach kubelet in any order). Two candidates left
+//! after that break the scheduler's promise (a second scheduler, a bind
+//! past its timeout): the call fails rather than guess, unless both would
+//! get the same cards. Pure functions over pod objects; the API calls live
+//! in [`super::Allocator`].
 
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tessera_api::allocation::{decode_pod_devices, ContainerDevice, PodDevices};
-use tessera_api::error::AllocationError;
+use tessera_api::allocation_seal::{AllocationTrust, SealError};
 use tessera_api::names::allocation as keys;
 
 /// A pod on this node still waiting for (part of) its devices.
@@ -32,17 +41,30 @@ pub struct PendingPod<'a> {
 pub struct CorruptPod<'a> {
     /// The pod.
     pub pod: &'a Pod,
-    /// Why its annotation does not decode.
-    pub error: AllocationError,
+    /// Why its annotations cannot be used.
+    pub error: String,
 }
 
-/// The pods of a listing sorted into those waiting and those unreadable.
+/// A pod claiming an allocation that Tessera's scheduler did not write (or
+/// that was changed since): never honoured.
+#[derive(Debug, Clone)]
+pub struct UntrustedPod<'a> {
+    /// The pod.
+    pub pod: &'a Pod,
+    /// Why its seal does not hold.
+    pub error: SealError,
+}
+
+/// The pods of a listing sorted into those waiting, those unreadable and
+/// those not believed.
 #[derive(Debug, Default)]
 pub struct PendingPods<'a> {
     /// Pods waiting for devices.
     pub pending: Vec<PendingPod<'a>>,
     /// Pods whose allocation annotation does not decode.
     pub corrupt: Vec<CorruptPod<'a>>,
+    /// Pods whose allocation is not sealed by Tessera's scheduler.
+    pub untrusted: Vec<UntrustedPod<'a>>,
 }
 
 /// The decision for one `Allocate` call.
@@ -78,7 +100,7 @@ pub enum MatchError {
         waiting: String,
     },
     /// Two candidates cannot be told apart and would get different cards.
-    #[error("cannot tell which pod this Allocate is for: pods {first} and {second} were created in the same second, ask for the same device counts {shape:?} and were given different cards; refusing rather than give one pod the other's cards. Delete and recreate one of them")]
+    #[error("cannot tell which pod this Allocate is for: pods {first} and {second} both wait for devices in the shape {shape:?} on this node and were given different cards, which Tessera's scheduler never does (is a second scheduler binding GPU pods here, or did a bind outlive the scheduler's allocation timeout?); refusing rather than give one pod the other's cards. Delete one of them")]
     Ambiguous {
         /// One candidate, `namespace/name`.
         first: String,
@@ -115,31 +137,83 @@ fn is_live(pod: &Pod) -> bool {
         )
 }
 
-/// Sorts the pods bound to `node` into waiting and unreadable ones. Pods
-/// placed elsewhere, finished, or not in the `allocating` phase are left out.
-pub fn pending_pods<'a>(pods: &'a [Pod], node: &str) -> PendingPods<'a> {
+/// Whether kubelet has admitted the pod already: it writes container
+/// statuses only after admission, and admission is where `Allocate` runs,
+/// so such a pod can never be the one asking. (This is what keeps a pod
+/// that sets its own bind phase back to `allocating` from taking a later
+/// pod's call; container statuses are written through `pods/status`, which
+/// tenants cannot.)
+fn admitted(pod: &Pod) -> bool {
+    pod.status.as_ref().is_some_and(|s| {
+        s.container_statuses.as_ref().is_some_and(|c| !c.is_empty())
+            || s.init_container_statuses
+                .as_ref()
+                .is_some_and(|c| !c.is_empty())
+    })
+}
+
+/// Whether every entry still to allocate is the sealed entry itself (or
+/// empty, once applied): anything else was edited by someone else.
+fn consistent(allocated: &PodDevices, to_allocate: &PodDevices) -> bool {
+    to_allocate.len() == allocated.len()
+        && to_allocate
+            .iter()
+            .zip(allocated)
+            .all(|(left, sealed)| left.is_empty() || left == sealed)
+}
+
+/// Sorts the pods bound to `node` into waiting, unreadable and untrusted
+/// ones. Pods placed elsewhere, finished, already admitted by kubelet, or
+/// not in the `allocating` phase are left out.
+pub fn pending_pods<'a>(pods: &'a [Pod], node: &str, trust: &AllocationTrust) -> PendingPods<'a> {
     let mut out = PendingPods::default();
     for pod in pods {
         let bound_here = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
             && annotation(pod, keys::VGPU_NODE) == Some(node);
         if !bound_here
             || !is_live(pod)
+            || admitted(pod)
             || annotation(pod, keys::BIND_PHASE) != Some(keys::PHASE_ALLOCATING)
         {
             continue;
         }
+        // What was allocated in full, as sealed by the scheduler.
+        let allocated = match trust.allocation(pod) {
+            Ok(Some(allocation)) => allocation.devices,
+            Ok(None) => Vec::new(),
+            Err(SealError::Corrupt(reason)) => {
+                out.corrupt.push(CorruptPod { pod, error: reason });
+                continue;
+            }
+            Err(error) => {
+                out.untrusted.push(UntrustedPod { pod, error });
+                continue;
+            }
+        };
         let to_allocate =
             match decode_pod_devices(annotation(pod, keys::DEVICES_TO_ALLOCATE).unwrap_or("")) {
                 Ok(devices) => devices,
                 Err(error) => {
-                    out.corrupt.push(CorruptPod { pod, error });
+                    out.corrupt.push(CorruptPod {
+                        pod,
+                        error: error.to_string(),
+                    });
                     continue;
                 }
             };
-        // What was allocated in full; containers holding devices there but
-        // not in `to_allocate` are already applied.
-        let allocated = decode_pod_devices(annotation(pod, keys::DEVICES_ALLOCATED).unwrap_or(""))
-            .unwrap_or_default();
+        if !consistent(&allocated, &to_allocate) {
+            out.corrupt.push(CorruptPod {
+                pod,
+                error: format!(
+                    "{} does not match the sealed {}: it was edited after scheduling",
+                    keys::DEVICES_TO_ALLOCATE,
+                    keys::DEVICES_ALLOCATED
+                ),
+            });
+            continue;
+        }
+        // Containers holding devices in the allocation but not in
+        // `to_allocate` are already applied.
         let partly_applied = allocated.iter().enumerate().any(|(i, devices)| {
             !devices.is_empty() && to_allocate.get(i).is_none_or(Vec::is_empty)
         });
@@ -204,10 +278,6 @@ impl<'a> PendingPod<'a> {
     }
 }
 
-fn created(pod: &Pod) -> Option<&Time> {
-    pod.metadata.creation_timestamp.as_ref()
-}
-
 /// Chooses the pod for a request whose containers ask for `shape` devices.
 pub fn choose<'a>(
     pending: &[PendingPod<'a>],
@@ -222,12 +292,8 @@ pub fn choose<'a>(
     if candidates.iter().any(|(p, _)| p.partly_applied) {
         candidates.retain(|(p, _)| p.partly_applied);
     }
-    candidates.sort_by(|(a, _), (b, _)| {
-        created(a.pod)
-            .map(|t| t.0)
-            .cmp(&created(b.pod).map(|t| t.0))
-            .then_with(|| pod_key(a.pod).cmp(&pod_key(b.pod)))
-    });
+    // Deterministic order for the message and the equivalent-cards case.
+    candidates.sort_by_key(|(p, _)| pod_key(p.pod));
     let mut candidates = candidates.into_iter();
     let Some((first, claim)) = candidates.next() else {
         return Err(MatchError::NoCandidate {
@@ -245,9 +311,6 @@ pub fn choose<'a>(
         });
     };
     for (other, other_claim) in candidates {
-        if created(other.pod).map(|t| t.0) != created(first.pod).map(|t| t.0) {
-            break;
-        }
         let same_cards = claim
             .containers
             .iter()
@@ -269,6 +332,7 @@ mod tests {
     use super::*;
     use serde_json::json;
     use tessera_api::allocation::{encode_pod_devices, NVIDIA_VENDOR};
+    use tessera_api::allocation_seal::SealKey;
 
     const NODE: &str = "gpu-1";
 
@@ -305,24 +369,74 @@ mod tests {
     }
 
     #[test]
-    fn oldest_matching_pod_wins_and_shape_must_match() {
+    fn the_pod_of_the_requested_shape_wins_whatever_its_age() {
+        // The scheduler keeps one unacknowledged pod per shape on a node:
+        // the shape alone says which pod asks, creation times play no part.
         let pods = vec![
-            fresh("new", "2024-01-01T00:00:05Z", vec![vec![dev("A", 1)]]),
-            fresh("old", "2024-01-01T00:00:01Z", vec![vec![dev("B", 1)]]),
+            fresh("one", "2024-01-01T00:00:05Z", vec![vec![dev("A", 1)]]),
             fresh(
                 "two",
-                "2024-01-01T00:00:00Z",
+                "2024-01-01T00:00:05Z",
                 vec![vec![dev("A", 1), dev("B", 1)]],
             ),
         ];
-        let pending = pending_pods(&pods, NODE);
+        let pending = pending_pods(&pods, NODE, &AllocationTrust::Annotations);
         let claim = choose(&pending.pending, NODE, &[1]).expect("matches");
-        assert_eq!(pod_key(claim.pod), "ns/old");
+        assert_eq!(pod_key(claim.pod), "ns/one");
         assert!(claim.completes_pod());
         let claim = choose(&pending.pending, NODE, &[2]).expect("matches");
         assert_eq!(pod_key(claim.pod), "ns/two");
         let err = choose(&pending.pending, NODE, &[3]).expect_err("nothing asks for 3");
         assert!(err.to_string().contains("ns/two [2]"), "{err}");
+    }
+
+    #[test]
+    fn admitted_pods_unsealed_and_edited_allocations_are_never_candidates() {
+        let key = SealKey::from_bytes(&[9; 32]).expect("key");
+        let sealed = |name: &str, uid: &str, devices: PodDevices| {
+            let mut p = fresh(name, "2024-01-01T00:00:00Z", devices.clone());
+            p.metadata.uid = Some(uid.into());
+            let seal = key.seal(uid, NODE, &encode_pod_devices(&devices));
+            p.metadata
+                .annotations
+                .as_mut()
+                .expect("annotations")
+                .insert(keys::SEAL.into(), seal);
+            p
+        };
+        let good = sealed("good", "u1", vec![vec![dev("A", 1)]]);
+        // Already admitted by kubelet, phase set back to allocating by its owner.
+        let mut replay = sealed("replay", "u2", vec![vec![dev("B", 1)]]);
+        replay.status = Some(
+            serde_json::from_value(json!({"containerStatuses": [{"name": "c0", "image": "x",
+                "imageID": "", "ready": true, "restartCount": 0}]}))
+            .expect("status"),
+        );
+        // Hand-written, no seal.
+        let mut forged = fresh("forged", "2024-01-01T00:00:00Z", vec![vec![dev("C", 1)]]);
+        forged.metadata.uid = Some("u3".into());
+        // Sealed, but to-allocate edited to another card.
+        let mut edited = sealed("edited", "u4", vec![vec![dev("D", 1)]]);
+        edited
+            .metadata
+            .annotations
+            .as_mut()
+            .expect("annotations")
+            .insert(
+                keys::DEVICES_TO_ALLOCATE.into(),
+                encode_pod_devices(&[vec![dev("A", 1)]]),
+            );
+        let pods = vec![good, replay, forged, edited];
+        let pending = pending_pods(&pods, NODE, &AllocationTrust::Sealed(key));
+        let names: Vec<String> = pending.pending.iter().map(|p| pod_key(p.pod)).collect();
+        assert_eq!(names, vec!["ns/good"]);
+        assert_eq!(pending.untrusted.len(), 1);
+        assert_eq!(pod_key(pending.untrusted[0].pod), "ns/forged");
+        assert_eq!(pending.untrusted[0].error, SealError::Missing);
+        assert_eq!(pending.corrupt.len(), 1);
+        assert_eq!(pod_key(pending.corrupt[0].pod), "ns/edited");
+        let claim = choose(&pending.pending, NODE, &[1]).expect("only the sealed pod");
+        assert_eq!(pod_key(claim.pod), "ns/good");
     }
 
     #[test]
@@ -333,7 +447,7 @@ mod tests {
             fresh("older", "2024-01-01T00:00:00Z", vec![vec![dev("C", 1)]]),
             pod("busy", "2024-01-01T00:00:09Z", &devices, &remaining),
         ];
-        let pending = pending_pods(&pods, NODE);
+        let pending = pending_pods(&pods, NODE, &AllocationTrust::Annotations);
         let claim = choose(&pending.pending, NODE, &[1]).expect("matches");
         assert_eq!(pod_key(claim.pod), "ns/busy");
         assert_eq!(claim.containers, vec![(2, vec![dev("B", 2)])]);
@@ -344,7 +458,7 @@ mod tests {
     fn multi_container_request_takes_the_next_containers_in_order() {
         let devices = vec![vec![dev("A", 1)], vec![], vec![dev("B", 2), dev("C", 2)]];
         let pods = vec![fresh("p", "2024-01-01T00:00:00Z", devices)];
-        let pending = pending_pods(&pods, NODE);
+        let pending = pending_pods(&pods, NODE, &AllocationTrust::Annotations);
         assert!(choose(&pending.pending, NODE, &[2, 1]).is_err());
         let claim = choose(&pending.pending, NODE, &[1, 2]).expect("matches");
         assert_eq!(
@@ -357,20 +471,20 @@ mod tests {
     }
 
     #[test]
-    fn same_second_different_cards_is_refused_same_cards_is_fine() {
+    fn two_pods_of_one_shape_on_different_cards_is_refused_same_cards_is_fine() {
         let t = "2024-01-01T00:00:00Z";
         let pods = vec![
             fresh("a", t, vec![vec![dev("A", 1)]]),
             fresh("b", t, vec![vec![dev("B", 1)]]),
         ];
-        let pending = pending_pods(&pods, NODE);
+        let pending = pending_pods(&pods, NODE, &AllocationTrust::Annotations);
         let err = choose(&pending.pending, NODE, &[1]).expect_err("ambiguous");
         assert!(matches!(err, MatchError::Ambiguous { .. }), "{err}");
         let pods = vec![
             fresh("a", t, vec![vec![dev("A", 1)]]),
             fresh("b", t, vec![vec![dev("A", 1)]]),
         ];
-        let pending = pending_pods(&pods, NODE);
+        let pending = pending_pods(&pods, NODE, &AllocationTrust::Annotations);
         assert_eq!(
             pod_key(
                 choose(&pending.pending, NODE, &[1])
@@ -401,7 +515,7 @@ mod tests {
             .expect("annotations")
             .insert(keys::DEVICES_TO_ALLOCATE.into(), "GPU-A,NVIDIA,lots".into());
         let pods = vec![elsewhere, done, finished, corrupt];
-        let pending = pending_pods(&pods, NODE);
+        let pending = pending_pods(&pods, NODE, &AllocationTrust::Annotations);
         assert!(pending.pending.is_empty());
         assert_eq!(pending.corrupt.len(), 1);
         assert_eq!(pod_key(pending.corrupt[0].pod), "ns/corrupt");

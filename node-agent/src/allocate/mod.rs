@@ -1,6 +1,8 @@
 //! `Allocate`: from kubelet's device IDs to the containers' env and mounts.
 //! The steps: check the IDs are ours; read the pods bound to this node from
-//! the API server; choose the pod ([`matching`]); check its cards are on
+//! the API server; keep those whose allocation is sealed by Tessera's
+//! scheduler (a forged or edited one gets a Warning Event and is never
+//! honoured); choose the pod ([`matching`]); check its cards are on
 //! this node and healthy; build each container's response ([`response`]),
 //! finding the container of each annotation entry (init containers first
 //! when the scheduler listed them) with `annotated_container`;
@@ -12,8 +14,8 @@
 pub mod matching;
 pub mod response;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Pod;
 use tessera_api::names::ResourceNames;
@@ -25,10 +27,11 @@ use crate::gpu::GpuInfo;
 use crate::health::HealthSnapshot;
 use crate::host_files::{HostFileError, HostLayout};
 use crate::inventory::card_of_device_id;
-use crate::k8s::events::{EventPoster, ALLOCATION_FAILED};
+use crate::k8s::events::{EventPoster, ALLOCATION_FAILED, UNTRUSTED_ALLOCATION};
 use crate::k8s::pods::{ApplyOutcome, NodePods};
 use crate::proto::ContainerAllocateResponse;
-use matching::{choose, pending_pods, pod_key, MatchError};
+use crate::seal::{SealKeyUnavailable, SealKeys};
+use matching::{choose, pending_pods, pod_key, Claim, MatchError};
 
 /// How often a decision is retried after losing a conditional write.
 const MAX_ATTEMPTS: usize = 8;
@@ -56,6 +59,9 @@ pub enum AllocateError {
     /// A host file could not be prepared.
     #[error(transparent)]
     HostFiles(#[from] HostFileError),
+    /// The seal key is not available, so no allocation can be believed.
+    #[error(transparent)]
+    SealKey(#[from] SealKeyUnavailable),
     /// Every attempt lost its conditional write to a concurrent change.
     #[error("the pod changed under every one of {MAX_ATTEMPTS} attempts to apply its allocation; kubelet will retry")]
     TooMuchContention,
@@ -70,6 +76,9 @@ pub struct Allocator {
     names: ResourceNames,
     cards: Arc<HashMap<String, GpuInfo>>,
     health: watch::Receiver<HealthSnapshot>,
+    seal: Arc<SealKeys>,
+    /// Pods (by UID) already warned about for unsealed allocations.
+    warned: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Allocator {
@@ -81,6 +90,7 @@ impl Allocator {
         names: ResourceNames,
         cards: &[GpuInfo],
         health: watch::Receiver<HealthSnapshot>,
+        seal: SealKeys,
     ) -> Self {
         let cards = cards.iter().map(|c| (c.uuid.clone(), c.clone())).collect();
         Self {
@@ -90,7 +100,45 @@ impl Allocator {
             names,
             cards: Arc::new(cards),
             health,
+            seal: Arc::new(seal),
+            warned: Arc::default(),
         }
+    }
+
+    /// The pod the next container of `count` devices belongs to, without
+    /// applying anything: for `GetPreferredAllocation`, so the device IDs
+    /// kubelet records name the cards the container really gets. Returns
+    /// the card UUIDs of that container, in order.
+    pub async fn preferred_cards(&self, count: usize) -> Result<Vec<String>, AllocateError> {
+        let pods = self.pods.list().await?;
+        let trust = self.seal.trust(false).await?;
+        let sorted = pending_pods(&pods, self.pods.node(), &trust);
+        let claim = choose(&sorted.pending, self.pods.node(), &[count])?;
+        Ok(claim
+            .containers
+            .first()
+            .map(|(_, devices)| devices.iter().map(|d| d.uuid.clone()).collect())
+            .unwrap_or_default())
+    }
+
+    async fn warn_untrusted(&self, pod: &Pod, error: &tessera_api::allocation_seal::SealError) {
+        let uid = pod.metadata.uid.clone().unwrap_or_else(|| pod_key(pod));
+        let first = self
+            .warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(uid);
+        if !first {
+            return;
+        }
+        tracing::warn!(pod = %pod_key(pod), %error, "ignoring a GPU allocation Tessera's scheduler did not write");
+        self.events
+            .warn(
+                pod,
+                UNTRUSTED_ALLOCATION,
+                &format!("Tessera's node agent ignores this pod's GPU allocation: {error}"),
+            )
+            .await;
     }
 
     /// The responses for kubelet's request, one per container request.
@@ -104,13 +152,28 @@ impl Allocator {
             }
         }
         let shape: Vec<usize> = requests.iter().map(Vec::len).collect();
+        let mut stale_key = false;
         for _ in 0..MAX_ATTEMPTS {
             let pods = self.pods.list().await?;
-            let sorted = pending_pods(&pods, self.pods.node());
+            let trust = self.seal.trust(stale_key).await?;
+            let sorted = pending_pods(&pods, self.pods.node(), &trust);
             for corrupt in &sorted.corrupt {
-                self.fail_pod(corrupt.pod, &corrupt.error.to_string()).await;
+                self.fail_pod(corrupt.pod, &corrupt.error).await;
             }
-            let claim = choose(&sorted.pending, self.pods.node(), &shape)?;
+            for untrusted in &sorted.untrusted {
+                self.warn_untrusted(untrusted.pod, &untrusted.error).await;
+            }
+            let claim = match choose(&sorted.pending, self.pods.node(), &shape) {
+                Ok(claim) => claim,
+                // The key may have been replaced since it was read: read it
+                // again (rate-limited) before giving up.
+                Err(error) if !sorted.untrusted.is_empty() && !stale_key => {
+                    tracing::debug!(%error, "no sealed pod matches; re-reading the seal key");
+                    stale_key = true;
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
             if let Err(reason) = self.check_cards(&claim) {
                 self.fail_pod(claim.pod, &reason).await;
                 return Err(AllocateError::Unusable {
@@ -161,7 +224,7 @@ impl Allocator {
         Err(AllocateError::TooMuchContention)
     }
 
-    fn check_cards(&self, claim: &matching::Claim<'_>) -> Result<(), String> {
+    fn check_cards(&self, claim: &Claim<'_>) -> Result<(), String> {
         let health = self.health.borrow();
         for device in claim.containers.iter().flat_map(|(_, d)| d) {
             if !self.cards.contains_key(&device.uuid) {

@@ -8,6 +8,8 @@ use kube::Resource;
 
 /// Reason of the event posted when an allocation cannot be applied.
 pub const ALLOCATION_FAILED: &str = "GPUAllocationFailed";
+/// Reason of the warning on a pod whose allocation is not sealed by Tessera.
+pub const UNTRUSTED_ALLOCATION: &str = "UntrustedGPUAllocation";
 
 /// Posts Events as this node's agent.
 #[derive(Clone)]

@@ -1,7 +1,10 @@
 //! The `DevicePlugin` gRPC service kubelet calls: options, the device list
 //! (`ListAndWatch`, re-sent whenever card health changes), a preferred
-//! allocation that spreads over cards, `Allocate` (delegated to
-//! [`crate::allocate::Allocator`]) and a no-op `PreStartContainer`.
+//! allocation on the cards the scheduler gave the pod being admitted (so the
+//! device IDs kubelet records, and reports through its PodResources API to
+//! tools such as dcgm-exporter, name the container's real cards), `Allocate`
+//! (delegated to [`crate::allocate::Allocator`]) and a no-op
+//! `PreStartContainer`.
 
 use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
@@ -85,7 +88,9 @@ fn to_status(error: &AllocateError) -> Status {
         AllocateError::NoMatch(_) | AllocateError::Unusable { .. } => {
             Status::failed_precondition(message)
         }
-        AllocateError::Api(_) | AllocateError::TooMuchContention => Status::unavailable(message),
+        AllocateError::Api(_) | AllocateError::TooMuchContention | AllocateError::SealKey(_) => {
+            Status::unavailable(message)
+        }
         AllocateError::HostFiles(_) => Status::internal(message),
     }
 }
@@ -116,6 +121,31 @@ fn preferred(available: &[String], must_include: &[String], size: usize) -> Vec<
         chosen.push(id.clone());
     }
     chosen
+}
+
+/// Device IDs on `cards` (one per card, in order), after the ones kubelet
+/// must include; `None` when a card has no free ID left in `available`.
+fn preferred_on_cards(
+    available: &[String],
+    must_include: &[String],
+    size: usize,
+    cards: &[String],
+) -> Option<Vec<String>> {
+    if cards.len() != size {
+        return None;
+    }
+    let mut chosen: Vec<String> = Vec::with_capacity(size);
+    for card in cards {
+        let on_card = |id: &&String| card_of_device_id(id) == Some(card.as_str());
+        let pick = must_include.iter().find(on_card).or_else(|| {
+            available
+                .iter()
+                .filter(|id| !chosen.contains(id))
+                .find(on_card)
+        })?;
+        chosen.push(pick.clone());
+    }
+    Some(chosen)
 }
 
 type DeviceStream =
@@ -159,18 +189,30 @@ impl DevicePlugin for DevicePluginService {
         &self,
         request: Request<PreferredAllocationRequest>,
     ) -> Result<Response<PreferredAllocationResponse>, Status> {
-        let container_responses = request
-            .into_inner()
-            .container_requests
-            .iter()
-            .map(|c| ContainerPreferredAllocationResponse {
-                device_i_ds: preferred(
+        let mut container_responses = Vec::new();
+        for c in &request.into_inner().container_requests {
+            let size = usize::try_from(c.allocation_size).unwrap_or(0);
+            let on_cards = match self.allocator.preferred_cards(size).await {
+                Ok(cards) => preferred_on_cards(
                     &c.available_device_i_ds,
                     &c.must_include_device_i_ds,
-                    usize::try_from(c.allocation_size).unwrap_or(0),
-                ),
-            })
-            .collect();
+                    size,
+                    &cards,
+                )
+                .or_else(|| {
+                    tracing::warn!(?cards, "no free device ID on the pod's cards; kubelet's record of this container's devices will name other cards (the container still gets its own)");
+                    None
+                }),
+                Err(error) => {
+                    tracing::debug!(%error, "no pod to prefer devices for; spreading over cards");
+                    None
+                }
+            };
+            let device_i_ds = on_cards.unwrap_or_else(|| {
+                preferred(&c.available_device_i_ds, &c.must_include_device_i_ds, size)
+            });
+            container_responses.push(ContainerPreferredAllocationResponse { device_i_ds });
+        }
         Ok(Response::new(PreferredAllocationResponse {
             container_responses,
         }))
@@ -208,6 +250,24 @@ impl DevicePlugin for DevicePluginService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preferred_on_cards_names_the_given_cards_in_order() {
+        let ids: Vec<String> = ["A-0", "A-1", "B-0", "C-0"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        assert_eq!(
+            preferred_on_cards(&ids, &[], 2, &["C".into(), "A".into()]),
+            Some(vec!["C-0".to_owned(), "A-0".to_owned()])
+        );
+        assert_eq!(
+            preferred_on_cards(&ids, &["A-1".to_owned()], 1, &["A".into()]),
+            Some(vec!["A-1".to_owned()])
+        );
+        assert_eq!(preferred_on_cards(&ids, &[], 1, &["D".into()]), None);
+        assert_eq!(preferred_on_cards(&ids, &[], 2, &["A".into()]), None);
+    }
 
     #[test]
     fn preferred_spreads_over_cards_after_must_include() {

@@ -7,10 +7,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use tessera_api::allocation::{decode_pod_devices, ContainerDevice};
+use tessera_api::allocation::ContainerDevice;
+use tessera_api::allocation_seal::{AllocationTrust, SealError};
 use tessera_api::config::Config;
 use tessera_api::inventory::decode_inventory;
-use tessera_api::names::{allocation as keys, NODE_REGISTER_ANNOTATION};
+use tessera_api::names::NODE_REGISTER_ANNOTATION;
 
 use super::cards::CardState;
 use super::node_predicates::NodeFacts;
@@ -119,6 +120,8 @@ pub struct ClusterState {
     charges: HashMap<String, PodCharge>,
     /// Lowercased card types seen in inventories; cards refer to them by index.
     pub(crate) card_types: Vec<String>,
+    /// Which allocation annotations are believed.
+    trust: AllocationTrust,
 }
 
 impl ClusterState {
@@ -129,7 +132,20 @@ impl ClusterState {
             nodes: BTreeMap::new(),
             charges: HashMap::new(),
             card_types: Vec::new(),
+            trust: AllocationTrust::default(),
         }
+    }
+
+    /// The same state believing only the allocations `trust` accepts (a
+    /// cluster's scheduler believes only sealed ones).
+    pub fn with_trust(mut self, trust: AllocationTrust) -> Self {
+        self.trust = trust;
+        self
+    }
+
+    /// Which allocations this state believes.
+    pub fn trust(&self) -> &AllocationTrust {
+        &self.trust
     }
 
     /// The config in force.
@@ -218,31 +234,39 @@ impl ClusterState {
     }
 
     /// Records what an observed pod takes: bound, non-terminal pods are
-    /// charged from their annotations; terminal pods are released; an
-    /// unbound pod keeps this scheduler's assumption, if any, and a pod that
-    /// carries an allocation but is not bound (a bind cut off by a restart)
-    /// stays charged until it is rescheduled or deleted.
-    pub fn observe_pod(&mut self, pod: &Pod) {
+    /// charged their plain requests and, when its seal verifies (see
+    /// [`AllocationTrust`]), their allocation; terminal pods are released;
+    /// an unbound pod keeps this scheduler's assumption, if any, and a pod
+    /// that carries a believed allocation but is not bound (a bind cut off
+    /// by a restart) stays charged until it is rescheduled or deleted.
+    /// Returns why the pod's allocation annotations are not believed, when
+    /// it carries some that are not (forged, edited, or not Tessera's):
+    /// such a pod is charged no cards.
+    pub fn observe_pod(&mut self, pod: &Pod) -> Option<SealError> {
         let key = pod_key(pod);
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
         if matches!(phase, Some("Succeeded" | "Failed"))
             || pod.metadata.deletion_timestamp.is_some() && phase.is_none()
         {
             self.release(&key);
-            return;
+            return None;
         }
-        let annotations = pod.metadata.annotations.as_ref();
+        let (allocation, distrust) = match self.trust.allocation(pod) {
+            Ok(allocation) => (allocation, None),
+            Err(error) => (None, Some(error)),
+        };
         let bound_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-        let allocated_node = annotations.and_then(|a| a.get(keys::VGPU_NODE)).cloned();
+        let allocated_node = allocation.as_ref().map(|a| a.node.clone());
         let Some(node) = bound_node.clone().or(allocated_node) else {
-            return;
+            return distrust;
         };
         if bound_node.is_none() && self.charges.get(&key).is_some_and(|c| c.assumed) {
-            return;
+            return distrust;
         }
-        let devices = annotations
-            .and_then(|a| a.get(keys::DEVICES_ALLOCATED))
-            .and_then(|v| decode_pod_devices(v).ok())
+        // Devices count only on the node they were allocated on.
+        let devices = allocation
+            .filter(|a| a.node == node)
+            .map(|a| a.devices)
             .unwrap_or_default();
         let (init, app) = devices.split_at(tessera_api::request::annotated_init_entries(
             pod,
@@ -251,6 +275,7 @@ impl ClusterState {
         let resources = ResourceAmounts::pod_requests(pod, &self.config.resources);
         let charge = PodCharge::from_devices(node, resources, init, app, bound_node.is_none());
         self.set_charge(key, charge);
+        distrust
     }
 
     /// Forgets a deleted pod.

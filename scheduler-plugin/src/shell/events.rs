@@ -67,6 +67,12 @@ impl Notifier {
         .await;
     }
 
+    /// A Warning Event with `reason` on the pod.
+    pub async fn pod_warning(&self, pod: &Pod, reason: &str, message: String) {
+        self.publish(pod.object_ref(&()), EventType::Warning, reason, message)
+            .await;
+    }
+
     /// `FailedScheduling` on the pod and `PodScheduled=False` with the
     /// reasons, unless the condition already says exactly that.
     pub async fn failed(&self, pod: &Pod, reason: &str, message: &str) {

@@ -2,34 +2,39 @@
 //! [`ClusterState`] current from node and pod watches; pending pods of ours
 //! flow through the [`SchedulingQueue`]; the decision loop asks the core,
 //! assumes the result at once (so the next decision already sees it) and
-//! hands the bind to a concurrent task. One bind request carries the
+//! hands the bind to [`bind`]. One bind request carries the sealed
 //! allocation annotations (the API server copies them onto the pod), so a
-//! placed pod costs one API write, many pods bind to one node at once with
-//! no node lock, and a failed bind rolls its assumption back and retries.
+//! placed pod costs one API write; binds run concurrently across nodes, and
+//! on one node at most one per shape is unacknowledged at a time
+//! ([`node_gate`]), with no lock annotation; a failed bind rolls its
+//! assumption back and retries.
 
+pub mod bind;
 pub mod events;
 pub mod leader;
 pub mod metrics;
+pub mod node_gate;
 pub mod queue;
+pub mod seal_key;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::Api;
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
+use tessera_api::allocation_seal::{AllocationTrust, SealKey};
 use tessera_api::config::Config;
 use tessera_api::names::allocation as keys;
 use tokio::sync::{watch, Semaphore};
 
-use crate::core::{pod_key, ClusterState, Placement, ScheduleError};
+use crate::core::{pod_key, ClusterState, ScheduleError};
 use events::Notifier;
 use leader::LeaseSettings;
 use metrics::{set_gauge, SchedulerMetrics};
@@ -46,6 +51,14 @@ pub struct ShellOptions {
     pub bind_concurrency: usize,
     /// Publish a `Scheduled` Event per placed pod (one more API write each).
     pub scheduled_events: bool,
+    /// The key that seals allocations. In a cluster always set (loaded with
+    /// [`seal_key::load_or_create`]): binds are sealed and only sealed
+    /// allocations are charged. `None` believes every allocation annotation
+    /// and seals nothing (placement tests).
+    pub seal_key: Option<SealKey>,
+    /// How long a bound pod may stay `allocating` (no kubelet admitted it)
+    /// before it is marked failed and its node's gate opens.
+    pub allocation_timeout: Duration,
 }
 
 impl Default for ShellOptions {
@@ -55,6 +68,8 @@ impl Default for ShellOptions {
             lease: None,
             bind_concurrency: 64,
             scheduled_events: true,
+            seal_key: None,
+            allocation_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -76,6 +91,9 @@ struct Shared {
     allocated: Mutex<HashMap<String, (String, String, String)>>,
     recently_bound: Mutex<HashSet<String>>,
     node_errors: Mutex<HashMap<String, String>>,
+    gates: Mutex<bind::Gates>,
+    /// Pods already warned about (by UID) for allocations not believed.
+    distrust_warned: Mutex<HashSet<String>>,
     queue: SchedulingQueue,
     metrics: SchedulerMetrics,
     notifier: Notifier,
@@ -117,7 +135,7 @@ fn pod_signature(pod: &Pod) -> u64 {
     hasher.finish()
 }
 
-fn is_terminal(pod: &Pod) -> bool {
+pub(crate) fn is_terminal(pod: &Pod) -> bool {
     matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
@@ -128,9 +146,13 @@ impl Scheduler {
     /// A scheduler over `client` with `config`.
     pub fn new(client: Client, config: Config, options: ShellOptions) -> Self {
         let notifier = Notifier::new(client.clone(), "tessera-scheduler", &options.identity);
+        let trust = match &options.seal_key {
+            Some(key) => AllocationTrust::Sealed(key.clone()),
+            None => AllocationTrust::Annotations,
+        };
         Self {
             shared: Arc::new(Shared {
-                state: Mutex::new(ClusterState::new(config.clone())),
+                state: Mutex::new(ClusterState::new(config.clone()).with_trust(trust)),
                 bind_slots: Arc::new(Semaphore::new(options.bind_concurrency.max(1))),
                 client,
                 config,
@@ -139,6 +161,8 @@ impl Scheduler {
                 allocated: Mutex::default(),
                 recently_bound: Mutex::default(),
                 node_errors: Mutex::default(),
+                gates: Mutex::default(),
+                distrust_warned: Mutex::default(),
                 queue: SchedulingQueue::default(),
                 metrics: SchedulerMetrics::new(),
                 notifier,
@@ -230,10 +254,12 @@ impl Scheduler {
         let nodes = tokio::spawn(self.clone().reflect_nodes());
         let pods = tokio::spawn(self.clone().reflect_pods());
         let decide = tokio::spawn(self.clone().decision_loop(leading_rx));
+        let expiry = tokio::spawn(self.clone().expire_gates(Duration::from_secs(1)));
         tokio::select! {
             r = nodes => r.unwrap_or(Err(ShellError::WatchEnded("node"))),
             r = pods => r.unwrap_or(Err(ShellError::WatchEnded("pod"))),
             _ = decide => Err(ShellError::WatchEnded("leadership")),
+            _ = expiry => Err(ShellError::WatchEnded("bind gate expiry")),
         }
     }
 
@@ -355,12 +381,16 @@ impl Scheduler {
 
     fn pod_changed(&self, pod: &Pod) {
         let key = pod_key(pod);
-        let was_charged = {
+        let (was_charged, distrust) = {
             let mut state = lock(&self.shared.state);
             let before = state.charge(&key).is_some();
-            state.observe_pod(pod);
-            before && state.charge(&key).is_none()
+            let distrust = state.observe_pod(pod);
+            (before && state.charge(&key).is_none(), distrust)
         };
+        if let Some(error) = distrust {
+            self.warn_distrusted(pod, &error);
+        }
+        self.track_gate(pod);
         let spec = pod.spec.as_ref();
         let bound = spec.is_some_and(|s| s.node_name.is_some());
         let ours = spec.and_then(|s| s.scheduler_name.as_deref())
@@ -397,8 +427,30 @@ impl Scheduler {
         }
     }
 
+    /// A Warning Event, once per pod, on a pod whose allocation annotations
+    /// are not believed: it is charged no cards.
+    fn warn_distrusted(&self, pod: &Pod, error: &tessera_api::allocation_seal::SealError) {
+        let uid = pod.metadata.uid.clone().unwrap_or_else(|| pod_key(pod));
+        if !lock(&self.shared.distrust_warned).insert(uid) {
+            return;
+        }
+        tracing::warn!(pod = %pod_key(pod), %error, "ignoring GPU allocation annotations not written by this scheduler");
+        let notifier = self.shared.notifier.clone();
+        let pod = pod.clone();
+        let message = format!("Tessera ignores this pod's GPU allocation: {error}");
+        tokio::spawn(async move {
+            notifier
+                .pod_warning(&pod, "UntrustedGPUAllocation", message)
+                .await
+        });
+    }
+
     fn pod_deleted(&self, pod: &Pod) {
         let key = pod_key(pod);
+        self.release_gate(&key);
+        if let Some(uid) = &pod.metadata.uid {
+            lock(&self.shared.distrust_warned).remove(uid);
+        }
         lock(&self.shared.state).remove_pod(pod);
         lock(&self.shared.pending).remove(&key);
         lock(&self.shared.allocated).remove(&key);
@@ -458,12 +510,7 @@ impl Scheduler {
         match result {
             Ok(placement) => {
                 self.shared.metrics.count_decision("placed");
-                let permit = Arc::clone(&self.shared.bind_slots).acquire_owned().await;
-                let scheduler = self.clone();
-                tokio::spawn(async move {
-                    scheduler.bind(pod, placement, signature).await;
-                    drop(permit);
-                });
+                self.submit_bind(pod, placement, signature);
             }
             Err(ScheduleError::Unschedulable(why)) => {
                 self.shared.metrics.count_decision("unschedulable");
@@ -482,80 +529,6 @@ impl Scheduler {
                 tokio::spawn(
                     async move { notifier.failed(&pod, "InvalidGPURequest", &message).await },
                 );
-            }
-        }
-    }
-
-    async fn bind(&self, pod: Pod, placement: Placement, signature: u64) {
-        let key = placement.pod.clone();
-        let namespace = pod
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_owned());
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let binding = Binding {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(namespace.clone()),
-                annotations: Some(
-                    placement.annotations(k8s_openapi::jiff::Timestamp::now().as_second()),
-                ),
-                ..ObjectMeta::default()
-            },
-            target: ObjectReference {
-                api_version: Some("v1".to_owned()),
-                kind: Some("Node".to_owned()),
-                name: Some(placement.node.clone()),
-                ..ObjectReference::default()
-            },
-        };
-        let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), &namespace);
-        let started = Instant::now();
-        let result = api
-            .create_subresource::<Binding, serde_json::Value>(
-                "binding",
-                &name,
-                &PostParams::default(),
-                &binding,
-            )
-            .await;
-        self.shared
-            .metrics
-            .bind_seconds
-            .observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(_) => {
-                lock(&self.shared.recently_bound).insert(key.clone());
-                self.shared.queue.finish(&key);
-                tracing::debug!(pod = %key, node = %placement.node, "bound");
-                if self.shared.options.scheduled_events {
-                    self.shared.notifier.scheduled(&pod, &placement.node).await;
-                }
-            }
-            Err(error) => {
-                self.shared.metrics.bind_failures.inc();
-                lock(&self.shared.state).forget_assumed(&key);
-                let code = match &error {
-                    kube::Error::Api(status) => Some(status.code),
-                    _ => None,
-                };
-                match code {
-                    Some(404) => {
-                        tracing::info!(pod = %key, "pod vanished before its bind");
-                        self.shared.queue.pod_gone(&key);
-                        self.shared.queue.finish(&key);
-                    }
-                    Some(409) => {
-                        tracing::info!(pod = %key, %error, "pod already bound; keeping the API server's answer");
-                        self.shared.queue.finish(&key);
-                    }
-                    _ => {
-                        tracing::warn!(pod = %key, %error, "bind failed; rolled back, retrying");
-                        self.shared.queue.retry_later(&key, signature);
-                    }
-                }
-                self.shared.queue.cluster_changed();
             }
         }
     }

@@ -7,6 +7,7 @@
 //! surface, `watch` streams events, `selectors` and `patch` are the request
 //! languages.
 
+mod acknowledge;
 mod patch;
 mod routes;
 mod selectors;
@@ -21,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+pub use acknowledge::AllocationAcknowledger;
 use store::{ObjectKey, Store};
 
 /// One request the server answered, as the request log keeps it.

@@ -1,0 +1,265 @@
+//! The scheduler's side of exact allocation, against the API stand-in over
+//! real HTTP: on one node at most one bind per shape waits for kubelet and
+//! the node agent; the next is bound when the first is acknowledged, ends,
+//! is deleted or times out; a restarted scheduler keeps the gate of a bind
+//! still unacknowledged; and only allocations sealed with Tessera's key are
+//! charged (forged ones get a Warning Event).
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use serde_json::{json, Value};
+use tessera_api::allocation_seal::SealKey;
+use tessera_api::config::Config;
+use tessera_api::inventory::{encode_inventory, GpuDevice};
+use tessera_scheduler::shell::{Scheduler, ShellOptions};
+use tessera_testkit::{annotation, eventually_within, ApiServer};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn node(name: &str, cards: u32) -> Node {
+    let devices: Vec<GpuDevice> = (0..cards)
+        .map(|i| GpuDevice {
+            id: format!("GPU-{name}-{i}"),
+            index: i,
+            count: 10,
+            devmem: 15360,
+            devcore: 100,
+            device_type: "NVIDIA-Tesla T4".into(),
+            numa: 0,
+            mode: "hami-core".into(),
+            health: true,
+        })
+        .collect();
+    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "annotations": {"hami.io/node-nvidia-register": encode_inventory(&devices)}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                   "allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110"}}}))
+    .expect("node")
+}
+
+fn pod(name: &str, memory_mib: u64) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "team", "annotations": {}},
+        "spec": {"schedulerName": "tessera-scheduler",
+                 "containers": [{"name": "main", "image": "x", "resources": {"limits": {"nvidia.com/gpumem": memory_mib.to_string()}}}]}})
+}
+
+fn start(server: &ApiServer, options: ShellOptions) -> tokio::task::JoinHandle<()> {
+    let scheduler = Scheduler::new(server.client(), Config::default(), options);
+    tokio::spawn(async move {
+        let _ = scheduler.run().await;
+    })
+}
+
+fn bound(server: &ApiServer) -> Vec<Pod> {
+    let mut pods: Vec<Pod> = server
+        .list::<Pod>()
+        .into_iter()
+        .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
+        .collect();
+    pods.sort_by_key(|p| p.metadata.name.clone());
+    pods
+}
+
+fn names(pods: &[Pod]) -> Vec<String> {
+    pods.iter()
+        .map(|p| p.metadata.name.clone().unwrap_or_default())
+        .collect()
+}
+
+/// Sets a pod's bind phase as the node agent would.
+fn set_phase(server: &ApiServer, name: &str, phase: &str) {
+    let mut pod = server
+        .get_value("v1", "pods", Some("team"), name)
+        .expect("pod");
+    pod["metadata"]["annotations"]["hami.io/bind-phase"] = json!(phase);
+    server.insert_value("v1", "pods", pod);
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(600)).await;
+}
+
+#[tokio::test]
+async fn one_bind_per_node_and_shape_waits_for_its_acknowledgement() {
+    let server = ApiServer::start().await.expect("server");
+    server.insert(&node("gpu-1", 2));
+    for name in ["a", "b", "c"] {
+        server.insert_value("v1", "pods", pod(name, 1000));
+    }
+    let handle = start(&server, ShellOptions::default());
+    eventually_within(WAIT, "the first bind", || {
+        (bound(&server).len() == 1).then_some(())
+    })
+    .await;
+    settle().await;
+    assert_eq!(bound(&server).len(), 1, "the others wait for the first");
+    let first = names(&bound(&server))[0].clone();
+    set_phase(&server, &first, "success");
+    eventually_within(WAIT, "the second bind", || {
+        (bound(&server).len() == 2).then_some(())
+    })
+    .await;
+    settle().await;
+    assert_eq!(bound(&server).len(), 2);
+    // Deleted mid-allocation: its gate opens and its charge is freed.
+    let second = names(&bound(&server))
+        .into_iter()
+        .find(|n| *n != first)
+        .expect("second");
+    server.delete_value("v1", "pods", Some("team"), &second);
+    eventually_within(WAIT, "the third bind", || {
+        (bound(&server).len() == 2 && !names(&bound(&server)).contains(&second)).then_some(())
+    })
+    .await;
+    // A finished pod opens its gate too.
+    server.insert_value("v1", "pods", pod("d", 1000));
+    let third = names(&bound(&server))
+        .into_iter()
+        .find(|n| *n != first)
+        .expect("third");
+    let mut done = server
+        .get_value("v1", "pods", Some("team"), &third)
+        .expect("pod");
+    done["status"]["phase"] = json!("Failed");
+    server.insert_value("v1", "pods", done);
+    eventually_within(WAIT, "the fourth bind", || {
+        names(&bound(&server))
+            .contains(&"d".to_owned())
+            .then_some(())
+    })
+    .await;
+    handle.abort();
+}
+
+#[tokio::test]
+async fn pods_of_another_shape_or_node_do_not_wait() {
+    let server = ApiServer::start().await.expect("server");
+    server.insert(&node("gpu-1", 2));
+    server.insert_value("v1", "pods", pod("one", 1000));
+    let mut two = pod("two", 1000);
+    two["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = json!("2");
+    server.insert_value("v1", "pods", two);
+    let handle = start(&server, ShellOptions::default());
+    eventually_within(WAIT, "both shapes bound at once", || {
+        (bound(&server).len() == 2).then_some(())
+    })
+    .await;
+    handle.abort();
+}
+
+#[tokio::test]
+async fn an_unadmitted_bind_times_out_and_the_next_pod_proceeds() {
+    let server = ApiServer::start().await.expect("server");
+    server.insert(&node("gpu-1", 1));
+    server.insert_value("v1", "pods", pod("stuck", 1000));
+    let options = ShellOptions {
+        allocation_timeout: Duration::from_secs(1),
+        ..ShellOptions::default()
+    };
+    let handle = start(&server, options);
+    eventually_within(WAIT, "the first bind", || {
+        (bound(&server).len() == 1).then_some(())
+    })
+    .await;
+    server.insert_value("v1", "pods", pod("next", 1000));
+    eventually_within(WAIT, "the stuck pod failed and the next bound", || {
+        let pods = bound(&server);
+        let stuck = pods
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some("stuck"))?;
+        (pods.len() == 2 && annotation(stuck, "hami.io/bind-phase").as_deref() == Some("failed"))
+            .then_some(())
+    })
+    .await;
+    eventually_within(WAIT, "a GPUAllocationTimeout event", || {
+        server
+            .list_values("events.k8s.io/v1", "events", None)
+            .iter()
+            .any(|e| e["reason"] == "GPUAllocationTimeout" && e["regarding"]["name"] == "stuck")
+            .then_some(())
+    })
+    .await;
+    handle.abort();
+}
+
+#[tokio::test]
+async fn a_restarted_scheduler_keeps_the_gate_of_an_unacknowledged_bind() {
+    let server = ApiServer::start().await.expect("server");
+    let key = SealKey::from_bytes(&[5; 32]).expect("key");
+    server.insert(&node("gpu-1", 1));
+    server.insert_value("v1", "pods", pod("before", 1000));
+    let sealed = || ShellOptions {
+        seal_key: Some(key.clone()),
+        ..ShellOptions::default()
+    };
+    let first = start(&server, sealed());
+    eventually_within(WAIT, "the first bind", || {
+        (bound(&server).len() == 1).then_some(())
+    })
+    .await;
+    first.abort();
+    // Restart between the bind and kubelet's admission.
+    server.insert_value("v1", "pods", pod("after", 1000));
+    let second = start(&server, sealed());
+    settle().await;
+    settle().await;
+    assert_eq!(
+        names(&bound(&server)),
+        vec!["before"],
+        "the restarted scheduler waits for the unacknowledged bind"
+    );
+    set_phase(&server, "before", "success");
+    eventually_within(WAIT, "the next bind after the acknowledgement", || {
+        (bound(&server).len() == 2).then_some(())
+    })
+    .await;
+    second.abort();
+}
+
+#[tokio::test]
+async fn forged_allocations_are_not_charged_and_get_a_warning() {
+    let server = ApiServer::start().await.expect("server");
+    let key = SealKey::from_bytes(&[6; 32]).expect("key");
+    server.insert(&node("gpu-1", 1));
+    // A busybox pod claiming the whole card with hand-written annotations.
+    let mut forged = pod("forged", 1);
+    forged["spec"]["containers"][0]["resources"] = json!({});
+    forged["spec"]["schedulerName"] = json!("default-scheduler");
+    forged["spec"]["nodeName"] = json!("gpu-1");
+    forged["metadata"]["annotations"] = json!({
+        "hami.io/vgpu-node": "gpu-1",
+        "hami.io/vgpu-devices-allocated": "GPU-gpu-1-0,NVIDIA,15360,100:;",
+        "hami.io/vgpu-devices-to-allocate": ";",
+        "hami.io/bind-phase": "success"});
+    forged["status"] = json!({"phase": "Running"});
+    server.insert_value("v1", "pods", forged);
+    server.insert_value("v1", "pods", pod("honest", 15000));
+    let _kubelet = server.acknowledge_allocations(Duration::ZERO);
+    let handle = start(
+        &server,
+        ShellOptions {
+            seal_key: Some(key.clone()),
+            ..ShellOptions::default()
+        },
+    );
+    let honest = eventually_within(WAIT, "the honest pod placed on the card", || {
+        bound(&server)
+            .into_iter()
+            .find(|p| p.metadata.name.as_deref() == Some("honest"))
+    })
+    .await;
+    // Its allocation carries a seal that verifies with the key.
+    let sealed = key.verify_pod(&honest).expect("sealed").expect("allocated");
+    assert_eq!(sealed.devices[0][0].uuid, "GPU-gpu-1-0");
+    eventually_within(WAIT, "an UntrustedGPUAllocation event", || {
+        server
+            .list_values("events.k8s.io/v1", "events", None)
+            .iter()
+            .any(|e| e["reason"] == "UntrustedGPUAllocation" && e["regarding"]["name"] == "forged")
+            .then_some(())
+    })
+    .await;
+    handle.abort();
+}
