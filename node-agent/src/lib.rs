@@ -24,6 +24,8 @@ pub mod health;
 pub mod host_files;
 pub mod inventory;
 pub mod k8s;
+#[cfg(feature = "test-support")]
+pub mod kubelet_admission;
 pub mod metrics;
 pub mod options;
 pub mod pid_socket;

@@ -228,6 +228,13 @@ pub struct PluginConnection {
 }
 
 impl PluginConnection {
+    /// Hands device IDs back (their container's pod ended).
+    pub fn release(&mut self, ids: &[String]) {
+        for id in ids {
+            self.in_use.remove(id);
+        }
+    }
+
     /// Admits one container asking for `count` devices as kubelet does:
     /// asks the plugin for a preferred choice among the free device IDs,
     /// then calls `Allocate` with it. Returns the device IDs and the answer.

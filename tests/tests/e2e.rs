@@ -6,7 +6,7 @@
 //! does) and created; the scheduler shell places and binds them; two node
 //! agents on fake cards (`t4`: 4 × T4, `a10g`: 4 × A10G) publish their
 //! inventory and answer a kubelet stand-in's `Allocate` over real unix
-//! sockets. The checks: our scheduler name, the sharing of one card per
+//! sockets, the stand-in admitting each bound pod as kubelet does. The checks: our scheduler name, the sharing of one card per
 //! type, the env kubelet gets, `bind-phase: success`, both components'
 //! metrics and `tessera inspect`.
 
@@ -22,6 +22,7 @@ use tessera_api::config::Config;
 use tessera_api::inventory::decode_inventory;
 use tessera_api::names::{allocation as keys, NODE_REGISTER_ANNOTATION};
 use tessera_cli::workloads::Objects;
+use tessera_node_agent::kubelet_admission::AdmittingKubelet;
 use tessera_scheduler::shell::{Scheduler, ShellOptions};
 use tessera_testkit::ApiServer;
 
@@ -97,9 +98,21 @@ async fn bundled_workloads_flow_from_admission_to_allocate() {
         let discovered: Vec<_> = agent.cards.iter().map(|c| c.uuid.clone()).collect();
         assert_eq!(published, discovered);
     }
-    let mut plugins = BTreeMap::new();
+    // Kubelet admits each pod bound to its node: GetPreferredAllocation,
+    // then Allocate, one container at a time.
+    let mut admissions = BTreeMap::new();
     for (node, kubelet) in &kubelets {
-        plugins.insert(*node, kubelet.connect_plugin(WAIT).await);
+        let plugin = kubelet.connect_plugin(WAIT).await;
+        admissions.insert(
+            *node,
+            AdmittingKubelet::start(
+                api.client(),
+                node,
+                plugin,
+                "nvidia.com/gpu",
+                std::time::Duration::from_millis(20),
+            ),
+        );
     }
 
     let scheduler = Scheduler::new(api.client(), Config::default(), ShellOptions::default());
@@ -123,9 +136,15 @@ async fn bundled_workloads_flow_from_admission_to_allocate() {
             .expect("pod created");
     }
 
-    let bound: Vec<Pod> = eventually("all four pods bound", || {
+    let bound: Vec<Pod> = eventually("all four pods bound and admitted", || {
         let pods = api.list::<Pod>();
-        (pods.len() == 4 && pods.iter().all(|p| node_of(p).is_some())).then_some(pods)
+        (pods.len() == 4
+            && pods.iter().all(|p| {
+                node_of(p).is_some()
+                    && annotation(p, keys::BIND_PHASE).as_deref() == Some(keys::PHASE_SUCCESS)
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            }))
+        .then_some(pods)
     })
     .await;
     let by_name: BTreeMap<String, Pod> = bound
@@ -152,62 +171,46 @@ async fn bundled_workloads_flow_from_admission_to_allocate() {
         t4_cards_0, t4_cards_1,
         "binpack puts both T4 replicas on one card"
     );
+    // What kubelet got for each container: the pod's slice of the shared card.
     for pod in by_name.values() {
-        assert_eq!(
-            annotation(pod, keys::BIND_PHASE).as_deref(),
-            Some(keys::PHASE_ALLOCATING)
-        );
-    }
-
-    // Kubelet admits the pods bound to its node, oldest first, one
-    // container at a time.
-    let mut ordered: Vec<&Pod> = by_name.values().collect();
-    ordered.sort_by_key(|p| {
-        (
-            p.metadata.creation_timestamp.clone(),
-            p.metadata.name.clone(),
-        )
-    });
-    for pod in ordered {
         let node = node_of(pod).expect("bound");
         let (shared_card, limit) = if node == "t4" {
             (&t4_cards_0[0], T4_SLICE_MIB)
         } else {
             (&chat_cards[0], A10G_SLICE_MIB)
         };
-        let plugin = plugins.get_mut(node.as_str()).expect("a kubelet per node");
+        let log = admissions[node.as_str()].log();
+        assert!(log.rejected.is_empty(), "{:?}", log.rejected);
         for container in &pod.spec.as_ref().expect("spec").containers {
-            let count = gpu_count(container);
-            assert_eq!(count, 1, "the webhook keeps nvidia.com/gpu: 1");
-            let (ids, answer) = plugin.allocate_container(count).await;
-            let response = answer.unwrap_or_else(|status| {
-                panic!("Allocate {ids:?} for {node}/{}: {status}", container.name)
-            });
             assert_eq!(
-                response
+                gpu_count(container),
+                1,
+                "the webhook keeps nvidia.com/gpu: 1"
+            );
+            let admitted = log
+                .admitted
+                .iter()
+                .find(|c| {
+                    Some(&c.uid) == pod.metadata.uid.as_ref() && c.container == container.name
+                })
+                .expect("the container was admitted");
+            assert_eq!(
+                admitted
                     .envs
                     .get("CUDA_DEVICE_MEMORY_LIMIT_0")
                     .map(String::as_str),
                 Some(format!("{limit}m").as_str()),
                 "{:?}",
-                response.envs
+                admitted.envs
             );
             assert_eq!(
-                response.envs.get("NVIDIA_VISIBLE_DEVICES"),
+                admitted.envs.get("NVIDIA_VISIBLE_DEVICES"),
                 Some(shared_card),
                 "{:?}",
-                response.envs
+                admitted.envs
             );
         }
     }
-    eventually("bind-phase success on every pod", || {
-        api.list::<Pod>()
-            .iter()
-            .all(|p| annotation(p, keys::BIND_PHASE).as_deref() == Some(keys::PHASE_SUCCESS))
-            .then_some(())
-    })
-    .await;
-
     // The scheduler's metrics count both slices on each shared card.
     let text = scheduler.metrics_text();
     let allocated = |node: &str, uuid: &str| -> Option<f64> {
