@@ -1,7 +1,10 @@
 //! Shell benchmark: a backlog of 1,000 pending GPU pods on 1,000 nodes
 //! against the in-process API stand-in (real HTTP, real kube-rs client).
 //! Prints pods bound per second and API writes per placed pod, with and
-//! without the per-pod `Scheduled` Event.
+//! without the per-pod `Scheduled` Event. The node side of the allocation
+//! handshake is the testkit's acknowledger (each bound pod marked admitted
+//! at once), since the scheduler binds the next pod of a shape on a node
+//! only once the previous one is acknowledged.
 //!
 //! `cargo bench -p tessera-scheduler --bench bind_throughput`
 
@@ -48,6 +51,7 @@ async fn run(scheduled_events: bool) {
         server.insert(&pod);
     }
     server.clear_requests();
+    let _kubelets = server.acknowledge_allocations(Duration::ZERO);
     let options = ShellOptions {
         scheduled_events,
         ..ShellOptions::default()

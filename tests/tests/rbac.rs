@@ -414,6 +414,12 @@ async fn scheduler_calls_match_its_rbac() {
             retry_period: Duration::from_millis(100),
         }),
         scheduled_events: true,
+        // As the binary does: read the seal key, creating it on first start.
+        seal_key: Some(
+            tessera_scheduler::shell::seal_key::load_or_create(api.client(), "tessera-system")
+                .await
+                .expect("seal key"),
+        ),
         ..ShellOptions::default()
     };
     let scheduler = Scheduler::new(api.client(), Config::default(), options);
@@ -536,13 +542,30 @@ async fn node_agent_calls_match_its_rbac() {
     api.insert(&ready_node("gpu-1"));
     let temp = tempfile::tempdir().expect("tempdir");
     let kubelet = KubeletStandIn::start(&temp.path().join("kubelet"));
-    let agent = start_agent(
-        api.client(),
-        "gpu-1",
-        "2x Tesla T4 15360",
-        &temp.path().join("host"),
-        kubelet.socket(),
-        None,
+    // The seal key as the scheduler leaves it; the agent reads it from the Secret.
+    let key = tessera_api::allocation_seal::SealKey::generate().expect("key");
+    api.insert_value(
+        "v1",
+        "secrets",
+        json!({"metadata": {"name": "tessera-allocation-key", "namespace": "tessera-system"},
+            "data": {"key": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key.as_bytes())}}),
+    );
+    let gpus = tessera_node_agent::gpu::fake::FakeGpus::parse("2x Tesla T4 15360", "gpu-1")
+        .expect("fake GPU spec");
+    let agent = RunningAgent::spawn(
+        &gpus,
+        tessera_node_agent::agent::AgentSetup {
+            seal: tessera_node_agent::seal::SealSource::Secret {
+                namespace: "tessera-system".into(),
+            },
+            ..tessera_node_agent::testing::fake_agent_setup(
+                "gpu-1",
+                &gpus,
+                api.client(),
+                &temp.path().join("host"),
+                kubelet.socket(),
+            )
+        },
     );
     eventually("the inventory published", || {
         let node: Node = api.get(None, "gpu-1")?;
@@ -570,7 +593,19 @@ async fn node_agent_calls_match_its_rbac() {
                 "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}))
         .expect("pod")
     };
-    api.insert(&bound("good", &agent.cards[0].uuid));
+    // Sealed as the scheduler seals it (the UID is the API server's).
+    let sealed = |pod: Pod| -> Pod {
+        let mut pod = api.insert(&pod);
+        let annotations = pod.metadata.annotations.as_mut().expect("annotations");
+        let seal = key.seal(
+            pod.metadata.uid.as_deref().expect("uid"),
+            "gpu-1",
+            &annotations[keys::DEVICES_ALLOCATED],
+        );
+        annotations.insert(keys::SEAL.into(), seal);
+        api.insert(&pod)
+    };
+    sealed(bound("good", &agent.cards[0].uuid));
     let (_, answer) = plugin.allocate_container(1).await;
     answer.expect("Allocate for the good pod");
     eventually("bind-phase success", || {
@@ -580,7 +615,7 @@ async fn node_agent_calls_match_its_rbac() {
     .await;
 
     // A pod whose card is not on this node: Allocate fails with an Event.
-    api.insert(&bound("foreign", "GPU-elsewhere"));
+    sealed(bound("foreign", "GPU-elsewhere"));
     let (_, answer) = plugin.allocate_container(1).await;
     assert!(answer.is_err(), "a card not on this node cannot be given");
     await_writes(&api, "the failure Event", "POST", "events", 1).await;
