@@ -84,6 +84,20 @@ cases += [
     (n, "CREATE", "pods", "jane", pod(spec={"containers": [{"name": "c", "env": [{"name": "CUDA_VISIBLE_DEVICES", "value": "0"}], "volumeMounts": [{"name": "v", "mountPath": "/var/run/nvidia-container-devices-x"}]}]}), None, "Allowed"),
     (n, "CREATE", "pods", "jane", pod(), None, "Allowed"),
 ]
+o = policies["tessera-scheduler-requires-webhook"]
+def labelled(labels, scheduler):
+    p = pod()
+    if labels is not None:
+        p["metadata"]["labels"] = labels
+    if scheduler:
+        p["spec"]["schedulerName"] = scheduler
+    return p
+cases += [
+    (o, "CREATE", "pods", "jane", labelled({"hami.io/webhook": "ignore"}, "tessera-scheduler"), None, "Denied"),
+    (o, "CREATE", "pods", "jane", labelled({"hami.io/webhook": "ignore"}, None), None, "Allowed"),
+    (o, "CREATE", "pods", "jane", labelled({"app": "x"}, "tessera-scheduler"), None, "Allowed"),
+    (o, "CREATE", "pods", "jane", labelled(None, "tessera-scheduler"), None, "Allowed"),
+]
 failed = 0
 for policy, op, res, user, obj, old, want in cases:
     got = verdict(policy, op, res, user, obj, old)

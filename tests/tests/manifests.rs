@@ -1418,6 +1418,7 @@ fn policy_bindings<'a>(docs: &'a [Doc], name: &str) -> Vec<&'a ValidatingAdmissi
 
 const NVIDIA_ENV_POLICY: &str = "tessera-nvidia-env";
 const ANNOTATIONS_POLICY: &str = "tessera-allocation-annotations";
+const OPT_OUT_POLICY: &str = "tessera-scheduler-requires-webhook";
 
 /// The username a ServiceAccount authenticates as.
 fn service_account_user(namespace: &str, name: &str) -> String {
@@ -1625,8 +1626,8 @@ fn admission_policies_are_bound_fail_closed_and_cover_their_operations() {
         .collect();
     assert_eq!(
         names,
-        BTreeSet::from([NVIDIA_ENV_POLICY, ANNOTATIONS_POLICY]),
-        "the kustomization installs both policies"
+        BTreeSet::from([NVIDIA_ENV_POLICY, ANNOTATIONS_POLICY, OPT_OUT_POLICY]),
+        "the kustomization installs the three policies"
     );
     for policy in &policies {
         let name = policy.metadata.name.as_deref().unwrap_or_default();
@@ -1696,6 +1697,7 @@ fn admission_policies_are_bound_fail_closed_and_cover_their_operations() {
         !covers(NVIDIA_ENV_POLICY, "UPDATE", "pods"),
         "pod env cannot change on UPDATE; checking it would block finalizer removal on old pods"
     );
+    assert!(covers(OPT_OUT_POLICY, "CREATE", "pods"));
 }
 
 #[test]
@@ -2016,6 +2018,62 @@ fn nvidia_env_is_denied_outside_allowed_namespaces() {
         selector,
         &other(&[("tessera.io/allow-nvidia-env", "true")], "gpu-operator")
     ));
+}
+
+#[test]
+fn pods_that_skip_the_webhook_cannot_name_our_scheduler() {
+    let docs = installed();
+    let policy = admission_policy(&docs, OPT_OUT_POLICY);
+    let config = installed_config(&docs);
+    assert_eq!(
+        policy_constant(policy, "schedulerName"),
+        Json::from(config.scheduler_name.clone()),
+        "the policy names the configured scheduler"
+    );
+    let pod = |labels: Json, scheduler: Option<&str>| {
+        let mut pod = sample_pod(Json::Null, Json::Null);
+        if labels.is_null() {
+            pod["metadata"].as_object_mut().unwrap().remove("labels");
+        } else {
+            pod["metadata"]["labels"] = labels;
+        }
+        if let Some(name) = scheduler {
+            pod["spec"]["schedulerName"] = Json::from(name);
+        }
+        PolicyRequest::by_user("CREATE", "pods", pod)
+    };
+    let ignore = serde_json::json!({
+        tessera_api::names::WEBHOOK_IGNORE_LABEL: tessera_api::names::WEBHOOK_IGNORE_VALUE,
+        "app": "trainer",
+    });
+    match evaluate_policy(policy, &pod(ignore.clone(), Some(&config.scheduler_name))) {
+        PolicyVerdict::Denied(message) => {
+            assert!(message.contains("hami.io/webhook=ignore"), "{message}");
+            assert!(message.contains(&config.scheduler_name), "{message}");
+            assert!(message.contains("remove the label"), "{message}");
+        }
+        other => panic!("expected a denial, got {other:?}"),
+    }
+    for (labels, scheduler) in [
+        (ignore.clone(), None),
+        (ignore.clone(), Some("default-scheduler")),
+        (ignore, Some("volcano")),
+        (
+            serde_json::json!({"app": "trainer"}),
+            Some(config.scheduler_name.as_str()),
+        ),
+        (
+            serde_json::json!({"hami.io/webhook": "enabled"}),
+            Some(config.scheduler_name.as_str()),
+        ),
+        (Json::Null, Some(config.scheduler_name.as_str())),
+    ] {
+        assert_eq!(
+            evaluate_policy(policy, &pod(labels.clone(), scheduler)),
+            PolicyVerdict::Allowed,
+            "{labels} {scheduler:?}"
+        );
+    }
 }
 
 // ------------------------------------------------------------ monitoring
