@@ -28,6 +28,11 @@ pub struct Config {
     /// `gpumem` above it at admission instead of leaving the pod pending.
     #[serde(rename = "maxCardMemoryMiB", alias = "maxCardMemoryMib")]
     pub max_card_memory_mib: Option<u64>,
+    /// Namespaces whose GPU pods may set `CUDA_DISABLE_CONTROL` and so run
+    /// without the interceptor (no in-container cap; the node agent's
+    /// host-side enforcement still applies). Empty by default: everywhere
+    /// else the webhook denies a GPU pod that sets it.
+    pub control_opt_out_namespaces: Vec<String>,
 }
 
 /// Defaults for GPU requests (HAMi's `defaultMem`, `defaultCores`,
@@ -90,6 +95,7 @@ impl Default for Config {
             nodes: Vec::new(),
             scheduling: SchedulingDefaults::default(),
             max_card_memory_mib: None,
+            control_opt_out_namespaces: Vec::new(),
         }
     }
 }
@@ -168,8 +174,34 @@ impl Config {
                 "must be the largest card's memory in MiB, or left out",
             ));
         }
+        for (i, namespace) in self.control_opt_out_namespaces.iter().enumerate() {
+            if !is_namespace_name(namespace) {
+                return Err(invalid(
+                    &format!("controlOptOutNamespaces[{i}]"),
+                    "must be a namespace name (lower-case letters, digits and `-`, at most 63 characters)",
+                ));
+            }
+        }
         Ok(())
     }
+
+    /// Whether GPU pods in `namespace` may opt out of the interceptor with
+    /// `CUDA_DISABLE_CONTROL` ([`Config::control_opt_out_namespaces`]).
+    pub fn may_opt_out_of_control(&self, namespace: &str) -> bool {
+        self.control_opt_out_namespaces
+            .iter()
+            .any(|allowed| allowed == namespace)
+    }
+}
+
+/// Whether `name` is a valid namespace name (an RFC 1123 label).
+fn is_namespace_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 fn validate_sharing(prefix: &str, sharing: &DeviceSharing) -> Result<(), ConfigError> {
@@ -209,6 +241,26 @@ mod tests {
         assert_eq!(config.scheduler_name, "tessera-scheduler");
         assert_eq!(config.scheduling.gpu_policy, GpuPolicy::Spread);
         assert_eq!(config.scheduling.node_policy, NodePolicy::Binpack);
+        assert!(config.control_opt_out_namespaces.is_empty());
+        assert!(!config.may_opt_out_of_control("default"));
+    }
+
+    #[test]
+    fn control_opt_out_is_per_listed_namespace() {
+        let config =
+            Config::from_yaml("controlOptOutNamespaces: [gpu-bench, perf]\n").expect("parses");
+        assert!(config.may_opt_out_of_control("gpu-bench"));
+        assert!(config.may_opt_out_of_control("perf"));
+        assert!(!config.may_opt_out_of_control("gpu"));
+        assert!(!config.may_opt_out_of_control("gpu-bench-2"));
+        for bad in ["\"\"", "Gpu", "-x", "x_y"] {
+            let error = Config::from_yaml(&format!("controlOptOutNamespaces: [ok, {bad}]\n"))
+                .expect_err(bad);
+            assert!(
+                error.to_string().contains("controlOptOutNamespaces[1]"),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,11 @@
 //!   names and the Dockerfile;
 //! - the ConfigMap parses with `Config::from_yaml`, and the webhook's
 //!   `matchConditions` cover the resources it names;
+//! - the ValidatingAdmissionPolicies are bound, fail closed, cover the
+//!   operations they must, exempt exactly Tessera's ServiceAccounts and
+//!   namespace, and their CEL (run by the `cel` interpreter against sample
+//!   admission requests) denies and allows what it should, with the names
+//!   the code uses;
 //! - every example pod passes the webhook decision (`mutate_pod`) and asks
 //!   for a GPU;
 //! - the Grafana dashboard only queries metrics the components expose.
@@ -23,7 +28,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, Pod, PodSpec, PodTemplateSpec, Probe, Service, ServiceAccount,
@@ -60,6 +67,8 @@ enum Object {
     Service(Service),
     PodDisruptionBudget(PodDisruptionBudget),
     MutatingWebhookConfiguration(MutatingWebhookConfiguration),
+    ValidatingAdmissionPolicy(ValidatingAdmissionPolicy),
+    ValidatingAdmissionPolicyBinding(ValidatingAdmissionPolicyBinding),
     Pod(Pod),
 }
 
@@ -197,6 +206,12 @@ fn parse_object(value: &Json, file: &str) -> Object {
         ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
             Object::MutatingWebhookConfiguration(typed(value, file))
         }
+        ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
+            Object::ValidatingAdmissionPolicy(typed(value, file))
+        }
+        ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
+            Object::ValidatingAdmissionPolicyBinding(typed(value, file))
+        }
         _ => panic!(
             "{file}: unexpected kind {kind:?} (apiVersion {api_version:?}); add it to parse_object if it is meant to be there"
         ),
@@ -266,6 +281,8 @@ fn meta(object: &Object) -> &ObjectMeta {
         Object::Service(o) => &o.metadata,
         Object::PodDisruptionBudget(o) => &o.metadata,
         Object::MutatingWebhookConfiguration(o) => &o.metadata,
+        Object::ValidatingAdmissionPolicy(o) => &o.metadata,
+        Object::ValidatingAdmissionPolicyBinding(o) => &o.metadata,
         Object::Pod(o) => &o.metadata,
     }
 }
@@ -624,6 +641,8 @@ fn every_manifest_parses_typed_and_lands_in_the_namespace() {
                 | Object::ClusterRole(_)
                 | Object::ClusterRoleBinding(_)
                 | Object::MutatingWebhookConfiguration(_)
+                | Object::ValidatingAdmissionPolicy(_)
+                | Object::ValidatingAdmissionPolicyBinding(_)
         );
         let ns = meta(&doc.object).namespace.as_deref();
         if cluster_scoped {
@@ -1365,6 +1384,694 @@ fn the_vllm_examples_ask_for_their_slices() {
         assert!(
             docs.iter().any(|d| matches!(d.object, Object::Service(_))),
             "{file} has a Service"
+        );
+    }
+}
+
+// ------------------------------------------------ admission policies
+
+/// The ValidatingAdmissionPolicy called `name`.
+fn admission_policy<'a>(docs: &'a [Doc], name: &str) -> &'a ValidatingAdmissionPolicy {
+    docs.iter()
+        .find_map(|d| match &d.object {
+            Object::ValidatingAdmissionPolicy(p) if p.metadata.name.as_deref() == Some(name) => {
+                Some(p)
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no ValidatingAdmissionPolicy {name} is installed"))
+}
+
+/// The bindings of the policy called `name`.
+fn policy_bindings<'a>(docs: &'a [Doc], name: &str) -> Vec<&'a ValidatingAdmissionPolicyBinding> {
+    docs.iter()
+        .filter_map(|d| match &d.object {
+            Object::ValidatingAdmissionPolicyBinding(b)
+                if b.spec.as_ref().and_then(|s| s.policy_name.as_deref()) == Some(name) =>
+            {
+                Some(b)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+const NVIDIA_ENV_POLICY: &str = "tessera-nvidia-env";
+const ANNOTATIONS_POLICY: &str = "tessera-allocation-annotations";
+const OPT_OUT_POLICY: &str = "tessera-scheduler-requires-webhook";
+
+/// The username a ServiceAccount authenticates as.
+fn service_account_user(namespace: &str, name: &str) -> String {
+    format!("system:serviceaccount:{namespace}:{name}")
+}
+
+/// One admission request as a policy sees it.
+struct PolicyRequest {
+    operation: &'static str,
+    /// `pods`, or `pods/<subresource>`.
+    resource: &'static str,
+    username: String,
+    object: Json,
+    old_object: Json,
+}
+
+impl PolicyRequest {
+    fn by_user(operation: &'static str, resource: &'static str, object: Json) -> Self {
+        Self {
+            operation,
+            resource,
+            username: "jane@example.com".to_owned(),
+            object,
+            old_object: Json::Null,
+        }
+    }
+
+    fn update(old_object: Json, object: Json) -> Self {
+        Self {
+            old_object,
+            ..Self::by_user("UPDATE", "pods", object)
+        }
+    }
+
+    fn by(mut self, username: String) -> Self {
+        self.username = username;
+        self
+    }
+}
+
+/// What a policy answers.
+#[derive(Debug, PartialEq)]
+enum PolicyVerdict {
+    /// The request is outside the policy's rules or its matchConditions.
+    NotMatched,
+    Allowed,
+    /// Denied, with the evaluated message.
+    Denied(String),
+}
+
+fn cel_value(value: &Json) -> cel::Value {
+    cel::to_value(value).expect("JSON converts to a CEL value")
+}
+
+/// Runs a CEL expression of `policy` (named `what` in failures).
+fn run_cel(expression: &str, context: &cel::Context<'_, '_>, what: &str) -> cel::Value {
+    let program = cel::Program::compile(expression)
+        .unwrap_or_else(|e| panic!("{what} does not parse as CEL: {e}\n{expression}"));
+    program
+        .execute(context)
+        .unwrap_or_else(|e| panic!("{what} fails to evaluate: {e}\n{expression}"))
+}
+
+fn run_cel_bool(expression: &str, context: &cel::Context<'_, '_>, what: &str) -> bool {
+    match run_cel(expression, context, what) {
+        cel::Value::Bool(b) => b,
+        other => panic!("{what} is not a bool: {other:?}"),
+    }
+}
+
+/// Whether one of the policy's resource rules covers the request.
+fn policy_matches(policy: &ValidatingAdmissionPolicy, request: &PolicyRequest) -> bool {
+    let spec = policy.spec.as_ref().expect("policy spec");
+    let rules = spec
+        .match_constraints
+        .as_ref()
+        .and_then(|m| m.resource_rules.as_ref())
+        .expect("policy resourceRules");
+    rules.iter().any(|rule| {
+        rule.api_groups.iter().flatten().any(|g| g.is_empty())
+            && rule
+                .operations
+                .iter()
+                .flatten()
+                .any(|o| o == request.operation)
+            && rule
+                .resources
+                .iter()
+                .flatten()
+                .any(|r| r == request.resource)
+    })
+}
+
+/// Runs the policy as the API server does: resource rules, then
+/// matchConditions, then the variables in order, then each validation
+/// (with its messageExpression when it fails).
+fn evaluate_policy(policy: &ValidatingAdmissionPolicy, request: &PolicyRequest) -> PolicyVerdict {
+    if !policy_matches(policy, request) {
+        return PolicyVerdict::NotMatched;
+    }
+    let spec = policy.spec.as_ref().expect("policy spec");
+    let (resource, sub_resource) = request
+        .resource
+        .split_once('/')
+        .unwrap_or((request.resource, ""));
+    let mut context = cel::Context::default();
+    context.add_variable_from_value("object", cel_value(&request.object));
+    context.add_variable_from_value("oldObject", cel_value(&request.old_object));
+    context.add_variable_from_value(
+        "request",
+        cel_value(&serde_json::json!({
+            "operation": request.operation,
+            "resource": {"group": "", "version": "v1", "resource": resource},
+            "subResource": sub_resource,
+            "userInfo": {"username": request.username},
+        })),
+    );
+    for condition in spec.match_conditions.iter().flatten() {
+        let what = format!("matchCondition {}", condition.name);
+        if !run_cel_bool(&condition.expression, &context, &what) {
+            return PolicyVerdict::NotMatched;
+        }
+    }
+    let mut variables: std::collections::HashMap<String, cel::Value> =
+        std::collections::HashMap::new();
+    for variable in spec.variables.iter().flatten() {
+        context.add_variable_from_value("variables", variables.clone());
+        let value = run_cel(
+            &variable.expression,
+            &context,
+            &format!("variable {}", variable.name),
+        );
+        variables.insert(variable.name.clone(), value);
+    }
+    context.add_variable_from_value("variables", variables);
+    for validation in spec.validations.iter().flatten() {
+        if !run_cel_bool(&validation.expression, &context, "validation") {
+            let message = validation
+                .message_expression
+                .as_deref()
+                .expect("every validation has a messageExpression");
+            return match run_cel(message, &context, "messageExpression") {
+                cel::Value::String(text) => PolicyVerdict::Denied(text.to_string()),
+                other => panic!("messageExpression is not a string: {other:?}"),
+            };
+        }
+    }
+    PolicyVerdict::Allowed
+}
+
+/// A variable of the policy that needs no request (a constant list), as JSON.
+fn policy_constant(policy: &ValidatingAdmissionPolicy, name: &str) -> Json {
+    let spec = policy.spec.as_ref().expect("policy spec");
+    let variable = spec
+        .variables
+        .iter()
+        .flatten()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("policy has no variable {name}"));
+    let value = run_cel(
+        &variable.expression,
+        &cel::Context::default(),
+        &format!("variable {name}"),
+    );
+    value.json().expect("a constant converts to JSON")
+}
+
+/// A pod as the API server hands it to admission.
+fn sample_pod(annotations: Json, spec: Json) -> Json {
+    let mut pod = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "trainer-x7k2p", "namespace": "ml-team", "labels": {"app": "trainer"}},
+        "spec": {"containers": [{"name": "trainer", "image": "pytorch"}]},
+    });
+    if !annotations.is_null() {
+        pod["metadata"]["annotations"] = annotations;
+    }
+    json_merge(&mut pod["spec"], &spec);
+    pod
+}
+
+/// Merges `patch`'s object fields into `target` (one level).
+fn json_merge(target: &mut Json, patch: &Json) {
+    if let (Some(target), Some(patch)) = (target.as_object_mut(), patch.as_object()) {
+        for (key, value) in patch {
+            target.insert(key.clone(), value.clone());
+        }
+    }
+}
+
+#[test]
+fn admission_policies_are_bound_fail_closed_and_cover_their_operations() {
+    let docs = installed();
+    let policies: Vec<&ValidatingAdmissionPolicy> = docs
+        .iter()
+        .filter_map(|d| match &d.object {
+            Object::ValidatingAdmissionPolicy(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let names: BTreeSet<&str> = policies
+        .iter()
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from([NVIDIA_ENV_POLICY, ANNOTATIONS_POLICY, OPT_OUT_POLICY]),
+        "the kustomization installs the three policies"
+    );
+    for policy in &policies {
+        let name = policy.metadata.name.as_deref().unwrap_or_default();
+        let spec = policy.spec.as_ref().expect("spec");
+        assert_eq!(
+            spec.failure_policy.as_deref(),
+            Some("Fail"),
+            "{name}: failurePolicy"
+        );
+        assert!(
+            !spec.validations.as_deref().unwrap_or_default().is_empty(),
+            "{name}: validations"
+        );
+        for validation in spec.validations.iter().flatten() {
+            assert!(
+                validation.message_expression.is_some(),
+                "{name}: every validation says what is wrong"
+            );
+            assert_eq!(validation.reason.as_deref(), Some("Forbidden"), "{name}");
+        }
+        let bindings = policy_bindings(&docs, name);
+        assert_eq!(bindings.len(), 1, "{name}: exactly one binding");
+        let binding = bindings[0].spec.as_ref().expect("binding spec");
+        assert_eq!(
+            binding.validation_actions.as_deref(),
+            Some(&["Deny".to_owned()][..]),
+            "{name}: the binding denies"
+        );
+    }
+    // Every binding names an installed policy.
+    for doc in &docs {
+        if let Object::ValidatingAdmissionPolicyBinding(b) = &doc.object {
+            let policy = b.spec.as_ref().and_then(|s| s.policy_name.as_deref());
+            assert!(
+                policy.is_some_and(|p| names.contains(p)),
+                "{}: binding {} names policy {policy:?}, which is not installed",
+                doc.file,
+                name(&doc.object)
+            );
+        }
+    }
+    let covers = |policy: &str, operation: &'static str, resource: &'static str| {
+        policy_matches(
+            admission_policy(&docs, policy),
+            &PolicyRequest::by_user(operation, resource, Json::Null),
+        )
+    };
+    for (operation, resource) in [
+        ("CREATE", "pods"),
+        ("UPDATE", "pods"),
+        ("UPDATE", "pods/status"),
+        ("CREATE", "pods/binding"),
+    ] {
+        assert!(
+            covers(ANNOTATIONS_POLICY, operation, resource),
+            "{ANNOTATIONS_POLICY} covers {operation} {resource}"
+        );
+    }
+    assert!(!covers(ANNOTATIONS_POLICY, "DELETE", "pods"));
+    assert!(covers(NVIDIA_ENV_POLICY, "CREATE", "pods"));
+    assert!(covers(
+        NVIDIA_ENV_POLICY,
+        "UPDATE",
+        "pods/ephemeralcontainers"
+    ));
+    assert!(
+        !covers(NVIDIA_ENV_POLICY, "UPDATE", "pods"),
+        "pod env cannot change on UPDATE; checking it would block finalizer removal on old pods"
+    );
+    assert!(covers(OPT_OUT_POLICY, "CREATE", "pods"));
+}
+
+#[test]
+fn admission_policies_name_what_the_code_names() {
+    let docs = installed();
+    let annotations = admission_policy(&docs, ANNOTATIONS_POLICY);
+    let owned: Vec<String> =
+        serde_json::from_value(policy_constant(annotations, "ownedKeys")).expect("a list of keys");
+    assert_eq!(owned, tessera_api::names::allocation::SCHEDULER_OWNED);
+    assert_eq!(
+        policy_constant(annotations, "ownedPrefix"),
+        tessera_webhook::decision::TESSERA_ANNOTATION_PREFIX
+    );
+    let nvidia = admission_policy(&docs, NVIDIA_ENV_POLICY);
+    let forbidden: Vec<String> =
+        serde_json::from_value(policy_constant(nvidia, "forbiddenEnv")).expect("a list of names");
+    assert!(forbidden.contains(&tessera_api::container_env::VISIBLE_DEVICES.to_owned()));
+    assert!(forbidden.contains(&"NVIDIA_DRIVER_CAPABILITIES".to_owned()));
+    let roots: Vec<String> = serde_json::from_value(policy_constant(nvidia, "deviceListRoots"))
+        .expect("a list of paths");
+    assert!(
+        roots.contains(&tessera_node_agent::allocate::response::DEVICE_LIST_MOUNT_ROOT.to_owned())
+    );
+}
+
+#[test]
+fn only_tessera_service_accounts_may_write_allocation_annotations() {
+    let docs = installed();
+    let policy = admission_policy(&docs, ANNOTATIONS_POLICY);
+    // The accounts the scheduler and node agent run as, from their RBAC
+    // files and workloads.
+    let mut tessera_users = Vec::new();
+    for component in ["scheduler", "node-agent"] {
+        let rbac = load_file(&manifests_dir().join(format!("rbac-{component}.yaml")));
+        let account = rbac
+            .iter()
+            .find_map(|d| match &d.object {
+                Object::ServiceAccount(a) => Some(a),
+                _ => None,
+            })
+            .expect("a ServiceAccount");
+        let (account_ns, account_name) = (
+            account.metadata.namespace.as_deref().expect("namespace"),
+            account.metadata.name.as_deref().expect("name"),
+        );
+        let w = workload(&docs, &format!("tessera-{component}"));
+        assert_eq!(w.spec.service_account_name.as_deref(), Some(account_name));
+        tessera_users.push(service_account_user(account_ns, account_name));
+    }
+
+    let allocated = serde_json::json!({
+        "hami.io/vgpu-node": "gpu-node-1",
+        "hami.io/vgpu-devices-allocated": "GPU-0b1c,NVIDIA,7500,30:;",
+        "hami.io/vgpu-devices-to-allocate": "GPU-0b1c,NVIDIA,7500,30:;",
+        "hami.io/bind-phase": "allocating",
+        "tessera.io/allocation-signature": "c2lnbmF0dXJl",
+    });
+    let pending = sample_pod(Json::Null, Json::Null);
+    let bound = sample_pod(allocated.clone(), Json::Null);
+    let with = |key: &str, value: Option<&str>| {
+        let mut annotations = allocated.clone();
+        match value {
+            Some(v) => annotations[key] = Json::from(v),
+            None => {
+                annotations.as_object_mut().unwrap().remove(key);
+            }
+        }
+        sample_pod(annotations, Json::Null)
+    };
+    let binding = serde_json::json!({
+        "apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": "trainer-x7k2p", "namespace": "ml-team", "annotations": allocated},
+        "target": {"kind": "Node", "name": "gpu-node-1"},
+    });
+    let denied = |request: PolicyRequest, key: &str| match evaluate_policy(policy, &request) {
+        PolicyVerdict::Denied(message) => {
+            assert!(message.contains(key), "{message}");
+            assert!(message.contains(&request.username), "{message}");
+            assert!(
+                message.contains("only the Tessera scheduler and node agent"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a denial naming {key}, got {other:?}"),
+    };
+
+    // CREATE carrying any owned annotation, each alone.
+    for key in tessera_api::names::allocation::SCHEDULER_OWNED
+        .into_iter()
+        .chain(["tessera.io/allocation-signature", "tessera.io/anything"])
+    {
+        let pod = sample_pod(serde_json::json!({ key: "x", "team": "ml" }), Json::Null);
+        denied(PolicyRequest::by_user("CREATE", "pods", pod), key);
+    }
+    // UPDATE that adds, changes or removes one. (The message names one
+    // changed key; map order is unspecified, so each case changes one.)
+    let only = |key: &str| sample_pod(serde_json::json!({ key: "x" }), Json::Null);
+    denied(
+        PolicyRequest::update(pending.clone(), only("hami.io/bind-phase")),
+        "hami.io/bind-phase",
+    );
+    denied(
+        PolicyRequest::update(bound.clone(), with("hami.io/vgpu-node", Some("gpu-node-2"))),
+        "hami.io/vgpu-node",
+    );
+    denied(
+        PolicyRequest::update(bound.clone(), with("hami.io/bind-phase", None)),
+        "hami.io/bind-phase",
+    );
+    denied(
+        PolicyRequest::update(
+            bound.clone(),
+            with("tessera.io/allocation-signature", Some("forged")),
+        ),
+        "tessera.io/allocation-signature",
+    );
+    let mut status_update =
+        PolicyRequest::update(bound.clone(), with("hami.io/vgpu-devices-allocated", None));
+    status_update.resource = "pods/status";
+    denied(status_update, "hami.io/vgpu-devices-allocated");
+    // A Binding carries annotations onto the pod.
+    let mut forged_binding = binding.clone();
+    forged_binding["metadata"]["annotations"] = serde_json::json!({"hami.io/vgpu-node": "n"});
+    denied(
+        PolicyRequest::by_user("CREATE", "pods/binding", forged_binding),
+        "hami.io/vgpu-node",
+    );
+
+    // Allowed: pods without them, and updates that leave them as they are.
+    let allowed = |request: PolicyRequest| {
+        assert_eq!(evaluate_policy(policy, &request), PolicyVerdict::Allowed);
+    };
+    allowed(PolicyRequest::by_user(
+        "CREATE",
+        "pods",
+        sample_pod(
+            serde_json::json!({"hami.io/gpu-scheduler-policy": "binpack", "nvidia.com/use-gputype": "A10G"}),
+            Json::Null,
+        ),
+    ));
+    allowed(PolicyRequest::by_user("CREATE", "pods", pending.clone()));
+    let mut relabelled = bound.clone();
+    relabelled["metadata"]["labels"]["tier"] = Json::from("gold");
+    relabelled["metadata"]["annotations"]["team"] = Json::from("ml");
+    relabelled["metadata"]["finalizers"] = serde_json::json!(["example.com/keep"]);
+    allowed(PolicyRequest::update(bound.clone(), relabelled));
+    allowed(PolicyRequest::update(pending.clone(), pending.clone()));
+    let mut plain_binding = binding.clone();
+    plain_binding["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("annotations");
+    allowed(PolicyRequest::by_user(
+        "CREATE",
+        "pods/binding",
+        plain_binding,
+    ));
+
+    // Tessera's own accounts are outside the policy; the webhook's is not.
+    for user in &tessera_users {
+        for request in [
+            PolicyRequest::by_user("CREATE", "pods/binding", binding.clone()),
+            PolicyRequest::update(pending.clone(), bound.clone()),
+            PolicyRequest::update(bound.clone(), with("hami.io/bind-phase", Some("success"))),
+        ] {
+            assert_eq!(
+                evaluate_policy(policy, &request.by(user.clone())),
+                PolicyVerdict::NotMatched,
+                "{user}"
+            );
+        }
+    }
+    let webhook = service_account_user(NAMESPACE, "tessera-webhook");
+    denied(
+        PolicyRequest::update(pending, only("tessera.io/allocation-signature")).by(webhook),
+        "tessera.io/allocation-signature",
+    );
+}
+
+#[test]
+fn nvidia_env_is_denied_outside_allowed_namespaces() {
+    let docs = installed();
+    let policy = admission_policy(&docs, NVIDIA_ENV_POLICY);
+    let denied = |request: PolicyRequest, container: &str, what: &str| match evaluate_policy(
+        policy, &request,
+    ) {
+        PolicyVerdict::Denied(message) => {
+            assert!(
+                message.contains(&format!("container {container} ")),
+                "{message}"
+            );
+            assert!(message.contains(what), "{message}");
+            assert!(
+                message.contains("tessera.io/allow-nvidia-env=true"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a denial of {container}, got {other:?}"),
+    };
+    let create =
+        |spec: Json| PolicyRequest::by_user("CREATE", "pods", sample_pod(Json::Null, spec));
+    for variable in ["NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"] {
+        let env = serde_json::json!([{"name": "HOME", "value": "/tmp"}, {"name": variable, "value": "all"}]);
+        denied(
+            create(serde_json::json!({"containers": [
+                {"name": "web", "image": "nginx"},
+                {"name": "miner", "image": "cuda", "env": env}
+            ]})),
+            "miner",
+            "sets NVIDIA_VISIBLE_DEVICES or NVIDIA_DRIVER_CAPABILITIES",
+        );
+        denied(
+            create(serde_json::json!({
+                "containers": [{"name": "web", "image": "nginx"}],
+                "initContainers": [{"name": "setup", "image": "cuda", "env": env}]
+            })),
+            "setup",
+            "NVIDIA_VISIBLE_DEVICES",
+        );
+        // An ephemeral container added later, through its subresource.
+        let running = sample_pod(Json::Null, Json::Null);
+        let mut debugged = running.clone();
+        debugged["spec"]["ephemeralContainers"] =
+            serde_json::json!([{"name": "debugger", "image": "cuda", "env": env}]);
+        let mut request = PolicyRequest::update(running, debugged);
+        request.resource = "pods/ephemeralcontainers";
+        denied(request, "debugger", "NVIDIA_VISIBLE_DEVICES");
+    }
+    for path in [
+        "/var/run/nvidia-container-devices/all",
+        "/var/run/nvidia-container-devices",
+        "/run/nvidia-container-devices/GPU-0b1c",
+    ] {
+        denied(
+            create(serde_json::json!({"containers": [
+                {"name": "miner", "image": "cuda", "volumeMounts": [{"name": "null", "mountPath": path}]}
+            ]})),
+            "miner",
+            "/var/run/nvidia-container-devices",
+        );
+    }
+    // Ordinary pods, GPU pods and their own settings pass.
+    let allowed = |request: PolicyRequest| {
+        assert_eq!(evaluate_policy(policy, &request), PolicyVerdict::Allowed);
+    };
+    allowed(create(Json::Null));
+    allowed(create(serde_json::json!({"containers": [{
+        "name": "trainer", "image": "pytorch",
+        "env": [{"name": "CUDA_VISIBLE_DEVICES", "value": "0"}, {"name": "NVIDIA_TF32_OVERRIDE", "value": "0"}],
+        "volumeMounts": [{"name": "data", "mountPath": "/var/run/nvidia-container-devices-cache"}],
+        "resources": {"limits": {"nvidia.com/gpumem": "7500"}}
+    }]})));
+    for (path, docs) in examples() {
+        for w in workloads(&docs) {
+            let pod = sample_pod(Json::Null, serde_json::to_value(w.spec).expect("spec"));
+            assert_eq!(
+                evaluate_policy(policy, &PolicyRequest::by_user("CREATE", "pods", pod)),
+                PolicyVerdict::Allowed,
+                "{}: {}",
+                path.display(),
+                w.name
+            );
+        }
+    }
+
+    // The node agent asks for every card; its namespace is exempt by label,
+    // and the binding selects every other namespace.
+    let agent = workload(&docs, "tessera-node-agent");
+    let agent_pod = sample_pod(Json::Null, serde_json::to_value(agent.spec).expect("spec"));
+    assert!(matches!(
+        evaluate_policy(policy, &PolicyRequest::by_user("CREATE", "pods", agent_pod)),
+        PolicyVerdict::Denied(_)
+    ));
+    let bindings = policy_bindings(&docs, NVIDIA_ENV_POLICY);
+    let selector = bindings[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.match_resources.as_ref())
+        .and_then(|m| m.namespace_selector.as_ref())
+        .expect("the binding selects namespaces");
+    let namespace_labels = |ns: &Namespace| -> BTreeMap<String, String> {
+        let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+        let name = ns.metadata.name.clone().unwrap_or_default();
+        labels.insert("kubernetes.io/metadata.name".to_owned(), name);
+        labels
+    };
+    let ours = find(
+        &docs,
+        |o| match o {
+            Object::Namespace(n) => Some(n),
+            _ => None,
+        },
+        "Namespace",
+    );
+    assert_eq!(ours.metadata.name.as_deref(), Some(agent.namespace));
+    assert!(
+        !label_selector_matches(selector, &namespace_labels(ours)),
+        "{NAMESPACE} is exempt"
+    );
+    let other = |labels: &[(&str, &str)], name: &str| {
+        let mut map: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        map.insert("kubernetes.io/metadata.name".to_owned(), name.to_owned());
+        map
+    };
+    assert!(label_selector_matches(selector, &other(&[], "ml-team")));
+    assert!(label_selector_matches(
+        selector,
+        &other(&[("hami.io/webhook", "ignore")], "batch")
+    ));
+    assert!(label_selector_matches(
+        selector,
+        &other(&[("tessera.io/allow-nvidia-env", "false")], "ml-team")
+    ));
+    assert!(!label_selector_matches(
+        selector,
+        &other(&[("tessera.io/allow-nvidia-env", "true")], "gpu-operator")
+    ));
+}
+
+#[test]
+fn pods_that_skip_the_webhook_cannot_name_our_scheduler() {
+    let docs = installed();
+    let policy = admission_policy(&docs, OPT_OUT_POLICY);
+    let config = installed_config(&docs);
+    assert_eq!(
+        policy_constant(policy, "schedulerName"),
+        Json::from(config.scheduler_name.clone()),
+        "the policy names the configured scheduler"
+    );
+    let pod = |labels: Json, scheduler: Option<&str>| {
+        let mut pod = sample_pod(Json::Null, Json::Null);
+        if labels.is_null() {
+            pod["metadata"].as_object_mut().unwrap().remove("labels");
+        } else {
+            pod["metadata"]["labels"] = labels;
+        }
+        if let Some(name) = scheduler {
+            pod["spec"]["schedulerName"] = Json::from(name);
+        }
+        PolicyRequest::by_user("CREATE", "pods", pod)
+    };
+    let ignore = serde_json::json!({
+        tessera_api::names::WEBHOOK_IGNORE_LABEL: tessera_api::names::WEBHOOK_IGNORE_VALUE,
+        "app": "trainer",
+    });
+    match evaluate_policy(policy, &pod(ignore.clone(), Some(&config.scheduler_name))) {
+        PolicyVerdict::Denied(message) => {
+            assert!(message.contains("hami.io/webhook=ignore"), "{message}");
+            assert!(message.contains(&config.scheduler_name), "{message}");
+            assert!(message.contains("remove the label"), "{message}");
+        }
+        other => panic!("expected a denial, got {other:?}"),
+    }
+    for (labels, scheduler) in [
+        (ignore.clone(), None),
+        (ignore.clone(), Some("default-scheduler")),
+        (ignore, Some("volcano")),
+        (
+            serde_json::json!({"app": "trainer"}),
+            Some(config.scheduler_name.as_str()),
+        ),
+        (
+            serde_json::json!({"hami.io/webhook": "enabled"}),
+            Some(config.scheduler_name.as_str()),
+        ),
+        (Json::Null, Some(config.scheduler_name.as_str())),
+    ] {
+        assert_eq!(
+            evaluate_policy(policy, &pod(labels.clone(), scheduler)),
+            PolicyVerdict::Allowed,
+            "{labels} {scheduler:?}"
         );
     }
 }

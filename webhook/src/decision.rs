@@ -7,18 +7,31 @@
 //! Validation and defaulting are the shared request model's
 //! ([`PodGpuRequest::from_pod`], [`ContainerGpuRequest::resolve`]), so the
 //! webhook and the scheduler can never disagree on what a pod asks for.
+//!
+//! What a GPU pod may not write itself: the scheduler's allocation
+//! annotations (`hami.io/vgpu-*`, `hami.io/bind-*`, any `tessera.io/*`),
+//! and the environment the node agent owns ([`crate::control_env`]), in
+//! `env` or through an `envFrom` without a safe prefix. The webhook writes
+//! no environment: the node agent sets `CUDA_TASK_PRIORITY` from the
+//! container's priority resource at Allocate.
 
 use std::collections::BTreeMap;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, EnvFromSource, Pod};
 use serde_json::Value;
 use tessera_api::config::Config;
 use tessera_api::error::RequestError;
 use tessera_api::names::{self, ResourceNames};
 use tessera_api::request::{ContainerGpuRequest, MemoryRequest, PodGpuRequest};
 use thiserror::Error;
+
+use crate::control_env::{env_from_prefix_is_safe, ControlVariable};
+
+/// Every pod annotation under this prefix is written by Tessera itself
+/// (the scheduler or the node agent), never by the pod's author.
+pub const TESSERA_ANNOTATION_PREFIX: &str = "tessera.io/";
 
 /// The `spec.schedulerName` the API server fills in when a pod names none.
 pub const DEFAULT_SCHEDULER: &str = "default-scheduler";
@@ -118,8 +131,32 @@ pub enum Denial {
     /// The pod carries annotations only the scheduler may write.
     #[error("the pod sets the scheduler-owned annotation(s) {}; these record a GPU allocation and only the scheduler may write them, so remove them from the pod", keys.join(", "))]
     ForgedAllocation {
-        /// The offending keys, in the order of the scheduler's list.
+        /// The offending keys: the scheduler's `hami.io/*` keys in the order
+        /// of its list, then any `tessera.io/*` keys in key order.
         keys: Vec<String>,
+    },
+    /// A container sets, in its `env`, a variable the node agent owns.
+    #[error("container `{container}` sets `{variable}` in its env, but {kind}, so a pod may not set it: {instead}")]
+    ControlVariableSet {
+        /// Container name.
+        container: String,
+        /// The variable as written.
+        variable: String,
+        /// What the variable controls.
+        kind: ControlVariable,
+        /// What to do instead, in the cluster's resource names.
+        instead: String,
+    },
+    /// A GPU container takes variables from a ConfigMap or Secret whose keys
+    /// could name a variable the node agent owns.
+    #[error("container `{container}` takes its env from {origin} {}; the keys of a ConfigMap or Secret are not known at admission, and one of them could override a variable the node agent sets (CUDA_DEVICE_MEMORY_LIMIT*, CUDA_DEVICE_SM_LIMIT*, CUDA_DEVICE_MEMORY_SHARED_CACHE, CUDA_TASK_PRIORITY, NVIDIA_VISIBLE_DEVICES, CUDA_DISABLE_CONTROL, TESSERA_*), so give that envFrom entry a `prefix` such as `APP_`, or list the keys you need under `env` with `valueFrom`", prefix.as_deref().map_or_else(|| "with no prefix".to_owned(), |p| format!("with the prefix `{p}`, which could produce one of Tessera's variables")))]
+    EnvFromWithoutSafePrefix {
+        /// Container name.
+        container: String,
+        /// Where the variables come from: ``ConfigMap `name` `` or ``Secret `name` ``.
+        origin: String,
+        /// The prefix as written, `None` when there is none.
+        prefix: Option<String>,
     },
     /// The pod is already bound to a node, bypassing GPU scheduling.
     #[error("the pod sets spec.nodeName = `{node}` and asks for GPU resources; a pod placed by hand bypasses GPU placement and gets no card slice, so remove spec.nodeName (use a nodeSelector or node affinity to choose nodes)")]
@@ -138,6 +175,8 @@ impl Denial {
             Self::InvalidRequest(_) | Self::MemoryAboveLargestCard { .. } => 422,
             Self::PrivilegedGpuContainer { .. }
             | Self::ForgedAllocation { .. }
+            | Self::ControlVariableSet { .. }
+            | Self::EnvFromWithoutSafePrefix { .. }
             | Self::NodeNameSet { .. } => 403,
         }
     }
@@ -185,6 +224,9 @@ pub fn admit(
         return AdmissionDecision::untouched(AllowReason::NoGpuRequest);
     }
     if let Some(denial) = forged_allocation(pod) {
+        return AdmissionDecision::Denied(denial);
+    }
+    if let Some(denial) = control_variable_denial(pod, &request, config) {
         return AdmissionDecision::Denied(denial);
     }
     if let Some(node) = spec
@@ -294,12 +336,71 @@ fn forged_allocation(pod: &Pod) -> Option<Denial> {
         .iter()
         .filter(|key| annotations.contains_key(**key))
         .map(|key| (*key).to_owned())
+        .chain(
+            annotations
+                .keys()
+                .filter(|key| key.starts_with(TESSERA_ANNOTATION_PREFIX))
+                .cloned(),
+        )
         .collect();
     (!keys.is_empty()).then_some(Denial::ForgedAllocation { keys })
 }
 
+/// The first variable the node agent owns that a container of this GPU pod
+/// sets: by name in `env` (every container and init container), or
+/// possibly through an `envFrom` without a safe prefix (containers that
+/// ask for a GPU; the others get no card to cap).
+fn control_variable_denial(pod: &Pod, request: &PodGpuRequest, config: &Config) -> Option<Denial> {
+    let spec = pod.spec.as_ref()?;
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let may_opt_out = config.may_opt_out_of_control(namespace);
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .zip(&request.init_containers)
+        .chain(spec.containers.iter().zip(&request.containers));
+    for (container, gpu) in containers {
+        for var in container.env.iter().flatten() {
+            if let Some(kind) = ControlVariable::of(&var.name, may_opt_out) {
+                return Some(Denial::ControlVariableSet {
+                    container: container.name.clone(),
+                    variable: var.name.clone(),
+                    kind,
+                    instead: kind.instead(&config.resources),
+                });
+            }
+        }
+        if !gpu.asks_for_gpu() {
+            continue;
+        }
+        for source in container.env_from.iter().flatten() {
+            let prefix = source.prefix.as_deref().filter(|p| !p.is_empty());
+            if !env_from_prefix_is_safe(prefix.unwrap_or_default(), may_opt_out) {
+                return Some(Denial::EnvFromWithoutSafePrefix {
+                    container: container.name.clone(),
+                    origin: env_from_origin(source),
+                    prefix: prefix.map(str::to_owned),
+                });
+            }
+        }
+    }
+    None
+}
+
+/// ``ConfigMap `name` `` or ``Secret `name` `` for an `envFrom` entry.
+fn env_from_origin(source: &EnvFromSource) -> String {
+    if let Some(map) = &source.config_map_ref {
+        format!("ConfigMap `{}`", map.name)
+    } else if let Some(secret) = &source.secret_ref {
+        format!("Secret `{}`", secret.name)
+    } else {
+        "an envFrom entry".to_owned()
+    }
+}
+
 /// Checks one container and appends the operations that fill in its
-/// defaults and priority env.
+/// defaults.
 fn container_operations(
     field: &str,
     index: usize,
@@ -310,9 +411,6 @@ fn container_operations(
 ) -> Result<(), Denial> {
     let names = &config.resources;
     let base = ["spec".to_owned(), field.to_owned(), index.to_string()];
-    if let Some(priority) = gpu.priority {
-        priority_env_operation(&base, container, priority, operations);
-    }
     let Some(resolved) = gpu.resolve(&config.defaults) else {
         return Ok(());
     };
@@ -385,41 +483,6 @@ fn container_operations(
         }
     }
     Ok(())
-}
-
-/// Sets `CUDA_TASK_PRIORITY` to the container's priority resource, unless
-/// the container already says the same.
-fn priority_env_operation(
-    base: &[String; 3],
-    container: &Container,
-    priority: u32,
-    operations: &mut Vec<PatchOperation>,
-) {
-    let value = priority.to_string();
-    let entry = serde_json::json!({ "name": names::env::TASK_PRIORITY, "value": value });
-    let mut path = PointerBuf::from_tokens(base);
-    path.push_back("env");
-    match container.env.as_ref() {
-        None => operations.push(add(path, Value::Array(vec![entry]))),
-        Some(env) => match env.iter().position(|e| e.name == names::env::TASK_PRIORITY) {
-            Some(position) => {
-                let existing = &env[position];
-                if existing.value.as_deref() != Some(value.as_str())
-                    || existing.value_from.is_some()
-                {
-                    path.push_back(position);
-                    operations.push(PatchOperation::Replace(ReplaceOperation {
-                        path,
-                        value: entry,
-                    }));
-                }
-            }
-            None => {
-                path.push_back("-");
-                operations.push(add(path, entry));
-            }
-        },
-    }
 }
 
 fn add(path: PointerBuf, value: Value) -> PatchOperation {

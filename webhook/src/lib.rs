@@ -2,6 +2,8 @@
 //!
 //! - [`decision`]: the pure decision, `Pod -> Allowed(patch) | Denied(reason)`
 //!   ([`admit`]), and [`mutate_pod`], the defaulted Pod for the simulator.
+//! - [`control_env`]: the container variables the node agent owns, which a
+//!   GPU pod may not set.
 //! - [`review`]: the `admission.k8s.io/v1` (and `v1beta1`) AdmissionReview
 //!   wire format.
 //! - [`server`]: axum routes and the TLS accept loop.
@@ -30,6 +32,7 @@
 //!   configuration gets the CA as its `caBundle`. Probes use `scheme: HTTPS`.
 
 pub mod app;
+pub mod control_env;
 pub mod decision;
 pub mod metrics;
 pub mod namespaces;

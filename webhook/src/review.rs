@@ -99,7 +99,8 @@ pub struct ParsedReview {
     pub api_version: String,
     /// The request uid, echoed in the response.
     pub uid: String,
-    /// The request's namespace, for logs.
+    /// The request's namespace: for logs, and the pod's namespace when
+    /// the object leaves it out.
     pub namespace: Option<String>,
     /// The pod's name (often empty at CREATE with `generateName`), for logs.
     pub name: Option<String>,

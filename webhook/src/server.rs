@@ -95,6 +95,17 @@ pub fn answer_review_with(
         ));
     };
     let labels = review.namespace.as_deref().and_then(namespace_labels);
+    // The API server fills in the object's namespace before admission; a
+    // review that leaves it out still names it in the request.
+    let pod = match (&pod.metadata.namespace, &review.namespace) {
+        (None, Some(namespace)) => {
+            let mut owned = pod.clone();
+            owned.metadata.namespace = Some(namespace.clone());
+            std::borrow::Cow::Owned(owned)
+        }
+        _ => std::borrow::Cow::Borrowed(pod),
+    };
+    let pod = pod.as_ref();
     let decision = admit(pod, labels.as_ref(), config);
     let outcome = match &decision {
         AdmissionDecision::Allowed { patch: Some(_), .. } => Outcome::Mutated,

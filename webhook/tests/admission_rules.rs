@@ -184,34 +184,199 @@ fn gpu_values_only_in_requests_get_limits_added() {
 }
 
 #[test]
-fn priority_becomes_the_interceptor_env() {
-    let env_of = |after: &Value| after["spec"]["containers"][0]["env"].clone();
-    // No env yet.
+fn priority_is_left_to_the_node_agent() {
+    // The webhook writes no env: the node agent sets CUDA_TASK_PRIORITY
+    // from the priority resource at Allocate.
     let after = mutated(&gpu_pod(
         json!({"nvidia.com/gpumem": "1000", "nvidia.com/priority": "1"}),
     ));
-    assert_eq!(
-        env_of(&after),
-        json!([{"name": "CUDA_TASK_PRIORITY", "value": "1"}])
+    assert!(
+        after["spec"]["containers"][0].get("env").is_none(),
+        "{after}"
     );
-    // Other env: appended, the rest kept.
     let mut pod = gpu_pod(json!({"nvidia.com/gpumem": "1000", "nvidia.com/priority": "0"}));
     pod["spec"]["containers"][0]["env"] = json!([{"name": "NCCL_DEBUG", "value": "INFO"}]);
     let after = mutated(&pod);
     assert_eq!(
-        env_of(&after),
-        json!([{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "CUDA_TASK_PRIORITY", "value": "0"}])
+        after["spec"]["containers"][0]["env"],
+        json!([{"name": "NCCL_DEBUG", "value": "INFO"}])
     );
-    // A stale value is replaced in place.
+}
+
+/// Every variable the node agent owns, with what the denial must suggest.
+const CONTROL_VARIABLES: [(&str, &str); 12] = [
+    ("CUDA_DEVICE_MEMORY_LIMIT", "`nvidia.com/gpumem`"),
+    ("CUDA_DEVICE_MEMORY_LIMIT_0", "`nvidia.com/gpumem`"),
+    (
+        "CUDA_DEVICE_MEMORY_LIMIT_7",
+        "`nvidia.com/gpumem-percentage`",
+    ),
+    ("CUDA_DEVICE_SM_LIMIT", "`nvidia.com/gpucores`"),
+    ("CUDA_DEVICE_SM_LIMIT_1", "`nvidia.com/gpucores`"),
+    ("CUDA_DEVICE_MEMORY_SHARED_CACHE", "own accounting file"),
+    ("CUDA_TASK_PRIORITY", "`nvidia.com/priority`"),
+    ("NVIDIA_VISIBLE_DEVICES", "`nvidia.com/gpu`"),
+    ("TESSERA_VISIBLE_UUIDS", "Tessera's own settings"),
+    ("TESSERA_CARD_TENANTS_DIR", "Tessera's own settings"),
+    ("TESSERA_PID_SOCKET", "Tessera's own settings"),
+    ("CUDA_DISABLE_CONTROL", "controlOptOutNamespaces"),
+];
+
+#[test]
+fn variables_the_node_agent_owns_are_denied_naming_container_and_variable() {
+    for (variable, instead) in CONTROL_VARIABLES {
+        for value in [
+            json!({"value": "0"}),
+            json!({"valueFrom": {"configMapKeyRef": {"name": "m", "key": "k"}}}),
+        ] {
+            let mut entry = json!({"name": variable});
+            json_patch::merge(&mut entry, &value);
+            // In the GPU container, in a CPU sidecar of a GPU pod, in an init container.
+            let mut in_gpu = gpu_pod(json!({"nvidia.com/gpumem": "4000"}));
+            in_gpu["spec"]["containers"][0]["env"] =
+                json!([{"name": "NCCL_DEBUG", "value": "INFO"}, entry]);
+            let in_sidecar = api_server_pod(
+                json!([
+                    container("trainer", json!({"nvidia.com/gpumem": "4000"})),
+                    {"name": "logger", "env": [entry]}
+                ]),
+                json!({}),
+                json!({}),
+            );
+            let in_init = api_server_pod(
+                json!([container("trainer", json!({"nvidia.com/gpumem": "4000"}))]),
+                json!({}),
+                json!({"initContainers": [{"name": "fetch", "env": [entry]}]}),
+            );
+            for (pod, name) in [
+                (in_gpu, "trainer"),
+                (in_sidecar, "logger"),
+                (in_init, "fetch"),
+            ] {
+                let (message, code) = denial(&Config::default(), &pod);
+                assert_eq!(code, 403, "{message}");
+                assert!(
+                    message.contains(&format!("container `{name}`")),
+                    "{message}"
+                );
+                assert!(message.contains(&format!("sets `{variable}`")), "{message}");
+                assert!(message.contains(instead), "{variable}: {message}");
+            }
+        }
+    }
+    // The pod's own settings pass.
+    let mut pod = gpu_pod(json!({"nvidia.com/gpumem": "4000"}));
     pod["spec"]["containers"][0]["env"] = json!([
-        {"name": "CUDA_TASK_PRIORITY", "value": "1"},
-        {"name": "NCCL_DEBUG", "value": "INFO"}
+        {"name": "GPU_CORE_UTILIZATION_POLICY", "value": "force"},
+        {"name": "LIBCUDA_LOG_LEVEL", "value": "3"},
+        {"name": "CUDA_VISIBLE_DEVICES", "value": "0"},
+        {"name": "LD_PRELOAD", "value": "/opt/libfoo.so"},
     ]);
-    let after = mutated(&pod);
-    assert_eq!(
-        env_of(&after),
-        json!([{"name": "CUDA_TASK_PRIORITY", "value": "0"}, {"name": "NCCL_DEBUG", "value": "INFO"}])
+    assert!(ask(&pod).allowed);
+    // A pod that asks for no GPU is not the webhook's to judge (the
+    // ValidatingAdmissionPolicy covers NVIDIA_VISIBLE_DEVICES there).
+    let cpu = api_server_pod(
+        json!([{"name": "web", "env": [{"name": "CUDA_DEVICE_MEMORY_LIMIT_0", "value": "1g"}]}]),
+        json!({}),
+        json!({}),
     );
+    assert!(ask(&cpu).allowed);
+}
+
+#[test]
+fn only_listed_namespaces_may_opt_out_of_the_interceptor() {
+    let opt_out = |namespace: Option<&str>| {
+        let mut pod = gpu_pod(json!({"nvidia.com/gpumem": "4000"}));
+        pod["spec"]["containers"][0]["env"] =
+            json!([{"name": "CUDA_DISABLE_CONTROL", "value": "true"}]);
+        match namespace {
+            Some(ns) => pod["metadata"]["namespace"] = json!(ns),
+            None => {
+                pod["metadata"].as_object_mut().unwrap().remove("namespace");
+            }
+        }
+        pod
+    };
+    let config = Config::from_yaml("controlOptOutNamespaces: [gpu-bench]\n").expect("config");
+    assert!(ask_with(&config, &opt_out(Some("gpu-bench"))).0.allowed);
+    let (message, _) = denial(&config, &opt_out(Some("ml-team")));
+    assert!(message.contains("controlOptOutNamespaces"), "{message}");
+    let (message, _) = denial(&Config::default(), &opt_out(Some("gpu-bench")));
+    assert!(message.contains("not allowed to opt out"), "{message}");
+    // The review's namespace counts when the object leaves it out
+    // (the test review is in ml-team).
+    let in_ml_team = Config::from_yaml("controlOptOutNamespaces: [ml-team]\n").expect("config");
+    assert!(ask_with(&in_ml_team, &opt_out(None)).0.allowed);
+    assert!(!ask_with(&config, &opt_out(None)).0.allowed);
+    // Opting out never frees the other variables.
+    let mut pod = opt_out(Some("gpu-bench"));
+    pod["spec"]["containers"][0]["env"] = json!([
+        {"name": "CUDA_DISABLE_CONTROL", "value": "true"},
+        {"name": "CUDA_DEVICE_MEMORY_LIMIT_0", "value": "80g"}
+    ]);
+    let (message, _) = denial(&config, &pod);
+    assert!(
+        message.contains("`CUDA_DEVICE_MEMORY_LIMIT_0`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn env_from_in_a_gpu_container_needs_a_safe_prefix() {
+    let with_env_from = |entry: Value| {
+        let mut pod = gpu_pod(json!({"nvidia.com/gpumem": "4000"}));
+        pod["spec"]["containers"][0]["envFrom"] = json!([entry]);
+        pod
+    };
+    let (message, code) = denial(
+        &Config::default(),
+        &with_env_from(json!({"configMapRef": {"name": "settings"}})),
+    );
+    assert_eq!(code, 403);
+    assert!(message.contains("container `trainer`"), "{message}");
+    assert!(
+        message.contains("ConfigMap `settings` with no prefix"),
+        "{message}"
+    );
+    assert!(
+        message.contains("give that envFrom entry a `prefix`"),
+        "{message}"
+    );
+    let (message, _) = denial(
+        &Config::default(),
+        &with_env_from(json!({"secretRef": {"name": "tokens"}, "prefix": "CUDA_"})),
+    );
+    assert!(
+        message.contains("Secret `tokens` with the prefix `CUDA_`"),
+        "{message}"
+    );
+    for prefix in ["TESSERA_", "NVIDIA_", ""] {
+        let pod = with_env_from(json!({"secretRef": {"name": "tokens"}, "prefix": prefix}));
+        assert!(!ask(&pod).allowed, "prefix `{prefix}`");
+    }
+    for prefix in ["APP_", "HF_", "NVIDIA_DRIVER_"] {
+        let pod = with_env_from(json!({"configMapRef": {"name": "settings"}, "prefix": prefix}));
+        assert!(ask(&pod).allowed, "prefix `{prefix}`");
+    }
+    // A container without a GPU gets no card to cap: its envFrom is its own.
+    let pod = api_server_pod(
+        json!([
+            container("trainer", json!({"nvidia.com/gpumem": "4000"})),
+            {"name": "proxy", "envFrom": [{"configMapRef": {"name": "proxy"}}]}
+        ]),
+        json!({}),
+        json!({}),
+    );
+    assert!(ask(&pod).allowed);
+    // A GPU init container is held to the same rule.
+    let pod = api_server_pod(
+        json!([container("trainer", json!({"cpu": "1"}))]),
+        json!({}),
+        json!({"initContainers": [{"name": "warmup", "envFrom": [{"configMapRef": {"name": "w"}}],
+            "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}),
+    );
+    let (message, _) = denial(&Config::default(), &pod);
+    assert!(message.contains("container `warmup`"), "{message}");
 }
 
 #[test]
@@ -356,6 +521,18 @@ fn forged_allocation_annotations_are_denied() {
             message.contains("only the scheduler may write"),
             "{message}"
         );
+    }
+    // Any tessera.io/* annotation is Tessera's too.
+    for key in ["tessera.io/allocation-signature", "tessera.io/anything"] {
+        let pod = api_server_pod(
+            json!([container("trainer", json!({"nvidia.com/gpu": "1"}))]),
+            json!({"annotations": {key: "x", "team": "ml"}}),
+            json!({}),
+        );
+        let (message, code) = denial(&Config::default(), &pod);
+        assert_eq!(code, 403);
+        assert!(message.contains(key), "{message}");
+        assert!(!message.contains("team"), "{message}");
     }
     // User-facing annotations are fine.
     let pod = api_server_pod(
@@ -543,7 +720,7 @@ fn patches_apply_agree_with_resolve_and_are_idempotent() {
     let envs = [
         None,
         Some(json!([{"name": "A", "value": "b"}])),
-        Some(json!([{"name": "CUDA_TASK_PRIORITY", "value": "1"}])),
+        Some(json!([{"name": "GPU_CORE_UTILIZATION_POLICY", "value": "force"}])),
     ];
     let configs = [
         Config::default(),
@@ -619,21 +796,17 @@ fn patches_apply_agree_with_resolve_and_are_idempotent() {
                                         );
                                     }
                                 }
-                                // A container that writes only a priority asks for no GPU and is not ours.
-                                if let (Some(p), true) = (priority, before.asks_for_gpu()) {
-                                    let field = if as_init {
-                                        "initContainers"
-                                    } else {
-                                        "containers"
-                                    };
-                                    let env = after["spec"][field][0]["env"].as_array().unwrap();
-                                    let entries: Vec<_> = env
-                                        .iter()
-                                        .filter(|e| e["name"] == "CUDA_TASK_PRIORITY")
-                                        .collect();
-                                    assert_eq!(entries.len(), 1, "{after}");
-                                    assert_eq!(entries[0]["value"], p);
-                                }
+                                // The webhook writes no env.
+                                let field = if as_init {
+                                    "initContainers"
+                                } else {
+                                    "containers"
+                                };
+                                assert_eq!(
+                                    after["spec"][field][0].get("env"),
+                                    pod["spec"][field][0].get("env"),
+                                    "{after}"
+                                );
                                 let (again, _) = ask_with(config, &after);
                                 assert!(
                                     again.allowed && again.patch.is_none(),

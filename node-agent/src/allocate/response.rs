@@ -4,7 +4,13 @@
 //! shared region path, priority) and the mounts (the container's
 //! accounting directory, and unless the container opts out with
 //! `CUDA_DISABLE_CONTROL=true`, the interceptor, `/etc/ld.so.preload` and
-//! the host-pid socket's directory, read-only, named by `TESSERA_PID_SOCKET`).
+//! the host-pid socket's directory, read-only, named by `TESSERA_PID_SOCKET`),
+//! and the card list a second way, as the NVIDIA Container Toolkit's
+//! volume-mount device list (`/dev/null` at
+//! `/var/run/nvidia-container-devices/<uuid>`): with
+//! `accept-nvidia-visible-devices-envvar-when-unprivileged = false` the
+//! toolkit ignores `NVIDIA_VISIBLE_DEVICES` and reads only those mounts,
+//! which a pod cannot forge through its env.
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use tessera_api::allocation::ContainerDevice;
@@ -20,6 +26,13 @@ use crate::host_files::{
     CONTAINER_SHARED_DIR,
 };
 use crate::proto::{ContainerAllocateResponse, Mount};
+
+/// Where the NVIDIA Container Toolkit reads a volume-mount device list
+/// (`accept-nvidia-visible-devices-as-volume-mounts = true`): one mount per
+/// card at `<root>/<uuid>`.
+pub const DEVICE_LIST_MOUNT_ROOT: &str = "/var/run/nvidia-container-devices";
+/// The host path of a device-list mount; the toolkit ignores any other.
+pub const DEVICE_LIST_MOUNT_SOURCE: &str = "/dev/null";
 
 /// Whether the container opted out of the interceptor.
 pub fn control_disabled(container: &Container) -> bool {
@@ -137,6 +150,13 @@ pub fn container_response(
             HostLayout::container_pid_socket_path(),
         );
     }
+    for device in devices {
+        response.mounts.push(Mount {
+            container_path: format!("{DEVICE_LIST_MOUNT_ROOT}/{}", device.uuid),
+            host_path: DEVICE_LIST_MOUNT_SOURCE.to_owned(),
+            read_only: true,
+        });
+    }
     Ok(response)
 }
 
@@ -214,9 +234,12 @@ mod tests {
                 ("/usr/local/tessera/cards", false),
                 ("/usr/local/tessera/libtessera-cuda.so", true),
                 ("/etc/ld.so.preload", true),
-                ("/usr/local/tessera/pid", true)
+                ("/usr/local/tessera/pid", true),
+                ("/var/run/nvidia-container-devices/GPU-a", true),
+                ("/var/run/nvidia-container-devices/GPU-b", true)
             ]
         );
+        assert!(r.mounts[5..].iter().all(|m| m.host_path == "/dev/null"));
         assert_eq!(
             r.envs["TESSERA_PID_SOCKET"],
             "/usr/local/tessera/pid/pid.sock"
@@ -273,7 +296,15 @@ mod tests {
             &devices(),
         )
         .expect("response");
-        assert_eq!(r.mounts.len(), 2);
+        assert_eq!(
+            r.mounts.len(),
+            4,
+            "region, cards and the two device-list mounts"
+        );
+        assert_eq!(
+            r.mounts[2].container_path,
+            "/var/run/nvidia-container-devices/GPU-a"
+        );
         assert!(r
             .mounts
             .iter()
