@@ -466,6 +466,16 @@ async fn unhealthy_card_fails_its_pod_with_an_event() {
     let err = allocate_refused(&mut client, cluster.ids(0, 1), "unhealthy").await;
     assert!(err.message().contains("unhealthy"), "{}", err.message());
     assert_eq!(bind_phase(&cluster, "victim").as_deref(), Some("failed"));
+    // The Event on the pod says why, for `kubectl describe pod`.
+    let event = eventually("the GPUAllocationFailed event on the victim", || {
+        cluster.api.list::<Event>().into_iter().find(|e| {
+            e.reason.as_deref() == Some("GPUAllocationFailed")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("victim")
+        })
+    })
+    .await;
+    let note = event.note.unwrap_or_default();
+    assert!(note.contains(&a) && note.contains("unhealthy"), "{note}");
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Value};
-use tessera_api::allocation::decode_pod_devices;
+use tessera_api::allocation::{decode_pod_devices, PodDevices};
 use tessera_api::config::Config;
 use tessera_api::inventory::{encode_inventory, GpuDevice};
 use tessera_api::names::allocation as keys;
@@ -532,10 +532,47 @@ fn init_containers_are_charged_at_their_peak_not_added() {
 
 #[test]
 fn decisions_are_deterministic() {
-    let state = example_cluster();
-    let pod = gpu_pod("p", json!({"nvidia.com/gpumem": "1000"}));
-    let first = state.schedule(&pod).expect("fits");
-    for _ in 0..10 {
-        assert_eq!(state.clone().schedule(&pod).expect("fits"), first);
+    // Identical nodes and cards tie on every score: the same pods must land
+    // in the same places however the nodes arrived (reflector order is not
+    // a contract) and whichever policy breaks the ties.
+    let orders = [
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ];
+    let names = ["gpu-a", "gpu-b", "gpu-c"];
+    let pods: Vec<Pod> = (0..12)
+        .map(|i| {
+            let policy = if i % 2 == 0 { "spread" } else { "binpack" };
+            pod_with(
+                &format!("p{i}"),
+                json!({"nvidia.com/gpumem": (1000 + 500 * (i % 3)).to_string()}),
+                json!({"hami.io/gpu-scheduler-policy": policy, "hami.io/node-scheduler-policy": policy}),
+            )
+        })
+        .collect();
+    let placements = |order: &[usize; 3]| -> Vec<(String, PodDevices)> {
+        let mut state = ClusterState::new(Config::default());
+        for &n in order {
+            state.upsert_node(&node(names[n], &cards(names[n], 4, "NVIDIA A10G", 23028)));
+        }
+        pods.iter()
+            .map(|pod| {
+                let placement = place(&mut state, pod);
+                (placement.node.clone(), placement.containers.clone())
+            })
+            .collect()
+    };
+    let first = placements(&orders[0]);
+    let nodes_used: std::collections::BTreeSet<&String> = first.iter().map(|(n, _)| n).collect();
+    assert!(
+        nodes_used.len() > 1,
+        "spread pods used several nodes: {first:?}"
+    );
+    for order in &orders[1..] {
+        assert_eq!(placements(order), first, "node order {order:?}");
     }
 }
