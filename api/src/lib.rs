@@ -4,7 +4,8 @@
 //! the seal that proves an allocation came from Tessera's scheduler
 //! ([`allocation_seal`], feature `k8s`),
 //! Kubernetes quantity parsing ([`quantity`]), scheduling policies
-//! ([`policy`]), the pod request model ([`request`], feature `k8s`), the
+//! ([`policy`]), pod facts and the bind-phase state machine ([`pod`],
+//! feature `k8s`), the pod request model ([`request`], feature `k8s`), the
 //! config file ([`config`]), the typed errors ([`error`]), and the layouts
 //! shared through files: the container accounting region ([`shared_region`])
 //! and the per-card tenant table ([`card_tenants`]). Nothing here
@@ -19,6 +20,8 @@ pub mod container_env;
 pub mod error;
 pub mod inventory;
 pub mod names;
+#[cfg(feature = "k8s")]
+pub mod pod;
 pub mod policy;
 pub mod quantity;
 #[cfg(feature = "k8s")]

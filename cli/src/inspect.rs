@@ -106,12 +106,7 @@ fn annotation<'a>(
     meta.annotations.as_ref()?.get(key).map(String::as_str)
 }
 
-fn is_terminal(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
-}
+use tessera_api::pod::is_terminal;
 
 /// Builds the report from nodes and pods (pods that ended are ignored).
 pub fn build_report(nodes: &[Node], pods: &[Pod]) -> Report {

@@ -24,6 +24,7 @@ use k8s_openapi::api::core::v1::Pod;
 use tessera_api::allocation::{decode_pod_devices, ContainerDevice, PodDevices};
 use tessera_api::allocation_seal::{AllocationTrust, SealError};
 use tessera_api::names::allocation as keys;
+use tessera_api::pod::{annotation, is_live, BindPhase};
 
 /// A pod on this node still waiting for (part of) its devices.
 #[derive(Debug, Clone)]
@@ -111,31 +112,7 @@ pub enum MatchError {
     },
 }
 
-/// `namespace/name` of a pod.
-pub fn pod_key(pod: &Pod) -> String {
-    format!(
-        "{}/{}",
-        pod.metadata.namespace.as_deref().unwrap_or("default"),
-        pod.metadata.name.as_deref().unwrap_or("")
-    )
-}
-
-fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
-}
-
-/// Whether the pod still runs or may run (not finished, not being deleted).
-fn is_live(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none()
-        && !matches!(
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        )
-}
+pub use tessera_api::pod::pod_key;
 
 /// Whether kubelet has admitted the pod already: it writes container
 /// statuses only after admission, and admission is where `Allocate` runs,
@@ -173,7 +150,7 @@ pub fn pending_pods<'a>(pods: &'a [Pod], node: &str, trust: &AllocationTrust) ->
         if !bound_here
             || !is_live(pod)
             || admitted(pod)
-            || annotation(pod, keys::BIND_PHASE) != Some(keys::PHASE_ALLOCATING)
+            || BindPhase::of(pod) != Some(BindPhase::Allocating)
         {
             continue;
         }

@@ -12,6 +12,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 use tessera_api::allocation::{encode_pod_devices, PodDevices};
 use tessera_api::names::allocation as keys;
+use tessera_api::pod::BindPhase;
 
 /// Outcome of a conditional allocation write.
 #[derive(Debug)]
@@ -67,7 +68,7 @@ impl NodePods {
         let mut annotations = BTreeMap::new();
         annotations.insert(keys::DEVICES_TO_ALLOCATE, encode_pod_devices(remaining));
         if remaining.iter().all(Vec::is_empty) {
-            annotations.insert(keys::BIND_PHASE, keys::PHASE_SUCCESS.to_owned());
+            annotations.insert(keys::BIND_PHASE, BindPhase::Success.as_str().to_owned());
         }
         let patch = json!({
             "metadata": {
@@ -89,7 +90,8 @@ impl NodePods {
 
     /// Marks the pod's allocation as failed (`hami.io/bind-phase: failed`).
     pub async fn mark_failed(&self, pod: &Pod) -> Result<(), kube::Error> {
-        let patch = json!({"metadata": {"annotations": {keys::BIND_PHASE: keys::PHASE_FAILED}}});
+        let patch =
+            json!({"metadata": {"annotations": {keys::BIND_PHASE: BindPhase::Failed.as_str()}}});
         let name = pod.metadata.name.as_deref().unwrap_or("");
         self.pod_api(pod)
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))

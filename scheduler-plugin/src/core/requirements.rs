@@ -86,11 +86,4 @@ impl PodRequirements {
     }
 }
 
-/// `namespace/name` of a pod.
-pub fn pod_key(pod: &Pod) -> String {
-    format!(
-        "{}/{}",
-        pod.metadata.namespace.as_deref().unwrap_or("default"),
-        pod.metadata.name.as_deref().unwrap_or("")
-    )
-}
+pub use tessera_api::pod::pod_key;

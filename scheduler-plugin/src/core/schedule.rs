@@ -52,7 +52,7 @@ impl Placement {
             (keys::DEVICES_TO_ALLOCATE.to_owned(), devices),
             (
                 keys::BIND_PHASE.to_owned(),
-                keys::PHASE_ALLOCATING.to_owned(),
+                tessera_api::pod::BindPhase::Allocating.as_str().to_owned(),
             ),
             (keys::BIND_TIME.to_owned(), unix_time.to_string()),
         ])

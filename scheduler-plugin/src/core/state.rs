@@ -245,7 +245,7 @@ impl ClusterState {
     pub fn observe_pod(&mut self, pod: &Pod) -> Option<SealError> {
         let key = pod_key(pod);
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        if matches!(phase, Some("Succeeded" | "Failed"))
+        if tessera_api::pod::is_terminal(pod)
             || pod.metadata.deletion_timestamp.is_some() && phase.is_none()
         {
             self.release(&key);

@@ -17,9 +17,10 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use tessera_api::allocation::encode_pod_devices;
 use tessera_api::names::allocation as keys;
+use tessera_api::pod::{annotation, is_live, BindPhase};
 
 use super::node_gate::{bind_shape, BindGates};
-use super::{is_terminal, lock, Scheduler};
+use super::{lock, Scheduler};
 use crate::core::{pod_key, Placement};
 
 /// A decided pod waiting for, or running, its bind.
@@ -32,14 +33,6 @@ pub struct BindJob {
 
 /// The gates of every node, over the shell's bind jobs.
 pub type Gates = BindGates<BindJob>;
-
-fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
-}
 
 impl Scheduler {
     /// Hands a decided (and assumed) pod to its node's gate; binds it now if
@@ -87,8 +80,8 @@ impl Scheduler {
     pub(super) fn track_gate(&self, pod: &Pod) {
         let key = pod_key(pod);
         let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
-        let allocating = annotation(pod, keys::BIND_PHASE) == Some(keys::PHASE_ALLOCATING);
-        let live = pod.metadata.deletion_timestamp.is_none() && !is_terminal(pod);
+        let allocating = BindPhase::of(pod) == Some(BindPhase::Allocating);
+        let live = is_live(pod);
         match node {
             Some(node) if allocating && live => {
                 let believed = lock(&self.shared.state).trust().allocation(pod);
@@ -243,7 +236,8 @@ impl Scheduler {
             waited.as_secs()
         );
         tracing::warn!(pod = %key, %node, "{message}");
-        let patch = json!({"metadata": {"annotations": {keys::BIND_PHASE: keys::PHASE_FAILED}}});
+        let patch =
+            json!({"metadata": {"annotations": {keys::BIND_PHASE: BindPhase::Failed.as_str()}}});
         match api
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await

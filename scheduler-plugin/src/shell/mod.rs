@@ -32,6 +32,7 @@ use kube::Client;
 use tessera_api::allocation_seal::{AllocationTrust, SealKey};
 use tessera_api::config::Config;
 use tessera_api::names::allocation as keys;
+use tessera_api::pod::is_terminal;
 use tokio::sync::{watch, Semaphore};
 
 use crate::core::{pod_key, ClusterState, ScheduleError};
@@ -133,13 +134,6 @@ fn pod_signature(pod: &Pod) -> u64 {
     pod.metadata.labels.hash(&mut hasher);
     pod.metadata.annotations.hash(&mut hasher);
     hasher.finish()
-}
-
-pub(crate) fn is_terminal(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
 }
 
 impl Scheduler {
