@@ -33,8 +33,11 @@ pub struct Accounting {
     limits: [u64; MAX_DEVICES],
     /// Device pointers from every `cuMemAlloc*` path (freed by `cuMemFree*`).
     pub pointers: PtrTable,
-    /// `cuMemCreate` handles.
+    /// `cuMemCreate` and imported handles, with their reference counts
+    /// (see `vmm`).
     pub handles: PtrTable,
+    /// `cuMemMap` mappings by start address: size and handle.
+    pub mappings: PtrTable,
     /// CUDA arrays.
     pub arrays: PtrTable,
     /// Contexts from `cuCtxCreate*`, charged their measured overhead.
@@ -65,7 +68,8 @@ impl Accounting {
             region,
             limits,
             pointers: PtrTable::new(20),
-            handles: PtrTable::new(14),
+            handles: PtrTable::new(16),
+            mappings: PtrTable::new(16),
             arrays: PtrTable::new(14),
             contexts: PtrTable::new(10),
             primary: Default::default(),
@@ -168,7 +172,13 @@ impl Accounting {
     /// In a forked child: nothing the parent charged or allocated is ours.
     pub fn after_fork_in_child(&self) {
         self.region.after_fork_in_child();
-        for table in [&self.pointers, &self.handles, &self.arrays, &self.contexts] {
+        for table in [
+            &self.pointers,
+            &self.handles,
+            &self.mappings,
+            &self.arrays,
+            &self.contexts,
+        ] {
             table.reset();
         }
         for primary in &self.primary {

@@ -31,6 +31,7 @@ macro_rules! real {
         }
     };
 }
+pub(crate) use real;
 
 type AllocFn = unsafe extern "C" fn(*mut CuDevicePtr, usize) -> CuResult;
 type AllocPitchFn =
@@ -40,9 +41,6 @@ type FreeFn = unsafe extern "C" fn(CuDevicePtr) -> CuResult;
 type AllocAsyncFn = unsafe extern "C" fn(*mut CuDevicePtr, usize, Opaque) -> CuResult;
 type AllocPoolFn = unsafe extern "C" fn(*mut CuDevicePtr, usize, Opaque, Opaque) -> CuResult;
 type FreeAsyncFn = unsafe extern "C" fn(CuDevicePtr, Opaque) -> CuResult;
-type MemCreateFn =
-    unsafe extern "C" fn(*mut u64, usize, *const MemAllocationPropHead, u64) -> CuResult;
-type MemReleaseFn = unsafe extern "C" fn(u64) -> CuResult;
 type ArrayCreateFn = unsafe extern "C" fn(*mut Opaque, *const ArrayDescriptor) -> CuResult;
 type Array3dCreateFn = unsafe extern "C" fn(*mut Opaque, *const Array3dDescriptor) -> CuResult;
 type ArrayDestroyFn = unsafe extern "C" fn(Opaque) -> CuResult;
@@ -63,17 +61,17 @@ type GetProcV2Fn =
 /// The container card (index into caps and counters, see `cards`) of the
 /// calling thread's current context, if it is accounted.
 #[inline]
-fn current_device() -> Option<usize> {
+pub(crate) fn current_device() -> Option<usize> {
     crate::sm_limiter::current_card().filter(|&d| Accounting::tracks(d))
 }
 
 /// The container card of a CUDA ordinal argument, if it is accounted.
-fn tracked(device: CuDevice) -> Option<usize> {
+pub(crate) fn tracked(device: CuDevice) -> Option<usize> {
     cards::container_index(device).filter(|&d| Accounting::tracks(d))
 }
 
 /// Refuses a card that is not the container's (see `cards`).
-fn refused_foreign(device: CuDevice) -> bool {
+pub(crate) fn refused_foreign(device: CuDevice) -> bool {
     if cards::card_of(device) == Card::Foreign {
         log!(
             ERROR,
@@ -88,7 +86,7 @@ fn refused_foreign(device: CuDevice) -> bool {
 /// `CUDA_ERROR_OUT_OF_MEMORY` past the cap, given back if the driver fails,
 /// remembered under the key `allocate` returns if it succeeds.
 #[inline]
-fn charged(
+pub(crate) fn charged(
     table: fn(&Accounting) -> &PtrTable,
     device: impl FnOnce() -> Option<usize>,
     bytes: u64,
@@ -143,7 +141,7 @@ fn released(
 
 /// Reads an out-pointer the driver has just filled.
 #[inline]
-fn read<T: Copy + Default>(p: *const T) -> T {
+pub(crate) fn read<T: Copy + Default>(p: *const T) -> T {
     if p.is_null() {
         T::default()
     } else {
@@ -154,9 +152,6 @@ fn read<T: Copy + Default>(p: *const T) -> T {
 
 fn pointers(a: &Accounting) -> &PtrTable {
     &a.pointers
-}
-fn handles(a: &Accounting) -> &PtrTable {
-    &a.handles
 }
 fn arrays(a: &Accounting) -> &PtrTable {
     &a.arrays
@@ -328,43 +323,6 @@ pub unsafe extern "C" fn cuMemFreeAsync(dptr: CuDevicePtr, stream: Opaque) -> Cu
 pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: CuDevicePtr, stream: Opaque) -> CuResult {
     let real = real!(Hook::MemFreeAsyncPtsz, FreeAsyncFn);
     released(pointers, dptr, || unsafe { real(dptr, stream) })
-}
-
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn cuMemCreate(
-    handle: *mut u64,
-    bytes: usize,
-    prop: *const MemAllocationPropHead,
-    flags: u64,
-) -> CuResult {
-    let real = real!(Hook::MemCreate, MemCreateFn);
-    let forward = || (unsafe { real(handle, bytes, prop, flags) }, read(handle));
-    // Only device memory counts against the card; host and NUMA locations pass.
-    let device = if prop.is_null() {
-        None
-    } else {
-        // SAFETY: non-null CUmemAllocationProp from the caller.
-        let prop = unsafe { &*prop };
-        if prop.location_type == MEM_LOCATION_DEVICE
-            && state::accounting().is_ok_and(|a| a.is_some())
-            && refused_foreign(prop.location_id)
-        {
-            return CUDA_ERROR_INVALID_DEVICE;
-        }
-        (prop.location_type == MEM_LOCATION_DEVICE)
-            .then(|| tracked(prop.location_id))
-            .flatten()
-    };
-    match device {
-        Some(device) => charged(handles, || Some(device), bytes as u64, forward),
-        None => forward().0,
-    }
-}
-
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn cuMemRelease(handle: u64) -> CuResult {
-    let real = real!(Hook::MemRelease, MemReleaseFn);
-    released(handles, handle, || unsafe { real(handle) })
 }
 
 fn array_bytes(width: usize, height: usize, depth: usize, format: c_uint, channels: c_uint) -> u64 {

@@ -15,6 +15,7 @@ use crate::ffi::PROC_PER_THREAD;
 use crate::launch_hooks as lh;
 use crate::loader::Library;
 use crate::nvml_hooks as nv;
+use crate::vmm;
 use std::ffi::{c_char, c_int, c_void, CStr};
 
 /// One intercepted driver entry point.
@@ -66,8 +67,12 @@ hook_table! {
     MemAllocFromPoolAsyncPtsz => c"cuMemAllocFromPoolAsync_ptsz", c"cuMemAllocFromPoolAsync", 11020, PROC_PER_THREAD, cu::cuMemAllocFromPoolAsync_ptsz;
     MemFreeAsync => c"cuMemFreeAsync", c"cuMemFreeAsync", 11020, 0, cu::cuMemFreeAsync;
     MemFreeAsyncPtsz => c"cuMemFreeAsync_ptsz", c"cuMemFreeAsync", 11020, PROC_PER_THREAD, cu::cuMemFreeAsync_ptsz;
-    MemCreate => c"cuMemCreate", c"cuMemCreate", 10020, 0, cu::cuMemCreate;
-    MemRelease => c"cuMemRelease", c"cuMemRelease", 10020, 0, cu::cuMemRelease;
+    MemCreate => c"cuMemCreate", c"cuMemCreate", 10020, 0, vmm::cuMemCreate;
+    MemRelease => c"cuMemRelease", c"cuMemRelease", 10020, 0, vmm::cuMemRelease;
+    MemMap => c"cuMemMap", c"cuMemMap", 10020, 0, vmm::cuMemMap;
+    MemUnmap => c"cuMemUnmap", c"cuMemUnmap", 10020, 0, vmm::cuMemUnmap;
+    MemRetainAllocationHandle => c"cuMemRetainAllocationHandle", c"cuMemRetainAllocationHandle", 11000, 0, vmm::cuMemRetainAllocationHandle;
+    MemImportFromShareableHandle => c"cuMemImportFromShareableHandle", c"cuMemImportFromShareableHandle", 10020, 0, vmm::cuMemImportFromShareableHandle;
     ArrayCreate => c"cuArrayCreate_v2", c"cuArrayCreate", 3020, 0, cu::cuArrayCreate_v2;
     Array3DCreate => c"cuArray3DCreate_v2", c"cuArray3DCreate", 3020, 0, cu::cuArray3DCreate_v2;
     ArrayDestroy => c"cuArrayDestroy", c"cuArrayDestroy", 2000, 0, cu::cuArrayDestroy;
@@ -125,6 +130,9 @@ pub struct CudaDriver {
     pub ctx_get_device: usize,
     /// `cuDeviceGetUuid_v2` or `cuDeviceGetUuid`, to find a card in NVML.
     pub device_get_uuid: usize,
+    /// `cuMemGetAllocationPropertiesFromHandle`, for the card of an
+    /// imported allocation.
+    pub allocation_properties: usize,
 }
 
 impl CudaDriver {
@@ -192,6 +200,7 @@ impl CudaDriver {
             proc,
             ctx_get_device: lib.symbol(c"cuCtxGetDevice"),
             device_get_uuid,
+            allocation_properties: lib.symbol(c"cuMemGetAllocationPropertiesFromHandle"),
         })
     }
 

@@ -14,7 +14,9 @@
 //!   is how caps and counters are numbered.
 //! - `accounting` charges the container's account in the shared region
 //!   (`region`, layout in `tessera_api::shared_region`) and remembers each
-//!   allocation's charge in a lock-free table (`ptr_table`).
+//!   allocation's charge in a lock-free table (`ptr_table`); `vmm` keeps
+//!   `cuMemCreate` memory charged until its handle is released and its last
+//!   mapping is gone.
 //! - `state` holds the lazily created process-wide state and the fork handler.
 //! - `launch_hooks` are the kernel-launch entry points; they pass the SM
 //!   limiter's gate (`sm_limiter`: one relaxed load when nothing is
@@ -55,3 +57,4 @@ pub mod sm_controller;
 mod sm_limiter;
 mod sm_updater;
 mod state;
+mod vmm;

@@ -52,7 +52,12 @@ pub fn config() -> Result<&'static Config, CuResult> {
         .get_or_init(|| {
             let config = Config::from_env();
             match &config {
-                Ok(c) => log::set_level(c.log_level),
+                Ok(c) => {
+                    log::set_level(c.log_level);
+                    for warning in &c.warnings {
+                        log!(log::WARN, "{warning}");
+                    }
+                }
                 Err(e) => eprintln!(
                     "[tessera-cuda pid={}] ERROR: invalid GPU memory cap, CUDA initialisation refused: {e}",
                     std::process::id()

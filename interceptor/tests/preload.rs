@@ -213,6 +213,109 @@ fn every_allocation_path_is_charged_and_released() {
     }
 }
 
+/// `stage -> (rc, charged, held)` from a `vmm` scenario's output.
+fn stages(out: &Output) -> std::collections::HashMap<String, (u64, u64, u64)> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("stage="))
+        .map(|l| {
+            let v = common::key_values(l);
+            let n = |k: &str| v[k].parse::<u64>().unwrap_or_else(|_| panic!("{k} in {l}"));
+            (v["stage"].clone(), (n("rc"), n("charged"), n("held")))
+        })
+        .collect()
+}
+
+#[test]
+fn mapped_vmm_memory_stays_charged_after_its_handle_is_released() {
+    // vectorAddMMAP's pattern in a loop under a 1 GiB cap: create 256 MiB,
+    // map, set access, release the handle. The mapping keeps the memory, so
+    // the charge must stay: 3 fit beside the 64 MiB context, the 4th is
+    // refused (before the fix all 16 went through, 4 GiB held).
+    for client in CLIENTS {
+        let out = run(
+            client,
+            &["vmm", "escape"],
+            &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")],
+        );
+        assert_eq!(value(&out, "vmm_mapped"), 3, "{client}: {out:?}");
+        assert_eq!(value(&out, "last_rc"), 2, "{client}");
+        let s = stages(&out);
+        assert_eq!(
+            s["after_release_loop"],
+            (2, 768 * MIB, 768 * MIB),
+            "{client}"
+        );
+    }
+}
+
+#[test]
+fn vmm_charges_follow_what_the_card_holds() {
+    let seg = 64 * MIB;
+    let expected: &[(&str, &str, u64, u64, u64)] = &[
+        // vLLM's sleep mode.
+        ("sleep", "awake", 0, 4 * seg, 4 * seg),
+        ("sleep", "asleep", 0, 0, 0),
+        ("sleep", "awake_again", 0, 4 * seg, 4 * seg),
+        ("sleep", "freed", 0, 0, 0),
+        // PyTorch's expandable segments.
+        ("expandable", "grown", 0, 8 * seg, 8 * seg),
+        (
+            "expandable",
+            "unmapped_middle_handles_kept",
+            0,
+            8 * seg,
+            8 * seg,
+        ),
+        ("expandable", "middle_released", 0, 4 * seg, 4 * seg),
+        ("expandable", "retained_after_unmap", 0, 4 * seg, 4 * seg),
+        ("expandable", "retained_released", 0, 3 * seg, 3 * seg),
+        ("expandable", "refused_unmap", 1, 3 * seg, 3 * seg),
+        ("expandable", "released_while_mapped", 0, 3 * seg, 3 * seg),
+        ("expandable", "all_gone", 0, 0, 0),
+        // An import is charged to the importer from its first mapping until
+        // its last reference goes; while the exporter (here the same
+        // process) holds it too, it is charged to both.
+        ("import", "imported", 0, 2 * seg, 2 * seg),
+        ("import", "import_mapped", 0, 4 * seg, 2 * seg),
+        ("import", "exporter_gone", 0, 2 * seg, 2 * seg),
+        (
+            "import",
+            "import_released_still_mapped",
+            0,
+            2 * seg,
+            2 * seg,
+        ),
+        ("import", "import_gone", 0, 0, 0),
+        // Host-located memory (NCCL's) is not the card's.
+        ("host", "host_created", 0, 0, 0),
+    ];
+    for client in CLIENTS {
+        for scenario in ["sleep", "expandable", "import", "host"] {
+            let out = run(
+                client,
+                &["vmm", scenario],
+                &[("CUDA_DEVICE_MEMORY_LIMIT", "4g")],
+            );
+            let s = stages(&out);
+            for &(_, stage, rc, charged, held) in expected.iter().filter(|e| e.0 == scenario) {
+                assert_eq!(
+                    s.get(stage).copied(),
+                    Some((rc, charged, held)),
+                    "{client} {scenario} {stage}: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+        }
+        let out = run(
+            client,
+            &["vmm", "expandable"],
+            &[("CUDA_DEVICE_MEMORY_LIMIT", "4g")],
+        );
+        assert_eq!(value(&out, "retained_same"), 1, "{client}");
+    }
+}
+
 #[test]
 fn memory_on_another_card_is_charged_to_that_card() {
     let (_dir, path) = shared_path("cards.cache");

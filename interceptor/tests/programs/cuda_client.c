@@ -43,6 +43,13 @@ static CUresult (*p_array3d)(CUarray *, const Array3DDesc *);
 static CUresult (*p_arrayDestroy)(CUarray);
 static CUresult (*p_ctxCreate)(CUcontext *, unsigned, int);
 static CUresult (*p_ctxDestroy)(CUcontext);
+static CUresult (*p_map)(CUdeviceptr, size_t, size_t, unsigned long long, unsigned long long);
+static CUresult (*p_unmap)(CUdeviceptr, size_t);
+static CUresult (*p_reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+static CUresult (*p_setAccess)(CUdeviceptr, size_t, const void *, size_t);
+static CUresult (*p_retainHandle)(unsigned long long *, void *);
+static CUresult (*p_export)(void *, unsigned long long, unsigned, unsigned long long);
+static CUresult (*p_import)(unsigned long long *, void *, unsigned);
 static void *driver;
 
 #if defined(MODE_LINKED)
@@ -66,6 +73,13 @@ CUresult cuArray3DCreate_v2(CUarray *, const Array3DDesc *);
 CUresult cuArrayDestroy(CUarray);
 CUresult cuCtxCreate_v2(CUcontext *, unsigned, int);
 CUresult cuCtxDestroy_v2(CUcontext);
+CUresult cuMemMap(CUdeviceptr, size_t, size_t, unsigned long long, unsigned long long);
+CUresult cuMemUnmap(CUdeviceptr, size_t);
+CUresult cuMemAddressReserve(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+CUresult cuMemSetAccess(CUdeviceptr, size_t, const void *, size_t);
+CUresult cuMemRetainAllocationHandle(unsigned long long *, void *);
+CUresult cuMemExportToShareableHandle(void *, unsigned long long, unsigned, unsigned long long);
+CUresult cuMemImportFromShareableHandle(unsigned long long *, void *, unsigned);
 #define R(var, export, base, version) var = (void *)&export
 #elif defined(MODE_DLSYM)
 #define R(var, export, base, version) var = dlsym(driver, #export)
@@ -104,6 +118,13 @@ static void resolve(void) {
     R(p_arrayDestroy, cuArrayDestroy, cuArrayDestroy, 2000);
     R(p_ctxCreate, cuCtxCreate_v2, cuCtxCreate, 3020);
     R(p_ctxDestroy, cuCtxDestroy_v2, cuCtxDestroy, 4000);
+    R(p_map, cuMemMap, cuMemMap, 10020);
+    R(p_unmap, cuMemUnmap, cuMemUnmap, 10020);
+    R(p_reserve, cuMemAddressReserve, cuMemAddressReserve, 10020);
+    R(p_setAccess, cuMemSetAccess, cuMemSetAccess, 10020);
+    R(p_retainHandle, cuMemRetainAllocationHandle, cuMemRetainAllocationHandle, 11000);
+    R(p_export, cuMemExportToShareableHandle, cuMemExportToShareableHandle, 10020);
+    R(p_import, cuMemImportFromShareableHandle, cuMemImportFromShareableHandle, 10020);
 }
 
 static int start(int device) {
@@ -169,6 +190,126 @@ static void paths(void) {
     report("context", b, a, free_now(), rc);
 }
 
+
+/* ---- Virtual memory management scenarios. Each prints
+ * `stage=<name> rc=<rc> charged=<bytes> held=<bytes>`: what the interceptor
+ * charges beyond the context, and what the (fake) card really holds for
+ * this process beyond the context. */
+static long long base_free;
+static unsigned long long base_used;
+static unsigned long long used_on_card(void) {
+    unsigned long long (*used)(unsigned) = (unsigned long long (*)(unsigned))dlsym(driver, "fake_cuda_device_used");
+    return used ? used(0) : 0;
+}
+static void stage(const char *name, CUresult rc) {
+    printf("stage=%s rc=%d charged=%lld held=%lld\n", name, rc, base_free - (long long)free_now(),
+           (long long)(used_on_card() - base_used));
+}
+static AllocProp device_prop(int device) {
+    AllocProp prop; memset(&prop, 0, sizeof prop);
+    prop.type = 1; prop.locType = 1; prop.locId = device;
+    return prop;
+}
+typedef struct { unsigned locType; int locId; unsigned flags; } AccessDesc;
+static CUresult create_and_map(CUdeviceptr va, size_t bytes, unsigned long long *h) {
+    AllocProp prop = device_prop(0);
+    CUresult rc = p_create(h, bytes, &prop, 0);
+    if (rc) return rc;
+    rc = p_map(va, bytes, 0, *h, 0);
+    if (rc) return rc;
+    AccessDesc access = {1, 0, 3};
+    return p_setAccess(va, bytes, &access, 1);
+}
+
+static void vmm(const char *which) {
+    base_free = (long long)free_now();
+    base_used = used_on_card();
+    const size_t seg = 64 * MIB;
+    CUdeviceptr va = 0;
+    unsigned long long h[16];
+    CUresult rc;
+    if (!strcmp(which, "escape")) {
+        /* vectorAddMMAP's pattern: the mapping keeps the memory alive after
+         * the handle is released. Loop until refused (at most 16). */
+        int n = 0;
+        for (; n < 16; n++) {
+            rc = p_reserve(&va, 4 * seg, 0, 0, 0);
+            if (!rc) rc = create_and_map(va, 4 * seg, &h[0]);
+            if (rc) break;
+            p_releaseHandle(h[0]);
+        }
+        printf("vmm_mapped=%d last_rc=%d\n", n, rc);
+        stage("after_release_loop", rc);
+    } else if (!strcmp(which, "sleep")) {
+        /* vLLM's sleep mode: create+map into a reserved range, later
+         * unmap+release keeping the range, then create+map again. */
+        rc = p_reserve(&va, 4 * seg, 0, 0, 0);
+        for (int i = 0; i < 4 && !rc; i++) rc = create_and_map(va + i * seg, seg, &h[i]);
+        stage("awake", rc);
+        for (int i = 0; i < 4; i++) { rc = p_unmap(va + i * seg, seg); if (!rc) rc = p_releaseHandle(h[i]); }
+        stage("asleep", rc);
+        for (int i = 0; i < 4 && !rc; i++) rc = create_and_map(va + i * seg, seg, &h[i]);
+        stage("awake_again", rc);
+        for (int i = 0; i < 4; i++) { p_unmap(va + i * seg, seg); p_releaseHandle(h[i]); }
+        stage("freed", 0);
+    } else if (!strcmp(which, "expandable")) {
+        /* PyTorch's expandable segments: one reserved range, segments mapped
+         * in as it grows, handles kept; pieces unmapped and released. */
+        rc = p_reserve(&va, 16 * seg, 0, 0, 0);
+        for (int i = 0; i < 8 && !rc; i++) rc = create_and_map(va + i * seg, seg, &h[i]);
+        stage("grown", rc);
+        /* One unmap over four adjacent mappings, then their handles. */
+        rc = p_unmap(va + 2 * seg, 4 * seg);
+        stage("unmapped_middle_handles_kept", rc);
+        for (int i = 2; i < 6; i++) p_releaseHandle(h[i]);
+        stage("middle_released", 0);
+        /* A retained handle needs one more release. */
+        unsigned long long again = 0;
+        rc = p_retainHandle(&again, (void *)(va + seg / 2));
+        printf("retained_same=%d\n", again == h[0]);
+        p_releaseHandle(h[0]);
+        p_unmap(va, seg);
+        stage("retained_after_unmap", rc);
+        p_releaseHandle(again);
+        stage("retained_released", 0);
+        /* An unmap the driver refuses (not a mapping's start) changes nothing. */
+        rc = p_unmap(va + 6 * seg + MIB, seg);
+        stage("refused_unmap", rc);
+        for (int i = 6; i < 8; i++) { p_releaseHandle(h[i]); }
+        stage("released_while_mapped", 0);
+        rc = p_unmap(va + 1 * seg, seg);
+        p_releaseHandle(h[1]);
+        rc = p_unmap(va + 6 * seg, 2 * seg);
+        stage("all_gone", rc);
+    } else if (!strcmp(which, "import")) {
+        /* Our own allocation exported and imported back: the import keeps
+         * the memory alive after the original handle and mapping are gone. */
+        CUdeviceptr va2 = 0;
+        unsigned long long shared = 0, imported = 0;
+        rc = p_reserve(&va, 2 * seg, 0, 0, 0);
+        if (!rc) rc = p_reserve(&va2, 2 * seg, 0, 0, 0);
+        if (!rc) rc = create_and_map(va, 2 * seg, &h[0]);
+        if (!rc) rc = p_export(&shared, h[0], 1, 0);
+        if (!rc) rc = p_import(&imported, (void *)(uintptr_t)shared, 1);
+        stage("imported", rc);
+        if (!rc) rc = p_map(va2, 2 * seg, 0, imported, 0);
+        stage("import_mapped", rc);
+        p_unmap(va, 2 * seg);
+        p_releaseHandle(h[0]);
+        stage("exporter_gone", rc);
+        p_releaseHandle(imported);
+        stage("import_released_still_mapped", 0);
+        rc = p_unmap(va2, 2 * seg);
+        stage("import_gone", rc);
+    } else if (!strcmp(which, "host")) {
+        AllocProp prop; memset(&prop, 0, sizeof prop);
+        prop.type = 1; prop.locType = 2; /* CU_MEM_LOCATION_TYPE_HOST */
+        rc = p_create(&h[0], seg, &prop, 0);
+        stage("host_created", rc);
+        p_releaseHandle(h[0]);
+    }
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
     resolve();
@@ -196,6 +337,8 @@ int main(int argc, char **argv) {
         printf("again=%d\n", rc3);
     } else if (!strcmp(scenario, "paths")) {
         paths();
+    } else if (!strcmp(scenario, "vmm")) {
+        vmm(argv[2]);
     } else if (!strcmp(scenario, "hold")) {
         CUresult rc = p_alloc(&ptrs[0], strtoull(argv[2], NULL, 10) * MIB);
         printf("held=%d\n", rc);

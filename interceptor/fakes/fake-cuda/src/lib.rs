@@ -18,7 +18,9 @@
 //! from the exported symbols (as a real driver may), honours the requested
 //! version (`cuMemAlloc` below 3.2 is the legacy 32-bit entry point) and the
 //! per-thread-default-stream flag (`_ptsz` variants, counted by
-//! `fake_cuda_ptsz_calls`). `fake_cuda_device_used` lets the fake NVML and the
+//! `fake_cuda_ptsz_calls`). Virtual memory management is modelled as the
+//! driver behaves (see [`vmm`]): physical memory lives until its handles are
+//! released and its mappings are gone. `fake_cuda_device_used` lets the fake NVML and the
 //! tests see the card's real usage.
 #![allow(clippy::missing_safety_doc)] // C ABI entry points; contracts are the CUDA driver API's.
 #![allow(non_snake_case)]
@@ -59,6 +61,8 @@ struct Driver {
     contexts: HashMap<u64, usize>,
     /// (context, peer context) pairs with peer access enabled.
     peers: std::collections::HashSet<(u64, u64)>,
+    /// Virtual memory management (see [`vmm`]).
+    vmm: vmm::Vmm,
 }
 
 static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
@@ -240,6 +244,7 @@ pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
             next_id: 0x7f00_0000_0000,
             contexts: HashMap::new(),
             peers: std::collections::HashSet::new(),
+            vmm: vmm::Vmm::default(),
         });
     }
     SUCCESS
@@ -513,41 +518,6 @@ pub extern "C" fn cuMemFreeAsync_ptsz(dptr: u64, _stream: *mut c_void) -> CUresu
     cuMemFree_v2(dptr)
 }
 
-/// `CUmemAllocationProp` up to the location, which is all the fake reads.
-#[repr(C)]
-struct AllocationPropHead {
-    kind: c_uint,
-    handle_types: c_uint,
-    location_type: c_uint,
-    location_id: c_int,
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn cuMemCreate(
-    handle: *mut u64,
-    bytes: usize,
-    prop: *const c_void,
-    _flags: u64,
-) -> CUresult {
-    if prop.is_null() || handle.is_null() {
-        return INVALID_VALUE;
-    }
-    let prop = unsafe { &*(prop as *const AllocationPropHead) };
-    if prop.location_type != 1 {
-        return INVALID_VALUE;
-    }
-    status(with_driver(|d| {
-        let id = d.allocate(prop.location_id as usize, bytes as u64)?;
-        unsafe { *handle = id };
-        Ok(())
-    }))
-}
-
-#[no_mangle]
-pub extern "C" fn cuMemRelease(handle: u64) -> CUresult {
-    status(with_driver(|d| d.free(handle)))
-}
-
 fn format_bytes(format: c_uint) -> u64 {
     match format {
         0x01 | 0x08 => 1,
@@ -682,8 +652,19 @@ fn proc_address(name: &[u8], version: c_int, flags: u64) -> Option<*mut c_void> 
         b"cuDevicePrimaryCtxReset" => cuDevicePrimaryCtxReset_v2 as *mut c_void,
         b"cuMemAllocPitch" => cuMemAllocPitch_v2 as *mut c_void,
         b"cuMemAllocManaged" => cuMemAllocManaged as *mut c_void,
-        b"cuMemCreate" => cuMemCreate as *mut c_void,
-        b"cuMemRelease" => cuMemRelease as *mut c_void,
+        b"cuMemCreate" => vmm::cuMemCreate as *mut c_void,
+        b"cuMemRelease" => vmm::cuMemRelease as *mut c_void,
+        b"cuMemMap" => vmm::cuMemMap as *mut c_void,
+        b"cuMemUnmap" => vmm::cuMemUnmap as *mut c_void,
+        b"cuMemSetAccess" => vmm::cuMemSetAccess as *mut c_void,
+        b"cuMemAddressReserve" => vmm::cuMemAddressReserve as *mut c_void,
+        b"cuMemAddressFree" => vmm::cuMemAddressFree as *mut c_void,
+        b"cuMemRetainAllocationHandle" => vmm::cuMemRetainAllocationHandle as *mut c_void,
+        b"cuMemExportToShareableHandle" => vmm::cuMemExportToShareableHandle as *mut c_void,
+        b"cuMemImportFromShareableHandle" => vmm::cuMemImportFromShareableHandle as *mut c_void,
+        b"cuMemGetAllocationPropertiesFromHandle" => {
+            vmm::cuMemGetAllocationPropertiesFromHandle as *mut c_void
+        }
         b"cuArrayCreate" => cuArrayCreate_v2 as *mut c_void,
         b"cuArray3DCreate" => cuArray3DCreate_v2 as *mut c_void,
         b"cuArrayDestroy" => cuArrayDestroy as *mut c_void,
@@ -866,5 +847,290 @@ pub mod launch {
         let _ = (exec, stream);
         PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
         launched([0, 1, 1], [1, 1, 1])
+    }
+}
+
+/// Virtual memory management as the driver behaves: a physical allocation
+/// (`cuMemCreate`) lives while any handle to it is unreleased or any
+/// mapping of it remains; `cuMemRetainAllocationHandle` hands out the same
+/// handle value again with one more reference; an export's "file
+/// descriptor" is the allocation's id, and importing it makes a new handle
+/// to the same allocation. Host-located allocations use no card memory.
+pub mod vmm {
+    use super::*;
+
+    /// One physical allocation.
+    #[derive(Debug)]
+    struct Physical {
+        card: Option<usize>,
+        bytes: u64,
+        /// Handle references plus mappings.
+        holders: u32,
+    }
+
+    /// One handle: its allocation and how many releases it takes.
+    #[derive(Debug)]
+    struct Handle {
+        physical: u64,
+        refs: u32,
+    }
+
+    /// The VMM state of the fake driver.
+    #[derive(Debug, Default)]
+    pub struct Vmm {
+        physical: HashMap<u64, Physical>,
+        handles: HashMap<u64, Handle>,
+        /// Mapping start -> (handle, physical, size).
+        mappings: std::collections::BTreeMap<u64, (u64, u64, u64)>,
+    }
+
+    const LOCATION_DEVICE: c_uint = 1;
+
+    /// `CUmemAllocationProp` up to the location, which is all the fake reads.
+    #[repr(C)]
+    struct PropHead {
+        kind: c_uint,
+        handle_types: c_uint,
+        location_type: c_uint,
+        location_id: c_int,
+    }
+
+    impl Driver {
+        fn vmm_drop_holder(&mut self, physical: u64) {
+            let Some(p) = self.vmm.physical.get_mut(&physical) else {
+                return;
+            };
+            p.holders -= 1;
+            if p.holders == 0 {
+                let p = self.vmm.physical.remove(&physical).expect("present");
+                if let Some(card) = p.card {
+                    self.cards[card].used -= p.bytes;
+                }
+            }
+        }
+
+        fn vmm_new_handle(&mut self, physical: u64) -> u64 {
+            let id = self.next_id;
+            self.next_id += 2 * MIB;
+            self.vmm.handles.insert(id, Handle { physical, refs: 1 });
+            self.vmm
+                .physical
+                .get_mut(&physical)
+                .expect("present")
+                .holders += 1;
+            id
+        }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemCreate(
+        handle: *mut u64,
+        bytes: usize,
+        prop: *const c_void,
+        _flags: u64,
+    ) -> CUresult {
+        if prop.is_null() || handle.is_null() || bytes == 0 || bytes as u64 % (2 * MIB) != 0 {
+            return INVALID_VALUE;
+        }
+        let prop = unsafe { &*(prop as *const PropHead) };
+        status(with_driver(|d| {
+            let card = if prop.location_type == LOCATION_DEVICE {
+                let c = d.card(prop.location_id)?;
+                if c.used + bytes as u64 > c.total {
+                    return Err(OUT_OF_MEMORY);
+                }
+                c.used += bytes as u64;
+                Some(prop.location_id as usize)
+            } else {
+                None
+            };
+            let physical = d.next_id;
+            d.next_id += 2 * MIB;
+            d.vmm.physical.insert(
+                physical,
+                Physical {
+                    card,
+                    bytes: bytes as u64,
+                    holders: 0,
+                },
+            );
+            let id = d.vmm_new_handle(physical);
+            unsafe { *handle = id };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuMemRelease(handle: u64) -> CUresult {
+        status(with_driver(|d| {
+            let h = d.vmm.handles.get_mut(&handle).ok_or(INVALID_VALUE)?;
+            h.refs -= 1;
+            let physical = h.physical;
+            if h.refs == 0 {
+                d.vmm.handles.remove(&handle);
+            }
+            d.vmm_drop_holder(physical);
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemAddressReserve(
+        ptr: *mut u64,
+        size: usize,
+        _alignment: usize,
+        _addr: u64,
+        _flags: u64,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let va = d.next_id;
+            d.next_id += (size as u64).div_ceil(2 * MIB).max(1) * 2 * MIB;
+            unsafe { *ptr = va };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuMemAddressFree(_ptr: u64, _size: usize) -> CUresult {
+        SUCCESS
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuMemMap(
+        ptr: u64,
+        size: usize,
+        offset: usize,
+        handle: u64,
+        _flags: u64,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let physical = d.vmm.handles.get(&handle).ok_or(INVALID_VALUE)?.physical;
+            let p = d.vmm.physical.get_mut(&physical).ok_or(INVALID_VALUE)?;
+            if offset != 0 || size as u64 != p.bytes {
+                return Err(INVALID_VALUE);
+            }
+            let end = ptr + size as u64;
+            if d.vmm
+                .mappings
+                .range(..end)
+                .next_back()
+                .is_some_and(|(&start, &(_, _, len))| start + len > ptr)
+            {
+                return Err(INVALID_VALUE); // overlaps a mapping
+            }
+            p.holders += 1;
+            d.vmm.mappings.insert(ptr, (handle, physical, size as u64));
+            Ok(())
+        }))
+    }
+
+    /// Unmaps every mapping in `[ptr, ptr + size)`; the range must start at
+    /// a mapping and hold whole mappings only.
+    #[no_mangle]
+    pub extern "C" fn cuMemUnmap(ptr: u64, size: usize) -> CUresult {
+        status(with_driver(|d| {
+            let end = ptr + size as u64;
+            let inside: Vec<(u64, u64, u64)> = d
+                .vmm
+                .mappings
+                .range(ptr..end)
+                .map(|(&start, &(_, physical, len))| (start, physical, len))
+                .collect();
+            if inside.first().is_none_or(|m| m.0 != ptr)
+                || inside.iter().any(|&(start, _, len)| start + len > end)
+            {
+                return Err(INVALID_VALUE);
+            }
+            for (start, physical, _) in inside {
+                d.vmm.mappings.remove(&start);
+                d.vmm_drop_holder(physical);
+            }
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuMemSetAccess(
+        _ptr: u64,
+        _size: usize,
+        _desc: *const c_void,
+        _count: usize,
+    ) -> CUresult {
+        SUCCESS
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemRetainAllocationHandle(
+        handle: *mut u64,
+        addr: *mut c_void,
+    ) -> CUresult {
+        let addr = addr as u64;
+        status(with_driver(|d| {
+            let (&start, &(h, physical, len)) = d
+                .vmm
+                .mappings
+                .range(..=addr)
+                .next_back()
+                .ok_or(INVALID_VALUE)?;
+            if addr >= start + len {
+                return Err(INVALID_VALUE);
+            }
+            d.vmm
+                .handles
+                .entry(h)
+                .and_modify(|e| e.refs += 1)
+                .or_insert(Handle { physical, refs: 1 });
+            d.vmm.physical.get_mut(&physical).expect("mapped").holders += 1;
+            unsafe { *handle = h };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemExportToShareableHandle(
+        shareable: *mut c_void,
+        handle: u64,
+        _kind: c_uint,
+        _flags: u64,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let physical = d.vmm.handles.get(&handle).ok_or(INVALID_VALUE)?.physical;
+            unsafe { *(shareable as *mut u64) = physical };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemImportFromShareableHandle(
+        handle: *mut u64,
+        os_handle: *mut c_void,
+        _kind: c_uint,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let physical = os_handle as u64;
+            if !d.vmm.physical.contains_key(&physical) {
+                return Err(INVALID_VALUE);
+            }
+            let id = d.vmm_new_handle(physical);
+            unsafe { *handle = id };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemGetAllocationPropertiesFromHandle(
+        prop: *mut c_void,
+        handle: u64,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let physical = d.vmm.handles.get(&handle).ok_or(INVALID_VALUE)?.physical;
+            let card = d.vmm.physical[&physical].card;
+            let out = unsafe { &mut *(prop as *mut PropHead) };
+            out.kind = 1;
+            out.handle_types = 0;
+            out.location_type = if card.is_some() { LOCATION_DEVICE } else { 2 };
+            out.location_id = card.map_or(0, |c| c as c_int);
+            Ok(())
+        }))
     }
 }
