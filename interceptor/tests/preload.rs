@@ -382,7 +382,6 @@ fn proc_address_honours_versions_flags_and_addresses() {
 fn bad_caps_stop_cuda_initialisation() {
     for (var, value_text) in [
         ("CUDA_DEVICE_MEMORY_LIMIT_0", "lots"),
-        ("CUDA_DEVICE_MEMORY_LIMIT", "0"),
         ("CUDA_DEVICE_MEMORY_LIMIT", "1.5g"),
         ("CUDA_DEVICE_MEMORY_LIMIT_X", "1g"),
     ] {
@@ -402,6 +401,59 @@ fn bad_caps_stop_cuda_initialisation() {
             );
         }
     }
+}
+
+#[test]
+fn zero_caps_and_unknown_policies_are_taken_as_hami_core_does() {
+    // HAMi-core: a cap of 0 is no cap; an unknown policy is the default.
+    for client in CLIENTS {
+        for (var, value_text) in [
+            ("CUDA_DEVICE_MEMORY_LIMIT", "0m"),
+            ("CUDA_DEVICE_MEMORY_LIMIT", "0"),
+            ("GPU_CORE_UTILIZATION_POLICY", "sometimes"),
+        ] {
+            let out = run(client, &["info"], &[(var, value_text)]);
+            assert!(out.status.success(), "{client} {var}={value_text}: {out:?}");
+            assert_eq!(value(&out, "init"), 0, "{client} {var}={value_text}");
+            assert_eq!(value(&out, "total"), CARD, "{client}: not capped");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains("WARN") && stderr.contains(var),
+                "{client} {var}={value_text}: a warning names it: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_free_after_the_exit_handler_does_not_uncharge_twice() {
+    let (_dir, path) = shared_path("late.cache");
+    let env = [
+        ("CUDA_DEVICE_MEMORY_LIMIT", "2g"),
+        ("CUDA_DEVICE_MEMORY_SHARED_CACHE", path.as_str()),
+    ];
+    let mut holder = command("cuda_dlsym", &["hold", "600"], &env)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    BufReader::new(holder.stdout.take().unwrap())
+        .lines()
+        .map(Result::unwrap)
+        .find(|l| l.starts_with("held="))
+        .expect("holder output");
+    for client in CLIENTS {
+        let mut late_env = env.to_vec();
+        late_env.push(("CLIENT_LATE_FREE", "300"));
+        let out = run(client, &["info"], &late_env);
+        assert_eq!(value(&out, "late_alloc"), 0, "{client}");
+        // The client's exit handler gave its charges back; its late free
+        // must not take the holder's bytes off the card again.
+        with_region(&path, |r| {
+            assert_eq!(r.device_used(0), 600 * MIB + CONTEXT, "{client}");
+        });
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
 }
 
 #[test]

@@ -310,12 +310,21 @@ static void vmm(const char *which) {
     }
 }
 
+/* CLIENT_LATE_FREE=<MiB>: an allocation freed by an exit handler registered
+ * before cuInit, so it runs after the interceptor's own exit handler (as a
+ * C++ static destructor or a framework's atexit cleanup can). */
+static CUdeviceptr late;
+static void late_free(void) { p_free(late); }
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
     resolve();
+    const char *late_mib = getenv("CLIENT_LATE_FREE");
+    if (late_mib) atexit(late_free);
     const char *scenario = argc > 1 ? argv[1] : "info";
     int device = getenv("CLIENT_DEVICE") ? atoi(getenv("CLIENT_DEVICE")) : 0;
     if (start(device) != 0) return 3;
+    if (late_mib) printf("late_alloc=%d\n", p_alloc(&late, strtoull(late_mib, NULL, 10) * MIB));
     static CUdeviceptr ptrs[4096];
     if (!strcmp(scenario, "info")) {
         print_info();
