@@ -179,6 +179,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
     let attached = started.elapsed();
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(flags) };
+    state::cuda_initialised(rc);
     log!(
         DEBUG,
         "timing: cuInit {} us, of which configuration, region attach and NVML helper start {} us",

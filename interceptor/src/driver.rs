@@ -133,6 +133,8 @@ pub struct CudaDriver {
     /// `cuMemGetAllocationPropertiesFromHandle`, for the card of an
     /// imported allocation.
     pub allocation_properties: usize,
+    /// `cuDeviceGetCount`, for looking up NVML handles in advance.
+    pub device_get_count: usize,
 }
 
 impl CudaDriver {
@@ -201,6 +203,7 @@ impl CudaDriver {
             ctx_get_device: lib.symbol(c"cuCtxGetDevice"),
             device_get_uuid,
             allocation_properties: lib.symbol(c"cuMemGetAllocationPropertiesFromHandle"),
+            device_get_count: lib.symbol(c"cuDeviceGetCount"),
         })
     }
 
