@@ -44,6 +44,11 @@ pub struct Accounting {
     pub contexts: PtrTable,
     /// Primary contexts per card.
     pub primary: [PrimaryContext; MAX_DEVICES],
+    /// Memory pools: the card each lives on (see `extra_hooks`).
+    pub pools: PtrTable,
+    /// Per card: bytes charged for growing the printf FIFO and the malloc
+    /// heap past their sizes (`cuCtxSetLimit`).
+    pub limit_charges: [[AtomicU64; 2]; MAX_DEVICES],
 }
 
 /// An allocation refused at the cap.
@@ -73,6 +78,8 @@ impl Accounting {
             arrays: PtrTable::new(14),
             contexts: PtrTable::new(10),
             primary: Default::default(),
+            pools: PtrTable::new(10),
+            limit_charges: Default::default(),
         })
     }
 
@@ -178,12 +185,16 @@ impl Accounting {
             &self.mappings,
             &self.arrays,
             &self.contexts,
+            &self.pools,
         ] {
             table.reset();
         }
         for primary in &self.primary {
             primary.refs.store(0, Ordering::Relaxed);
             primary.charged.store(0, Ordering::Relaxed);
+        }
+        for charge in self.limit_charges.iter().flatten() {
+            charge.store(0, Ordering::Relaxed);
         }
     }
 }

@@ -115,7 +115,7 @@ pub(crate) fn charged(
 /// Runs `free` for `key`, giving back what the key was charged when the
 /// driver succeeds. Keys we never charged are forwarded untouched.
 #[inline]
-fn released(
+pub(crate) fn released(
     table: fn(&Accounting) -> &PtrTable,
     key: u64,
     free: impl FnOnce() -> CuResult,
@@ -296,7 +296,8 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
     stream: Opaque,
 ) -> CuResult {
     let real = real!(Hook::MemAllocFromPoolAsync, AllocPoolFn);
-    charged(pointers, current_device, bytes as u64, || {
+    // Charged to the card the pool lives on, whatever the current context.
+    charged(pointers, || crate::extra_hooks::pool_device(pool), bytes as u64, || {
         (unsafe { real(dptr, bytes, pool, stream) }, read(dptr))
     })
 }
@@ -309,7 +310,7 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
     stream: Opaque,
 ) -> CuResult {
     let real = real!(Hook::MemAllocFromPoolAsyncPtsz, AllocPoolFn);
-    charged(pointers, current_device, bytes as u64, || {
+    charged(pointers, || crate::extra_hooks::pool_device(pool), bytes as u64, || {
         (unsafe { real(dptr, bytes, pool, stream) }, read(dptr))
     })
 }
@@ -326,7 +327,7 @@ pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: CuDevicePtr, stream: Opaque) 
     released(pointers, dptr, || unsafe { real(dptr, stream) })
 }
 
-fn array_bytes(width: usize, height: usize, depth: usize, format: c_uint, channels: c_uint) -> u64 {
+pub(crate) fn array_bytes(width: usize, height: usize, depth: usize, format: c_uint, channels: c_uint) -> u64 {
     (width as u64)
         .saturating_mul(height.max(1) as u64)
         .saturating_mul(depth.max(1) as u64)

@@ -11,6 +11,7 @@
 //! `cuMemAlloc`, functions we don't hook) passes through untouched.
 
 use crate::cuda_hooks as cu;
+use crate::extra_hooks as ex;
 use crate::ffi::PROC_PER_THREAD;
 use crate::launch_hooks as lh;
 use crate::loader::Library;
@@ -73,6 +74,13 @@ hook_table! {
     MemUnmap => c"cuMemUnmap", c"cuMemUnmap", 10020, 0, vmm::cuMemUnmap;
     MemRetainAllocationHandle => c"cuMemRetainAllocationHandle", c"cuMemRetainAllocationHandle", 11000, 0, vmm::cuMemRetainAllocationHandle;
     MemImportFromShareableHandle => c"cuMemImportFromShareableHandle", c"cuMemImportFromShareableHandle", 10020, 0, vmm::cuMemImportFromShareableHandle;
+    MipmappedArrayCreate => c"cuMipmappedArrayCreate", c"cuMipmappedArrayCreate", 5000, 0, ex::cuMipmappedArrayCreate;
+    MipmappedArrayDestroy => c"cuMipmappedArrayDestroy", c"cuMipmappedArrayDestroy", 5000, 0, ex::cuMipmappedArrayDestroy;
+    CtxSetLimit => c"cuCtxSetLimit", c"cuCtxSetLimit", 3010, 0, ex::cuCtxSetLimit;
+    MemPoolCreate => c"cuMemPoolCreate", c"cuMemPoolCreate", 11020, 0, ex::cuMemPoolCreate;
+    MemPoolDestroy => c"cuMemPoolDestroy", c"cuMemPoolDestroy", 11020, 0, ex::cuMemPoolDestroy;
+    DeviceGetDefaultMemPool => c"cuDeviceGetDefaultMemPool", c"cuDeviceGetDefaultMemPool", 11020, 0, ex::cuDeviceGetDefaultMemPool;
+    DeviceGetMemPool => c"cuDeviceGetMemPool", c"cuDeviceGetMemPool", 11020, 0, ex::cuDeviceGetMemPool;
     ArrayCreate => c"cuArrayCreate_v2", c"cuArrayCreate", 3020, 0, cu::cuArrayCreate_v2;
     Array3DCreate => c"cuArray3DCreate_v2", c"cuArray3DCreate", 3020, 0, cu::cuArray3DCreate_v2;
     ArrayDestroy => c"cuArrayDestroy", c"cuArrayDestroy", 2000, 0, cu::cuArrayDestroy;
@@ -135,6 +143,10 @@ pub struct CudaDriver {
     pub allocation_properties: usize,
     /// `cuDeviceGetCount`, for looking up NVML handles in advance.
     pub device_get_count: usize,
+    /// `cuMipmappedArrayGetMemoryRequirements`, for what an array reserved.
+    pub mipmap_requirements: usize,
+    /// `cuCtxGetLimit`, for what a limit was before `cuCtxSetLimit`.
+    pub ctx_get_limit: usize,
 }
 
 impl CudaDriver {
@@ -204,6 +216,8 @@ impl CudaDriver {
             device_get_uuid,
             allocation_properties: lib.symbol(c"cuMemGetAllocationPropertiesFromHandle"),
             device_get_count: lib.symbol(c"cuDeviceGetCount"),
+            mipmap_requirements: lib.symbol(c"cuMipmappedArrayGetMemoryRequirements"),
+            ctx_get_limit: lib.symbol(c"cuCtxGetLimit"),
         })
     }
 

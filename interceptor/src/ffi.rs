@@ -60,8 +60,18 @@ pub struct ArrayDescriptor {
     pub channels: c_uint,
 }
 
+/// `CUDA_ARRAY_MEMORY_REQUIREMENTS`.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct ArrayMemoryRequirements {
+    pub size: usize,
+    pub alignment: usize,
+    pub reserved: [c_uint; 4],
+}
+
 /// `CUDA_ARRAY3D_DESCRIPTOR` (v2).
 #[repr(C)]
+#[derive(Debug, Clone, Copy)]
 pub struct Array3dDescriptor {
     pub width: usize,
     pub height: usize,

@@ -16,7 +16,8 @@
 //!   (`region`, layout in `tessera_api::shared_region`) and remembers each
 //!   allocation's charge in a lock-free table (`ptr_table`); `vmm` keeps
 //!   `cuMemCreate` memory charged until its handle is released and its last
-//!   mapping is gone.
+//!   mapping is gone; `extra_hooks` charges mipmapped arrays and context
+//!   limits and finds the card of a memory pool.
 //! - `state` holds the lazily created process-wide state and the fork handler.
 //! - `launch_hooks` are the kernel-launch entry points; they pass the SM
 //!   limiter's gate (`sm_limiter`: one relaxed load when nothing is
@@ -44,6 +45,7 @@ pub mod config;
 mod cuda_hooks;
 mod dlsym;
 mod driver;
+mod extra_hooks;
 mod ffi;
 mod host_pid;
 mod launch_hooks;

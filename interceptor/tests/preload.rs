@@ -317,6 +317,48 @@ fn vmm_charges_follow_what_the_card_holds() {
 }
 
 #[test]
+fn mipmapped_arrays_and_context_limits_are_charged_what_the_driver_reserves() {
+    for client in CLIENTS {
+        let env = [("CUDA_DEVICE_MEMORY_LIMIT", "4g")];
+        let out = run(client, &["vmm", "mipmap"], &env);
+        let s = stages(&out);
+        // 1024x1024 float4 in 5 levels: 16 + 4 + 1 + 0.25 + 0.0625 MiB of
+        // texels; the (fake) driver pads each level to 2 MiB: 26 MiB, and
+        // the charge is corrected to that.
+        assert_eq!(s["mipmap_created"], (0, 26 * MIB, 26 * MIB), "{client}");
+        assert_eq!(s["mipmap_destroyed"], (0, 0, 0), "{client}");
+
+        let out = run(client, &["vmm", "heap"], &env);
+        let s = stages(&out);
+        assert_eq!(s["heap_grown"], (0, 248 * MIB, 248 * MIB), "{client}");
+        assert_eq!(s["fifo_grown"], (0, 264 * MIB, 264 * MIB), "{client}");
+        assert_eq!(s["limits_back"], (0, 0, 0), "{client}");
+        // An 8 GiB heap does not fit a 4 GiB cap: refused before the driver.
+        assert_eq!(s["heap_past_cap"], (2, 0, 0), "{client}");
+    }
+}
+
+#[test]
+fn pool_allocations_are_charged_to_the_pools_card() {
+    for client in CLIENTS {
+        let out = run(
+            client,
+            &["vmm", "pool"],
+            &[
+                ("CUDA_DEVICE_MEMORY_LIMIT_0", "4g"),
+                ("CUDA_DEVICE_MEMORY_LIMIT_1", "100m"),
+            ],
+        );
+        // Card 1 has room for one 64 MiB allocation, not two; card 0's
+        // account (the current context's card) is untouched.
+        assert_eq!(value(&out, "pool_first"), 0, "{client}: {out:?}");
+        assert_eq!(value(&out, "pool_second"), 2, "{client}");
+        assert_eq!(stages(&out)["pool_on_card1"], (0, 0, 0), "{client}");
+        assert_eq!(value(&out, "default_pool_card1"), 0, "{client}");
+    }
+}
+
+#[test]
 fn memory_on_another_card_is_charged_to_that_card() {
     let (_dir, path) = shared_path("cards.cache");
     let env = [

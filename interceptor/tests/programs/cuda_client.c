@@ -50,6 +50,12 @@ static CUresult (*p_setAccess)(CUdeviceptr, size_t, const void *, size_t);
 static CUresult (*p_retainHandle)(unsigned long long *, void *);
 static CUresult (*p_export)(void *, unsigned long long, unsigned, unsigned long long);
 static CUresult (*p_import)(unsigned long long *, void *, unsigned);
+static CUresult (*p_mipCreate)(void **, const Array3DDesc *, unsigned);
+static CUresult (*p_mipDestroy)(void *);
+static CUresult (*p_setLimit)(unsigned, size_t);
+static CUresult (*p_poolCreate)(void **, const void *);
+static CUresult (*p_poolDestroy)(void *);
+static CUresult (*p_defaultPool)(void **, int);
 static void *driver;
 
 #if defined(MODE_LINKED)
@@ -80,6 +86,12 @@ CUresult cuMemSetAccess(CUdeviceptr, size_t, const void *, size_t);
 CUresult cuMemRetainAllocationHandle(unsigned long long *, void *);
 CUresult cuMemExportToShareableHandle(void *, unsigned long long, unsigned, unsigned long long);
 CUresult cuMemImportFromShareableHandle(unsigned long long *, void *, unsigned);
+CUresult cuMipmappedArrayCreate(void **, const Array3DDesc *, unsigned);
+CUresult cuMipmappedArrayDestroy(void *);
+CUresult cuCtxSetLimit(unsigned, size_t);
+CUresult cuMemPoolCreate(void **, const void *);
+CUresult cuMemPoolDestroy(void *);
+CUresult cuDeviceGetDefaultMemPool(void **, int);
 #define R(var, export, base, version) var = (void *)&export
 #elif defined(MODE_DLSYM)
 #define R(var, export, base, version) var = dlsym(driver, #export)
@@ -125,6 +137,12 @@ static void resolve(void) {
     R(p_retainHandle, cuMemRetainAllocationHandle, cuMemRetainAllocationHandle, 11000);
     R(p_export, cuMemExportToShareableHandle, cuMemExportToShareableHandle, 10020);
     R(p_import, cuMemImportFromShareableHandle, cuMemImportFromShareableHandle, 10020);
+    R(p_mipCreate, cuMipmappedArrayCreate, cuMipmappedArrayCreate, 5000);
+    R(p_mipDestroy, cuMipmappedArrayDestroy, cuMipmappedArrayDestroy, 5000);
+    R(p_setLimit, cuCtxSetLimit, cuCtxSetLimit, 3010);
+    R(p_poolCreate, cuMemPoolCreate, cuMemPoolCreate, 11020);
+    R(p_poolDestroy, cuMemPoolDestroy, cuMemPoolDestroy, 11020);
+    R(p_defaultPool, cuDeviceGetDefaultMemPool, cuDeviceGetDefaultMemPool, 11020);
 }
 
 static int start(int device) {
@@ -301,6 +319,43 @@ static void vmm(const char *which) {
         stage("import_released_still_mapped", 0);
         rc = p_unmap(va2, 2 * seg);
         stage("import_gone", rc);
+    } else if (!strcmp(which, "mipmap")) {
+        void *mip = NULL;
+        Array3DDesc d = {1024, 1024, 0, 0x20, 4, 0}; /* float4, 1024x1024, 5 levels */
+        rc = p_mipCreate(&mip, &d, 5);
+        stage("mipmap_created", rc);
+        rc = p_mipDestroy(mip);
+        stage("mipmap_destroyed", rc);
+    } else if (!strcmp(which, "heap")) {
+        rc = p_setLimit(2 /* CU_LIMIT_MALLOC_HEAP_SIZE */, 256 * MIB);
+        stage("heap_grown", rc);
+        rc = p_setLimit(1 /* CU_LIMIT_PRINTF_FIFO_SIZE */, 17 * MIB);
+        stage("fifo_grown", rc);
+        rc = p_setLimit(2, 8 * MIB);
+        p_setLimit(1, 1 * MIB);
+        stage("limits_back", rc);
+        rc = p_setLimit(2, 8192 * MIB);
+        stage("heap_past_cap", rc);
+    } else if (!strcmp(which, "pool")) {
+        /* A pool on card 1 while card 0's context is current: its
+         * allocations count against card 1's cap, not card 0's. */
+        void *pool = NULL, *pool1 = NULL;
+        struct { unsigned allocType, handleTypes, locType; int locId; void *win32; size_t max; unsigned char pad[56]; } props;
+        memset(&props, 0, sizeof props);
+        props.allocType = 1; props.locType = 1; props.locId = 1;
+        CUdeviceptr p1, p2, p3;
+        rc = p_poolCreate(&pool, &props);
+        CUresult a = p_pool(&p1, 64 * MIB, pool, NULL);
+        CUresult b = p_pool(&p2, 64 * MIB, pool, NULL);
+        printf("pool_first=%d pool_second=%d\n", a, b);
+        stage("pool_on_card1", rc);
+        p_freeAsync(p1, NULL);
+        if (!b) p_freeAsync(p2, NULL);
+        rc = p_defaultPool(&pool1, 1);
+        CUresult c = p_pool(&p3, 64 * MIB, pool1, NULL);
+        printf("default_pool_card1=%d\n", c);
+        if (!c) p_freeAsync(p3, NULL);
+        p_poolDestroy(pool);
     } else if (!strcmp(which, "host")) {
         AllocProp prop; memset(&prop, 0, sizeof prop);
         prop.type = 1; prop.locType = 2; /* CU_MEM_LOCATION_TYPE_HOST */

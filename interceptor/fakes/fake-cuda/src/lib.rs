@@ -20,7 +20,11 @@
 //! per-thread-default-stream flag (`_ptsz` variants, counted by
 //! `fake_cuda_ptsz_calls`). Virtual memory management is modelled as the
 //! driver behaves (see [`vmm`]): physical memory lives until its handles are
-//! released and its mappings are gone. `fake_cuda_device_used` lets the fake NVML and the
+//! released and its mappings are gone. [`extras`] models mipmapped arrays
+//! (each level padded to 2 MiB, which `cuMipmappedArrayGetMemoryRequirements`
+//! reports), `cuCtxSetLimit` (the malloc heap and printf FIFO take card
+//! memory) and memory pools (`cuMemPoolCreate`, default pools) that live on
+//! a card of their own. `fake_cuda_device_used` lets the fake NVML and the
 //! tests see the card's real usage.
 #![allow(clippy::missing_safety_doc)] // C ABI entry points; contracts are the CUDA driver API's.
 #![allow(non_snake_case)]
@@ -63,6 +67,10 @@ struct Driver {
     peers: std::collections::HashSet<(u64, u64)>,
     /// Virtual memory management (see [`vmm`]).
     vmm: vmm::Vmm,
+    /// Memory pools (`cuMemPoolCreate`, default pools) -> card.
+    pools: HashMap<u64, usize>,
+    /// Per context: printf FIFO and malloc heap sizes (`cuCtxSetLimit`).
+    limits: HashMap<u64, [u64; 2]>,
 }
 
 static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
@@ -245,6 +253,8 @@ pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
             contexts: HashMap::new(),
             peers: std::collections::HashSet::new(),
             vmm: vmm::Vmm::default(),
+            pools: HashMap::new(),
+            limits: HashMap::new(),
         });
     }
     SUCCESS
@@ -486,25 +496,39 @@ pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
     alloc_on_current(dptr, bytes as u64)
 }
 
+/// From `pool`'s card (a pool made by `cuMemPoolCreate` or a card's default
+/// pool), or the current card when `pool` is null.
+fn alloc_from_pool(out: *mut u64, bytes: u64, pool: *mut c_void) -> CUresult {
+    if pool.is_null() {
+        return alloc_on_current(out, bytes);
+    }
+    status(with_driver(|d| {
+        let card = *d.pools.get(&(pool as u64)).ok_or(INVALID_VALUE)?;
+        let ptr = d.allocate(card, bytes)?;
+        unsafe { *out = ptr };
+        Ok(())
+    }))
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
     dptr: *mut u64,
     bytes: usize,
-    _pool: *mut c_void,
+    pool: *mut c_void,
     _stream: *mut c_void,
 ) -> CUresult {
-    alloc_on_current(dptr, bytes as u64)
+    alloc_from_pool(dptr, bytes as u64, pool)
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
     dptr: *mut u64,
     bytes: usize,
-    _pool: *mut c_void,
+    pool: *mut c_void,
     _stream: *mut c_void,
 ) -> CUresult {
     PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
-    alloc_on_current(dptr, bytes as u64)
+    alloc_from_pool(dptr, bytes as u64, pool)
 }
 
 #[no_mangle]
@@ -662,6 +686,17 @@ fn proc_address(name: &[u8], version: c_int, flags: u64) -> Option<*mut c_void> 
         b"cuMemRetainAllocationHandle" => vmm::cuMemRetainAllocationHandle as *mut c_void,
         b"cuMemExportToShareableHandle" => vmm::cuMemExportToShareableHandle as *mut c_void,
         b"cuMemImportFromShareableHandle" => vmm::cuMemImportFromShareableHandle as *mut c_void,
+        b"cuMipmappedArrayCreate" => extras::cuMipmappedArrayCreate as *mut c_void,
+        b"cuMipmappedArrayDestroy" => extras::cuMipmappedArrayDestroy as *mut c_void,
+        b"cuMipmappedArrayGetMemoryRequirements" => {
+            extras::cuMipmappedArrayGetMemoryRequirements as *mut c_void
+        }
+        b"cuCtxSetLimit" => extras::cuCtxSetLimit as *mut c_void,
+        b"cuCtxGetLimit" => extras::cuCtxGetLimit as *mut c_void,
+        b"cuMemPoolCreate" => extras::cuMemPoolCreate as *mut c_void,
+        b"cuMemPoolDestroy" => extras::cuMemPoolDestroy as *mut c_void,
+        b"cuDeviceGetDefaultMemPool" => extras::cuDeviceGetDefaultMemPool as *mut c_void,
+        b"cuDeviceGetMemPool" => extras::cuDeviceGetMemPool as *mut c_void,
         b"cuMemGetAllocationPropertiesFromHandle" => {
             vmm::cuMemGetAllocationPropertiesFromHandle as *mut c_void
         }
@@ -1132,5 +1167,162 @@ pub mod vmm {
             out.location_id = card.map_or(0, |c| c as c_int);
             Ok(())
         }))
+    }
+}
+
+/// Mipmapped arrays, context limits and memory pools.
+pub mod extras {
+    use super::*;
+
+    const LEVEL_PAD: u64 = 2 * MIB;
+
+    /// `CUDA_ARRAY3D_DESCRIPTOR`.
+    #[repr(C)]
+    struct Desc3d {
+        width: usize,
+        height: usize,
+        depth: usize,
+        format: c_uint,
+        channels: c_uint,
+        flags: c_uint,
+    }
+
+    /// What the fake reserves for a mipmapped array: each level's texels,
+    /// padded to 2 MiB.
+    fn mipmap_bytes(d: &Desc3d, levels: c_uint) -> u64 {
+        (0..levels.max(1))
+            .map(|l| {
+                let dim = |v: usize| if v == 0 { 1 } else { (v >> l).max(1) as u64 };
+                let texels = dim(d.width) * dim(d.height) * dim(d.depth);
+                (texels * format_bytes(d.format) * u64::from(d.channels.max(1)))
+                    .div_ceil(LEVEL_PAD)
+                    * LEVEL_PAD
+            })
+            .sum()
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMipmappedArrayCreate(
+        handle: *mut u64,
+        desc: *const c_void,
+        levels: c_uint,
+    ) -> CUresult {
+        if desc.is_null() {
+            return INVALID_VALUE;
+        }
+        let d = unsafe { &*(desc as *const Desc3d) };
+        alloc_on_current(handle, mipmap_bytes(d, levels))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuMipmappedArrayDestroy(handle: u64) -> CUresult {
+        cuMemFree_v2(handle)
+    }
+
+    /// `CUDA_ARRAY_MEMORY_REQUIREMENTS`.
+    #[repr(C)]
+    #[derive(Debug)]
+    pub struct Requirements {
+        size: usize,
+        alignment: usize,
+        reserved: [c_uint; 4],
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMipmappedArrayGetMemoryRequirements(
+        req: *mut Requirements,
+        handle: u64,
+        _device: c_int,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let (_, bytes) = *d.allocations.get(&handle).ok_or(INVALID_VALUE)?;
+            unsafe {
+                (*req).size = bytes as usize;
+                (*req).alignment = LEVEL_PAD as usize;
+            }
+            Ok(())
+        }))
+    }
+
+    /// `CU_LIMIT_PRINTF_FIFO_SIZE`, `CU_LIMIT_MALLOC_HEAP_SIZE` and their
+    /// defaults (1 MiB, 8 MiB), part of what a context costs.
+    const LIMITS: [(c_uint, u64); 2] = [(1, MIB), (2, 8 * MIB)];
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuCtxGetLimit(value: *mut usize, limit: c_uint) -> CUresult {
+        status(with_driver(|d| {
+            let ctx = CURRENT.with(Cell::get);
+            d.current_card()?;
+            let i = LIMITS.iter().position(|l| l.0 == limit).ok_or(INVALID_VALUE)?;
+            let sizes = d.limits.get(&ctx).copied().unwrap_or([LIMITS[0].1, LIMITS[1].1]);
+            unsafe { *value = sizes[i] as usize };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuCtxSetLimit(limit: c_uint, value: usize) -> CUresult {
+        status(with_driver(|d| {
+            let ctx = CURRENT.with(Cell::get);
+            let card = d.current_card()?;
+            let Some(i) = LIMITS.iter().position(|l| l.0 == limit) else {
+                return Ok(()); // stack size and others: no card memory modelled
+            };
+            let sizes = d.limits.entry(ctx).or_insert([LIMITS[0].1, LIMITS[1].1]);
+            let (old, new) = (sizes[i], value as u64);
+            let c = &mut d.cards[card];
+            if new > old && c.used + (new - old) > c.total {
+                return Err(OUT_OF_MEMORY);
+            }
+            c.used = c.used + new - old;
+            sizes[i] = new;
+            Ok(())
+        }))
+    }
+
+    /// `CUmemPoolProps` up to the location.
+    #[repr(C)]
+    struct PoolPropsHead {
+        alloc_type: c_uint,
+        handle_types: c_uint,
+        location_type: c_uint,
+        location_id: c_int,
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemPoolCreate(pool: *mut u64, props: *const c_void) -> CUresult {
+        if pool.is_null() || props.is_null() {
+            return INVALID_VALUE;
+        }
+        let props = unsafe { &*(props as *const PoolPropsHead) };
+        status(with_driver(|d| {
+            d.card(props.location_id)?;
+            let id = 0x4000_0000 + d.next_id;
+            d.next_id += 2 * MIB;
+            d.pools.insert(id, props.location_id as usize);
+            unsafe { *pool = id };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuMemPoolDestroy(pool: u64) -> CUresult {
+        status(with_driver(|d| d.pools.remove(&pool).map(|_| ()).ok_or(INVALID_VALUE)))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool: *mut u64, device: c_int) -> CUresult {
+        status(with_driver(|d| {
+            d.card(device)?;
+            let id = 0x3000 + device as u64;
+            d.pools.insert(id, device as usize);
+            unsafe { *pool = id };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuDeviceGetMemPool(pool: *mut u64, device: c_int) -> CUresult {
+        unsafe { cuDeviceGetDefaultMemPool(pool, device) }
     }
 }
