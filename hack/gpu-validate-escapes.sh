@@ -25,6 +25,10 @@
 #   vllm       not an escape: vLLM's sleep-mode pattern (create/map,
 #              unmap+release, create/map again) must keep working under the
 #              cap, with the memory shown free while asleep.
+#   expandable not an escape: PyTorch with expandable_segments (cuMemCreate/
+#              cuMemMap into one reserved range) fills 1 GiB tensors to the
+#              cap, frees every other one plus empty_cache (unmap/release of
+#              pieces), fills again: must stop at the cap both times.
 #
 # If build-gpu/enforce-gpu exists (a release build of the node agent's
 # enforcement loop) and ENFORCE_ARGS is set, it is started with those
@@ -120,6 +124,27 @@ report nopreload
 echo "== vllm sleep mode under the cap (4 x 1 GiB): must work; free shown while asleep"
 start vllm capped vllm "$WORK/escapes" vllm 1 4
 report vllm
+
+echo "== expandable: PyTorch expandable_segments, 1 GiB tensors to the cap, free half, fill again"
+if python3 -c 'import torch' 2>/dev/null; then
+    start expandable capped expandable env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -c '
+import time, torch
+xs = []
+def fill():
+    try:
+        while len(xs) < 40:
+            xs.append(torch.ones(256 << 20, device="cuda"))
+    except torch.OutOfMemoryError:
+        pass
+fill(); print("filled_gib=%d" % len(xs), flush=True)
+del xs[::2]; torch.cuda.empty_cache()
+print("after_free_gib=%d reserved_mib=%d" % (len(xs), torch.cuda.memory_reserved() >> 20), flush=True)
+fill(); print("refilled_gib=%d" % len(xs), flush=True)
+print("ready", flush=True); time.sleep(600)'
+    report expandable
+else
+    echo "    no torch: skipped"
+fi
 
 [ -n "$ENFORCER_PID" ] && { kill "$ENFORCER_PID"; sed 's/^/    enforce: /' "$WORK/enforce.log" | tail -20; }
 exit 0

@@ -297,9 +297,12 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
 ) -> CuResult {
     let real = real!(Hook::MemAllocFromPoolAsync, AllocPoolFn);
     // Charged to the card the pool lives on, whatever the current context.
-    charged(pointers, || crate::extra_hooks::pool_device(pool), bytes as u64, || {
-        (unsafe { real(dptr, bytes, pool, stream) }, read(dptr))
-    })
+    charged(
+        pointers,
+        || crate::extra_hooks::pool_device(pool),
+        bytes as u64,
+        || (unsafe { real(dptr, bytes, pool, stream) }, read(dptr)),
+    )
 }
 
 #[cfg_attr(not(test), no_mangle)]
@@ -310,9 +313,12 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
     stream: Opaque,
 ) -> CuResult {
     let real = real!(Hook::MemAllocFromPoolAsyncPtsz, AllocPoolFn);
-    charged(pointers, || crate::extra_hooks::pool_device(pool), bytes as u64, || {
-        (unsafe { real(dptr, bytes, pool, stream) }, read(dptr))
-    })
+    charged(
+        pointers,
+        || crate::extra_hooks::pool_device(pool),
+        bytes as u64,
+        || (unsafe { real(dptr, bytes, pool, stream) }, read(dptr)),
+    )
 }
 
 #[cfg_attr(not(test), no_mangle)]
@@ -327,7 +333,13 @@ pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: CuDevicePtr, stream: Opaque) 
     released(pointers, dptr, || unsafe { real(dptr, stream) })
 }
 
-pub(crate) fn array_bytes(width: usize, height: usize, depth: usize, format: c_uint, channels: c_uint) -> u64 {
+pub(crate) fn array_bytes(
+    width: usize,
+    height: usize,
+    depth: usize,
+    format: c_uint,
+    channels: c_uint,
+) -> u64 {
     (width as u64)
         .saturating_mul(height.max(1) as u64)
         .saturating_mul(depth.max(1) as u64)

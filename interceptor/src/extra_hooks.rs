@@ -21,7 +21,21 @@
 //! - Pools: `cuMemPoolCreate` (its `location`), `cuDeviceGetDefaultMemPool`
 //!   and `cuDeviceGetMemPool` say which card a pool is on; allocations from
 //!   it (`cuMemAllocFromPoolAsync`) are charged to that card. A pool we
-//!   never saw is taken to be on the current card.
+//!   never saw is taken to be on the current card. `cuMemAllocAsync` is
+//!   charged to the current context's card (the stream's device is not
+//!   looked up).
+//!
+//! Not charged yet (issue 13, left open): memory a pool keeps after frees
+//! when its release threshold is above 0 (`CU_MEMPOOL_ATTR_RELEASE_THRESHOLD`;
+//! PyTorch's cudaMallocAsync backend sets it to the maximum). The rule to
+//! build: a pool's charge is `max(live allocations, the driver's
+//! CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)`, re-read after frees into, trims of
+//! and allocations from pools whose threshold was raised. Graph memory
+//! nodes likewise: the card's charge for graph allocations should follow
+//! `CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT` (`cuDeviceGetGraphMemAttribute`),
+//! re-read after launches of graphs with memory nodes, `cuDeviceGraphMemTrim`
+//! and graph destruction; today allocations captured into a graph are
+//! charged while the capture runs and given back at the captured free.
 
 use crate::accounting::Accounting;
 use crate::cuda_hooks::{current_device, read, real, tracked};
@@ -31,7 +45,8 @@ use crate::ptr_table::PtrTable;
 use crate::state;
 use std::ffi::c_uint;
 
-type MipmapCreateFn = unsafe extern "C" fn(*mut Opaque, *const Array3dDescriptor, c_uint) -> CuResult;
+type MipmapCreateFn =
+    unsafe extern "C" fn(*mut Opaque, *const Array3dDescriptor, c_uint) -> CuResult;
 type MipmapDestroyFn = unsafe extern "C" fn(Opaque) -> CuResult;
 type MipmapRequirementsFn =
     unsafe extern "C" fn(*mut ArrayMemoryRequirements, Opaque, CuDevice) -> CuResult;
@@ -44,7 +59,7 @@ type DevicePoolFn = unsafe extern "C" fn(*mut Opaque, CuDevice) -> CuResult;
 /// Texel bytes of every level of a mipmapped array (a zero height or depth
 /// is a 1D or 2D array, as in the descriptor).
 pub fn mipmap_texel_bytes(d: &Array3dDescriptor, levels: c_uint) -> u64 {
-    (0..levels.max(1).min(64))
+    (0..levels.clamp(1, 64))
         .map(|level| {
             let dim = |v: usize| if v == 0 { 0 } else { (v >> level).max(1) };
             crate::cuda_hooks::array_bytes(
@@ -258,7 +273,10 @@ fn device_pool(pool: *mut Opaque, device: CuDevice, get: impl FnOnce() -> CuResu
 }
 
 #[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool: *mut Opaque, device: CuDevice) -> CuResult {
+pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(
+    pool: *mut Opaque,
+    device: CuDevice,
+) -> CuResult {
     let real = real!(Hook::DeviceGetDefaultMemPool, DevicePoolFn);
     // SAFETY: forwarding the caller's arguments.
     device_pool(pool, device, || unsafe { real(pool, device) })
@@ -299,12 +317,13 @@ mod tests {
         };
         let level0 = 1024 * 1024 * 16;
         assert_eq!(mipmap_texel_bytes(&d, 1), level0);
-        assert_eq!(
-            mipmap_texel_bytes(&d, 3),
-            level0 + level0 / 4 + level0 / 16
-        );
+        assert_eq!(mipmap_texel_bytes(&d, 3), level0 + level0 / 4 + level0 / 16);
         // 1D: a zero height stays zero (one row), the width halves to 1.
-        let d1 = Array3dDescriptor { height: 0, width: 4, ..d };
+        let d1 = Array3dDescriptor {
+            height: 0,
+            width: 4,
+            ..d
+        };
         assert_eq!(mipmap_texel_bytes(&d1, 4), (4 + 2 + 1 + 1) * 16);
     }
 }

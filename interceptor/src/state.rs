@@ -25,7 +25,8 @@ static NVML: ForkSafeOnce<Option<NvmlLibrary>> = ForkSafeOnce::new();
 static NVML_INITIALISED: ForkSafeOnce<Option<&'static NvmlLibrary>> = ForkSafeOnce::new();
 static ACCOUNTING: OnceLock<Option<Accounting>> = OnceLock::new();
 /// What the real `cuInit` answered: [`CUDA_INIT_PENDING`] until it returns.
-static CUDA_INIT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(CUDA_INIT_PENDING);
+static CUDA_INIT: std::sync::atomic::AtomicI32 =
+    std::sync::atomic::AtomicI32::new(CUDA_INIT_PENDING);
 const CUDA_INIT_PENDING: i32 = -1;
 
 /// Called by the `cuInit` hook with the driver's answer.
@@ -114,7 +115,9 @@ pub fn measuring_nvml() -> Option<&'static NvmlLibrary> {
             // Card handles too, once the driver can name the cards (the
             // helper starts before the driver's own cuInit returns).
             let deadline = Instant::now() + Duration::from_secs(1);
-            while CUDA_INIT.load(Ordering::Acquire) == CUDA_INIT_PENDING && Instant::now() < deadline {
+            while CUDA_INIT.load(Ordering::Acquire) == CUDA_INIT_PENDING
+                && Instant::now() < deadline
+            {
                 std::thread::sleep(Duration::from_micros(200));
             }
             if CUDA_INIT.load(Ordering::Acquire) == crate::ffi::CUDA_SUCCESS {

@@ -964,7 +964,11 @@ pub mod vmm {
         prop: *const c_void,
         _flags: u64,
     ) -> CUresult {
-        if prop.is_null() || handle.is_null() || bytes == 0 || bytes as u64 % (2 * MIB) != 0 {
+        if prop.is_null()
+            || handle.is_null()
+            || bytes == 0
+            || !(bytes as u64).is_multiple_of(2 * MIB)
+        {
             return INVALID_VALUE;
         }
         let prop = unsafe { &*(prop as *const PropHead) };
@@ -1194,8 +1198,7 @@ pub mod extras {
             .map(|l| {
                 let dim = |v: usize| if v == 0 { 1 } else { (v >> l).max(1) as u64 };
                 let texels = dim(d.width) * dim(d.height) * dim(d.depth);
-                (texels * format_bytes(d.format) * u64::from(d.channels.max(1)))
-                    .div_ceil(LEVEL_PAD)
+                (texels * format_bytes(d.format) * u64::from(d.channels.max(1))).div_ceil(LEVEL_PAD)
                     * LEVEL_PAD
             })
             .sum()
@@ -1253,8 +1256,15 @@ pub mod extras {
         status(with_driver(|d| {
             let ctx = CURRENT.with(Cell::get);
             d.current_card()?;
-            let i = LIMITS.iter().position(|l| l.0 == limit).ok_or(INVALID_VALUE)?;
-            let sizes = d.limits.get(&ctx).copied().unwrap_or([LIMITS[0].1, LIMITS[1].1]);
+            let i = LIMITS
+                .iter()
+                .position(|l| l.0 == limit)
+                .ok_or(INVALID_VALUE)?;
+            let sizes = d
+                .limits
+                .get(&ctx)
+                .copied()
+                .unwrap_or([LIMITS[0].1, LIMITS[1].1]);
             unsafe { *value = sizes[i] as usize };
             Ok(())
         }))
@@ -1307,7 +1317,9 @@ pub mod extras {
 
     #[no_mangle]
     pub extern "C" fn cuMemPoolDestroy(pool: u64) -> CUresult {
-        status(with_driver(|d| d.pools.remove(&pool).map(|_| ()).ok_or(INVALID_VALUE)))
+        status(with_driver(|d| {
+            d.pools.remove(&pool).map(|_| ()).ok_or(INVALID_VALUE)
+        }))
     }
 
     #[no_mangle]
