@@ -46,6 +46,9 @@ pub struct Accounting {
     pub primary: [PrimaryContext; MAX_DEVICES],
     /// Memory pools: the card each lives on (see `extra_hooks`).
     pub pools: PtrTable,
+    /// Per card: the pool `cuMemAllocAsync` allocates from (0 = not looked
+    /// up yet; `cuDeviceSetMemPool` changes it).
+    pub current_pools: [AtomicU64; MAX_DEVICES],
     /// Per card: bytes charged for growing the printf FIFO and the malloc
     /// heap past their sizes (`cuCtxSetLimit`).
     pub limit_charges: [[AtomicU64; 2]; MAX_DEVICES],
@@ -79,6 +82,7 @@ impl Accounting {
             contexts: PtrTable::new(10),
             primary: Default::default(),
             pools: PtrTable::new(10),
+            current_pools: Default::default(),
             limit_charges: Default::default(),
         })
     }
@@ -192,6 +196,9 @@ impl Accounting {
         for primary in &self.primary {
             primary.refs.store(0, Ordering::Relaxed);
             primary.charged.store(0, Ordering::Relaxed);
+        }
+        for pool in &self.current_pools {
+            pool.store(0, Ordering::Relaxed);
         }
         for charge in self.limit_charges.iter().flatten() {
             charge.store(0, Ordering::Relaxed);

@@ -127,13 +127,16 @@ pub(crate) fn released(
     };
     // Out of the table before the driver frees: once freed, the address can
     // come back from another thread's allocation at once.
-    let entry = table(accounting).remove(key);
+    let entry = table(accounting).remove_with_aux(key);
     let rc = free();
-    if let Some((device, bytes)) = entry {
-        if rc == CUDA_SUCCESS {
-            accounting.uncharge(device, bytes);
+    if let Some((device, bytes, pool)) = entry {
+        if rc != CUDA_SUCCESS {
+            table(accounting).insert_with_aux(key, device, bytes, pool);
+        } else if pool != 0 {
+            // An allocation from a pool that may keep freed memory.
+            crate::extra_hooks::freed_into_pool(accounting, pool, device, bytes);
         } else {
-            accounting.remember(table(accounting), key, device, bytes);
+            accounting.uncharge(device, bytes);
         }
     }
     rc
@@ -271,7 +274,7 @@ pub unsafe extern "C" fn cuMemAllocAsync(
     stream: Opaque,
 ) -> CuResult {
     let real = real!(Hook::MemAllocAsync, AllocAsyncFn);
-    charged(pointers, current_device, bytes as u64, || {
+    crate::extra_hooks::pool_allocation(None, bytes as u64, || {
         (unsafe { real(dptr, bytes, stream) }, read(dptr))
     })
 }
@@ -283,7 +286,7 @@ pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
     stream: Opaque,
 ) -> CuResult {
     let real = real!(Hook::MemAllocAsyncPtsz, AllocAsyncFn);
-    charged(pointers, current_device, bytes as u64, || {
+    crate::extra_hooks::pool_allocation(None, bytes as u64, || {
         (unsafe { real(dptr, bytes, stream) }, read(dptr))
     })
 }
@@ -297,12 +300,9 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
 ) -> CuResult {
     let real = real!(Hook::MemAllocFromPoolAsync, AllocPoolFn);
     // Charged to the card the pool lives on, whatever the current context.
-    charged(
-        pointers,
-        || crate::extra_hooks::pool_device(pool),
-        bytes as u64,
-        || (unsafe { real(dptr, bytes, pool, stream) }, read(dptr)),
-    )
+    crate::extra_hooks::pool_allocation(Some(pool), bytes as u64, || {
+        (unsafe { real(dptr, bytes, pool, stream) }, read(dptr))
+    })
 }
 
 #[cfg_attr(not(test), no_mangle)]
@@ -313,12 +313,9 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
     stream: Opaque,
 ) -> CuResult {
     let real = real!(Hook::MemAllocFromPoolAsyncPtsz, AllocPoolFn);
-    charged(
-        pointers,
-        || crate::extra_hooks::pool_device(pool),
-        bytes as u64,
-        || (unsafe { real(dptr, bytes, pool, stream) }, read(dptr)),
-    )
+    crate::extra_hooks::pool_allocation(Some(pool), bytes as u64, || {
+        (unsafe { real(dptr, bytes, pool, stream) }, read(dptr))
+    })
 }
 
 #[cfg_attr(not(test), no_mangle)]

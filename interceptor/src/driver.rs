@@ -81,6 +81,9 @@ hook_table! {
     MemPoolDestroy => c"cuMemPoolDestroy", c"cuMemPoolDestroy", 11020, 0, ex::cuMemPoolDestroy;
     DeviceGetDefaultMemPool => c"cuDeviceGetDefaultMemPool", c"cuDeviceGetDefaultMemPool", 11020, 0, ex::cuDeviceGetDefaultMemPool;
     DeviceGetMemPool => c"cuDeviceGetMemPool", c"cuDeviceGetMemPool", 11020, 0, ex::cuDeviceGetMemPool;
+    DeviceSetMemPool => c"cuDeviceSetMemPool", c"cuDeviceSetMemPool", 11020, 0, ex::cuDeviceSetMemPool;
+    MemPoolSetAttribute => c"cuMemPoolSetAttribute", c"cuMemPoolSetAttribute", 11020, 0, ex::cuMemPoolSetAttribute;
+    MemPoolTrimTo => c"cuMemPoolTrimTo", c"cuMemPoolTrimTo", 11020, 0, ex::cuMemPoolTrimTo;
     ArrayCreate => c"cuArrayCreate_v2", c"cuArrayCreate", 3020, 0, cu::cuArrayCreate_v2;
     Array3DCreate => c"cuArray3DCreate_v2", c"cuArray3DCreate", 3020, 0, cu::cuArray3DCreate_v2;
     ArrayDestroy => c"cuArrayDestroy", c"cuArrayDestroy", 2000, 0, cu::cuArrayDestroy;
@@ -147,6 +150,8 @@ pub struct CudaDriver {
     pub mipmap_requirements: usize,
     /// `cuCtxGetLimit`, for what a limit was before `cuCtxSetLimit`.
     pub ctx_get_limit: usize,
+    /// `cuMemPoolGetAttribute`, for what a trimmed pool still reserves.
+    pub mempool_get_attribute: usize,
 }
 
 impl CudaDriver {
@@ -218,6 +223,7 @@ impl CudaDriver {
             device_get_count: lib.symbol(c"cuDeviceGetCount"),
             mipmap_requirements: lib.symbol(c"cuMipmappedArrayGetMemoryRequirements"),
             ctx_get_limit: lib.symbol(c"cuCtxGetLimit"),
+            mempool_get_attribute: lib.symbol(c"cuMemPoolGetAttribute"),
         })
     }
 

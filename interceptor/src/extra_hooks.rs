@@ -25,25 +25,36 @@
 //!   charged to the current context's card (the stream's device is not
 //!   looked up).
 //!
-//! Not charged yet (issue 13, left open): memory a pool keeps after frees
-//! when its release threshold is above 0 (`CU_MEMPOOL_ATTR_RELEASE_THRESHOLD`;
-//! PyTorch's cudaMallocAsync backend sets it to the maximum). The rule to
-//! build: a pool's charge is `max(live allocations, the driver's
-//! CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)`, re-read after frees into, trims of
-//! and allocations from pools whose threshold was raised. Graph memory
-//! nodes likewise: the card's charge for graph allocations should follow
+//! - Memory a pool keeps after frees. A pool whose release threshold
+//!   (`CU_MEMPOOL_ATTR_RELEASE_THRESHOLD`, set by `cuMemPoolSetAttribute`;
+//!   PyTorch's cudaMallocAsync backend sets it to the maximum) is above 0
+//!   keeps freed memory reserved, up to the threshold, instead of handing it
+//!   back at the next synchronisation. So a free into such a pool keeps its
+//!   bytes charged as the pool's *retained* charge, up to the threshold; an
+//!   allocation from the pool first takes from that retained charge (the
+//!   pool serves it from what it keeps) and is charged only the rest; a
+//!   lower threshold gives back retained bytes above it; `cuMemPoolTrimTo`
+//!   gives back what the driver says the pool no longer reserves
+//!   (`RESERVED_MEM_CURRENT − USED_MEM_CURRENT`); `cuMemPoolDestroy` gives
+//!   back the rest. The pool of `cuMemAllocAsync` is the card's current
+//!   pool (`cuDeviceGetMemPool`, once per card; `cuDeviceSetMemPool`
+//!   changes it). Until some pool's threshold is raised, pool allocations
+//!   cost what any allocation costs (one relaxed load more).
+//!
+//! Not charged yet (issue 13, left open): graph memory nodes: the card's charge for graph allocations should follow
 //! `CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT` (`cuDeviceGetGraphMemAttribute`),
 //! re-read after launches of graphs with memory nodes, `cuDeviceGraphMemTrim`
 //! and graph destruction; today allocations captured into a graph are
 //! charged while the capture runs and given back at the captured free.
 
 use crate::accounting::Accounting;
-use crate::cuda_hooks::{current_device, read, real, tracked};
+use crate::cuda_hooks::{charged, current_device, read, real, tracked};
+use crate::log::{log, WARN};
 use crate::driver::Hook;
 use crate::ffi::*;
-use crate::ptr_table::PtrTable;
 use crate::state;
-use std::ffi::c_uint;
+use std::ffi::{c_int, c_uint, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 type MipmapCreateFn =
     unsafe extern "C" fn(*mut Opaque, *const Array3dDescriptor, c_uint) -> CuResult;
@@ -55,6 +66,18 @@ type GetLimitFn = unsafe extern "C" fn(*mut usize, c_uint) -> CuResult;
 type PoolCreateFn = unsafe extern "C" fn(*mut Opaque, *const MemAllocationPropHead) -> CuResult;
 type PoolDestroyFn = unsafe extern "C" fn(Opaque) -> CuResult;
 type DevicePoolFn = unsafe extern "C" fn(*mut Opaque, CuDevice) -> CuResult;
+type SetDevicePoolFn = unsafe extern "C" fn(CuDevice, Opaque) -> CuResult;
+type PoolAttributeFn = unsafe extern "C" fn(Opaque, c_int, *mut c_void) -> CuResult;
+type PoolTrimFn = unsafe extern "C" fn(Opaque, usize) -> CuResult;
+
+/// `CUmemPool_attribute` values read or watched here.
+const POOL_RELEASE_THRESHOLD: c_int = 4;
+const POOL_RESERVED_MEM_CURRENT: c_int = 5;
+const POOL_USED_MEM_CURRENT: c_int = 7;
+
+/// Set once any pool's release threshold is raised above 0: from then on
+/// pool allocations and frees keep the pools' retained charges.
+static RETAINING: AtomicBool = AtomicBool::new(false);
 
 /// Texel bytes of every level of a mipmapped array (a zero height or depth
 /// is a 1D or 2D array, as in the descriptor).
@@ -221,9 +244,6 @@ pub unsafe extern "C" fn cuCtxSetLimit(limit: c_uint, value: usize) -> CuResult 
     rc
 }
 
-fn pools(a: &Accounting) -> &PtrTable {
-    &a.pools
-}
 
 /// Remembers that `pool` lives on container card `device`.
 fn remember_pool(pool: Opaque, device: Option<usize>) {
@@ -256,11 +276,24 @@ pub unsafe extern "C" fn cuMemPoolCreate(
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemPoolDestroy(pool: Opaque) -> CuResult {
     let real = real!(Hook::MemPoolDestroy, PoolDestroyFn);
-    if let Ok(Some(accounting)) = state::accounting() {
-        accounting.pools.remove(pool as u64);
-    }
     // SAFETY: forwarding the caller's argument.
-    unsafe { real(pool) }
+    let rc = unsafe { real(pool) };
+    if rc == CUDA_SUCCESS {
+        if let Ok(Some(accounting)) = state::accounting() {
+            if let Some((device, retained)) = accounting.pools.remove(pool as u64) {
+                accounting.uncharge(device, retained);
+            }
+            for current in &accounting.current_pools {
+                let _ = current.compare_exchange(
+                    pool as u64,
+                    0,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+    rc
 }
 
 /// Shared body of `cuDeviceGetDefaultMemPool` and `cuDeviceGetMemPool`.
@@ -289,11 +322,211 @@ pub unsafe extern "C" fn cuDeviceGetMemPool(pool: *mut Opaque, device: CuDevice)
     device_pool(pool, device, || unsafe { real(pool, device) })
 }
 
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn cuDeviceSetMemPool(device: CuDevice, pool: Opaque) -> CuResult {
+    let real = real!(Hook::DeviceSetMemPool, SetDevicePoolFn);
+    // SAFETY: forwarding the caller's arguments.
+    let rc = unsafe { real(device, pool) };
+    if let (CUDA_SUCCESS, Ok(Some(accounting)), Some(card)) =
+        (rc, state::accounting(), tracked(device))
+    {
+        accounting.current_pools[card].store(pool as u64, Ordering::Release);
+    }
+    rc
+}
+
+/// Gives back a pool's retained charge above `ceiling`.
+fn trim_retained(accounting: &Accounting, pool: u64, ceiling: u64) {
+    let Some((device, _)) = accounting.pools.get(pool) else {
+        return;
+    };
+    if let Some((before, after)) = accounting.pools.update_bytes(pool, |r| r.min(ceiling)) {
+        accounting.uncharge(device, before - after);
+    }
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn cuMemPoolSetAttribute(
+    pool: Opaque,
+    attribute: c_int,
+    value: *mut c_void,
+) -> CuResult {
+    let real = real!(Hook::MemPoolSetAttribute, PoolAttributeFn);
+    // SAFETY: forwarding the caller's arguments.
+    let rc = unsafe { real(pool, attribute, value) };
+    if rc != CUDA_SUCCESS || attribute != POOL_RELEASE_THRESHOLD || value.is_null() {
+        return rc;
+    }
+    let Ok(Some(accounting)) = state::accounting() else {
+        return rc;
+    };
+    // SAFETY: the threshold is a cuuint64_t the driver just read.
+    let threshold = unsafe { *(value as *const u64) };
+    remember_pool(pool, current_device());
+    let key = pool as u64;
+    accounting.pools.set_aux(key, threshold);
+    if threshold > 0 {
+        RETAINING.store(true, Ordering::Release);
+    }
+    trim_retained(accounting, key, threshold);
+    rc
+}
+
+/// One of a pool's attributes, read from the driver.
+fn pool_attribute(pool: Opaque, attribute: c_int) -> Option<u64> {
+    let get = state::cuda()?.mempool_get_attribute;
+    if get == 0 {
+        return None;
+    }
+    let mut value = 0u64;
+    // SAFETY: the driver's cuMemPoolGetAttribute with a cuuint64_t out-value
+    // (every attribute read here is one).
+    let rc = unsafe {
+        std::mem::transmute::<usize, PoolAttributeFn>(get)(
+            pool,
+            attribute,
+            (&mut value as *mut u64).cast(),
+        )
+    };
+    (rc == CUDA_SUCCESS).then_some(value)
+}
+
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn cuMemPoolTrimTo(pool: Opaque, keep: usize) -> CuResult {
+    let real = real!(Hook::MemPoolTrimTo, PoolTrimFn);
+    // SAFETY: forwarding the caller's arguments.
+    let rc = unsafe { real(pool, keep) };
+    if rc != CUDA_SUCCESS {
+        return rc;
+    }
+    let Ok(Some(accounting)) = state::accounting() else {
+        return rc;
+    };
+    // What the pool still reserves beyond its live allocations, by the
+    // driver's own figures.
+    if let (Some(reserved), Some(used)) = (
+        pool_attribute(pool, POOL_RESERVED_MEM_CURRENT),
+        pool_attribute(pool, POOL_USED_MEM_CURRENT),
+    ) {
+        trim_retained(accounting, pool as u64, reserved.saturating_sub(used));
+    }
+    rc
+}
+
+/// An allocation from `pool` (`None`: the current card's current pool, as
+/// `cuMemAllocAsync` does), charged to the pool's card.
+#[inline]
+pub fn pool_allocation(
+    pool: Option<Opaque>,
+    bytes: u64,
+    allocate: impl FnOnce() -> (CuResult, u64),
+) -> CuResult {
+    if !RETAINING.load(Ordering::Relaxed) {
+        return match pool {
+            Some(pool) => charged(|a| &a.pointers, || pool_device(pool), bytes, allocate),
+            None => charged(|a| &a.pointers, current_device, bytes, allocate),
+        };
+    }
+    retaining_pool_allocation(pool, bytes, allocate)
+}
+
+/// The current pool of container card `device` (`cuDeviceGetMemPool`,
+/// looked up once).
+fn current_pool(accounting: &Accounting, device: usize) -> Option<u64> {
+    let cached = accounting.current_pools[device].load(Ordering::Acquire);
+    if cached != 0 {
+        return Some(cached);
+    }
+    let ordinal = current_ordinal()?;
+    let get = state::cuda()?.real(Hook::DeviceGetMemPool)?;
+    let mut pool: Opaque = std::ptr::null_mut();
+    // SAFETY: the driver's cuDeviceGetMemPool with a valid out-pointer.
+    let rc = unsafe { std::mem::transmute::<usize, DevicePoolFn>(get)(&mut pool, ordinal) };
+    if rc != CUDA_SUCCESS || pool.is_null() {
+        return None;
+    }
+    remember_pool(pool, Some(device));
+    accounting.current_pools[device].store(pool as u64, Ordering::Release);
+    Some(pool as u64)
+}
+
+/// [`pool_allocation`] once some pool retains memory: takes what it can
+/// from the pool's retained charge, charges the rest, and remembers the
+/// pool with the allocation so its free goes back to the pool's charge.
+fn retaining_pool_allocation(
+    pool: Option<Opaque>,
+    bytes: u64,
+    allocate: impl FnOnce() -> (CuResult, u64),
+) -> CuResult {
+    let accounting = match state::accounting() {
+        Err(rc) => return rc,
+        Ok(None) => return allocate().0,
+        Ok(Some(a)) => a,
+    };
+    let key = match pool {
+        Some(pool) => Some(pool as u64),
+        None => current_device().and_then(|d| current_pool(accounting, d)),
+    };
+    let Some((key, (device, _))) = key.and_then(|k| Some((k, accounting.pools.get(k)?))) else {
+        return match pool {
+            Some(pool) => charged(|a| &a.pointers, || pool_device(pool), bytes, allocate),
+            None => charged(|a| &a.pointers, current_device, bytes, allocate),
+        };
+    };
+    let taken = accounting
+        .pools
+        .update_bytes(key, |r| r - r.min(bytes))
+        .map_or(0, |(before, after)| before - after);
+    let give_back_taken = || {
+        accounting.pools.update_bytes(key, |r| r.saturating_add(taken));
+    };
+    if accounting.charge(device, bytes - taken).is_err() {
+        give_back_taken();
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    let (rc, pointer) = allocate();
+    if rc != CUDA_SUCCESS {
+        accounting.uncharge(device, bytes - taken);
+        give_back_taken();
+        return rc;
+    }
+    if !accounting
+        .pointers
+        .insert_with_aux(pointer, device, bytes, key)
+    {
+        log!(
+            WARN,
+            "allocation table full: {bytes} bytes at {pointer:#x} stay charged until exit"
+        );
+    }
+    rc
+}
+
+/// A pool allocation of `bytes` on `device` was freed: a pool that retains
+/// memory keeps it charged (up to its threshold) as its retained charge;
+/// the rest is given back.
+pub fn freed_into_pool(accounting: &Accounting, pool: u64, device: usize, bytes: u64) {
+    let threshold = accounting
+        .pools
+        .get_with_aux(pool)
+        .map_or(0, |(_, _, threshold)| threshold);
+    let kept = if threshold == 0 {
+        0
+    } else {
+        accounting
+            .pools
+            .update_bytes(pool, |r| r.saturating_add(bytes).min(threshold.max(r)))
+            .map_or(0, |(before, after)| after - before)
+    };
+    accounting.uncharge(device, bytes - kept);
+}
+
 /// The container card `pool` lives on, or the current card for a pool we
 /// never saw (`cuMemAllocFromPoolAsync`).
 pub fn pool_device(pool: Opaque) -> Option<usize> {
     match state::accounting() {
-        Ok(Some(accounting)) => pools(accounting)
+        Ok(Some(accounting)) => accounting
+            .pools
             .get(pool as u64)
             .map(|(device, _)| device)
             .or_else(current_device),

@@ -209,6 +209,40 @@ impl PtrTable {
                 .is_ok()
     }
 
+    /// `(card, bytes, spare word)` of `key` without removing it.
+    pub fn get_with_aux(&self, key: u64) -> Option<(usize, u64, u64)> {
+        let entry = self.find(key)?;
+        let value = entry.value.load(Ordering::Relaxed);
+        Some((
+            (value & 0xff) as usize,
+            value >> DEVICE_BITS,
+            entry.aux.load(Ordering::Acquire),
+        ))
+    }
+
+    /// Sets the spare word of `key`; false when the key is absent.
+    pub fn set_aux(&self, key: u64, aux: u64) -> bool {
+        self.find(key)
+            .map(|entry| entry.aux.store(aux, Ordering::Release))
+            .is_some()
+    }
+
+    /// Replaces the bytes of `key` by `update(bytes)` atomically; returns
+    /// `(before, after)`, `None` when the key is absent (or `after` does not
+    /// fit).
+    pub fn update_bytes(&self, key: u64, update: impl Fn(u64) -> u64) -> Option<(u64, u64)> {
+        let entry = self.find(key)?;
+        let mut after = 0;
+        let before = entry
+            .value
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |value| {
+                after = update(value >> DEVICE_BITS);
+                (after >> (64 - DEVICE_BITS) == 0).then_some(after << DEVICE_BITS | (value & 0xff))
+            })
+            .ok()?;
+        Some((before >> DEVICE_BITS, after))
+    }
+
     /// Adds one to the spare word of `key`; false when the key is absent.
     pub fn add_ref(&self, key: u64) -> bool {
         match self.find(key) {
@@ -366,7 +400,11 @@ mod tests {
         assert!(t.insert_with_aux(0x8000, 1, 0, 7));
         assert!(t.set_bytes_from_zero(0x8000, 4096));
         assert!(!t.set_bytes_from_zero(0x8000, 1));
-        assert_eq!(t.remove_with_aux(0x8000), Some((1, 4096, 7)));
+        assert_eq!(t.get_with_aux(0x8000), Some((1, 4096, 7)));
+        assert!(t.set_aux(0x8000, 9));
+        assert_eq!(t.update_bytes(0x8000, |b| b / 2), Some((4096, 2048)));
+        assert_eq!(t.update_bytes(0x9000, |b| b), None);
+        assert_eq!(t.remove_with_aux(0x8000), Some((1, 2048, 9)));
     }
 
     #[test]

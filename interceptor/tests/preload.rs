@@ -359,6 +359,39 @@ fn pool_allocations_are_charged_to_the_pools_card() {
 }
 
 #[test]
+fn memory_a_pool_keeps_after_frees_stays_charged() {
+    for client in CLIENTS {
+        let out = run(
+            client,
+            &["vmm", "retain"],
+            &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")],
+        );
+        let s = stages(&out);
+        let expected: &[(&str, (u64, u64, u64))] = &[
+            ("freed_into_pool", (0, 256 * MIB, 256 * MIB)),
+            // Served from what the pool kept: nothing more held or charged.
+            ("reused_from_pool", (0, 256 * MIB, 256 * MIB)),
+            // 64 (context) + 256 (kept by the pool) + 800 > 1024: refused
+            // (before the fix the pool's 256 MiB were uncharged at the free).
+            ("plain_alloc_past_retained", (2, 256 * MIB, 256 * MIB)),
+            ("trimmed", (0, 0, 0)),
+            ("threshold_64m", (0, 64 * MIB, 64 * MIB)),
+            ("destroyed", (0, 0, 0)),
+            ("default_pool_retains", (0, 128 * MIB, 128 * MIB)),
+            ("default_pool_trimmed", (0, 0, 0)),
+        ];
+        for (stage, want) in expected {
+            assert_eq!(
+                s.get(*stage),
+                Some(want),
+                "{client} {stage}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+}
+
+#[test]
 fn memory_on_another_card_is_charged_to_that_card() {
     let (_dir, path) = shared_path("cards.cache");
     let env = [

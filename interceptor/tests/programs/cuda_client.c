@@ -56,6 +56,8 @@ static CUresult (*p_setLimit)(unsigned, size_t);
 static CUresult (*p_poolCreate)(void **, const void *);
 static CUresult (*p_poolDestroy)(void *);
 static CUresult (*p_defaultPool)(void **, int);
+static CUresult (*p_poolSetAttr)(void *, int, void *);
+static CUresult (*p_poolTrim)(void *, size_t);
 static void *driver;
 
 #if defined(MODE_LINKED)
@@ -92,6 +94,8 @@ CUresult cuCtxSetLimit(unsigned, size_t);
 CUresult cuMemPoolCreate(void **, const void *);
 CUresult cuMemPoolDestroy(void *);
 CUresult cuDeviceGetDefaultMemPool(void **, int);
+CUresult cuMemPoolSetAttribute(void *, int, void *);
+CUresult cuMemPoolTrimTo(void *, size_t);
 #define R(var, export, base, version) var = (void *)&export
 #elif defined(MODE_DLSYM)
 #define R(var, export, base, version) var = dlsym(driver, #export)
@@ -143,6 +147,8 @@ static void resolve(void) {
     R(p_poolCreate, cuMemPoolCreate, cuMemPoolCreate, 11020);
     R(p_poolDestroy, cuMemPoolDestroy, cuMemPoolDestroy, 11020);
     R(p_defaultPool, cuDeviceGetDefaultMemPool, cuDeviceGetDefaultMemPool, 11020);
+    R(p_poolSetAttr, cuMemPoolSetAttribute, cuMemPoolSetAttribute, 11020);
+    R(p_poolTrim, cuMemPoolTrimTo, cuMemPoolTrimTo, 11020);
 }
 
 static int start(int device) {
@@ -356,6 +362,41 @@ static void vmm(const char *which) {
         printf("default_pool_card1=%d\n", c);
         if (!c) p_freeAsync(p3, NULL);
         p_poolDestroy(pool);
+    } else if (!strcmp(which, "retain")) {
+        /* A pool that keeps freed memory (release threshold raised, as
+         * PyTorch's cudaMallocAsync backend does): what it keeps is held. */
+        void *pool = NULL, *dp = NULL;
+        struct { unsigned allocType, handleTypes, locType; int locId; void *win32; size_t max; unsigned char pad[56]; } props;
+        memset(&props, 0, sizeof props);
+        props.allocType = 1; props.locType = 1; props.locId = 0;
+        unsigned long long keep_all = ~0ULL, keep_64m = 64 * MIB;
+        CUdeviceptr a, b, c;
+        rc = p_poolCreate(&pool, &props);
+        if (!rc) rc = p_poolSetAttr(pool, 4 /* RELEASE_THRESHOLD */, &keep_all);
+        if (!rc) rc = p_pool(&a, 256 * MIB, pool, NULL);
+        if (!rc) rc = p_freeAsync(a, NULL);
+        stage("freed_into_pool", rc);
+        rc = p_pool(&b, 128 * MIB, pool, NULL);
+        stage("reused_from_pool", rc);
+        p_freeAsync(b, NULL);
+        rc = p_alloc(&c, 800 * MIB);
+        stage("plain_alloc_past_retained", rc);
+        if (!rc) p_free(c);
+        rc = p_poolTrim(pool, 0);
+        stage("trimmed", rc);
+        p_poolSetAttr(pool, 4, &keep_64m);
+        rc = p_pool(&a, 256 * MIB, pool, NULL);
+        p_freeAsync(a, NULL);
+        stage("threshold_64m", rc);
+        rc = p_poolDestroy(pool);
+        stage("destroyed", rc);
+        p_defaultPool(&dp, 0);
+        p_poolSetAttr(dp, 4, &keep_all);
+        rc = p_async(&a, 128 * MIB, NULL);
+        p_freeAsync(a, NULL);
+        stage("default_pool_retains", rc);
+        rc = p_poolTrim(dp, 0);
+        stage("default_pool_trimmed", rc);
     } else if (!strcmp(which, "host")) {
         AllocProp prop; memset(&prop, 0, sizeof prop);
         prop.type = 1; prop.locType = 2; /* CU_MEM_LOCATION_TYPE_HOST */

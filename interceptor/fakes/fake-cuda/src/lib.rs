@@ -24,7 +24,9 @@
 //! (each level padded to 2 MiB, which `cuMipmappedArrayGetMemoryRequirements`
 //! reports), `cuCtxSetLimit` (the malloc heap and printf FIFO take card
 //! memory) and memory pools (`cuMemPoolCreate`, default pools) that live on
-//! a card of their own. `fake_cuda_device_used` lets the fake NVML and the
+//! a card of their own and keep freed memory reserved up to their release
+//! threshold (`cuMemAllocAsync` allocates from the current card's default
+//! pool). `fake_cuda_device_used` lets the fake NVML and the
 //! tests see the card's real usage.
 #![allow(clippy::missing_safety_doc)] // C ABI entry points; contracts are the CUDA driver API's.
 #![allow(non_snake_case)]
@@ -67,8 +69,10 @@ struct Driver {
     peers: std::collections::HashSet<(u64, u64)>,
     /// Virtual memory management (see [`vmm`]).
     vmm: vmm::Vmm,
-    /// Memory pools (`cuMemPoolCreate`, default pools) -> card.
-    pools: HashMap<u64, usize>,
+    /// Memory pools (`cuMemPoolCreate`, default pools).
+    pools: HashMap<u64, extras::Pool>,
+    /// Allocation id -> the pool it came from.
+    pool_of: HashMap<u64, u64>,
     /// Per context: printf FIFO and malloc heap sizes (`cuCtxSetLimit`).
     limits: HashMap<u64, [u64; 2]>,
 }
@@ -189,7 +193,10 @@ impl Driver {
 
     fn free(&mut self, id: u64) -> Result<(), CUresult> {
         let (card, bytes) = self.allocations.remove(&id).ok_or(INVALID_VALUE)?;
-        self.cards[card].used -= bytes;
+        match self.pool_of.remove(&id) {
+            Some(pool) => self.free_into_pool(pool, bytes),
+            None => self.cards[card].used -= bytes,
+        }
         Ok(())
     }
 
@@ -254,6 +261,7 @@ pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
             peers: std::collections::HashSet::new(),
             vmm: vmm::Vmm::default(),
             pools: HashMap::new(),
+            pool_of: HashMap::new(),
             limits: HashMap::new(),
         });
     }
@@ -477,13 +485,14 @@ pub extern "C" fn cuMemFree_v2(dptr: u64) -> CUresult {
     status(with_driver(|d| d.free(dptr)))
 }
 
+/// From the current card's default pool (the fake has no `cuDeviceSetMemPool`).
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocAsync(
     dptr: *mut u64,
     bytes: usize,
     _stream: *mut c_void,
 ) -> CUresult {
-    alloc_on_current(dptr, bytes as u64)
+    alloc_from_pool(dptr, bytes as u64, std::ptr::null_mut())
 }
 
 #[no_mangle]
@@ -493,18 +502,25 @@ pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
     _stream: *mut c_void,
 ) -> CUresult {
     PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
-    alloc_on_current(dptr, bytes as u64)
+    alloc_from_pool(dptr, bytes as u64, std::ptr::null_mut())
 }
 
-/// From `pool`'s card (a pool made by `cuMemPoolCreate` or a card's default
-/// pool), or the current card when `pool` is null.
+/// From `pool` (a pool made by `cuMemPoolCreate` or a card's default pool),
+/// or the current card's default pool when `pool` is null.
 fn alloc_from_pool(out: *mut u64, bytes: u64, pool: *mut c_void) -> CUresult {
-    if pool.is_null() {
-        return alloc_on_current(out, bytes);
+    if out.is_null() {
+        return INVALID_VALUE;
     }
+    let pool = if pool.is_null() {
+        match with_driver(|d| d.current_card()) {
+            Ok(card) => extras::default_pool(card) as *mut c_void,
+            Err(rc) => return rc,
+        }
+    } else {
+        pool
+    };
     status(with_driver(|d| {
-        let card = *d.pools.get(&(pool as u64)).ok_or(INVALID_VALUE)?;
-        let ptr = d.allocate(card, bytes)?;
+        let ptr = d.allocate_in_pool(pool as u64, bytes)?;
         unsafe { *out = ptr };
         Ok(())
     }))
@@ -695,6 +711,9 @@ fn proc_address(name: &[u8], version: c_int, flags: u64) -> Option<*mut c_void> 
         b"cuCtxGetLimit" => extras::cuCtxGetLimit as *mut c_void,
         b"cuMemPoolCreate" => extras::cuMemPoolCreate as *mut c_void,
         b"cuMemPoolDestroy" => extras::cuMemPoolDestroy as *mut c_void,
+        b"cuMemPoolSetAttribute" => extras::cuMemPoolSetAttribute as *mut c_void,
+        b"cuMemPoolGetAttribute" => extras::cuMemPoolGetAttribute as *mut c_void,
+        b"cuMemPoolTrimTo" => extras::cuMemPoolTrimTo as *mut c_void,
         b"cuDeviceGetDefaultMemPool" => extras::cuDeviceGetDefaultMemPool as *mut c_void,
         b"cuDeviceGetMemPool" => extras::cuDeviceGetMemPool as *mut c_void,
         b"cuMemGetAllocationPropertiesFromHandle" => {
@@ -1309,7 +1328,7 @@ pub mod extras {
             d.card(props.location_id)?;
             let id = 0x4000_0000 + d.next_id;
             d.next_id += 2 * MIB;
-            d.pools.insert(id, props.location_id as usize);
+            d.pools.insert(id, Pool::on(props.location_id as usize));
             unsafe { *pool = id };
             Ok(())
         }))
@@ -1318,16 +1337,150 @@ pub mod extras {
     #[no_mangle]
     pub extern "C" fn cuMemPoolDestroy(pool: u64) -> CUresult {
         status(with_driver(|d| {
-            d.pools.remove(&pool).map(|_| ()).ok_or(INVALID_VALUE)
+            let p = d.pools.remove(&pool).ok_or(INVALID_VALUE)?;
+            d.cards[p.card].used -= p.idle;
+            Ok(())
         }))
+    }
+
+    /// `CU_MEMPOOL_ATTR_RELEASE_THRESHOLD`, `_RESERVED_MEM_CURRENT`,
+    /// `_USED_MEM_CURRENT`.
+    const RELEASE_THRESHOLD: c_int = 4;
+    const RESERVED_MEM_CURRENT: c_int = 5;
+    const USED_MEM_CURRENT: c_int = 7;
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemPoolSetAttribute(
+        pool: u64,
+        attr: c_int,
+        value: *mut c_void,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            d.pools.get(&pool).ok_or(INVALID_VALUE)?;
+            if attr == RELEASE_THRESHOLD {
+                d.pools.get_mut(&pool).expect("present").threshold =
+                    unsafe { *(value as *const u64) };
+                d.release_above_threshold(pool);
+            }
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemPoolGetAttribute(
+        pool: u64,
+        attr: c_int,
+        value: *mut c_void,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let p = d.pools.get(&pool).ok_or(INVALID_VALUE)?;
+            let v = match attr {
+                RELEASE_THRESHOLD => p.threshold,
+                RESERVED_MEM_CURRENT => p.used + p.idle,
+                USED_MEM_CURRENT => p.used,
+                _ => return Err(INVALID_VALUE),
+            };
+            unsafe { *(value as *mut u64) = v };
+            Ok(())
+        }))
+    }
+
+    /// Releases idle memory until the pool reserves at most `keep` bytes
+    /// (never its allocations).
+    #[no_mangle]
+    pub extern "C" fn cuMemPoolTrimTo(pool: u64, keep: usize) -> CUresult {
+        status(with_driver(|d| {
+            let p = d.pools.get_mut(&pool).ok_or(INVALID_VALUE)?;
+            let release = (p.used + p.idle).saturating_sub(keep as u64).min(p.idle);
+            p.idle -= release;
+            let card = p.card;
+            d.cards[card].used -= release;
+            Ok(())
+        }))
+    }
+
+    /// One memory pool: its card, release threshold, the bytes it holds for
+    /// live allocations and the bytes it keeps reserved but idle.
+    #[derive(Debug)]
+    pub struct Pool {
+        card: usize,
+        threshold: u64,
+        used: u64,
+        idle: u64,
+    }
+
+    impl Pool {
+        /// An empty pool on `card` with threshold 0.
+        pub fn on(card: usize) -> Pool {
+            Pool {
+                card,
+                threshold: 0,
+                used: 0,
+                idle: 0,
+            }
+        }
+    }
+
+    /// The default pool's handle of card `card`.
+    pub fn default_pool(card: usize) -> u64 {
+        0x3000 + card as u64
+    }
+
+    impl Driver {
+        /// An allocation from `pool`: from its idle memory when there is
+        /// enough, else newly reserved on its card.
+        pub(crate) fn allocate_in_pool(&mut self, pool: u64, bytes: u64) -> Result<u64, CUresult> {
+            if (0x3000..0x3000 + 64).contains(&pool) {
+                let card = (pool - 0x3000) as usize;
+                self.cards.get(card).ok_or(INVALID_VALUE)?;
+                self.pools.entry(pool).or_insert_with(|| Pool::on(card));
+            }
+            if bytes == 0 {
+                return Err(INVALID_VALUE);
+            }
+            let p = self.pools.get_mut(&pool).ok_or(INVALID_VALUE)?;
+            let card = p.card;
+            let id = if p.idle >= bytes {
+                p.idle -= bytes;
+                let id = self.next_id;
+                self.next_id += bytes.div_ceil(2 * MIB).max(1) * 2 * MIB;
+                self.allocations.insert(id, (card, bytes));
+                id
+            } else {
+                self.allocate(card, bytes)?
+            };
+            self.pools.get_mut(&pool).expect("present").used += bytes;
+            self.pool_of.insert(id, pool);
+            Ok(id)
+        }
+
+        /// A pool allocation freed: its memory stays reserved (idle) up to
+        /// the pool's release threshold (released at once, where the real
+        /// driver releases at the next synchronisation).
+        pub(crate) fn free_into_pool(&mut self, pool: u64, bytes: u64) {
+            let Some(p) = self.pools.get_mut(&pool) else {
+                return;
+            };
+            p.used -= bytes;
+            p.idle += bytes;
+            self.release_above_threshold(pool);
+        }
+
+        fn release_above_threshold(&mut self, pool: u64) {
+            let p = self.pools.get_mut(&pool).expect("present");
+            let release = p.idle.saturating_sub(p.threshold);
+            p.idle -= release;
+            let card = p.card;
+            self.cards[card].used -= release;
+        }
     }
 
     #[no_mangle]
     pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool: *mut u64, device: c_int) -> CUresult {
         status(with_driver(|d| {
             d.card(device)?;
-            let id = 0x3000 + device as u64;
-            d.pools.insert(id, device as usize);
+            let id = default_pool(device as usize);
+            d.pools.entry(id).or_insert_with(|| Pool::on(device as usize));
             unsafe { *pool = id };
             Ok(())
         }))
