@@ -147,6 +147,14 @@ impl Accounting {
         Err(OutOfMemory)
     }
 
+    /// Charges `bytes` that are already held (the driver reserved them
+    /// without asking), past the cap if need be, so the account stays true.
+    pub fn charge_over_cap(&self, device: usize, bytes: u64) {
+        if let Ok(slot) = self.region.slot() {
+            let _ = self.region.map().charge(slot, device, bytes, u64::MAX);
+        }
+    }
+
     /// Gives back a charge.
     #[inline]
     pub fn uncharge(&self, device: usize, bytes: u64) {
@@ -183,6 +191,7 @@ impl Accounting {
     /// In a forked child: nothing the parent charged or allocated is ours.
     pub fn after_fork_in_child(&self) {
         self.region.after_fork_in_child();
+        crate::graph_mem::after_fork_in_child();
         for table in [
             &self.pointers,
             &self.handles,

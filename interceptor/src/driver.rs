@@ -13,6 +13,7 @@
 use crate::cuda_hooks as cu;
 use crate::extra_hooks as ex;
 use crate::ffi::PROC_PER_THREAD;
+use crate::graph_mem as gm;
 use crate::launch_hooks as lh;
 use crate::loader::Library;
 use crate::nvml_hooks as nv;
@@ -84,6 +85,12 @@ hook_table! {
     DeviceSetMemPool => c"cuDeviceSetMemPool", c"cuDeviceSetMemPool", 11020, 0, ex::cuDeviceSetMemPool;
     MemPoolSetAttribute => c"cuMemPoolSetAttribute", c"cuMemPoolSetAttribute", 11020, 0, ex::cuMemPoolSetAttribute;
     MemPoolTrimTo => c"cuMemPoolTrimTo", c"cuMemPoolTrimTo", 11020, 0, ex::cuMemPoolTrimTo;
+    GraphAddMemAllocNode => c"cuGraphAddMemAllocNode", c"cuGraphAddMemAllocNode", 11040, 0, gm::cuGraphAddMemAllocNode;
+    DeviceGraphMemTrim => c"cuDeviceGraphMemTrim", c"cuDeviceGraphMemTrim", 11040, 0, gm::cuDeviceGraphMemTrim;
+    GraphExecDestroy => c"cuGraphExecDestroy", c"cuGraphExecDestroy", 10000, 0, gm::cuGraphExecDestroy;
+    GraphDestroy => c"cuGraphDestroy", c"cuGraphDestroy", 10000, 0, gm::cuGraphDestroy;
+    StreamEndCapture => c"cuStreamEndCapture", c"cuStreamEndCapture", 10000, 0, gm::cuStreamEndCapture;
+    StreamEndCapturePtsz => c"cuStreamEndCapture_ptsz", c"cuStreamEndCapture", 10000, PROC_PER_THREAD, gm::cuStreamEndCapture_ptsz;
     ArrayCreate => c"cuArrayCreate_v2", c"cuArrayCreate", 3020, 0, cu::cuArrayCreate_v2;
     Array3DCreate => c"cuArray3DCreate_v2", c"cuArray3DCreate", 3020, 0, cu::cuArray3DCreate_v2;
     ArrayDestroy => c"cuArrayDestroy", c"cuArrayDestroy", 2000, 0, cu::cuArrayDestroy;
@@ -152,6 +159,13 @@ pub struct CudaDriver {
     pub ctx_get_limit: usize,
     /// `cuMemPoolGetAttribute`, for what a trimmed pool still reserves.
     pub mempool_get_attribute: usize,
+    /// `cuDeviceGetGraphMemAttribute`, for what graphs reserve on a card.
+    pub graph_mem_attribute: usize,
+    /// `cuGraphGetNodes` and `cuGraphNodeGetType`, to find allocation
+    /// nodes in a captured graph.
+    pub graph_get_nodes: usize,
+    /// See `graph_get_nodes`.
+    pub graph_node_get_type: usize,
 }
 
 impl CudaDriver {
@@ -224,6 +238,9 @@ impl CudaDriver {
             mipmap_requirements: lib.symbol(c"cuMipmappedArrayGetMemoryRequirements"),
             ctx_get_limit: lib.symbol(c"cuCtxGetLimit"),
             mempool_get_attribute: lib.symbol(c"cuMemPoolGetAttribute"),
+            graph_mem_attribute: lib.symbol(c"cuDeviceGetGraphMemAttribute"),
+            graph_get_nodes: lib.symbol(c"cuGraphGetNodes"),
+            graph_node_get_type: lib.symbol(c"cuGraphNodeGetType"),
         })
     }
 

@@ -41,17 +41,13 @@
 //!   changes it). Until some pool's threshold is raised, pool allocations
 //!   cost what any allocation costs (one relaxed load more).
 //!
-//! Not charged yet (issue 13, left open): graph memory nodes: the card's charge for graph allocations should follow
-//! `CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT` (`cuDeviceGetGraphMemAttribute`),
-//! re-read after launches of graphs with memory nodes, `cuDeviceGraphMemTrim`
-//! and graph destruction; today allocations captured into a graph are
-//! charged while the capture runs and given back at the captured free.
+//! Graph memory nodes are charged in `graph_mem`.
 
 use crate::accounting::Accounting;
 use crate::cuda_hooks::{charged, current_device, read, real, tracked};
-use crate::log::{log, WARN};
 use crate::driver::Hook;
 use crate::ffi::*;
+use crate::log::{log, WARN};
 use crate::state;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,7 +93,7 @@ pub fn mipmap_texel_bytes(d: &Array3dDescriptor, levels: c_uint) -> u64 {
 }
 
 /// The CUDA ordinal of the calling thread's current context.
-fn current_ordinal() -> Option<CuDevice> {
+pub(crate) fn current_ordinal() -> Option<CuDevice> {
     let f = state::cuda()?.ctx_get_device;
     if f == 0 {
         return None;
@@ -244,7 +240,6 @@ pub unsafe extern "C" fn cuCtxSetLimit(limit: c_uint, value: usize) -> CuResult 
     rc
 }
 
-
 /// Remembers that `pool` lives on container card `device`.
 fn remember_pool(pool: Opaque, device: Option<usize>) {
     if let (Ok(Some(accounting)), Some(device)) = (state::accounting(), device) {
@@ -284,12 +279,8 @@ pub unsafe extern "C" fn cuMemPoolDestroy(pool: Opaque) -> CuResult {
                 accounting.uncharge(device, retained);
             }
             for current in &accounting.current_pools {
-                let _ = current.compare_exchange(
-                    pool as u64,
-                    0,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                );
+                let _ =
+                    current.compare_exchange(pool as u64, 0, Ordering::AcqRel, Ordering::Relaxed);
             }
         }
     }
@@ -478,7 +469,9 @@ fn retaining_pool_allocation(
         .update_bytes(key, |r| r - r.min(bytes))
         .map_or(0, |(before, after)| before - after);
     let give_back_taken = || {
-        accounting.pools.update_bytes(key, |r| r.saturating_add(taken));
+        accounting
+            .pools
+            .update_bytes(key, |r| r.saturating_add(taken));
     };
     if accounting.charge(device, bytes - taken).is_err() {
         give_back_taken();

@@ -17,7 +17,8 @@
 //!   allocation's charge in a lock-free table (`ptr_table`); `vmm` keeps
 //!   `cuMemCreate` memory charged until its handle is released and its last
 //!   mapping is gone; `extra_hooks` charges mipmapped arrays and context
-//!   limits and finds the card of a memory pool.
+//!   limits and finds the card of a memory pool; `graph_mem` charges what the
+//!   driver reserves for graph memory nodes.
 //! - `state` holds the lazily created process-wide state and the fork handler.
 //! - `launch_hooks` are the kernel-launch entry points; they pass the SM
 //!   limiter's gate (`sm_limiter`: one relaxed load when nothing is
@@ -47,6 +48,7 @@ mod dlsym;
 mod driver;
 mod extra_hooks;
 mod ffi;
+mod graph_mem;
 mod host_pid;
 mod launch_hooks;
 mod loader;

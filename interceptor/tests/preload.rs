@@ -392,6 +392,34 @@ fn memory_a_pool_keeps_after_frees_stays_charged() {
 }
 
 #[test]
+fn graph_memory_is_charged_what_the_driver_reserves_for_it() {
+    for client in CLIENTS {
+        let out = run(
+            client,
+            &["vmm", "graph"],
+            &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")],
+        );
+        let s = stages(&out);
+        let expected: &[(&str, (u64, u64, u64))] = &[
+            ("graph_built", (0, 0, 0)),
+            ("graph_launched", (0, 512 * MIB, 512 * MIB)),
+            // 64 (context) + 512 (the graph's) + 512 > 1024: refused (before
+            // the fix the graph's memory was not charged and this fitted).
+            ("plain_alloc_past_graph", (2, 512 * MIB, 512 * MIB)),
+            ("graph_trimmed", (0, 0, 0)),
+        ];
+        for (stage, want) in expected {
+            assert_eq!(
+                s.get(*stage),
+                Some(want),
+                "{client} {stage}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+}
+
+#[test]
 fn memory_on_another_card_is_charged_to_that_card() {
     let (_dir, path) = shared_path("cards.cache");
     let env = [

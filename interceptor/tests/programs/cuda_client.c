@@ -58,6 +58,13 @@ static CUresult (*p_poolDestroy)(void *);
 static CUresult (*p_defaultPool)(void **, int);
 static CUresult (*p_poolSetAttr)(void *, int, void *);
 static CUresult (*p_poolTrim)(void *, size_t);
+static CUresult (*p_graphCreate)(void **, unsigned);
+static CUresult (*p_addAllocNode)(void **, void *, const void *, size_t, void *);
+static CUresult (*p_instantiate)(void **, void *, unsigned long long);
+static CUresult (*p_graphLaunch)(void *, void *);
+static CUresult (*p_graphMemTrim)(int);
+static CUresult (*p_execDestroy)(void *);
+static CUresult (*p_graphDestroy)(void *);
 static void *driver;
 
 #if defined(MODE_LINKED)
@@ -96,6 +103,13 @@ CUresult cuMemPoolDestroy(void *);
 CUresult cuDeviceGetDefaultMemPool(void **, int);
 CUresult cuMemPoolSetAttribute(void *, int, void *);
 CUresult cuMemPoolTrimTo(void *, size_t);
+CUresult cuGraphCreate(void **, unsigned);
+CUresult cuGraphAddMemAllocNode(void **, void *, const void *, size_t, void *);
+CUresult cuGraphInstantiateWithFlags(void **, void *, unsigned long long);
+CUresult cuGraphLaunch(void *, void *);
+CUresult cuDeviceGraphMemTrim(int);
+CUresult cuGraphExecDestroy(void *);
+CUresult cuGraphDestroy(void *);
 #define R(var, export, base, version) var = (void *)&export
 #elif defined(MODE_DLSYM)
 #define R(var, export, base, version) var = dlsym(driver, #export)
@@ -149,6 +163,13 @@ static void resolve(void) {
     R(p_defaultPool, cuDeviceGetDefaultMemPool, cuDeviceGetDefaultMemPool, 11020);
     R(p_poolSetAttr, cuMemPoolSetAttribute, cuMemPoolSetAttribute, 11020);
     R(p_poolTrim, cuMemPoolTrimTo, cuMemPoolTrimTo, 11020);
+    R(p_graphCreate, cuGraphCreate, cuGraphCreate, 10000);
+    R(p_addAllocNode, cuGraphAddMemAllocNode, cuGraphAddMemAllocNode, 11040);
+    R(p_instantiate, cuGraphInstantiateWithFlags, cuGraphInstantiateWithFlags, 11040);
+    R(p_graphLaunch, cuGraphLaunch, cuGraphLaunch, 10000);
+    R(p_graphMemTrim, cuDeviceGraphMemTrim, cuDeviceGraphMemTrim, 11040);
+    R(p_execDestroy, cuGraphExecDestroy, cuGraphExecDestroy, 10000);
+    R(p_graphDestroy, cuGraphDestroy, cuGraphDestroy, 10000);
 }
 
 static int start(int device) {
@@ -397,6 +418,30 @@ static void vmm(const char *which) {
         stage("default_pool_retains", rc);
         rc = p_poolTrim(dp, 0);
         stage("default_pool_trimmed", rc);
+    } else if (!strcmp(which, "graph")) {
+        /* A graph with a 512 MiB allocation node: the driver reserves its
+         * memory when the graph is launched, and keeps it until trimmed. */
+        void *graph = NULL, *exec = NULL, *node = NULL;
+        unsigned char params[120];
+        memset(params, 0, sizeof params);
+        *(unsigned *)(params + 0) = 1;  /* poolProps.allocType: pinned */
+        *(unsigned *)(params + 8) = 1;  /* poolProps.location.type: device */
+        *(int *)(params + 12) = 0;      /* poolProps.location.id */
+        *(size_t *)(params + 104) = 512 * MIB; /* bytesize */
+        rc = p_graphCreate(&graph, 0);
+        if (!rc) rc = p_addAllocNode(&node, graph, NULL, 0, params);
+        if (!rc) rc = p_instantiate(&exec, graph, 0);
+        stage("graph_built", rc);
+        rc = p_graphLaunch(exec, NULL);
+        stage("graph_launched", rc);
+        CUdeviceptr c;
+        rc = p_alloc(&c, 512 * MIB);
+        stage("plain_alloc_past_graph", rc);
+        if (!rc) p_free(c);
+        rc = p_graphMemTrim(0);
+        stage("graph_trimmed", rc);
+        p_execDestroy(exec);
+        p_graphDestroy(graph);
     } else if (!strcmp(which, "host")) {
         AllocProp prop; memset(&prop, 0, sizeof prop);
         prop.type = 1; prop.locType = 2; /* CU_MEM_LOCATION_TYPE_HOST */

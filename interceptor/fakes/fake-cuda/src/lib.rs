@@ -75,6 +75,8 @@ struct Driver {
     pool_of: HashMap<u64, u64>,
     /// Per context: printf FIFO and malloc heap sizes (`cuCtxSetLimit`).
     limits: HashMap<u64, [u64; 2]>,
+    /// Graphs and their memory (see [`graphs`]).
+    graphs: graphs::Graphs,
 }
 
 static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
@@ -263,6 +265,7 @@ pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
             pools: HashMap::new(),
             pool_of: HashMap::new(),
             limits: HashMap::new(),
+            graphs: graphs::Graphs::default(),
         });
     }
     SUCCESS
@@ -712,6 +715,13 @@ fn proc_address(name: &[u8], version: c_int, flags: u64) -> Option<*mut c_void> 
         b"cuMemPoolCreate" => extras::cuMemPoolCreate as *mut c_void,
         b"cuMemPoolDestroy" => extras::cuMemPoolDestroy as *mut c_void,
         b"cuMemPoolSetAttribute" => extras::cuMemPoolSetAttribute as *mut c_void,
+        b"cuGraphCreate" => graphs::cuGraphCreate as *mut c_void,
+        b"cuGraphAddMemAllocNode" => graphs::cuGraphAddMemAllocNode as *mut c_void,
+        b"cuGraphInstantiateWithFlags" => graphs::cuGraphInstantiateWithFlags as *mut c_void,
+        b"cuGraphExecDestroy" => graphs::cuGraphExecDestroy as *mut c_void,
+        b"cuGraphDestroy" => graphs::cuGraphDestroy as *mut c_void,
+        b"cuDeviceGraphMemTrim" => graphs::cuDeviceGraphMemTrim as *mut c_void,
+        b"cuDeviceGetGraphMemAttribute" => graphs::cuDeviceGetGraphMemAttribute as *mut c_void,
         b"cuMemPoolGetAttribute" => extras::cuMemPoolGetAttribute as *mut c_void,
         b"cuMemPoolTrimTo" => extras::cuMemPoolTrimTo as *mut c_void,
         b"cuDeviceGetDefaultMemPool" => extras::cuDeviceGetDefaultMemPool as *mut c_void,
@@ -891,16 +901,24 @@ pub mod launch {
         launched(c.grid, c.block)
     }
 
+    /// A graph launch also reserves the graph's allocation nodes' memory
+    /// (see [`graphs`]).
     #[no_mangle]
-    pub extern "C" fn cuGraphLaunch(_exec: *mut c_void, _stream: *mut c_void) -> CUresult {
-        launched([0, 1, 1], [1, 1, 1])
+    pub extern "C" fn cuGraphLaunch(exec: *mut c_void, _stream: *mut c_void) -> CUresult {
+        match graphs::reserve_for_launch(exec as u64) {
+            SUCCESS => launched([0, 1, 1], [1, 1, 1]),
+            rc => rc,
+        }
     }
 
     #[no_mangle]
     pub extern "C" fn cuGraphLaunch_ptsz(exec: *mut c_void, stream: *mut c_void) -> CUresult {
-        let _ = (exec, stream);
+        let _ = stream;
         PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
-        launched([0, 1, 1], [1, 1, 1])
+        match graphs::reserve_for_launch(exec as u64) {
+            SUCCESS => launched([0, 1, 1], [1, 1, 1]),
+            rc => rc,
+        }
     }
 }
 
@@ -1480,7 +1498,9 @@ pub mod extras {
         status(with_driver(|d| {
             d.card(device)?;
             let id = default_pool(device as usize);
-            d.pools.entry(id).or_insert_with(|| Pool::on(device as usize));
+            d.pools
+                .entry(id)
+                .or_insert_with(|| Pool::on(device as usize));
             unsafe { *pool = id };
             Ok(())
         }))
@@ -1489,5 +1509,171 @@ pub mod extras {
     #[no_mangle]
     pub unsafe extern "C" fn cuDeviceGetMemPool(pool: *mut u64, device: c_int) -> CUresult {
         unsafe { cuDeviceGetDefaultMemPool(pool, device) }
+    }
+}
+
+/// Graphs with memory allocation nodes: each node's bytes live on the card
+/// of its pool properties; launching an instantiated graph grows the card's
+/// graph memory reservation to what the graph needs (the sum of its
+/// allocation nodes); `cuDeviceGraphMemTrim` releases the card's
+/// reservation (the fake's graphs have always finished and freed).
+pub mod graphs {
+    use super::*;
+
+    /// Graph state of the fake driver.
+    #[derive(Debug, Default)]
+    pub struct Graphs {
+        /// Graph -> (card, bytes) of each allocation node.
+        nodes: HashMap<u64, Vec<(usize, u64)>>,
+        /// Executable graph -> its graph.
+        execs: HashMap<u64, u64>,
+        /// Per card index: bytes reserved for graph allocations.
+        reserved: HashMap<usize, u64>,
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuGraphCreate(graph: *mut u64, _flags: c_uint) -> CUresult {
+        status(with_driver(|d| {
+            let id = 0x5000_0000 + d.next_id;
+            d.next_id += 2 * MIB;
+            d.graphs.nodes.insert(id, Vec::new());
+            unsafe { *graph = id };
+            Ok(())
+        }))
+    }
+
+    /// `CUDA_MEM_ALLOC_NODE_PARAMS`: `CUmemPoolProps` (88 bytes, location
+    /// at offset 8), access descriptors (pointer, count), `bytesize`, `dptr`.
+    const PARAMS_LOCATION_ID: usize = 12;
+    const PARAMS_BYTESIZE: usize = 104;
+    const PARAMS_DPTR: usize = 112;
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuGraphAddMemAllocNode(
+        node: *mut u64,
+        graph: u64,
+        _deps: *const u64,
+        _count: usize,
+        params: *mut u8,
+    ) -> CUresult {
+        if params.is_null() || node.is_null() {
+            return INVALID_VALUE;
+        }
+        let (card, bytes) = unsafe {
+            (
+                *(params.add(PARAMS_LOCATION_ID) as *const c_int),
+                *(params.add(PARAMS_BYTESIZE) as *const u64),
+            )
+        };
+        status(with_driver(|d| {
+            d.card(card)?;
+            let va = d.next_id;
+            d.next_id += bytes.div_ceil(2 * MIB).max(1) * 2 * MIB;
+            d.graphs
+                .nodes
+                .get_mut(&graph)
+                .ok_or(INVALID_VALUE)?
+                .push((card as usize, bytes));
+            unsafe {
+                *(params.add(PARAMS_DPTR) as *mut u64) = va;
+                *node = va + 1;
+            }
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuGraphInstantiateWithFlags(
+        exec: *mut u64,
+        graph: u64,
+        _flags: u64,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            d.graphs.nodes.get(&graph).ok_or(INVALID_VALUE)?;
+            let id = 0x6000_0000 + d.next_id;
+            d.next_id += 2 * MIB;
+            d.graphs.execs.insert(id, graph);
+            unsafe { *exec = id };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuGraphExecDestroy(exec: u64) -> CUresult {
+        status(with_driver(|d| {
+            d.graphs
+                .execs
+                .remove(&exec)
+                .map(|_| ())
+                .ok_or(INVALID_VALUE)
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuGraphDestroy(graph: u64) -> CUresult {
+        status(with_driver(|d| {
+            d.graphs
+                .nodes
+                .remove(&graph)
+                .map(|_| ())
+                .ok_or(INVALID_VALUE)
+        }))
+    }
+
+    /// Grows each card's graph reservation to what `exec` needs there.
+    pub fn reserve_for_launch(exec: u64) -> CUresult {
+        status(with_driver(|d| {
+            let Some(graph) = d.graphs.execs.get(&exec).copied() else {
+                return Ok(()); // a graph the fake does not know: no memory
+            };
+            let mut need: HashMap<usize, u64> = HashMap::new();
+            for &(card, bytes) in d.graphs.nodes.get(&graph).into_iter().flatten() {
+                *need.entry(card).or_default() += bytes;
+            }
+            for (card, bytes) in need {
+                let reserved = d.graphs.reserved.entry(card).or_default();
+                if bytes > *reserved {
+                    let c = &mut d.cards[card];
+                    if c.used + (bytes - *reserved) > c.total {
+                        return Err(OUT_OF_MEMORY);
+                    }
+                    c.used += bytes - *reserved;
+                    *reserved = bytes;
+                }
+            }
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuDeviceGraphMemTrim(device: c_int) -> CUresult {
+        status(with_driver(|d| {
+            d.card(device)?;
+            let released = d.graphs.reserved.remove(&(device as usize)).unwrap_or(0);
+            d.cards[device as usize].used -= released;
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuDeviceGetGraphMemAttribute(
+        device: c_int,
+        attr: c_int,
+        value: *mut u64,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            d.card(device)?;
+            if attr != 2 {
+                return Err(INVALID_VALUE); // only RESERVED_MEM_CURRENT
+            }
+            let reserved = d
+                .graphs
+                .reserved
+                .get(&(device as usize))
+                .copied()
+                .unwrap_or(0);
+            unsafe { *value = reserved };
+            Ok(())
+        }))
     }
 }
