@@ -22,6 +22,14 @@
 #              does.
 #   nopreload  a process that skips the preload (static binary, cleared
 #              LD_PRELOAD) allocates freely: only the node agent sees it.
+#   pool       a memory pool with its release threshold raised keeps 8 GiB
+#              after they are freed into it; then plain allocations.
+#   graph      a graph with an 8 GiB allocation node (and its free node) is
+#              launched: the driver keeps the memory for graphs; then plain
+#              allocations.
+#   heap       cuCtxSetLimit(CU_LIMIT_MALLOC_HEAP_SIZE, 8 GiB) and a kernel
+#              that mallocs; then plain allocations.
+#   mipmap     16384x16384 float4 mipmapped arrays (4 GiB each) until refused.
 #   vllm       not an escape: vLLM's sleep-mode pattern (create/map,
 #              unmap+release, create/map again) must keep working under the
 #              cap, with the memory shown free while asleep.
@@ -120,6 +128,16 @@ report tamper
 echo "== nopreload: the cap in the environment, no LD_PRELOAD, 512 MiB chunks (at most 40)"
 start nopreload env CUDA_DEVICE_MEMORY_LIMIT="${CAP_GIB}g" "$WORK/escapes" fill 512 40
 report nopreload
+
+for kind in pool graph heap; do
+    echo "== $kind: 8 GiB that way, then 512 MiB cuMemAlloc chunks until refused (at most 40)"
+    start "$kind" capped "$kind" "$WORK/escapes" "$kind" 8 40
+    report "$kind"
+done
+
+echo "== mipmap: 16384x16384 float4 mipmapped arrays, 1 level (4 GiB each), until refused (at most 10)"
+start mipmap capped mipmap "$WORK/escapes" mipmap 1 10
+report mipmap
 
 echo "== vllm sleep mode under the cap (4 x 1 GiB): must work; free shown while asleep"
 start vllm capped vllm "$WORK/escapes" vllm 1 4
