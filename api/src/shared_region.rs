@@ -424,14 +424,18 @@ impl SharedRegion {
         Ok(())
     }
 
-    /// Gives back what [`charge`](Self::charge) took.
+    /// Gives back what [`charge`](Self::charge) took. The card gets back at
+    /// most what the slot still holds: once a slot was reclaimed (its owner's
+    /// exit handler, or another process after its death) a late free must not
+    /// take the same bytes off the card a second time, which would hand other
+    /// processes' charges out as free room.
     pub fn uncharge(&self, slot: usize, device: usize, bytes: u64) {
-        let _ = self.processes[slot].used_bytes[device].fetch_update(
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-            |used| Some(used.saturating_sub(bytes)),
-        );
-        self.devices[device].release(bytes);
+        let held = self.processes[slot].used_bytes[device]
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(bytes))
+            })
+            .unwrap_or_else(|used| used);
+        self.devices[device].release(bytes.min(held));
     }
 
     /// `(slot index, pid, bytes per card)` for every slot in use, for metrics.
@@ -557,6 +561,23 @@ mod tests {
         assert_eq!(region.device_used(0), 7);
         assert_eq!(region.device_used(2), 0);
         assert!(region.active_processes().is_empty());
+    }
+
+    #[test]
+    fn a_free_after_the_slot_was_reclaimed_gives_nothing_back_twice() {
+        let region = zeroed_region();
+        region.initialise();
+        region.charge(0, 0, 300, u64::MAX).unwrap();
+        region.charge(1, 0, 600, u64::MAX).unwrap();
+        // The owner of slot 0 exits: its exit handler hands its usage back...
+        assert_eq!(region.processes[0].reclaim(&region.devices), 300);
+        // ...and a free that runs after it (a later exit handler) must not
+        // take slot 1's bytes off the card.
+        region.uncharge(0, 0, 300);
+        assert_eq!(region.device_used(0), 600);
+        region.charge(0, 0, 100, u64::MAX).unwrap();
+        region.uncharge(0, 0, 250);
+        assert_eq!(region.device_used(0), 600, "only what the slot held");
     }
 
     #[test]

@@ -33,14 +33,25 @@ pub struct Accounting {
     limits: [u64; MAX_DEVICES],
     /// Device pointers from every `cuMemAlloc*` path (freed by `cuMemFree*`).
     pub pointers: PtrTable,
-    /// `cuMemCreate` handles.
+    /// `cuMemCreate` and imported handles, with their reference counts
+    /// (see `vmm`).
     pub handles: PtrTable,
+    /// `cuMemMap` mappings by start address: size and handle.
+    pub mappings: PtrTable,
     /// CUDA arrays.
     pub arrays: PtrTable,
     /// Contexts from `cuCtxCreate*`, charged their measured overhead.
     pub contexts: PtrTable,
     /// Primary contexts per card.
     pub primary: [PrimaryContext; MAX_DEVICES],
+    /// Memory pools: the card each lives on (see `extra_hooks`).
+    pub pools: PtrTable,
+    /// Per card: the pool `cuMemAllocAsync` allocates from (0 = not looked
+    /// up yet; `cuDeviceSetMemPool` changes it).
+    pub current_pools: [AtomicU64; MAX_DEVICES],
+    /// Per card: bytes charged for growing the printf FIFO and the malloc
+    /// heap past their sizes (`cuCtxSetLimit`).
+    pub limit_charges: [[AtomicU64; 2]; MAX_DEVICES],
 }
 
 /// An allocation refused at the cap.
@@ -65,10 +76,14 @@ impl Accounting {
             region,
             limits,
             pointers: PtrTable::new(20),
-            handles: PtrTable::new(14),
+            handles: PtrTable::new(16),
+            mappings: PtrTable::new(16),
             arrays: PtrTable::new(14),
             contexts: PtrTable::new(10),
             primary: Default::default(),
+            pools: PtrTable::new(10),
+            current_pools: Default::default(),
+            limit_charges: Default::default(),
         })
     }
 
@@ -132,6 +147,14 @@ impl Accounting {
         Err(OutOfMemory)
     }
 
+    /// Charges `bytes` that are already held (the driver reserved them
+    /// without asking), past the cap if need be, so the account stays true.
+    pub fn charge_over_cap(&self, device: usize, bytes: u64) {
+        if let Ok(slot) = self.region.slot() {
+            let _ = self.region.map().charge(slot, device, bytes, u64::MAX);
+        }
+    }
+
     /// Gives back a charge.
     #[inline]
     pub fn uncharge(&self, device: usize, bytes: u64) {
@@ -168,12 +191,26 @@ impl Accounting {
     /// In a forked child: nothing the parent charged or allocated is ours.
     pub fn after_fork_in_child(&self) {
         self.region.after_fork_in_child();
-        for table in [&self.pointers, &self.handles, &self.arrays, &self.contexts] {
+        crate::graph_mem::after_fork_in_child();
+        for table in [
+            &self.pointers,
+            &self.handles,
+            &self.mappings,
+            &self.arrays,
+            &self.contexts,
+            &self.pools,
+        ] {
             table.reset();
         }
         for primary in &self.primary {
             primary.refs.store(0, Ordering::Relaxed);
             primary.charged.store(0, Ordering::Relaxed);
+        }
+        for pool in &self.current_pools {
+            pool.store(0, Ordering::Relaxed);
+        }
+        for charge in self.limit_charges.iter().flatten() {
+            charge.store(0, Ordering::Relaxed);
         }
     }
 }

@@ -2,7 +2,8 @@
 //! container's card UUIDs (which physical card each `_<i>` cap is for), the
 //! shared region's path and the log level. A cap that is set but cannot be
 //! parsed is an error (the interceptor then refuses CUDA initialisation);
-//! no cap at all means pass-through.
+//! no cap at all means pass-through. A cap of zero (`0`, `0m`, ...) means
+//! "no cap" on that card, as in HAMi-core, with a warning.
 
 use std::path::PathBuf;
 use tessera_api::container_env::{
@@ -45,6 +46,9 @@ pub struct Config {
     pub pid_socket: Option<PathBuf>,
     /// [`ASSUME_PID_NAMESPACE`] is `1`.
     pub assume_pid_namespace: bool,
+    /// Settings taken in HAMi-core's sense rather than refused (a zero
+    /// cap), to print once as warnings.
+    pub warnings: Vec<String>,
 }
 
 /// A configuration the interceptor refuses to run with.
@@ -81,7 +85,10 @@ impl Config {
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
         let mut all = None;
-        let mut per_card = [None; MAX_DEVICES];
+        // Outer `Some`: the card's own variable is set; inner `None`: it
+        // says "no cap" (zero), which overrides the all-cards value.
+        let mut per_card: [Option<Option<u64>>; MAX_DEVICES] = [None; MAX_DEVICES];
+        let mut warnings = Vec::new();
         let mut shared_region = None;
         let mut log_level = crate::log::WARN;
         let (mut tessera_uuids, mut runtime_uuids) = (None, None);
@@ -90,14 +97,14 @@ impl Config {
         let mut assume_pid_namespace = false;
         for (name, value) in vars {
             if name == MEMORY_LIMIT_ALL {
-                all = Some(parse(&name, &value)?);
+                all = parse(&name, &value, &mut warnings)?;
             } else if let Some(suffix) = name.strip_prefix(MEMORY_LIMIT_PREFIX) {
                 let index = suffix
                     .parse::<usize>()
                     .ok()
                     .filter(|&i| i < MAX_DEVICES && !suffix.starts_with('+'))
                     .ok_or_else(|| ConfigError::BadIndex { var: name.clone() })?;
-                per_card[index] = Some(parse(&name, &value)?);
+                per_card[index] = Some(parse(&name, &value, &mut warnings)?);
             } else if name == SHARED_CACHE && !value.is_empty() {
                 shared_region = Some(PathBuf::from(value));
             } else if name == VISIBLE_UUIDS {
@@ -115,13 +122,12 @@ impl Config {
                 log_level = value.trim().parse().unwrap_or(crate::log::WARN);
             }
         }
-        let mut limits = per_card;
-        for limit in &mut limits {
-            if limit.is_none() {
-                *limit = all;
-            }
+        let mut limits = [None; MAX_DEVICES];
+        for (limit, card) in limits.iter_mut().zip(per_card) {
+            *limit = card.unwrap_or(all);
         }
         Ok(Config {
+            warnings,
             limits,
             visible_uuids_from_agent: tessera_uuids.is_some(),
             visible_uuids: tessera_uuids.or(runtime_uuids),
@@ -139,12 +145,22 @@ impl Config {
     }
 }
 
-fn parse(var: &str, value: &str) -> Result<u64, ConfigError> {
-    parse_memory_limit(value).map_err(|source| ConfigError::BadLimit {
-        var: var.to_owned(),
-        value: value.to_owned(),
-        source,
-    })
+/// A cap in bytes, `None` for a cap of zero (HAMi-core's "no limit").
+fn parse(var: &str, value: &str, warnings: &mut Vec<String>) -> Result<Option<u64>, ConfigError> {
+    match parse_memory_limit(value) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(MemoryLimitError::Zero(_)) => {
+            warnings.push(format!(
+                "{var}={value:?} is a cap of zero, which HAMi-core takes as no cap: this card is not capped"
+            ));
+            Ok(None)
+        }
+        Err(source) => Err(ConfigError::BadLimit {
+            var: var.to_owned(),
+            value: value.to_owned(),
+            source,
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -213,5 +229,26 @@ mod tests {
         assert!(matches!(e, ConfigError::BadIndex { .. }));
         let e = config(&[("CUDA_DEVICE_MEMORY_LIMIT", "")]).unwrap_err();
         assert!(matches!(e, ConfigError::BadLimit { .. }));
+    }
+
+    #[test]
+    fn a_zero_cap_is_no_cap_as_in_hami_core() {
+        let c = config(&[("CUDA_DEVICE_MEMORY_LIMIT", "0m")]).unwrap();
+        assert!(c.is_pass_through());
+        assert_eq!(c.warnings.len(), 1);
+        assert!(
+            c.warnings[0].contains("CUDA_DEVICE_MEMORY_LIMIT"),
+            "{:?}",
+            c.warnings
+        );
+        // A card's own zero overrides the all-cards cap for that card only.
+        let c = config(&[
+            ("CUDA_DEVICE_MEMORY_LIMIT", "4g"),
+            ("CUDA_DEVICE_MEMORY_LIMIT_1", "0"),
+        ])
+        .unwrap();
+        assert_eq!(c.limits[0], Some(4 << 30));
+        assert_eq!(c.limits[1], None);
+        assert_eq!(c.limits[2], Some(4 << 30));
     }
 }

@@ -31,6 +31,7 @@ macro_rules! real {
         }
     };
 }
+pub(crate) use real;
 
 type AllocFn = unsafe extern "C" fn(*mut CuDevicePtr, usize) -> CuResult;
 type AllocPitchFn =
@@ -40,9 +41,6 @@ type FreeFn = unsafe extern "C" fn(CuDevicePtr) -> CuResult;
 type AllocAsyncFn = unsafe extern "C" fn(*mut CuDevicePtr, usize, Opaque) -> CuResult;
 type AllocPoolFn = unsafe extern "C" fn(*mut CuDevicePtr, usize, Opaque, Opaque) -> CuResult;
 type FreeAsyncFn = unsafe extern "C" fn(CuDevicePtr, Opaque) -> CuResult;
-type MemCreateFn =
-    unsafe extern "C" fn(*mut u64, usize, *const MemAllocationPropHead, u64) -> CuResult;
-type MemReleaseFn = unsafe extern "C" fn(u64) -> CuResult;
 type ArrayCreateFn = unsafe extern "C" fn(*mut Opaque, *const ArrayDescriptor) -> CuResult;
 type Array3dCreateFn = unsafe extern "C" fn(*mut Opaque, *const Array3dDescriptor) -> CuResult;
 type ArrayDestroyFn = unsafe extern "C" fn(Opaque) -> CuResult;
@@ -63,17 +61,17 @@ type GetProcV2Fn =
 /// The container card (index into caps and counters, see `cards`) of the
 /// calling thread's current context, if it is accounted.
 #[inline]
-fn current_device() -> Option<usize> {
+pub(crate) fn current_device() -> Option<usize> {
     crate::sm_limiter::current_card().filter(|&d| Accounting::tracks(d))
 }
 
 /// The container card of a CUDA ordinal argument, if it is accounted.
-fn tracked(device: CuDevice) -> Option<usize> {
+pub(crate) fn tracked(device: CuDevice) -> Option<usize> {
     cards::container_index(device).filter(|&d| Accounting::tracks(d))
 }
 
 /// Refuses a card that is not the container's (see `cards`).
-fn refused_foreign(device: CuDevice) -> bool {
+pub(crate) fn refused_foreign(device: CuDevice) -> bool {
     if cards::card_of(device) == Card::Foreign {
         log!(
             ERROR,
@@ -88,7 +86,7 @@ fn refused_foreign(device: CuDevice) -> bool {
 /// `CUDA_ERROR_OUT_OF_MEMORY` past the cap, given back if the driver fails,
 /// remembered under the key `allocate` returns if it succeeds.
 #[inline]
-fn charged(
+pub(crate) fn charged(
     table: fn(&Accounting) -> &PtrTable,
     device: impl FnOnce() -> Option<usize>,
     bytes: u64,
@@ -117,7 +115,7 @@ fn charged(
 /// Runs `free` for `key`, giving back what the key was charged when the
 /// driver succeeds. Keys we never charged are forwarded untouched.
 #[inline]
-fn released(
+pub(crate) fn released(
     table: fn(&Accounting) -> &PtrTable,
     key: u64,
     free: impl FnOnce() -> CuResult,
@@ -129,13 +127,16 @@ fn released(
     };
     // Out of the table before the driver frees: once freed, the address can
     // come back from another thread's allocation at once.
-    let entry = table(accounting).remove(key);
+    let entry = table(accounting).remove_with_aux(key);
     let rc = free();
-    if let Some((device, bytes)) = entry {
-        if rc == CUDA_SUCCESS {
-            accounting.uncharge(device, bytes);
+    if let Some((device, bytes, pool)) = entry {
+        if rc != CUDA_SUCCESS {
+            table(accounting).insert_with_aux(key, device, bytes, pool);
+        } else if pool != 0 {
+            // An allocation from a pool that may keep freed memory.
+            crate::extra_hooks::freed_into_pool(accounting, pool, device, bytes);
         } else {
-            accounting.remember(table(accounting), key, device, bytes);
+            accounting.uncharge(device, bytes);
         }
     }
     rc
@@ -143,7 +144,7 @@ fn released(
 
 /// Reads an out-pointer the driver has just filled.
 #[inline]
-fn read<T: Copy + Default>(p: *const T) -> T {
+pub(crate) fn read<T: Copy + Default>(p: *const T) -> T {
     if p.is_null() {
         T::default()
     } else {
@@ -154,9 +155,6 @@ fn read<T: Copy + Default>(p: *const T) -> T {
 
 fn pointers(a: &Accounting) -> &PtrTable {
     &a.pointers
-}
-fn handles(a: &Accounting) -> &PtrTable {
-    &a.handles
 }
 fn arrays(a: &Accounting) -> &PtrTable {
     &a.arrays
@@ -184,6 +182,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
     let attached = started.elapsed();
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(flags) };
+    state::cuda_initialised(rc);
     log!(
         DEBUG,
         "timing: cuInit {} us, of which configuration, region attach and NVML helper start {} us",
@@ -275,7 +274,7 @@ pub unsafe extern "C" fn cuMemAllocAsync(
     stream: Opaque,
 ) -> CuResult {
     let real = real!(Hook::MemAllocAsync, AllocAsyncFn);
-    charged(pointers, current_device, bytes as u64, || {
+    crate::extra_hooks::pool_allocation(None, bytes as u64, || {
         (unsafe { real(dptr, bytes, stream) }, read(dptr))
     })
 }
@@ -287,7 +286,7 @@ pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
     stream: Opaque,
 ) -> CuResult {
     let real = real!(Hook::MemAllocAsyncPtsz, AllocAsyncFn);
-    charged(pointers, current_device, bytes as u64, || {
+    crate::extra_hooks::pool_allocation(None, bytes as u64, || {
         (unsafe { real(dptr, bytes, stream) }, read(dptr))
     })
 }
@@ -300,7 +299,8 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
     stream: Opaque,
 ) -> CuResult {
     let real = real!(Hook::MemAllocFromPoolAsync, AllocPoolFn);
-    charged(pointers, current_device, bytes as u64, || {
+    // Charged to the card the pool lives on, whatever the current context.
+    crate::extra_hooks::pool_allocation(Some(pool), bytes as u64, || {
         (unsafe { real(dptr, bytes, pool, stream) }, read(dptr))
     })
 }
@@ -313,7 +313,7 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
     stream: Opaque,
 ) -> CuResult {
     let real = real!(Hook::MemAllocFromPoolAsyncPtsz, AllocPoolFn);
-    charged(pointers, current_device, bytes as u64, || {
+    crate::extra_hooks::pool_allocation(Some(pool), bytes as u64, || {
         (unsafe { real(dptr, bytes, pool, stream) }, read(dptr))
     })
 }
@@ -330,44 +330,13 @@ pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: CuDevicePtr, stream: Opaque) 
     released(pointers, dptr, || unsafe { real(dptr, stream) })
 }
 
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn cuMemCreate(
-    handle: *mut u64,
-    bytes: usize,
-    prop: *const MemAllocationPropHead,
-    flags: u64,
-) -> CuResult {
-    let real = real!(Hook::MemCreate, MemCreateFn);
-    let forward = || (unsafe { real(handle, bytes, prop, flags) }, read(handle));
-    // Only device memory counts against the card; host and NUMA locations pass.
-    let device = if prop.is_null() {
-        None
-    } else {
-        // SAFETY: non-null CUmemAllocationProp from the caller.
-        let prop = unsafe { &*prop };
-        if prop.location_type == MEM_LOCATION_DEVICE
-            && state::accounting().is_ok_and(|a| a.is_some())
-            && refused_foreign(prop.location_id)
-        {
-            return CUDA_ERROR_INVALID_DEVICE;
-        }
-        (prop.location_type == MEM_LOCATION_DEVICE)
-            .then(|| tracked(prop.location_id))
-            .flatten()
-    };
-    match device {
-        Some(device) => charged(handles, || Some(device), bytes as u64, forward),
-        None => forward().0,
-    }
-}
-
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn cuMemRelease(handle: u64) -> CuResult {
-    let real = real!(Hook::MemRelease, MemReleaseFn);
-    released(handles, handle, || unsafe { real(handle) })
-}
-
-fn array_bytes(width: usize, height: usize, depth: usize, format: c_uint, channels: c_uint) -> u64 {
+pub(crate) fn array_bytes(
+    width: usize,
+    height: usize,
+    depth: usize,
+    format: c_uint,
+    channels: c_uint,
+) -> u64 {
     (width as u64)
         .saturating_mul(height.max(1) as u64)
         .saturating_mul(depth.max(1) as u64)

@@ -11,10 +11,13 @@
 //! `cuMemAlloc`, functions we don't hook) passes through untouched.
 
 use crate::cuda_hooks as cu;
+use crate::extra_hooks as ex;
 use crate::ffi::PROC_PER_THREAD;
+use crate::graph_mem as gm;
 use crate::launch_hooks as lh;
 use crate::loader::Library;
 use crate::nvml_hooks as nv;
+use crate::vmm;
 use std::ffi::{c_char, c_int, c_void, CStr};
 
 /// One intercepted driver entry point.
@@ -66,8 +69,28 @@ hook_table! {
     MemAllocFromPoolAsyncPtsz => c"cuMemAllocFromPoolAsync_ptsz", c"cuMemAllocFromPoolAsync", 11020, PROC_PER_THREAD, cu::cuMemAllocFromPoolAsync_ptsz;
     MemFreeAsync => c"cuMemFreeAsync", c"cuMemFreeAsync", 11020, 0, cu::cuMemFreeAsync;
     MemFreeAsyncPtsz => c"cuMemFreeAsync_ptsz", c"cuMemFreeAsync", 11020, PROC_PER_THREAD, cu::cuMemFreeAsync_ptsz;
-    MemCreate => c"cuMemCreate", c"cuMemCreate", 10020, 0, cu::cuMemCreate;
-    MemRelease => c"cuMemRelease", c"cuMemRelease", 10020, 0, cu::cuMemRelease;
+    MemCreate => c"cuMemCreate", c"cuMemCreate", 10020, 0, vmm::cuMemCreate;
+    MemRelease => c"cuMemRelease", c"cuMemRelease", 10020, 0, vmm::cuMemRelease;
+    MemMap => c"cuMemMap", c"cuMemMap", 10020, 0, vmm::cuMemMap;
+    MemUnmap => c"cuMemUnmap", c"cuMemUnmap", 10020, 0, vmm::cuMemUnmap;
+    MemRetainAllocationHandle => c"cuMemRetainAllocationHandle", c"cuMemRetainAllocationHandle", 11000, 0, vmm::cuMemRetainAllocationHandle;
+    MemImportFromShareableHandle => c"cuMemImportFromShareableHandle", c"cuMemImportFromShareableHandle", 10020, 0, vmm::cuMemImportFromShareableHandle;
+    MipmappedArrayCreate => c"cuMipmappedArrayCreate", c"cuMipmappedArrayCreate", 5000, 0, ex::cuMipmappedArrayCreate;
+    MipmappedArrayDestroy => c"cuMipmappedArrayDestroy", c"cuMipmappedArrayDestroy", 5000, 0, ex::cuMipmappedArrayDestroy;
+    CtxSetLimit => c"cuCtxSetLimit", c"cuCtxSetLimit", 3010, 0, ex::cuCtxSetLimit;
+    MemPoolCreate => c"cuMemPoolCreate", c"cuMemPoolCreate", 11020, 0, ex::cuMemPoolCreate;
+    MemPoolDestroy => c"cuMemPoolDestroy", c"cuMemPoolDestroy", 11020, 0, ex::cuMemPoolDestroy;
+    DeviceGetDefaultMemPool => c"cuDeviceGetDefaultMemPool", c"cuDeviceGetDefaultMemPool", 11020, 0, ex::cuDeviceGetDefaultMemPool;
+    DeviceGetMemPool => c"cuDeviceGetMemPool", c"cuDeviceGetMemPool", 11020, 0, ex::cuDeviceGetMemPool;
+    DeviceSetMemPool => c"cuDeviceSetMemPool", c"cuDeviceSetMemPool", 11020, 0, ex::cuDeviceSetMemPool;
+    MemPoolSetAttribute => c"cuMemPoolSetAttribute", c"cuMemPoolSetAttribute", 11020, 0, ex::cuMemPoolSetAttribute;
+    MemPoolTrimTo => c"cuMemPoolTrimTo", c"cuMemPoolTrimTo", 11020, 0, ex::cuMemPoolTrimTo;
+    GraphAddMemAllocNode => c"cuGraphAddMemAllocNode", c"cuGraphAddMemAllocNode", 11040, 0, gm::cuGraphAddMemAllocNode;
+    DeviceGraphMemTrim => c"cuDeviceGraphMemTrim", c"cuDeviceGraphMemTrim", 11040, 0, gm::cuDeviceGraphMemTrim;
+    GraphExecDestroy => c"cuGraphExecDestroy", c"cuGraphExecDestroy", 10000, 0, gm::cuGraphExecDestroy;
+    GraphDestroy => c"cuGraphDestroy", c"cuGraphDestroy", 10000, 0, gm::cuGraphDestroy;
+    StreamEndCapture => c"cuStreamEndCapture", c"cuStreamEndCapture", 10000, 0, gm::cuStreamEndCapture;
+    StreamEndCapturePtsz => c"cuStreamEndCapture_ptsz", c"cuStreamEndCapture", 10000, PROC_PER_THREAD, gm::cuStreamEndCapture_ptsz;
     ArrayCreate => c"cuArrayCreate_v2", c"cuArrayCreate", 3020, 0, cu::cuArrayCreate_v2;
     Array3DCreate => c"cuArray3DCreate_v2", c"cuArray3DCreate", 3020, 0, cu::cuArray3DCreate_v2;
     ArrayDestroy => c"cuArrayDestroy", c"cuArrayDestroy", 2000, 0, cu::cuArrayDestroy;
@@ -125,6 +148,24 @@ pub struct CudaDriver {
     pub ctx_get_device: usize,
     /// `cuDeviceGetUuid_v2` or `cuDeviceGetUuid`, to find a card in NVML.
     pub device_get_uuid: usize,
+    /// `cuMemGetAllocationPropertiesFromHandle`, for the card of an
+    /// imported allocation.
+    pub allocation_properties: usize,
+    /// `cuDeviceGetCount`, for looking up NVML handles in advance.
+    pub device_get_count: usize,
+    /// `cuMipmappedArrayGetMemoryRequirements`, for what an array reserved.
+    pub mipmap_requirements: usize,
+    /// `cuCtxGetLimit`, for what a limit was before `cuCtxSetLimit`.
+    pub ctx_get_limit: usize,
+    /// `cuMemPoolGetAttribute`, for what a trimmed pool still reserves.
+    pub mempool_get_attribute: usize,
+    /// `cuDeviceGetGraphMemAttribute`, for what graphs reserve on a card.
+    pub graph_mem_attribute: usize,
+    /// `cuGraphGetNodes` and `cuGraphNodeGetType`, to find allocation
+    /// nodes in a captured graph.
+    pub graph_get_nodes: usize,
+    /// See `graph_get_nodes`.
+    pub graph_node_get_type: usize,
 }
 
 impl CudaDriver {
@@ -192,6 +233,14 @@ impl CudaDriver {
             proc,
             ctx_get_device: lib.symbol(c"cuCtxGetDevice"),
             device_get_uuid,
+            allocation_properties: lib.symbol(c"cuMemGetAllocationPropertiesFromHandle"),
+            device_get_count: lib.symbol(c"cuDeviceGetCount"),
+            mipmap_requirements: lib.symbol(c"cuMipmappedArrayGetMemoryRequirements"),
+            ctx_get_limit: lib.symbol(c"cuCtxGetLimit"),
+            mempool_get_attribute: lib.symbol(c"cuMemPoolGetAttribute"),
+            graph_mem_attribute: lib.symbol(c"cuDeviceGetGraphMemAttribute"),
+            graph_get_nodes: lib.symbol(c"cuGraphGetNodes"),
+            graph_node_get_type: lib.symbol(c"cuGraphNodeGetType"),
         })
     }
 

@@ -34,11 +34,21 @@ pub const MEM_LOCATION_DEVICE: c_uint = 1;
 
 /// The head of `CUmemAllocationProp`: type, requested handle types, location.
 #[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct MemAllocationPropHead {
     pub kind: c_uint,
     pub handle_types: c_uint,
     pub location_type: c_uint,
     pub location_id: c_int,
+}
+
+/// A whole `CUmemAllocationProp` (32 bytes in CUDA 12) with room to spare,
+/// for the driver to fill.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MemAllocationProp {
+    pub head: MemAllocationPropHead,
+    pub rest: [u64; 8],
 }
 
 /// `CUDA_ARRAY_DESCRIPTOR` (v2).
@@ -50,8 +60,18 @@ pub struct ArrayDescriptor {
     pub channels: c_uint,
 }
 
+/// `CUDA_ARRAY_MEMORY_REQUIREMENTS`.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct ArrayMemoryRequirements {
+    pub size: usize,
+    pub alignment: usize,
+    pub reserved: [c_uint; 4],
+}
+
 /// `CUDA_ARRAY3D_DESCRIPTOR` (v2).
 #[repr(C)]
+#[derive(Debug, Clone, Copy)]
 pub struct Array3dDescriptor {
     pub width: usize,
     pub height: usize,

@@ -132,7 +132,11 @@ macro_rules! graph_hook {
         pub unsafe extern "C" fn $name(exec: Opaque, stream: Opaque) -> CuResult {
             let real = real!($hook, GraphLaunchFn);
             // SAFETY: forwarding the caller's arguments.
-            governed(graph_cost, || unsafe { real(exec, stream) })
+            let rc = governed(graph_cost, || unsafe { real(exec, stream) });
+            // Graph memory nodes reserve memory at launch (one relaxed load
+            // when the process has none).
+            crate::graph_mem::after_launch();
+            rc
         }
     };
 }

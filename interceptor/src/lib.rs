@@ -14,7 +14,11 @@
 //!   is how caps and counters are numbered.
 //! - `accounting` charges the container's account in the shared region
 //!   (`region`, layout in `tessera_api::shared_region`) and remembers each
-//!   allocation's charge in a lock-free table (`ptr_table`).
+//!   allocation's charge in a lock-free table (`ptr_table`); `vmm` keeps
+//!   `cuMemCreate` memory charged until its handle is released and its last
+//!   mapping is gone; `extra_hooks` charges mipmapped arrays and context
+//!   limits and finds the card of a memory pool; `graph_mem` charges what the
+//!   driver reserves for graph memory nodes.
 //! - `state` holds the lazily created process-wide state and the fork handler.
 //! - `launch_hooks` are the kernel-launch entry points; they pass the SM
 //!   limiter's gate (`sm_limiter`: one relaxed load when nothing is
@@ -42,7 +46,9 @@ pub mod config;
 mod cuda_hooks;
 mod dlsym;
 mod driver;
+mod extra_hooks;
 mod ffi;
+mod graph_mem;
 mod host_pid;
 mod launch_hooks;
 mod loader;
@@ -55,3 +61,4 @@ pub mod sm_controller;
 mod sm_limiter;
 mod sm_updater;
 mod state;
+mod vmm;

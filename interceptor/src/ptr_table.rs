@@ -1,6 +1,8 @@
 //! A lock-free map from allocation key (device pointer, generic handle,
 //! array or context) to `(card, bytes)`: what each allocation was charged,
-//! so its free gives back exactly that. Open addressing with linear probing
+//! so its free gives back exactly that. Each entry also carries one spare
+//! word (`aux`): the reference count of a `cuMemCreate` handle, or the
+//! handle behind a virtual-memory mapping (see `vmm`). Open addressing with linear probing
 //! over a fixed-size anonymous mapping (created on first insert; untouched
 //! pages cost nothing). Insert and remove are a few atomic operations; a
 //! lookup of an unknown key stops after the longest probe ever used.
@@ -23,6 +25,8 @@ struct Entry {
     key: AtomicU64,
     /// `bytes << 8 | card`.
     value: AtomicU64,
+    /// Caller-defined (reference count or handle).
+    aux: AtomicU64,
 }
 
 /// See the module documentation.
@@ -34,7 +38,7 @@ pub struct PtrTable {
 }
 
 impl PtrTable {
-    /// A table of `2^capacity_log2` entries (16 bytes each, mapped lazily).
+    /// A table of `2^capacity_log2` entries (24 bytes each, mapped lazily).
     pub const fn new(capacity_log2: u32) -> PtrTable {
         PtrTable {
             entries: AtomicPtr::new(ptr::null_mut()),
@@ -100,6 +104,11 @@ impl PtrTable {
     /// (table full or out of memory); the caller then cannot give the bytes
     /// back at free time and should say so.
     pub fn insert(&self, key: u64, device: usize, bytes: u64) -> bool {
+        self.insert_with_aux(key, device, bytes, 0)
+    }
+
+    /// [`insert`](Self::insert) with the entry's spare word set to `aux`.
+    pub fn insert_with_aux(&self, key: u64, device: usize, bytes: u64, aux: u64) -> bool {
         let Some(stored) = key.checked_add(KEY_OFFSET) else {
             return false;
         };
@@ -123,6 +132,7 @@ impl PtrTable {
                 entry
                     .value
                     .store(bytes << DEVICE_BITS | device as u64, Ordering::Relaxed);
+                entry.aux.store(aux, Ordering::Relaxed);
                 entry.key.store(stored, Ordering::Release);
                 self.max_probe.fetch_max(probe, Ordering::Relaxed);
                 return true;
@@ -134,6 +144,25 @@ impl PtrTable {
     /// Removes `key`, returning what it was charged; `None` for keys never
     /// inserted (or already removed by a racing free).
     pub fn remove(&self, key: u64) -> Option<(usize, u64)> {
+        self.remove_with_aux(key)
+            .map(|(device, bytes, _)| (device, bytes))
+    }
+
+    /// [`remove`](Self::remove), also returning the spare word.
+    pub fn remove_with_aux(&self, key: u64) -> Option<(usize, u64, u64)> {
+        let entry = self.find(key)?;
+        let stored = key + KEY_OFFSET;
+        let value = entry.value.load(Ordering::Relaxed);
+        let aux = entry.aux.load(Ordering::Relaxed);
+        entry
+            .key
+            .compare_exchange(stored, TOMBSTONE, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()
+            .map(|_| ((value & 0xff) as usize, value >> DEVICE_BITS, aux))
+    }
+
+    /// The live entry of `key`, if any.
+    fn find(&self, key: u64) -> Option<&Entry> {
         let stored = key.checked_add(KEY_OFFSET)?;
         let entries = self.entries()?;
         let mask = self.capacity() - 1;
@@ -146,15 +175,102 @@ impl PtrTable {
                 return None;
             }
             if current == stored {
-                let value = entry.value.load(Ordering::Relaxed);
-                return entry
-                    .key
-                    .compare_exchange(stored, TOMBSTONE, Ordering::AcqRel, Ordering::Relaxed)
-                    .ok()
-                    .map(|_| ((value & 0xff) as usize, value >> DEVICE_BITS));
+                return Some(entry);
             }
         }
         None
+    }
+
+    /// `(card, bytes)` of `key` without removing it.
+    pub fn get(&self, key: u64) -> Option<(usize, u64)> {
+        let value = self.find(key)?.value.load(Ordering::Relaxed);
+        Some(((value & 0xff) as usize, value >> DEVICE_BITS))
+    }
+
+    /// Sets the bytes of `key` (on its card) from 0 to `bytes`; false when
+    /// the key is absent or already has bytes (another thread set them).
+    pub fn set_bytes_from_zero(&self, key: u64, bytes: u64) -> bool {
+        if bytes >> (64 - DEVICE_BITS) != 0 {
+            return false;
+        }
+        let Some(entry) = self.find(key) else {
+            return false;
+        };
+        let value = entry.value.load(Ordering::Relaxed);
+        value >> DEVICE_BITS == 0
+            && entry
+                .value
+                .compare_exchange(
+                    value,
+                    bytes << DEVICE_BITS | (value & 0xff),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// `(card, bytes, spare word)` of `key` without removing it.
+    pub fn get_with_aux(&self, key: u64) -> Option<(usize, u64, u64)> {
+        let entry = self.find(key)?;
+        let value = entry.value.load(Ordering::Relaxed);
+        Some((
+            (value & 0xff) as usize,
+            value >> DEVICE_BITS,
+            entry.aux.load(Ordering::Acquire),
+        ))
+    }
+
+    /// Sets the spare word of `key`; false when the key is absent.
+    pub fn set_aux(&self, key: u64, aux: u64) -> bool {
+        self.find(key)
+            .map(|entry| entry.aux.store(aux, Ordering::Release))
+            .is_some()
+    }
+
+    /// Replaces the bytes of `key` by `update(bytes)` atomically; returns
+    /// `(before, after)`, `None` when the key is absent (or `after` does not
+    /// fit).
+    pub fn update_bytes(&self, key: u64, update: impl Fn(u64) -> u64) -> Option<(u64, u64)> {
+        let entry = self.find(key)?;
+        let mut after = 0;
+        let before = entry
+            .value
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |value| {
+                after = update(value >> DEVICE_BITS);
+                (after >> (64 - DEVICE_BITS) == 0).then_some(after << DEVICE_BITS | (value & 0xff))
+            })
+            .ok()?;
+        Some((before >> DEVICE_BITS, after))
+    }
+
+    /// Adds one to the spare word of `key`; false when the key is absent.
+    pub fn add_ref(&self, key: u64) -> bool {
+        match self.find(key) {
+            Some(entry) => {
+                entry.aux.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes one from the spare word of `key`. When that was the last
+    /// reference the entry is removed and its charge returned as
+    /// `Dropped::Last`; the caller gives the charge back.
+    pub fn drop_ref(&self, key: u64) -> Dropped {
+        let Some(entry) = self.find(key) else {
+            return Dropped::Unknown;
+        };
+        let before = entry
+            .aux
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
+        match before {
+            Ok(1) | Err(0) => match self.remove_with_aux(key) {
+                Some((device, bytes, _)) => Dropped::Last(device, bytes),
+                None => Dropped::Unknown,
+            },
+            _ => Dropped::Kept,
+        }
     }
 
     /// Forgets everything (in a child after fork: the parent's allocations
@@ -174,6 +290,18 @@ impl Drop for PtrTable {
     fn drop(&mut self) {
         self.reset();
     }
+}
+
+/// What [`PtrTable::drop_ref`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// The key is not in the table (never charged, or already gone).
+    Unknown,
+    /// References remain; nothing to give back yet.
+    Kept,
+    /// That was the last reference: the entry is gone, `(card, bytes)` to
+    /// give back.
+    Last(usize, u64),
 }
 
 #[cfg(test)]
@@ -254,6 +382,29 @@ mod tests {
         for h in handles {
             h.join().unwrap();
         }
+    }
+
+    #[test]
+    fn references_keep_an_entry_until_the_last_is_dropped() {
+        let t = PtrTable::new(6);
+        assert_eq!(t.drop_ref(0x4000), Dropped::Unknown);
+        assert!(t.insert_with_aux(0x4000, 3, 1 << 30, 1));
+        assert!(t.add_ref(0x4000));
+        assert!(t.add_ref(0x4000));
+        assert_eq!(t.drop_ref(0x4000), Dropped::Kept);
+        assert_eq!(t.drop_ref(0x4000), Dropped::Kept);
+        assert_eq!(t.get(0x4000), Some((3, 1 << 30)));
+        assert_eq!(t.drop_ref(0x4000), Dropped::Last(3, 1 << 30));
+        assert_eq!(t.get(0x4000), None);
+        assert!(!t.add_ref(0x4000));
+        assert!(t.insert_with_aux(0x8000, 1, 0, 7));
+        assert!(t.set_bytes_from_zero(0x8000, 4096));
+        assert!(!t.set_bytes_from_zero(0x8000, 1));
+        assert_eq!(t.get_with_aux(0x8000), Some((1, 4096, 7)));
+        assert!(t.set_aux(0x8000, 9));
+        assert_eq!(t.update_bytes(0x8000, |b| b / 2), Some((4096, 2048)));
+        assert_eq!(t.update_bytes(0x9000, |b| b), None);
+        assert_eq!(t.remove_with_aux(0x8000), Some((1, 2048, 9)));
     }
 
     #[test]

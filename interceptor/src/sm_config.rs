@@ -4,7 +4,8 @@
 //! the node-wide tenant-table directory (`TESSERA_CARD_TENANTS_DIR`). Kept
 //! apart from the memory configuration so the launch path owns it. A value
 //! that is set but unparsable is an error: CUDA initialisation is refused
-//! (fail closed, as for memory caps).
+//! (fail closed, as for memory caps), except an unknown policy, which
+//! HAMi-core takes as `default`: so do we, with a warning.
 
 use std::path::PathBuf;
 use tessera_api::container_env::{
@@ -26,6 +27,8 @@ pub struct ComputeConfig {
     pub priority: Option<TaskPriority>,
     /// Where the per-card tenant tables live; `None` = not mounted.
     pub tenants_dir: Option<PathBuf>,
+    /// Settings taken in HAMi-core's sense rather than refused, to print.
+    pub warnings: Vec<String>,
 }
 
 /// A compute setting the interceptor refuses to run with.
@@ -54,7 +57,11 @@ impl ComputeConfig {
     pub fn from_env() -> Result<ComputeConfig, ComputeConfigError> {
         let vars = std::env::vars_os()
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())));
-        Self::from_vars(vars)
+        let config = Self::from_vars(vars)?;
+        for warning in &config.warnings {
+            crate::log::log!(crate::log::WARN, "{warning}");
+        }
+        Ok(config)
     }
 
     /// Builds the configuration from `(name, value)` pairs.
@@ -79,7 +86,12 @@ impl ComputeConfig {
                     .ok_or_else(|| ComputeConfigError::BadIndex { var: name.clone() })?;
                 per_card[index] = Some(parse_sm_limit(&value).map_err(bad(&name, &value))?);
             } else if name == CORE_UTILIZATION_POLICY {
-                config.policy = parse_core_policy(&value).map_err(bad(&name, &value))?;
+                config.policy = parse_core_policy(&value).unwrap_or_else(|e| {
+                    config.warnings.push(format!(
+                        "{name}: {e}; taken as `default`, as HAMi-core does"
+                    ));
+                    CorePolicy::Default
+                });
             } else if name == TASK_PRIORITY && !value.trim().is_empty() {
                 config.priority = Some(parse_task_priority(&value).map_err(bad(&name, &value))?);
             } else if name == CARD_TENANTS_DIR && !value.is_empty() {
@@ -172,7 +184,10 @@ mod tests {
             config(&[("CUDA_DEVICE_SM_LIMIT_x", "3")]),
             Err(ComputeConfigError::BadIndex { .. })
         ));
-        assert!(config(&[("GPU_CORE_UTILIZATION_POLICY", "often")]).is_err());
+        // HAMi-core takes an unknown policy as the default one: so do we.
+        let c = config(&[("GPU_CORE_UTILIZATION_POLICY", "often")]).unwrap();
+        assert_eq!(c.policy, CorePolicy::Default);
+        assert!(c.warnings[0].contains("GPU_CORE_UTILIZATION_POLICY"));
         assert!(config(&[("CUDA_TASK_PRIORITY", "5")]).is_err());
     }
 }

@@ -24,6 +24,15 @@ static CUDA: OnceLock<Option<CudaDriver>> = OnceLock::new();
 static NVML: ForkSafeOnce<Option<NvmlLibrary>> = ForkSafeOnce::new();
 static NVML_INITIALISED: ForkSafeOnce<Option<&'static NvmlLibrary>> = ForkSafeOnce::new();
 static ACCOUNTING: OnceLock<Option<Accounting>> = OnceLock::new();
+/// What the real `cuInit` answered: [`CUDA_INIT_PENDING`] until it returns.
+static CUDA_INIT: std::sync::atomic::AtomicI32 =
+    std::sync::atomic::AtomicI32::new(CUDA_INIT_PENDING);
+const CUDA_INIT_PENDING: i32 = -1;
+
+/// Called by the `cuInit` hook with the driver's answer.
+pub fn cuda_initialised(rc: CuResult) {
+    CUDA_INIT.store(rc, Ordering::Release);
+}
 
 thread_local! {
     /// Set while this thread initialises one of the above, so a call that
@@ -52,7 +61,12 @@ pub fn config() -> Result<&'static Config, CuResult> {
         .get_or_init(|| {
             let config = Config::from_env();
             match &config {
-                Ok(c) => log::set_level(c.log_level),
+                Ok(c) => {
+                    log::set_level(c.log_level);
+                    for warning in &c.warnings {
+                        log!(log::WARN, "{warning}");
+                    }
+                }
                 Err(e) => eprintln!(
                     "[tessera-cuda pid={}] ERROR: invalid GPU memory cap, CUDA initialisation refused: {e}",
                     std::process::id()
@@ -97,7 +111,27 @@ pub fn measuring_nvml() -> Option<&'static NvmlLibrary> {
                     t.elapsed().as_micros()
                 );
             }
-            ready.then_some(nvml)
+            let nvml = ready.then_some(nvml)?;
+            // Card handles too, once the driver can name the cards (the
+            // helper starts before the driver's own cuInit returns).
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while CUDA_INIT.load(Ordering::Acquire) == CUDA_INIT_PENDING
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            if CUDA_INIT.load(Ordering::Acquire) == crate::ffi::CUDA_SUCCESS {
+                let t = log::enabled(log::DEBUG).then(Instant::now);
+                crate::nvml_hooks::prefetch_card_handles(nvml);
+                if let Some(t) = t {
+                    log!(
+                        log::DEBUG,
+                        "timing: NVML card handles looked up in advance in {} us",
+                        t.elapsed().as_micros()
+                    );
+                }
+            }
+            Some(nvml)
         })
         .copied()
         .flatten()

@@ -213,6 +213,212 @@ fn every_allocation_path_is_charged_and_released() {
     }
 }
 
+/// `stage -> (rc, charged, held)` from a `vmm` scenario's output.
+fn stages(out: &Output) -> std::collections::HashMap<String, (u64, u64, u64)> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("stage="))
+        .map(|l| {
+            let v = common::key_values(l);
+            let n = |k: &str| v[k].parse::<u64>().unwrap_or_else(|_| panic!("{k} in {l}"));
+            (v["stage"].clone(), (n("rc"), n("charged"), n("held")))
+        })
+        .collect()
+}
+
+#[test]
+fn mapped_vmm_memory_stays_charged_after_its_handle_is_released() {
+    // vectorAddMMAP's pattern in a loop under a 1 GiB cap: create 256 MiB,
+    // map, set access, release the handle. The mapping keeps the memory, so
+    // the charge must stay: 3 fit beside the 64 MiB context, the 4th is
+    // refused (before the fix all 16 went through, 4 GiB held).
+    for client in CLIENTS {
+        let out = run(
+            client,
+            &["vmm", "escape"],
+            &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")],
+        );
+        assert_eq!(value(&out, "vmm_mapped"), 3, "{client}: {out:?}");
+        assert_eq!(value(&out, "last_rc"), 2, "{client}");
+        let s = stages(&out);
+        assert_eq!(
+            s["after_release_loop"],
+            (2, 768 * MIB, 768 * MIB),
+            "{client}"
+        );
+    }
+}
+
+#[test]
+fn vmm_charges_follow_what_the_card_holds() {
+    let seg = 64 * MIB;
+    let expected: &[(&str, &str, u64, u64, u64)] = &[
+        // vLLM's sleep mode.
+        ("sleep", "awake", 0, 4 * seg, 4 * seg),
+        ("sleep", "asleep", 0, 0, 0),
+        ("sleep", "awake_again", 0, 4 * seg, 4 * seg),
+        ("sleep", "freed", 0, 0, 0),
+        // PyTorch's expandable segments.
+        ("expandable", "grown", 0, 8 * seg, 8 * seg),
+        (
+            "expandable",
+            "unmapped_middle_handles_kept",
+            0,
+            8 * seg,
+            8 * seg,
+        ),
+        ("expandable", "middle_released", 0, 4 * seg, 4 * seg),
+        ("expandable", "retained_after_unmap", 0, 4 * seg, 4 * seg),
+        ("expandable", "retained_released", 0, 3 * seg, 3 * seg),
+        ("expandable", "refused_unmap", 1, 3 * seg, 3 * seg),
+        ("expandable", "released_while_mapped", 0, 3 * seg, 3 * seg),
+        ("expandable", "all_gone", 0, 0, 0),
+        // An import is charged to the importer from its first mapping until
+        // its last reference goes; while the exporter (here the same
+        // process) holds it too, it is charged to both.
+        ("import", "imported", 0, 2 * seg, 2 * seg),
+        ("import", "import_mapped", 0, 4 * seg, 2 * seg),
+        ("import", "exporter_gone", 0, 2 * seg, 2 * seg),
+        (
+            "import",
+            "import_released_still_mapped",
+            0,
+            2 * seg,
+            2 * seg,
+        ),
+        ("import", "import_gone", 0, 0, 0),
+        // Host-located memory (NCCL's) is not the card's.
+        ("host", "host_created", 0, 0, 0),
+    ];
+    for client in CLIENTS {
+        for scenario in ["sleep", "expandable", "import", "host"] {
+            let out = run(
+                client,
+                &["vmm", scenario],
+                &[("CUDA_DEVICE_MEMORY_LIMIT", "4g")],
+            );
+            let s = stages(&out);
+            for &(_, stage, rc, charged, held) in expected.iter().filter(|e| e.0 == scenario) {
+                assert_eq!(
+                    s.get(stage).copied(),
+                    Some((rc, charged, held)),
+                    "{client} {scenario} {stage}: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+        }
+        let out = run(
+            client,
+            &["vmm", "expandable"],
+            &[("CUDA_DEVICE_MEMORY_LIMIT", "4g")],
+        );
+        assert_eq!(value(&out, "retained_same"), 1, "{client}");
+    }
+}
+
+#[test]
+fn mipmapped_arrays_and_context_limits_are_charged_what_the_driver_reserves() {
+    for client in CLIENTS {
+        let env = [("CUDA_DEVICE_MEMORY_LIMIT", "4g")];
+        let out = run(client, &["vmm", "mipmap"], &env);
+        let s = stages(&out);
+        // 1024x1024 float4 in 5 levels: 16 + 4 + 1 + 0.25 + 0.0625 MiB of
+        // texels; the (fake) driver pads each level to 2 MiB: 26 MiB, and
+        // the charge is corrected to that.
+        assert_eq!(s["mipmap_created"], (0, 26 * MIB, 26 * MIB), "{client}");
+        assert_eq!(s["mipmap_destroyed"], (0, 0, 0), "{client}");
+
+        let out = run(client, &["vmm", "heap"], &env);
+        let s = stages(&out);
+        assert_eq!(s["heap_grown"], (0, 248 * MIB, 248 * MIB), "{client}");
+        assert_eq!(s["fifo_grown"], (0, 264 * MIB, 264 * MIB), "{client}");
+        assert_eq!(s["limits_back"], (0, 0, 0), "{client}");
+        // An 8 GiB heap does not fit a 4 GiB cap: refused before the driver.
+        assert_eq!(s["heap_past_cap"], (2, 0, 0), "{client}");
+    }
+}
+
+#[test]
+fn pool_allocations_are_charged_to_the_pools_card() {
+    for client in CLIENTS {
+        let out = run(
+            client,
+            &["vmm", "pool"],
+            &[
+                ("CUDA_DEVICE_MEMORY_LIMIT_0", "4g"),
+                ("CUDA_DEVICE_MEMORY_LIMIT_1", "100m"),
+            ],
+        );
+        // Card 1 has room for one 64 MiB allocation, not two; card 0's
+        // account (the current context's card) is untouched.
+        assert_eq!(value(&out, "pool_first"), 0, "{client}: {out:?}");
+        assert_eq!(value(&out, "pool_second"), 2, "{client}");
+        assert_eq!(stages(&out)["pool_on_card1"], (0, 0, 0), "{client}");
+        assert_eq!(value(&out, "default_pool_card1"), 0, "{client}");
+    }
+}
+
+#[test]
+fn memory_a_pool_keeps_after_frees_stays_charged() {
+    for client in CLIENTS {
+        let out = run(
+            client,
+            &["vmm", "retain"],
+            &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")],
+        );
+        let s = stages(&out);
+        let expected: &[(&str, (u64, u64, u64))] = &[
+            ("freed_into_pool", (0, 256 * MIB, 256 * MIB)),
+            // Served from what the pool kept: nothing more held or charged.
+            ("reused_from_pool", (0, 256 * MIB, 256 * MIB)),
+            // 64 (context) + 256 (kept by the pool) + 800 > 1024: refused
+            // (before the fix the pool's 256 MiB were uncharged at the free).
+            ("plain_alloc_past_retained", (2, 256 * MIB, 256 * MIB)),
+            ("trimmed", (0, 0, 0)),
+            ("threshold_64m", (0, 64 * MIB, 64 * MIB)),
+            ("destroyed", (0, 0, 0)),
+            ("default_pool_retains", (0, 128 * MIB, 128 * MIB)),
+            ("default_pool_trimmed", (0, 0, 0)),
+        ];
+        for (stage, want) in expected {
+            assert_eq!(
+                s.get(*stage),
+                Some(want),
+                "{client} {stage}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+}
+
+#[test]
+fn graph_memory_is_charged_what_the_driver_reserves_for_it() {
+    for client in CLIENTS {
+        let out = run(
+            client,
+            &["vmm", "graph"],
+            &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")],
+        );
+        let s = stages(&out);
+        let expected: &[(&str, (u64, u64, u64))] = &[
+            ("graph_built", (0, 0, 0)),
+            ("graph_launched", (0, 512 * MIB, 512 * MIB)),
+            // 64 (context) + 512 (the graph's) + 512 > 1024: refused (before
+            // the fix the graph's memory was not charged and this fitted).
+            ("plain_alloc_past_graph", (2, 512 * MIB, 512 * MIB)),
+            ("graph_trimmed", (0, 0, 0)),
+        ];
+        for (stage, want) in expected {
+            assert_eq!(
+                s.get(*stage),
+                Some(want),
+                "{client} {stage}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+}
+
 #[test]
 fn memory_on_another_card_is_charged_to_that_card() {
     let (_dir, path) = shared_path("cards.cache");
@@ -279,7 +485,6 @@ fn proc_address_honours_versions_flags_and_addresses() {
 fn bad_caps_stop_cuda_initialisation() {
     for (var, value_text) in [
         ("CUDA_DEVICE_MEMORY_LIMIT_0", "lots"),
-        ("CUDA_DEVICE_MEMORY_LIMIT", "0"),
         ("CUDA_DEVICE_MEMORY_LIMIT", "1.5g"),
         ("CUDA_DEVICE_MEMORY_LIMIT_X", "1g"),
     ] {
@@ -299,6 +504,59 @@ fn bad_caps_stop_cuda_initialisation() {
             );
         }
     }
+}
+
+#[test]
+fn zero_caps_and_unknown_policies_are_taken_as_hami_core_does() {
+    // HAMi-core: a cap of 0 is no cap; an unknown policy is the default.
+    for client in CLIENTS {
+        for (var, value_text) in [
+            ("CUDA_DEVICE_MEMORY_LIMIT", "0m"),
+            ("CUDA_DEVICE_MEMORY_LIMIT", "0"),
+            ("GPU_CORE_UTILIZATION_POLICY", "sometimes"),
+        ] {
+            let out = run(client, &["info"], &[(var, value_text)]);
+            assert!(out.status.success(), "{client} {var}={value_text}: {out:?}");
+            assert_eq!(value(&out, "init"), 0, "{client} {var}={value_text}");
+            assert_eq!(value(&out, "total"), CARD, "{client}: not capped");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains("WARN") && stderr.contains(var),
+                "{client} {var}={value_text}: a warning names it: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_free_after_the_exit_handler_does_not_uncharge_twice() {
+    let (_dir, path) = shared_path("late.cache");
+    let env = [
+        ("CUDA_DEVICE_MEMORY_LIMIT", "2g"),
+        ("CUDA_DEVICE_MEMORY_SHARED_CACHE", path.as_str()),
+    ];
+    let mut holder = command("cuda_dlsym", &["hold", "600"], &env)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    BufReader::new(holder.stdout.take().unwrap())
+        .lines()
+        .map(Result::unwrap)
+        .find(|l| l.starts_with("held="))
+        .expect("holder output");
+    for client in CLIENTS {
+        let mut late_env = env.to_vec();
+        late_env.push(("CLIENT_LATE_FREE", "300"));
+        let out = run(client, &["info"], &late_env);
+        assert_eq!(value(&out, "late_alloc"), 0, "{client}");
+        // The client's exit handler gave its charges back; its late free
+        // must not take the holder's bytes off the card again.
+        with_region(&path, |r| {
+            assert_eq!(r.device_used(0), 600 * MIB + CONTEXT, "{client}");
+        });
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
 }
 
 #[test]

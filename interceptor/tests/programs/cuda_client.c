@@ -43,6 +43,28 @@ static CUresult (*p_array3d)(CUarray *, const Array3DDesc *);
 static CUresult (*p_arrayDestroy)(CUarray);
 static CUresult (*p_ctxCreate)(CUcontext *, unsigned, int);
 static CUresult (*p_ctxDestroy)(CUcontext);
+static CUresult (*p_map)(CUdeviceptr, size_t, size_t, unsigned long long, unsigned long long);
+static CUresult (*p_unmap)(CUdeviceptr, size_t);
+static CUresult (*p_reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+static CUresult (*p_setAccess)(CUdeviceptr, size_t, const void *, size_t);
+static CUresult (*p_retainHandle)(unsigned long long *, void *);
+static CUresult (*p_export)(void *, unsigned long long, unsigned, unsigned long long);
+static CUresult (*p_import)(unsigned long long *, void *, unsigned);
+static CUresult (*p_mipCreate)(void **, const Array3DDesc *, unsigned);
+static CUresult (*p_mipDestroy)(void *);
+static CUresult (*p_setLimit)(unsigned, size_t);
+static CUresult (*p_poolCreate)(void **, const void *);
+static CUresult (*p_poolDestroy)(void *);
+static CUresult (*p_defaultPool)(void **, int);
+static CUresult (*p_poolSetAttr)(void *, int, void *);
+static CUresult (*p_poolTrim)(void *, size_t);
+static CUresult (*p_graphCreate)(void **, unsigned);
+static CUresult (*p_addAllocNode)(void **, void *, const void *, size_t, void *);
+static CUresult (*p_instantiate)(void **, void *, unsigned long long);
+static CUresult (*p_graphLaunch)(void *, void *);
+static CUresult (*p_graphMemTrim)(int);
+static CUresult (*p_execDestroy)(void *);
+static CUresult (*p_graphDestroy)(void *);
 static void *driver;
 
 #if defined(MODE_LINKED)
@@ -66,6 +88,28 @@ CUresult cuArray3DCreate_v2(CUarray *, const Array3DDesc *);
 CUresult cuArrayDestroy(CUarray);
 CUresult cuCtxCreate_v2(CUcontext *, unsigned, int);
 CUresult cuCtxDestroy_v2(CUcontext);
+CUresult cuMemMap(CUdeviceptr, size_t, size_t, unsigned long long, unsigned long long);
+CUresult cuMemUnmap(CUdeviceptr, size_t);
+CUresult cuMemAddressReserve(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+CUresult cuMemSetAccess(CUdeviceptr, size_t, const void *, size_t);
+CUresult cuMemRetainAllocationHandle(unsigned long long *, void *);
+CUresult cuMemExportToShareableHandle(void *, unsigned long long, unsigned, unsigned long long);
+CUresult cuMemImportFromShareableHandle(unsigned long long *, void *, unsigned);
+CUresult cuMipmappedArrayCreate(void **, const Array3DDesc *, unsigned);
+CUresult cuMipmappedArrayDestroy(void *);
+CUresult cuCtxSetLimit(unsigned, size_t);
+CUresult cuMemPoolCreate(void **, const void *);
+CUresult cuMemPoolDestroy(void *);
+CUresult cuDeviceGetDefaultMemPool(void **, int);
+CUresult cuMemPoolSetAttribute(void *, int, void *);
+CUresult cuMemPoolTrimTo(void *, size_t);
+CUresult cuGraphCreate(void **, unsigned);
+CUresult cuGraphAddMemAllocNode(void **, void *, const void *, size_t, void *);
+CUresult cuGraphInstantiateWithFlags(void **, void *, unsigned long long);
+CUresult cuGraphLaunch(void *, void *);
+CUresult cuDeviceGraphMemTrim(int);
+CUresult cuGraphExecDestroy(void *);
+CUresult cuGraphDestroy(void *);
 #define R(var, export, base, version) var = (void *)&export
 #elif defined(MODE_DLSYM)
 #define R(var, export, base, version) var = dlsym(driver, #export)
@@ -104,6 +148,28 @@ static void resolve(void) {
     R(p_arrayDestroy, cuArrayDestroy, cuArrayDestroy, 2000);
     R(p_ctxCreate, cuCtxCreate_v2, cuCtxCreate, 3020);
     R(p_ctxDestroy, cuCtxDestroy_v2, cuCtxDestroy, 4000);
+    R(p_map, cuMemMap, cuMemMap, 10020);
+    R(p_unmap, cuMemUnmap, cuMemUnmap, 10020);
+    R(p_reserve, cuMemAddressReserve, cuMemAddressReserve, 10020);
+    R(p_setAccess, cuMemSetAccess, cuMemSetAccess, 10020);
+    R(p_retainHandle, cuMemRetainAllocationHandle, cuMemRetainAllocationHandle, 11000);
+    R(p_export, cuMemExportToShareableHandle, cuMemExportToShareableHandle, 10020);
+    R(p_import, cuMemImportFromShareableHandle, cuMemImportFromShareableHandle, 10020);
+    R(p_mipCreate, cuMipmappedArrayCreate, cuMipmappedArrayCreate, 5000);
+    R(p_mipDestroy, cuMipmappedArrayDestroy, cuMipmappedArrayDestroy, 5000);
+    R(p_setLimit, cuCtxSetLimit, cuCtxSetLimit, 3010);
+    R(p_poolCreate, cuMemPoolCreate, cuMemPoolCreate, 11020);
+    R(p_poolDestroy, cuMemPoolDestroy, cuMemPoolDestroy, 11020);
+    R(p_defaultPool, cuDeviceGetDefaultMemPool, cuDeviceGetDefaultMemPool, 11020);
+    R(p_poolSetAttr, cuMemPoolSetAttribute, cuMemPoolSetAttribute, 11020);
+    R(p_poolTrim, cuMemPoolTrimTo, cuMemPoolTrimTo, 11020);
+    R(p_graphCreate, cuGraphCreate, cuGraphCreate, 10000);
+    R(p_addAllocNode, cuGraphAddMemAllocNode, cuGraphAddMemAllocNode, 11040);
+    R(p_instantiate, cuGraphInstantiateWithFlags, cuGraphInstantiateWithFlags, 11040);
+    R(p_graphLaunch, cuGraphLaunch, cuGraphLaunch, 10000);
+    R(p_graphMemTrim, cuDeviceGraphMemTrim, cuDeviceGraphMemTrim, 11040);
+    R(p_execDestroy, cuGraphExecDestroy, cuGraphExecDestroy, 10000);
+    R(p_graphDestroy, cuGraphDestroy, cuGraphDestroy, 10000);
 }
 
 static int start(int device) {
@@ -169,12 +235,237 @@ static void paths(void) {
     report("context", b, a, free_now(), rc);
 }
 
+
+/* ---- Virtual memory management scenarios. Each prints
+ * `stage=<name> rc=<rc> charged=<bytes> held=<bytes>`: what the interceptor
+ * charges beyond the context, and what the (fake) card really holds for
+ * this process beyond the context. */
+static long long base_free;
+static unsigned long long base_used;
+static unsigned long long used_on_card(void) {
+    unsigned long long (*used)(unsigned) = (unsigned long long (*)(unsigned))dlsym(driver, "fake_cuda_device_used");
+    return used ? used(0) : 0;
+}
+static void stage(const char *name, CUresult rc) {
+    printf("stage=%s rc=%d charged=%lld held=%lld\n", name, rc, base_free - (long long)free_now(),
+           (long long)(used_on_card() - base_used));
+}
+static AllocProp device_prop(int device) {
+    AllocProp prop; memset(&prop, 0, sizeof prop);
+    prop.type = 1; prop.locType = 1; prop.locId = device;
+    return prop;
+}
+typedef struct { unsigned locType; int locId; unsigned flags; } AccessDesc;
+static CUresult create_and_map(CUdeviceptr va, size_t bytes, unsigned long long *h) {
+    AllocProp prop = device_prop(0);
+    CUresult rc = p_create(h, bytes, &prop, 0);
+    if (rc) return rc;
+    rc = p_map(va, bytes, 0, *h, 0);
+    if (rc) return rc;
+    AccessDesc access = {1, 0, 3};
+    return p_setAccess(va, bytes, &access, 1);
+}
+
+static void vmm(const char *which) {
+    base_free = (long long)free_now();
+    base_used = used_on_card();
+    const size_t seg = 64 * MIB;
+    CUdeviceptr va = 0;
+    unsigned long long h[16];
+    CUresult rc;
+    if (!strcmp(which, "escape")) {
+        /* vectorAddMMAP's pattern: the mapping keeps the memory alive after
+         * the handle is released. Loop until refused (at most 16). */
+        int n = 0;
+        for (; n < 16; n++) {
+            rc = p_reserve(&va, 4 * seg, 0, 0, 0);
+            if (!rc) rc = create_and_map(va, 4 * seg, &h[0]);
+            if (rc) break;
+            p_releaseHandle(h[0]);
+        }
+        printf("vmm_mapped=%d last_rc=%d\n", n, rc);
+        stage("after_release_loop", rc);
+    } else if (!strcmp(which, "sleep")) {
+        /* vLLM's sleep mode: create+map into a reserved range, later
+         * unmap+release keeping the range, then create+map again. */
+        rc = p_reserve(&va, 4 * seg, 0, 0, 0);
+        for (int i = 0; i < 4 && !rc; i++) rc = create_and_map(va + i * seg, seg, &h[i]);
+        stage("awake", rc);
+        for (int i = 0; i < 4; i++) { rc = p_unmap(va + i * seg, seg); if (!rc) rc = p_releaseHandle(h[i]); }
+        stage("asleep", rc);
+        for (int i = 0; i < 4 && !rc; i++) rc = create_and_map(va + i * seg, seg, &h[i]);
+        stage("awake_again", rc);
+        for (int i = 0; i < 4; i++) { p_unmap(va + i * seg, seg); p_releaseHandle(h[i]); }
+        stage("freed", 0);
+    } else if (!strcmp(which, "expandable")) {
+        /* PyTorch's expandable segments: one reserved range, segments mapped
+         * in as it grows, handles kept; pieces unmapped and released. */
+        rc = p_reserve(&va, 16 * seg, 0, 0, 0);
+        for (int i = 0; i < 8 && !rc; i++) rc = create_and_map(va + i * seg, seg, &h[i]);
+        stage("grown", rc);
+        /* One unmap over four adjacent mappings, then their handles. */
+        rc = p_unmap(va + 2 * seg, 4 * seg);
+        stage("unmapped_middle_handles_kept", rc);
+        for (int i = 2; i < 6; i++) p_releaseHandle(h[i]);
+        stage("middle_released", 0);
+        /* A retained handle needs one more release. */
+        unsigned long long again = 0;
+        rc = p_retainHandle(&again, (void *)(va + seg / 2));
+        printf("retained_same=%d\n", again == h[0]);
+        p_releaseHandle(h[0]);
+        p_unmap(va, seg);
+        stage("retained_after_unmap", rc);
+        p_releaseHandle(again);
+        stage("retained_released", 0);
+        /* An unmap the driver refuses (not a mapping's start) changes nothing. */
+        rc = p_unmap(va + 6 * seg + MIB, seg);
+        stage("refused_unmap", rc);
+        for (int i = 6; i < 8; i++) { p_releaseHandle(h[i]); }
+        stage("released_while_mapped", 0);
+        rc = p_unmap(va + 1 * seg, seg);
+        p_releaseHandle(h[1]);
+        rc = p_unmap(va + 6 * seg, 2 * seg);
+        stage("all_gone", rc);
+    } else if (!strcmp(which, "import")) {
+        /* Our own allocation exported and imported back: the import keeps
+         * the memory alive after the original handle and mapping are gone. */
+        CUdeviceptr va2 = 0;
+        unsigned long long shared = 0, imported = 0;
+        rc = p_reserve(&va, 2 * seg, 0, 0, 0);
+        if (!rc) rc = p_reserve(&va2, 2 * seg, 0, 0, 0);
+        if (!rc) rc = create_and_map(va, 2 * seg, &h[0]);
+        if (!rc) rc = p_export(&shared, h[0], 1, 0);
+        if (!rc) rc = p_import(&imported, (void *)(uintptr_t)shared, 1);
+        stage("imported", rc);
+        if (!rc) rc = p_map(va2, 2 * seg, 0, imported, 0);
+        stage("import_mapped", rc);
+        p_unmap(va, 2 * seg);
+        p_releaseHandle(h[0]);
+        stage("exporter_gone", rc);
+        p_releaseHandle(imported);
+        stage("import_released_still_mapped", 0);
+        rc = p_unmap(va2, 2 * seg);
+        stage("import_gone", rc);
+    } else if (!strcmp(which, "mipmap")) {
+        void *mip = NULL;
+        Array3DDesc d = {1024, 1024, 0, 0x20, 4, 0}; /* float4, 1024x1024, 5 levels */
+        rc = p_mipCreate(&mip, &d, 5);
+        stage("mipmap_created", rc);
+        rc = p_mipDestroy(mip);
+        stage("mipmap_destroyed", rc);
+    } else if (!strcmp(which, "heap")) {
+        rc = p_setLimit(2 /* CU_LIMIT_MALLOC_HEAP_SIZE */, 256 * MIB);
+        stage("heap_grown", rc);
+        rc = p_setLimit(1 /* CU_LIMIT_PRINTF_FIFO_SIZE */, 17 * MIB);
+        stage("fifo_grown", rc);
+        rc = p_setLimit(2, 8 * MIB);
+        p_setLimit(1, 1 * MIB);
+        stage("limits_back", rc);
+        rc = p_setLimit(2, 8192 * MIB);
+        stage("heap_past_cap", rc);
+    } else if (!strcmp(which, "pool")) {
+        /* A pool on card 1 while card 0's context is current: its
+         * allocations count against card 1's cap, not card 0's. */
+        void *pool = NULL, *pool1 = NULL;
+        struct { unsigned allocType, handleTypes, locType; int locId; void *win32; size_t max; unsigned char pad[56]; } props;
+        memset(&props, 0, sizeof props);
+        props.allocType = 1; props.locType = 1; props.locId = 1;
+        CUdeviceptr p1, p2, p3;
+        rc = p_poolCreate(&pool, &props);
+        CUresult a = p_pool(&p1, 64 * MIB, pool, NULL);
+        CUresult b = p_pool(&p2, 64 * MIB, pool, NULL);
+        printf("pool_first=%d pool_second=%d\n", a, b);
+        stage("pool_on_card1", rc);
+        p_freeAsync(p1, NULL);
+        if (!b) p_freeAsync(p2, NULL);
+        rc = p_defaultPool(&pool1, 1);
+        CUresult c = p_pool(&p3, 64 * MIB, pool1, NULL);
+        printf("default_pool_card1=%d\n", c);
+        if (!c) p_freeAsync(p3, NULL);
+        p_poolDestroy(pool);
+    } else if (!strcmp(which, "retain")) {
+        /* A pool that keeps freed memory (release threshold raised, as
+         * PyTorch's cudaMallocAsync backend does): what it keeps is held. */
+        void *pool = NULL, *dp = NULL;
+        struct { unsigned allocType, handleTypes, locType; int locId; void *win32; size_t max; unsigned char pad[56]; } props;
+        memset(&props, 0, sizeof props);
+        props.allocType = 1; props.locType = 1; props.locId = 0;
+        unsigned long long keep_all = ~0ULL, keep_64m = 64 * MIB;
+        CUdeviceptr a, b, c;
+        rc = p_poolCreate(&pool, &props);
+        if (!rc) rc = p_poolSetAttr(pool, 4 /* RELEASE_THRESHOLD */, &keep_all);
+        if (!rc) rc = p_pool(&a, 256 * MIB, pool, NULL);
+        if (!rc) rc = p_freeAsync(a, NULL);
+        stage("freed_into_pool", rc);
+        rc = p_pool(&b, 128 * MIB, pool, NULL);
+        stage("reused_from_pool", rc);
+        p_freeAsync(b, NULL);
+        rc = p_alloc(&c, 800 * MIB);
+        stage("plain_alloc_past_retained", rc);
+        if (!rc) p_free(c);
+        rc = p_poolTrim(pool, 0);
+        stage("trimmed", rc);
+        p_poolSetAttr(pool, 4, &keep_64m);
+        rc = p_pool(&a, 256 * MIB, pool, NULL);
+        p_freeAsync(a, NULL);
+        stage("threshold_64m", rc);
+        rc = p_poolDestroy(pool);
+        stage("destroyed", rc);
+        p_defaultPool(&dp, 0);
+        p_poolSetAttr(dp, 4, &keep_all);
+        rc = p_async(&a, 128 * MIB, NULL);
+        p_freeAsync(a, NULL);
+        stage("default_pool_retains", rc);
+        rc = p_poolTrim(dp, 0);
+        stage("default_pool_trimmed", rc);
+    } else if (!strcmp(which, "graph")) {
+        /* A graph with a 512 MiB allocation node: the driver reserves its
+         * memory when the graph is launched, and keeps it until trimmed. */
+        void *graph = NULL, *exec = NULL, *node = NULL;
+        unsigned char params[120];
+        memset(params, 0, sizeof params);
+        *(unsigned *)(params + 0) = 1;  /* poolProps.allocType: pinned */
+        *(unsigned *)(params + 8) = 1;  /* poolProps.location.type: device */
+        *(int *)(params + 12) = 0;      /* poolProps.location.id */
+        *(size_t *)(params + 104) = 512 * MIB; /* bytesize */
+        rc = p_graphCreate(&graph, 0);
+        if (!rc) rc = p_addAllocNode(&node, graph, NULL, 0, params);
+        if (!rc) rc = p_instantiate(&exec, graph, 0);
+        stage("graph_built", rc);
+        rc = p_graphLaunch(exec, NULL);
+        stage("graph_launched", rc);
+        CUdeviceptr c;
+        rc = p_alloc(&c, 512 * MIB);
+        stage("plain_alloc_past_graph", rc);
+        if (!rc) p_free(c);
+        rc = p_graphMemTrim(0);
+        stage("graph_trimmed", rc);
+        p_execDestroy(exec);
+        p_graphDestroy(graph);
+    } else if (!strcmp(which, "host")) {
+        AllocProp prop; memset(&prop, 0, sizeof prop);
+        prop.type = 1; prop.locType = 2; /* CU_MEM_LOCATION_TYPE_HOST */
+        rc = p_create(&h[0], seg, &prop, 0);
+        stage("host_created", rc);
+        p_releaseHandle(h[0]);
+    }
+}
+
+/* CLIENT_LATE_FREE=<MiB>: an allocation freed by an exit handler registered
+ * before cuInit, so it runs after the interceptor's own exit handler (as a
+ * C++ static destructor or a framework's atexit cleanup can). */
+static CUdeviceptr late;
+static void late_free(void) { p_free(late); }
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
     resolve();
+    const char *late_mib = getenv("CLIENT_LATE_FREE");
+    if (late_mib) atexit(late_free);
     const char *scenario = argc > 1 ? argv[1] : "info";
     int device = getenv("CLIENT_DEVICE") ? atoi(getenv("CLIENT_DEVICE")) : 0;
     if (start(device) != 0) return 3;
+    if (late_mib) printf("late_alloc=%d\n", p_alloc(&late, strtoull(late_mib, NULL, 10) * MIB));
     static CUdeviceptr ptrs[4096];
     if (!strcmp(scenario, "info")) {
         print_info();
@@ -196,6 +487,8 @@ int main(int argc, char **argv) {
         printf("again=%d\n", rc3);
     } else if (!strcmp(scenario, "paths")) {
         paths();
+    } else if (!strcmp(scenario, "vmm")) {
+        vmm(argv[2]);
     } else if (!strcmp(scenario, "hold")) {
         CUresult rc = p_alloc(&ptrs[0], strtoull(argv[2], NULL, 10) * MIB);
         printf("held=%d\n", rc);

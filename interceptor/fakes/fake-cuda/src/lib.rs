@@ -18,7 +18,15 @@
 //! from the exported symbols (as a real driver may), honours the requested
 //! version (`cuMemAlloc` below 3.2 is the legacy 32-bit entry point) and the
 //! per-thread-default-stream flag (`_ptsz` variants, counted by
-//! `fake_cuda_ptsz_calls`). `fake_cuda_device_used` lets the fake NVML and the
+//! `fake_cuda_ptsz_calls`). Virtual memory management is modelled as the
+//! driver behaves (see [`vmm`]): physical memory lives until its handles are
+//! released and its mappings are gone. [`extras`] models mipmapped arrays
+//! (each level padded to 2 MiB, which `cuMipmappedArrayGetMemoryRequirements`
+//! reports), `cuCtxSetLimit` (the malloc heap and printf FIFO take card
+//! memory) and memory pools (`cuMemPoolCreate`, default pools) that live on
+//! a card of their own and keep freed memory reserved up to their release
+//! threshold (`cuMemAllocAsync` allocates from the current card's default
+//! pool). `fake_cuda_device_used` lets the fake NVML and the
 //! tests see the card's real usage.
 #![allow(clippy::missing_safety_doc)] // C ABI entry points; contracts are the CUDA driver API's.
 #![allow(non_snake_case)]
@@ -59,6 +67,16 @@ struct Driver {
     contexts: HashMap<u64, usize>,
     /// (context, peer context) pairs with peer access enabled.
     peers: std::collections::HashSet<(u64, u64)>,
+    /// Virtual memory management (see [`vmm`]).
+    vmm: vmm::Vmm,
+    /// Memory pools (`cuMemPoolCreate`, default pools).
+    pools: HashMap<u64, extras::Pool>,
+    /// Allocation id -> the pool it came from.
+    pool_of: HashMap<u64, u64>,
+    /// Per context: printf FIFO and malloc heap sizes (`cuCtxSetLimit`).
+    limits: HashMap<u64, [u64; 2]>,
+    /// Graphs and their memory (see [`graphs`]).
+    graphs: graphs::Graphs,
 }
 
 static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
@@ -177,7 +195,10 @@ impl Driver {
 
     fn free(&mut self, id: u64) -> Result<(), CUresult> {
         let (card, bytes) = self.allocations.remove(&id).ok_or(INVALID_VALUE)?;
-        self.cards[card].used -= bytes;
+        match self.pool_of.remove(&id) {
+            Some(pool) => self.free_into_pool(pool, bytes),
+            None => self.cards[card].used -= bytes,
+        }
         Ok(())
     }
 
@@ -240,6 +261,11 @@ pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
             next_id: 0x7f00_0000_0000,
             contexts: HashMap::new(),
             peers: std::collections::HashSet::new(),
+            vmm: vmm::Vmm::default(),
+            pools: HashMap::new(),
+            pool_of: HashMap::new(),
+            limits: HashMap::new(),
+            graphs: graphs::Graphs::default(),
         });
     }
     SUCCESS
@@ -462,13 +488,14 @@ pub extern "C" fn cuMemFree_v2(dptr: u64) -> CUresult {
     status(with_driver(|d| d.free(dptr)))
 }
 
+/// From the current card's default pool (the fake has no `cuDeviceSetMemPool`).
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocAsync(
     dptr: *mut u64,
     bytes: usize,
     _stream: *mut c_void,
 ) -> CUresult {
-    alloc_on_current(dptr, bytes as u64)
+    alloc_from_pool(dptr, bytes as u64, std::ptr::null_mut())
 }
 
 #[no_mangle]
@@ -478,28 +505,49 @@ pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
     _stream: *mut c_void,
 ) -> CUresult {
     PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
-    alloc_on_current(dptr, bytes as u64)
+    alloc_from_pool(dptr, bytes as u64, std::ptr::null_mut())
+}
+
+/// From `pool` (a pool made by `cuMemPoolCreate` or a card's default pool),
+/// or the current card's default pool when `pool` is null.
+fn alloc_from_pool(out: *mut u64, bytes: u64, pool: *mut c_void) -> CUresult {
+    if out.is_null() {
+        return INVALID_VALUE;
+    }
+    let pool = if pool.is_null() {
+        match with_driver(|d| d.current_card()) {
+            Ok(card) => extras::default_pool(card) as *mut c_void,
+            Err(rc) => return rc,
+        }
+    } else {
+        pool
+    };
+    status(with_driver(|d| {
+        let ptr = d.allocate_in_pool(pool as u64, bytes)?;
+        unsafe { *out = ptr };
+        Ok(())
+    }))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
     dptr: *mut u64,
     bytes: usize,
-    _pool: *mut c_void,
+    pool: *mut c_void,
     _stream: *mut c_void,
 ) -> CUresult {
-    alloc_on_current(dptr, bytes as u64)
+    alloc_from_pool(dptr, bytes as u64, pool)
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
     dptr: *mut u64,
     bytes: usize,
-    _pool: *mut c_void,
+    pool: *mut c_void,
     _stream: *mut c_void,
 ) -> CUresult {
     PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
-    alloc_on_current(dptr, bytes as u64)
+    alloc_from_pool(dptr, bytes as u64, pool)
 }
 
 #[no_mangle]
@@ -511,41 +559,6 @@ pub extern "C" fn cuMemFreeAsync(dptr: u64, _stream: *mut c_void) -> CUresult {
 pub extern "C" fn cuMemFreeAsync_ptsz(dptr: u64, _stream: *mut c_void) -> CUresult {
     PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
     cuMemFree_v2(dptr)
-}
-
-/// `CUmemAllocationProp` up to the location, which is all the fake reads.
-#[repr(C)]
-struct AllocationPropHead {
-    kind: c_uint,
-    handle_types: c_uint,
-    location_type: c_uint,
-    location_id: c_int,
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn cuMemCreate(
-    handle: *mut u64,
-    bytes: usize,
-    prop: *const c_void,
-    _flags: u64,
-) -> CUresult {
-    if prop.is_null() || handle.is_null() {
-        return INVALID_VALUE;
-    }
-    let prop = unsafe { &*(prop as *const AllocationPropHead) };
-    if prop.location_type != 1 {
-        return INVALID_VALUE;
-    }
-    status(with_driver(|d| {
-        let id = d.allocate(prop.location_id as usize, bytes as u64)?;
-        unsafe { *handle = id };
-        Ok(())
-    }))
-}
-
-#[no_mangle]
-pub extern "C" fn cuMemRelease(handle: u64) -> CUresult {
-    status(with_driver(|d| d.free(handle)))
 }
 
 fn format_bytes(format: c_uint) -> u64 {
@@ -682,8 +695,40 @@ fn proc_address(name: &[u8], version: c_int, flags: u64) -> Option<*mut c_void> 
         b"cuDevicePrimaryCtxReset" => cuDevicePrimaryCtxReset_v2 as *mut c_void,
         b"cuMemAllocPitch" => cuMemAllocPitch_v2 as *mut c_void,
         b"cuMemAllocManaged" => cuMemAllocManaged as *mut c_void,
-        b"cuMemCreate" => cuMemCreate as *mut c_void,
-        b"cuMemRelease" => cuMemRelease as *mut c_void,
+        b"cuMemCreate" => vmm::cuMemCreate as *mut c_void,
+        b"cuMemRelease" => vmm::cuMemRelease as *mut c_void,
+        b"cuMemMap" => vmm::cuMemMap as *mut c_void,
+        b"cuMemUnmap" => vmm::cuMemUnmap as *mut c_void,
+        b"cuMemSetAccess" => vmm::cuMemSetAccess as *mut c_void,
+        b"cuMemAddressReserve" => vmm::cuMemAddressReserve as *mut c_void,
+        b"cuMemAddressFree" => vmm::cuMemAddressFree as *mut c_void,
+        b"cuMemRetainAllocationHandle" => vmm::cuMemRetainAllocationHandle as *mut c_void,
+        b"cuMemExportToShareableHandle" => vmm::cuMemExportToShareableHandle as *mut c_void,
+        b"cuMemImportFromShareableHandle" => vmm::cuMemImportFromShareableHandle as *mut c_void,
+        b"cuMipmappedArrayCreate" => extras::cuMipmappedArrayCreate as *mut c_void,
+        b"cuMipmappedArrayDestroy" => extras::cuMipmappedArrayDestroy as *mut c_void,
+        b"cuMipmappedArrayGetMemoryRequirements" => {
+            extras::cuMipmappedArrayGetMemoryRequirements as *mut c_void
+        }
+        b"cuCtxSetLimit" => extras::cuCtxSetLimit as *mut c_void,
+        b"cuCtxGetLimit" => extras::cuCtxGetLimit as *mut c_void,
+        b"cuMemPoolCreate" => extras::cuMemPoolCreate as *mut c_void,
+        b"cuMemPoolDestroy" => extras::cuMemPoolDestroy as *mut c_void,
+        b"cuMemPoolSetAttribute" => extras::cuMemPoolSetAttribute as *mut c_void,
+        b"cuGraphCreate" => graphs::cuGraphCreate as *mut c_void,
+        b"cuGraphAddMemAllocNode" => graphs::cuGraphAddMemAllocNode as *mut c_void,
+        b"cuGraphInstantiateWithFlags" => graphs::cuGraphInstantiateWithFlags as *mut c_void,
+        b"cuGraphExecDestroy" => graphs::cuGraphExecDestroy as *mut c_void,
+        b"cuGraphDestroy" => graphs::cuGraphDestroy as *mut c_void,
+        b"cuDeviceGraphMemTrim" => graphs::cuDeviceGraphMemTrim as *mut c_void,
+        b"cuDeviceGetGraphMemAttribute" => graphs::cuDeviceGetGraphMemAttribute as *mut c_void,
+        b"cuMemPoolGetAttribute" => extras::cuMemPoolGetAttribute as *mut c_void,
+        b"cuMemPoolTrimTo" => extras::cuMemPoolTrimTo as *mut c_void,
+        b"cuDeviceGetDefaultMemPool" => extras::cuDeviceGetDefaultMemPool as *mut c_void,
+        b"cuDeviceGetMemPool" => extras::cuDeviceGetMemPool as *mut c_void,
+        b"cuMemGetAllocationPropertiesFromHandle" => {
+            vmm::cuMemGetAllocationPropertiesFromHandle as *mut c_void
+        }
         b"cuArrayCreate" => cuArrayCreate_v2 as *mut c_void,
         b"cuArray3DCreate" => cuArray3DCreate_v2 as *mut c_void,
         b"cuArrayDestroy" => cuArrayDestroy as *mut c_void,
@@ -856,15 +901,779 @@ pub mod launch {
         launched(c.grid, c.block)
     }
 
+    /// A graph launch also reserves the graph's allocation nodes' memory
+    /// (see [`graphs`]).
     #[no_mangle]
-    pub extern "C" fn cuGraphLaunch(_exec: *mut c_void, _stream: *mut c_void) -> CUresult {
-        launched([0, 1, 1], [1, 1, 1])
+    pub extern "C" fn cuGraphLaunch(exec: *mut c_void, _stream: *mut c_void) -> CUresult {
+        match graphs::reserve_for_launch(exec as u64) {
+            SUCCESS => launched([0, 1, 1], [1, 1, 1]),
+            rc => rc,
+        }
     }
 
     #[no_mangle]
     pub extern "C" fn cuGraphLaunch_ptsz(exec: *mut c_void, stream: *mut c_void) -> CUresult {
-        let _ = (exec, stream);
+        let _ = stream;
         PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
-        launched([0, 1, 1], [1, 1, 1])
+        match graphs::reserve_for_launch(exec as u64) {
+            SUCCESS => launched([0, 1, 1], [1, 1, 1]),
+            rc => rc,
+        }
+    }
+}
+
+/// Virtual memory management as the driver behaves: a physical allocation
+/// (`cuMemCreate`) lives while any handle to it is unreleased or any
+/// mapping of it remains; `cuMemRetainAllocationHandle` hands out the same
+/// handle value again with one more reference; an export's "file
+/// descriptor" is the allocation's id, and importing it makes a new handle
+/// to the same allocation. Host-located allocations use no card memory.
+pub mod vmm {
+    use super::*;
+
+    /// One physical allocation.
+    #[derive(Debug)]
+    struct Physical {
+        card: Option<usize>,
+        bytes: u64,
+        /// Handle references plus mappings.
+        holders: u32,
+    }
+
+    /// One handle: its allocation and how many releases it takes.
+    #[derive(Debug)]
+    struct Handle {
+        physical: u64,
+        refs: u32,
+    }
+
+    /// The VMM state of the fake driver.
+    #[derive(Debug, Default)]
+    pub struct Vmm {
+        physical: HashMap<u64, Physical>,
+        handles: HashMap<u64, Handle>,
+        /// Mapping start -> (handle, physical, size).
+        mappings: std::collections::BTreeMap<u64, (u64, u64, u64)>,
+    }
+
+    const LOCATION_DEVICE: c_uint = 1;
+
+    /// `CUmemAllocationProp` up to the location, which is all the fake reads.
+    #[repr(C)]
+    struct PropHead {
+        kind: c_uint,
+        handle_types: c_uint,
+        location_type: c_uint,
+        location_id: c_int,
+    }
+
+    impl Driver {
+        fn vmm_drop_holder(&mut self, physical: u64) {
+            let Some(p) = self.vmm.physical.get_mut(&physical) else {
+                return;
+            };
+            p.holders -= 1;
+            if p.holders == 0 {
+                let p = self.vmm.physical.remove(&physical).expect("present");
+                if let Some(card) = p.card {
+                    self.cards[card].used -= p.bytes;
+                }
+            }
+        }
+
+        fn vmm_new_handle(&mut self, physical: u64) -> u64 {
+            let id = self.next_id;
+            self.next_id += 2 * MIB;
+            self.vmm.handles.insert(id, Handle { physical, refs: 1 });
+            self.vmm
+                .physical
+                .get_mut(&physical)
+                .expect("present")
+                .holders += 1;
+            id
+        }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemCreate(
+        handle: *mut u64,
+        bytes: usize,
+        prop: *const c_void,
+        _flags: u64,
+    ) -> CUresult {
+        if prop.is_null()
+            || handle.is_null()
+            || bytes == 0
+            || !(bytes as u64).is_multiple_of(2 * MIB)
+        {
+            return INVALID_VALUE;
+        }
+        let prop = unsafe { &*(prop as *const PropHead) };
+        status(with_driver(|d| {
+            let card = if prop.location_type == LOCATION_DEVICE {
+                let c = d.card(prop.location_id)?;
+                if c.used + bytes as u64 > c.total {
+                    return Err(OUT_OF_MEMORY);
+                }
+                c.used += bytes as u64;
+                Some(prop.location_id as usize)
+            } else {
+                None
+            };
+            let physical = d.next_id;
+            d.next_id += 2 * MIB;
+            d.vmm.physical.insert(
+                physical,
+                Physical {
+                    card,
+                    bytes: bytes as u64,
+                    holders: 0,
+                },
+            );
+            let id = d.vmm_new_handle(physical);
+            unsafe { *handle = id };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuMemRelease(handle: u64) -> CUresult {
+        status(with_driver(|d| {
+            let h = d.vmm.handles.get_mut(&handle).ok_or(INVALID_VALUE)?;
+            h.refs -= 1;
+            let physical = h.physical;
+            if h.refs == 0 {
+                d.vmm.handles.remove(&handle);
+            }
+            d.vmm_drop_holder(physical);
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemAddressReserve(
+        ptr: *mut u64,
+        size: usize,
+        _alignment: usize,
+        _addr: u64,
+        _flags: u64,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let va = d.next_id;
+            d.next_id += (size as u64).div_ceil(2 * MIB).max(1) * 2 * MIB;
+            unsafe { *ptr = va };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuMemAddressFree(_ptr: u64, _size: usize) -> CUresult {
+        SUCCESS
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuMemMap(
+        ptr: u64,
+        size: usize,
+        offset: usize,
+        handle: u64,
+        _flags: u64,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let physical = d.vmm.handles.get(&handle).ok_or(INVALID_VALUE)?.physical;
+            let p = d.vmm.physical.get_mut(&physical).ok_or(INVALID_VALUE)?;
+            if offset != 0 || size as u64 != p.bytes {
+                return Err(INVALID_VALUE);
+            }
+            let end = ptr + size as u64;
+            if d.vmm
+                .mappings
+                .range(..end)
+                .next_back()
+                .is_some_and(|(&start, &(_, _, len))| start + len > ptr)
+            {
+                return Err(INVALID_VALUE); // overlaps a mapping
+            }
+            p.holders += 1;
+            d.vmm.mappings.insert(ptr, (handle, physical, size as u64));
+            Ok(())
+        }))
+    }
+
+    /// Unmaps every mapping in `[ptr, ptr + size)`; the range must start at
+    /// a mapping and hold whole mappings only.
+    #[no_mangle]
+    pub extern "C" fn cuMemUnmap(ptr: u64, size: usize) -> CUresult {
+        status(with_driver(|d| {
+            let end = ptr + size as u64;
+            let inside: Vec<(u64, u64, u64)> = d
+                .vmm
+                .mappings
+                .range(ptr..end)
+                .map(|(&start, &(_, physical, len))| (start, physical, len))
+                .collect();
+            if inside.first().is_none_or(|m| m.0 != ptr)
+                || inside.iter().any(|&(start, _, len)| start + len > end)
+            {
+                return Err(INVALID_VALUE);
+            }
+            for (start, physical, _) in inside {
+                d.vmm.mappings.remove(&start);
+                d.vmm_drop_holder(physical);
+            }
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuMemSetAccess(
+        _ptr: u64,
+        _size: usize,
+        _desc: *const c_void,
+        _count: usize,
+    ) -> CUresult {
+        SUCCESS
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemRetainAllocationHandle(
+        handle: *mut u64,
+        addr: *mut c_void,
+    ) -> CUresult {
+        let addr = addr as u64;
+        status(with_driver(|d| {
+            let (&start, &(h, physical, len)) = d
+                .vmm
+                .mappings
+                .range(..=addr)
+                .next_back()
+                .ok_or(INVALID_VALUE)?;
+            if addr >= start + len {
+                return Err(INVALID_VALUE);
+            }
+            d.vmm
+                .handles
+                .entry(h)
+                .and_modify(|e| e.refs += 1)
+                .or_insert(Handle { physical, refs: 1 });
+            d.vmm.physical.get_mut(&physical).expect("mapped").holders += 1;
+            unsafe { *handle = h };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemExportToShareableHandle(
+        shareable: *mut c_void,
+        handle: u64,
+        _kind: c_uint,
+        _flags: u64,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let physical = d.vmm.handles.get(&handle).ok_or(INVALID_VALUE)?.physical;
+            unsafe { *(shareable as *mut u64) = physical };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemImportFromShareableHandle(
+        handle: *mut u64,
+        os_handle: *mut c_void,
+        _kind: c_uint,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let physical = os_handle as u64;
+            if !d.vmm.physical.contains_key(&physical) {
+                return Err(INVALID_VALUE);
+            }
+            let id = d.vmm_new_handle(physical);
+            unsafe { *handle = id };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemGetAllocationPropertiesFromHandle(
+        prop: *mut c_void,
+        handle: u64,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let physical = d.vmm.handles.get(&handle).ok_or(INVALID_VALUE)?.physical;
+            let card = d.vmm.physical[&physical].card;
+            let out = unsafe { &mut *(prop as *mut PropHead) };
+            out.kind = 1;
+            out.handle_types = 0;
+            out.location_type = if card.is_some() { LOCATION_DEVICE } else { 2 };
+            out.location_id = card.map_or(0, |c| c as c_int);
+            Ok(())
+        }))
+    }
+}
+
+/// Mipmapped arrays, context limits and memory pools.
+pub mod extras {
+    use super::*;
+
+    const LEVEL_PAD: u64 = 2 * MIB;
+
+    /// `CUDA_ARRAY3D_DESCRIPTOR`.
+    #[repr(C)]
+    struct Desc3d {
+        width: usize,
+        height: usize,
+        depth: usize,
+        format: c_uint,
+        channels: c_uint,
+        flags: c_uint,
+    }
+
+    /// What the fake reserves for a mipmapped array: each level's texels,
+    /// padded to 2 MiB.
+    fn mipmap_bytes(d: &Desc3d, levels: c_uint) -> u64 {
+        (0..levels.max(1))
+            .map(|l| {
+                let dim = |v: usize| if v == 0 { 1 } else { (v >> l).max(1) as u64 };
+                let texels = dim(d.width) * dim(d.height) * dim(d.depth);
+                (texels * format_bytes(d.format) * u64::from(d.channels.max(1))).div_ceil(LEVEL_PAD)
+                    * LEVEL_PAD
+            })
+            .sum()
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMipmappedArrayCreate(
+        handle: *mut u64,
+        desc: *const c_void,
+        levels: c_uint,
+    ) -> CUresult {
+        if desc.is_null() {
+            return INVALID_VALUE;
+        }
+        let d = unsafe { &*(desc as *const Desc3d) };
+        alloc_on_current(handle, mipmap_bytes(d, levels))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuMipmappedArrayDestroy(handle: u64) -> CUresult {
+        cuMemFree_v2(handle)
+    }
+
+    /// `CUDA_ARRAY_MEMORY_REQUIREMENTS`.
+    #[repr(C)]
+    #[derive(Debug)]
+    pub struct Requirements {
+        size: usize,
+        alignment: usize,
+        reserved: [c_uint; 4],
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMipmappedArrayGetMemoryRequirements(
+        req: *mut Requirements,
+        handle: u64,
+        _device: c_int,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let (_, bytes) = *d.allocations.get(&handle).ok_or(INVALID_VALUE)?;
+            unsafe {
+                (*req).size = bytes as usize;
+                (*req).alignment = LEVEL_PAD as usize;
+            }
+            Ok(())
+        }))
+    }
+
+    /// `CU_LIMIT_PRINTF_FIFO_SIZE`, `CU_LIMIT_MALLOC_HEAP_SIZE` and their
+    /// defaults (1 MiB, 8 MiB), part of what a context costs.
+    const LIMITS: [(c_uint, u64); 2] = [(1, MIB), (2, 8 * MIB)];
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuCtxGetLimit(value: *mut usize, limit: c_uint) -> CUresult {
+        status(with_driver(|d| {
+            let ctx = CURRENT.with(Cell::get);
+            d.current_card()?;
+            let i = LIMITS
+                .iter()
+                .position(|l| l.0 == limit)
+                .ok_or(INVALID_VALUE)?;
+            let sizes = d
+                .limits
+                .get(&ctx)
+                .copied()
+                .unwrap_or([LIMITS[0].1, LIMITS[1].1]);
+            unsafe { *value = sizes[i] as usize };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuCtxSetLimit(limit: c_uint, value: usize) -> CUresult {
+        status(with_driver(|d| {
+            let ctx = CURRENT.with(Cell::get);
+            let card = d.current_card()?;
+            let Some(i) = LIMITS.iter().position(|l| l.0 == limit) else {
+                return Ok(()); // stack size and others: no card memory modelled
+            };
+            let sizes = d.limits.entry(ctx).or_insert([LIMITS[0].1, LIMITS[1].1]);
+            let (old, new) = (sizes[i], value as u64);
+            let c = &mut d.cards[card];
+            if new > old && c.used + (new - old) > c.total {
+                return Err(OUT_OF_MEMORY);
+            }
+            c.used = c.used + new - old;
+            sizes[i] = new;
+            Ok(())
+        }))
+    }
+
+    /// `CUmemPoolProps` up to the location.
+    #[repr(C)]
+    struct PoolPropsHead {
+        alloc_type: c_uint,
+        handle_types: c_uint,
+        location_type: c_uint,
+        location_id: c_int,
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemPoolCreate(pool: *mut u64, props: *const c_void) -> CUresult {
+        if pool.is_null() || props.is_null() {
+            return INVALID_VALUE;
+        }
+        let props = unsafe { &*(props as *const PoolPropsHead) };
+        status(with_driver(|d| {
+            d.card(props.location_id)?;
+            let id = 0x4000_0000 + d.next_id;
+            d.next_id += 2 * MIB;
+            d.pools.insert(id, Pool::on(props.location_id as usize));
+            unsafe { *pool = id };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuMemPoolDestroy(pool: u64) -> CUresult {
+        status(with_driver(|d| {
+            let p = d.pools.remove(&pool).ok_or(INVALID_VALUE)?;
+            d.cards[p.card].used -= p.idle;
+            Ok(())
+        }))
+    }
+
+    /// `CU_MEMPOOL_ATTR_RELEASE_THRESHOLD`, `_RESERVED_MEM_CURRENT`,
+    /// `_USED_MEM_CURRENT`.
+    const RELEASE_THRESHOLD: c_int = 4;
+    const RESERVED_MEM_CURRENT: c_int = 5;
+    const USED_MEM_CURRENT: c_int = 7;
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemPoolSetAttribute(
+        pool: u64,
+        attr: c_int,
+        value: *mut c_void,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            d.pools.get(&pool).ok_or(INVALID_VALUE)?;
+            if attr == RELEASE_THRESHOLD {
+                d.pools.get_mut(&pool).expect("present").threshold =
+                    unsafe { *(value as *const u64) };
+                d.release_above_threshold(pool);
+            }
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuMemPoolGetAttribute(
+        pool: u64,
+        attr: c_int,
+        value: *mut c_void,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            let p = d.pools.get(&pool).ok_or(INVALID_VALUE)?;
+            let v = match attr {
+                RELEASE_THRESHOLD => p.threshold,
+                RESERVED_MEM_CURRENT => p.used + p.idle,
+                USED_MEM_CURRENT => p.used,
+                _ => return Err(INVALID_VALUE),
+            };
+            unsafe { *(value as *mut u64) = v };
+            Ok(())
+        }))
+    }
+
+    /// Releases idle memory until the pool reserves at most `keep` bytes
+    /// (never its allocations).
+    #[no_mangle]
+    pub extern "C" fn cuMemPoolTrimTo(pool: u64, keep: usize) -> CUresult {
+        status(with_driver(|d| {
+            let p = d.pools.get_mut(&pool).ok_or(INVALID_VALUE)?;
+            let release = (p.used + p.idle).saturating_sub(keep as u64).min(p.idle);
+            p.idle -= release;
+            let card = p.card;
+            d.cards[card].used -= release;
+            Ok(())
+        }))
+    }
+
+    /// One memory pool: its card, release threshold, the bytes it holds for
+    /// live allocations and the bytes it keeps reserved but idle.
+    #[derive(Debug)]
+    pub struct Pool {
+        card: usize,
+        threshold: u64,
+        used: u64,
+        idle: u64,
+    }
+
+    impl Pool {
+        /// An empty pool on `card` with threshold 0.
+        pub fn on(card: usize) -> Pool {
+            Pool {
+                card,
+                threshold: 0,
+                used: 0,
+                idle: 0,
+            }
+        }
+    }
+
+    /// The default pool's handle of card `card`.
+    pub fn default_pool(card: usize) -> u64 {
+        0x3000 + card as u64
+    }
+
+    impl Driver {
+        /// An allocation from `pool`: from its idle memory when there is
+        /// enough, else newly reserved on its card.
+        pub(crate) fn allocate_in_pool(&mut self, pool: u64, bytes: u64) -> Result<u64, CUresult> {
+            if (0x3000..0x3000 + 64).contains(&pool) {
+                let card = (pool - 0x3000) as usize;
+                self.cards.get(card).ok_or(INVALID_VALUE)?;
+                self.pools.entry(pool).or_insert_with(|| Pool::on(card));
+            }
+            if bytes == 0 {
+                return Err(INVALID_VALUE);
+            }
+            let p = self.pools.get_mut(&pool).ok_or(INVALID_VALUE)?;
+            let card = p.card;
+            let id = if p.idle >= bytes {
+                p.idle -= bytes;
+                let id = self.next_id;
+                self.next_id += bytes.div_ceil(2 * MIB).max(1) * 2 * MIB;
+                self.allocations.insert(id, (card, bytes));
+                id
+            } else {
+                self.allocate(card, bytes)?
+            };
+            self.pools.get_mut(&pool).expect("present").used += bytes;
+            self.pool_of.insert(id, pool);
+            Ok(id)
+        }
+
+        /// A pool allocation freed: its memory stays reserved (idle) up to
+        /// the pool's release threshold (released at once, where the real
+        /// driver releases at the next synchronisation).
+        pub(crate) fn free_into_pool(&mut self, pool: u64, bytes: u64) {
+            let Some(p) = self.pools.get_mut(&pool) else {
+                return;
+            };
+            p.used -= bytes;
+            p.idle += bytes;
+            self.release_above_threshold(pool);
+        }
+
+        fn release_above_threshold(&mut self, pool: u64) {
+            let p = self.pools.get_mut(&pool).expect("present");
+            let release = p.idle.saturating_sub(p.threshold);
+            p.idle -= release;
+            let card = p.card;
+            self.cards[card].used -= release;
+        }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool: *mut u64, device: c_int) -> CUresult {
+        status(with_driver(|d| {
+            d.card(device)?;
+            let id = default_pool(device as usize);
+            d.pools
+                .entry(id)
+                .or_insert_with(|| Pool::on(device as usize));
+            unsafe { *pool = id };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuDeviceGetMemPool(pool: *mut u64, device: c_int) -> CUresult {
+        unsafe { cuDeviceGetDefaultMemPool(pool, device) }
+    }
+}
+
+/// Graphs with memory allocation nodes: each node's bytes live on the card
+/// of its pool properties; launching an instantiated graph grows the card's
+/// graph memory reservation to what the graph needs (the sum of its
+/// allocation nodes); `cuDeviceGraphMemTrim` releases the card's
+/// reservation (the fake's graphs have always finished and freed).
+pub mod graphs {
+    use super::*;
+
+    /// Graph state of the fake driver.
+    #[derive(Debug, Default)]
+    pub struct Graphs {
+        /// Graph -> (card, bytes) of each allocation node.
+        nodes: HashMap<u64, Vec<(usize, u64)>>,
+        /// Executable graph -> its graph.
+        execs: HashMap<u64, u64>,
+        /// Per card index: bytes reserved for graph allocations.
+        reserved: HashMap<usize, u64>,
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuGraphCreate(graph: *mut u64, _flags: c_uint) -> CUresult {
+        status(with_driver(|d| {
+            let id = 0x5000_0000 + d.next_id;
+            d.next_id += 2 * MIB;
+            d.graphs.nodes.insert(id, Vec::new());
+            unsafe { *graph = id };
+            Ok(())
+        }))
+    }
+
+    /// `CUDA_MEM_ALLOC_NODE_PARAMS`: `CUmemPoolProps` (88 bytes, location
+    /// at offset 8), access descriptors (pointer, count), `bytesize`, `dptr`.
+    const PARAMS_LOCATION_ID: usize = 12;
+    const PARAMS_BYTESIZE: usize = 104;
+    const PARAMS_DPTR: usize = 112;
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuGraphAddMemAllocNode(
+        node: *mut u64,
+        graph: u64,
+        _deps: *const u64,
+        _count: usize,
+        params: *mut u8,
+    ) -> CUresult {
+        if params.is_null() || node.is_null() {
+            return INVALID_VALUE;
+        }
+        let (card, bytes) = unsafe {
+            (
+                *(params.add(PARAMS_LOCATION_ID) as *const c_int),
+                *(params.add(PARAMS_BYTESIZE) as *const u64),
+            )
+        };
+        status(with_driver(|d| {
+            d.card(card)?;
+            let va = d.next_id;
+            d.next_id += bytes.div_ceil(2 * MIB).max(1) * 2 * MIB;
+            d.graphs
+                .nodes
+                .get_mut(&graph)
+                .ok_or(INVALID_VALUE)?
+                .push((card as usize, bytes));
+            unsafe {
+                *(params.add(PARAMS_DPTR) as *mut u64) = va;
+                *node = va + 1;
+            }
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuGraphInstantiateWithFlags(
+        exec: *mut u64,
+        graph: u64,
+        _flags: u64,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            d.graphs.nodes.get(&graph).ok_or(INVALID_VALUE)?;
+            let id = 0x6000_0000 + d.next_id;
+            d.next_id += 2 * MIB;
+            d.graphs.execs.insert(id, graph);
+            unsafe { *exec = id };
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuGraphExecDestroy(exec: u64) -> CUresult {
+        status(with_driver(|d| {
+            d.graphs
+                .execs
+                .remove(&exec)
+                .map(|_| ())
+                .ok_or(INVALID_VALUE)
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuGraphDestroy(graph: u64) -> CUresult {
+        status(with_driver(|d| {
+            d.graphs
+                .nodes
+                .remove(&graph)
+                .map(|_| ())
+                .ok_or(INVALID_VALUE)
+        }))
+    }
+
+    /// Grows each card's graph reservation to what `exec` needs there.
+    pub fn reserve_for_launch(exec: u64) -> CUresult {
+        status(with_driver(|d| {
+            let Some(graph) = d.graphs.execs.get(&exec).copied() else {
+                return Ok(()); // a graph the fake does not know: no memory
+            };
+            let mut need: HashMap<usize, u64> = HashMap::new();
+            for &(card, bytes) in d.graphs.nodes.get(&graph).into_iter().flatten() {
+                *need.entry(card).or_default() += bytes;
+            }
+            for (card, bytes) in need {
+                let reserved = d.graphs.reserved.entry(card).or_default();
+                if bytes > *reserved {
+                    let c = &mut d.cards[card];
+                    if c.used + (bytes - *reserved) > c.total {
+                        return Err(OUT_OF_MEMORY);
+                    }
+                    c.used += bytes - *reserved;
+                    *reserved = bytes;
+                }
+            }
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn cuDeviceGraphMemTrim(device: c_int) -> CUresult {
+        status(with_driver(|d| {
+            d.card(device)?;
+            let released = d.graphs.reserved.remove(&(device as usize)).unwrap_or(0);
+            d.cards[device as usize].used -= released;
+            Ok(())
+        }))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuDeviceGetGraphMemAttribute(
+        device: c_int,
+        attr: c_int,
+        value: *mut u64,
+    ) -> CUresult {
+        status(with_driver(|d| {
+            d.card(device)?;
+            if attr != 2 {
+                return Err(INVALID_VALUE); // only RESERVED_MEM_CURRENT
+            }
+            let reserved = d
+                .graphs
+                .reserved
+                .get(&(device as usize))
+                .copied()
+                .unwrap_or(0);
+            unsafe { *value = reserved };
+            Ok(())
+        }))
     }
 }
