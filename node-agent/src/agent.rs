@@ -11,8 +11,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tessera_api::config::Config;
-use tessera_api::error::ConfigError;
 use tessera_api::inventory::encode_inventory;
+use tessera_runtime::config::ConfigLoadError;
 use thiserror::Error;
 use tokio::sync::watch;
 
@@ -39,24 +39,9 @@ pub enum AgentError {
     /// GPU discovery failed.
     #[error(transparent)]
     Gpu(#[from] GpuError),
-    /// The config file could not be read.
-    #[error("could not read the config file `{path}`: {source}; check the --config path and the ConfigMap mount")]
-    ReadConfig {
-        /// The path.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The config file is invalid.
-    #[error("config file `{path}`: {source}")]
-    Config {
-        /// The path.
-        path: PathBuf,
-        /// What is wrong.
-        #[source]
-        source: ConfigError,
-    },
+    /// The config file could not be read or is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigLoadError),
     /// No node name was given.
     #[error("no node name: pass --node-name or set NODE_NAME (the DaemonSet sets it from spec.nodeName)")]
     NoNodeName,
@@ -70,17 +55,7 @@ pub enum AgentError {
 
 /// Reads the config file, or the defaults when none is given.
 pub fn load_config(path: Option<&Path>) -> Result<Config, AgentError> {
-    let Some(path) = path else {
-        return Ok(Config::default());
-    };
-    let text = std::fs::read_to_string(path).map_err(|source| AgentError::ReadConfig {
-        path: path.to_owned(),
-        source,
-    })?;
-    Config::from_yaml(&text).map_err(|source| AgentError::Config {
-        path: path.to_owned(),
-        source,
-    })
+    Ok(tessera_runtime::config::load_config(path)?)
 }
 
 /// The backend the options ask for: fake cards, or NVML.

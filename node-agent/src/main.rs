@@ -5,20 +5,11 @@ use anyhow::Context;
 use clap::Parser;
 use tessera_node_agent::agent::{self, AgentSetup};
 use tessera_node_agent::options::AgentOptions;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let options = AgentOptions::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if options.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    tessera_runtime::logging::init(&options.log);
 
     let config = agent::load_config(options.config.as_deref())?;
     let backend = match agent::backend_from_options(&options) {
@@ -42,25 +33,9 @@ async fn main() -> anyhow::Result<()> {
     let setup = AgentSetup::from_options(&options, config, backend, client)?;
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("stopping");
+        tessera_runtime::shutdown::signal().await;
         let _ = stop.send(true);
     });
     agent::run(setup, shutdown).await?;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }

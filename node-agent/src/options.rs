@@ -64,9 +64,9 @@ pub struct AgentOptions {
     /// Seconds between pod sweeps (metrics index, stale directory cleanup).
     #[arg(long, default_value_t = 60)]
     pub sweep_interval_secs: u64,
-    /// Log as JSON lines.
-    #[arg(long, env = "TESSERA_LOG_JSON")]
-    pub log_json: bool,
+    /// Logging.
+    #[command(flatten)]
+    pub log: tessera_runtime::logging::LogArgs,
 }
 
 impl AgentOptions {

@@ -9,9 +9,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::http::StatusCode;
-use axum::routing::get;
-
 /// What the agent has achieved so far, shared with the `/readyz` handler.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
@@ -47,30 +44,22 @@ impl Readiness {
     }
 }
 
-/// `/healthz` and `/readyz` over `readiness`.
+/// `/healthz` and `/readyz` over `readiness` (the runtime's probe router).
 pub fn router(readiness: Readiness) -> axum::Router {
-    axum::Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let readiness = readiness.clone();
-                async move {
-                    match readiness.check() {
-                        Ok(()) => (StatusCode::OK, "ok".to_owned()),
-                        Err(reason) => (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!("not ready: {reason}"),
-                        ),
-                    }
-                }
-            }),
-        )
+    tessera_runtime::probes::router(
+        Arc::new(move || {
+            readiness
+                .check()
+                .map_err(|reason| format!("not ready: {reason}"))
+        }),
+        None,
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt;

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use tessera_api::config::Config;
+use tessera_runtime::config::load_config;
+use tessera_runtime::{logging, shutdown};
 use tessera_scheduler::options::Args;
 use tessera_scheduler::shell::leader::LeaseSettings;
 use tessera_scheduler::shell::{seal_key, Scheduler, ShellOptions};
@@ -13,24 +14,8 @@ use tessera_scheduler::shell::{seal_key, Scheduler, ShellOptions};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if args.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
-    let config = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config {}", path.display()))?;
-            Config::from_yaml(&text).with_context(|| format!("in config {}", path.display()))?
-        }
-        None => Config::default(),
-    };
+    logging::init(&args.log);
+    let config = load_config(args.config.as_deref())?;
     let client = kube::Client::try_default()
         .await
         .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
@@ -62,6 +47,11 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     tracing::info!(scheduler_name = %args.identity, "tessera-scheduler starting");
-    scheduler.run().await.context("scheduler stopped")?;
+    // On SIGTERM stop deciding at once: binds in flight either landed or
+    // are redone by the next leader from the pods' annotations.
+    tokio::select! {
+        result = scheduler.run() => result.context("scheduler stopped")?,
+        () = shutdown::signal() => {}
+    }
     Ok(())
 }

@@ -45,7 +45,7 @@ pub struct Args {
     /// Namespace of the Secret `tessera-allocation-key` (the seal key).
     #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
     pub key_namespace: String,
-    /// Log as JSON (for clusters) instead of text.
-    #[arg(long, default_value_t = false)]
-    pub log_json: bool,
+    /// Logging.
+    #[command(flatten)]
+    pub log: tessera_runtime::logging::LogArgs,
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tessera_api::config::Config;
-use tessera_api::error::ConfigError;
+use tessera_runtime::config::ConfigLoadError;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
@@ -90,31 +90,17 @@ pub struct Options {
     /// Largest accepted review body, bytes; larger bodies get 413.
     #[arg(long, env = "TESSERA_WEBHOOK_BODY_LIMIT", default_value_t = DEFAULT_BODY_LIMIT)]
     pub body_limit_bytes: usize,
+    /// Logging.
+    #[command(flatten)]
+    pub log: tessera_runtime::logging::LogArgs,
 }
 
 /// Why the webhook could not start.
 #[derive(Debug, Error)]
 pub enum RunError {
-    /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}; check --config / TESSERA_CONFIG")]
-    ReadConfig {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The config file is invalid.
-    #[error(
-        "config file {path} is not usable; correct it, or leave out --config for the defaults"
-    )]
-    Config {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        #[source]
-        source: ConfigError,
-    },
+    /// The config file could not be read or is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigLoadError),
     /// Neither a certificate nor self-provisioning was asked for.
     #[error("no serving certificate: pass --tls-cert and --tls-key (a mounted Secret), or --self-provision")]
     NoCertificate,
@@ -140,17 +126,9 @@ pub enum RunError {
 
 /// Loads the config file, or the defaults when none is given.
 pub fn load_config(path: Option<&PathBuf>) -> Result<Config, RunError> {
-    let Some(path) = path else {
-        return Ok(Config::default());
-    };
-    let text = std::fs::read_to_string(path).map_err(|source| RunError::ReadConfig {
-        path: path.clone(),
-        source,
-    })?;
-    Config::from_yaml(&text).map_err(|source| RunError::Config {
-        path: path.clone(),
-        source,
-    })
+    Ok(tessera_runtime::config::load_config(
+        path.map(PathBuf::as_path),
+    )?)
 }
 
 /// Binds `--listen` and runs the webhook until `shutdown` completes. With

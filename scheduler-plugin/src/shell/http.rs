@@ -2,6 +2,10 @@
 //! `/healthz`, and `/readyz` (ready once the initial node and pod lists are
 //! in).
 
+use std::sync::Arc;
+
+use tessera_runtime::probes;
+
 use super::metrics::set_gauge;
 use super::{lock, Scheduler};
 
@@ -16,44 +20,19 @@ impl Scheduler {
         self.shared.metrics.render(&state, &allocated)
     }
 
-    /// `/metrics`, `/healthz` and `/readyz`.
+    /// `/metrics`, `/healthz` and `/readyz` (the runtime's probe router).
     pub fn router(&self) -> axum::Router {
-        use axum::http::StatusCode;
-        use axum::routing::get;
         let metrics = self.clone();
         let ready = self.clone();
-        axum::Router::new()
-            .route(
-                "/metrics",
-                get(move || {
-                    let scheduler = metrics.clone();
-                    async move {
-                        (
-                            [(
-                                axum::http::header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            scheduler.metrics_text(),
-                        )
-                    }
-                }),
-            )
-            .route("/healthz", get(|| async { "ok" }))
-            .route(
-                "/readyz",
-                get(move || {
-                    let scheduler = ready.clone();
-                    async move {
-                        if scheduler.is_synced() {
-                            (StatusCode::OK, "ok")
-                        } else {
-                            (
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "waiting for the initial node and pod lists",
-                            )
-                        }
-                    }
-                }),
-            )
+        probes::router(
+            Arc::new(move || {
+                if ready.is_synced() {
+                    Ok(())
+                } else {
+                    Err("waiting for the initial node and pod lists".to_owned())
+                }
+            }),
+            Some(Arc::new(move || metrics.metrics_text())),
+        )
     }
 }
