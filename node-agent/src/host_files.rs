@@ -5,9 +5,12 @@
 //! sees the old file or the new one, never half of one), and one directory
 //! per GPU container holding its shared accounting region. Directories are
 //! owned by the agent and not world-writable; the region file inside is
-//! made writable for the container's user. Directories of pods that no
+//! made writable for the container's user (so everything in it is read
+//! defensively, see [`crate::region_file`]). Directories of pods that no
 //! longer exist are removed. The host-pid socket lives in its own directory
-//! (`pid/`), served by [`crate::pid_socket`].
+//! (`pid/`), served by [`crate::pid_socket`]. The per-card tenant tables
+//! live in `cards/`, owned by the agent (0755, files 0644, written only by
+//! [`crate::tenant_tables`]) and mounted read-only into containers.
 
 use std::collections::HashSet;
 use std::fs;
@@ -27,7 +30,7 @@ pub const CONTAINER_LIB_DIR: &str = "/usr/local/tessera";
 pub const CONTAINER_SHARED_DIR: &str = "/usr/local/tessera/shared";
 /// Name of the accounting region file in that directory.
 pub const REGION_FILE: &str = "region.cache";
-/// Where the node-wide per-card tenant tables appear inside containers.
+/// Where the node-wide per-card tenant tables appear inside containers (read-only).
 pub const CONTAINER_CARDS_DIR: &str = "/usr/local/tessera/cards";
 /// The preload file every GPU container gets.
 pub const CONTAINER_PRELOAD: &str = "/etc/ld.so.preload";
@@ -119,20 +122,34 @@ impl HostLayout {
         self.root.join("containers")
     }
 
-    /// Directory of the per-card tenant tables (one file per card UUID,
-    /// shared by every GPU container of the node for SM limits and
-    /// priorities); created world-writable with the sticky bit.
+    /// Directory of the per-card tenant tables.
+    pub fn cards_dir(&self) -> PathBuf {
+        self.root.join("cards")
+    }
+
+    /// Creates the directory of the per-card tenant tables (one file per
+    /// card UUID, read by every GPU container of the node for SM limits
+    /// and priorities, written only by the agent) and returns it: mode
+    /// 0755, owned by the agent (a directory left world-writable by an
+    /// older agent is closed).
     pub fn prepare_cards_dir(&self) -> Result<PathBuf, HostFileError> {
-        let dir = self.root.join("cards");
+        let dir = self.cards_dir();
         fs::create_dir_all(&dir).map_err(io("create the card tenants directory", &dir))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777))
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
             .map_err(io("set permissions of", &dir))?;
         Ok(dir)
     }
 
+    /// A container's id in the tenant tables and the name of its host
+    /// directory: `<pod UID>_<container>`.
+    pub fn tenant_id(pod_uid: &str, container: &str) -> String {
+        format!("{pod_uid}_{container}")
+    }
+
     /// Host directory of one container's accounting region.
     pub fn container_dir(&self, pod_uid: &str, container: &str) -> PathBuf {
-        self.containers_dir().join(format!("{pod_uid}_{container}"))
+        self.containers_dir()
+            .join(Self::tenant_id(pod_uid, container))
     }
 
     /// Path of the interceptor inside a container.
