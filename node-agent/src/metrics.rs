@@ -337,4 +337,46 @@ mod tests {
         expect(format!("hami_host_gpu_memory_used_bytes{{deviceidx=\"1\",deviceuuid=\"{uuid}\",devicetype=\"NVIDIA-NVIDIA A10G\"}} 3221225472"));
         expect(format!("hami_host_gpu_utilization_ratio{{deviceidx=\"1\",deviceuuid=\"{uuid}\",devicetype=\"NVIDIA-NVIDIA A10G\"}} 0.25"));
     }
+
+    #[test]
+    fn a_bad_region_is_counted_and_the_others_still_render() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let layout = HostLayout::new(temp.path());
+        let gpus = FakeGpus::parse("1x NVIDIA A10G 23028", "n").expect("parses");
+        let cards: Arc<[GpuInfo]> = gpus.discover().expect("cards").into();
+        let record = |uid: &str| {
+            let dir = layout
+                .prepare_container_dir(uid, "main", None)
+                .expect("dir");
+            ContainerRecord {
+                namespace: "ns".into(),
+                pod: uid.into(),
+                container: "main".into(),
+                region: dir.join(crate::host_files::REGION_FILE),
+                cards: vec![cards[0].uuid.clone()],
+                priority: None,
+            }
+        };
+        let (good, bad) = (record("good"), record("bad"));
+        // `truncate -s 300M` on the bad one's region.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&bad.region)
+            .expect("open")
+            .set_len(300 << 20)
+            .expect("grow");
+        let index: ContainerIndex = Arc::new(RwLock::new(vec![bad, good]));
+        let metrics = Metrics::new(Arc::new(gpus), Arc::clone(&cards), index);
+        metrics.render();
+        let text = metrics.render();
+        assert!(
+            text.contains("tessera_region_read_failures_total{podnamespace=\"ns\",podname=\"bad\",ctrname=\"main\",reason=\"wrong_size\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hami_vgpu_memory_used_bytes{podnamespace=\"ns\",podname=\"good\""),
+            "{text}"
+        );
+        assert!(!text.contains("hami_vgpu_memory_used_bytes{podnamespace=\"ns\",podname=\"bad\""));
+    }
 }
