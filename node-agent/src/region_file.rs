@@ -479,7 +479,9 @@ mod tests {
         // SAFETY: NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o666) }, 0);
 
-        let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+        /// Puts something at the path the agent will read.
+        type Make<'a> = Box<dyn Fn(&Path) + 'a>;
+        let cases: Vec<(&str, Make<'_>, &str)> = vec![
             (
                 "symlink to a FIFO",
                 Box::new(|p: &Path| symlink(&fifo, p).expect("link")),
