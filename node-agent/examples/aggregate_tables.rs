@@ -87,8 +87,13 @@ fn main() -> anyhow::Result<()> {
     let index = Arc::new(RwLock::new(Vec::new()));
     // No container directories to watch: the index is the tenants file.
     let layout = HostLayout::new(options.cards_dir.join("unused"));
-    let mut aggregator =
-        TenantAggregator::new(files, Arc::clone(&index), layout, RegionWarnings::new(), None);
+    let mut aggregator = TenantAggregator::new(
+        files,
+        Arc::clone(&index),
+        layout,
+        RegionWarnings::new(),
+        None,
+    );
     eprintln!(
         "aggregating {} into {} every {} ms",
         options.tenants.display(),

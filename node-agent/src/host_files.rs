@@ -186,19 +186,37 @@ impl HostLayout {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
             .map_err(io("set permissions of", &dir))?;
         let region = dir.join(REGION_FILE);
+        // The directory may exist from before (and is the container's to
+        // write in): whatever is at the region's path that is not a regular
+        // file (a link, a FIFO, a directory) is removed, never followed, and
+        // the file is then changed only through its own descriptor.
+        match fs::symlink_metadata(&region) {
+            Ok(meta) if meta.is_dir() => fs::remove_dir_all(&region)
+                .map_err(io("remove a directory in place of", &region))?,
+            Ok(meta) if !meta.is_file() => fs::remove_file(&region)
+                .map_err(io("remove a special file in place of", &region))?,
+            _ => {}
+        }
         let file = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&region)
             .map_err(io("create the region file", &region))?;
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(io("create the region file", &region)(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "something other than a regular file took its place",
+            )));
+        }
         // Sized (sparse, zero-filled) for the layout, so the first process
         // of the container only has to initialise the header.
         if file.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
             file.set_len(REGION_SIZE as u64)
                 .map_err(io("size the region file", &region))?;
         }
-        let mode = match owner.map(|(uid, gid)| std::os::unix::fs::chown(&region, Some(uid), gid)) {
+        let mode = match owner.map(|(uid, gid)| std::os::unix::fs::fchown(&file, Some(uid), gid)) {
             Some(Ok(())) => 0o660,
             Some(Err(e)) => {
                 tracing::warn!(path = %region.display(), error = %e, "could not give the region file to the container user; making it writable for every user of the container instead");
@@ -206,7 +224,7 @@ impl HostLayout {
             }
             None => 0o666,
         };
-        fs::set_permissions(&region, fs::Permissions::from_mode(mode))
+        file.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(io("set permissions of", &region))?;
         Ok(dir)
     }
@@ -356,5 +374,29 @@ mod tests {
         );
         assert_eq!(removed, vec![dir]);
         assert_eq!(layout.container_dirs().len(), 1);
+    }
+
+    #[test]
+    fn preparing_again_never_follows_what_the_container_put_there() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let layout = HostLayout::new(temp.path().join("host"));
+        let victim = temp.path().join("host-file");
+        fs::write(&victim, b"precious").expect("write");
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let dir = layout
+            .prepare_container_dir("uid-1", "main", None)
+            .expect("dir");
+        // The container swaps its region for a link to a host file.
+        fs::remove_file(dir.join(REGION_FILE)).expect("rm");
+        std::os::unix::fs::symlink(&victim, dir.join(REGION_FILE)).expect("link");
+        layout
+            .prepare_container_dir("uid-1", "main", Some((4242, Some(4242))))
+            .expect("prepared again");
+        assert_eq!(fs::read(&victim).expect("read"), b"precious");
+        let (_, _, victim_mode) = owner_of(&victim).expect("meta");
+        assert_eq!(victim_mode, 0o600, "the link's target was not chmodded");
+        let region = fs::symlink_metadata(dir.join(REGION_FILE)).expect("meta");
+        assert!(region.is_file());
+        assert_eq!(region.len(), REGION_SIZE as u64);
     }
 }
