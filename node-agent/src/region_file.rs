@@ -5,10 +5,12 @@
 //!
 //! - the path is opened `O_PATH | O_NOFOLLOW` first and `fstat`ed: a
 //!   symbolic link (to a FIFO, to another container's region, to anything)
-//!   is refused without being followed, and anything but a regular file of
-//!   exactly [`REGION_SIZE`] bytes (or an empty one, which no process has
-//!   initialised yet) is refused without being opened for reading, so a FIFO
-//!   or a device node is never opened and nothing can block;
+//!   is refused without being followed, and anything but a regular file is
+//!   refused without being opened for reading, so a FIFO or a device node
+//!   is never opened and nothing can block; a regular file must be exactly
+//!   [`REGION_SIZE`] bytes (or empty: no process has initialised it yet),
+//!   else only its first 16 bytes are read, to name the layout version of a
+//!   region from another interceptor build;
 //! - the regular file is then opened for reading through that same
 //!   descriptor (`/proc/self/fd/<n>`, so no second path lookup can be
 //!   raced), `O_NONBLOCK`, and checked again (same inode, still regular,
@@ -35,7 +37,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use tessera_api::shared_region::{RegionError, SharedRegion, AGENT_READ_RANGES, REGION_SIZE};
+use tessera_api::shared_region::{
+    RegionError, SharedRegion, AGENT_READ_RANGES, MAGIC, REGION_SIZE, VERSION,
+};
 use thiserror::Error;
 
 /// Why a region file was not read.
@@ -203,7 +207,13 @@ pub fn read_region_file<'b>(
         path: err_path(),
         source,
     })?;
-    check_regular_and_size(path, &checked)?;
+    let regular = checked.st_mode & libc::S_IFMT == libc::S_IFREG;
+    if let Err(wrong) = check_regular_and_size(path, &checked) {
+        if !regular {
+            return Err(wrong);
+        }
+        // A regular file of the wrong size: only its header is looked at.
+    }
     if checked.st_size == 0 {
         return Ok(None);
     }
@@ -225,8 +235,12 @@ pub fn read_region_file<'b>(
     if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino) {
         return Err(RegionFileError::Replaced { path: err_path() });
     }
-    check_regular_and_size(path, &opened)?;
     let file = File::from(fd);
+    if let Err(wrong) = check_regular_and_size(path, &opened) {
+        // A region of another layout version says so in its header: name
+        // the version rather than only the size.
+        return Err(version_of_other_layout(&file, path).unwrap_or(wrong));
+    }
     let bytes = buffer.bytes_mut();
     for range in AGENT_READ_RANGES {
         let offset = range.start as u64;
@@ -250,6 +264,19 @@ pub fn read_region_file<'b>(
     }
     region.validate().map_err(layout)?;
     Ok(Some(region))
+}
+
+/// For a regular file of the wrong size: [`RegionError::BadVersion`] when
+/// its first bytes are a Tessera region header of another layout version.
+fn version_of_other_layout(file: &File, path: &Path) -> Option<RegionFileError> {
+    let mut header = [0u8; 16];
+    file.read_exact_at(&mut header, 0).ok()?;
+    let magic = u64::from_le_bytes(header[..8].try_into().ok()?);
+    let version = u32::from_le_bytes(header[8..12].try_into().ok()?);
+    (magic == MAGIC && version != VERSION).then(|| RegionFileError::Layout {
+        path: path.to_owned(),
+        source: RegionError::BadVersion { found: version },
+    })
 }
 
 fn check_regular_and_size(path: &Path, st: &libc::stat) -> Result<(), RegionFileError> {
@@ -540,6 +567,32 @@ mod tests {
         }
         // The other container's file was neither followed nor changed.
         assert_eq!(read(&other).expect("still fine"), Some(99));
+    }
+
+    #[test]
+    fn a_region_of_another_layout_version_is_named_by_its_version() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let path = temp.path().join("region.cache");
+        // A version-2 region (before the publish block): shorter.
+        let mut bytes = vec![0u8; REGION_SIZE - 1024];
+        bytes[..8].copy_from_slice(&MAGIC.to_le_bytes());
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        std::fs::write(&path, &bytes).expect("write");
+        let error = read(&path).expect_err("refused");
+        assert!(
+            matches!(
+                error,
+                RegionFileError::Layout {
+                    source: RegionError::BadVersion { found: 2 },
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert!(error.to_string().contains("layout version 2"), "{error}");
+        // Not a region at all: the size is what is wrong.
+        std::fs::write(&path, vec![1u8; 100]).expect("write");
+        assert_eq!(read(&path).expect_err("refused").reason(), "wrong_size");
     }
 
     #[test]
