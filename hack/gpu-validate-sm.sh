@@ -20,13 +20,22 @@
 set -uo pipefail
 
 LIB=${LIB:-$PWD/build-gpu/sm/libtessera-cuda.so}
+AGG=${AGG:-$PWD/build-gpu/aggregate-tables}
 RUN=${RUN:-12}
 SETTLE=${SETTLE:-4}
 WORK=$(mktemp -d)
 LOGDIR=${OUT:-$WORK}
 exec > >(tee "$LOGDIR/sm-validate.log") 2>&1
 test -f "$LIB" || { echo "missing $LIB (see the header of this script)"; exit 1; }
-mkdir -p "$WORK/cards"
+test -x "$AGG" || { echo "missing $AGG (see the header of this script)"; exit 1; }
+mkdir -p "$WORK/cards" "$WORK/tenants"
+: > "$WORK/tenants.txt"
+# The card the tenants run on: CUDA ordinal 0 in PCI order = nvidia-smi's 0.
+export CUDA_DEVICE_ORDER=PCI_BUS_ID
+UUID=$(nvidia-smi --query-gpu=uuid --format=csv,noheader -i 0)
+"$AGG" --cards-dir "$WORK/cards" --card "$UUID" --tenants "$WORK/tenants.txt" 2> "$LOGDIR/aggregate-tables.log" &
+AGG_PID=$!
+trap 'kill $AGG_PID 2>/dev/null' EXIT
 
 echo "== machine"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -35,10 +44,17 @@ nvcc -O2 -arch=native -o "$WORK/bench" hack/gpu-validate/bench.cu -lcuda || exit
 
 tenant() { # tenant <name> <env...> -- <command...>
     local name=$1; shift
-    local envs=()
-    while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
-    env LD_PRELOAD="$LIB" CUDA_DEVICE_MEMORY_SHARED_CACHE="$WORK/$name.cache" \
-        TESSERA_CARD_TENANTS_DIR="$WORK/cards" LIBCUDA_LOG_LEVEL=2 "${envs[@]}" "$@"
+    local envs=() prio=-
+    while [ "$1" != -- ]; do
+        case $1 in CUDA_TASK_PRIORITY=*) prio=${1#*=} ;; esac
+        envs+=("$1"); shift
+    done; shift
+    # The "allocation": what the agent would know from the pod.
+    mkdir -p "$WORK/tenants/$name"
+    echo "$WORK/tenants/$name/region.cache $prio $UUID" >> "$WORK/tenants.txt"
+    env LD_PRELOAD="$LIB" CUDA_DEVICE_MEMORY_SHARED_CACHE="$WORK/tenants/$name/region.cache" \
+        TESSERA_CARD_TENANTS_DIR="$WORK/cards" TESSERA_TENANT_ID="$name" TESSERA_VISIBLE_UUIDS="$UUID" \
+        LIBCUDA_LOG_LEVEL=2 "${envs[@]}" "$@"
 }
 # mean of windows[SETTLE..]
 rate_after() { sed -n 's/.*windows=\([0-9,]*\).*/\1/p' "$1" | tr , '\n' | tail -n +$((SETTLE + 1)) |

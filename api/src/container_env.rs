@@ -128,9 +128,14 @@ pub const SM_LIMIT_PREFIX: &str = "CUDA_DEVICE_SM_LIMIT_";
 pub const CORE_UTILIZATION_POLICY: &str = "GPU_CORE_UTILIZATION_POLICY";
 /// The container's priority on its cards: `0` high, `1` low (`nvidia.com/priority`).
 pub const TASK_PRIORITY: &str = "CUDA_TASK_PRIORITY";
-/// Directory (mounted from the host into every GPU container) holding one
-/// tenant table per physical card (layout in [`crate::card_tenants`]).
+/// Directory (mounted read-only from the host into every GPU container)
+/// holding one tenant table per physical card, written by the node agent
+/// (layout in [`crate::card_tenants`]).
 pub const CARD_TENANTS_DIR: &str = "TESSERA_CARD_TENANTS_DIR";
+/// The container's id in the tenant tables (the name of its host
+/// directory, `<pod UID>_<container>`): the interceptor finds its own entry
+/// by [`crate::card_tenants::tenant_key`] of it, to leave itself out.
+pub const TENANT_ID: &str = "TESSERA_TENANT_ID";
 
 /// Name of the per-card SM cap variable for visible card `index`.
 pub fn sm_limit_var(index: usize) -> String {

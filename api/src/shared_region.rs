@@ -1,11 +1,12 @@
 //! The memory-accounting region shared by every process of one container and
-//! read by the node agent for metrics: a versioned `#[repr(C)]` layout that
+//! read by the node agent (metrics, and the per-card tenant tables it
+//! aggregates from every container's publish block): a versioned `#[repr(C)]` layout that
 //! lives in the file named by `CUDA_DEVICE_MEMORY_SHARED_CACHE`, mapped
 //! `MAP_SHARED` by each process. This module owns the layout and the atomic
 //! arithmetic on it; opening, mapping and locking the file belong to the
 //! interceptor (and to the node agent's reader), since this crate does no I/O.
 //!
-//! Layout (version 2), all integers little-endian native atomics:
+//! Layout (version 3), all integers little-endian native atomics:
 //!
 //! | part | what it holds |
 //! |---|---|
@@ -14,12 +15,21 @@
 //! | `[`[`ProcessSlot`]`; MAX_PROCESSES]` | per process: its pid and the bytes it charged on each card |
 //! | [`CoreControl`] | (v2) the SM limiter's updater: who runs it, its heartbeat |
 //! | `[`[`CoreAccount`]`; MAX_DEVICES]` | (v2) per card: the SM cap's token bucket and the measured utilisation |
+//! | `[`[`LaunchPublish`]`; MAX_DEVICES]` | (v3) per card: what the container tells the node agent about its launches (rate, last launch, heartbeat) |
 //!
 //! The SM limiter (v2) keeps one token bucket per card for the whole
 //! container, not per process: every governed launch of every process spends
 //! from [`CoreAccount::tokens`], and one elected process (holder of the OFD
 //! lock on [`SM_UPDATER_LOCK_OFFSET`]) refills it at the rate its controller
-//! chose. Version 1 files are refused (restart the container).
+//! chose. Files of other versions are refused (restart the container).
+//!
+//! The publish block (v3) is how a container takes part in the node-wide
+//! tenant table of its cards (`crate::card_tenants`) without writing
+//! anything another container reads: its SM updater writes its own figures
+//! here, the node agent reads every container's region defensively (only
+//! [`AGENT_READ_RANGES`], at most [`REGION_SIZE`] bytes) and writes the
+//! tables, which containers see read-only. Nothing in this file is trusted
+//! beyond the container's own entry: priority comes from the allocation.
 //!
 //! Admission is [`DeviceAccount::try_reserve`], a compare-and-swap on the
 //! card's counter, made before the driver is asked, so two processes can never
@@ -40,7 +50,7 @@ use thiserror::Error;
 /// `"TESSERA\x01"` read as a little-endian `u64`.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TESSERA\x01");
 /// Layout version; bumped on any change to the structures below.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Visible cards one container can account for.
 pub const MAX_DEVICES: usize = 16;
 /// Processes of one container that can hold a slot at the same time.
@@ -284,6 +294,56 @@ impl CoreAccount {
     }
 }
 
+/// What the container publishes about its launches on one card (layout
+/// version 3), written by its SM updater every control period and read by
+/// the node agent, which copies it into the card's tenant table. Times are
+/// `CLOCK_MONOTONIC` nanoseconds (the same clock on the host).
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct LaunchPublish {
+    /// Cost units (blocks × threads) the container launched per second on
+    /// the card, smoothed over a fraction of a second; at least 1 once
+    /// published.
+    pub launch_rate: AtomicU64,
+    /// When the container last launched on the card; 0 = never.
+    pub last_launch_ns: AtomicU64,
+    /// When the updater last published (liveness); 0 = never.
+    pub beat_ns: AtomicU64,
+    /// Reserved, zero.
+    pub reserved: [AtomicU64; 5],
+}
+
+/// One card's published figures, as plain values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LaunchFigures {
+    /// [`LaunchPublish::launch_rate`].
+    pub launch_rate: u64,
+    /// [`LaunchPublish::last_launch_ns`].
+    pub last_launch_ns: u64,
+    /// [`LaunchPublish::beat_ns`].
+    pub beat_ns: u64,
+}
+
+impl LaunchPublish {
+    /// Publishes one control period's figures (the beat last).
+    pub fn publish(&self, figures: LaunchFigures) {
+        self.launch_rate
+            .store(figures.launch_rate, Ordering::Relaxed);
+        self.last_launch_ns
+            .store(figures.last_launch_ns, Ordering::Relaxed);
+        self.beat_ns.store(figures.beat_ns, Ordering::Release);
+    }
+
+    /// The figures as they are now.
+    pub fn figures(&self) -> LaunchFigures {
+        LaunchFigures {
+            beat_ns: self.beat_ns.load(Ordering::Acquire),
+            launch_rate: self.launch_rate.load(Ordering::Relaxed),
+            last_launch_ns: self.last_launch_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// The whole region as it lies in the file.
 #[repr(C)]
 #[derive(Debug)]
@@ -298,10 +358,23 @@ pub struct SharedRegion {
     pub core_control: CoreControl,
     /// Per-card SM accounts, indexed like `devices` (v2).
     pub cores: [CoreAccount; MAX_DEVICES],
+    /// Per-card launch figures for the node agent, indexed like `devices` (v3).
+    pub publish: [LaunchPublish; MAX_DEVICES],
 }
 
 /// Size of the file in bytes.
 pub const REGION_SIZE: usize = std::mem::size_of::<SharedRegion>();
+
+/// The header and the per-card memory accounts: what the node agent's
+/// metrics need.
+pub const ACCOUNTS_RANGE: std::ops::Range<usize> = 0..std::mem::offset_of!(SharedRegion, processes);
+/// The SM updater's control block, the per-card SM accounts and the publish
+/// block: what the node agent's tenant-table aggregation needs.
+pub const CONTROL_RANGE: std::ops::Range<usize> =
+    std::mem::offset_of!(SharedRegion, core_control)..REGION_SIZE;
+/// Every byte range of the file the node agent reads (the process slots,
+/// 96% of the file, are never read by it).
+pub const AGENT_READ_RANGES: [std::ops::Range<usize>; 2] = [ACCOUNTS_RANGE, CONTROL_RANGE];
 
 /// Why a mapped file is not a region this version can use.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -481,13 +554,25 @@ mod tests {
         assert_eq!(std::mem::size_of::<ProcessSlot>(), 192);
         assert_eq!(std::mem::size_of::<CoreControl>(), 64);
         assert_eq!(std::mem::size_of::<CoreAccount>(), 64);
-        assert_eq!(REGION_SIZE, 64 + 16 * 64 + 1024 * 192 + 64 + 16 * 64);
+        assert_eq!(std::mem::size_of::<LaunchPublish>(), 64);
+        assert_eq!(
+            REGION_SIZE,
+            64 + 16 * 64 + 1024 * 192 + 64 + 16 * 64 + 16 * 64
+        );
         assert_eq!(std::mem::offset_of!(SharedRegion, devices), 64);
-        // Version 2 appends; the version-1 parts keep their offsets.
+        // Versions 2 and 3 append; the earlier parts keep their offsets.
         assert_eq!(
             std::mem::offset_of!(SharedRegion, core_control),
             64 + 16 * 64 + 1024 * 192
         );
+        assert_eq!(
+            std::mem::offset_of!(SharedRegion, publish),
+            64 + 16 * 64 + 1024 * 192 + 64 + 16 * 64
+        );
+        // What the agent reads: the head and the tail, never the slots.
+        assert_eq!(ACCOUNTS_RANGE, 0..64 + 16 * 64);
+        assert_eq!(CONTROL_RANGE.end, REGION_SIZE);
+        assert_eq!(CONTROL_RANGE.len(), 64 + 16 * 64 + 16 * 64);
     }
 
     #[test]
@@ -525,6 +610,15 @@ mod tests {
         assert_eq!(region.validate(), Ok(()));
         region.header.version.store(7, Ordering::Relaxed);
         assert_eq!(region.validate(), Err(RegionError::BadVersion { found: 7 }));
+        // A version-2 file (before the publish block) is refused by name.
+        region.header.version.store(2, Ordering::Relaxed);
+        let refused = region.validate().unwrap_err();
+        assert_eq!(refused, RegionError::BadVersion { found: 2 });
+        assert!(
+            refused.to_string().contains("layout version 2")
+                && refused.to_string().contains("understands 3"),
+            "{refused}"
+        );
     }
 
     #[test]

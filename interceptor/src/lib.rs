@@ -25,9 +25,10 @@
 //!   governed), which spends from the container's per-card token bucket in
 //!   the shared region. One elected process per container runs the updater
 //!   thread (`sm_updater`) that refills the buckets at the rate the pure
-//!   [`sm_controller`] computes from NVML's utilisation figures, and that
-//!   keeps the container's entry in the card's node-wide tenant table
-//!   (`card_table`) for the default policy and priorities. [`sm_config`]
+//!   [`sm_controller`] computes from NVML's utilisation figures, publishes
+//!   the container's launch figures in its own region, and reads the
+//!   card's node-wide tenant table that the node agent builds from them
+//!   (`card_table`, read-only) for the default policy and priorities. [`sm_config`]
 //!   reads the compute settings.
 //!
 //! Nothing runs at load time. The hooks are `unsafe extern "C"` functions

@@ -1,7 +1,8 @@
 //! The compute side of the container environment, read once: SM caps per
 //! visible card (`CUDA_DEVICE_SM_LIMIT[_<i>]`), the core utilisation policy
 //! (`GPU_CORE_UTILIZATION_POLICY`), the priority (`CUDA_TASK_PRIORITY`) and
-//! the node-wide tenant-table directory (`TESSERA_CARD_TENANTS_DIR`). Kept
+//! the node-wide tenant-table directory (`TESSERA_CARD_TENANTS_DIR`) with
+//! the container's id in it (`TESSERA_TENANT_ID`). Kept
 //! apart from the memory configuration so the launch path owns it. A value
 //! that is set but unparsable is an error: CUDA initialisation is refused
 //! (fail closed, as for memory caps), except an unknown policy, which
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 use tessera_api::container_env::{
     parse_core_policy, parse_sm_limit, parse_task_priority, ComputeEnvError, CorePolicy,
     TaskPriority, CARD_TENANTS_DIR, CORE_UTILIZATION_POLICY, SM_LIMIT, SM_LIMIT_PREFIX,
-    TASK_PRIORITY,
+    TASK_PRIORITY, TENANT_ID,
 };
 use tessera_api::shared_region::MAX_DEVICES;
 use thiserror::Error;
@@ -29,6 +30,9 @@ pub struct ComputeConfig {
     pub tenants_dir: Option<PathBuf>,
     /// Settings taken in HAMi-core's sense rather than refused, to print.
     pub warnings: Vec<String>,
+    /// The container's id in those tables (its own entry is left out of
+    /// what it learns about the others); `None` = not given.
+    pub tenant_id: Option<String>,
 }
 
 /// A compute setting the interceptor refuses to run with.
@@ -96,6 +100,8 @@ impl ComputeConfig {
                 config.priority = Some(parse_task_priority(&value).map_err(bad(&name, &value))?);
             } else if name == CARD_TENANTS_DIR && !value.is_empty() {
                 config.tenants_dir = Some(PathBuf::from(value));
+            } else if name == TENANT_ID && !value.trim().is_empty() {
+                config.tenant_id = Some(value.trim().to_owned());
             }
         }
         for (limit, card) in config.sm_limits.iter_mut().zip(per_card) {
@@ -151,6 +157,7 @@ mod tests {
             ("CUDA_DEVICE_SM_LIMIT_2", "70"),
             ("GPU_CORE_UTILIZATION_POLICY", "force"),
             ("TESSERA_CARD_TENANTS_DIR", "/t"),
+            ("TESSERA_TENANT_ID", "uid-1_main"),
         ])
         .unwrap();
         assert_eq!(c.effective_limit(0), Some(30));
@@ -159,6 +166,7 @@ mod tests {
         assert_eq!(c.effective_limit(15), Some(30));
         assert_eq!(c.policy, CorePolicy::Force);
         assert_eq!(c.tenants_dir, Some(PathBuf::from("/t")));
+        assert_eq!(c.tenant_id.as_deref(), Some("uid-1_main"));
         assert!(c.governs_launches());
         let c = config(&[
             ("CUDA_DEVICE_SM_LIMIT", "30"),

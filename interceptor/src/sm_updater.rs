@@ -6,8 +6,11 @@
 //! 1. updates the container's own launched-cost rate on the card (cost
 //!    units per second from the region's spend counter, smoothed over
 //!    [`RATE_SMOOTHING`]) and publishes it, with a heartbeat and the time of
-//!    the last launch, in the container's entry of the card's node-wide
-//!    tenant table; reads the others' entries (who is active, their rates);
+//!    the last launch, in its own region's publish block (the node agent
+//!    copies it into the card's node-wide tenant table, with the priority
+//!    of the container's allocation); reads the others' entries of that
+//!    table, read-only (who is active, at which priority, their rates),
+//!    leaving out its own (`TESSERA_TENANT_ID`);
 //! 2. reads NVML: the card-wide busy fraction (`nvmlDeviceGetUtilizationRates`,
 //!    or the sum of the per-process samples), and the container's own share
 //!    (per-process samples of the pids in the region's slots; inside a pid
@@ -32,10 +35,10 @@ use crate::sm_limiter::monotonic_ns;
 use std::ffi::{c_char, c_uint, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tessera_api::card_tenants::{Neighbours, PRIORITY_HIGH, PRIORITY_LOW};
-use tessera_api::container_env::{CorePolicy, TaskPriority};
+use tessera_api::card_tenants::tenant_key;
+use tessera_api::container_env::{CorePolicy, TaskPriority, TENANT_ID};
 use tessera_api::shared_region::{
-    CoreAccount, SharedRegion, CORE_FREE, CORE_LIMITED, MAX_DEVICES, SLOT_ACTIVE,
+    CoreAccount, LaunchFigures, SharedRegion, CORE_FREE, CORE_LIMITED, MAX_DEVICES, SLOT_ACTIVE,
 };
 
 /// How often buckets are refilled.
@@ -232,6 +235,8 @@ struct CardState {
     limited: bool,
     last_spent: u64,
     last_launches: u64,
+    /// When the container last launched on the card (0 = not yet seen).
+    last_launch_ns: u64,
     /// The container's launched cost per second on the card, smoothed
     /// over [`RATE_SMOOTHING`], and when it was last updated.
     own_rate: f64,
@@ -331,25 +336,24 @@ impl Updater {
             let weight = 1.0 - (-dt / RATE_SMOOTHING.as_secs_f64()).exp();
             state.own_rate += weight * (spent_now as f64 / dt - state.own_rate);
         }
-        let launched = launches != state.last_launches;
+        if launches != state.last_launches {
+            state.last_launch_ns = now;
+        }
         state.last_launches = launches;
 
-        // The node-wide view: publish our launch rate, read the others'.
-        let mut neighbours = Neighbours::default();
-        if let Some(table) = &state.table {
-            let entry = &table.table().entries[table.entry()];
-            entry
-                .launch_rate
-                .store(state.own_rate.round().max(1.0) as u64, Ordering::Relaxed);
-            entry.beat_ns.store(now, Ordering::Relaxed);
-            if launched {
-                entry.last_launch_ns.store(now, Ordering::Relaxed);
-            }
-            neighbours =
-                table
-                    .table()
-                    .neighbours(table.entry(), now, ACTIVE_WINDOW.as_nanos() as u64);
-        }
+        // The node-wide view: publish our figures in our own region (the
+        // node agent aggregates them), read the others' from the agent's
+        // table.
+        self.region.publish[card].publish(LaunchFigures {
+            launch_rate: state.own_rate.round().max(1.0) as u64,
+            last_launch_ns: state.last_launch_ns,
+            beat_ns: now,
+        });
+        let neighbours = state
+            .table
+            .as_mut()
+            .and_then(|table| table.neighbours(now, ACTIVE_WINDOW.as_nanos() as u64))
+            .unwrap_or_default();
 
         // NVML's view: how busy the card is, our share (for the node
         // agent), and whether someone else computes here.
@@ -466,19 +470,18 @@ impl Updater {
             (Some(nvml), Some(uuid)) => nvml.handle(uuid),
             _ => None,
         };
-        let table = match (&self.config.tenants_dir, &uuid) {
-            (Some(dir), Some(uuid)) => CardTable::claim(dir, uuid),
+        let table = match (&self.config.tenants_dir, &self.config.tenant_id, &uuid) {
+            (Some(dir), Some(id), Some(uuid)) => Some(CardTable::new(dir, uuid, tenant_key(id))),
+            (Some(dir), None, _) => {
+                log!(
+                    WARN,
+                    "{TENANT_ID} is not set, so this container cannot tell its own entry in the card tenant tables under {}; other tenants are seen through NVML only",
+                    dir.display()
+                );
+                None
+            }
             _ => None,
         };
-        if let Some(table) = &table {
-            let priority = match self.config.priority {
-                Some(TaskPriority::High) => PRIORITY_HIGH,
-                _ => PRIORITY_LOW,
-            };
-            table.table().entries[table.entry()]
-                .priority
-                .store(priority, Ordering::Relaxed);
-        }
         log!(
             INFO,
             "card {card} ({}): SM cap {:?}, policy {:?}, priority {:?}",
@@ -494,6 +497,7 @@ impl Updater {
             limited: false,
             last_spent: core.spent.load(Ordering::Relaxed),
             last_launches: 0,
+            last_launch_ns: 0,
             own_rate: 0.0,
             rate_at_ns: now,
             samples_seen_us: 0,

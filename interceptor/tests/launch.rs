@@ -2,16 +2,33 @@
 //! interceptor preloaded, reaching every launch entry point (linked,
 //! `dlsym`, `cuGetProcAddress`), with and without SM caps and priorities.
 //! The region and tenant-table files are read back to check what the
-//! limiter did.
+//! limiter did. Where tenants must see each other, the node agent's part
+//! (the read-only per-card tables filled from the containers' regions with
+//! the priority of their allocation) runs in the test ([`TableAggregator`]).
 
 mod common;
 
-use common::{compile, value, values, with_region, Artifacts};
+use common::{compile, value, values, with_region, Artifacts, TableAggregator, Tenant};
 use std::path::Path;
 use std::process::{Child, Output, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
+use tessera_api::card_tenants::{PRIORITY_HIGH, PRIORITY_LOW};
 use tessera_api::shared_region::{CORE_FREE, CORE_LIMITED};
+
+/// The fake driver's card 0.
+const CARD0: &str = "GPU-5a5a5a5a-5a5a-5a5a-5a5a-5a5a5a5a5a00";
+
+/// The tenant `name` (its region `<dir>/<name>.cache`) on card 0 with the
+/// allocation's `priority`.
+fn tenant(dir: &Path, name: &str, priority: u32) -> Tenant {
+    Tenant {
+        id: name.to_owned(),
+        priority,
+        region: dir.join(format!("{name}.cache")),
+        cards: vec![CARD0.to_owned()],
+    }
+}
 
 const CLIENTS: [&str; 3] = ["launch_linked", "launch_dlsym", "launch_procaddr"];
 
@@ -162,8 +179,16 @@ fn two_tenants_under_the_default_policy_both_limit() {
     let dir = tempfile::tempdir().unwrap();
     let cards = dir.path().join("cards");
     std::fs::create_dir(&cards).unwrap();
+    let _agent = TableAggregator::start(
+        &cards,
+        &[CARD0],
+        vec![
+            tenant(dir.path(), "a", PRIORITY_LOW),
+            tenant(dir.path(), "b", PRIORITY_LOW),
+        ],
+    );
     let start = |name: &str| {
-        let region = dir.path().join(name);
+        let region = dir.path().join(format!("{name}.cache"));
         spawn(
             "launch_dlsym",
             &["loop", "1.5"],
@@ -172,10 +197,11 @@ fn two_tenants_under_the_default_policy_both_limit() {
                 ("CUDA_DEVICE_SM_LIMIT", "30"),
                 ("CUDA_DEVICE_MEMORY_SHARED_CACHE", region.to_str().unwrap()),
                 ("TESSERA_CARD_TENANTS_DIR", cards.to_str().unwrap()),
+                ("TESSERA_TENANT_ID", name),
             ],
         )
     };
-    let (a, b) = (start("a.cache"), start("b.cache"));
+    let (a, b) = (start("a"), start("b"));
     finish(a);
     finish(b);
     for name in ["a.cache", "b.cache"] {
@@ -185,41 +211,77 @@ fn two_tenants_under_the_default_policy_both_limit() {
                 CORE_LIMITED,
                 "{name}"
             );
+            assert!(
+                r.publish[0].launch_rate.load(Ordering::Relaxed) > 0,
+                "{name} published its rate in its own region"
+            );
         });
     }
     let tables: Vec<_> = std::fs::read_dir(&cards).unwrap().collect();
-    assert_eq!(tables.len(), 1, "one table for the one card");
+    assert_eq!(tables.len(), 1, "one table for the one card, none added");
+}
+
+/// Runs a low-priority tenant ("low", allocation priority low) for 4 s and,
+/// from its second second, `other` for 1.5 s with `other_env`; returns the
+/// low one's launches per 100 ms window.
+fn low_tenant_next_to(other: Tenant, other_env: &[(&'static str, &str)]) -> Vec<u64> {
+    let dir = other.region.parent().unwrap().to_owned();
+    let cards = dir.join("cards");
+    std::fs::create_dir(&cards).unwrap();
+    let low = tenant(&dir, "low", PRIORITY_LOW);
+    let _agent = TableAggregator::start(&cards, &[CARD0], vec![low.clone(), other.clone()]);
+    let env = |t: &Tenant| {
+        vec![
+            (
+                "CUDA_DEVICE_MEMORY_SHARED_CACHE",
+                t.region.display().to_string(),
+            ),
+            ("TESSERA_CARD_TENANTS_DIR", cards.display().to_string()),
+            ("TESSERA_TENANT_ID", t.id.clone()),
+        ]
+    };
+    let mut low_env = env(&low);
+    low_env.push(("CUDA_TASK_PRIORITY", "1".to_owned()));
+    let mut other_vars = env(&other);
+    other_vars.extend(other_env.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    let low_client = spawn("launch_dlsym", &["loop", "4"], &pairs(&low_env));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    finish(spawn("launch_dlsym", &["loop", "1.5"], &pairs(&other_vars)));
+    windows(&finish(low_client))
 }
 
 #[test]
 fn low_priority_yields_while_high_priority_launches_and_resumes_after() {
     let dir = tempfile::tempdir().unwrap();
-    let cards = dir.path().join("cards");
-    std::fs::create_dir(&cards).unwrap();
-    let cards_dir = cards.display().to_string();
-    let low_region = dir.path().join("low.cache").display().to_string();
-    let high_region = dir.path().join("high.cache").display().to_string();
-    let vars = |region: &'static str, priority: &'static str| {
-        let region = if region == "low" {
-            &low_region
-        } else {
-            &high_region
-        };
-        [
-            ("CUDA_DEVICE_MEMORY_SHARED_CACHE", region.clone()),
-            ("TESSERA_CARD_TENANTS_DIR", cards_dir.clone()),
-            ("CUDA_TASK_PRIORITY", priority.to_owned()),
-        ]
-    };
-    let (low_vars, high_vars) = (vars("low", "1"), vars("high", "0"));
-    let low = spawn("launch_dlsym", &["loop", "4"], &pairs(&low_vars));
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    finish(spawn("launch_dlsym", &["loop", "1.5"], &pairs(&high_vars)));
-    let w = windows(&finish(low));
+    let high = tenant(dir.path(), "high", PRIORITY_HIGH);
+    let w = low_tenant_next_to(high, &[("CUDA_TASK_PRIORITY", "0")]);
     let sum = |r: std::ops::Range<usize>| w[r].iter().sum::<u64>();
     let before = sum(2..8);
     let during = sum(17..23); // 0.7 s into the high-priority run
     let after = sum(34..40); // 0.9 s after it stopped
     assert!(during * 20 < before, "did not yield: {w:?}");
     assert!(after * 3 > before, "did not resume within a second: {w:?}");
+}
+
+#[test]
+fn a_tenant_claiming_high_priority_for_itself_makes_nobody_yield() {
+    // The allocation says low; the container's own word (its environment,
+    // which used to go into the shared table) says high. Its region, the
+    // only thing it writes, has no priority the agent reads.
+    let dir = tempfile::tempdir().unwrap();
+    let liar = tenant(dir.path(), "liar", PRIORITY_LOW);
+    let w = low_tenant_next_to(liar.clone(), &[("CUDA_TASK_PRIORITY", "0")]);
+    with_region(&liar.region, |r| {
+        assert!(
+            r.publish[0].beat_ns.load(Ordering::Relaxed) != 0,
+            "the liar did publish (it was seen, just not as high priority)"
+        );
+    });
+    let sum = |r: std::ops::Range<usize>| w[r].iter().sum::<u64>();
+    let before = sum(2..8);
+    let during = sum(17..23);
+    assert!(
+        during * 3 > before,
+        "a self-declared high priority froze its neighbour: {w:?}"
+    );
 }

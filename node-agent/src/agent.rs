@@ -1,12 +1,14 @@
 //! Wires the agent together: GPU backend → health monitor → inventory
 //! publisher, device-plugin server (with the allocator), metrics and probes
-//! (one HTTP listener), the host-pid socket, and the pod sweep; installs the
-//! interceptor first.
+//! (one HTTP listener), the host-pid socket, the pod sweep and the card
+//! tenant-table aggregation (its own thread, stopped when [`run`] returns);
+//! installs the interceptor first.
 //! [`run`] takes every input explicitly, so tests run the same wiring as
 //! the binary.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -151,6 +153,8 @@ pub struct AgentSetup {
     pub sweep_interval: Duration,
     /// Which allocations to believe (the seal key's source).
     pub seal: SealSource,
+    /// Period of the card tenant-table aggregation.
+    pub tenant_table_period: Duration,
 }
 
 impl std::fmt::Debug for AgentSetup {
@@ -192,6 +196,7 @@ impl AgentSetup {
             seal: SealSource::Secret {
                 namespace: options.namespace.clone(),
             },
+            tenant_table_period: options.tenant_table_period(),
         })
     }
 }
@@ -247,15 +252,25 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
 
     let pods = NodePods::new(setup.client.clone(), &setup.node);
     let index = Arc::new(RwLock::new(Vec::new()));
+    let ask_sweep = Arc::new(tokio::sync::Notify::new());
     tasks.spawn(crate::sweep::run(
-        pods.clone(),
-        setup.layout.clone(),
-        Arc::clone(&index),
+        crate::sweep::SweepSetup {
+            pods: pods.clone(),
+            layout: setup.layout.clone(),
+            names: setup.config.resources.clone(),
+            index: Arc::clone(&index),
+            min_age: Duration::from_secs(300),
+        },
         setup.sweep_interval,
-        Duration::from_secs(300),
+        Arc::clone(&ask_sweep),
     ));
+    let metrics = Metrics::new(
+        Arc::clone(&setup.backend),
+        Arc::clone(&cards),
+        Arc::clone(&index),
+    );
+    let _stop_tables = start_tenant_tables(&setup, &cards, &index, &metrics, ask_sweep);
     if let Some(addr) = setup.metrics_addr {
-        let metrics = Metrics::new(Arc::clone(&setup.backend), Arc::clone(&cards), index);
         let app = metrics.router().merge(probes::router(readiness.clone()));
         tasks.spawn(async move {
             if let Err(e) = serve_http(addr, app).await {
@@ -297,6 +312,52 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
     .await;
     tasks.abort_all();
     result.map_err(AgentError::from)
+}
+
+/// Sets its flag when dropped: stops the tenant-table thread when [`run`]
+/// returns, however it returns.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Creates the card tenant tables and starts their aggregation thread. A
+/// failure is logged, not fatal: containers then see no tables and learn
+/// about their neighbours through NVML only.
+fn start_tenant_tables(
+    setup: &AgentSetup,
+    cards: &[crate::gpu::GpuInfo],
+    index: &crate::metrics::ContainerIndex,
+    metrics: &Metrics,
+    ask_sweep: Arc<tokio::sync::Notify>,
+) -> StopOnDrop {
+    let stop = Arc::new(AtomicBool::new(false));
+    let uuids: Vec<String> = cards.iter().map(|c| c.uuid.clone()).collect();
+    let files = setup
+        .layout
+        .prepare_cards_dir()
+        .and_then(|dir| crate::tenant_tables::TableFiles::open(&dir, &uuids));
+    match files {
+        Ok(files) => {
+            let aggregator = crate::tenant_tables::TenantAggregator::new(
+                files,
+                Arc::clone(index),
+                setup.layout.clone(),
+                metrics.region_warnings(),
+                Some(ask_sweep),
+            );
+            if let Err(e) = aggregator.spawn(setup.tenant_table_period, Arc::clone(&stop)) {
+                tracing::error!(error = %e, "cannot start the card tenant-table thread; SM limits see neighbours through NVML only");
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot create the card tenant tables; SM limits see neighbours through NVML only");
+        }
+    }
+    StopOnDrop(stop)
 }
 
 /// Serves `app` on `addr` until the process ends.

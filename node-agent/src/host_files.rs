@@ -5,9 +5,12 @@
 //! sees the old file or the new one, never half of one), and one directory
 //! per GPU container holding its shared accounting region. Directories are
 //! owned by the agent and not world-writable; the region file inside is
-//! made writable for the container's user. Directories of pods that no
+//! made writable for the container's user (so everything in it is read
+//! defensively, see [`crate::region_file`]). Directories of pods that no
 //! longer exist are removed. The host-pid socket lives in its own directory
-//! (`pid/`), served by [`crate::pid_socket`].
+//! (`pid/`), served by [`crate::pid_socket`]. The per-card tenant tables
+//! live in `cards/`, owned by the agent (0755, files 0644, written only by
+//! [`crate::tenant_tables`]) and mounted read-only into containers.
 
 use std::collections::HashSet;
 use std::fs;
@@ -27,7 +30,7 @@ pub const CONTAINER_LIB_DIR: &str = "/usr/local/tessera";
 pub const CONTAINER_SHARED_DIR: &str = "/usr/local/tessera/shared";
 /// Name of the accounting region file in that directory.
 pub const REGION_FILE: &str = "region.cache";
-/// Where the node-wide per-card tenant tables appear inside containers.
+/// Where the node-wide per-card tenant tables appear inside containers (read-only).
 pub const CONTAINER_CARDS_DIR: &str = "/usr/local/tessera/cards";
 /// The preload file every GPU container gets.
 pub const CONTAINER_PRELOAD: &str = "/etc/ld.so.preload";
@@ -119,20 +122,34 @@ impl HostLayout {
         self.root.join("containers")
     }
 
-    /// Directory of the per-card tenant tables (one file per card UUID,
-    /// shared by every GPU container of the node for SM limits and
-    /// priorities); created world-writable with the sticky bit.
+    /// Directory of the per-card tenant tables.
+    pub fn cards_dir(&self) -> PathBuf {
+        self.root.join("cards")
+    }
+
+    /// Creates the directory of the per-card tenant tables (one file per
+    /// card UUID, read by every GPU container of the node for SM limits
+    /// and priorities, written only by the agent) and returns it: mode
+    /// 0755, owned by the agent (a directory left world-writable by an
+    /// older agent is closed).
     pub fn prepare_cards_dir(&self) -> Result<PathBuf, HostFileError> {
-        let dir = self.root.join("cards");
+        let dir = self.cards_dir();
         fs::create_dir_all(&dir).map_err(io("create the card tenants directory", &dir))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777))
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
             .map_err(io("set permissions of", &dir))?;
         Ok(dir)
     }
 
+    /// A container's id in the tenant tables and the name of its host
+    /// directory: `<pod UID>_<container>`.
+    pub fn tenant_id(pod_uid: &str, container: &str) -> String {
+        format!("{pod_uid}_{container}")
+    }
+
     /// Host directory of one container's accounting region.
     pub fn container_dir(&self, pod_uid: &str, container: &str) -> PathBuf {
-        self.containers_dir().join(format!("{pod_uid}_{container}"))
+        self.containers_dir()
+            .join(Self::tenant_id(pod_uid, container))
     }
 
     /// Path of the interceptor inside a container.
@@ -169,19 +186,37 @@ impl HostLayout {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
             .map_err(io("set permissions of", &dir))?;
         let region = dir.join(REGION_FILE);
+        // The directory may exist from before (and is the container's to
+        // write in): whatever is at the region's path that is not a regular
+        // file (a link, a FIFO, a directory) is removed, never followed, and
+        // the file is then changed only through its own descriptor.
+        match fs::symlink_metadata(&region) {
+            Ok(meta) if meta.is_dir() => fs::remove_dir_all(&region)
+                .map_err(io("remove a directory in place of", &region))?,
+            Ok(meta) if !meta.is_file() => fs::remove_file(&region)
+                .map_err(io("remove a special file in place of", &region))?,
+            _ => {}
+        }
         let file = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&region)
             .map_err(io("create the region file", &region))?;
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(io("create the region file", &region)(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "something other than a regular file took its place",
+            )));
+        }
         // Sized (sparse, zero-filled) for the layout, so the first process
         // of the container only has to initialise the header.
         if file.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
             file.set_len(REGION_SIZE as u64)
                 .map_err(io("size the region file", &region))?;
         }
-        let mode = match owner.map(|(uid, gid)| std::os::unix::fs::chown(&region, Some(uid), gid)) {
+        let mode = match owner.map(|(uid, gid)| std::os::unix::fs::fchown(&file, Some(uid), gid)) {
             Some(Ok(())) => 0o660,
             Some(Err(e)) => {
                 tracing::warn!(path = %region.display(), error = %e, "could not give the region file to the container user; making it writable for every user of the container instead");
@@ -189,7 +224,7 @@ impl HostLayout {
             }
             None => 0o666,
         };
-        fs::set_permissions(&region, fs::Permissions::from_mode(mode))
+        file.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(io("set permissions of", &region))?;
         Ok(dir)
     }
@@ -339,5 +374,29 @@ mod tests {
         );
         assert_eq!(removed, vec![dir]);
         assert_eq!(layout.container_dirs().len(), 1);
+    }
+
+    #[test]
+    fn preparing_again_never_follows_what_the_container_put_there() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let layout = HostLayout::new(temp.path().join("host"));
+        let victim = temp.path().join("host-file");
+        fs::write(&victim, b"precious").expect("write");
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let dir = layout
+            .prepare_container_dir("uid-1", "main", None)
+            .expect("dir");
+        // The container swaps its region for a link to a host file.
+        fs::remove_file(dir.join(REGION_FILE)).expect("rm");
+        std::os::unix::fs::symlink(&victim, dir.join(REGION_FILE)).expect("link");
+        layout
+            .prepare_container_dir("uid-1", "main", Some((4242, Some(4242))))
+            .expect("prepared again");
+        assert_eq!(fs::read(&victim).expect("read"), b"precious");
+        let (_, _, victim_mode) = owner_of(&victim).expect("meta");
+        assert_eq!(victim_mode, 0o600, "the link's target was not chmodded");
+        let region = fs::symlink_metadata(dir.join(REGION_FILE)).expect("meta");
+        assert!(region.is_file());
+        assert_eq!(region.len(), REGION_SIZE as u64);
     }
 }

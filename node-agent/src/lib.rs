@@ -7,8 +7,9 @@
 //! finding the pod the request belongs to and turning its allocation into
 //! container env and mounts ([`allocate`]). It installs the interceptor on
 //! the host and keeps per-container directories ([`host_files`]), reads
-//! usage from the containers' accounting regions ([`usage`]) for
-//! `/metrics` ([`metrics`]), serves `/healthz` and `/readyz` next to it
+//! usage from the containers' accounting regions ([`usage`], read
+//! defensively by [`region_file`]) for `/metrics` ([`metrics`]), writes the
+//! per-card tenant tables from them ([`tenant_tables`]), serves `/healthz` and `/readyz` next to it
 //! ([`probes`]), tells container processes their host pid
 //! ([`pid_socket`]), and sweeps stale state ([`sweep`]).
 //! [`agent::run`] wires it all; `main.rs` only parses options.
@@ -32,8 +33,10 @@ pub mod pid_socket;
 pub mod plugin;
 pub mod probes;
 pub mod proto;
+pub mod region_file;
 pub mod seal;
 pub mod sweep;
+pub mod tenant_tables;
 #[cfg(feature = "test-support")]
 pub mod testing;
 pub mod usage;

@@ -5,8 +5,12 @@
 //! of the card's compute, written by the interceptor's SM updater) (from
 //! the containers' accounting regions), per card
 //! `hami_host_gpu_memory_used_bytes` and `hami_host_gpu_utilization_ratio`
-//! (from the GPU backend). Values are gathered when scraped. The agent
-//! serves [`Metrics::router`] together with the probes (`crate::probes`).
+//! (from the GPU backend), and `tessera_region_read_failures_total` (reads
+//! of a container's region that were refused, see
+//! [`crate::region_file::RegionWarnings`]). Values are gathered when
+//! scraped, on a blocking thread (the region files are read there, never
+//! on the async runtime's workers). The agent serves [`Metrics::router`]
+//! together with the probes (`crate::probes`).
 
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -18,6 +22,7 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
 use crate::gpu::{GpuBackend, GpuInfo};
+use crate::region_file::{RegionBuffer, RegionOwner, RegionWarnings};
 use crate::usage::read_region;
 
 /// One GPU container on this node, as the metrics need it.
@@ -33,6 +38,31 @@ pub struct ContainerRecord {
     pub region: std::path::PathBuf,
     /// UUIDs of its cards, in visible order.
     pub cards: Vec<String>,
+    /// Its `nvidia.com/priority` from the pod spec (0 high, 1 low), if any:
+    /// the priority its entries in the card tenant tables get.
+    pub priority: Option<u32>,
+}
+
+impl ContainerRecord {
+    /// Its id in the card tenant tables: the name of its host directory
+    /// (`<pod UID>_<container>`), which the agent also passes it as
+    /// `TESSERA_TENANT_ID`.
+    pub fn tenant_id(&self) -> String {
+        self.region
+            .parent()
+            .and_then(|dir| dir.file_name())
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Who owns the region, for warnings.
+    pub fn owner(&self) -> RegionOwner<'_> {
+        RegionOwner {
+            namespace: &self.namespace,
+            pod: &self.pod,
+            container: &self.container,
+        }
+    }
 }
 
 /// The GPU containers currently on this node, refreshed by the pod sweep.
@@ -72,6 +102,7 @@ pub struct Metrics {
     backend: Arc<dyn GpuBackend>,
     cards: Arc<[GpuInfo]>,
     containers: ContainerIndex,
+    region_warnings: RegionWarnings,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -118,6 +149,12 @@ impl Metrics {
             "Share of time a kernel ran on a card",
             host_util.clone(),
         );
+        let region_warnings = RegionWarnings::new();
+        registry.register(
+            "tessera_region_read_failures",
+            "Reads of a container's accounting region the agent refused (a link, a special file, the wrong size, an unknown layout)",
+            region_warnings.family(),
+        );
         Self {
             families: Arc::new(Mutex::new(Families {
                 registry,
@@ -130,10 +167,17 @@ impl Metrics {
             backend,
             cards,
             containers,
+            region_warnings,
         }
     }
 
-    /// Gathers current values and renders them.
+    /// Where bad region files are reported; shared with the tenant-table
+    /// aggregation so both count into one metric.
+    pub fn region_warnings(&self) -> RegionWarnings {
+        self.region_warnings.clone()
+    }
+
+    /// Gathers current values and renders them. Blocking (reads files).
     pub fn render(&self) -> String {
         let families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
         families.host_used.clear();
@@ -165,13 +209,13 @@ impl Metrics {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let mut buffer = RegionBuffer::new();
         for record in containers {
-            let usage = match read_region(&record.region, record.cards.len()) {
-                Ok(usage) => usage,
-                Err(e) => {
-                    tracing::debug!(error = %e, "skipping a container's usage");
-                    continue;
-                }
+            let outcome = read_region(&record.region, record.cards.len(), &mut buffer);
+            self.region_warnings
+                .observe(record.owner(), &record.region, &outcome);
+            let Ok(usage) = outcome else {
+                continue;
             };
             for (i, (uuid, device)) in record.cards.iter().zip(usage).enumerate() {
                 let labels = ContainerLabels {
@@ -212,9 +256,14 @@ impl Metrics {
             get(move || {
                 let metrics = self.clone();
                 async move {
+                    // Region files are read with blocking calls: off the
+                    // runtime's workers.
+                    let text = tokio::task::spawn_blocking(move || metrics.render())
+                        .await
+                        .unwrap_or_else(|e| format!("# metrics could not be gathered: {e}\n"));
                     (
                         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-                        metrics.render(),
+                        text,
                     )
                 }
             }),
@@ -273,7 +322,11 @@ mod tests {
             .collect();
         std::fs::write(dir.join(crate::host_files::REGION_FILE), bytes).expect("write");
 
-        let index: ContainerIndex = Arc::new(RwLock::new(container_records(&[pod], &layout)));
+        let index: ContainerIndex = Arc::new(RwLock::new(container_records(
+            &[pod],
+            &layout,
+            &tessera_api::names::ResourceNames::default(),
+        )));
         let metrics = Metrics::new(Arc::new(gpus), Arc::clone(&cards), index);
         let text = metrics.render();
         let uuid = &cards[1].uuid;
@@ -283,5 +336,47 @@ mod tests {
         expect(format!("hami_container_device_utilization_ratio{{podnamespace=\"ns\",podname=\"p\",ctrname=\"main\",vdeviceid=\"0\",deviceuuid=\"{uuid}\"}} 0.25"));
         expect(format!("hami_host_gpu_memory_used_bytes{{deviceidx=\"1\",deviceuuid=\"{uuid}\",devicetype=\"NVIDIA-NVIDIA A10G\"}} 3221225472"));
         expect(format!("hami_host_gpu_utilization_ratio{{deviceidx=\"1\",deviceuuid=\"{uuid}\",devicetype=\"NVIDIA-NVIDIA A10G\"}} 0.25"));
+    }
+
+    #[test]
+    fn a_bad_region_is_counted_and_the_others_still_render() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let layout = HostLayout::new(temp.path());
+        let gpus = FakeGpus::parse("1x NVIDIA A10G 23028", "n").expect("parses");
+        let cards: Arc<[GpuInfo]> = gpus.discover().expect("cards").into();
+        let record = |uid: &str| {
+            let dir = layout
+                .prepare_container_dir(uid, "main", None)
+                .expect("dir");
+            ContainerRecord {
+                namespace: "ns".into(),
+                pod: uid.into(),
+                container: "main".into(),
+                region: dir.join(crate::host_files::REGION_FILE),
+                cards: vec![cards[0].uuid.clone()],
+                priority: None,
+            }
+        };
+        let (good, bad) = (record("good"), record("bad"));
+        // `truncate -s 300M` on the bad one's region.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&bad.region)
+            .expect("open")
+            .set_len(300 << 20)
+            .expect("grow");
+        let index: ContainerIndex = Arc::new(RwLock::new(vec![bad, good]));
+        let metrics = Metrics::new(Arc::new(gpus), Arc::clone(&cards), index);
+        metrics.render();
+        let text = metrics.render();
+        assert!(
+            text.contains("tessera_region_read_failures_total{podnamespace=\"ns\",podname=\"bad\",ctrname=\"main\",reason=\"wrong_size\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hami_vgpu_memory_used_bytes{podnamespace=\"ns\",podname=\"good\""),
+            "{text}"
+        );
+        assert!(!text.contains("hami_vgpu_memory_used_bytes{podnamespace=\"ns\",podname=\"bad\""));
     }
 }

@@ -64,6 +64,10 @@ pub struct AgentOptions {
     /// Seconds between pod sweeps (metrics index, stale directory cleanup).
     #[arg(long, default_value_t = 60)]
     pub sweep_interval_secs: u64,
+    /// Milliseconds between two passes of the card tenant-table aggregation
+    /// (reading every GPU container's launch figures, writing the tables).
+    #[arg(long, env = "TESSERA_TENANT_TABLE_PERIOD_MS", default_value_t = 100)]
+    pub tenant_table_period_ms: u64,
     /// Logging.
     #[command(flatten)]
     pub log: tessera_runtime::logging::LogArgs,
@@ -88,5 +92,10 @@ impl AgentOptions {
     /// Pod sweep period.
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_secs(self.sweep_interval_secs.max(1))
+    }
+
+    /// Tenant-table aggregation period (at least 10 ms).
+    pub fn tenant_table_period(&self) -> Duration {
+        Duration::from_millis(self.tenant_table_period_ms.max(10))
     }
 }

@@ -59,9 +59,9 @@ pub fn router(readiness: Readiness) -> axum::Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::StatusCode;
     use axum::body::Body;
     use axum::http::Request;
+    use axum::http::StatusCode;
     use tower::ServiceExt;
 
     async fn get_path(router: &axum::Router, path: &str) -> (StatusCode, String) {

@@ -1,21 +1,36 @@
 //! The periodic pod sweep: lists the pods bound to this node, rebuilds the
-//! index of GPU containers the metrics read, and removes the host
-//! directories of pods that no longer exist.
+//! index of GPU containers the metrics and the tenant-table aggregation
+//! read (with each container's cards and its `nvidia.com/priority` from the
+//! pod spec), and removes the host directories of pods that no longer
+//! exist. Besides its period, a sweep runs soon after the aggregation asks
+//! for one (it found the directory of a container the index does not know
+//! yet), at most once per [`MIN_ASKED_INTERVAL`].
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Pod;
 use tessera_api::allocation::decode_pod_devices;
 use tessera_api::names::allocation as keys;
-use tessera_api::request::annotated_container;
+use tessera_api::names::ResourceNames;
+use tessera_api::request::{annotated_container, container_request};
+use tokio::sync::Notify;
 
 use crate::host_files::{HostLayout, REGION_FILE};
 use crate::k8s::pods::NodePods;
 use crate::metrics::{ContainerIndex, ContainerRecord};
 
-/// The GPU containers among `pods`, with their cards and region files.
-pub fn container_records(pods: &[Pod], layout: &HostLayout) -> Vec<ContainerRecord> {
+/// Shortest time between two sweeps asked for by [`Notify`].
+pub const MIN_ASKED_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The GPU containers among `pods`, with their cards, priorities (read with
+/// the resource `names`) and region files.
+pub fn container_records(
+    pods: &[Pod],
+    layout: &HostLayout,
+    names: &ResourceNames,
+) -> Vec<ContainerRecord> {
     let mut records = Vec::new();
     for pod in pods {
         let Some(allocated) = pod
@@ -42,6 +57,11 @@ pub fn container_records(pods: &[Pod], layout: &HostLayout) -> Vec<ContainerReco
                 container: container.name.clone(),
                 region: layout.container_dir(uid, &container.name).join(REGION_FILE),
                 cards: devices.into_iter().map(|d| d.uuid).collect(),
+                // Validated at admission; a value that no longer parses
+                // counts as none (low).
+                priority: container_request(container, names)
+                    .ok()
+                    .and_then(|r| r.priority),
             });
         }
     }
@@ -52,11 +72,12 @@ pub fn container_records(pods: &[Pod], layout: &HostLayout) -> Vec<ContainerReco
 pub async fn sweep_once(
     pods: &NodePods,
     layout: &HostLayout,
+    names: &ResourceNames,
     index: &ContainerIndex,
     min_age: Duration,
 ) -> Result<(), kube::Error> {
     let listed = pods.list().await?;
-    let records = container_records(&listed, layout);
+    let records = container_records(&listed, layout, names);
     *index
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = records;
@@ -70,19 +91,47 @@ pub async fn sweep_once(
     Ok(())
 }
 
-/// Sweeps every `period`, forever.
-pub async fn run(
-    pods: NodePods,
-    layout: HostLayout,
-    index: ContainerIndex,
-    period: Duration,
-    min_age: Duration,
-) {
+/// What a sweep needs besides its schedule.
+#[derive(Debug, Clone)]
+pub struct SweepSetup {
+    /// The node's pods.
+    pub pods: NodePods,
+    /// Host files.
+    pub layout: HostLayout,
+    /// Resource names (for priorities).
+    pub names: ResourceNames,
+    /// The index to rebuild.
+    pub index: ContainerIndex,
+    /// Directories younger than this are kept even without a pod.
+    pub min_age: Duration,
+}
+
+/// Sweeps every `period`, and when `asked` is notified (at most once per
+/// [`MIN_ASKED_INTERVAL`]), forever.
+pub async fn run(setup: SweepSetup, period: Duration, asked: Arc<Notify>) {
+    let SweepSetup {
+        pods,
+        layout,
+        names,
+        index,
+        min_age,
+    } = setup;
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = tokio::time::Instant::now();
     loop {
-        ticker.tick().await;
-        if let Err(e) = sweep_once(&pods, &layout, &index, min_age).await {
+        let was_asked = tokio::select! {
+            _ = ticker.tick() => false,
+            () = asked.notified() => true,
+        };
+        if was_asked {
+            tracing::debug!("sweeping early: a container the index does not know yet");
+            if let Some(wait) = MIN_ASKED_INTERVAL.checked_sub(last.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        last = tokio::time::Instant::now();
+        if let Err(e) = sweep_once(&pods, &layout, &names, &index, min_age).await {
             tracing::warn!(error = %e, "pod sweep failed; retrying on the next period");
         }
     }
@@ -102,11 +151,11 @@ mod tests {
             }},
             "spec": {
                 "initContainers": [{"name": "fetch"}, {"name": "idle"}],
-                "containers": [{"name": "main"}]
+                "containers": [{"name": "main", "resources": {"limits": {"nvidia.com/priority": "0"}}}]
             }
         }))
         .expect("pod");
-        let records = container_records(&[pod], &layout);
+        let records = container_records(&[pod], &layout, &ResourceNames::default());
         let named: Vec<_> = records
             .iter()
             .map(|r| (r.container.as_str(), r.cards.clone()))
@@ -122,5 +171,9 @@ mod tests {
             records[1].region,
             layout.container_dir("u1", "main").join(REGION_FILE)
         );
+        // Priorities come from the pod spec; the tenant id is the directory name.
+        assert_eq!(records[0].priority, None);
+        assert_eq!(records[1].priority, Some(0));
+        assert_eq!(records[1].tenant_id(), "u1_main");
     }
 }

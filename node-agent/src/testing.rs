@@ -281,7 +281,8 @@ impl PluginConnection {
 /// host files under `host_dir`, registering at `kubelet_socket` as
 /// [`PLUGIN_SOCKET`] (polled every 50 ms), no interceptor, no `/metrics`,
 /// publishing every 100 ms, health quiet 200 ms, sweeping every 100 ms,
-/// believing allocation annotations without a seal.
+/// tenant tables every 20 ms, believing allocation annotations without a
+/// seal.
 /// Tests override fields with struct update syntax.
 pub fn fake_agent_setup(
     node: &str,
@@ -305,6 +306,7 @@ pub fn fake_agent_setup(
         health_quiet: Duration::from_millis(200),
         sweep_interval: Duration::from_millis(100),
         seal: SealSource::TrustAnnotations,
+        tenant_table_period: Duration::from_millis(20),
     }
 }
 

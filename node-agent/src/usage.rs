@@ -1,14 +1,17 @@
 //! Per-container GPU usage, read from the accounting region the interceptor
 //! keeps in each container's host directory (layout owned by
-//! `tessera_api::shared_region`). The file is copied into an aligned buffer
-//! and read there, so a container can never change what is being read and
-//! the agent never writes to it.
+//! `tessera_api::shared_region`). The file is container-writable, so it is
+//! read through [`crate::region_file`]: no links followed, regular files of
+//! the exact size only, only the ranges needed, into a private aligned
+//! buffer the container cannot change while it is read. The agent never
+//! writes to it. Blocking: call from a blocking thread.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use tessera_api::shared_region::{RegionError, SharedRegion, MAX_DEVICES, REGION_SIZE};
-use thiserror::Error;
+use tessera_api::shared_region::MAX_DEVICES;
+
+use crate::region_file::{read_region_file, RegionBuffer, RegionFileError};
 
 /// Usage of one visible card of a container.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -23,77 +26,28 @@ pub struct DeviceUsage {
 }
 
 /// Why a region could not be read.
-#[derive(Debug, Error)]
-pub enum UsageError {
-    /// The file could not be read.
-    #[error("could not read the accounting region `{path}`: {source}")]
-    Read {
-        /// The path.
-        path: String,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not (yet) a region of this layout.
-    #[error("accounting region `{path}`: {source}")]
-    Layout {
-        /// The path.
-        path: String,
-        /// What is wrong.
-        #[source]
-        source: RegionError,
-    },
-}
+pub type UsageError = RegionFileError;
 
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
-
-/// Reads the usage of the first `cards` cards from a region file. A file
-/// no process has initialised yet reads as no usage.
-pub fn read_region(path: &Path, cards: usize) -> Result<Vec<DeviceUsage>, UsageError> {
-    let bytes = std::fs::read(path).map_err(|source| UsageError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let layout_error = |source| UsageError::Layout {
-        path: path.display().to_string(),
-        source,
-    };
-    if bytes.len() < REGION_SIZE {
-        if bytes.iter().all(|b| *b == 0) {
-            return Ok(vec![
-                DeviceUsage {
-                    used_bytes: 0,
-                    limit_bytes: 0,
-                    utilization_ratio: 0.0,
-                };
-                cards.min(MAX_DEVICES)
-            ]);
-        }
-        return Err(layout_error(RegionError::TooSmall { len: bytes.len() }));
-    }
-    let mut lines = vec![Line([0; 64]); REGION_SIZE.div_ceil(64)];
-    for (line, chunk) in lines.iter_mut().zip(bytes[..REGION_SIZE].chunks(64)) {
-        line.0[..chunk.len()].copy_from_slice(chunk);
-    }
-    // SAFETY: `lines` is a private, 64-byte aligned buffer of at least
-    // REGION_SIZE bytes that lives until the end of this function and is
-    // only read through the returned reference.
-    let region = unsafe { SharedRegion::from_raw(lines.as_ptr().cast::<u8>(), lines.len() * 64) }
-        .map_err(layout_error)?;
-    if !region.is_initialised() {
+/// Reads the usage of the first `cards` cards from a region file, using
+/// `buffer` (reused between calls). A file no process has initialised yet
+/// reads as no usage.
+pub fn read_region(
+    path: &Path,
+    cards: usize,
+    buffer: &mut RegionBuffer,
+) -> Result<Vec<DeviceUsage>, UsageError> {
+    let cards = cards.min(MAX_DEVICES);
+    let Some(region) = read_region_file(path, buffer)? else {
         return Ok(vec![
             DeviceUsage {
                 used_bytes: 0,
                 limit_bytes: 0,
                 utilization_ratio: 0.0,
             };
-            cards.min(MAX_DEVICES)
+            cards
         ]);
-    }
-    region.validate().map_err(layout_error)?;
-    Ok((0..cards.min(MAX_DEVICES))
+    };
+    Ok((0..cards)
         .map(|i| DeviceUsage {
             used_bytes: region.device_used(i),
             limit_bytes: region.devices[i].limit_bytes.load(Ordering::Relaxed),
@@ -107,6 +61,11 @@ pub fn read_region(path: &Path, cards: usize) -> Result<Vec<DeviceUsage>, UsageE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_api::shared_region::{SharedRegion, REGION_SIZE};
+
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct Line([u8; 64]);
 
     #[repr(C, align(64))]
     struct Lines([Line; REGION_SIZE.div_ceil(64)]);
@@ -116,7 +75,12 @@ mod tests {
         let temp = tempfile::tempdir().expect("tempdir");
         let path = temp.path().join("region.cache");
         std::fs::write(&path, b"").expect("write");
-        assert_eq!(read_region(&path, 2).expect("empty").len(), 2);
+        assert_eq!(
+            read_region(&path, 2, &mut RegionBuffer::new())
+                .expect("empty")
+                .len(),
+            2
+        );
 
         let mut lines = Box::new(Lines([Line([0; 64]); REGION_SIZE.div_ceil(64)]));
         // SAFETY: the buffer is aligned, large enough and only used here.
@@ -133,7 +97,7 @@ mod tests {
             .store(300, Ordering::Relaxed);
         let bytes: Vec<u8> = lines.0.iter().flat_map(|l| l.0).take(REGION_SIZE).collect();
         std::fs::write(&path, &bytes).expect("write");
-        let usage = read_region(&path, 2).expect("reads");
+        let usage = read_region(&path, 2, &mut RegionBuffer::new()).expect("reads");
         assert_eq!(
             usage[1],
             DeviceUsage {
@@ -146,10 +110,10 @@ mod tests {
 
         std::fs::write(&path, vec![0xAB; REGION_SIZE]).expect("write");
         assert!(matches!(
-            read_region(&path, 1),
-            Err(UsageError::Layout { .. })
+            read_region(&path, 1, &mut RegionBuffer::new()),
+            Err(RegionFileError::Layout { .. })
         ));
         std::fs::write(&path, b"garbage").expect("write");
-        assert!(read_region(&path, 1).is_err());
+        assert!(read_region(&path, 1, &mut RegionBuffer::new()).is_err());
     }
 }

@@ -2111,6 +2111,7 @@ fn exposed_metrics() -> BTreeSet<String> {
         container: "main".to_owned(),
         region: region.clone(),
         cards: vec![cards[0].uuid.clone()],
+        priority: None,
     };
     let agent = tessera_node_agent::metrics::Metrics::new(
         Arc::new(gpus),

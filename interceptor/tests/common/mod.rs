@@ -146,3 +146,120 @@ pub fn with_region<R>(path: impl AsRef<Path>, f: impl FnOnce(&SharedRegion) -> R
         result
     }
 }
+
+/// `CLOCK_MONOTONIC` in nanoseconds (the clock of the tables).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One container as the node agent knows it from its allocation.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    /// What the agent passes as `TESSERA_TENANT_ID`.
+    pub id: String,
+    /// The allocation's priority (`tessera_api::card_tenants::PRIORITY_*`).
+    pub priority: u32,
+    /// Its region file.
+    pub region: PathBuf,
+    /// Its cards' UUIDs in container order.
+    pub cards: Vec<String>,
+}
+
+/// The node agent's side of the tenant tables, as the tests need it: the
+/// table files created read-only for everyone but the writer (0644), and a
+/// thread that every 20 ms reads each tenant's region and runs the agent's
+/// pure aggregation (`tessera_api::card_tenants::aggregate`) into them.
+/// Stops when dropped.
+#[derive(Debug)]
+pub struct TableAggregator {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TableAggregator {
+    /// Creates the tables of `cards` under `dir` and starts aggregating `tenants`.
+    pub fn start(dir: &Path, cards: &[&str], tenants: Vec<Tenant>) -> TableAggregator {
+        use std::os::unix::fs::OpenOptionsExt;
+        use tessera_api::card_tenants::{TenantTable, TABLE_SIZE};
+        let tables: Vec<(String, usize)> = cards
+            .iter()
+            .map(|uuid| {
+                let path = dir.join(format!("{uuid}.tenants"));
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o644)
+                    .open(&path)
+                    .unwrap();
+                file.set_len(TABLE_SIZE as u64).unwrap();
+                // SAFETY: a fresh shared mapping of the file, never unmapped
+                // (the test process ends soon), accessed through atomics.
+                let ptr = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        TABLE_SIZE,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED,
+                        std::os::fd::AsRawFd::as_raw_fd(&file),
+                        0,
+                    )
+                };
+                assert_ne!(ptr, libc::MAP_FAILED);
+                // SAFETY: as above.
+                unsafe { &*(ptr as *const TenantTable) }.initialise();
+                ((*uuid).to_owned(), ptr as usize)
+            })
+            .collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let sources: Vec<_> = tenants
+                        .iter()
+                        .filter(|t| {
+                            std::fs::metadata(&t.region)
+                                .is_ok_and(|m| m.len() == REGION_SIZE as u64)
+                        })
+                        .filter_map(|t| {
+                            with_region(&t.region, |r| {
+                                r.validate().is_ok().then(|| {
+                                    tessera_api::card_tenants::TenantSource::from_region(
+                                        &t.id, t.priority, &t.cards, r,
+                                    )
+                                })
+                            })
+                        })
+                        .collect();
+                    let built = tessera_api::card_tenants::aggregate(&sources, monotonic_ns());
+                    for (uuid, ptr) in &tables {
+                        // SAFETY: the mapping made above.
+                        let table = unsafe { &*(*ptr as *const TenantTable) };
+                        table.publish(built.get(uuid).map_or(&[], Vec::as_slice));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            })
+        };
+        TableAggregator {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TableAggregator {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

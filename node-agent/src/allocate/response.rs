@@ -1,8 +1,9 @@
 //! What kubelet hands one container: the environment the NVIDIA runtime
 //! and the interceptor read (`NVIDIA_VISIBLE_DEVICES`, per-card memory caps,
 //! the card list the caps are numbered by (`TESSERA_VISIBLE_UUIDS`), SM cap,
-//! shared region path, priority) and the mounts (the container's
-//! accounting directory, and unless the container opts out with
+//! shared region path, priority, its id in the card tenant tables) and the
+//! mounts (the container's accounting directory, the card tenant tables
+//! read-only, and unless the container opts out with
 //! `CUDA_DISABLE_CONTROL=true`, the interceptor, `/etc/ld.so.preload` and
 //! the host-pid socket's directory, read-only, named by `TESSERA_PID_SOCKET`),
 //! and the card list a second way, as the NVIDIA Container Toolkit's
@@ -16,6 +17,7 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use tessera_api::allocation::ContainerDevice;
 use tessera_api::container_env::{
     format_memory_limit_mib, memory_limit_var, sm_limit_var, CARD_TENANTS_DIR, PID_SOCKET,
+    TENANT_ID,
 };
 use tessera_api::names::{env, ResourceNames};
 use tessera_api::request::container_request;
@@ -102,6 +104,11 @@ pub fn container_response(
         envs.insert(sm_limit_var(i), device.cores.to_string());
     }
     envs.insert(CARD_TENANTS_DIR.to_owned(), CONTAINER_CARDS_DIR.to_owned());
+    // How the interceptor tells its own entry in those tables.
+    envs.insert(
+        TENANT_ID.to_owned(),
+        HostLayout::tenant_id(pod_uid, &container.name),
+    );
     envs.insert(
         env::SHARED_CACHE.to_owned(),
         HostLayout::container_region_path(),
@@ -120,11 +127,12 @@ pub fn container_response(
         host_path: host_dir.to_string_lossy().into_owned(),
         read_only: false,
     });
+    // Written by the agent alone: containers only read the tables.
     let cards_dir = layout.prepare_cards_dir()?;
     response.mounts.push(Mount {
         container_path: CONTAINER_CARDS_DIR.to_owned(),
         host_path: cards_dir.to_string_lossy().into_owned(),
-        read_only: false,
+        read_only: true,
     });
     if !control_disabled(container) {
         response.mounts.push(Mount {
@@ -218,6 +226,15 @@ mod tests {
             "/usr/local/tessera/cards"
         );
         assert_eq!(r.envs["CUDA_TASK_PRIORITY"], "1");
+        // Its id in the tenant tables is its host directory's name.
+        assert_eq!(r.envs["TESSERA_TENANT_ID"], "uid-7_main");
+        assert_eq!(
+            r.mounts[1].host_path,
+            layout.cards_dir().to_string_lossy(),
+            "the agent's tables, read-only"
+        );
+        let (_, _, cards_mode) = crate::host_files::owner_of(&layout.cards_dir()).expect("meta");
+        assert_eq!(cards_mode, 0o755, "not writable by containers");
         assert_eq!(
             r.envs["CUDA_DEVICE_MEMORY_SHARED_CACHE"],
             "/usr/local/tessera/shared/region.cache"
@@ -231,7 +248,7 @@ mod tests {
             paths,
             vec![
                 ("/usr/local/tessera/shared", false),
-                ("/usr/local/tessera/cards", false),
+                ("/usr/local/tessera/cards", true),
                 ("/usr/local/tessera/libtessera-cuda.so", true),
                 ("/etc/ld.so.preload", true),
                 ("/usr/local/tessera/pid", true),
