@@ -13,6 +13,9 @@
 //! - [`namespaces`]: the optional cache of opted-out namespaces.
 //! - [`app`]: command-line options and the process's `run`.
 //!
+//! Everything but [`decision`] and [`control_env`] needs the default feature
+//! `server`; `tessera simulate` links the pure decision alone.
+//!
 //! # What the webhook configuration must provide
 //!
 //! The MutatingWebhookConfiguration (in `manifests/`) is expected to:
@@ -31,14 +34,21 @@
 //!   Secret `--ca-secret` in `--namespace`; every webhook in the
 //!   configuration gets the CA as its `caBundle`. Probes use `scheme: HTTPS`.
 
+#[cfg(feature = "server")]
 pub mod app;
 pub mod control_env;
 pub mod decision;
+#[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "server")]
 pub mod namespaces;
+#[cfg(feature = "server")]
 pub mod provision;
+#[cfg(feature = "server")]
 pub mod review;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
 pub mod tls;
 
 pub use decision::{admit, mutate_pod, AdmissionDecision, AllowReason, Denial, MutateError};
