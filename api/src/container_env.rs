@@ -25,6 +25,9 @@ pub const SHARED_CACHE: &str = "CUDA_DEVICE_MEMORY_SHARED_CACHE";
 pub const LOG_LEVEL: &str = "LIBCUDA_LOG_LEVEL";
 /// Cards visible in the container (UUIDs), read by the NVIDIA container runtime.
 pub const VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
+/// `true` (set in the pod's own env, where the config allows it) opts a
+/// container out of the interceptor.
+pub const DISABLE_CONTROL: &str = "CUDA_DISABLE_CONTROL";
 
 /// Name of the per-card cap variable for visible card `index`.
 pub fn memory_limit_var(index: usize) -> String {

@@ -6,7 +6,8 @@
 //! Kubernetes quantity parsing ([`quantity`]), scheduling policies
 //! ([`policy`]), pod facts and the bind-phase state machine ([`pod`],
 //! feature `k8s`), the pod request model ([`request`], feature `k8s`), the
-//! config file ([`config`]), the typed errors ([`error`]), and the layouts
+//! config file ([`config`]), the agent–interceptor environment contract
+//! ([`container_contract`]), the typed errors ([`error`]), and the layouts
 //! shared through files: the container accounting region ([`shared_region`])
 //! and the per-card tenant table ([`card_tenants`]). Nothing here
 //! does I/O.
@@ -16,6 +17,7 @@ pub mod allocation;
 pub mod allocation_seal;
 pub mod card_tenants;
 pub mod config;
+pub mod container_contract;
 pub mod container_env;
 pub mod error;
 pub mod inventory;

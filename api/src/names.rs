@@ -87,24 +87,14 @@ pub mod allocation {
 }
 
 /// Environment variables set inside GPU containers by the node agent and
-/// read by the interceptor.
+/// read by the interceptor: the names are spelled once, in
+/// [`crate::container_env`]; these are the same constants under the names
+/// the webhook and the agent use.
 pub mod env {
-    /// Card UUIDs the NVIDIA container runtime exposes.
-    pub const NVIDIA_VISIBLE_DEVICES: &str = "NVIDIA_VISIBLE_DEVICES";
-    /// Prefix of the per-card memory cap, `CUDA_DEVICE_MEMORY_LIMIT_<i>`; alone it caps every card.
-    pub const MEMORY_LIMIT: &str = "CUDA_DEVICE_MEMORY_LIMIT";
-    /// Compute cap in percent of the card.
-    pub const SM_LIMIT: &str = "CUDA_DEVICE_SM_LIMIT";
-    /// Path of the container's shared accounting region.
-    pub const SHARED_CACHE: &str = "CUDA_DEVICE_MEMORY_SHARED_CACHE";
-    /// Task priority (0 high, 1 low).
-    pub const TASK_PRIORITY: &str = "CUDA_TASK_PRIORITY";
-    /// `force` | `disable` | unset: when the SM cap applies.
-    pub const CORE_UTILIZATION_POLICY: &str = "GPU_CORE_UTILIZATION_POLICY";
-    /// `true` opts a container out of the interceptor.
-    pub const DISABLE_CONTROL: &str = "CUDA_DISABLE_CONTROL";
-    /// Interceptor log level (HAMi's levels).
-    pub const LOG_LEVEL: &str = "LIBCUDA_LOG_LEVEL";
+    pub use crate::container_env::{
+        CORE_UTILIZATION_POLICY, DISABLE_CONTROL, LOG_LEVEL, MEMORY_LIMIT_ALL as MEMORY_LIMIT,
+        SHARED_CACHE, SM_LIMIT, TASK_PRIORITY, VISIBLE_DEVICES as NVIDIA_VISIBLE_DEVICES,
+    };
 }
 
 /// The extended-resource names GPU pods use. HAMi lets operators rename

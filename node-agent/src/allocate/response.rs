@@ -15,13 +15,10 @@
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use tessera_api::allocation::ContainerDevice;
-use tessera_api::container_env::{
-    format_memory_limit_mib, memory_limit_var, sm_limit_var, CARD_TENANTS_DIR, PID_SOCKET,
-    TENANT_ID,
-};
-use tessera_api::names::{env, ResourceNames};
+use tessera_api::container_contract::{CardEnv, ContainerEnv};
+use tessera_api::container_env::{TaskPriority, DISABLE_CONTROL};
+use tessera_api::names::ResourceNames;
 use tessera_api::request::container_request;
-use tessera_api::visible_cards::{format_visible_uuids, VISIBLE_UUIDS};
 
 use crate::host_files::{
     HostFileError, HostLayout, CONTAINER_CARDS_DIR, CONTAINER_PID_DIR, CONTAINER_PRELOAD,
@@ -39,7 +36,7 @@ pub const DEVICE_LIST_MOUNT_SOURCE: &str = "/dev/null";
 /// Whether the container opted out of the interceptor.
 pub fn control_disabled(container: &Container) -> bool {
     container.env.iter().flatten().any(|var| {
-        var.name == env::DISABLE_CONTROL
+        var.name == DISABLE_CONTROL
             && var
                 .value
                 .as_deref()
@@ -73,54 +70,40 @@ pub fn container_response(
     let host_dir =
         layout.prepare_container_dir(pod_uid, &container.name, container_owner(pod, container))?;
 
-    let mut response = ContainerAllocateResponse::default();
-    let envs = &mut response.envs;
-    envs.insert(
-        env::NVIDIA_VISIBLE_DEVICES.to_owned(),
-        devices
+    let controlled = !control_disabled(container);
+    // One value for the whole environment: the interceptor reads back exactly
+    // this (`ContainerEnv::from_vars`).
+    let contract = ContainerEnv {
+        cards: devices
             .iter()
-            .map(|d| d.uuid.as_str())
-            .collect::<Vec<_>>()
-            .join(","),
-    );
-    // The same list for the interceptor alone: `CUDA_DEVICE_MEMORY_LIMIT_<i>`
-    // is the cap of its `i`-th card, matched to CUDA ordinals by UUID (the
-    // runtime may rewrite NVIDIA_VISIBLE_DEVICES, CUDA may order the cards
-    // differently, the application may renumber them).
-    envs.insert(
-        VISIBLE_UUIDS.to_owned(),
-        format_visible_uuids(devices.iter().map(|d| d.uuid.as_str())),
-    );
-    for (i, device) in devices.iter().enumerate() {
-        envs.insert(
-            memory_limit_var(i),
-            format_memory_limit_mib(device.memory_mib),
-        );
-    }
-    if let Some(first) = devices.first() {
-        envs.insert(env::SM_LIMIT.to_owned(), first.cores.to_string());
-    }
-    for (i, device) in devices.iter().enumerate() {
-        envs.insert(sm_limit_var(i), device.cores.to_string());
-    }
-    envs.insert(CARD_TENANTS_DIR.to_owned(), CONTAINER_CARDS_DIR.to_owned());
-    // How the interceptor tells its own entry in those tables.
-    envs.insert(
-        TENANT_ID.to_owned(),
-        HostLayout::tenant_id(pod_uid, &container.name),
-    );
-    envs.insert(
-        env::SHARED_CACHE.to_owned(),
-        HostLayout::container_region_path(),
-    );
-    // The request was validated at admission; a value that no longer parses
-    // simply sets no priority.
-    if let Some(priority) = container_request(container, names)
-        .ok()
-        .and_then(|r| r.priority)
-    {
-        envs.insert(env::TASK_PRIORITY.to_owned(), priority.to_string());
-    }
+            .map(|d| CardEnv {
+                uuid: d.uuid.clone(),
+                memory_mib: Some(d.memory_mib),
+                sm_percent: u8::try_from(d.cores).ok().filter(|p| (1..100).contains(p)),
+            })
+            .collect(),
+        shared_cache: Some(HostLayout::container_region_path()),
+        card_tenants_dir: Some(CONTAINER_CARDS_DIR.to_owned()),
+        // How the interceptor tells its own entry in those tables.
+        tenant_id: Some(HostLayout::tenant_id(pod_uid, &container.name)),
+        // The request was validated at admission; a value that no longer
+        // parses simply sets no priority.
+        priority: container_request(container, names)
+            .ok()
+            .and_then(|r| r.priority)
+            .map(|p| {
+                if p == 0 {
+                    TaskPriority::High
+                } else {
+                    TaskPriority::Low
+                }
+            }),
+        pid_socket: controlled.then(HostLayout::container_pid_socket_path),
+    };
+    let mut response = ContainerAllocateResponse {
+        envs: contract.to_env().into_iter().collect(),
+        ..ContainerAllocateResponse::default()
+    };
 
     response.mounts.push(Mount {
         container_path: CONTAINER_SHARED_DIR.to_owned(),
@@ -134,7 +117,7 @@ pub fn container_response(
         host_path: cards_dir.to_string_lossy().into_owned(),
         read_only: true,
     });
-    if !control_disabled(container) {
+    if controlled {
         response.mounts.push(Mount {
             container_path: HostLayout::container_interceptor_path(),
             host_path: layout.interceptor().to_string_lossy().into_owned(),
@@ -153,10 +136,6 @@ pub fn container_response(
             host_path: pid_dir.to_string_lossy().into_owned(),
             read_only: true,
         });
-        response.envs.insert(
-            PID_SOCKET.to_owned(),
-            HostLayout::container_pid_socket_path(),
-        );
     }
     for device in devices {
         response.mounts.push(Mount {
@@ -173,6 +152,7 @@ mod tests {
     use super::*;
     use serde_json::json;
     use tessera_api::allocation::NVIDIA_VENDOR;
+    use tessera_api::container_env::memory_limit_var;
     use tessera_api::request::annotated_container;
 
     fn pod(env: serde_json::Value) -> Pod {
