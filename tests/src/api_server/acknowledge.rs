@@ -81,19 +81,20 @@ impl ApiServer {
         let shared = Arc::clone(&self.shared);
         let task = tokio::spawn(async move {
             let mut changes = shared.lock_store().subscribe();
+            // Everything waiting now, then only what each write changed.
+            let mut seen_rv = 0;
             loop {
                 let pending: Vec<(String, String)> = {
                     let store = shared.lock_store();
-                    store
-                        .list("v1", "pods", None)
-                        .filter(|p| waiting(p))
-                        .map(|p| {
-                            (
-                                str_at(p, "/metadata/namespace").to_owned(),
-                                str_at(p, "/metadata/name").to_owned(),
-                            )
-                        })
-                        .collect()
+                    let changed = store.history_after(seen_rv);
+                    let pending = changed
+                        .iter()
+                        .filter(|e| e.key.api_version == "v1" && e.key.resource == "pods")
+                        .filter(|e| waiting(&e.object))
+                        .map(|e| (e.key.namespace.clone(), e.key.name.clone()))
+                        .collect();
+                    seen_rv = changed.last().map_or(seen_rv, |e| e.rv);
+                    pending
                 };
                 for (namespace, name) in pending {
                     if !latency.is_zero() {
