@@ -5,7 +5,8 @@
 //! ([`allocation_seal`], feature `k8s`),
 //! Kubernetes quantity parsing ([`quantity`]), scheduling policies
 //! ([`policy`]), pod facts and the bind-phase state machine ([`pod`],
-//! feature `k8s`), the pod request model ([`request`], feature `k8s`), the
+//! feature `k8s`), which allocation entry is whose container
+//! ([`pod_allocation`], feature `k8s`), the pod request model ([`request`], feature `k8s`), the
 //! config file ([`config`]), the agent–interceptor environment contract
 //! ([`container_contract`]), the typed errors ([`error`]), and the layouts
 //! shared through files: the container accounting region ([`shared_region`])
@@ -24,6 +25,8 @@ pub mod inventory;
 pub mod names;
 #[cfg(feature = "k8s")]
 pub mod pod;
+#[cfg(feature = "k8s")]
+pub mod pod_allocation;
 pub mod policy;
 pub mod quantity;
 #[cfg(feature = "k8s")]

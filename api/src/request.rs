@@ -291,41 +291,16 @@ pub fn container_request(
     Ok(request)
 }
 
-/// The container that entry `entry` of a pod's allocation annotation
-/// (`hami.io/vgpu-devices-allocated` / `-to-allocate`, `entries` entries in
-/// all) belongs to. The scheduler writes one entry per container in
-/// kubelet's `Allocate` order: when any init container asks for a GPU, every
-/// init container comes first (those without a GPU as empty entries), then
-/// every app container; otherwise only the app containers. The two layouts
-/// differ in length whenever the pod has init containers, so the count
-/// tells them apart without re-reading the requests: `entries` equal to
-/// init + app containers (with at least one init container) means init
-/// containers first, anything else means app containers only. `None` when
-/// the entry names no container of the pod.
+/// The container of an allocation-annotation entry (see
+/// [`crate::pod_allocation`], which owns the rule).
 pub fn annotated_container(pod: &Pod, entries: usize, entry: usize) -> Option<&Container> {
-    let spec = pod.spec.as_ref()?;
-    let init = spec.init_containers.as_deref().unwrap_or_default();
-    let leading_init = annotated_init_entries(pod, entries);
-    if entry < leading_init {
-        init.get(entry)
-    } else {
-        spec.containers.get(entry - leading_init)
-    }
+    crate::pod_allocation::entry_container(pod, entries, entry)
 }
 
-/// How many leading entries of an allocation annotation with `entries`
-/// entries belong to init containers (see [`annotated_container`]): all of
-/// the pod's init containers, or none.
+/// How many leading entries belong to init containers (see
+/// [`crate::pod_allocation`], which owns the rule).
 pub fn annotated_init_entries(pod: &Pod, entries: usize) -> usize {
-    let Some(spec) = pod.spec.as_ref() else {
-        return 0;
-    };
-    let init = spec.init_containers.as_ref().map_or(0, Vec::len);
-    if init > 0 && entries == init + spec.containers.len() {
-        init
-    } else {
-        0
-    }
+    crate::pod_allocation::init_entries(pod, entries)
 }
 
 fn comma_list(value: &str, lowercase: bool) -> Vec<String> {

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use tessera_api::allocation::{encode_pod_devices, ContainerDevice, PodDevices, NVIDIA_VENDOR};
 use tessera_api::error::RequestError;
 use tessera_api::names::allocation as keys;
+use tessera_api::pod_allocation::PodAllocation;
 use tessera_api::policy::NodePolicy;
 
 use super::gpu_fit::{fit_pod, FitScratch, PodPicks};
@@ -35,11 +36,7 @@ impl Placement {
     /// The per-container device list as annotated: init containers first
     /// when one of them has a GPU, then app containers.
     pub fn annotated_devices(&self) -> PodDevices {
-        self.init_containers
-            .iter()
-            .chain(&self.containers)
-            .cloned()
-            .collect()
+        PodAllocation::new(self.init_containers.clone(), self.containers.clone()).annotated()
     }
 
     /// The scheduler-owned annotations that record this placement.

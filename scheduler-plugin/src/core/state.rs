@@ -12,6 +12,7 @@ use tessera_api::allocation_seal::{AllocationTrust, SealError};
 use tessera_api::config::Config;
 use tessera_api::inventory::decode_inventory;
 use tessera_api::names::NODE_REGISTER_ANNOTATION;
+use tessera_api::pod_allocation::PodAllocation;
 
 use super::cards::CardState;
 use super::node_predicates::NodeFacts;
@@ -268,12 +269,15 @@ impl ClusterState {
             .filter(|a| a.node == node)
             .map(|a| a.devices)
             .unwrap_or_default();
-        let (init, app) = devices.split_at(tessera_api::request::annotated_init_entries(
-            pod,
-            devices.len(),
-        ));
+        let allocation = PodAllocation::read(pod, devices);
         let resources = ResourceAmounts::pod_requests(pod, &self.config.resources);
-        let charge = PodCharge::from_devices(node, resources, init, app, bound_node.is_none());
+        let charge = PodCharge::from_devices(
+            node,
+            resources,
+            allocation.init(),
+            allocation.app(),
+            bound_node.is_none(),
+        );
         self.set_charge(key, charge);
         distrust
     }
