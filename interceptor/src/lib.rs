@@ -33,7 +33,9 @@
 //!
 //! Nothing runs at load time. The hooks are `unsafe extern "C"` functions
 //! whose contracts are those of the CUDA driver API and NVML.
-#![allow(clippy::missing_safety_doc)] // C ABI hooks: contracts are the driver API's.
+// Every unsafe block says why it is sound; every unsafe fn documents its
+// contract (`# Safety`; a hook's is the driver API's or NVML's).
+#![warn(clippy::undocumented_unsafe_blocks)]
 #![allow(non_snake_case)]
 // exported under the driver's names.
 // Unit-test builds export nothing (the hooks would interpose on the test
@@ -50,10 +52,13 @@ mod driver;
 mod extra_hooks;
 mod ffi;
 mod graph_mem;
+mod hook_table;
 mod host_pid;
+mod interpose;
 mod launch_hooks;
 mod loader;
 mod log;
+mod nvml;
 mod nvml_hooks;
 mod ptr_table;
 mod region;

@@ -11,9 +11,10 @@
 
 use crate::accounting::Accounting;
 use crate::config::{Config, ConfigError};
-use crate::driver::{CudaDriver, NvmlLibrary};
-use crate::ffi::{CuResult, NvmlReturn, CUDA_ERROR_NOT_INITIALIZED, NVML_SUCCESS};
+use crate::driver::CudaDriver;
+use crate::ffi::{CuResult, CUDA_ERROR_NOT_INITIALIZED};
 use crate::log::{self, log, ERROR};
+use crate::nvml::NvmlLibrary;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
@@ -99,11 +100,7 @@ pub fn measuring_nvml() -> Option<&'static NvmlLibrary> {
         .get_or_init(|| {
             let started = log::enabled(log::DEBUG).then(std::time::Instant::now);
             let nvml = nvml()?;
-            let ready = nvml.init != 0
-                // SAFETY: nvmlInit_v2(void).
-                && unsafe {
-                    std::mem::transmute::<usize, unsafe extern "C" fn() -> NvmlReturn>(nvml.init)()
-                } == NVML_SUCCESS;
+            let ready = nvml.initialise();
             if let Some(t) = started {
                 log!(
                     log::DEBUG,
