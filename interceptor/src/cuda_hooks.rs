@@ -11,11 +11,12 @@
 use crate::accounting::{Accounting, MEASURING};
 use crate::cards::{self, Card};
 use crate::ffi::*;
-use crate::hook_table::{real, CtxDestroy, MemFree, PrimaryCtxRelease};
+use crate::hook_table::{CtxDestroy, MemFree, PrimaryCtxRelease};
 use crate::log::{self, log, DEBUG, ERROR, INFO};
 use crate::nvml_hooks::{usage_after_context, usage_before_context, UsageSample};
 use crate::ptr_table::PtrTable;
 use crate::state;
+use crate::state::real;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::Ordering;
 

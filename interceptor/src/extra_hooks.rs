@@ -46,9 +46,10 @@
 use crate::accounting::Accounting;
 use crate::cuda_hooks::{charged, current_device, read, tracked};
 use crate::ffi::*;
-use crate::hook_table::{real, DeviceGetMemPool, MipmappedArrayDestroy};
+use crate::hook_table::{DeviceGetMemPool, MipmappedArrayDestroy};
 use crate::log::{log, WARN};
 use crate::state;
+use crate::state::real;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -21,9 +21,9 @@
 
 use crate::cuda_hooks::{read, tracked};
 use crate::ffi::*;
-use crate::hook_table::real;
 use crate::log::{log, WARN};
 use crate::state;
+use crate::state::real;
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tessera_api::shared_region::MAX_DEVICES;

@@ -6,8 +6,9 @@
 //!
 //! The row's function type is the single statement of the entry point's
 //! ABI: the real function is handed out as that type (the driver's
-//! `real::<Row>()`, through [`real!`]), and `interpose` checks at compile
-//! time that our hook has that very type. This module names no hook: the
+//! `real::<Row>()`, which hooks reach through `state::real!`), and
+//! `interpose` checks at compile time that our hook has that very type.
+//! This module depends on `ffi` and `loader` only and names no hook: the
 //! hook modules use it, and only `interpose` (which hands our hooks out by
 //! address) names both.
 //!
@@ -247,20 +248,6 @@ pub fn is_intercepted_name(name: &CStr) -> bool {
         .any(|e| e.export == name || e.proc_name == name)
         || NVML_ROWS.contains(&name)
 }
-
-/// The real driver function of CUDA row `$row` (a [`CudaHook`] named in
-/// this module), typed as the row says; returns `CUDA_ERROR_NOT_FOUND` from
-/// the calling hook when the driver lacks it. After the first call this is
-/// the driver's `OnceLock` read and one load from its table.
-macro_rules! real {
-    ($row:ident) => {
-        match $crate::state::cuda().and_then(|driver| driver.real::<$crate::hook_table::$row>()) {
-            Some(function) => function,
-            None => return $crate::ffi::CUDA_ERROR_NOT_FOUND,
-        }
-    };
-}
-pub(crate) use real;
 
 #[cfg(test)]
 mod tests {

@@ -12,10 +12,11 @@ use crate::cuda_hooks as cu;
 use crate::extra_hooks as ex;
 use crate::ffi::*;
 use crate::graph_mem as gm;
-use crate::hook_table::{self as rows, real, CudaHook, NvmlHook, CUDA_HOOK_COUNT, NVML_HOOK_COUNT};
+use crate::hook_table::{self as rows, CudaHook, NvmlHook, CUDA_HOOK_COUNT, NVML_HOOK_COUNT};
 use crate::launch_hooks as lh;
 use crate::nvml_hooks as nv;
 use crate::state;
+use crate::state::real;
 use crate::vmm;
 use std::ffi::{c_char, c_int, c_void};
 

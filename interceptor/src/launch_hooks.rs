@@ -9,8 +9,8 @@
 //! CUDA 11.3) and `cuLaunchHostFunc` (host work).
 
 use crate::ffi::*;
-use crate::hook_table::real;
 use crate::sm_limiter::{self, graph_cost, launch_cost};
+use crate::state::real;
 use std::ffi::{c_uint, c_void};
 
 /// The gate, then `launch`.

@@ -5,11 +5,19 @@
 //! How the pieces fit:
 //! - [`config`] reads the caps (`CUDA_DEVICE_MEMORY_LIMIT[_<i>]`), the shared
 //!   region path and the log level once, on the first intercepted call.
-//! - `loader` and `driver` find the real `libcuda.so.1` / `libnvidia-ml.so.1`
-//!   (lazily) and keep the hook table, by address.
-//! - `cuda_hooks` and `nvml_hooks` are the exported entry points; `dlsym`
-//!   overrides glibc's lookup and `cuGetProcAddress` is hooked, so programs
-//!   reach the hooks however they find the driver.
+//! - `hook_table` lists every intercepted entry point, one typed row each
+//!   (its C function type, names, `cuGetProcAddress` version and flags).
+//!   `loader` reaches the real `libcuda.so.1` / `libnvidia-ml.so.1` (lazily)
+//!   and holds the one address-to-function conversion (`function_at`);
+//!   `driver` resolves every row in the driver and hands a hook its real
+//!   function typed as its row says (`state::real!`); `nvml` is the one
+//!   binding of NVML.
+//! - `cuda_hooks`, `vmm`, `extra_hooks`, `graph_mem`, `launch_hooks` and
+//!   `nvml_hooks` are the exported entry points; `interpose` names our hook
+//!   for each row (checked against the row's type) and swaps it in where
+//!   the application looks a function up: `dlsym` overrides glibc's lookup
+//!   and `cuGetProcAddress` is hooked there, so programs reach the hooks
+//!   however they find the driver. ABI structures are in `ffi`.
 //! - `cards` maps CUDA ordinals to the container's cards (by UUID), which
 //!   is how caps and counters are numbered.
 //! - `accounting` charges the container's account in the shared region

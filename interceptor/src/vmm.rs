@@ -30,10 +30,11 @@
 
 use crate::cuda_hooks::{current_device, read, refused_foreign, tracked};
 use crate::ffi::*;
-use crate::hook_table::{real, MemUnmap};
+use crate::hook_table::MemUnmap;
 use crate::log::{log, WARN};
 use crate::ptr_table::{Dropped, PtrTable};
 use crate::state;
+use crate::state::real;
 use std::ffi::{c_uint, c_void};
 
 /// Mappings one `cuMemUnmap` lets go of before the driver is asked (any
