@@ -1,9 +1,11 @@
-//! The intercepted CUDA driver entry points. Each one forwards to the real
-//! driver; the memory paths charge the card the memory lands on before the
-//! driver is asked and give back exactly that on free, the reporting paths
-//! show the cap, and `cuGetProcAddress` hands out our hooks for the
-//! addresses we intercept. With no cap configured every hook is a plain
-//! forward; with an invalid one every hook refuses (fail closed).
+//! The intercepted CUDA driver entry points for plain allocations, arrays,
+//! contexts and the memory queries. Each one forwards to the real driver
+//! function of its hook-table row (`state::real!`); the memory paths charge
+//! the card the memory lands on before the driver is asked and give back
+//! exactly that on free, and the reporting paths show the cap (the
+//! `cuGetProcAddress` hooks are in `interpose`). With no cap configured
+//! every hook is a plain forward; with an invalid one every hook refuses
+//! (fail closed).
 //!
 //! Exported under the driver's names (`#[no_mangle]`, except in unit-test
 //! builds, where they would interpose on the test binary itself).

@@ -114,9 +114,9 @@ type CtxCreateV3Fn =
 type CtxCreateV4Fn = unsafe extern "C" fn(*mut Opaque, *mut c_void, c_uint, CuDevice) -> CuResult;
 type InitFn = unsafe extern "C" fn(c_uint) -> CuResult;
 /// `cuGetProcAddress` (before CUDA 12).
-pub type GetProcFn = unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64) -> CuResult;
+type GetProcFn = unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64) -> CuResult;
 /// `cuGetProcAddress_v2` (CUDA 12).
-pub type GetProcV2Fn =
+type GetProcV2Fn =
     unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> CuResult;
 type MemCreateFn =
     unsafe extern "C" fn(*mut u64, usize, *const MemAllocationPropHead, u64) -> CuResult;
