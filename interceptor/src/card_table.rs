@@ -50,8 +50,9 @@ pub struct CardTable {
 /// `(st_dev, st_ino)` of `path`, following nothing special.
 fn identity(path: &Path) -> Option<(u64, u64)> {
     let c_path = CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: NUL-terminated path and a zeroed out-buffer.
+    // SAFETY: `stat` is plain old data, for which all zeroes is a value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out-buffer.
     (unsafe { libc::stat(c_path.as_ptr(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
 }
 
@@ -123,8 +124,9 @@ impl CardTable {
             return Err(std::io::Error::last_os_error().to_string());
         }
         let mapped = (|| {
-            // SAFETY: fstat on our descriptor into a zeroed buffer.
+            // SAFETY: `stat` is plain old data, for which all zeroes is a value.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat on our descriptor into a valid out-buffer.
             if unsafe { libc::fstat(fd, &mut st) } != 0 {
                 return Err(std::io::Error::last_os_error().to_string());
             }

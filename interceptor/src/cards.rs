@@ -19,7 +19,7 @@
 //! The answer is cached per ordinal: after the first call for a card,
 //! mapping costs one relaxed atomic load.
 
-use crate::ffi::{CuDevice, CuResult, CUDA_SUCCESS};
+use crate::ffi::{CuDevice, CUDA_SUCCESS};
 use crate::log::{log, WARN};
 use crate::state;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -117,19 +117,12 @@ fn resolve(ordinal: CuDevice, slot: &AtomicU8) -> Card {
     card
 }
 
-type UuidFn = unsafe extern "C" fn(*mut u8, CuDevice) -> CuResult;
-
 /// The driver's UUID of `ordinal` in NVML's text form, if it can say.
 pub fn cuda_uuid(ordinal: CuDevice) -> Option<String> {
-    let cuda = state::cuda()?;
-    if cuda.device_get_uuid == 0 {
-        return None;
-    }
+    let device_uuid = state::cuda()?.device_get_uuid?;
     let mut bytes = [0u8; 16];
     // SAFETY: the driver's cuDeviceGetUuid with a 16-byte buffer.
-    let rc = unsafe {
-        std::mem::transmute::<usize, UuidFn>(cuda.device_get_uuid)(bytes.as_mut_ptr(), ordinal)
-    };
+    let rc = unsafe { device_uuid(bytes.as_mut_ptr(), ordinal) };
     (rc == CUDA_SUCCESS).then(|| uuid_text(&bytes))
 }
 

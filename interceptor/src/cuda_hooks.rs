@@ -1,62 +1,26 @@
-//! The intercepted CUDA driver entry points. Each one forwards to the real
-//! driver; the memory paths charge the card the memory lands on before the
-//! driver is asked and give back exactly that on free, the reporting paths
-//! show the cap, and `cuGetProcAddress` hands out our hooks for the
-//! addresses we intercept. With no cap configured every hook is a plain
-//! forward; with an invalid one every hook refuses (fail closed).
+//! The intercepted CUDA driver entry points for plain allocations, arrays,
+//! contexts and the memory queries. Each one forwards to the real driver
+//! function of its hook-table row (`state::real!`); the memory paths charge
+//! the card the memory lands on before the driver is asked and give back
+//! exactly that on free, and the reporting paths show the cap (the
+//! `cuGetProcAddress` hooks are in `interpose`). With no cap configured
+//! every hook is a plain forward; with an invalid one every hook refuses
+//! (fail closed).
 //!
 //! Exported under the driver's names (`#[no_mangle]`, except in unit-test
 //! builds, where they would interpose on the test binary itself).
 
 use crate::accounting::{Accounting, MEASURING};
 use crate::cards::{self, Card};
-use crate::driver::Hook;
 use crate::ffi::*;
+use crate::hook_table::{CtxDestroy, MemFree, PrimaryCtxRelease};
 use crate::log::{self, log, DEBUG, ERROR, INFO};
 use crate::nvml_hooks::{usage_after_context, usage_before_context, UsageSample};
 use crate::ptr_table::PtrTable;
 use crate::state;
-use std::ffi::{c_char, c_int, c_uint, c_void};
+use crate::state::real;
+use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::Ordering;
-
-/// The real function for `$hook`, typed as `$ty`; returns
-/// `CUDA_ERROR_NOT_FOUND` from the hook when the driver lacks it.
-macro_rules! real {
-    ($hook:expr, $ty:ty) => {
-        match state::cuda().and_then(|d| d.real($hook)) {
-            // SAFETY: the address is the driver's implementation of this
-            // entry point, whose C signature is `$ty`.
-            Some(f) => unsafe { std::mem::transmute::<usize, $ty>(f) },
-            None => return CUDA_ERROR_NOT_FOUND,
-        }
-    };
-}
-pub(crate) use real;
-
-type AllocFn = unsafe extern "C" fn(*mut CuDevicePtr, usize) -> CuResult;
-type AllocPitchFn =
-    unsafe extern "C" fn(*mut CuDevicePtr, *mut usize, usize, usize, c_uint) -> CuResult;
-type AllocManagedFn = unsafe extern "C" fn(*mut CuDevicePtr, usize, c_uint) -> CuResult;
-type FreeFn = unsafe extern "C" fn(CuDevicePtr) -> CuResult;
-type AllocAsyncFn = unsafe extern "C" fn(*mut CuDevicePtr, usize, Opaque) -> CuResult;
-type AllocPoolFn = unsafe extern "C" fn(*mut CuDevicePtr, usize, Opaque, Opaque) -> CuResult;
-type FreeAsyncFn = unsafe extern "C" fn(CuDevicePtr, Opaque) -> CuResult;
-type ArrayCreateFn = unsafe extern "C" fn(*mut Opaque, *const ArrayDescriptor) -> CuResult;
-type Array3dCreateFn = unsafe extern "C" fn(*mut Opaque, *const Array3dDescriptor) -> CuResult;
-type ArrayDestroyFn = unsafe extern "C" fn(Opaque) -> CuResult;
-type MemGetInfoFn = unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult;
-type TotalMemFn = unsafe extern "C" fn(*mut usize, CuDevice) -> CuResult;
-type RetainFn = unsafe extern "C" fn(*mut Opaque, CuDevice) -> CuResult;
-type DeviceFn = unsafe extern "C" fn(CuDevice) -> CuResult;
-type CtxCreateV2Fn = unsafe extern "C" fn(*mut Opaque, c_uint, CuDevice) -> CuResult;
-type CtxCreateV3Fn =
-    unsafe extern "C" fn(*mut Opaque, *mut c_void, c_int, c_uint, CuDevice) -> CuResult;
-type CtxCreateV4Fn = unsafe extern "C" fn(*mut Opaque, *mut c_void, c_uint, CuDevice) -> CuResult;
-type CtxDestroyFn = unsafe extern "C" fn(Opaque) -> CuResult;
-type InitFn = unsafe extern "C" fn(c_uint) -> CuResult;
-type GetProcFn = unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64) -> CuResult;
-type GetProcV2Fn =
-    unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> CuResult;
 
 /// The container card (index into caps and counters, see `cards`) of the
 /// calling thread's current context, if it is accounted.
@@ -142,13 +106,18 @@ pub(crate) fn released(
     rc
 }
 
-/// Reads an out-pointer the driver has just filled.
+/// Reads an out-pointer the driver has just filled (`T::default()` for
+/// null).
+///
+/// # Safety
+/// `p` is null or valid for reads of a `T`: the out-pointer a hook's caller
+/// handed the driver (the driver API's contract for it).
 #[inline]
-pub(crate) fn read<T: Copy + Default>(p: *const T) -> T {
+pub(crate) unsafe fn read<T: Copy + Default>(p: *const T) -> T {
     if p.is_null() {
         T::default()
     } else {
-        // SAFETY: non-null out-pointer the caller gave the driver.
+        // SAFETY: non-null, and valid for reads by this function's contract.
         unsafe { *p }
     }
 }
@@ -160,9 +129,11 @@ fn arrays(a: &Accounting) -> &PtrTable {
     &a.arrays
 }
 
+/// # Safety
+/// None beyond the driver's: `cuInit` takes no pointers.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
-    let real = real!(Hook::Init, InitFn);
+    let real = real!(Init);
     // Refuses a bad cap and attaches the shared region before the driver
     // starts, so a misconfiguration shows at the first CUDA call.
     // Once per process, so always timed; printed at DEBUG.
@@ -192,24 +163,31 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
     rc
 }
 
+/// # Safety
+/// `cuMemAlloc_v2`'s contract: `dptr` is a valid out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CuDevicePtr, bytes: usize) -> CuResult {
-    let real = real!(Hook::MemAlloc, AllocFn);
-    // SAFETY (all closures below): forwarding the caller's arguments.
+    let real = real!(MemAlloc);
     charged(pointers, current_device, bytes as u64, || {
-        (unsafe { real(dptr, bytes) }, read(dptr))
+        // SAFETY: forwarding the caller's arguments, then reading the
+        // out-pointer the caller handed the driver.
+        unsafe { (real(dptr, bytes), read(dptr)) }
     })
 }
 
+/// # Safety
+/// `cuMemAllocManaged`'s contract: `dptr` is a valid out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemAllocManaged(
     dptr: *mut CuDevicePtr,
     bytes: usize,
     flags: c_uint,
 ) -> CuResult {
-    let real = real!(Hook::MemAllocManaged, AllocManagedFn);
+    let real = real!(MemAllocManaged);
     charged(pointers, current_device, bytes as u64, || {
-        (unsafe { real(dptr, bytes, flags) }, read(dptr))
+        // SAFETY: forwarding the caller's arguments, then reading the
+        // out-pointer the caller handed the driver.
+        unsafe { (real(dptr, bytes, flags), read(dptr)) }
     })
 }
 
@@ -217,6 +195,9 @@ pub unsafe extern "C" fn cuMemAllocManaged(
 /// corrected to `pitch * height` afterwards.
 const PITCH_ESTIMATE_ALIGN: usize = 512;
 
+/// # Safety
+/// `cuMemAllocPitch_v2`'s contract: `dptr` and `pitch` are valid
+/// out-pointers.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemAllocPitch_v2(
     dptr: *mut CuDevicePtr,
@@ -225,8 +206,11 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
     height: usize,
     element_bytes: c_uint,
 ) -> CuResult {
-    let real = real!(Hook::MemAllocPitch, AllocPitchFn);
-    let forward = || unsafe { real(dptr, pitch, width, height, element_bytes) };
+    let real = real!(MemAllocPitch);
+    let forward = || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(dptr, pitch, width, height, element_bytes) }
+    };
     let accounting = match state::accounting() {
         Err(rc) => return rc,
         Ok(None) => return forward(),
@@ -245,52 +229,69 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
         accounting.uncharge(device, estimate);
         return rc;
     }
-    let actual = (read(pitch) as u64).saturating_mul(height as u64);
+    // SAFETY: the caller's out-pointers, which the driver just filled.
+    let (pitch, pointer) = unsafe { (read(pitch), read(dptr)) };
+    let actual = (pitch as u64).saturating_mul(height as u64);
     if actual > estimate && accounting.charge(device, actual - estimate).is_err() {
         accounting.uncharge(device, estimate);
-        if let Some(free) = state::cuda().and_then(|d| d.real(Hook::MemFree)) {
+        if let Some(free) = state::cuda().and_then(|d| d.real::<MemFree>()) {
             // SAFETY: the driver's cuMemFree_v2 on the pointer it just returned.
-            unsafe { std::mem::transmute::<usize, FreeFn>(free)(read(dptr)) };
+            unsafe { free(pointer) };
         }
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     if actual < estimate {
         accounting.uncharge(device, estimate - actual);
     }
-    accounting.remember(&accounting.pointers, read(dptr), device, actual);
+    accounting.remember(&accounting.pointers, pointer, device, actual);
     rc
 }
 
+/// # Safety
+/// None beyond the driver's: `cuMemFree_v2` takes no host pointers.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemFree_v2(dptr: CuDevicePtr) -> CuResult {
-    let real = real!(Hook::MemFree, FreeFn);
-    released(pointers, dptr, || unsafe { real(dptr) })
+    let real = real!(MemFree);
+    released(pointers, dptr, || {
+        // SAFETY: forwarding the caller's argument.
+        unsafe { real(dptr) }
+    })
 }
 
+/// # Safety
+/// `cuMemAllocAsync`'s contract: `dptr` is a valid out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemAllocAsync(
     dptr: *mut CuDevicePtr,
     bytes: usize,
     stream: Opaque,
 ) -> CuResult {
-    let real = real!(Hook::MemAllocAsync, AllocAsyncFn);
+    let real = real!(MemAllocAsync);
     crate::extra_hooks::pool_allocation(None, bytes as u64, || {
-        (unsafe { real(dptr, bytes, stream) }, read(dptr))
+        // SAFETY: forwarding the caller's arguments, then reading the
+        // out-pointer the caller handed the driver.
+        unsafe { (real(dptr, bytes, stream), read(dptr)) }
     })
 }
 
+/// # Safety
+/// `cuMemAllocAsync_ptsz`'s contract: `dptr` is a valid out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
     dptr: *mut CuDevicePtr,
     bytes: usize,
     stream: Opaque,
 ) -> CuResult {
-    let real = real!(Hook::MemAllocAsyncPtsz, AllocAsyncFn);
+    let real = real!(MemAllocAsyncPtsz);
     crate::extra_hooks::pool_allocation(None, bytes as u64, || {
-        (unsafe { real(dptr, bytes, stream) }, read(dptr))
+        // SAFETY: forwarding the caller's arguments, then reading the
+        // out-pointer the caller handed the driver.
+        unsafe { (real(dptr, bytes, stream), read(dptr)) }
     })
 }
 
+/// # Safety
+/// `cuMemAllocFromPoolAsync`'s contract: `dptr` is a valid out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
     dptr: *mut CuDevicePtr,
@@ -298,13 +299,17 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
     pool: Opaque,
     stream: Opaque,
 ) -> CuResult {
-    let real = real!(Hook::MemAllocFromPoolAsync, AllocPoolFn);
+    let real = real!(MemAllocFromPoolAsync);
     // Charged to the card the pool lives on, whatever the current context.
     crate::extra_hooks::pool_allocation(Some(pool), bytes as u64, || {
-        (unsafe { real(dptr, bytes, pool, stream) }, read(dptr))
+        // SAFETY: forwarding the caller's arguments, then reading the
+        // out-pointer the caller handed the driver.
+        unsafe { (real(dptr, bytes, pool, stream), read(dptr)) }
     })
 }
 
+/// # Safety
+/// `cuMemAllocFromPoolAsync_ptsz`'s contract: `dptr` is a valid out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
     dptr: *mut CuDevicePtr,
@@ -312,22 +317,34 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
     pool: Opaque,
     stream: Opaque,
 ) -> CuResult {
-    let real = real!(Hook::MemAllocFromPoolAsyncPtsz, AllocPoolFn);
+    let real = real!(MemAllocFromPoolAsyncPtsz);
     crate::extra_hooks::pool_allocation(Some(pool), bytes as u64, || {
-        (unsafe { real(dptr, bytes, pool, stream) }, read(dptr))
+        // SAFETY: forwarding the caller's arguments, then reading the
+        // out-pointer the caller handed the driver.
+        unsafe { (real(dptr, bytes, pool, stream), read(dptr)) }
     })
 }
 
+/// # Safety
+/// None beyond the driver's: `cuMemFreeAsync` takes no host pointers.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemFreeAsync(dptr: CuDevicePtr, stream: Opaque) -> CuResult {
-    let real = real!(Hook::MemFreeAsync, FreeAsyncFn);
-    released(pointers, dptr, || unsafe { real(dptr, stream) })
+    let real = real!(MemFreeAsync);
+    released(pointers, dptr, || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(dptr, stream) }
+    })
 }
 
+/// # Safety
+/// None beyond the driver's: `cuMemFreeAsync_ptsz` takes no host pointers.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: CuDevicePtr, stream: Opaque) -> CuResult {
-    let real = real!(Hook::MemFreeAsyncPtsz, FreeAsyncFn);
-    released(pointers, dptr, || unsafe { real(dptr, stream) })
+    let real = real!(MemFreeAsyncPtsz);
+    released(pointers, dptr, || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(dptr, stream) }
+    })
 }
 
 pub(crate) fn array_bytes(
@@ -349,15 +366,16 @@ pub(crate) fn array_bytes(
 /// the call is forwarded uncharged.
 ///
 /// # Safety
-/// `desc` is null or points to a valid descriptor; `array` is the caller's
-/// out-pointer that `create` fills.
+/// `desc` is null or points to a valid descriptor; `array` is null or the
+/// caller's valid out-pointer that `create` fills.
 unsafe fn charged_array<D>(
     array: *mut Opaque,
     desc: *const D,
     bytes: impl FnOnce(&D) -> u64,
     create: impl FnOnce() -> CuResult,
 ) -> CuResult {
-    let forward = || (create(), read(array as *const usize) as u64);
+    // SAFETY: `array` is null or valid for reads, by this function's contract.
+    let forward = || (create(), unsafe { read(array as *const usize) } as u64);
     if desc.is_null() {
         return forward().0;
     }
@@ -366,49 +384,71 @@ unsafe fn charged_array<D>(
     charged(arrays, current_device, bytes(d), forward)
 }
 
+/// # Safety
+/// `cuArrayCreate_v2`'s contract: `array` is a valid out-pointer and `desc`
+/// null or a valid descriptor.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuArrayCreate_v2(
     array: *mut Opaque,
     desc: *const ArrayDescriptor,
 ) -> CuResult {
-    let real = real!(Hook::ArrayCreate, ArrayCreateFn);
+    let real = real!(ArrayCreate);
+    let create = || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(array, desc) }
+    };
     // SAFETY: the caller's descriptor and out-pointer, forwarded as given.
     unsafe {
         charged_array(
             array,
             desc,
             |d| array_bytes(d.width, d.height, 1, d.format, d.channels),
-            || real(array, desc),
+            create,
         )
     }
 }
 
+/// # Safety
+/// `cuArray3DCreate_v2`'s contract: `array` is a valid out-pointer and `desc`
+/// null or a valid descriptor.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuArray3DCreate_v2(
     array: *mut Opaque,
     desc: *const Array3dDescriptor,
 ) -> CuResult {
-    let real = real!(Hook::Array3DCreate, Array3dCreateFn);
+    let real = real!(Array3DCreate);
+    let create = || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(array, desc) }
+    };
     // SAFETY: the caller's descriptor and out-pointer, forwarded as given.
     unsafe {
         charged_array(
             array,
             desc,
             |d| array_bytes(d.width, d.height, d.depth, d.format, d.channels),
-            || real(array, desc),
+            create,
         )
     }
 }
 
+/// # Safety
+/// None beyond the driver's: the array handle is opaque.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuArrayDestroy(array: Opaque) -> CuResult {
-    let real = real!(Hook::ArrayDestroy, ArrayDestroyFn);
-    released(arrays, array as u64, || unsafe { real(array) })
+    let real = real!(ArrayDestroy);
+    released(arrays, array as u64, || {
+        // SAFETY: forwarding the caller's argument.
+        unsafe { real(array) }
+    })
 }
 
+/// # Safety
+/// `cuMemGetInfo_v2`'s contract: `free` and `total` are valid
+/// out-pointers (null ones are left to the driver to refuse).
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CuResult {
-    let real = real!(Hook::MemGetInfo, MemGetInfoFn);
+    let real = real!(MemGetInfo);
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(free, total) };
     if rc != CUDA_SUCCESS || free.is_null() || total.is_null() {
@@ -431,9 +471,11 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
     rc
 }
 
+/// # Safety
+/// `cuDeviceTotalMem_v2`'s contract: `bytes` is a valid out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, device: CuDevice) -> CuResult {
-    let real = real!(Hook::DeviceTotalMem, TotalMemFn);
+    let real = real!(DeviceTotalMem);
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(bytes, device) };
     if rc != CUDA_SUCCESS || bytes.is_null() {
@@ -518,10 +560,15 @@ fn measured_context(
     (rc, overhead)
 }
 
+/// # Safety
+/// `cuDevicePrimaryCtxRetain`'s contract: `ctx` is a valid out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Opaque, device: CuDevice) -> CuResult {
-    let real = real!(Hook::PrimaryCtxRetain, RetainFn);
-    let forward = || unsafe { real(ctx, device) };
+    let real = real!(PrimaryCtxRetain);
+    let forward = || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(ctx, device) }
+    };
     let accounting = match state::accounting() {
         Err(rc) => return rc,
         Ok(None) => return forward(),
@@ -548,10 +595,10 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Opaque, device: CuDe
         return rc;
     }
     let undo = || {
-        if let Some(release) = state::cuda().and_then(|c| c.real(Hook::PrimaryCtxRelease)) {
+        if let Some(release) = state::cuda().and_then(|c| c.real::<PrimaryCtxRelease>()) {
             // SAFETY: the driver's cuDevicePrimaryCtxRelease_v2, balancing
             // the retain that just succeeded.
-            unsafe { std::mem::transmute::<usize, DeviceFn>(release)(device) };
+            unsafe { release(device) };
         }
     };
     let (rc, overhead) = measured_context(device, d, forward, undo, accounting);
@@ -584,9 +631,11 @@ fn release_primary(device: CuDevice, reset: bool) {
     }
 }
 
+/// # Safety
+/// None beyond the driver's: `cuDevicePrimaryCtxRelease_v2` takes no pointers.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(device: CuDevice) -> CuResult {
-    let real = real!(Hook::PrimaryCtxRelease, DeviceFn);
+    let real = real!(PrimaryCtxRelease);
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(device) };
     if rc == CUDA_SUCCESS {
@@ -595,9 +644,11 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(device: CuDevice) -> CuRes
     rc
 }
 
+/// # Safety
+/// None beyond the driver's: `cuDevicePrimaryCtxReset_v2` takes no pointers.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(device: CuDevice) -> CuResult {
-    let real = real!(Hook::PrimaryCtxReset, DeviceFn);
+    let real = real!(PrimaryCtxReset);
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(device) };
     if rc == CUDA_SUCCESS {
@@ -607,7 +658,11 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(device: CuDevice) -> CuResul
 }
 
 /// Shared body of the `cuCtxCreate` versions.
-fn created_context(
+///
+/// # Safety
+/// `ctx` is null or valid for reads once `create` has filled it (the
+/// caller's out-pointer).
+unsafe fn created_context(
     ctx: *mut Opaque,
     device: CuDevice,
     create: impl FnOnce() -> CuResult,
@@ -624,33 +679,41 @@ fn created_context(
         return create();
     };
     let undo = || {
-        if let Some(destroy) = state::cuda().and_then(|c| c.real(Hook::CtxDestroy)) {
-            // SAFETY: the driver's cuCtxDestroy_v2 on the context it just made.
-            unsafe { std::mem::transmute::<usize, CtxDestroyFn>(destroy)(read(ctx)) };
+        if let Some(destroy) = state::cuda().and_then(|c| c.real::<CtxDestroy>()) {
+            // SAFETY: the driver's cuCtxDestroy_v2 on the context it just
+            // made, read from the out-pointer it filled.
+            unsafe { destroy(read(ctx)) };
         }
     };
     let (rc, overhead) = measured_context(device, d, create, undo, accounting);
     if rc == CUDA_SUCCESS && overhead > 0 {
-        accounting.remember(
-            &accounting.contexts,
-            read(ctx as *const usize) as u64,
-            d,
-            overhead,
-        );
+        // SAFETY: the out-pointer the driver just filled.
+        let context = unsafe { read(ctx as *const usize) } as u64;
+        accounting.remember(&accounting.contexts, context, d, overhead);
     }
     rc
 }
 
+/// # Safety
+/// `cuCtxCreate_v2`'s contract: `ctx` is a valid out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuCtxCreate_v2(
     ctx: *mut Opaque,
     flags: c_uint,
     device: CuDevice,
 ) -> CuResult {
-    let real = real!(Hook::CtxCreate, CtxCreateV2Fn);
-    created_context(ctx, device, || unsafe { real(ctx, flags, device) })
+    let real = real!(CtxCreate);
+    let create = || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(ctx, flags, device) }
+    };
+    // SAFETY: the caller's out-pointer, which the driver fills.
+    unsafe { created_context(ctx, device, create) }
 }
 
+/// # Safety
+/// `cuCtxCreate_v3`'s contract: `ctx` is a valid out-pointer and
+/// `params` what the driver accepts.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuCtxCreate_v3(
     ctx: *mut Opaque,
@@ -659,12 +722,18 @@ pub unsafe extern "C" fn cuCtxCreate_v3(
     flags: c_uint,
     device: CuDevice,
 ) -> CuResult {
-    let real = real!(Hook::CtxCreateV3, CtxCreateV3Fn);
-    created_context(ctx, device, || unsafe {
-        real(ctx, params, count, flags, device)
-    })
+    let real = real!(CtxCreateV3);
+    let create = || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(ctx, params, count, flags, device) }
+    };
+    // SAFETY: the caller's out-pointer, which the driver fills.
+    unsafe { created_context(ctx, device, create) }
 }
 
+/// # Safety
+/// `cuCtxCreate_v4`'s contract: `ctx` is a valid out-pointer and
+/// `params` what the driver accepts.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuCtxCreate_v4(
     ctx: *mut Opaque,
@@ -672,61 +741,28 @@ pub unsafe extern "C" fn cuCtxCreate_v4(
     flags: c_uint,
     device: CuDevice,
 ) -> CuResult {
-    let real = real!(Hook::CtxCreateV4, CtxCreateV4Fn);
-    created_context(ctx, device, || unsafe { real(ctx, params, flags, device) })
+    let real = real!(CtxCreateV4);
+    let create = || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(ctx, params, flags, device) }
+    };
+    // SAFETY: the caller's out-pointer, which the driver fills.
+    unsafe { created_context(ctx, device, create) }
 }
 
+/// # Safety
+/// None beyond the driver's: the context handle is opaque.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: Opaque) -> CuResult {
-    let real = real!(Hook::CtxDestroy, CtxDestroyFn);
-    released(|a| &a.contexts, ctx as u64, || unsafe { real(ctx) })
-}
-
-/// Replaces a pointer the driver handed out with our hook, if it is one of
-/// the addresses we intercept.
-fn substitute_hook(pfn: *mut *mut c_void) {
-    if pfn.is_null() {
-        return;
-    }
-    // SAFETY: non-null out-pointer the driver just filled.
-    let address = unsafe { *pfn } as usize;
-    if let Some(hook) = state::cuda().and_then(|d| d.hook_for_address(address)) {
-        // SAFETY: as above.
-        unsafe { *pfn = hook as *mut c_void };
-    }
-}
-
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn cuGetProcAddress(
-    symbol: *const c_char,
-    pfn: *mut *mut c_void,
-    cuda_version: c_int,
-    flags: u64,
-) -> CuResult {
-    let real = real!(Hook::GetProcAddress, GetProcFn);
-    // SAFETY: forwarding the caller's exact arguments (version and flags).
-    let rc = unsafe { real(symbol, pfn, cuda_version, flags) };
-    if rc == CUDA_SUCCESS {
-        substitute_hook(pfn);
-    }
-    rc
-}
-
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn cuGetProcAddress_v2(
-    symbol: *const c_char,
-    pfn: *mut *mut c_void,
-    cuda_version: c_int,
-    flags: u64,
-    status: *mut c_int,
-) -> CuResult {
-    let real = real!(Hook::GetProcAddressV2, GetProcV2Fn);
-    // SAFETY: forwarding the caller's exact arguments (version and flags).
-    let rc = unsafe { real(symbol, pfn, cuda_version, flags, status) };
-    if rc == CUDA_SUCCESS {
-        substitute_hook(pfn);
-    }
-    rc
+    let real = real!(CtxDestroy);
+    released(
+        |a| &a.contexts,
+        ctx as u64,
+        || {
+            // SAFETY: forwarding the caller's argument.
+            unsafe { real(ctx) }
+        },
+    )
 }
 
 #[cfg(test)]

@@ -9,32 +9,43 @@
 //! original caller and such lookups keep their meaning. On other
 //! architectures `RTLD_NEXT` lookups are resolved relative to this library.
 
-use crate::driver::is_intercepted_name;
+use crate::hook_table::is_intercepted_name;
+use crate::interpose::{cuda_hook_for_address, nvml_hook_for_address};
 use crate::loader::real_dlsym;
 use crate::state;
 use std::ffi::{c_char, c_void, CStr};
 
 /// Looks `symbol` up with glibc and swaps in our hook when the result is
 /// an intercepted entry point.
-extern "C" fn dlsym_resolve(handle: *mut c_void, symbol: *const c_char) -> *mut c_void {
-    let found = real_dlsym(handle, symbol);
+///
+/// # Safety
+/// `dlsym`'s contract: `handle` is a handle from `dlopen` or a
+/// pseudo-handle, `symbol` null or a NUL-terminated name.
+unsafe extern "C" fn dlsym_resolve(handle: *mut c_void, symbol: *const c_char) -> *mut c_void {
+    // SAFETY: the caller's arguments, valid by dlsym's contract.
+    let found = unsafe { real_dlsym(handle, symbol) };
     if found.is_null() || symbol.is_null() || state::initialising() {
         return found;
     }
-    // SAFETY: dlsym's contract: a NUL-terminated name.
+    // SAFETY: non-null, and NUL-terminated by dlsym's contract.
     let name = unsafe { CStr::from_ptr(symbol) };
     if !is_intercepted_name(name) {
         return found;
     }
     let address = found as usize;
     let hook = if name.to_bytes().starts_with(b"nvml") {
-        state::nvml().and_then(|n| n.hook_for_address(address))
+        nvml_hook_for_address(address)
     } else {
-        state::cuda().and_then(|d| d.hook_for_address(address))
+        cuda_hook_for_address(address)
     };
     hook.map_or(found, |h| h as *mut c_void)
 }
 
+/// glibc's `dlsym`, overridden.
+///
+/// # Safety
+/// `dlsym`'s contract: `handle` is a handle from `dlopen` or a
+/// pseudo-handle, `symbol` null or a NUL-terminated name.
 #[cfg(all(target_arch = "x86_64", not(test)))]
 #[unsafe(naked)]
 #[unsafe(no_mangle)]
@@ -61,8 +72,14 @@ pub unsafe extern "C" fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *m
     )
 }
 
+/// glibc's `dlsym`, overridden.
+///
+/// # Safety
+/// `dlsym`'s contract: `handle` is a handle from `dlopen` or a
+/// pseudo-handle, `symbol` null or a NUL-terminated name.
 #[cfg(all(not(target_arch = "x86_64"), not(test)))]
 #[no_mangle]
 pub unsafe extern "C" fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void {
-    dlsym_resolve(handle, symbol)
+    // SAFETY: the caller's arguments, under the same contract.
+    unsafe { dlsym_resolve(handle, symbol) }
 }

@@ -44,27 +44,14 @@
 //! Graph memory nodes are charged in `graph_mem`.
 
 use crate::accounting::Accounting;
-use crate::cuda_hooks::{charged, current_device, read, real, tracked};
-use crate::driver::Hook;
+use crate::cuda_hooks::{charged, current_device, read, tracked};
 use crate::ffi::*;
+use crate::hook_table::{DeviceGetMemPool, MipmappedArrayDestroy};
 use crate::log::{log, WARN};
 use crate::state;
+use crate::state::real;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
-
-type MipmapCreateFn =
-    unsafe extern "C" fn(*mut Opaque, *const Array3dDescriptor, c_uint) -> CuResult;
-type MipmapDestroyFn = unsafe extern "C" fn(Opaque) -> CuResult;
-type MipmapRequirementsFn =
-    unsafe extern "C" fn(*mut ArrayMemoryRequirements, Opaque, CuDevice) -> CuResult;
-type SetLimitFn = unsafe extern "C" fn(c_uint, usize) -> CuResult;
-type GetLimitFn = unsafe extern "C" fn(*mut usize, c_uint) -> CuResult;
-type PoolCreateFn = unsafe extern "C" fn(*mut Opaque, *const MemAllocationPropHead) -> CuResult;
-type PoolDestroyFn = unsafe extern "C" fn(Opaque) -> CuResult;
-type DevicePoolFn = unsafe extern "C" fn(*mut Opaque, CuDevice) -> CuResult;
-type SetDevicePoolFn = unsafe extern "C" fn(CuDevice, Opaque) -> CuResult;
-type PoolAttributeFn = unsafe extern "C" fn(Opaque, c_int, *mut c_void) -> CuResult;
-type PoolTrimFn = unsafe extern "C" fn(Opaque, usize) -> CuResult;
 
 /// `CUmemPool_attribute` values read or watched here.
 const POOL_RELEASE_THRESHOLD: c_int = 4;
@@ -94,29 +81,27 @@ pub fn mipmap_texel_bytes(d: &Array3dDescriptor, levels: c_uint) -> u64 {
 
 /// The CUDA ordinal of the calling thread's current context.
 pub(crate) fn current_ordinal() -> Option<CuDevice> {
-    let f = state::cuda()?.ctx_get_device;
-    if f == 0 {
-        return None;
-    }
+    let get_device = state::cuda()?.ctx_get_device?;
     let mut device: CuDevice = -1;
-    // SAFETY: the driver's cuCtxGetDevice(CUdevice*).
-    let rc = unsafe {
-        std::mem::transmute::<usize, unsafe extern "C" fn(*mut CuDevice) -> CuResult>(f)(
-            &mut device,
-        )
-    };
+    // SAFETY: the driver's cuCtxGetDevice with a valid out-pointer.
+    let rc = unsafe { get_device(&mut device) };
     (rc == CUDA_SUCCESS).then_some(device)
 }
 
+/// # Safety
+/// `cuMipmappedArrayCreate`'s contract: `handle` is a valid
+/// out-pointer and `desc` null or a valid descriptor.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMipmappedArrayCreate(
     handle: *mut Opaque,
     desc: *const Array3dDescriptor,
     levels: c_uint,
 ) -> CuResult {
-    let real = real!(Hook::MipmappedArrayCreate, MipmapCreateFn);
-    // SAFETY (closures below): forwarding the caller's arguments.
-    let forward = || unsafe { real(handle, desc, levels) };
+    let real = real!(MipmappedArrayCreate);
+    let forward = || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(handle, desc, levels) }
+    };
     let accounting = match state::accounting() {
         Err(rc) => return rc,
         Ok(None) => return forward(),
@@ -135,13 +120,14 @@ pub unsafe extern "C" fn cuMipmappedArrayCreate(
         accounting.uncharge(device, estimate);
         return rc;
     }
-    let array = read(handle as *const usize) as u64;
+    // SAFETY: the caller's out-pointer, which the driver just filled.
+    let array = unsafe { read(handle as *const usize) } as u64;
     let actual = reserved_for(array).unwrap_or(estimate);
     if actual > estimate && accounting.charge(device, actual - estimate).is_err() {
         accounting.uncharge(device, estimate);
-        if let Some(destroy) = state::cuda().and_then(|d| d.real(Hook::MipmappedArrayDestroy)) {
+        if let Some(destroy) = state::cuda().and_then(|d| d.real::<MipmappedArrayDestroy>()) {
             // SAFETY: the driver's cuMipmappedArrayDestroy of the array it just made.
-            unsafe { std::mem::transmute::<usize, MipmapDestroyFn>(destroy)(array as Opaque) };
+            unsafe { destroy(array as Opaque) };
         }
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
@@ -154,28 +140,27 @@ pub unsafe extern "C" fn cuMipmappedArrayCreate(
 
 /// What the driver reserved for a mipmapped array on the current card.
 fn reserved_for(array: u64) -> Option<u64> {
-    let f = state::cuda()?.mipmap_requirements;
-    if f == 0 {
-        return None;
-    }
+    let requirements = state::cuda()?.mipmap_requirements?;
     let ordinal = current_ordinal()?;
     let mut req = ArrayMemoryRequirements::default();
     // SAFETY: the driver's cuMipmappedArrayGetMemoryRequirements with a
     // valid out-pointer, on an array it just made.
-    let rc = unsafe {
-        std::mem::transmute::<usize, MipmapRequirementsFn>(f)(&mut req, array as Opaque, ordinal)
-    };
+    let rc = unsafe { requirements(&mut req, array as Opaque, ordinal) };
     (rc == CUDA_SUCCESS && req.size > 0).then_some(req.size as u64)
 }
 
+/// # Safety
+/// None beyond the driver's: the array handle is opaque.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMipmappedArrayDestroy(handle: Opaque) -> CuResult {
-    let real = real!(Hook::MipmappedArrayDestroy, MipmapDestroyFn);
+    let real = real!(MipmappedArrayDestroy);
     crate::cuda_hooks::released(
         |a| &a.arrays,
         handle as u64,
-        // SAFETY: forwarding the caller's argument.
-        || unsafe { real(handle) },
+        || {
+            // SAFETY: forwarding the caller's argument.
+            unsafe { real(handle) }
+        },
     )
 }
 
@@ -189,11 +174,15 @@ fn charged_limit(limit: c_uint) -> Option<usize> {
     }
 }
 
+/// # Safety
+/// None beyond the driver's: `cuCtxSetLimit` takes no pointers.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuCtxSetLimit(limit: c_uint, value: usize) -> CuResult {
-    let real = real!(Hook::CtxSetLimit, SetLimitFn);
-    // SAFETY (below): forwarding the caller's arguments.
-    let forward = || unsafe { real(limit, value) };
+    let real = real!(CtxSetLimit);
+    let forward = || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(limit, value) }
+    };
     let accounting = match state::accounting() {
         Err(rc) => return rc,
         Ok(None) => return forward(),
@@ -202,13 +191,12 @@ pub unsafe extern "C" fn cuCtxSetLimit(limit: c_uint, value: usize) -> CuResult 
     let (Some(kind), Some(device)) = (charged_limit(limit), current_device()) else {
         return forward();
     };
-    let get = state::cuda().map_or(0, |d| d.ctx_get_limit);
+    let Some(get_limit) = state::cuda().and_then(|d| d.ctx_get_limit) else {
+        return forward();
+    };
     let mut current = 0usize;
     // SAFETY: the driver's cuCtxGetLimit with a valid out-pointer.
-    if get == 0
-        || unsafe { std::mem::transmute::<usize, GetLimitFn>(get)(&mut current, limit) }
-            != CUDA_SUCCESS
-    {
+    if unsafe { get_limit(&mut current, limit) } != CUDA_SUCCESS {
         return forward();
     }
     let (old, new) = (current as u64, value as u64);
@@ -250,12 +238,15 @@ fn remember_pool(pool: Opaque, device: Option<usize>) {
     }
 }
 
+/// # Safety
+/// `cuMemPoolCreate`'s contract: `pool` is a valid out-pointer and
+/// `props` null or a valid `CUmemPoolProps`.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemPoolCreate(
     pool: *mut Opaque,
     props: *const MemAllocationPropHead,
 ) -> CuResult {
-    let real = real!(Hook::MemPoolCreate, PoolCreateFn);
+    let real = real!(MemPoolCreate);
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(pool, props) };
     if rc == CUDA_SUCCESS && !props.is_null() {
@@ -263,14 +254,17 @@ pub unsafe extern "C" fn cuMemPoolCreate(
         // CUmemAllocationProp's (allocation type, handle types, location).
         let (kind, id) = unsafe { ((*props).location_type, (*props).location_id) };
         let device = (kind == MEM_LOCATION_DEVICE).then(|| tracked(id)).flatten();
-        remember_pool(read(pool as *const usize) as Opaque, device);
+        // SAFETY: the caller's out-pointer, which the driver just filled.
+        remember_pool(unsafe { read(pool as *const usize) } as Opaque, device);
     }
     rc
 }
 
+/// # Safety
+/// None beyond the driver's: the pool handle is opaque.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemPoolDestroy(pool: Opaque) -> CuResult {
-    let real = real!(Hook::MemPoolDestroy, PoolDestroyFn);
+    let real = real!(MemPoolDestroy);
     // SAFETY: forwarding the caller's argument.
     let rc = unsafe { real(pool) };
     if rc == CUDA_SUCCESS {
@@ -288,34 +282,58 @@ pub unsafe extern "C" fn cuMemPoolDestroy(pool: Opaque) -> CuResult {
 }
 
 /// Shared body of `cuDeviceGetDefaultMemPool` and `cuDeviceGetMemPool`.
-fn device_pool(pool: *mut Opaque, device: CuDevice, get: impl FnOnce() -> CuResult) -> CuResult {
+///
+/// # Safety
+/// `pool` is null or valid for reads once `get` succeeded (the caller's
+/// out-pointer).
+unsafe fn device_pool(
+    pool: *mut Opaque,
+    device: CuDevice,
+    get: impl FnOnce() -> CuResult,
+) -> CuResult {
     let rc = get();
     if rc == CUDA_SUCCESS {
-        remember_pool(read(pool as *const usize) as Opaque, tracked(device));
+        // SAFETY: readable by this function's contract.
+        let pool = unsafe { read(pool as *const usize) } as Opaque;
+        remember_pool(pool, tracked(device));
     }
     rc
 }
 
+/// # Safety
+/// `cuDeviceGetDefaultMemPool`'s contract: `pool` is a valid out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(
     pool: *mut Opaque,
     device: CuDevice,
 ) -> CuResult {
-    let real = real!(Hook::DeviceGetDefaultMemPool, DevicePoolFn);
-    // SAFETY: forwarding the caller's arguments.
-    device_pool(pool, device, || unsafe { real(pool, device) })
+    let real = real!(DeviceGetDefaultMemPool);
+    let get = || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(pool, device) }
+    };
+    // SAFETY: the caller's out-pointer, which the driver fills.
+    unsafe { device_pool(pool, device, get) }
 }
 
+/// # Safety
+/// `cuDeviceGetMemPool`'s contract: `pool` is a valid out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuDeviceGetMemPool(pool: *mut Opaque, device: CuDevice) -> CuResult {
-    let real = real!(Hook::DeviceGetMemPool, DevicePoolFn);
-    // SAFETY: forwarding the caller's arguments.
-    device_pool(pool, device, || unsafe { real(pool, device) })
+    let real = real!(DeviceGetMemPool);
+    let get = || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(pool, device) }
+    };
+    // SAFETY: the caller's out-pointer, which the driver fills.
+    unsafe { device_pool(pool, device, get) }
 }
 
+/// # Safety
+/// None beyond the driver's: the pool handle is opaque.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuDeviceSetMemPool(device: CuDevice, pool: Opaque) -> CuResult {
-    let real = real!(Hook::DeviceSetMemPool, SetDevicePoolFn);
+    let real = real!(DeviceSetMemPool);
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(device, pool) };
     if let (CUDA_SUCCESS, Ok(Some(accounting)), Some(card)) =
@@ -336,13 +354,16 @@ fn trim_retained(accounting: &Accounting, pool: u64, ceiling: u64) {
     }
 }
 
+/// # Safety
+/// `cuMemPoolSetAttribute`'s contract: `value` points to the
+/// attribute's type.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemPoolSetAttribute(
     pool: Opaque,
     attribute: c_int,
     value: *mut c_void,
 ) -> CuResult {
-    let real = real!(Hook::MemPoolSetAttribute, PoolAttributeFn);
+    let real = real!(MemPoolSetAttribute);
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(pool, attribute, value) };
     if rc != CUDA_SUCCESS || attribute != POOL_RELEASE_THRESHOLD || value.is_null() {
@@ -365,26 +386,19 @@ pub unsafe extern "C" fn cuMemPoolSetAttribute(
 
 /// One of a pool's attributes, read from the driver.
 fn pool_attribute(pool: Opaque, attribute: c_int) -> Option<u64> {
-    let get = state::cuda()?.mempool_get_attribute;
-    if get == 0 {
-        return None;
-    }
+    let get = state::cuda()?.mempool_get_attribute?;
     let mut value = 0u64;
     // SAFETY: the driver's cuMemPoolGetAttribute with a cuuint64_t out-value
     // (every attribute read here is one).
-    let rc = unsafe {
-        std::mem::transmute::<usize, PoolAttributeFn>(get)(
-            pool,
-            attribute,
-            (&mut value as *mut u64).cast(),
-        )
-    };
+    let rc = unsafe { get(pool, attribute, (&mut value as *mut u64).cast()) };
     (rc == CUDA_SUCCESS).then_some(value)
 }
 
+/// # Safety
+/// None beyond the driver's: the pool handle is opaque.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemPoolTrimTo(pool: Opaque, keep: usize) -> CuResult {
-    let real = real!(Hook::MemPoolTrimTo, PoolTrimFn);
+    let real = real!(MemPoolTrimTo);
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(pool, keep) };
     if rc != CUDA_SUCCESS {
@@ -429,10 +443,10 @@ fn current_pool(accounting: &Accounting, device: usize) -> Option<u64> {
         return Some(cached);
     }
     let ordinal = current_ordinal()?;
-    let get = state::cuda()?.real(Hook::DeviceGetMemPool)?;
+    let get = state::cuda()?.real::<DeviceGetMemPool>()?;
     let mut pool: Opaque = std::ptr::null_mut();
     // SAFETY: the driver's cuDeviceGetMemPool with a valid out-pointer.
-    let rc = unsafe { std::mem::transmute::<usize, DevicePoolFn>(get)(&mut pool, ordinal) };
+    let rc = unsafe { get(&mut pool, ordinal) };
     if rc != CUDA_SUCCESS || pool.is_null() {
         return None;
     }

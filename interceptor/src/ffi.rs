@@ -123,3 +123,33 @@ pub struct LaunchConfig {
     pub attrs: *mut c_void,
     pub num_attrs: c_uint,
 }
+
+/// `nvmlProcessInfo_t` (the v2/v3 layout).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NvmlProcessInfo {
+    pub pid: c_uint,
+    pub used_gpu_memory: u64,
+    pub gpu_instance_id: c_uint,
+    pub compute_instance_id: c_uint,
+}
+
+/// `nvmlProcessUtilizationSample_t`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NvmlProcessUtilizationSample {
+    pub pid: c_uint,
+    pub time_stamp: u64,
+    pub sm_util: c_uint,
+    pub mem_util: c_uint,
+    pub enc_util: c_uint,
+    pub dec_util: c_uint,
+}
+
+/// `nvmlUtilization_t`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NvmlUtilization {
+    pub gpu: c_uint,
+    pub memory: c_uint,
+}

@@ -19,23 +19,14 @@
 //! capture time and given back at the captured free, as before; the
 //! graph's own reservation is charged from its launch.
 
-use crate::cuda_hooks::{real, tracked};
-use crate::driver::Hook;
+use crate::cuda_hooks::{read, tracked};
 use crate::ffi::*;
 use crate::log::{log, WARN};
 use crate::state;
+use crate::state::real;
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tessera_api::shared_region::MAX_DEVICES;
-
-type AddAllocNodeFn =
-    unsafe extern "C" fn(*mut Opaque, Opaque, *const Opaque, usize, *mut c_void) -> CuResult;
-type TrimFn = unsafe extern "C" fn(CuDevice) -> CuResult;
-type DestroyFn = unsafe extern "C" fn(Opaque) -> CuResult;
-type EndCaptureFn = unsafe extern "C" fn(Opaque, *mut Opaque) -> CuResult;
-type GraphMemAttributeFn = unsafe extern "C" fn(CuDevice, c_int, *mut c_void) -> CuResult;
-type GetNodesFn = unsafe extern "C" fn(Opaque, *mut Opaque, *mut usize) -> CuResult;
-type NodeTypeFn = unsafe extern "C" fn(Opaque, *mut c_int) -> CuResult;
 
 /// `CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT`.
 const RESERVED_MEM_CURRENT: c_int = 2;
@@ -70,17 +61,14 @@ fn reconcile(ordinal: CuDevice) {
     let (Ok(Some(accounting)), Some(card)) = (state::accounting(), tracked(ordinal)) else {
         return;
     };
-    let Some(get) = state::cuda()
-        .map(|d| d.graph_mem_attribute)
-        .filter(|&f| f != 0)
-    else {
+    let Some(get) = state::cuda().and_then(|d| d.graph_mem_attribute) else {
         return;
     };
     let mut reserved = 0u64;
     // SAFETY: the driver's cuDeviceGetGraphMemAttribute with a cuuint64_t
     // out-value, which this attribute is.
     let rc = unsafe {
-        std::mem::transmute::<usize, GraphMemAttributeFn>(get)(
+        get(
             ordinal,
             RESERVED_MEM_CURRENT,
             (&mut reserved as *mut u64).cast(),
@@ -113,6 +101,9 @@ fn reconcile_charged_cards() {
     }
 }
 
+/// # Safety
+/// `cuGraphAddMemAllocNode`'s contract: `node` is a valid out-pointer,
+/// `dependencies` holds `count` nodes and `params` is valid.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuGraphAddMemAllocNode(
     node: *mut Opaque,
@@ -121,7 +112,7 @@ pub unsafe extern "C" fn cuGraphAddMemAllocNode(
     count: usize,
     params: *mut c_void,
 ) -> CuResult {
-    let real = real!(Hook::GraphAddMemAllocNode, AddAllocNodeFn);
+    let real = real!(GraphAddMemAllocNode);
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(node, graph, dependencies, count, params) };
     if rc == CUDA_SUCCESS {
@@ -135,57 +126,72 @@ fn has_alloc_node(graph: Opaque) -> bool {
     let Some(d) = state::cuda() else {
         return false;
     };
-    if d.graph_get_nodes == 0 || d.graph_node_get_type == 0 || graph.is_null() {
+    let (Some(get_nodes), Some(node_type)) = (d.graph_get_nodes, d.graph_node_get_type) else {
+        return false;
+    };
+    if graph.is_null() {
         return false;
     }
-    // SAFETY (below): the driver's cuGraphGetNodes (count first, then the
-    // nodes into a buffer of that many) and cuGraphNodeGetType.
-    let get_nodes = unsafe { std::mem::transmute::<usize, GetNodesFn>(d.graph_get_nodes) };
-    let node_type = unsafe { std::mem::transmute::<usize, NodeTypeFn>(d.graph_node_get_type) };
     let mut count = 0usize;
+    // SAFETY: the driver's cuGraphGetNodes asked for the count only.
     if unsafe { get_nodes(graph, std::ptr::null_mut(), &mut count) } != CUDA_SUCCESS {
         return false;
     }
     let mut nodes = vec![std::ptr::null_mut(); count];
+    // SAFETY: cuGraphGetNodes into a buffer of `count` nodes.
     if unsafe { get_nodes(graph, nodes.as_mut_ptr(), &mut count) } != CUDA_SUCCESS {
         return false;
     }
     nodes.iter().take(count).any(|&node| {
         let mut kind: c_int = -1;
+        // SAFETY: the driver's cuGraphNodeGetType with a valid out-pointer.
         let rc = unsafe { node_type(node, &mut kind) };
         rc == CUDA_SUCCESS && kind == NODE_MEM_ALLOC
     })
 }
 
 /// Shared body of the `cuStreamEndCapture` variants.
-fn ended_capture(graph: *mut Opaque, rc: CuResult) -> CuResult {
+///
+/// # Safety
+/// `graph` is null or valid for reads (the caller's out-pointer, filled by
+/// the driver when `rc` is success).
+unsafe fn ended_capture(graph: *mut Opaque, rc: CuResult) -> CuResult {
     if rc == CUDA_SUCCESS
         && !IN_USE.load(Ordering::Relaxed)
         && state::accounting().is_ok_and(|a| a.is_some())
-        && has_alloc_node(crate::cuda_hooks::read(graph as *const usize) as Opaque)
+        // SAFETY: readable by this function's contract.
+        && has_alloc_node(unsafe { read(graph as *const usize) } as Opaque)
     {
         IN_USE.store(true, Ordering::Release);
     }
     rc
 }
 
+/// # Safety
+/// `cuStreamEndCapture`'s contract: `graph` is a valid out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuStreamEndCapture(stream: Opaque, graph: *mut Opaque) -> CuResult {
-    let real = real!(Hook::StreamEndCapture, EndCaptureFn);
-    // SAFETY: forwarding the caller's arguments.
-    ended_capture(graph, unsafe { real(stream, graph) })
+    let real = real!(StreamEndCapture);
+    // SAFETY: forwarding the caller's arguments; `graph` is the caller's
+    // out-pointer, which the driver fills.
+    unsafe { ended_capture(graph, real(stream, graph)) }
 }
 
+/// # Safety
+/// `cuStreamEndCapture_ptsz`'s contract: `graph` is a valid out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuStreamEndCapture_ptsz(stream: Opaque, graph: *mut Opaque) -> CuResult {
-    let real = real!(Hook::StreamEndCapturePtsz, EndCaptureFn);
-    // SAFETY: forwarding the caller's arguments.
-    ended_capture(graph, unsafe { real(stream, graph) })
+    let real = real!(StreamEndCapturePtsz);
+    // SAFETY: forwarding the caller's arguments; `graph` is the caller's
+    // out-pointer, which the driver fills.
+    unsafe { ended_capture(graph, real(stream, graph)) }
 }
 
+/// # Safety
+/// None beyond the driver's: `cuDeviceGraphMemTrim` takes no pointers.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuDeviceGraphMemTrim(device: CuDevice) -> CuResult {
-    let real = real!(Hook::DeviceGraphMemTrim, TrimFn);
+    let real = real!(DeviceGraphMemTrim);
     // SAFETY: forwarding the caller's argument.
     let rc = unsafe { real(device) };
     if rc == CUDA_SUCCESS && IN_USE.load(Ordering::Relaxed) {
@@ -194,9 +200,11 @@ pub unsafe extern "C" fn cuDeviceGraphMemTrim(device: CuDevice) -> CuResult {
     rc
 }
 
+/// # Safety
+/// None beyond the driver's: the graph handle is opaque.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuGraphExecDestroy(exec: Opaque) -> CuResult {
-    let real = real!(Hook::GraphExecDestroy, DestroyFn);
+    let real = real!(GraphExecDestroy);
     // SAFETY: forwarding the caller's argument.
     let rc = unsafe { real(exec) };
     if rc == CUDA_SUCCESS && IN_USE.load(Ordering::Relaxed) {
@@ -205,9 +213,11 @@ pub unsafe extern "C" fn cuGraphExecDestroy(exec: Opaque) -> CuResult {
     rc
 }
 
+/// # Safety
+/// None beyond the driver's: the graph handle is opaque.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuGraphDestroy(graph: Opaque) -> CuResult {
-    let real = real!(Hook::GraphDestroy, DestroyFn);
+    let real = real!(GraphDestroy);
     // SAFETY: forwarding the caller's argument.
     let rc = unsafe { real(graph) };
     if rc == CUDA_SUCCESS && IN_USE.load(Ordering::Relaxed) {

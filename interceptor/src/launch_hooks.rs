@@ -8,56 +8,10 @@
 //! Not governed: `cuLaunchCooperativeKernelMultiDevice` (deprecated since
 //! CUDA 11.3) and `cuLaunchHostFunc` (host work).
 
-use crate::driver::Hook;
 use crate::ffi::*;
 use crate::sm_limiter::{self, graph_cost, launch_cost};
-use crate::state;
+use crate::state::real;
 use std::ffi::{c_uint, c_void};
-
-type LaunchFn = unsafe extern "C" fn(
-    Opaque,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    Opaque,
-    *mut *mut c_void,
-    *mut *mut c_void,
-) -> CuResult;
-type CooperativeFn = unsafe extern "C" fn(
-    Opaque,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    c_uint,
-    Opaque,
-    *mut *mut c_void,
-) -> CuResult;
-type LaunchExFn = unsafe extern "C" fn(
-    *const LaunchConfig,
-    Opaque,
-    *mut *mut c_void,
-    *mut *mut c_void,
-) -> CuResult;
-type GraphLaunchFn = unsafe extern "C" fn(Opaque, Opaque) -> CuResult;
-
-/// The real function for `$hook` as `$ty`, or `CUDA_ERROR_NOT_FOUND`.
-macro_rules! real {
-    ($hook:expr, $ty:ty) => {
-        match state::cuda().and_then(|d| d.real($hook)) {
-            // SAFETY: the driver's implementation of this entry point, whose
-            // C signature is `$ty`.
-            Some(f) => unsafe { std::mem::transmute::<usize, $ty>(f) },
-            None => return CUDA_ERROR_NOT_FOUND,
-        }
-    };
-}
 
 /// The gate, then `launch`.
 #[inline(always)]
@@ -72,7 +26,10 @@ fn governed(cost: impl FnOnce() -> u64, launch: impl FnOnce() -> CuResult) -> Cu
 /// `f`, grid, block, shared bytes, stream, kernel parameters, then `$tail`
 /// (`extra` for `cuLaunchKernel`, nothing for the cooperative launch).
 macro_rules! grid_launch_hook {
-    ($name:ident, $hook:expr, $real:ty $(, $tail:ident: $tail_ty:ty)*) => {
+    ($name:ident, $hook:ident $(, $tail:ident: $tail_ty:ty)*) => {
+        /// # Safety
+        /// The driver API's contract for this launch: `f` a loaded kernel,
+        /// `params` (and `extra`) as the kernel's parameters require.
         #[cfg_attr(not(test), no_mangle)]
         pub unsafe extern "C" fn $name(
             f: Opaque,
@@ -87,18 +44,24 @@ macro_rules! grid_launch_hook {
             params: *mut *mut c_void,
             $($tail: $tail_ty,)*
         ) -> CuResult {
-            let real = real!($hook, $real);
+            let real = real!($hook);
             governed(
                 || launch_cost([gx, gy, gz], [bx, by, bz]),
-                // SAFETY: forwarding the caller's arguments.
-                || unsafe { real(f, gx, gy, gz, bx, by, bz, shared, stream, params $(, $tail)*) },
+                || {
+                    // SAFETY: forwarding the caller's arguments.
+                    unsafe { real(f, gx, gy, gz, bx, by, bz, shared, stream, params $(, $tail)*) }
+                },
             )
         }
     };
 }
 
 macro_rules! launch_ex_hook {
-    ($name:ident, $hook:expr) => {
+    ($name:ident, $hook:ident) => {
+        /// # Safety
+        /// `cuLaunchKernelEx`'s contract: `config` null or a valid
+        /// `CUlaunchConfig`, `f` a loaded kernel, `params` and `extra` as
+        /// the kernel's parameters require.
         #[cfg_attr(not(test), no_mangle)]
         pub unsafe extern "C" fn $name(
             config: *const LaunchConfig,
@@ -106,7 +69,7 @@ macro_rules! launch_ex_hook {
             params: *mut *mut c_void,
             extra: *mut *mut c_void,
         ) -> CuResult {
-            let real = real!($hook, LaunchExFn);
+            let real = real!($hook);
             governed(
                 || {
                     if config.is_null() {
@@ -119,20 +82,26 @@ macro_rules! launch_ex_hook {
                         [c.block_dim_x, c.block_dim_y, c.block_dim_z],
                     )
                 },
-                // SAFETY: forwarding the caller's arguments.
-                || unsafe { real(config, f, params, extra) },
+                || {
+                    // SAFETY: forwarding the caller's arguments.
+                    unsafe { real(config, f, params, extra) }
+                },
             )
         }
     };
 }
 
 macro_rules! graph_hook {
-    ($name:ident, $hook:expr) => {
+    ($name:ident, $hook:ident) => {
+        /// # Safety
+        /// None beyond the driver's: the graph and stream are opaque.
         #[cfg_attr(not(test), no_mangle)]
         pub unsafe extern "C" fn $name(exec: Opaque, stream: Opaque) -> CuResult {
-            let real = real!($hook, GraphLaunchFn);
-            // SAFETY: forwarding the caller's arguments.
-            let rc = governed(graph_cost, || unsafe { real(exec, stream) });
+            let real = real!($hook);
+            let rc = governed(graph_cost, || {
+                // SAFETY: forwarding the caller's arguments.
+                unsafe { real(exec, stream) }
+            });
             // Graph memory nodes reserve memory at launch (one relaxed load
             // when the process has none).
             crate::graph_mem::after_launch();
@@ -141,24 +110,11 @@ macro_rules! graph_hook {
     };
 }
 
-grid_launch_hook!(cuLaunchKernel, Hook::LaunchKernel, LaunchFn, extra: *mut *mut c_void);
-grid_launch_hook!(
-    cuLaunchKernel_ptsz,
-    Hook::LaunchKernelPtsz,
-    LaunchFn,
-    extra: *mut *mut c_void
-);
-grid_launch_hook!(
-    cuLaunchCooperativeKernel,
-    Hook::LaunchCooperativeKernel,
-    CooperativeFn
-);
-grid_launch_hook!(
-    cuLaunchCooperativeKernel_ptsz,
-    Hook::LaunchCooperativeKernelPtsz,
-    CooperativeFn
-);
-launch_ex_hook!(cuLaunchKernelEx, Hook::LaunchKernelEx);
-launch_ex_hook!(cuLaunchKernelEx_ptsz, Hook::LaunchKernelExPtsz);
-graph_hook!(cuGraphLaunch, Hook::GraphLaunch);
-graph_hook!(cuGraphLaunch_ptsz, Hook::GraphLaunchPtsz);
+grid_launch_hook!(cuLaunchKernel, LaunchKernel, extra: *mut *mut c_void);
+grid_launch_hook!(cuLaunchKernel_ptsz, LaunchKernelPtsz, extra: *mut *mut c_void);
+grid_launch_hook!(cuLaunchCooperativeKernel, LaunchCooperativeKernel);
+grid_launch_hook!(cuLaunchCooperativeKernel_ptsz, LaunchCooperativeKernelPtsz);
+launch_ex_hook!(cuLaunchKernelEx, LaunchKernelEx);
+launch_ex_hook!(cuLaunchKernelEx_ptsz, LaunchKernelExPtsz);
+graph_hook!(cuGraphLaunch, GraphLaunch);
+graph_hook!(cuGraphLaunch_ptsz, GraphLaunchPtsz);

@@ -1,9 +1,67 @@
 //! Reaching the real libraries: glibc's own `dlsym` (ours is overridden, so
-//! even this library's lookups would come back to us) and lazy `dlopen` of
-//! `libcuda.so.1` / `libnvidia-ml.so.1`, the only libraries ever loaded.
+//! even this library's lookups would come back to us), lazy `dlopen` of
+//! `libcuda.so.1` / `libnvidia-ml.so.1` (the only libraries ever loaded),
+//! and the one conversion of a looked-up address into a typed C function
+//! pointer ([`function_at`]), which every call into those libraries goes
+//! through.
 
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A C function pointer type, `unsafe extern "C" fn(..) -> R`: the only
+/// types [`function_at`] converts an address into.
+///
+/// # Safety
+/// Implemented (below, for every arity the driver API and NVML need) only
+/// for `unsafe extern "C" fn` pointer types, which are one address wide and
+/// never null.
+pub unsafe trait CFunction: Copy {}
+
+macro_rules! c_function_arities {
+    ($(($($arg:ident),*)),* $(,)?) => {$(
+        // SAFETY: an `unsafe extern "C" fn` pointer type, as the trait requires.
+        unsafe impl<R, $($arg),*> CFunction for unsafe extern "C" fn($($arg),*) -> R {}
+    )*};
+}
+
+c_function_arities!(
+    (),
+    (A),
+    (A, B),
+    (A, B, C),
+    (A, B, C, D),
+    (A, B, C, D, E),
+    (A, B, C, D, E, F),
+    (A, B, C, D, E, F, G),
+    (A, B, C, D, E, F, G, H),
+    (A, B, C, D, E, F, G, H, I),
+    (A, B, C, D, E, F, G, H, I, J),
+    (A, B, C, D, E, F, G, H, I, J, K),
+);
+
+/// The function at `address` as the C function type `F`; `None` for 0 (a
+/// symbol the library does not have).
+///
+/// This is the interceptor's one address-to-function conversion: the hook
+/// table's `real::<Hook>()`, the driver's and NVML's helper functions and
+/// glibc's `dlsym` all come through here.
+///
+/// # Safety
+/// A non-zero `address` is the entry point of a function whose C signature
+/// is exactly `F` (the same parameter and return types, the C calling
+/// convention), and stays loaded for as long as the result is used (the
+/// libraries here are never closed).
+#[inline(always)]
+pub unsafe fn function_at<F: CFunction>(address: usize) -> Option<F> {
+    const { assert!(std::mem::size_of::<F>() == std::mem::size_of::<usize>()) };
+    if address == 0 {
+        return None;
+    }
+    // SAFETY: `F` is a function pointer type of the same size as `usize`
+    // (asserted above, guaranteed by `CFunction`), the address is non-zero,
+    // and the caller vouches that a function of type `F` lives there.
+    Some(unsafe { std::mem::transmute_copy::<usize, F>(&address) })
+}
 
 type DlsymFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void;
 
@@ -31,11 +89,20 @@ pub extern "C" fn real_dlsym_address() -> usize {
 }
 
 /// glibc's `dlsym(handle, name)`.
-pub fn real_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
-    // SAFETY: the address is glibc's dlsym, whose signature this is.
-    let f: DlsymFn = unsafe { std::mem::transmute::<usize, DlsymFn>(real_dlsym_address()) };
-    // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe { f(handle, name) }
+///
+/// # Safety
+/// `dlsym`'s own contract: `handle` is a handle from `dlopen` or one of the
+/// pseudo-handles, and `name` is null or a NUL-terminated string.
+pub unsafe fn real_dlsym(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+    // SAFETY: real_dlsym_address is glibc's dlsym (or aborts), whose C
+    // signature is DlsymFn.
+    let dlsym = unsafe { function_at::<DlsymFn>(real_dlsym_address()) };
+    let Some(dlsym) = dlsym else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: forwarding the caller's arguments, valid by this function's
+    // contract.
+    unsafe { dlsym(handle, name) }
 }
 
 /// A `dlopen`ed library, never closed.
@@ -56,6 +123,19 @@ impl Library {
 
     /// The address of `name` in this library, 0 if absent.
     pub fn symbol(&self, name: &CStr) -> usize {
-        real_dlsym(self.handle as *mut c_void, name.as_ptr()) as usize
+        // SAFETY: a handle dlopen returned (never closed) and a
+        // NUL-terminated name.
+        unsafe { real_dlsym(self.handle as *mut c_void, name.as_ptr()) as usize }
+    }
+
+    /// The function `name` in this library as the C function type `F`,
+    /// `None` if the library lacks it.
+    ///
+    /// # Safety
+    /// `F` is the C signature of `name` as the library's headers declare it.
+    pub unsafe fn function<F: CFunction>(&self, name: &CStr) -> Option<F> {
+        // SAFETY: the library is never closed, and the caller vouches that
+        // `name` has the type `F`.
+        unsafe { function_at::<F>(self.symbol(name)) }
     }
 }

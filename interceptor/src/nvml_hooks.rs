@@ -13,32 +13,22 @@
 
 use crate::cards;
 use crate::ffi::*;
+use crate::hook_table::{NvmlMemoryInfo, NvmlMemoryInfoV2};
+use crate::nvml::NvmlLibrary;
 use crate::state;
 use std::ffi::{c_char, c_uint, CStr, CString};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tessera_api::shared_region::MAX_DEVICES;
 use tessera_api::visible_cards::position_of;
 
-type MemoryInfoFn = unsafe extern "C" fn(NvmlDevice, *mut NvmlMemory) -> NvmlReturn;
-type MemoryInfoV2Fn = unsafe extern "C" fn(NvmlDevice, *mut NvmlMemoryV2) -> NvmlReturn;
-type IndexFn = unsafe extern "C" fn(NvmlDevice, *mut c_uint) -> NvmlReturn;
-type ByUuidFn = unsafe extern "C" fn(*const c_char, *mut NvmlDevice) -> NvmlReturn;
-type NvmlUuidFn = unsafe extern "C" fn(NvmlDevice, *mut c_char, c_uint) -> NvmlReturn;
-
 /// The container card an NVML device is: by its UUID's place in the
 /// container's list when there is one, else by NVML's index.
-fn container_card(nvml: &crate::driver::NvmlLibrary, device: NvmlDevice) -> Option<usize> {
+fn container_card(nvml: &NvmlLibrary, device: NvmlDevice) -> Option<usize> {
     let config = state::config().ok()?;
-    if let (Some(list), true) = (&config.visible_uuids, nvml.device_uuid != 0) {
+    if let (Some(list), Some(device_uuid)) = (&config.visible_uuids, nvml.device_uuid) {
         let mut text = [0 as c_char; 96];
         // SAFETY: NVML's nvmlDeviceGetUUID with a buffer of the stated size.
-        let rc = unsafe {
-            std::mem::transmute::<usize, NvmlUuidFn>(nvml.device_uuid)(
-                device,
-                text.as_mut_ptr(),
-                text.len() as c_uint,
-            )
-        };
+        let rc = unsafe { device_uuid(device, text.as_mut_ptr(), text.len() as c_uint) };
         if rc == NVML_SUCCESS {
             // SAFETY: NVML wrote a NUL-terminated string into the buffer.
             let uuid = unsafe { CStr::from_ptr(text.as_ptr()) }.to_string_lossy();
@@ -49,13 +39,10 @@ fn container_card(nvml: &crate::driver::NvmlLibrary, device: NvmlDevice) -> Opti
             }
         }
     }
-    if nvml.device_index == 0 {
-        return None;
-    }
+    let device_index = nvml.device_index?;
     let mut index: c_uint = 0;
     // SAFETY: NVML's nvmlDeviceGetIndex with a valid out-pointer.
-    let rc =
-        unsafe { std::mem::transmute::<usize, IndexFn>(nvml.device_index)(device, &mut index) };
+    let rc = unsafe { device_index(device, &mut index) };
     (rc == NVML_SUCCESS).then_some(index as usize)
 }
 
@@ -79,16 +66,19 @@ fn shown(limit: u64, used: u64, real_total: u64, real_free: u64) -> (u64, u64, u
     (total, used, (total - used).min(real_free))
 }
 
+/// # Safety
+/// `nvmlDeviceGetMemoryInfo`'s contract: `memory` is null or a valid
+/// `nvmlMemory_t` out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
     device: NvmlDevice,
     memory: *mut NvmlMemory,
 ) -> NvmlReturn {
-    let Some(real) = state::nvml().map(|n| n.memory_info[0]).filter(|&f| f != 0) else {
+    let Some(real) = state::nvml().and_then(|n| n.real::<NvmlMemoryInfo>()) else {
         return NVML_ERROR_FUNCTION_NOT_FOUND;
     };
     // SAFETY: NVML's own function with the caller's arguments.
-    let rc = unsafe { std::mem::transmute::<usize, MemoryInfoFn>(real)(device, memory) };
+    let rc = unsafe { real(device, memory) };
     if rc == NVML_SUCCESS && !memory.is_null() {
         if let Some((limit, used)) = capped_view(device) {
             // SAFETY: non-null out-pointer NVML just filled.
@@ -99,16 +89,19 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
     rc
 }
 
+/// # Safety
+/// `nvmlDeviceGetMemoryInfo_v2`'s contract: `memory` is null or a valid
+/// `nvmlMemory_v2_t` out-pointer with its version set.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     device: NvmlDevice,
     memory: *mut NvmlMemoryV2,
 ) -> NvmlReturn {
-    let Some(real) = state::nvml().map(|n| n.memory_info[1]).filter(|&f| f != 0) else {
+    let Some(real) = state::nvml().and_then(|n| n.real::<NvmlMemoryInfoV2>()) else {
         return NVML_ERROR_FUNCTION_NOT_FOUND;
     };
     // SAFETY: NVML's own function with the caller's arguments.
-    let rc = unsafe { std::mem::transmute::<usize, MemoryInfoV2Fn>(real)(device, memory) };
+    let rc = unsafe { real(device, memory) };
     if rc == NVML_SUCCESS && !memory.is_null() {
         if let Some((limit, used)) = capped_view(device) {
             // SAFETY: non-null out-pointer NVML just filled.
@@ -120,19 +113,6 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     }
     rc
 }
-
-/// `nvmlProcessInfo_t` (v2/v3 layout).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ProcessInfo {
-    pid: c_uint,
-    used_gpu_memory: u64,
-    gpu_instance_id: c_uint,
-    compute_instance_id: c_uint,
-}
-
-type RunningProcessesFn =
-    unsafe extern "C" fn(NvmlDevice, *mut c_uint, *mut ProcessInfo) -> NvmlReturn;
 
 /// How NVML sees a card's usage, for measuring what a context costs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,26 +145,13 @@ impl UsageSample {
 }
 
 /// This process's usage of `device` per NVML's process list, if listed.
-fn own_usage(running: usize, device: NvmlDevice) -> Option<u64> {
-    if running == 0 {
-        return None;
-    }
+fn own_usage(nvml: &NvmlLibrary, device: NvmlDevice) -> Option<u64> {
+    let running = nvml.running_processes?;
     let me = crate::host_pid::nvml_pids();
-    let mut list = [ProcessInfo {
-        pid: 0,
-        used_gpu_memory: 0,
-        gpu_instance_id: 0,
-        compute_instance_id: 0,
-    }; 256];
+    let mut list = [NvmlProcessInfo::default(); 256];
     let mut count = list.len() as c_uint;
     // SAFETY: NVML's process query with a buffer of `count` entries.
-    let rc = unsafe {
-        std::mem::transmute::<usize, RunningProcessesFn>(running)(
-            device,
-            &mut count,
-            list.as_mut_ptr(),
-        )
-    };
+    let rc = unsafe { running(device, &mut count, list.as_mut_ptr()) };
     if rc != NVML_SUCCESS {
         return None;
     }
@@ -198,16 +165,15 @@ fn own_usage(running: usize, device: NvmlDevice) -> Option<u64> {
 }
 
 /// Device-wide bytes in use per NVML (the real query, not our hook).
-fn device_used(nvml: &crate::driver::NvmlLibrary, handle: NvmlDevice) -> Option<u64> {
+fn device_used(nvml: &NvmlLibrary, handle: NvmlDevice) -> Option<u64> {
+    let memory_info = nvml.real::<NvmlMemoryInfo>()?;
     let mut memory = NvmlMemory {
         total: 0,
         free: 0,
         used: 0,
     };
     // SAFETY: NVML's real nvmlDeviceGetMemoryInfo with a valid out-pointer.
-    let rc = unsafe {
-        std::mem::transmute::<usize, MemoryInfoFn>(nvml.memory_info[0])(handle, &mut memory)
-    };
+    let rc = unsafe { memory_info(handle, &mut memory) };
     (rc == NVML_SUCCESS).then_some(memory.used)
 }
 
@@ -219,22 +185,18 @@ static HANDLES: [AtomicUsize; MAX_DEVICES] = [const { AtomicUsize::new(0) }; MAX
 
 /// The NVML handle of CUDA card `ordinal` (CUDA and NVML may number cards
 /// differently, so it is found by UUID), kept after the first lookup.
-fn card_handle(nvml: &crate::driver::NvmlLibrary, ordinal: CuDevice) -> Option<NvmlDevice> {
+fn card_handle(nvml: &NvmlLibrary, ordinal: CuDevice) -> Option<NvmlDevice> {
     let slot = usize::try_from(ordinal).ok().and_then(|o| HANDLES.get(o));
     match slot.map(|s| s.load(Ordering::Relaxed)) {
         Some(NO_HANDLE) => return None,
         Some(0) | None => {}
         Some(handle) => return Some(handle as NvmlDevice),
     }
-    if nvml.handle_by_uuid == 0 {
-        return None;
-    }
+    let handle_by_uuid = nvml.handle_by_uuid?;
     let text = CString::new(cards::cuda_uuid(ordinal)?).ok()?;
     let mut handle: NvmlDevice = std::ptr::null_mut();
     // SAFETY: NVML's lookup with a NUL-terminated UUID and a valid out-pointer.
-    let rc = unsafe {
-        std::mem::transmute::<usize, ByUuidFn>(nvml.handle_by_uuid)(text.as_ptr(), &mut handle)
-    };
+    let rc = unsafe { handle_by_uuid(text.as_ptr(), &mut handle) };
     let found = (rc == NVML_SUCCESS && handle as usize > NO_HANDLE).then_some(handle);
     if let Some(slot) = slot {
         slot.store(found.map_or(NO_HANDLE, |h| h as usize), Ordering::Relaxed);
@@ -246,20 +208,14 @@ fn card_handle(nvml: &crate::driver::NvmlLibrary, ordinal: CuDevice) -> Option<N
 /// warm-up helper, once the driver is initialised: the first lookup of a
 /// card costs NVML about 6 ms (measured on an H200), which would otherwise
 /// fall on the first context of the process, after it is made.
-pub fn prefetch_card_handles(nvml: &crate::driver::NvmlLibrary) {
-    let Some(count_fn) = state::cuda()
-        .map(|d| d.device_get_count)
-        .filter(|&f| f != 0)
-    else {
+pub fn prefetch_card_handles(nvml: &NvmlLibrary) {
+    let Some(device_count) = state::cuda().and_then(|d| d.device_get_count) else {
         return;
     };
     let mut count: std::ffi::c_int = 0;
-    // SAFETY: the driver's cuDeviceGetCount(int*), after cuInit.
-    let rc = unsafe {
-        std::mem::transmute::<usize, unsafe extern "C" fn(*mut std::ffi::c_int) -> CuResult>(
-            count_fn,
-        )(&mut count)
-    };
+    // SAFETY: the driver's cuDeviceGetCount with a valid out-pointer, after
+    // cuInit.
+    let rc = unsafe { device_count(&mut count) };
     if rc != CUDA_SUCCESS {
         return;
     }
@@ -272,12 +228,10 @@ pub fn prefetch_card_handles(nvml: &crate::driver::NvmlLibrary) {
 /// `None` when NVML is absent; waits for the NVML warm-up if it is running.
 pub fn usage_before_context(ordinal: CuDevice) -> Option<UsageSample> {
     let nvml = state::measuring_nvml()?;
-    if nvml.memory_info[0] == 0 {
-        return None;
-    }
+    nvml.real::<NvmlMemoryInfo>()?;
     let handle = card_handle(nvml, ordinal)?;
     Some(UsageSample {
-        own: own_usage(nvml.running_processes, handle),
+        own: own_usage(nvml, handle),
         device: device_used(nvml, handle)?,
     })
 }
@@ -287,7 +241,7 @@ pub fn usage_before_context(ordinal: CuDevice) -> Option<UsageSample> {
 pub fn usage_after_context(ordinal: CuDevice) -> Option<UsageSample> {
     let nvml = state::measuring_nvml()?;
     let handle = card_handle(nvml, ordinal)?;
-    match own_usage(nvml.running_processes, handle) {
+    match own_usage(nvml, handle) {
         Some(own) => Some(UsageSample {
             own: Some(own),
             device: 0,

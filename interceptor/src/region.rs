@@ -185,8 +185,9 @@ impl Region {
             return Err(io_error("lock", path));
         }
         let mapped = (|| {
-            // SAFETY: fstat into a zeroed stat buffer.
+            // SAFETY: `stat` is plain old data, for which all zeroes is a value.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat on our descriptor into a valid out-buffer.
             if unsafe { libc::fstat(fd, &mut st) } != 0 {
                 return Err(io_error("stat", path));
             }
@@ -195,6 +196,7 @@ impl Region {
                 // users (the open mode was already filtered by the umask).
                 // SAFETY: plain syscalls on our descriptor.
                 unsafe { libc::fchmod(fd, 0o666) };
+                // SAFETY: as above.
                 if unsafe { libc::ftruncate(fd, REGION_SIZE as libc::off_t) } != 0 {
                     return Err(io_error("size", path));
                 }

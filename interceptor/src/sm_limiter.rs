@@ -109,16 +109,10 @@ fn admit_governed(cost: u64) -> Result<(), CuResult> {
 
 /// The container card of the calling thread's current context.
 pub(crate) fn current_card() -> Option<usize> {
-    let driver = state::cuda()?;
-    if driver.ctx_get_device == 0 {
-        return None;
-    }
-    // SAFETY: the driver's cuCtxGetDevice(CUdevice*).
-    let get: unsafe extern "C" fn(*mut CuDevice) -> CuResult =
-        unsafe { std::mem::transmute::<usize, _>(driver.ctx_get_device) };
+    let get_device = state::cuda()?.ctx_get_device?;
     let mut device: CuDevice = -1;
-    // SAFETY: valid out-pointer.
-    if unsafe { get(&mut device) } != CUDA_SUCCESS {
+    // SAFETY: the driver's cuCtxGetDevice with a valid out-pointer.
+    if unsafe { get_device(&mut device) } != CUDA_SUCCESS {
         return None;
     }
     crate::cards::container_index(device)

@@ -26,13 +26,15 @@
 //!    from whether a high-priority tenant launched within [`ACTIVE_WINDOW`].
 
 use crate::card_table::CardTable;
-use crate::ffi::{NvmlDevice, NvmlReturn, NVML_SUCCESS};
-use crate::loader::Library;
+use crate::ffi::{
+    NvmlDevice, NvmlProcessInfo, NvmlProcessUtilizationSample, NvmlUtilization, NVML_SUCCESS,
+};
 use crate::log::{log, INFO, WARN};
+use crate::nvml::NvmlLibrary;
 use crate::sm_config::ComputeConfig;
 use crate::sm_controller::{Controller, Observation, Tuning};
 use crate::sm_limiter::monotonic_ns;
-use std::ffi::{c_char, c_uint, CString};
+use std::ffi::{c_uint, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tessera_api::card_tenants::tenant_key;
@@ -70,81 +72,25 @@ pub fn spawn(
     }
 }
 
-/// `nvmlProcessUtilizationSample_t`.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct ProcessSample {
-    pid: c_uint,
-    time_stamp: u64,
-    sm_util: c_uint,
-    mem_util: c_uint,
-    enc_util: c_uint,
-    dec_util: c_uint,
-}
-
-/// `nvmlUtilization_t`.
-#[repr(C)]
-#[derive(Default)]
-struct Utilization {
-    gpu: c_uint,
-    memory: c_uint,
-}
-
-/// `nvmlProcessInfo_t` (v2/v3).
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct ProcessInfo {
-    pid: c_uint,
-    used_gpu_memory: u64,
-    gpu_instance_id: c_uint,
-    compute_instance_id: c_uint,
-}
-
-type ProcessUtilFn =
-    unsafe extern "C" fn(NvmlDevice, *mut ProcessSample, *mut c_uint, u64) -> NvmlReturn;
-type UtilRatesFn = unsafe extern "C" fn(NvmlDevice, *mut Utilization) -> NvmlReturn;
-type RunningFn = unsafe extern "C" fn(NvmlDevice, *mut c_uint, *mut ProcessInfo) -> NvmlReturn;
-type ByUuidFn = unsafe extern "C" fn(*const c_char, *mut NvmlDevice) -> NvmlReturn;
-
-/// The NVML calls the updater makes (the real functions, not our hooks).
-struct Nvml {
-    process_util: usize,
-    util_rates: usize,
-    running: usize,
-    by_uuid: usize,
-}
+/// The NVML calls the updater makes (the real functions, not our hooks),
+/// through the process's one NVML binding.
+struct Nvml(&'static NvmlLibrary);
 
 impl Nvml {
+    /// NVML loaded and initialised for the updater (NVML counts
+    /// initialisations), `None` when it cannot be.
     fn load() -> Option<Nvml> {
-        let lib = Library::open(c"libnvidia-ml.so.1")?;
-        let init = lib.symbol(c"nvmlInit_v2");
-        // SAFETY: nvmlInit_v2(void); NVML counts initialisations.
-        if init == 0
-            || unsafe { std::mem::transmute::<usize, unsafe extern "C" fn() -> NvmlReturn>(init)() }
-                != NVML_SUCCESS
-        {
-            return None;
-        }
-        Some(Nvml {
-            process_util: lib.symbol(c"nvmlDeviceGetProcessUtilization"),
-            util_rates: lib.symbol(c"nvmlDeviceGetUtilizationRates"),
-            running: match lib.symbol(c"nvmlDeviceGetComputeRunningProcesses_v3") {
-                0 => lib.symbol(c"nvmlDeviceGetComputeRunningProcesses_v2"),
-                f => f,
-            },
-            by_uuid: lib.symbol(c"nvmlDeviceGetHandleByUUID"),
-        })
+        crate::state::nvml()
+            .filter(|nvml| nvml.initialise())
+            .map(Nvml)
     }
 
     fn handle(&self, uuid: &str) -> Option<NvmlDevice> {
+        let handle_by_uuid = self.0.handle_by_uuid?;
         let text = CString::new(uuid).ok()?;
         let mut handle: NvmlDevice = std::ptr::null_mut();
         // SAFETY: NVML's lookup with a NUL-terminated UUID and an out-pointer.
-        (self.by_uuid != 0
-            && unsafe {
-                std::mem::transmute::<usize, ByUuidFn>(self.by_uuid)(text.as_ptr(), &mut handle)
-            } == NVML_SUCCESS)
-            .then_some(handle)
+        (unsafe { handle_by_uuid(text.as_ptr(), &mut handle) } == NVML_SUCCESS).then_some(handle)
     }
 
     /// Per-pid SM utilisation (percent, averaged over the samples) newer
@@ -155,20 +101,11 @@ impl Nvml {
         device: NvmlDevice,
         since_us: u64,
     ) -> Option<(Vec<(u32, f64)>, u64)> {
-        if self.process_util == 0 {
-            return None;
-        }
-        let mut samples = [ProcessSample::default(); 512];
+        let process_utilization = self.0.process_utilization?;
+        let mut samples = [NvmlProcessUtilizationSample::default(); 512];
         let mut count = samples.len() as c_uint;
         // SAFETY: NVML's query with a buffer of `count` samples.
-        let rc = unsafe {
-            std::mem::transmute::<usize, ProcessUtilFn>(self.process_util)(
-                device,
-                samples.as_mut_ptr(),
-                &mut count,
-                since_us,
-            )
-        };
+        let rc = unsafe { process_utilization(device, samples.as_mut_ptr(), &mut count, since_us) };
         if rc != NVML_SUCCESS {
             return None;
         }
@@ -193,31 +130,19 @@ impl Nvml {
 
     /// The card-wide SM utilisation in percent.
     fn card_utilisation(&self, device: NvmlDevice) -> Option<f64> {
-        if self.util_rates == 0 {
-            return None;
-        }
-        let mut u = Utilization::default();
+        let utilization_rates = self.0.utilization_rates?;
+        let mut u = NvmlUtilization::default();
         // SAFETY: NVML's query with a valid out-pointer.
-        (unsafe { std::mem::transmute::<usize, UtilRatesFn>(self.util_rates)(device, &mut u) }
-            == NVML_SUCCESS)
-            .then_some(f64::from(u.gpu))
+        (unsafe { utilization_rates(device, &mut u) } == NVML_SUCCESS).then_some(f64::from(u.gpu))
     }
 
     /// Pids NVML lists as computing on the card.
     fn running_pids(&self, device: NvmlDevice) -> Option<Vec<u32>> {
-        if self.running == 0 {
-            return None;
-        }
-        let mut list = [ProcessInfo::default(); 256];
+        let running_processes = self.0.running_processes?;
+        let mut list = [NvmlProcessInfo::default(); 256];
         let mut count = list.len() as c_uint;
         // SAFETY: NVML's query with a buffer of `count` entries.
-        let rc = unsafe {
-            std::mem::transmute::<usize, RunningFn>(self.running)(
-                device,
-                &mut count,
-                list.as_mut_ptr(),
-            )
-        };
+        let rc = unsafe { running_processes(device, &mut count, list.as_mut_ptr()) };
         (rc == NVML_SUCCESS).then(|| {
             list[..(count as usize).min(list.len())]
                 .iter()
@@ -387,7 +312,7 @@ impl Updater {
                     }
                 }
                 // No per-process figures from this NVML at all: the card's.
-                None if nvml.process_util == 0 => card_wide,
+                None if nvml.0.process_utilization.is_none() => card_wide,
                 None => None,
             };
         }

@@ -1,5 +1,6 @@
 //! Process-wide state, created on first use (nothing runs at load time):
-//! the configuration, the real driver and NVML, and the accounting. Each is
+//! the configuration, the real driver and NVML, and the accounting; and
+//! [`real!`], how a hook reaches the real function of its row. Each is
 //! a `OnceLock`, so after the first call reaching one costs an atomic load.
 //! Also the fork handler and the re-entrancy guard for initialisation.
 //!
@@ -11,9 +12,10 @@
 
 use crate::accounting::Accounting;
 use crate::config::{Config, ConfigError};
-use crate::driver::{CudaDriver, NvmlLibrary};
-use crate::ffi::{CuResult, NvmlReturn, CUDA_ERROR_NOT_INITIALIZED, NVML_SUCCESS};
+use crate::driver::CudaDriver;
+use crate::ffi::{CuResult, CUDA_ERROR_NOT_INITIALIZED};
 use crate::log::{self, log, ERROR};
+use crate::nvml::NvmlLibrary;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
@@ -28,6 +30,21 @@ static ACCOUNTING: OnceLock<Option<Accounting>> = OnceLock::new();
 static CUDA_INIT: std::sync::atomic::AtomicI32 =
     std::sync::atomic::AtomicI32::new(CUDA_INIT_PENDING);
 const CUDA_INIT_PENDING: i32 = -1;
+
+/// The real driver function of CUDA row `$row` (a `CudaHook` of
+/// `hook_table`, by name), typed as the row says; returns
+/// `CUDA_ERROR_NOT_FOUND` from the calling hook when the driver lacks it.
+/// After the first call this is the driver's `OnceLock` read and one load
+/// from its table: no lock, system call or environment read.
+macro_rules! real {
+    ($row:ident) => {
+        match $crate::state::cuda().and_then(|driver| driver.real::<$crate::hook_table::$row>()) {
+            Some(function) => function,
+            None => return $crate::ffi::CUDA_ERROR_NOT_FOUND,
+        }
+    };
+}
+pub(crate) use real;
 
 /// Called by the `cuInit` hook with the driver's answer.
 pub fn cuda_initialised(rc: CuResult) {
@@ -99,11 +116,7 @@ pub fn measuring_nvml() -> Option<&'static NvmlLibrary> {
         .get_or_init(|| {
             let started = log::enabled(log::DEBUG).then(std::time::Instant::now);
             let nvml = nvml()?;
-            let ready = nvml.init != 0
-                // SAFETY: nvmlInit_v2(void).
-                && unsafe {
-                    std::mem::transmute::<usize, unsafe extern "C" fn() -> NvmlReturn>(nvml.init)()
-                } == NVML_SUCCESS;
+            let ready = nvml.initialise();
             if let Some(t) = started {
                 log!(
                     log::DEBUG,

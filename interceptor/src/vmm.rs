@@ -28,22 +28,14 @@
 //! back at once. Cost: a few atomic operations in the lock-free tables per
 //! call, no locks or system calls.
 
-use crate::cuda_hooks::{current_device, read, real, refused_foreign, tracked};
-use crate::driver::Hook;
+use crate::cuda_hooks::{current_device, read, refused_foreign, tracked};
 use crate::ffi::*;
+use crate::hook_table::MemUnmap;
 use crate::log::{log, WARN};
 use crate::ptr_table::{Dropped, PtrTable};
 use crate::state;
+use crate::state::real;
 use std::ffi::{c_uint, c_void};
-
-type MemCreateFn =
-    unsafe extern "C" fn(*mut u64, usize, *const MemAllocationPropHead, u64) -> CuResult;
-type MemReleaseFn = unsafe extern "C" fn(u64) -> CuResult;
-type MemMapFn = unsafe extern "C" fn(CuDevicePtr, usize, usize, u64, u64) -> CuResult;
-type MemUnmapFn = unsafe extern "C" fn(CuDevicePtr, usize) -> CuResult;
-type RetainHandleFn = unsafe extern "C" fn(*mut u64, *mut c_void) -> CuResult;
-type ImportFn = unsafe extern "C" fn(*mut u64, *mut c_void, c_uint) -> CuResult;
-type PropertiesFn = unsafe extern "C" fn(*mut MemAllocationProp, u64) -> CuResult;
 
 /// Mappings one `cuMemUnmap` lets go of before the driver is asked (any
 /// further ones are let go of after it succeeds).
@@ -62,6 +54,9 @@ fn card_of_location(location_type: c_uint, location_id: i32) -> Result<Option<us
     Ok(tracked(location_id))
 }
 
+/// # Safety
+/// `cuMemCreate`'s contract: `handle` is a valid out-pointer and
+/// `prop` null or a valid `CUmemAllocationProp`.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemCreate(
     handle: *mut u64,
@@ -69,9 +64,12 @@ pub unsafe extern "C" fn cuMemCreate(
     prop: *const MemAllocationPropHead,
     flags: u64,
 ) -> CuResult {
-    let real = real!(Hook::MemCreate, MemCreateFn);
-    // SAFETY (closures below): forwarding the caller's arguments.
-    let forward = || (unsafe { real(handle, bytes, prop, flags) }, read(handle));
+    let real = real!(MemCreate);
+    let forward = || {
+        // SAFETY: forwarding the caller's arguments, then reading the
+        // out-pointer the caller handed the driver.
+        unsafe { (real(handle, bytes, prop, flags), read(handle)) }
+    };
     if prop.is_null() {
         return forward().0;
     }
@@ -118,17 +116,22 @@ fn restore_ref(table: &PtrTable, key: u64, dropped: Dropped) {
     }
 }
 
+/// # Safety
+/// None beyond the driver's: the handle is a value.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemRelease(handle: u64) -> CuResult {
-    let real = real!(Hook::MemRelease, MemReleaseFn);
-    // SAFETY (below): forwarding the caller's argument.
+    let real = real!(MemRelease);
+    let forward = || {
+        // SAFETY: forwarding the caller's argument.
+        unsafe { real(handle) }
+    };
     let accounting = match state::accounting() {
         Err(rc) => return rc,
-        Ok(None) => return unsafe { real(handle) },
+        Ok(None) => return forward(),
         Ok(Some(a)) => a,
     };
     let dropped = accounting.handles.drop_ref(handle);
-    let rc = unsafe { real(handle) };
+    let rc = forward();
     if rc != CUDA_SUCCESS {
         restore_ref(&accounting.handles, handle, dropped);
     } else if let Dropped::Last(device, bytes) = dropped {
@@ -137,6 +140,8 @@ pub unsafe extern "C" fn cuMemRelease(handle: u64) -> CuResult {
     rc
 }
 
+/// # Safety
+/// None beyond the driver's: `cuMemMap` takes no host pointers.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemMap(
     ptr: CuDevicePtr,
@@ -145,7 +150,7 @@ pub unsafe extern "C" fn cuMemMap(
     handle: u64,
     flags: u64,
 ) -> CuResult {
-    let real = real!(Hook::MemMap, MemMapFn);
+    let real = real!(MemMap);
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(ptr, size, offset, handle, flags) };
     if rc != CUDA_SUCCESS {
@@ -160,9 +165,9 @@ pub unsafe extern "C" fn cuMemMap(
     if bytes == 0 {
         // An imported handle's first mapping: now its size is known.
         if accounting.charge(device, size as u64).is_err() {
-            if let Some(unmap) = state::cuda().and_then(|d| d.real(Hook::MemUnmap)) {
+            if let Some(unmap) = state::cuda().and_then(|d| d.real::<MemUnmap>()) {
                 // SAFETY: the driver's cuMemUnmap of the mapping it just made.
-                unsafe { std::mem::transmute::<usize, MemUnmapFn>(unmap)(ptr, size) };
+                unsafe { unmap(ptr, size) };
             }
             return CUDA_ERROR_OUT_OF_MEMORY;
         }
@@ -184,13 +189,18 @@ pub unsafe extern "C" fn cuMemMap(
     rc
 }
 
+/// # Safety
+/// None beyond the driver's: `cuMemUnmap` takes no host pointers.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemUnmap(ptr: CuDevicePtr, size: usize) -> CuResult {
-    let real = real!(Hook::MemUnmap, MemUnmapFn);
-    // SAFETY (below): forwarding the caller's arguments.
+    let real = real!(MemUnmap);
+    let forward = || {
+        // SAFETY: forwarding the caller's arguments.
+        unsafe { real(ptr, size) }
+    };
     let accounting = match state::accounting() {
         Err(rc) => return rc,
-        Ok(None) => return unsafe { real(ptr, size) },
+        Ok(None) => return forward(),
         Ok(Some(a)) => a,
     };
     let end = ptr.saturating_add(size as u64);
@@ -207,7 +217,7 @@ pub unsafe extern "C" fn cuMemUnmap(ptr: CuDevicePtr, size: usize) -> CuResult {
         taken += 1;
         cursor = cursor.saturating_add(length.max(1));
     }
-    let rc = unsafe { real(ptr, size) };
+    let rc = forward();
     if rc != CUDA_SUCCESS {
         // Put everything back, in reverse order.
         for &(start, length, handle, dropped) in batch[..taken].iter().rev() {
@@ -239,19 +249,23 @@ pub unsafe extern "C" fn cuMemUnmap(ptr: CuDevicePtr, size: usize) -> CuResult {
     rc
 }
 
+/// # Safety
+/// `cuMemRetainAllocationHandle`'s contract: `handle` is a valid
+/// out-pointer.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemRetainAllocationHandle(
     handle: *mut u64,
     address: *mut c_void,
 ) -> CuResult {
-    let real = real!(Hook::MemRetainAllocationHandle, RetainHandleFn);
+    let real = real!(MemRetainAllocationHandle);
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(handle, address) };
     if rc == CUDA_SUCCESS {
         if let Ok(Some(accounting)) = state::accounting() {
             // The same handle value the memory was mapped with: one more
             // reference, released by one more cuMemRelease.
-            accounting.handles.add_ref(read(handle));
+            // SAFETY: the caller's out-pointer, which the driver just filled.
+            accounting.handles.add_ref(unsafe { read(handle) });
         }
     }
     rc
@@ -261,16 +275,14 @@ pub unsafe extern "C" fn cuMemRetainAllocationHandle(
 /// `cuMemGetAllocationPropertiesFromHandle` (the current card when the
 /// driver cannot say); `None` when it is not on a card of ours.
 fn card_of_handle(handle: u64) -> Option<usize> {
-    let properties = state::cuda()
-        .map(|d| d.allocation_properties)
-        .filter(|&f| f != 0);
+    let properties = state::cuda().and_then(|d| d.allocation_properties);
     let Some(properties) = properties else {
         return current_device();
     };
     let mut prop = MemAllocationProp::default();
     // SAFETY: the driver's cuMemGetAllocationPropertiesFromHandle with a
     // zeroed CUmemAllocationProp-sized (and larger) out-buffer.
-    let rc = unsafe { std::mem::transmute::<usize, PropertiesFn>(properties)(&mut prop, handle) };
+    let rc = unsafe { properties(&mut prop, handle) };
     if rc != CUDA_SUCCESS {
         return current_device();
     }
@@ -279,13 +291,16 @@ fn card_of_handle(handle: u64) -> Option<usize> {
         .flatten()
 }
 
+/// # Safety
+/// `cuMemImportFromShareableHandle`'s contract: `handle` is a valid
+/// out-pointer and `os_handle` what the handle type calls for.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemImportFromShareableHandle(
     handle: *mut u64,
     os_handle: *mut c_void,
     handle_type: c_uint,
 ) -> CuResult {
-    let real = real!(Hook::MemImportFromShareableHandle, ImportFn);
+    let real = real!(MemImportFromShareableHandle);
     // SAFETY: forwarding the caller's arguments.
     let rc = unsafe { real(handle, os_handle, handle_type) };
     if rc != CUDA_SUCCESS {
@@ -294,7 +309,8 @@ pub unsafe extern "C" fn cuMemImportFromShareableHandle(
     let Ok(Some(accounting)) = state::accounting() else {
         return rc;
     };
-    let key = read(handle);
+    // SAFETY: the caller's out-pointer, which the driver just filled.
+    let key = unsafe { read(handle) };
     // Our own export imported back may come back as the same handle.
     if accounting.handles.add_ref(key) {
         return rc;
