@@ -1,7 +1,8 @@
 //! Wires the agent together: GPU backend → health monitor → inventory
 //! publisher, device-plugin server (with the allocator), metrics and probes
-//! (one HTTP listener), the host-pid socket, and the pod sweep; installs the
-//! interceptor first.
+//! (one HTTP listener), the host-pid socket, the pod sweep, and memory-cap
+//! enforcement (unless the config turns it off); installs the interceptor
+//! first.
 //! [`run`] takes every input explicitly, so tests run the same wiring as
 //! the binary.
 
@@ -10,13 +11,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tessera_api::config::Config;
+use tessera_api::config::{Config, EnforcementMode};
 use tessera_api::error::ConfigError;
 use tessera_api::inventory::encode_inventory;
 use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::allocate::Allocator;
+use crate::enforce::{
+    AnnotatedAllocations, EnforcementCounters, EnforcementSettings, Enforcer, TrustedAllocations,
+};
 use crate::gpu::fake::FakeGpus;
 use crate::gpu::nvml::NvmlGpus;
 use crate::gpu::{GpuBackend, GpuError};
@@ -173,6 +177,10 @@ pub struct AgentSetup {
     pub health_quiet: Duration,
     /// Pod sweep period.
     pub sweep_interval: Duration,
+    /// Where enforcement reads `<pid>/cgroup` (`/proc` on a node).
+    pub proc_root: PathBuf,
+    /// The allocations enforcement trusts.
+    pub trusted_allocations: Arc<dyn TrustedAllocations>,
 }
 
 impl std::fmt::Debug for AgentSetup {
@@ -211,6 +219,8 @@ impl AgentSetup {
             publish_interval: options.publish_interval(),
             health_quiet: options.health_quiet(),
             sweep_interval: options.sweep_interval(),
+            proc_root: options.proc_root.clone(),
+            trusted_allocations: Arc::new(AnnotatedAllocations),
         })
     }
 }
@@ -273,8 +283,28 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
         setup.sweep_interval,
         Duration::from_secs(300),
     ));
+    let enforcement = setup.config.enforcement.clone();
+    let counters = EnforcementCounters::default();
+    if enforcement.mode == EnforcementMode::Off {
+        tracing::warn!("GPU memory enforcement is off (config enforcement.mode): containers that bypass the interceptor are not stopped");
+    } else {
+        let enforcer = Enforcer::new(
+            Arc::clone(&setup.backend),
+            Arc::clone(&cards),
+            EnforcementSettings::from_config(&enforcement, setup.proc_root.clone()),
+            Arc::clone(&setup.trusted_allocations),
+        );
+        tasks.spawn(crate::enforce::enforcer::run(
+            enforcer,
+            setup.client.clone(),
+            setup.node.clone(),
+            EventPoster::new(setup.client.clone(), &setup.node),
+            counters.clone(),
+        ));
+    }
     if let Some(addr) = setup.metrics_addr {
         let metrics = Metrics::new(Arc::clone(&setup.backend), Arc::clone(&cards), index);
+        metrics.register(|registry| counters.register(registry));
         let app = metrics.router().merge(probes::router(readiness.clone()));
         tasks.spawn(async move {
             if let Err(e) = serve_http(addr, app).await {

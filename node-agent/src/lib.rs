@@ -10,7 +10,8 @@
 //! usage from the containers' accounting regions ([`usage`]) for
 //! `/metrics` ([`metrics`]), serves `/healthz` and `/readyz` next to it
 //! ([`probes`]), tells container processes their host pid
-//! ([`pid_socket`]), and sweeps stale state ([`sweep`]).
+//! ([`pid_socket`]), sweeps stale state ([`sweep`]), and enforces memory
+//! caps from the driver's per-process figures ([`enforce`]).
 //! [`agent::run`] wires it all; `main.rs` only parses options.
 //!
 //! With the `test-support` feature (turned on only by dev-dependencies),
@@ -19,6 +20,7 @@
 
 pub mod agent;
 pub mod allocate;
+pub mod enforce;
 pub mod gpu;
 pub mod health;
 pub mod host_files;

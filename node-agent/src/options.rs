@@ -60,6 +60,10 @@ pub struct AgentOptions {
     /// Seconds between pod sweeps (metrics index, stale directory cleanup).
     #[arg(long, default_value_t = 60)]
     pub sweep_interval_secs: u64,
+    /// Where processes' `<pid>/cgroup` files are read for enforcement (the
+    /// agent runs with hostPID, so this is the host's `/proc`).
+    #[arg(long, env = "TESSERA_PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
     /// Log as JSON lines.
     #[arg(long, env = "TESSERA_LOG_JSON")]
     pub log_json: bool,

@@ -272,7 +272,9 @@ impl PluginConnection {
 /// An [`AgentSetup`] for a test agent of `node` on `gpus`: default config,
 /// host files under `host_dir`, registering at `kubelet_socket` as
 /// [`PLUGIN_SOCKET`] (polled every 50 ms), no interceptor, no `/metrics`,
-/// publishing every 100 ms, health quiet 200 ms, sweeping every 100 ms.
+/// publishing every 100 ms, health quiet 200 ms, sweeping every 100 ms,
+/// enforcement reading the real `/proc` and trusting the allocation
+/// annotations as written.
 /// Tests override fields with struct update syntax.
 pub fn fake_agent_setup(
     node: &str,
@@ -295,6 +297,8 @@ pub fn fake_agent_setup(
         publish_interval: Duration::from_millis(100),
         health_quiet: Duration::from_millis(200),
         sweep_interval: Duration::from_millis(100),
+        proc_root: PathBuf::from("/proc"),
+        trusted_allocations: Arc::new(crate::enforce::AnnotatedAllocations),
     }
 }
 
