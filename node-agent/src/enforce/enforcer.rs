@@ -119,7 +119,7 @@ impl EnforcementCounters {
 /// What was done about a finding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Taken {
-    /// These processes were sent SIGKILL (or had exited already).
+    /// These processes were sent SIGKILL.
     Killed {
         /// The pids.
         pids: Vec<u32>,
@@ -322,16 +322,14 @@ impl Enforcer {
                 let pod = containers
                     .pod(&finding.subject.pod_uid)
                     .map(|entry| Arc::clone(&entry.pod));
-                let taken =
-                    if self.settings.mode == EnforcementMode::Kill && !finding.to_kill.is_empty() {
-                        self.kill(&finding, &owners, now, new)
-                    } else {
-                        None
-                    };
-                let taken = match taken {
-                    Some(killed) => killed,
-                    None if new => Taken::Reported,
-                    None => continue,
+                let killing =
+                    self.settings.mode == EnforcementMode::Kill && !finding.to_kill.is_empty();
+                let taken = match self.kill_if_asked(killing, &finding, &owners, now, new) {
+                    KillOutcome::Killed(pids) => Taken::Killed { pids },
+                    // The driver listed processes that have exited since.
+                    KillOutcome::AllGone => continue,
+                    KillOutcome::NotKilled if new => Taken::Reported,
+                    KillOutcome::NotKilled => continue,
                 };
                 report.actions.push(Action {
                     finding,
@@ -346,24 +344,32 @@ impl Enforcer {
         report
     }
 
-    /// Kills the finding's chosen processes; `None` when none could be
-    /// killed (the finding is then reported instead).
-    fn kill(
+    /// Kills the finding's chosen processes when `killing`.
+    fn kill_if_asked(
         &mut self,
+        killing: bool,
         finding: &Finding,
         owners: &HashMap<u32, Option<ProcessOwner>>,
         now: Instant,
         new: bool,
-    ) -> Option<Taken> {
+    ) -> KillOutcome {
+        if !killing {
+            return KillOutcome::NotKilled;
+        }
         let mut killed = Vec::new();
+        let mut gone = 0;
         for &pid in &finding.to_kill {
             let Some(Some(owner)) = owners.get(&pid) else {
                 continue;
             };
             match kill_if_still_owned(&self.settings.proc_root, pid, owner) {
-                Ok(()) | Err(KillError::Gone { .. }) => {
+                Ok(()) => {
                     self.killed.insert((pid, owner.clone()), now);
                     killed.push(pid);
+                }
+                Err(KillError::Gone { .. }) => {
+                    self.killed.insert((pid, owner.clone()), now);
+                    gone += 1;
                 }
                 Err(e @ (KillError::Reused { .. } | KillError::Protected { .. })) => {
                     tracing::debug!(error = %e, "not killed");
@@ -375,8 +381,24 @@ impl Enforcer {
                 }
             }
         }
-        (!killed.is_empty()).then_some(Taken::Killed { pids: killed })
+        if !killed.is_empty() {
+            KillOutcome::Killed(killed)
+        } else if gone == finding.to_kill.len() {
+            KillOutcome::AllGone
+        } else {
+            KillOutcome::NotKilled
+        }
     }
+}
+
+/// What came of a finding's kills.
+enum KillOutcome {
+    /// These were sent SIGKILL.
+    Killed(Vec<u32>),
+    /// Every process to kill had exited already.
+    AllGone,
+    /// Nothing was killed (report mode, a host process, or the kernel refused).
+    NotKilled,
 }
 
 /// Runs enforcement for `node` until the task is dropped: a reflector over
