@@ -231,6 +231,8 @@ pub struct Enforcer {
     killed: HashMap<(u32, ProcessOwner), Instant>,
     open_incidents: HashSet<IncidentKey>,
     unreadable_cards: HashSet<String>,
+    owner_cache: HashMap<u32, ProcessOwner>,
+    index: Option<(u64, Arc<NodeContainers>)>,
 }
 
 impl Enforcer {
@@ -250,6 +252,8 @@ impl Enforcer {
             killed: HashMap::new(),
             open_incidents: HashSet::new(),
             unreadable_cards: HashSet::new(),
+            owner_cache: HashMap::new(),
+            index: None,
         }
     }
 
@@ -260,11 +264,7 @@ impl Enforcer {
 
     /// One round over every card, with the node's current `pods`. Blocking.
     pub fn tick(&mut self, pods: &[Arc<Pod>], now: Instant) -> TickReport {
-        let containers = NodeContainers::new(
-            pods,
-            self.trusted.as_ref(),
-            &self.settings.exempt_namespaces,
-        );
+        let containers = self.containers(pods);
         self.killed
             .retain(|_, at| now.duration_since(*at) < KILLED_SETTLE);
         let mut report = TickReport::default();
@@ -290,7 +290,7 @@ impl Enforcer {
             for process in listed {
                 let owner = owners
                     .entry(process.pid)
-                    .or_insert_with(|| read_owner(&self.settings.proc_root, process.pid));
+                    .or_insert_with(|| self.owner_of(process.pid));
                 let Some(owner) = owner.as_ref() else {
                     continue; // exited since the driver listed it
                 };
@@ -339,9 +339,45 @@ impl Enforcer {
             }
         }
         self.open_incidents = incidents;
+        self.owner_cache = owners
+            .into_iter()
+            .filter_map(|(pid, owner)| Some((pid, owner?)))
+            .collect();
         self.unknown_since
             .retain(|key, _| seen_unknown.contains(key));
         report
+    }
+
+    /// The pod index for `pods`, rebuilt only when a pod changed (same
+    /// UIDs and resourceVersions as last round: the previous index).
+    fn containers(&mut self, pods: &[Arc<Pod>]) -> Arc<NodeContainers> {
+        let fingerprint = pods_fingerprint(pods);
+        if let Some((seen, index)) = &self.index {
+            if *seen == fingerprint {
+                return Arc::clone(index);
+            }
+        }
+        let index = Arc::new(NodeContainers::new(
+            pods,
+            self.trusted.as_ref(),
+            &self.settings.exempt_namespaces,
+        ));
+        self.index = Some((fingerprint, Arc::clone(&index)));
+        index
+    }
+
+    /// The owner of `pid`: from last round when the driver listed it then
+    /// and it still exists (a process never leaves its container's cgroup,
+    /// and a pid reused between two rounds would need the old process to
+    /// exit and a new one to take its pid and open a context on a card
+    /// within one period; a kill re-reads the cgroup anyway), otherwise
+    /// read from its cgroup file.
+    fn owner_of(&self, pid: u32) -> Option<ProcessOwner> {
+        let dir = self.settings.proc_root.join(pid.to_string());
+        match self.owner_cache.get(&pid) {
+            Some(owner) if dir.exists() => Some(owner.clone()),
+            _ => read_owner(&self.settings.proc_root, pid),
+        }
     }
 
     /// Kills the finding's chosen processes when `killing`.
@@ -389,6 +425,16 @@ impl Enforcer {
             KillOutcome::NotKilled
         }
     }
+}
+
+/// Identifies a set of pod versions, whatever their order: the count and
+/// the sum of a hash of each pod's UID and resourceVersion.
+fn pods_fingerprint(pods: &[Arc<Pod>]) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let hasher = BuildHasherDefault::<DefaultHasher>::default();
+    pods.iter().fold(pods.len() as u64, |sum, pod| {
+        sum.wrapping_add(hasher.hash_one((&pod.metadata.uid, &pod.metadata.resource_version)))
+    })
 }
 
 /// What came of a finding's kills.
@@ -487,5 +533,161 @@ fn publish(action: Action, events: &EventPoster, counters: &EnforcementCounters)
         tokio::spawn(async move {
             events.warn_for(&pod, reason, EVENT_ACTION, &note).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enforce::attribution::{AnnotatedAllocations, UNKNOWN_GRACE};
+    use crate::gpu::fake::FakeGpus;
+    use crate::gpu::GpuProcess;
+    use serde_json::json;
+
+    const UID: &str = "0b7c2d52-7f3e-4a8b-9c1d-2e3f4a5b6c7d";
+    const ID: &str = "aaaaaaaaaaaa1111";
+
+    struct Setup {
+        enforcer: Enforcer,
+        gpus: FakeGpus,
+        card: String,
+        proc_root: tempfile::TempDir,
+    }
+
+    fn setup(mode: EnforcementMode) -> Setup {
+        let gpus = FakeGpus::parse("1x A 100000", "n").expect("fake");
+        let cards: Arc<[GpuInfo]> = gpus.discover().expect("cards").into();
+        let proc_root = tempfile::tempdir().expect("tempdir");
+        let settings = EnforcementSettings::from_config(
+            &Enforcement {
+                mode,
+                ..Enforcement::default()
+            },
+            proc_root.path().to_owned(),
+        );
+        Setup {
+            enforcer: Enforcer::new(
+                Arc::new(gpus.clone()),
+                Arc::clone(&cards),
+                settings,
+                Arc::new(AnnotatedAllocations),
+            ),
+            card: cards[0].uuid.clone(),
+            gpus,
+            proc_root,
+        }
+    }
+
+    fn pod(card: &str, container_id: Option<&str>, rv: &str) -> Arc<Pod> {
+        let statuses: Vec<_> = container_id
+            .map(|id| json!({"name": "main", "containerID": format!("containerd://{id}"), "image": "x", "imageID": "", "ready": true, "restartCount": 0}))
+            .into_iter()
+            .collect();
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": "p", "namespace": "ns", "uid": UID, "resourceVersion": rv, "annotations": {
+                    "hami.io/vgpu-devices-allocated": format!("{card},NVIDIA,1000,30:;")
+                }},
+                "spec": {"containers": [{"name": "main", "image": "x"}]},
+                "status": {"containerStatuses": statuses}
+            }))
+            .expect("pod"),
+        )
+    }
+
+    fn place(setup: &Setup, pid: u32, mib: u64) {
+        let dir = setup.proc_root.path().join(pid.to_string());
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("cgroup"), format!("0::/kubepods/pod{UID}/{ID}\n"))
+            .expect("cgroup");
+        setup.gpus.control().set_processes(
+            &setup.card,
+            vec![GpuProcess {
+                pid,
+                used_bytes: Some(mib * MIB),
+            }],
+        );
+    }
+
+    #[test]
+    fn an_incident_is_reported_once_until_it_clears() {
+        let mut s = setup(EnforcementMode::Report);
+        let pods = [pod(&s.card, Some(ID), "1")];
+        place(&s, 5_000_001, 2000);
+        let t0 = Instant::now();
+        let first = s.enforcer.tick(&pods, t0);
+        assert_eq!(first.actions.len(), 1, "{first:?}");
+        assert_eq!(first.actions[0].taken, Taken::Reported);
+        assert_eq!(first.actions[0].labels().action, "report");
+        assert!(first.actions[0]
+            .note()
+            .contains("reported only; pids 5000001 (2000 MiB)"));
+        assert!(
+            s.enforcer.tick(&pods, t0).actions.is_empty(),
+            "same incident"
+        );
+        place(&s, 5_000_001, 900);
+        assert!(
+            s.enforcer.tick(&pods, t0).actions.is_empty(),
+            "under the cap"
+        );
+        place(&s, 5_000_001, 2000);
+        assert_eq!(
+            s.enforcer.tick(&pods, t0).actions.len(),
+            1,
+            "a new incident"
+        );
+    }
+
+    #[test]
+    fn a_container_not_in_the_status_yet_is_judged_after_the_grace_period() {
+        let mut s = setup(EnforcementMode::Report);
+        let starting = [pod(&s.card, None, "1")];
+        place(&s, 5_000_002, 2000);
+        let t0 = Instant::now();
+        assert!(s.enforcer.tick(&starting, t0).actions.is_empty());
+        let later = s.enforcer.tick(&starting, t0 + UNKNOWN_GRACE);
+        assert_eq!(later.actions.len(), 1, "{later:?}");
+        assert_eq!(later.actions[0].finding.breach, Breach::Unallocated);
+        // Once the status names it, it is judged against its own cap.
+        let mut s = setup(EnforcementMode::Report);
+        place(&s, 5_000_002, 2000);
+        assert!(s.enforcer.tick(&starting, t0).actions.is_empty());
+        let started = [pod(&s.card, Some(ID), "2")];
+        let judged = s.enforcer.tick(&started, t0);
+        assert_eq!(
+            judged.actions[0].finding.breach,
+            Breach::OverCap {
+                cap_bytes: 1000 * MIB
+            }
+        );
+    }
+
+    #[test]
+    fn unreadable_cards_and_exited_processes_are_skipped() {
+        let mut s = setup(EnforcementMode::Kill);
+        let pods = [pod(&s.card, Some(ID), "1")];
+        // Listed by the driver, but no /proc entry: exited.
+        s.gpus.control().set_processes(
+            &s.card,
+            vec![GpuProcess {
+                pid: 5_000_003,
+                used_bytes: Some(5000 * MIB),
+            }],
+        );
+        let report = s.enforcer.tick(&pods, Instant::now());
+        assert_eq!(report.processes_seen, 1);
+        assert!(report.actions.is_empty());
+        place(&s, 5_000_003, 5000);
+        s.gpus.control().set_processes_readable(&s.card, false);
+        let report = s.enforcer.tick(&pods, Instant::now());
+        assert_eq!(report.processes_seen, 0);
+        assert!(report.actions.is_empty());
+        // Readable again: the pid (5000003 is above the kernel's largest pid_max)
+        // is listed and judged, but killing finds it gone: no action.
+        s.gpus.control().set_processes_readable(&s.card, true);
+        let report = s.enforcer.tick(&pods, Instant::now());
+        assert_eq!(report.processes_seen, 1);
+        assert!(report.actions.is_empty(), "{report:?}");
     }
 }
