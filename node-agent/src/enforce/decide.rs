@@ -129,10 +129,13 @@ pub struct Finding {
     pub to_kill: Vec<u32>,
 }
 
+/// Processes (pid, bytes held) of one subject and breach kind on a card.
+type Group = (Subject, Breach, Vec<(u32, u64)>);
+
 /// The findings on one card: subjects holding more than their cap plus
 /// `margin_bytes`, in a stable order (by subject).
 pub fn decide_card(card_uuid: &str, processes: &[CardProcess], margin_bytes: u64) -> Vec<Finding> {
-    let mut groups: Vec<(Subject, Breach, Vec<(u32, u64)>)> = Vec::new();
+    let mut groups: Vec<Group> = Vec::new();
     for process in processes {
         let (subject, breach) = match &process.attribution {
             Attribution::Allocated {
