@@ -18,6 +18,9 @@
 //!             [--period-ms 500] [--duration-s 60]
 //! ```
 //!
+//! `--fake-gpus "1x NVIDIA H200 143771" --fake-process <pid>=<MiB>` tries
+//! it without a GPU (the fake first card lists those processes).
+//!
 //! Prints one line per action (`ACTION kill rule=… card=… used_mib=…
 //! cap_mib=… pids=…`) and, at the end, the rounds run and their mean wall
 //! and CPU time.
@@ -34,8 +37,9 @@ use serde_json::json;
 use tessera_api::config::{Enforcement, EnforcementMode};
 use tessera_node_agent::enforce::enforcer::Taken;
 use tessera_node_agent::enforce::{AnnotatedAllocations, EnforcementSettings, Enforcer};
+use tessera_node_agent::gpu::fake::FakeGpus;
 use tessera_node_agent::gpu::nvml::NvmlGpus;
-use tessera_node_agent::gpu::{GpuBackend, GpuInfo};
+use tessera_node_agent::gpu::{GpuBackend, GpuInfo, GpuProcess};
 
 /// Runs the node agent's GPU memory enforcement on this machine's cards
 /// against rules given on the command line.
@@ -57,6 +61,12 @@ struct Options {
     /// Stop after this many seconds (0 = run until killed).
     #[arg(long, default_value_t = 0)]
     duration_s: u64,
+    /// Without a GPU: fake cards instead of NVML, e.g. "1x NVIDIA H200 143771".
+    #[arg(long)]
+    fake_gpus: Option<String>,
+    /// With --fake-gpus: `<pid>=<MiB>`, a process the first fake card lists.
+    #[arg(long = "fake-process")]
+    fake_processes: Vec<String>,
 }
 
 /// Which processes a rule covers.
@@ -179,6 +189,32 @@ fn write_proc_tree(proc_root: &Path, rules: &[Rule], pids: &HashSet<u32>) -> any
     Ok(())
 }
 
+/// Fake cards whose first card lists `processes` (`<pid>=<MiB>` each).
+fn fake_backend(spec: &str, processes: &[String]) -> anyhow::Result<FakeGpus> {
+    let gpus = FakeGpus::parse(spec, "enforce-gpu")?;
+    let listed = processes
+        .iter()
+        .map(|text| {
+            let (pid, mib) = text
+                .split_once('=')
+                .with_context(|| format!("--fake-process `{text}`: expected `<pid>=<MiB>`"))?;
+            Ok(GpuProcess {
+                pid: pid
+                    .parse()
+                    .with_context(|| format!("--fake-process `{text}`: bad pid"))?,
+                used_bytes: Some(
+                    mib.parse::<u64>()
+                        .with_context(|| format!("--fake-process `{text}`: bad MiB"))?
+                        << 20,
+                ),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let first = gpus.discover()?.remove(0);
+    gpus.control().set_processes(&first.uuid, listed);
+    Ok(gpus)
+}
+
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -205,7 +241,10 @@ fn main() -> anyhow::Result<()> {
         .enumerate()
         .map(|(i, text)| parse_rule(i, text))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let backend = Arc::new(NvmlGpus::init()?);
+    let backend: Arc<dyn GpuBackend> = match &options.fake_gpus {
+        Some(spec) => Arc::new(fake_backend(spec, &options.fake_processes)?),
+        None => Arc::new(NvmlGpus::init()?),
+    };
     let cards: Arc<[GpuInfo]> = backend.discover()?.into();
     let pods = rules
         .iter()
@@ -223,7 +262,7 @@ fn main() -> anyhow::Result<()> {
         proc_root.path().to_owned(),
     );
     let mut enforcer = Enforcer::new(
-        Arc::clone(&backend) as Arc<dyn GpuBackend>,
+        Arc::clone(&backend),
         Arc::clone(&cards),
         settings,
         Arc::new(AnnotatedAllocations),
