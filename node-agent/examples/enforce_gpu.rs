@@ -22,7 +22,7 @@
 //! it without a GPU (the fake first card lists those processes).
 //!
 //! Prints one line per action (`ACTION kill rule=… card=… used_mib=…
-//! cap_mib=… pids=…`) and, at the end, the rounds run and their mean wall
+//! cap_mib=… pids=… at=<unix seconds>`) and, at the end, the rounds run and their mean wall
 //! and CPU time.
 
 use std::collections::{HashMap, HashSet};
@@ -300,14 +300,17 @@ fn main() -> anyhow::Result<()> {
                 Taken::Killed { pids } => pids.clone(),
                 Taken::Reported => f.processes.iter().map(|(p, _)| *p).collect(),
             };
+            let at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
             println!(
-                "ACTION {} rule={rule} card={} used_mib={} cap_mib={} pids={:?} t={:.3}s",
+                "ACTION {} rule={rule} card={} used_mib={} cap_mib={} pids={:?} at={:.3}",
                 action.taken.label(),
                 f.card_uuid,
                 f.used_bytes >> 20,
                 f.breach.cap_bytes() >> 20,
                 pids,
-                started.elapsed().as_secs_f64()
+                at.as_secs_f64()
             );
         }
         if options.duration_s > 0 && started.elapsed() >= Duration::from_secs(options.duration_s) {
