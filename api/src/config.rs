@@ -33,6 +33,57 @@ pub struct Config {
     /// host-side enforcement still applies). Empty by default: everywhere
     /// else the webhook denies a GPU pod that sets it.
     pub control_opt_out_namespaces: Vec<String>,
+    /// What the node agent does when the driver shows a container holding
+    /// more than its cap.
+    pub enforcement: Enforcement,
+}
+
+/// The node agent's host-side enforcement of memory caps: it reads each
+/// card's per-process memory from the driver (NVML) and acts on containers
+/// that hold more than their allocation, however they got there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Enforcement {
+    /// `kill`, `report` or `off`.
+    pub mode: EnforcementMode,
+    /// MiB a container may hold above its cap on a card before the agent
+    /// acts. An absolute figure, not a percentage: what the driver counts
+    /// beyond what the interceptor charges (page rounding of small
+    /// allocations, driver-internal reservations of a context) is a few MiB
+    /// per process whatever the cap, while a percentage of an 80 GiB cap
+    /// would let most of a gigabyte through.
+    #[serde(rename = "marginMiB", alias = "marginMib")]
+    pub margin_mib: u64,
+    /// Milliseconds between two readings of the cards' processes.
+    pub period_ms: u64,
+    /// Namespaces whose pods the agent leaves alone entirely (for example
+    /// the GPU operator's validators); empty by default.
+    pub exempt_namespaces: Vec<String>,
+}
+
+/// What the agent does about a container over its cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EnforcementMode {
+    /// Kill the container's processes on that card, largest first, until
+    /// it holds no more than its cap; report it too.
+    #[default]
+    Kill,
+    /// Only report (Warning Event, metric, log).
+    Report,
+    /// Do not read the cards' processes at all.
+    Off,
+}
+
+impl Default for Enforcement {
+    fn default() -> Self {
+        Self {
+            mode: EnforcementMode::Kill,
+            margin_mib: 64,
+            period_ms: 500,
+            exempt_namespaces: Vec::new(),
+        }
+    }
 }
 
 /// Defaults for GPU requests (HAMi's `defaultMem`, `defaultCores`,
@@ -96,6 +147,7 @@ impl Default for Config {
             scheduling: SchedulingDefaults::default(),
             max_card_memory_mib: None,
             control_opt_out_namespaces: Vec::new(),
+            enforcement: Enforcement::default(),
         }
     }
 }
@@ -172,6 +224,23 @@ impl Config {
             return Err(invalid(
                 "maxCardMemoryMiB",
                 "must be the largest card's memory in MiB, or left out",
+            ));
+        }
+        if !(50..=60_000).contains(&self.enforcement.period_ms) {
+            return Err(invalid(
+                "enforcement.periodMs",
+                "must be between 50 and 60000 milliseconds (500 reacts within a second at a small cost)",
+            ));
+        }
+        if let Some(i) = self
+            .enforcement
+            .exempt_namespaces
+            .iter()
+            .position(|ns| ns.trim().is_empty())
+        {
+            return Err(invalid(
+                &format!("enforcement.exemptNamespaces[{i}]"),
+                "must name a namespace",
             ));
         }
         for (i, namespace) in self.control_opt_out_namespaces.iter().enumerate() {
@@ -296,6 +365,43 @@ scheduling:
             .expect("Mib");
         assert_eq!(config.defaults.memory_mib, 2048);
         assert_eq!(config.max_card_memory_mib, Some(1024));
+    }
+
+    #[test]
+    fn enforcement_defaults_to_kill_and_parses_every_mode() {
+        let config = Config::from_yaml("").expect("defaults");
+        assert_eq!(config.enforcement.mode, EnforcementMode::Kill);
+        assert_eq!(config.enforcement.margin_mib, 64);
+        assert_eq!(config.enforcement.period_ms, 500);
+        let config = Config::from_yaml(
+            "enforcement:\n  mode: report\n  marginMiB: 16\n  periodMs: 1000\n  exemptNamespaces: [gpu-operator]\n",
+        )
+        .expect("report");
+        assert_eq!(config.enforcement.mode, EnforcementMode::Report);
+        assert_eq!(config.enforcement.margin_mib, 16);
+        assert_eq!(config.enforcement.period_ms, 1000);
+        assert_eq!(config.enforcement.exempt_namespaces, ["gpu-operator"]);
+        let off = Config::from_yaml("enforcement:\n  mode: off\n").expect("off");
+        assert_eq!(off.enforcement.mode, EnforcementMode::Off);
+        assert_eq!(off.enforcement.period_ms, 500, "unset fields keep defaults");
+    }
+
+    #[test]
+    fn bad_enforcement_settings_are_named() {
+        let mode = Config::from_yaml("enforcement:\n  mode: evict\n").expect_err("mode");
+        assert!(mode.to_string().contains("evict"), "{mode}");
+        let typo = Config::from_yaml("enforcement:\n  margin: 4\n").expect_err("typo");
+        assert!(typo.to_string().contains("margin"), "{typo}");
+        let period = Config::from_yaml("enforcement:\n  periodMs: 5\n").expect_err("period");
+        assert!(
+            period.to_string().contains("enforcement.periodMs"),
+            "{period}"
+        );
+        let ns = Config::from_yaml("enforcement:\n  exemptNamespaces: [\"\"]\n").expect_err("ns");
+        assert!(
+            ns.to_string().contains("enforcement.exemptNamespaces[0]"),
+            "{ns}"
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Wires the agent together: GPU backend → health monitor → inventory
 //! publisher, device-plugin server (with the allocator), metrics and probes
-//! (one HTTP listener), the host-pid socket, the pod sweep and the card
-//! tenant-table aggregation (its own thread, stopped when [`run`] returns);
-//! installs the interceptor first.
+//! (one HTTP listener), the host-pid socket, the pod sweep, the card
+//! tenant-table aggregation (its own thread, stopped when [`run`] returns)
+//! and memory-cap enforcement (unless the config turns it off); installs
+//! the interceptor first.
 //! [`run`] takes every input explicitly, so tests run the same wiring as
 //! the binary.
 
@@ -12,13 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tessera_api::config::Config;
+use tessera_api::config::{Config, EnforcementMode};
 use tessera_api::inventory::encode_inventory;
 use tessera_runtime::config::ConfigLoadError;
 use thiserror::Error;
 use tokio::sync::watch;
 
 use crate::allocate::Allocator;
+use crate::enforce::{EnforcementCounters, EnforcementSettings, Enforcer, TrustedAllocations};
 use crate::gpu::fake::FakeGpus;
 use crate::gpu::nvml::NvmlGpus;
 use crate::gpu::{GpuBackend, GpuError};
@@ -155,6 +157,8 @@ pub struct AgentSetup {
     pub seal: SealSource,
     /// Period of the card tenant-table aggregation.
     pub tenant_table_period: Duration,
+    /// Where enforcement reads `<pid>/cgroup` (`/proc` on a node).
+    pub proc_root: PathBuf,
 }
 
 impl std::fmt::Debug for AgentSetup {
@@ -197,7 +201,20 @@ impl AgentSetup {
                 namespace: options.namespace.clone(),
             },
             tenant_table_period: options.tenant_table_period(),
+            proc_root: options.proc_root.clone(),
         })
+    }
+}
+
+/// Reads the seal key until it is there (the scheduler creates it on its
+/// first start), every few seconds, logging why not.
+async fn load_seal_key(keys: Arc<SealKeys>) {
+    loop {
+        match keys.trust(false).await {
+            Ok(_) => return,
+            Err(error) => tracing::warn!(%error, "allocation seal key not available yet; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 
@@ -264,11 +281,35 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
         setup.sweep_interval,
         Arc::clone(&ask_sweep),
     ));
+    // Which allocations to believe, shared by Allocate and enforcement; the
+    // key is read now (and retried) so enforcement has it early.
+    let seal_keys = Arc::new(SealKeys::new(setup.seal.clone(), setup.client.clone()));
+    tasks.spawn(load_seal_key(Arc::clone(&seal_keys)));
+    let enforcement = setup.config.enforcement.clone();
+    let counters = EnforcementCounters::default();
+    if enforcement.mode == EnforcementMode::Off {
+        tracing::warn!("GPU memory enforcement is off (config enforcement.mode): containers that bypass the interceptor are not stopped");
+    } else {
+        let enforcer = Enforcer::new(
+            Arc::clone(&setup.backend),
+            Arc::clone(&cards),
+            EnforcementSettings::from_config(&enforcement, setup.proc_root.clone()),
+            Arc::clone(&seal_keys) as Arc<dyn TrustedAllocations>,
+        );
+        tasks.spawn(crate::enforce::enforcer::run(
+            enforcer,
+            setup.client.clone(),
+            setup.node.clone(),
+            EventPoster::new(setup.client.clone(), &setup.node),
+            counters.clone(),
+        ));
+    }
     let metrics = Metrics::new(
         Arc::clone(&setup.backend),
         Arc::clone(&cards),
         Arc::clone(&index),
     );
+    metrics.register(|registry| counters.register(registry));
     let _stop_tables = start_tenant_tables(&setup, &cards, &index, &metrics, ask_sweep);
     if let Some(addr) = setup.metrics_addr {
         let app = metrics.router().merge(probes::router(readiness.clone()));
@@ -286,7 +327,7 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
         setup.config.resources.clone(),
         &cards,
         health.clone(),
-        SealKeys::new(setup.seal.clone(), setup.client.clone()),
+        Arc::clone(&seal_keys),
     );
     let settings = PluginSettings {
         kubelet_socket: setup.kubelet_socket.clone(),

@@ -11,7 +11,8 @@
 //! defensively by [`region_file`]) for `/metrics` ([`metrics`]), writes the
 //! per-card tenant tables from them ([`tenant_tables`]), serves `/healthz` and `/readyz` next to it
 //! ([`probes`]), tells container processes their host pid
-//! ([`pid_socket`]), and sweeps stale state ([`sweep`]).
+//! ([`pid_socket`]), sweeps stale state ([`sweep`]), and enforces memory
+//! caps from the driver's per-process figures ([`enforce`]).
 //! [`agent::run`] wires it all; `main.rs` only parses options.
 //!
 //! With the `test-support` feature (turned on only by dev-dependencies),
@@ -20,6 +21,7 @@
 
 pub mod agent;
 pub mod allocate;
+pub mod enforce;
 pub mod gpu;
 pub mod health;
 pub mod host_files;

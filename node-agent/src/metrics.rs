@@ -249,6 +249,13 @@ impl Metrics {
         out
     }
 
+    /// Registers more metric families in the same registry (e.g.
+    /// enforcement's `tessera_enforcement_actions_total`).
+    pub fn register(&self, add: impl FnOnce(&mut Registry)) {
+        let mut families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
+        add(&mut families.registry);
+    }
+
     /// The `/metrics` route, to serve on the agent's HTTP listener.
     pub fn router(self) -> axum::Router {
         axum::Router::new().route(

@@ -64,6 +64,10 @@ pub struct AgentOptions {
     /// Seconds between pod sweeps (metrics index, stale directory cleanup).
     #[arg(long, default_value_t = 60)]
     pub sweep_interval_secs: u64,
+    /// Where processes' `<pid>/cgroup` files are read for enforcement (the
+    /// agent runs with hostPID, so this is the host's `/proc`).
+    #[arg(long, env = "TESSERA_PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
     /// Milliseconds between two passes of the card tenant-table aggregation
     /// (reading every GPU container's launch figures, writing the tables).
     #[arg(long, env = "TESSERA_TENANT_TABLE_PERIOD_MS", default_value_t = 100)]

@@ -3,14 +3,19 @@
 //! Secret `tessera-allocation-key`, which the scheduler creates on its first
 //! start; the agent reads it when first needed, so it can start before the
 //! scheduler, and reads it again (at most every [`REFRESH_AFTER`]) when a
-//! pod's seal fails, in case the Secret was replaced.
+//! pod's seal fails, in case the Secret was replaced. Host-side enforcement
+//! believes the same allocations (the [`TrustedAllocations`] impl below).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
+use tessera_api::allocation::PodDevices;
 use tessera_api::allocation_seal::{AllocationTrust, SealKey, KEY_SECRET_FIELD, KEY_SECRET_NAME};
+
+use crate::enforce::TrustedAllocations;
 
 /// Least time between two reads of the Secret.
 pub const REFRESH_AFTER: Duration = Duration::from_secs(10);
@@ -81,6 +86,26 @@ impl std::fmt::Debug for SealKeys {
 }
 
 impl SealKeys {
+    /// The rule in force without reading anything: the cached key, or,
+    /// before the Secret was first read, the annotations as written (so
+    /// enforcement does not take every allocated container for an
+    /// unallocated one while the agent starts; [`Self::trust`] is called at
+    /// start and on every `Allocate`, so the window is short).
+    pub fn cached_trust(&self) -> AllocationTrust {
+        match &self.source {
+            SealSource::TrustAnnotations => AllocationTrust::Annotations,
+            SealSource::Key(key) => AllocationTrust::Sealed(key.clone()),
+            SealSource::Secret { .. } => self
+                .cached
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .map_or(AllocationTrust::Annotations, |c| {
+                    AllocationTrust::Sealed(c.key.clone())
+                }),
+        }
+    }
+
     /// Keys from `source`, read through `client` when it is the Secret.
     pub fn new(source: SealSource, client: kube::Client) -> Self {
         Self {
@@ -138,5 +163,66 @@ impl SealKeys {
             read_at: Instant::now(),
         });
         Ok(AllocationTrust::Sealed(key))
+    }
+}
+
+/// Enforcement believes the same allocations `Allocate` does: a pod whose
+/// allocation is not sealed has none, so all of its GPU memory is over cap.
+impl TrustedAllocations for SealKeys {
+    fn verified_allocation(&self, pod: &Pod) -> Option<PodDevices> {
+        match self.cached_trust().allocation(pod) {
+            Ok(allocation) => allocation.map(|a| a.devices),
+            Err(error) => {
+                tracing::debug!(pod = ?pod.metadata.name, %error, "allocation not believed; the pod counts as unallocated");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tessera_api::names::allocation as keys;
+
+    fn pod(uid: &str, seal: Option<String>) -> Pod {
+        let mut annotations =
+            json!({keys::VGPU_NODE: "n", keys::DEVICES_ALLOCATED: "GPU-a,NVIDIA,1000,0:;"});
+        if let Some(seal) = seal {
+            annotations[keys::SEAL] = json!(seal);
+        }
+        serde_json::from_value(
+            json!({"metadata": {"name": "p", "uid": uid, "annotations": annotations}}),
+        )
+        .expect("pod")
+    }
+
+    #[tokio::test]
+    async fn enforcement_believes_only_sealed_allocations() {
+        let key = SealKey::from_bytes(&[4; 32]).expect("key");
+        let client = kube::Client::try_from(kube::Config::new(
+            "http://127.0.0.1:1".parse().expect("url"),
+        ))
+        .expect("client");
+        let keys = SealKeys::new(SealSource::Key(key.clone()), client.clone());
+        let sealed = pod("u1", Some(key.seal("u1", "n", "GPU-a,NVIDIA,1000,0:;")));
+        assert_eq!(
+            keys.verified_allocation(&sealed)
+                .map(|d| d[0][0].memory_mib),
+            Some(1000)
+        );
+        // Forged: no seal, or a seal copied from another pod.
+        assert_eq!(keys.verified_allocation(&pod("u2", None)), None);
+        let copied = pod("u3", Some(key.seal("u1", "n", "GPU-a,NVIDIA,1000,0:;")));
+        assert_eq!(keys.verified_allocation(&copied), None);
+        // Before the Secret is first read, the annotations stand in.
+        let unread = SealKeys::new(
+            SealSource::Secret {
+                namespace: "tessera-system".into(),
+            },
+            client,
+        );
+        assert!(unread.verified_allocation(&pod("u2", None)).is_some());
     }
 }

@@ -282,7 +282,8 @@ impl PluginConnection {
 /// [`PLUGIN_SOCKET`] (polled every 50 ms), no interceptor, no `/metrics`,
 /// publishing every 100 ms, health quiet 200 ms, sweeping every 100 ms,
 /// tenant tables every 20 ms, believing allocation annotations without a
-/// seal.
+/// seal, enforcement reading the real `/proc` and trusting the allocation
+/// annotations as written.
 /// Tests override fields with struct update syntax.
 pub fn fake_agent_setup(
     node: &str,
@@ -307,6 +308,7 @@ pub fn fake_agent_setup(
         sweep_interval: Duration::from_millis(100),
         seal: SealSource::TrustAnnotations,
         tenant_table_period: Duration::from_millis(20),
+        proc_root: PathBuf::from("/proc"),
     }
 }
 

@@ -964,7 +964,7 @@ fn containers_are_hardened_and_sized() {
                 .or(pod_security.and_then(|s| s.run_as_non_root));
             if w.name == "tessera-node-agent" {
                 // Root, for kubelet's device-plugin directory; only the
-                // capabilities the host files need.
+                // capabilities the host files need, and KILL for enforcement.
                 let added: BTreeSet<&str> = capabilities
                     .add
                     .iter()
@@ -973,7 +973,7 @@ fn containers_are_hardened_and_sized() {
                     .collect();
                 assert_eq!(
                     added,
-                    BTreeSet::from(["CHOWN", "DAC_OVERRIDE", "FOWNER"]),
+                    BTreeSet::from(["CHOWN", "DAC_OVERRIDE", "FOWNER", "KILL"]),
                     "{what}"
                 );
             } else {

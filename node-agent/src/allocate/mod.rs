@@ -90,7 +90,7 @@ impl Allocator {
         names: ResourceNames,
         cards: &[GpuInfo],
         health: watch::Receiver<HealthSnapshot>,
-        seal: SealKeys,
+        seal: Arc<SealKeys>,
     ) -> Self {
         let cards = cards.iter().map(|c| (c.uuid.clone(), c.clone())).collect();
         Self {
@@ -100,7 +100,7 @@ impl Allocator {
             names,
             cards: Arc::new(cards),
             health,
-            seal: Arc::new(seal),
+            seal,
             warned: Arc::default(),
         }
     }

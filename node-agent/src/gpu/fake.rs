@@ -1,14 +1,16 @@
 //! The fake GPU backend: cards described on the command line
 //! (`--fake-gpus "4x NVIDIA A10G 23028"`), with stable UUIDs derived from
 //! the node name, and a [`FakeGpuControl`] handle through which tests
-//! inject health events, make a card (un)responsive and set its usage.
+//! inject health events, make a card (un)responsive, set its usage and
+//! the processes it reports (pids of real or imagined processes, with the
+//! memory each holds), or make its process list fail.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::mpsc;
 
-use super::{GpuBackend, GpuError, GpuInfo, HealthEvent, HostGpuUsage};
+use super::{GpuBackend, GpuError, GpuInfo, GpuProcess, HealthEvent, HostGpuUsage};
 
 /// Cards that exist only in memory.
 #[derive(Debug, Clone)]
@@ -28,6 +30,8 @@ struct FakeState {
     watchers: Vec<mpsc::UnboundedSender<HealthEvent>>,
     unresponsive: HashSet<String>,
     usage: HashMap<String, (u64, f64)>,
+    processes: HashMap<String, Vec<GpuProcess>>,
+    unreadable_processes: HashSet<String>,
 }
 
 impl FakeGpus {
@@ -136,6 +140,24 @@ impl FakeGpuControl {
     }
 }
 
+impl FakeGpuControl {
+    /// Sets the processes a card reports (replacing what it reported before).
+    pub fn set_processes(&self, uuid: &str, processes: Vec<GpuProcess>) {
+        self.lock().processes.insert(uuid.to_owned(), processes);
+    }
+
+    /// Makes a card's process list fail (or answer again), as a card that
+    /// fell off the bus does.
+    pub fn set_processes_readable(&self, uuid: &str, readable: bool) {
+        let mut state = self.lock();
+        if readable {
+            state.unreadable_processes.remove(uuid);
+        } else {
+            state.unreadable_processes.insert(uuid.to_owned());
+        }
+    }
+}
+
 impl GpuBackend for FakeGpus {
     fn kind(&self) -> &'static str {
         "fake"
@@ -159,6 +181,18 @@ impl GpuBackend for FakeGpus {
                 }
             })
             .collect()
+    }
+
+    fn processes(&self, card: &GpuInfo) -> Result<Vec<GpuProcess>, GpuError> {
+        let state = self.control.lock();
+        if state.unreadable_processes.contains(&card.uuid) {
+            return Err(GpuError::Query {
+                index: card.index,
+                query: "running processes",
+                reason: "the fake card was told to fail".to_owned(),
+            });
+        }
+        Ok(state.processes.get(&card.uuid).cloned().unwrap_or_default())
     }
 
     fn watch_health(&self) -> Result<mpsc::UnboundedReceiver<HealthEvent>, GpuError> {
@@ -233,5 +267,25 @@ mod tests {
         assert!(!gpus.is_responsive(&uuid));
         control.set_usage(&uuid, 1024, 0.5);
         assert_eq!(gpus.host_usage()[0].memory_used_bytes, 1024);
+    }
+
+    #[test]
+    fn control_sets_and_fails_process_lists() {
+        let gpus = FakeGpus::parse("2x A 100", "n").expect("parses");
+        let cards = gpus.discover().expect("cards");
+        let control = gpus.control();
+        assert!(gpus.processes(&cards[0]).expect("empty").is_empty());
+        let held = GpuProcess {
+            pid: 42,
+            used_bytes: Some(1 << 30),
+        };
+        control.set_processes(&cards[1].uuid, vec![held]);
+        assert_eq!(gpus.processes(&cards[1]).expect("listed"), vec![held]);
+        assert!(gpus.processes(&cards[0]).expect("other card").is_empty());
+        control.set_processes_readable(&cards[1].uuid, false);
+        let err = gpus.processes(&cards[1]).expect_err("fails").to_string();
+        assert!(err.contains("GPU 1"), "{err}");
+        control.set_processes_readable(&cards[1].uuid, true);
+        assert_eq!(gpus.processes(&cards[1]).expect("again"), vec![held]);
     }
 }

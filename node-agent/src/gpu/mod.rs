@@ -2,7 +2,10 @@
 //! NVML ([`nvml::NvmlGpus`], the library is loaded at run time), the fake
 //! backend ([`fake::FakeGpus`]) serves a described set of cards so the rest
 //! of the agent runs and is tested without a GPU. Both report the same
-//! facts: identity, memory, NUMA node, health events and host usage.
+//! facts: identity, memory, NUMA node, health events, host usage and the
+//! processes holding memory on each card (the driver's own per-process
+//! figures, which host-side enforcement trusts over anything a container
+//! writes).
 
 pub mod fake;
 pub mod nvml;
@@ -56,6 +59,18 @@ pub struct HostGpuUsage {
     pub memory_used_bytes: u64,
     /// Share of time a kernel ran over the last sample period, 0 to 1.
     pub utilization_ratio: f64,
+}
+
+/// One process holding a context on a card, as the driver reports it
+/// (NVML's running compute and graphics processes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuProcess {
+    /// Process id in the agent's pid namespace (the host's: the agent runs
+    /// with `hostPID`).
+    pub pid: u32,
+    /// Device memory the process holds on the card, bytes; `None` when the
+    /// driver does not say (NVML's "not available").
+    pub used_bytes: Option<u64>,
 }
 
 /// Something happened to a card that decides its health.
@@ -153,6 +168,11 @@ pub trait GpuBackend: Send + Sync + fmt::Debug {
     fn host_usage(&self) -> Vec<HostGpuUsage>;
     /// Starts delivering health events; the channel closes when the backend stops watching.
     fn watch_health(&self) -> Result<mpsc::UnboundedReceiver<HealthEvent>, GpuError>;
+    /// Every process holding a context on `card` with the memory each
+    /// holds, compute and graphics contexts together (a process listed in
+    /// both appears once, with the larger figure). Blocking: call it off
+    /// the async runtime's worker threads.
+    fn processes(&self, card: &GpuInfo) -> Result<Vec<GpuProcess>, GpuError>;
     /// Whether the card answers queries again (used to bring a card back
     /// after a quiet period without fatal events).
     fn is_responsive(&self, uuid: &str) -> bool;

@@ -2,7 +2,9 @@
 //! (nvml-wrapper opens it at run time), so the binary runs on a machine
 //! without a driver and reports [`GpuError::NoDriver`] there. Health events
 //! (critical XIDs, uncorrectable ECC) are read on a dedicated thread that
-//! blocks in NVML's event wait.
+//! blocks in NVML's event wait. Per-process memory comes from
+//! `nvmlDeviceGetComputeRunningProcesses` and
+//! `nvmlDeviceGetGraphicsRunningProcesses` (v3 where the driver has them).
 
 use std::sync::Arc;
 
@@ -14,7 +16,12 @@ use tokio::sync::mpsc;
 
 use nvml_wrapper::enum_wrappers::device::{P2pCapabilitiesIndex, P2pStatus, TopologyLevel};
 
-use super::{GpuBackend, GpuError, GpuInfo, GpuLink, HealthEvent, HealthEventKind, HostGpuUsage};
+use nvml_wrapper::enums::device::UsedGpuMemory;
+use nvml_wrapper::struct_wrappers::device::ProcessInfo;
+
+use super::{
+    GpuBackend, GpuError, GpuInfo, GpuLink, GpuProcess, HealthEvent, HealthEventKind, HostGpuUsage,
+};
 
 /// How long one NVML event wait blocks before checking whether anyone still listens.
 const EVENT_WAIT_MS: u32 = 5_000;
@@ -163,6 +170,20 @@ impl GpuBackend for NvmlGpus {
             .collect()
     }
 
+    fn processes(&self, card: &GpuInfo) -> Result<Vec<GpuProcess>, GpuError> {
+        let device = self
+            .nvml
+            .device_by_index(card.index)
+            .map_err(query_error(card.index, "device_by_index"))?;
+        let compute = device
+            .running_compute_processes()
+            .map_err(query_error(card.index, "running_compute_processes"))?;
+        // Graphics contexts are rare on compute nodes and not every card
+        // or driver answers for them: a failure there leaves them out.
+        let graphics = device.running_graphics_processes().unwrap_or_default();
+        Ok(merge_process_lists(compute.into_iter().chain(graphics)))
+    }
+
     fn watch_health(&self) -> Result<mpsc::UnboundedReceiver<HealthEvent>, GpuError> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let nvml = Arc::clone(&self.nvml);
@@ -183,6 +204,27 @@ impl GpuBackend for NvmlGpus {
             .and_then(|device| device.memory_info())
             .is_ok()
     }
+}
+
+/// One entry per pid: a process holding both a compute and a graphics
+/// context is listed by both queries, each time with its whole usage, so
+/// the larger figure is kept rather than the sum.
+fn merge_process_lists(listed: impl Iterator<Item = ProcessInfo>) -> Vec<GpuProcess> {
+    let mut merged: Vec<GpuProcess> = Vec::new();
+    for info in listed {
+        let used_bytes = match info.used_gpu_memory {
+            UsedGpuMemory::Used(bytes) => Some(bytes),
+            UsedGpuMemory::Unavailable => None,
+        };
+        match merged.iter_mut().find(|p| p.pid == info.pid) {
+            Some(seen) => seen.used_bytes = seen.used_bytes.max(used_bytes),
+            None => merged.push(GpuProcess {
+                pid: info.pid,
+                used_bytes,
+            }),
+        }
+    }
+    merged
 }
 
 /// Registers every card that supports the wanted events on one event set.
@@ -262,5 +304,45 @@ fn watch_events(nvml: &Nvml, sender: &mpsc::UnboundedSender<HealthEvent>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(pid: u32, used: UsedGpuMemory) -> ProcessInfo {
+        ProcessInfo {
+            pid,
+            used_gpu_memory: used,
+            gpu_instance_id: None,
+            compute_instance_id: None,
+        }
+    }
+
+    #[test]
+    fn a_pid_listed_twice_keeps_its_larger_figure() {
+        let merged = merge_process_lists(
+            [
+                info(7, UsedGpuMemory::Used(100)),
+                info(8, UsedGpuMemory::Unavailable),
+                info(7, UsedGpuMemory::Used(300)),
+                info(8, UsedGpuMemory::Used(5)),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(
+            merged,
+            vec![
+                GpuProcess {
+                    pid: 7,
+                    used_bytes: Some(300)
+                },
+                GpuProcess {
+                    pid: 8,
+                    used_bytes: Some(5)
+                },
+            ]
+        );
     }
 }

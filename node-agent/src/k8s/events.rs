@@ -1,6 +1,6 @@
 //! Events the agent posts on pods (events.k8s.io/v1, through kube-rs's
 //! recorder), so a person sees on `kubectl describe pod` why a GPU
-//! allocation failed.
+//! allocation failed, or why enforcement killed a process of the pod.
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -35,13 +35,20 @@ impl EventPoster {
         }
     }
 
-    /// A warning on `pod`; failures to post are logged, never returned.
+    /// A warning on `pod` about an allocation; failures to post are
+    /// logged, never returned.
     pub async fn warn(&self, pod: &Pod, reason: &str, note: &str) {
+        self.warn_for(pod, reason, "Allocate", note).await;
+    }
+
+    /// A warning on `pod` with the Event's `action` (what the agent was
+    /// doing); failures to post are logged, never returned.
+    pub async fn warn_for(&self, pod: &Pod, reason: &str, action: &str, note: &str) {
         let event = Event {
             type_: EventType::Warning,
             reason: reason.to_owned(),
             note: Some(note.chars().take(1000).collect()),
-            action: "Allocate".into(),
+            action: action.to_owned(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &pod.object_ref(&())).await {
