@@ -57,6 +57,8 @@ pub mod config;
 mod cuda_hooks;
 mod dlsym;
 mod driver;
+#[cfg(test)]
+mod env_contract_tests;
 mod extra_hooks;
 mod ffi;
 mod graph_mem;
