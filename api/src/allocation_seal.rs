@@ -117,6 +117,18 @@ impl SealKey {
         })
     }
 
+    /// The key stored in the Secret `tessera-allocation-key` (its data
+    /// field `key`).
+    pub fn from_secret(secret: &k8s_openapi::api::core::v1::Secret) -> Result<Self, SealKeyError> {
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(KEY_SECRET_FIELD))
+            .map(|b| b.0.as_slice())
+            .unwrap_or_default();
+        Self::from_bytes(bytes)
+    }
+
     /// The raw bytes, for storing in the Secret.
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes

@@ -267,3 +267,59 @@ impl AdmittingKubelet {
             .clone()
     }
 }
+
+/// A whole GPU node for cross-component tests and benchmarks: the node
+/// agent on fake cards (believing allocations as `seal` says), kubelet's
+/// device-plugin side over a unix socket, and [`AdmittingKubelet`] admitting
+/// the pods bound to the node. Stops when dropped (the agent's task is
+/// aborted with the runtime).
+#[derive(Debug)]
+pub struct AdmittingNode {
+    /// The agent on its fake cards.
+    pub agent: crate::testing::RunningAgent,
+    /// Kubelet's pod admission on this node.
+    pub kubelet: AdmittingKubelet,
+    _socket: crate::testing::KubeletStandIn,
+}
+
+impl AdmittingNode {
+    /// Starts everything for `node` with `fake_gpus` (e.g. `8x NVIDIA A10G
+    /// 23028`), host files and sockets under `dir`, and waits until kubelet
+    /// is connected to the plugin. Pods arriving at kubelet within
+    /// `batch_window` form one admission batch.
+    pub async fn start(
+        client: kube::Client,
+        node: &str,
+        fake_gpus: &str,
+        dir: &std::path::Path,
+        seal: crate::seal::SealSource,
+        batch_window: Duration,
+    ) -> Self {
+        let socket = crate::testing::KubeletStandIn::start(&dir.join("kubelet"));
+        let gpus = crate::gpu::fake::FakeGpus::parse(fake_gpus, node).expect("fake GPU spec");
+        let setup = crate::agent::AgentSetup {
+            seal,
+            ..crate::testing::fake_agent_setup(
+                node,
+                &gpus,
+                client.clone(),
+                &dir.join("host"),
+                socket.socket(),
+            )
+        };
+        let agent = crate::testing::RunningAgent::spawn(&gpus, setup);
+        let plugin = socket.connect_plugin(Duration::from_secs(20)).await;
+        let kubelet = AdmittingKubelet::start(
+            client,
+            node,
+            plugin,
+            tessera_api::names::GPU_COUNT_RESOURCE,
+            batch_window,
+        );
+        Self {
+            agent,
+            kubelet,
+            _socket: socket,
+        }
+    }
+}

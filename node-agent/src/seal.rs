@@ -145,13 +145,7 @@ impl SealKeys {
             .ok_or_else(|| SealKeyUnavailable::Missing {
                 namespace: namespace.clone(),
             })?;
-        let bytes = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(KEY_SECRET_FIELD))
-            .map(|b| b.0.as_slice())
-            .unwrap_or_default();
-        let key = SealKey::from_bytes(bytes).map_err(|e| SealKeyUnavailable::Unusable {
+        let key = SealKey::from_secret(&secret).map_err(|e| SealKeyUnavailable::Unusable {
             namespace: namespace.clone(),
             reason: e.to_string(),
         })?;

@@ -15,12 +15,8 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use tessera_api::config::Config;
-use tessera_api::names::GPU_COUNT_RESOURCE;
-use tessera_node_agent::agent::AgentSetup;
-use tessera_node_agent::gpu::fake::FakeGpus;
-use tessera_node_agent::kubelet_admission::AdmittingKubelet;
+use tessera_node_agent::kubelet_admission::AdmittingNode;
 use tessera_node_agent::seal::SealSource;
-use tessera_node_agent::testing::{fake_agent_setup, KubeletStandIn, RunningAgent};
 use tessera_scheduler::shell::{seal_key, Scheduler, ShellOptions};
 use tessera_testkit::ApiServer;
 
@@ -38,29 +34,17 @@ async fn fill_once() -> (Duration, usize) {
     let key = seal_key::load_or_create(api.client(), "tessera-system")
         .await
         .expect("key");
-    let socket = KubeletStandIn::start(&temp.path().join("kubelet"));
-    let gpus = FakeGpus::parse("8x NVIDIA A10G 23028", NODE).expect("fake GPUs");
-    let setup = AgentSetup {
-        seal: SealSource::Secret {
-            namespace: "tessera-system".into(),
-        },
-        ..fake_agent_setup(
-            NODE,
-            &gpus,
-            api.client(),
-            &temp.path().join("host"),
-            socket.socket(),
-        )
-    };
-    let agent = RunningAgent::spawn(&gpus, setup);
-    let plugin = socket.connect_plugin(Duration::from_secs(20)).await;
-    let kubelet = AdmittingKubelet::start(
+    let node = AdmittingNode::start(
         api.client(),
         NODE,
-        plugin,
-        GPU_COUNT_RESOURCE,
+        "8x NVIDIA A10G 23028",
+        temp.path(),
+        SealSource::Secret {
+            namespace: "tessera-system".into(),
+        },
         Duration::from_millis(5),
-    );
+    )
+    .await;
     while api
         .get::<Node>(None, NODE)
         .and_then(|n| n.metadata.annotations)
@@ -112,13 +96,10 @@ async fn fill_once() -> (Duration, usize) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let elapsed = first_bind.map(|t| t.elapsed()).unwrap_or_default();
-    assert!(
-        kubelet.log().rejected.is_empty(),
-        "{:?}",
-        kubelet.log().rejected
-    );
+    let rejected = node.kubelet.log().rejected;
+    assert!(rejected.is_empty(), "{rejected:?}");
     task.abort();
-    agent.stop().await;
+    node.agent.stop().await;
     (elapsed, done)
 }
 

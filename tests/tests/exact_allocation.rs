@@ -22,13 +22,9 @@ use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use tessera_api::allocation_seal::{SealKey, KEY_SECRET_NAME};
 use tessera_api::config::Config;
-use tessera_api::names::GPU_COUNT_RESOURCE;
-use tessera_node_agent::agent::AgentSetup;
-use tessera_node_agent::gpu::fake::FakeGpus;
 use tessera_node_agent::inventory::card_of_device_id;
-use tessera_node_agent::kubelet_admission::{AdmissionLog, AdmittingKubelet};
+use tessera_node_agent::kubelet_admission::{AdmissionLog, AdmittingNode};
 use tessera_node_agent::seal::SealSource;
-use tessera_node_agent::testing::fake_agent_setup;
 use tessera_scheduler::shell::{seal_key, Scheduler, ShellOptions};
 use tessera_testkit::ApiServer;
 
@@ -37,10 +33,8 @@ const NAMESPACE: &str = "tessera-system";
 
 struct Cluster {
     api: ApiServer,
-    kubelet: AdmittingKubelet,
+    node: AdmittingNode,
     key: SealKey,
-    _agent: RunningAgent,
-    _kubelet_socket: KubeletStandIn,
     scheduler: tokio::task::JoinHandle<()>,
     _temp: tempfile::TempDir,
 }
@@ -54,29 +48,17 @@ impl Cluster {
         let key = seal_key::load_or_create(api.client(), NAMESPACE)
             .await
             .expect("seal key");
-        let socket = KubeletStandIn::start(&temp.path().join("kubelet"));
-        let gpus = FakeGpus::parse(cards, NODE).expect("fake GPU spec");
-        let setup = AgentSetup {
-            seal: SealSource::Secret {
-                namespace: NAMESPACE.to_owned(),
-            },
-            ..fake_agent_setup(
-                NODE,
-                &gpus,
-                api.client(),
-                &temp.path().join("host"),
-                socket.socket(),
-            )
-        };
-        let agent = RunningAgent::spawn(&gpus, setup);
-        let plugin = socket.connect_plugin(WAIT).await;
-        let kubelet = AdmittingKubelet::start(
+        let node = AdmittingNode::start(
             api.client(),
             NODE,
-            plugin,
-            GPU_COUNT_RESOURCE,
+            cards,
+            temp.path(),
+            SealSource::Secret {
+                namespace: NAMESPACE.to_owned(),
+            },
             Duration::from_millis(20),
-        );
+        )
+        .await;
         // Wait for the inventory before scheduling.
         eventually("the node's GPU inventory", || {
             api.get::<k8s_openapi::api::core::v1::Node>(None, NODE)?
@@ -100,10 +82,8 @@ impl Cluster {
         });
         Self {
             api,
-            kubelet,
+            node,
             key,
-            _agent: agent,
-            _kubelet_socket: socket,
             scheduler,
             _temp: temp,
         }
@@ -158,7 +138,7 @@ impl Cluster {
                 .then_some(())
         })
         .await;
-        self.kubelet.log()
+        self.node.kubelet.log()
     }
 
     /// Checks that every named pod was admitted once, with exactly its own

@@ -36,13 +36,7 @@ pub enum SealKeyLoadError {
 }
 
 fn key_of(secret: &Secret, namespace: &str) -> Result<SealKey, SealKeyLoadError> {
-    let bytes = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(KEY_SECRET_FIELD))
-        .map(|b| b.0.as_slice())
-        .unwrap_or_default();
-    SealKey::from_bytes(bytes).map_err(|source| SealKeyLoadError::Unusable {
+    SealKey::from_secret(secret).map_err(|source| SealKeyLoadError::Unusable {
         namespace: namespace.to_owned(),
         source,
     })

@@ -10,7 +10,7 @@
 //! `test-support`), shared with `node-agent/tests`; polling and annotations
 //! come from `tessera-testkit`.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
