@@ -107,6 +107,24 @@ impl NodeConstraints {
         None
     }
 
+    /// Whether the node passes `nodeSelector` and required node affinity
+    /// (topology spread's `nodeAffinityPolicy: Honor`).
+    pub fn matches_node_affinity(&self, node: &NodeFacts) -> bool {
+        self.node_selector
+            .iter()
+            .all(|(k, v)| node.labels.get(k) == Some(v))
+            && self
+                .required_terms
+                .as_ref()
+                .is_none_or(|terms| terms.iter().any(|term| term_matches(term, node)))
+    }
+
+    /// Whether every NoSchedule/NoExecute taint of the node is tolerated
+    /// (topology spread's `nodeTaintsPolicy: Honor`).
+    pub fn tolerates_taints(&self, node: &NodeFacts) -> bool {
+        node.taints.iter().all(|t| self.tolerates(t))
+    }
+
     fn tolerates_unschedulable(&self) -> bool {
         self.tolerations.iter().any(|t| {
             (t.key.as_deref() == Some("node.kubernetes.io/unschedulable")

@@ -395,8 +395,14 @@ impl Scheduler {
         let bound = spec.is_some_and(|s| s.node_name.is_some());
         let ours = spec.and_then(|s| s.scheduler_name.as_deref())
             == Some(self.shared.config.scheduler_name.as_str());
-        let pending =
-            ours && !bound && pod.metadata.deletion_timestamp.is_none() && !is_terminal(pod);
+        // A pod with scheduling gates waits, unqueued and without events,
+        // until its gates are removed (an update that queues it).
+        let gated = !crate::core::requirements::scheduling_gates(pod).is_empty();
+        let pending = ours
+            && !bound
+            && !gated
+            && pod.metadata.deletion_timestamp.is_none()
+            && !is_terminal(pod);
         if pending {
             lock(&self.shared.pending).insert(key.clone(), pod.clone());
             self.shared.queue.pod_seen(&key, pod_signature(pod));
@@ -519,6 +525,11 @@ impl Scheduler {
                 self.shared.queue.park(&key, signature, true);
                 let notifier = self.shared.notifier.clone();
                 tokio::spawn(async move { notifier.failed(&pod, "Unschedulable", &message).await });
+            }
+            Err(ScheduleError::SchedulingGated(gates)) => {
+                // Not queued while gated; a gate added after queueing lands here.
+                tracing::debug!(pod = %key, ?gates, "pod has scheduling gates; waiting for their removal");
+                self.shared.queue.park(&key, signature, false);
             }
             Err(ScheduleError::InvalidRequest(error)) => {
                 self.shared.metrics.count_decision("invalid");
