@@ -191,6 +191,9 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
         skipped: objects.skipped.clone(),
         ..SimulationReport::default()
     };
+    for namespace in &objects.namespaces {
+        state.upsert_namespace(namespace);
+    }
     for node in &objects.nodes {
         if let Some(error) = state.upsert_node(node) {
             report.warnings.push(format!(
@@ -268,6 +271,10 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
                 });
                 state.assume(&placement.pod, placement.charge.clone());
             }
+            Err(error @ ScheduleError::SchedulingGated(_)) => report.unplaced.push(UnplacedPod {
+                pod: key,
+                reason: error.to_string(),
+            }),
             Err(ScheduleError::InvalidRequest(error)) => report.unplaced.push(UnplacedPod {
                 pod: key,
                 reason: error.to_string(),

@@ -1,11 +1,11 @@
 //! Reading cluster and workload YAML for the simulator: multi-document
-//! files of standard Kubernetes objects. Nodes are kept; Pods are kept;
+//! files of standard Kubernetes objects. Nodes, Namespaces and Pods are kept;
 //! pod-template workloads (Deployment, ReplicaSet, StatefulSet, Job,
 //! CronJob, ReplicationController, DaemonSet) are expanded into the pods
 //! their controllers would create; `List` objects are flattened; anything
 //! else (Services, ConfigMaps…) is noted and skipped.
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -43,6 +43,8 @@ pub enum WorkloadError {
 pub struct Objects {
     /// Nodes, in input order.
     pub nodes: Vec<Node>,
+    /// Namespaces (their labels feed affinity terms' `namespaceSelector`).
+    pub namespaces: Vec<Namespace>,
     /// Pods (given or expanded from workloads), in input order.
     pub pods: Vec<Pod>,
     /// `Kind/name` of objects that were skipped.
@@ -106,6 +108,9 @@ impl Objects {
         };
         match kind.as_str() {
             "Node" => self.nodes.push(
+                serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
+            ),
+            "Namespace" => self.namespaces.push(
                 serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
             ),
             "Pod" => {
