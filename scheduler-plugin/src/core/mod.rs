@@ -13,6 +13,7 @@ pub mod resources;
 pub mod schedule;
 pub mod state;
 pub mod topology_spread;
+pub mod volumes;
 
 pub use requirements::{pod_key, PodRequirements};
 pub use schedule::{Placement, ScheduleError, Unschedulable};
@@ -21,3 +22,5 @@ pub use state::{ClusterState, NodeState, PodCharge};
 mod pod_topology_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod volume_tests;

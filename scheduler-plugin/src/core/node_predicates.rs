@@ -159,7 +159,8 @@ fn toleration_matches(toleration: &Toleration, taint: &Taint) -> bool {
     }
 }
 
-fn term_matches(term: &NodeSelectorTerm, node: &NodeFacts) -> bool {
+/// Whether a node selector term matches the node (an empty term matches nothing).
+pub(crate) fn term_matches(term: &NodeSelectorTerm, node: &NodeFacts) -> bool {
     let expressions = term.match_expressions.as_deref().unwrap_or_default();
     let fields = term.match_fields.as_deref().unwrap_or_default();
     if expressions.is_empty() && fields.is_empty() {

@@ -49,6 +49,8 @@ pub struct PodRequirements {
     pub spread: Vec<SpreadConstraint>,
     /// `spec.schedulingGates` still on the pod: it waits.
     pub scheduling_gates: Vec<String>,
+    /// Names of the PersistentVolumeClaims it uses (its namespace).
+    pub claims: Vec<String>,
 }
 
 impl PodRequirements {
@@ -78,6 +80,7 @@ impl PodRequirements {
             info: Arc::new(PodInfo::from_pod(pod)),
             spread: SpreadConstraint::from_pod(pod),
             scheduling_gates: scheduling_gates(pod),
+            claims: super::volumes::pod_claims(pod),
             containers: needs(&request.containers),
             init_containers: needs(&request.init_containers),
             policy: request.policy,

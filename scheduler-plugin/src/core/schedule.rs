@@ -20,6 +20,7 @@ use super::requirements::PodRequirements;
 use super::resources::ResourceAmounts;
 use super::state::{ClusterState, NodeState, PodCharge};
 use super::topology_spread::{self, SpreadFilter};
+use super::volumes::{VolumeAction, VolumeCheck};
 
 /// Where a pod goes and what each container gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +35,9 @@ pub struct Placement {
     pub containers: PodDevices,
     /// The charge to assume until the bind is confirmed.
     pub charge: PodCharge,
+    /// What to do for the pod's unbound claims before binding it (bind a
+    /// PV, or have one provisioned on the node).
+    pub volumes: Vec<VolumeAction>,
 }
 
 impl Placement {
@@ -116,6 +120,7 @@ pub const HOST_PORTS_REASON: &str = "node(s) didn't have free ports for the requ
 /// What one decision checks beyond the node itself, computed once from
 /// the whole cluster (only for the features the pod or the cluster use).
 struct Decision<'a> {
+    volumes: Option<VolumeCheck<'a>>,
     affinity: Option<AffinityFilter<'a>>,
     spread: Option<SpreadFilter<'a>>,
     affinity_score: Option<AffinityScore<'a>>,
@@ -125,7 +130,10 @@ struct Decision<'a> {
 impl<'a> Decision<'a> {
     fn new(state: &'a ClusterState, pod: &'a PodRequirements) -> Self {
         let info = &*pod.info;
+        let volumes = (!pod.claims.is_empty())
+            .then(|| VolumeCheck::new(&state.storage, &info.namespace, &pod.claims, &pod.key));
         Self {
+            volumes,
             affinity: AffinityFilter::needed(state, info).then(|| AffinityFilter::new(state, info)),
             spread: pod
                 .spread
@@ -217,7 +225,11 @@ impl ClusterState {
         } else {
             Vec::new()
         };
-        let charge = PodCharge::from_devices(
+        let volumes = match &decision.volumes {
+            Some(check) => check.on_node(&node.facts).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let mut charge = PodCharge::from_devices(
             node.facts.name.clone(),
             pod.resources.clone(),
             &init_containers,
@@ -225,12 +237,20 @@ impl ClusterState {
             true,
         )
         .with_info(pod.info.clone());
+        charge.volumes = volumes
+            .iter()
+            .filter_map(|action| match action {
+                VolumeAction::BindVolume { volume, .. } => Some(volume.clone()),
+                VolumeAction::Provision { .. } => None,
+            })
+            .collect();
         Ok(Placement {
             pod: pod.key.clone(),
             node: node.facts.name.clone(),
             init_containers,
             containers,
             charge,
+            volumes,
         })
     }
 }
@@ -349,6 +369,9 @@ fn evaluate_node(
             .map(|fit| fit.fullness_after)
             .map_err(|misfit| misfit.reason)?
     };
+    if let Some(check) = &decision.volumes {
+        check.on_node(&node.facts)?;
+    }
     if let Some(reason) = decision
         .spread
         .as_ref()

@@ -19,6 +19,7 @@ use super::node_predicates::NodeFacts;
 use super::pod_info::{NamespaceLabels, PodInfo, SharedPodInfo};
 use super::requirements::pod_key;
 use super::resources::ResourceAmounts;
+use super::volumes::Storage;
 
 /// One node as the core sees it.
 #[derive(Debug, Clone)]
@@ -74,6 +75,8 @@ pub struct PodCharge {
     pub assumed: bool,
     /// Labels, ports and affinity terms the pod shows other pods.
     pub info: Option<SharedPodInfo>,
+    /// PVs this placement binds to its claims (held until observed bound).
+    pub volumes: Vec<String>,
 }
 
 impl CardCharge {
@@ -121,6 +124,7 @@ impl PodCharge {
             cards: per_card.into_values().collect(),
             assumed,
             info: None,
+            volumes: Vec::new(),
         }
     }
 
@@ -152,6 +156,8 @@ pub struct ClusterState {
     /// How many of them have terms that score other pods (required
     /// affinity, preferred affinity or anti-affinity).
     pub(crate) scoring_affinity_pods: usize,
+    /// PVs, claims and storage classes.
+    pub(crate) storage: Storage,
 }
 
 impl ClusterState {
@@ -167,6 +173,7 @@ impl ClusterState {
             affinity_pods: BTreeMap::new(),
             required_anti_affinity_pods: 0,
             scoring_affinity_pods: 0,
+            storage: Storage::default(),
         }
     }
 
@@ -208,6 +215,16 @@ impl ClusterState {
     /// Forgets a namespace.
     pub fn remove_namespace(&mut self, name: &str) {
         self.namespace_labels.remove(name);
+    }
+
+    /// PVs, claims and storage classes.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// PVs, claims and storage classes, to update from watches.
+    pub fn storage_mut(&mut self) -> &mut Storage {
+        &mut self.storage
     }
 
     /// Charged pods with inter-pod affinity terms, with their nodes.
@@ -368,6 +385,9 @@ impl ClusterState {
             if let Some(info) = self.affinity_pods.remove(key) {
                 self.count_affinity_pod(&info, false);
             }
+            for volume in &old.volumes {
+                self.storage.assumed_volumes.remove(volume);
+            }
         }
     }
 
@@ -383,6 +403,11 @@ impl ClusterState {
             if let Some(info) = &charge.info {
                 node.residents.insert(key.clone(), info.clone());
             }
+        }
+        for volume in &charge.volumes {
+            self.storage
+                .assumed_volumes
+                .insert(volume.clone(), key.clone());
         }
         if let Some(info) = charge.info.as_ref().filter(|i| i.has_affinity_terms()) {
             self.count_affinity_pod(info, true);

@@ -1,5 +1,5 @@
 //! The Kubernetes shell around the placement core. Reflectors keep the
-//! [`ClusterState`] current from node and pod watches; pending pods of ours
+//! [`ClusterState`] current from node, pod, namespace and storage watches; pending pods of ours
 //! flow through the [`SchedulingQueue`]; the decision loop asks the core,
 //! assumes the result at once (so the next decision already sees it) and
 //! hands the bind to [`bind`]. One bind request carries the sealed
@@ -13,9 +13,11 @@ pub mod bind;
 pub mod events;
 pub mod leader;
 pub mod metrics;
+mod namespaces;
 pub mod node_gate;
 pub mod queue;
 pub mod seal_key;
+pub mod volumes;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -40,6 +42,14 @@ use leader::LeaseSettings;
 use metrics::{set_gauge, SchedulerMetrics};
 use queue::SchedulingQueue;
 
+/// Lists besides nodes and pods that decisions wait for.
+const OTHER_LISTS: [&str; 4] = [
+    namespaces::NAMESPACES_LIST,
+    volumes::STORAGE_LISTS[0],
+    volumes::STORAGE_LISTS[1],
+    volumes::STORAGE_LISTS[2],
+];
+
 /// How the shell runs.
 #[derive(Debug, Clone)]
 pub struct ShellOptions {
@@ -59,6 +69,10 @@ pub struct ShellOptions {
     /// How long a bound pod may stay `allocating` (no kubelet admitted it)
     /// before it is marked failed and its node's gate opens.
     pub allocation_timeout: Duration,
+    /// How long the claims of a pod with `WaitForFirstConsumer` volumes may
+    /// take to bind after its node was selected (kube-scheduler's
+    /// `bindTimeoutSeconds`, 600 s) before the decision is rolled back.
+    pub volume_binding_timeout: Duration,
 }
 
 impl Default for ShellOptions {
@@ -70,6 +84,7 @@ impl Default for ShellOptions {
             scheduled_events: true,
             seal_key: None,
             allocation_timeout: Duration::from_secs(120),
+            volume_binding_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -100,6 +115,8 @@ struct Shared {
     bind_slots: Arc<Semaphore>,
     nodes_synced: AtomicBool,
     pods_synced: AtomicBool,
+    /// Other lists decisions wait for (namespaces, storage) that are in.
+    lists_synced: Mutex<HashSet<&'static str>>,
     synced: watch::Sender<bool>,
 }
 
@@ -168,6 +185,7 @@ impl Scheduler {
                 notifier,
                 nodes_synced: AtomicBool::new(false),
                 pods_synced: AtomicBool::new(false),
+                lists_synced: Mutex::default(),
                 synced: watch::channel(false).0,
             }),
         }
@@ -183,10 +201,20 @@ impl Scheduler {
         self.shared.metrics.render(&state, &allocated)
     }
 
-    /// Whether both reflectors finished their initial list.
+    /// Whether the reflectors (nodes, pods, namespaces) finished their initial list.
     pub fn is_synced(&self) -> bool {
         self.shared.nodes_synced.load(Ordering::Relaxed)
             && self.shared.pods_synced.load(Ordering::Relaxed)
+            && {
+                let lists = lock(&self.shared.lists_synced);
+                OTHER_LISTS.iter().all(|l| lists.contains(l))
+            }
+    }
+
+    /// Records that one of [`OTHER_LISTS`] finished its initial list.
+    fn list_synced(&self, list: &'static str) {
+        lock(&self.shared.lists_synced).insert(list);
+        self.shared.synced.send_replace(self.is_synced());
     }
 
     /// A copy of the current cluster state (for tests and `inspect`).
@@ -232,7 +260,7 @@ impl Scheduler {
                         } else {
                             (
                                 StatusCode::SERVICE_UNAVAILABLE,
-                                "waiting for the initial node and pod lists",
+                                "waiting for the initial node, pod, namespace and storage lists",
                             )
                         }
                     }
@@ -253,11 +281,15 @@ impl Scheduler {
         }
         let nodes = tokio::spawn(self.clone().reflect_nodes());
         let pods = tokio::spawn(self.clone().reflect_pods());
+        let namespaces = tokio::spawn(self.clone().reflect_namespaces());
+        let storage = tokio::spawn(self.clone().reflect_storage());
         let decide = tokio::spawn(self.clone().decision_loop(leading_rx));
         let expiry = tokio::spawn(self.clone().expire_gates(Duration::from_secs(1)));
         tokio::select! {
             r = nodes => r.unwrap_or(Err(ShellError::WatchEnded("node"))),
             r = pods => r.unwrap_or(Err(ShellError::WatchEnded("pod"))),
+            r = namespaces => r.unwrap_or(Err(ShellError::WatchEnded("namespace"))),
+            r = storage => r.unwrap_or(Err(ShellError::WatchEnded("storage"))),
             _ = decide => Err(ShellError::WatchEnded("leadership")),
             _ = expiry => Err(ShellError::WatchEnded("bind gate expiry")),
         }
@@ -516,7 +548,11 @@ impl Scheduler {
         match result {
             Ok(placement) => {
                 self.shared.metrics.count_decision("placed");
-                self.submit_bind(pod, placement, signature);
+                if placement.volumes.is_empty() {
+                    self.submit_bind(pod, placement, signature);
+                } else {
+                    self.bind_volumes_then_pod(pod, placement, signature);
+                }
             }
             Err(ScheduleError::Unschedulable(why)) => {
                 self.shared.metrics.count_decision("unschedulable");
