@@ -147,6 +147,11 @@ pub(crate) fn kind_of(resource: &str) -> String {
         "daemonsets" => "DaemonSet",
         "replicasets" => "ReplicaSet",
         "statefulsets" => "StatefulSet",
+        "persistentvolumes" => "PersistentVolume",
+        "persistentvolumeclaims" => "PersistentVolumeClaim",
+        "storageclasses" => "StorageClass",
+        "priorityclasses" => "PriorityClass",
+        "poddisruptionbudgets" => "PodDisruptionBudget",
         "mutatingwebhookconfigurations" => "MutatingWebhookConfiguration",
         "validatingwebhookconfigurations" => "ValidatingWebhookConfiguration",
         _ => "",
@@ -166,7 +171,15 @@ pub(crate) fn kind_of(resource: &str) -> String {
 pub(crate) fn has_status_subresource(resource: &str) -> bool {
     matches!(
         resource,
-        "pods" | "nodes" | "namespaces" | "deployments" | "daemonsets" | "replicasets"
+        "pods"
+            | "nodes"
+            | "namespaces"
+            | "deployments"
+            | "daemonsets"
+            | "replicasets"
+            | "persistentvolumes"
+            | "persistentvolumeclaims"
+            | "poddisruptionbudgets"
     )
 }
 
