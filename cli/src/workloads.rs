@@ -1,11 +1,13 @@
 //! Reading cluster and workload YAML for the simulator: multi-document
-//! files of standard Kubernetes objects. Nodes, Namespaces and Pods are kept;
+//! files of standard Kubernetes objects. Nodes, Namespaces, Pods,
+//! PersistentVolumes, PersistentVolumeClaims and StorageClasses are kept;
 //! pod-template workloads (Deployment, ReplicaSet, StatefulSet, Job,
 //! CronJob, ReplicationController, DaemonSet) are expanded into the pods
 //! their controllers would create; `List` objects are flattened; anything
 //! else (Services, ConfigMaps…) is noted and skipped.
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -45,6 +47,12 @@ pub struct Objects {
     pub nodes: Vec<Node>,
     /// Namespaces (their labels feed affinity terms' `namespaceSelector`).
     pub namespaces: Vec<Namespace>,
+    /// PersistentVolumes.
+    pub volumes: Vec<PersistentVolume>,
+    /// PersistentVolumeClaims.
+    pub claims: Vec<PersistentVolumeClaim>,
+    /// StorageClasses.
+    pub storage_classes: Vec<StorageClass>,
     /// Pods (given or expanded from workloads), in input order.
     pub pods: Vec<Pod>,
     /// `Kind/name` of objects that were skipped.
@@ -111,6 +119,18 @@ impl Objects {
                 serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
             ),
             "Namespace" => self.namespaces.push(
+                serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
+            ),
+            "PersistentVolume" => self.volumes.push(
+                serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
+            ),
+            "PersistentVolumeClaim" => {
+                let mut claim: PersistentVolumeClaim = serde_json::from_value(value.clone())
+                    .map_err(|e| object_error(e.to_string()))?;
+                claim.metadata.namespace.get_or_insert(namespace);
+                self.claims.push(claim);
+            }
+            "StorageClass" => self.storage_classes.push(
                 serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
             ),
             "Pod" => {

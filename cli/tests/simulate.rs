@@ -159,7 +159,7 @@ fn unreadable_input_is_a_clear_error() {
 }
 
 #[test]
-fn pod_topology_example_spreads_replicas_and_holds_gated_pods() {
+fn pod_topology_example_spreads_replicas_holds_gated_pods_and_follows_volumes() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pod-topology");
     let cluster = format!("{dir}/cluster.yaml");
     let workloads = format!("{dir}/workloads.yaml");
@@ -197,6 +197,19 @@ fn pod_topology_example_spreads_replicas_and_holds_gated_pods() {
         (in_zone_a, embed.len() - in_zone_a),
         (3, 3),
         "zone spread 3+3"
+    );
+    let loader = placed
+        .iter()
+        .find(|p| p["pod"] == "inference/loader")
+        .expect("loader placed");
+    let node = loader["node"].as_str().expect("node");
+    assert!(
+        node.starts_with("gpu-b"),
+        "the claim provisions only in zone b: {node}"
+    );
+    assert_eq!(
+        loader["volumes"],
+        serde_json::json!([format!("model-cache: provisioned on {node}")])
     );
     let unplaced = report["unplaced"].as_array().expect("unplaced");
     assert_eq!(unplaced.len(), 1);
