@@ -855,8 +855,10 @@ proptest! {
         for node in 0..s.zones.len() {
             let shares = |other: usize, key: usize| s.value(other, key) == s.value(node, key);
             let anti_ok = !use_anti || !s.residents.iter().any(|(m, app, ns)| *app == 0 && same_ns(*ns) && shares(*m, anti_key));
-            let existing_ok = !(residents_repel && self_app == 2)
-                || !s.residents.iter().any(|(m, app, ns)| *app == 1 && same_ns(*ns) && shares(*m, 0));
+            let repelled = residents_repel
+                && self_app == 2
+                && s.residents.iter().any(|(m, app, ns)| *app == 1 && same_ns(*ns) && shares(*m, 0));
+            let existing_ok = !repelled;
             let affinity_ok = !use_affinity
                 || s.residents.iter().any(|(m, app, ns)| *app == 1 && same_ns(*ns) && shares(*m, affinity_key))
                 || (!any_b && self_app == 1);
