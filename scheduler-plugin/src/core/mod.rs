@@ -8,6 +8,7 @@ pub mod inter_pod_affinity;
 pub mod labels;
 pub mod node_predicates;
 pub mod pod_info;
+pub mod preemption;
 pub mod requirements;
 pub mod resources;
 pub mod schedule;
@@ -20,6 +21,8 @@ pub use schedule::{Placement, ScheduleError, Unschedulable};
 pub use state::{ClusterState, NodeState, PodCharge};
 #[cfg(test)]
 mod pod_topology_tests;
+#[cfg(test)]
+mod preemption_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

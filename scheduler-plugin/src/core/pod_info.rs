@@ -122,6 +122,13 @@ pub struct PodInfo {
     pub labels: BTreeMap<String, String>,
     /// Being deleted (topology spread does not count it).
     pub terminating: bool,
+    /// `spec.priority` (set at admission from the PriorityClass); `None`
+    /// when unset (then [`PodInfo::priority_class`] is looked up).
+    pub priority: Option<i32>,
+    /// `spec.priorityClassName`.
+    pub priority_class: Option<String>,
+    /// `spec.preemptionPolicy: Never`.
+    pub never_preempts: bool,
     /// Host ports of its containers.
     pub host_ports: Vec<HostPort>,
     /// Required pod affinity terms.
@@ -201,6 +208,9 @@ impl PodInfo {
                     .as_ref()
             })),
             terminating: pod.metadata.deletion_timestamp.is_some(),
+            priority: spec.and_then(|s| s.priority),
+            priority_class: spec.and_then(|s| s.priority_class_name.clone()),
+            never_preempts: spec.and_then(|s| s.preemption_policy.as_deref()) == Some("Never"),
             host_ports,
             namespace,
             labels,

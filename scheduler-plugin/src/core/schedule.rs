@@ -119,7 +119,7 @@ pub const HOST_PORTS_REASON: &str = "node(s) didn't have free ports for the requ
 
 /// What one decision checks beyond the node itself, computed once from
 /// the whole cluster (only for the features the pod or the cluster use).
-struct Decision<'a> {
+pub(super) struct Decision<'a> {
     volumes: Option<VolumeCheck<'a>>,
     affinity: Option<AffinityFilter<'a>>,
     spread: Option<SpreadFilter<'a>>,
@@ -128,6 +128,17 @@ struct Decision<'a> {
 }
 
 impl<'a> Decision<'a> {
+    /// Only what depends on the node itself (preemption's what-if checks).
+    pub(super) fn node_only() -> Self {
+        Self {
+            volumes: None,
+            affinity: None,
+            spread: None,
+            affinity_score: None,
+            spread_score: false,
+        }
+    }
+
     fn new(state: &'a ClusterState, pod: &'a PodRequirements) -> Self {
         let info = &*pod.info;
         let volumes = (!pod.claims.is_empty())
@@ -342,7 +353,7 @@ impl ClusterState {
 pub const PREFERENCE_WEIGHT: i64 = 2;
 
 /// Ok(node fullness after placement) or the reason the node is refused.
-fn evaluate_node(
+pub(super) fn evaluate_node(
     node: &NodeState,
     pod: &PodRequirements,
     decision: &Decision<'_>,

@@ -17,6 +17,7 @@ use tessera_api::names::NODE_REGISTER_ANNOTATION;
 use super::cards::CardState;
 use super::node_predicates::NodeFacts;
 use super::pod_info::{NamespaceLabels, PodInfo, SharedPodInfo};
+use super::preemption::Priorities;
 use super::requirements::pod_key;
 use super::resources::ResourceAmounts;
 use super::volumes::Storage;
@@ -43,6 +44,22 @@ pub struct NodeState {
 }
 
 impl NodeState {
+    /// The node as it would be without the given pods (preemption's what-if).
+    pub(crate) fn without(&self, pods: &[(&str, &PodCharge)]) -> NodeState {
+        let mut node = self.clone();
+        for (key, charge) in pods {
+            apply(&mut node, charge, false);
+            node.pods.remove(*key);
+            node.residents.remove(*key);
+        }
+        node
+    }
+
+    /// Keys of the pods charged here.
+    pub(crate) fn pod_keys(&self) -> impl Iterator<Item = &String> {
+        self.pods.iter()
+    }
+
     /// The pods charged to this node, as other pods' predicates see them.
     pub fn residents(&self) -> impl Iterator<Item = &PodInfo> + Clone {
         self.residents.values().map(|p| &**p)
@@ -158,6 +175,8 @@ pub struct ClusterState {
     pub(crate) scoring_affinity_pods: usize,
     /// PVs, claims and storage classes.
     pub(crate) storage: Storage,
+    /// PriorityClasses and PodDisruptionBudgets (preemption).
+    pub(crate) priorities: Priorities,
 }
 
 impl ClusterState {
@@ -174,6 +193,7 @@ impl ClusterState {
             required_anti_affinity_pods: 0,
             scoring_affinity_pods: 0,
             storage: Storage::default(),
+            priorities: Priorities::default(),
         }
     }
 
