@@ -9,7 +9,8 @@
 //! - scheduler: leader election on, a pod scheduled and bound with a
 //!   `Scheduled` Event, a pod that fits nowhere (`PodScheduled=False` and
 //!   `FailedScheduling`, retried), a `WaitForFirstConsumer` claim given an
-//!   available PV and one handed to its node for provisioning;
+//!   available PV and one handed to its node for provisioning, a pod of
+//!   higher priority preempting (eviction, `nominatedNodeName`);
 //! - webhook: the self-provisioned CA (Secret, caBundle of the
 //!   MutatingWebhookConfiguration) and, separately, the optional
 //!   `--watch-namespaces` cache, whose calls must be exactly the extra
@@ -475,6 +476,12 @@ async fn scheduler_calls_match_its_rbac() {
             .and_then(|p| p.spec?.node_name)
     })
     .await;
+    // Preemption: a pod of higher priority needs the card `fits` holds.
+    let mut urgent = pending_pod("urgent", 14000);
+    if let Some(spec) = urgent.spec.as_mut() {
+        spec.priority = Some(1000);
+    }
+    api.insert(&urgent);
     for (what, method, target, at_least) in [
         ("one bind", "POST", "pods/binding", 1),
         (
@@ -492,6 +499,7 @@ async fn scheduler_calls_match_its_rbac() {
             "persistentvolumeclaims",
             1,
         ),
+        ("a lower-priority pod evicted", "POST", "pods/eviction", 1),
     ] {
         await_writes(&api, what, method, target, at_least).await;
     }

@@ -130,6 +130,17 @@ impl ClusterState {
                 .is_some_and(|c| c.never_preempts)
     }
 
+    /// Whether an earlier preemption for this pod is still under way: its
+    /// nominated node holds lower-priority pods that are terminating (then
+    /// it waits for them instead of evicting more).
+    pub fn preemption_under_way(&self, pod: &PodInfo, nominated_node: &str) -> bool {
+        let priority = self.priority_of(pod);
+        self.nodes.get(nominated_node).is_some_and(|node| {
+            node.residents()
+                .any(|r| r.terminating && self.priority_of(r) < priority)
+        })
+    }
+
     /// For a pod that fits nowhere: the node where evicting lower-priority
     /// pods makes it fit, and the fewest such pods; `None` when no node
     /// would, or the pod may not preempt. Pure.

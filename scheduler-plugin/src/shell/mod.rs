@@ -1,5 +1,6 @@
 //! The Kubernetes shell around the placement core. Reflectors keep the
-//! [`ClusterState`] current from node, pod, namespace and storage watches; pending pods of ours
+//! [`ClusterState`] current from node, pod, namespace, storage and
+//! PodDisruptionBudget watches; pending pods of ours
 //! flow through the [`SchedulingQueue`]; the decision loop asks the core,
 //! assumes the result at once (so the next decision already sees it) and
 //! hands the bind to [`bind`]. One bind request carries the sealed
@@ -15,6 +16,7 @@ pub mod leader;
 pub mod metrics;
 mod namespaces;
 pub mod node_gate;
+mod preemption;
 pub mod queue;
 pub mod seal_key;
 pub mod volumes;
@@ -43,8 +45,9 @@ use metrics::{set_gauge, SchedulerMetrics};
 use queue::SchedulingQueue;
 
 /// Lists besides nodes and pods that decisions wait for.
-const OTHER_LISTS: [&str; 4] = [
+const OTHER_LISTS: [&str; 5] = [
     namespaces::NAMESPACES_LIST,
+    preemption::BUDGETS_LIST,
     volumes::STORAGE_LISTS[0],
     volumes::STORAGE_LISTS[1],
     volumes::STORAGE_LISTS[2],
@@ -260,7 +263,7 @@ impl Scheduler {
                         } else {
                             (
                                 StatusCode::SERVICE_UNAVAILABLE,
-                                "waiting for the initial node, pod, namespace and storage lists",
+                                "waiting for the initial node, pod, namespace, storage and PodDisruptionBudget lists",
                             )
                         }
                     }
@@ -283,6 +286,7 @@ impl Scheduler {
         let pods = tokio::spawn(self.clone().reflect_pods());
         let namespaces = tokio::spawn(self.clone().reflect_namespaces());
         let storage = tokio::spawn(self.clone().reflect_storage());
+        let budgets = tokio::spawn(self.clone().reflect_disruption_budgets());
         let decide = tokio::spawn(self.clone().decision_loop(leading_rx));
         let expiry = tokio::spawn(self.clone().expire_gates(Duration::from_secs(1)));
         tokio::select! {
@@ -290,6 +294,7 @@ impl Scheduler {
             r = pods => r.unwrap_or(Err(ShellError::WatchEnded("pod"))),
             r = namespaces => r.unwrap_or(Err(ShellError::WatchEnded("namespace"))),
             r = storage => r.unwrap_or(Err(ShellError::WatchEnded("storage"))),
+            r = budgets => r.unwrap_or(Err(ShellError::WatchEnded("poddisruptionbudget"))),
             _ = decide => Err(ShellError::WatchEnded("leadership")),
             _ = expiry => Err(ShellError::WatchEnded("bind gate expiry")),
         }
@@ -559,6 +564,7 @@ impl Scheduler {
                 let message = format!("0/{} nodes are available: {why}", why.total_nodes);
                 tracing::info!(pod = %key, %message, "pod does not fit; waiting for the cluster to change");
                 self.shared.queue.park(&key, signature, true);
+                self.preempt_for(&pod);
                 let notifier = self.shared.notifier.clone();
                 tokio::spawn(async move { notifier.failed(&pod, "Unschedulable", &message).await });
             }
