@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 use tessera_api::config::Config;
 use tessera_scheduler::core::volumes::{VolumeAction, SELECTED_NODE_ANNOTATION};
-use tessera_scheduler::core::{pod_key, ClusterState, ScheduleError};
+use tessera_scheduler::core::{pod_key, ClusterState, PodRequirements, ScheduleError};
 
 use crate::workloads::{Objects, WorkloadError};
 use crate::{BUNDLED_CLUSTER, BUNDLED_WORKLOADS};
@@ -245,6 +245,12 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
     for namespace in &objects.namespaces {
         state.upsert_namespace(namespace);
     }
+    for class in &objects.priority_classes {
+        state.upsert_priority_class(class);
+    }
+    for budget in &objects.disruption_budgets {
+        state.upsert_disruption_budget(budget);
+    }
     for class in &objects.storage_classes {
         state.storage_mut().upsert_class(class);
     }
@@ -283,7 +289,26 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
                 continue;
             }
         };
-        match state.schedule(&pod) {
+        let mut result = state.schedule(&pod);
+        if matches!(result, Err(ScheduleError::Unschedulable(_))) {
+            // Preemption, as the scheduler would: evict the victims, then decide again.
+            let preemption = PodRequirements::from_pod(&pod, config)
+                .ok()
+                .and_then(|requirements| state.find_preemption(&requirements));
+            if let Some(preemption) = preemption {
+                for victim in &preemption.victims {
+                    state.release(victim);
+                    holders.retain(|(_, _, holder)| holder != victim);
+                    report.placed.retain(|p| p.pod != *victim);
+                    report.unplaced.push(UnplacedPod {
+                        pod: victim.clone(),
+                        reason: format!("preempted by {key} on {}", preemption.node),
+                    });
+                }
+                result = state.schedule(&pod);
+            }
+        }
+        match result {
             Ok(placement) => {
                 let node = &state.nodes()[&placement.node];
                 let describe = |uuid: &str, memory_mib: u64, cores: u32| {

@@ -1,12 +1,15 @@
 //! Reading cluster and workload YAML for the simulator: multi-document
 //! files of standard Kubernetes objects. Nodes, Namespaces, Pods,
-//! PersistentVolumes, PersistentVolumeClaims and StorageClasses are kept;
+//! PersistentVolumes, PersistentVolumeClaims, StorageClasses,
+//! PriorityClasses and PodDisruptionBudgets are kept;
 //! pod-template workloads (Deployment, ReplicaSet, StatefulSet, Job,
 //! CronJob, ReplicationController, DaemonSet) are expanded into the pods
 //! their controllers would create; `List` objects are flattened; anything
 //! else (Services, ConfigMaps…) is noted and skipped.
 
 use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::api::storage::v1::StorageClass;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -53,6 +56,10 @@ pub struct Objects {
     pub claims: Vec<PersistentVolumeClaim>,
     /// StorageClasses.
     pub storage_classes: Vec<StorageClass>,
+    /// PriorityClasses.
+    pub priority_classes: Vec<PriorityClass>,
+    /// PodDisruptionBudgets.
+    pub disruption_budgets: Vec<PodDisruptionBudget>,
     /// Pods (given or expanded from workloads), in input order.
     pub pods: Vec<Pod>,
     /// `Kind/name` of objects that were skipped.
@@ -129,6 +136,15 @@ impl Objects {
                     .map_err(|e| object_error(e.to_string()))?;
                 claim.metadata.namespace.get_or_insert(namespace);
                 self.claims.push(claim);
+            }
+            "PriorityClass" => self.priority_classes.push(
+                serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
+            ),
+            "PodDisruptionBudget" => {
+                let mut budget: PodDisruptionBudget = serde_json::from_value(value.clone())
+                    .map_err(|e| object_error(e.to_string()))?;
+                budget.metadata.namespace.get_or_insert(namespace);
+                self.disruption_budgets.push(budget);
             }
             "StorageClass" => self.storage_classes.push(
                 serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,

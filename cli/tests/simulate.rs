@@ -218,3 +218,43 @@ fn pod_topology_example_spreads_replicas_holds_gated_pods_and_follows_volumes() 
         .as_str()
         .is_some_and(|r| r.contains("scheduling gates")));
 }
+
+#[test]
+fn preemption_example_evicts_the_unprotected_lower_priority_pod() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/preemption");
+    let cluster = format!("{dir}/cluster.yaml");
+    let workloads = format!("{dir}/workloads.yaml");
+    let (ok, stdout, stderr) = tessera(&[
+        "simulate",
+        "--cluster",
+        &cluster,
+        &workloads,
+        "--output",
+        "json",
+    ]);
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("json");
+    let placed = report["placed"].as_array().expect("placed");
+    assert_eq!(placed.len(), 1);
+    assert_eq!(placed[0]["pod"], "inference/chat");
+    assert_eq!(placed[0]["node"], "gpu-1");
+    let reason_of = |pod: &str| -> String {
+        report["unplaced"]
+            .as_array()
+            .expect("unplaced")
+            .iter()
+            .find(|u| u["pod"] == pod)
+            .and_then(|u| u["reason"].as_str())
+            .unwrap_or_else(|| panic!("{pod} not placed"))
+            .to_owned()
+    };
+    assert_eq!(
+        reason_of("batch/sweep"),
+        "preempted by inference/chat on gpu-1"
+    );
+    assert!(
+        reason_of("inference/polite").contains("insufficient GPU memory"),
+        "preemptionPolicy Never waits"
+    );
+    assert_eq!(report["cards"][0]["allocatedMemoryMiB"], 10000 + 9000);
+}
