@@ -118,8 +118,10 @@ struct Shared {
     bind_slots: Arc<Semaphore>,
     nodes_synced: AtomicBool,
     pods_synced: AtomicBool,
-    /// Other lists decisions wait for (namespaces, storage) that are in.
+    /// Other lists decisions wait for ([`OTHER_LISTS`]) that are in.
     lists_synced: Mutex<HashSet<&'static str>>,
+    /// Pods whose evictions are in flight (one preemption at a time each).
+    preempting: Mutex<HashSet<String>>,
     synced: watch::Sender<bool>,
 }
 
@@ -189,6 +191,7 @@ impl Scheduler {
                 nodes_synced: AtomicBool::new(false),
                 pods_synced: AtomicBool::new(false),
                 lists_synced: Mutex::default(),
+                preempting: Mutex::default(),
                 synced: watch::channel(false).0,
             }),
         }
@@ -204,7 +207,7 @@ impl Scheduler {
         self.shared.metrics.render(&state, &allocated)
     }
 
-    /// Whether the reflectors (nodes, pods, namespaces) finished their initial list.
+    /// Whether the reflectors (nodes, pods and [`OTHER_LISTS`]) finished their initial list.
     pub fn is_synced(&self) -> bool {
         self.shared.nodes_synced.load(Ordering::Relaxed)
             && self.shared.pods_synced.load(Ordering::Relaxed)

@@ -17,6 +17,7 @@ use serde_json::json;
 
 use super::{lock, Scheduler, ShellError};
 use crate::core::pod_info::PodInfo;
+use crate::core::preemption::Preemption;
 use crate::core::{pod_key, PodRequirements};
 
 /// The list name decisions wait for.
@@ -66,35 +67,47 @@ impl Scheduler {
         let Some(preemption) = found else {
             return;
         };
+        let key = pod_key(pod);
+        // The client retries a refused eviction (429) with backoff; while it
+        // does, later decisions of this pod start no second preemption.
+        if !lock(&self.shared.preempting).insert(key.clone()) {
+            return;
+        }
         let scheduler = self.clone();
         let pod = pod.clone();
         tokio::spawn(async move {
-            let key = pod_key(&pod);
-            tracing::info!(pod = %key, node = %preemption.node, victims = ?preemption.victims,
-                budget_violations = preemption.budget_violations, "preempting lower-priority pods");
-            for victim in &preemption.victims {
-                let (namespace, name) = victim.split_once('/').unwrap_or(("default", victim));
-                let api: Api<Pod> = Api::namespaced(scheduler.shared.client.clone(), namespace);
-                if let Err(error) = api.evict(name, &EvictParams::default()).await {
-                    // 429: a PodDisruptionBudget refuses; the pod stays pending
-                    // and preemption is tried again on the next change.
-                    tracing::warn!(pod = %key, %victim, %error, "eviction refused");
-                    return;
-                }
-            }
-            let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-            let api: Api<Pod> = Api::namespaced(scheduler.shared.client.clone(), namespace);
-            let patch = json!({"status": {"nominatedNodeName": preemption.node}});
-            if let Err(error) = api
-                .patch_status(
-                    pod.metadata.name.as_deref().unwrap_or(""),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await
-            {
-                tracing::warn!(pod = %key, %error, "could not set status.nominatedNodeName");
-            }
+            scheduler.evict_and_nominate(&pod, &key, &preemption).await;
+            lock(&scheduler.shared.preempting).remove(&key);
         });
+    }
+
+    /// Evicts the victims (stopping at the first refusal), then nominates
+    /// the node on the pod.
+    async fn evict_and_nominate(&self, pod: &Pod, key: &str, preemption: &Preemption) {
+        tracing::info!(pod = %key, node = %preemption.node, victims = ?preemption.victims,
+            budget_violations = preemption.budget_violations, "preempting lower-priority pods");
+        for victim in &preemption.victims {
+            let (namespace, name) = victim.split_once('/').unwrap_or(("default", victim));
+            let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), namespace);
+            if let Err(error) = api.evict(name, &EvictParams::default()).await {
+                // 429: a PodDisruptionBudget refuses; the pod stays pending
+                // and preemption is tried again on the next change.
+                tracing::warn!(pod = %key, %victim, %error, "eviction refused");
+                return;
+            }
+        }
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let api: Api<Pod> = Api::namespaced(self.shared.client.clone(), namespace);
+        let patch = json!({"status": {"nominatedNodeName": preemption.node}});
+        if let Err(error) = api
+            .patch_status(
+                pod.metadata.name.as_deref().unwrap_or(""),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            tracing::warn!(pod = %key, %error, "could not set status.nominatedNodeName");
+        }
     }
 }
