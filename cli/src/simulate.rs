@@ -6,7 +6,8 @@
 use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 use tessera_api::config::Config;
-use tessera_scheduler::core::{pod_key, ClusterState, ScheduleError};
+use tessera_scheduler::core::volumes::{VolumeAction, SELECTED_NODE_ANNOTATION};
+use tessera_scheduler::core::{pod_key, ClusterState, PodRequirements, ScheduleError};
 
 use crate::workloads::{Objects, WorkloadError};
 use crate::{BUNDLED_CLUSTER, BUNDLED_WORKLOADS};
@@ -55,6 +56,10 @@ pub struct PlacedPod {
     pub node: String,
     /// Its containers.
     pub containers: Vec<ContainerReport>,
+    /// What its unbound `WaitForFirstConsumer` claims get, e.g.
+    /// `data: PV disk-n3` or `cache: provisioned on gpu-b1` (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
 }
 
 /// A pod that was not placed, and why.
@@ -184,6 +189,52 @@ pub fn simulate_files(files: SimulationFiles<'_>) -> Result<SimulationReport, Si
     Ok(simulate(&objects, &config, &webhook_admission))
 }
 
+/// Does what the PV controller and provisioner would for a placed pod's
+/// claim, so later pods see it: a PV bound to the claim, or the claim
+/// handed to the node. Returns the line for the report.
+fn apply_volume_action(
+    state: &mut ClusterState,
+    namespace: &str,
+    node: &str,
+    action: &VolumeAction,
+) -> String {
+    let storage = state.storage_mut();
+    let Some(mut claim) = storage.claim(namespace, action.claim()).cloned() else {
+        return format!("{}: claim not found", action.claim());
+    };
+    match action {
+        VolumeAction::BindVolume {
+            claim: name,
+            volume,
+        } => {
+            if let Some(mut pv) = storage.volume(volume).cloned() {
+                if let Some(spec) = pv.spec.as_mut() {
+                    spec.claim_ref = Some(k8s_openapi::api::core::v1::ObjectReference {
+                        namespace: Some(namespace.to_owned()),
+                        name: Some(name.clone()),
+                        ..Default::default()
+                    });
+                }
+                storage.upsert_volume(&pv);
+            }
+            if let Some(spec) = claim.spec.as_mut() {
+                spec.volume_name = Some(volume.clone());
+            }
+            storage.upsert_claim(&claim);
+            format!("{name}: PV {volume}")
+        }
+        VolumeAction::Provision { claim: name } => {
+            claim
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(SELECTED_NODE_ANNOTATION.to_owned(), node.to_owned());
+            storage.upsert_claim(&claim);
+            format!("{name}: provisioned on {node}")
+        }
+    }
+}
+
 /// Runs the simulation.
 pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) -> SimulationReport {
     let mut state = ClusterState::new(config.clone());
@@ -191,6 +242,24 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
         skipped: objects.skipped.clone(),
         ..SimulationReport::default()
     };
+    for namespace in &objects.namespaces {
+        state.upsert_namespace(namespace);
+    }
+    for class in &objects.priority_classes {
+        state.upsert_priority_class(class);
+    }
+    for budget in &objects.disruption_budgets {
+        state.upsert_disruption_budget(budget);
+    }
+    for class in &objects.storage_classes {
+        state.storage_mut().upsert_class(class);
+    }
+    for volume in &objects.volumes {
+        state.storage_mut().upsert_volume(volume);
+    }
+    for claim in &objects.claims {
+        state.storage_mut().upsert_claim(claim);
+    }
     for node in &objects.nodes {
         if let Some(error) = state.upsert_node(node) {
             report.warnings.push(format!(
@@ -220,7 +289,26 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
                 continue;
             }
         };
-        match state.schedule(&pod) {
+        let mut result = state.schedule(&pod);
+        if matches!(result, Err(ScheduleError::Unschedulable(_))) {
+            // Preemption, as the scheduler would: evict the victims, then decide again.
+            let preemption = PodRequirements::from_pod(&pod, config)
+                .ok()
+                .and_then(|requirements| state.find_preemption(&requirements));
+            if let Some(preemption) = preemption {
+                for victim in &preemption.victims {
+                    state.release(victim);
+                    holders.retain(|(_, _, holder)| holder != victim);
+                    report.placed.retain(|p| p.pod != *victim);
+                    report.unplaced.push(UnplacedPod {
+                        pod: victim.clone(),
+                        reason: format!("preempted by {key} on {}", preemption.node),
+                    });
+                }
+                result = state.schedule(&pod);
+            }
+        }
+        match result {
             Ok(placement) => {
                 let node = &state.nodes()[&placement.node];
                 let describe = |uuid: &str, memory_mib: u64, cores: u32| {
@@ -261,13 +349,26 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
                 for device in placement.annotated_devices().iter().flatten() {
                     holders.push((placement.node.clone(), device.uuid.clone(), key.clone()));
                 }
+                let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+                let volumes = placement
+                    .volumes
+                    .iter()
+                    .map(|action| {
+                        apply_volume_action(&mut state, namespace, &placement.node, action)
+                    })
+                    .collect();
                 report.placed.push(PlacedPod {
                     pod: key,
                     node: placement.node.clone(),
                     containers,
+                    volumes,
                 });
                 state.assume(&placement.pod, placement.charge.clone());
             }
+            Err(error @ ScheduleError::SchedulingGated(_)) => report.unplaced.push(UnplacedPod {
+                pod: key,
+                reason: error.to_string(),
+            }),
             Err(ScheduleError::InvalidRequest(error)) => report.unplaced.push(UnplacedPod {
                 pod: key,
                 reason: error.to_string(),

@@ -1,11 +1,16 @@
 //! Reading cluster and workload YAML for the simulator: multi-document
-//! files of standard Kubernetes objects. Nodes are kept; Pods are kept;
+//! files of standard Kubernetes objects. Nodes, Namespaces, Pods,
+//! PersistentVolumes, PersistentVolumeClaims, StorageClasses,
+//! PriorityClasses and PodDisruptionBudgets are kept;
 //! pod-template workloads (Deployment, ReplicaSet, StatefulSet, Job,
 //! CronJob, ReplicationController, DaemonSet) are expanded into the pods
 //! their controllers would create; `List` objects are flattened; anything
 //! else (Services, ConfigMaps…) is noted and skipped.
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::scheduling::v1::PriorityClass;
+use k8s_openapi::api::storage::v1::StorageClass;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -43,6 +48,18 @@ pub enum WorkloadError {
 pub struct Objects {
     /// Nodes, in input order.
     pub nodes: Vec<Node>,
+    /// Namespaces (their labels feed affinity terms' `namespaceSelector`).
+    pub namespaces: Vec<Namespace>,
+    /// PersistentVolumes.
+    pub volumes: Vec<PersistentVolume>,
+    /// PersistentVolumeClaims.
+    pub claims: Vec<PersistentVolumeClaim>,
+    /// StorageClasses.
+    pub storage_classes: Vec<StorageClass>,
+    /// PriorityClasses.
+    pub priority_classes: Vec<PriorityClass>,
+    /// PodDisruptionBudgets.
+    pub disruption_budgets: Vec<PodDisruptionBudget>,
     /// Pods (given or expanded from workloads), in input order.
     pub pods: Vec<Pod>,
     /// `Kind/name` of objects that were skipped.
@@ -106,6 +123,30 @@ impl Objects {
         };
         match kind.as_str() {
             "Node" => self.nodes.push(
+                serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
+            ),
+            "Namespace" => self.namespaces.push(
+                serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
+            ),
+            "PersistentVolume" => self.volumes.push(
+                serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
+            ),
+            "PersistentVolumeClaim" => {
+                let mut claim: PersistentVolumeClaim = serde_json::from_value(value.clone())
+                    .map_err(|e| object_error(e.to_string()))?;
+                claim.metadata.namespace.get_or_insert(namespace);
+                self.claims.push(claim);
+            }
+            "PriorityClass" => self.priority_classes.push(
+                serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
+            ),
+            "PodDisruptionBudget" => {
+                let mut budget: PodDisruptionBudget = serde_json::from_value(value.clone())
+                    .map_err(|e| object_error(e.to_string()))?;
+                budget.metadata.namespace.get_or_insert(namespace);
+                self.disruption_budgets.push(budget);
+            }
+            "StorageClass" => self.storage_classes.push(
                 serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
             ),
             "Pod" => {

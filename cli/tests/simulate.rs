@@ -157,3 +157,104 @@ fn unreadable_input_is_a_clear_error() {
     assert!(!ok);
     assert!(stderr.contains("cannot read /nonexistent.yaml"), "{stderr}");
 }
+
+#[test]
+fn pod_topology_example_spreads_replicas_holds_gated_pods_and_follows_volumes() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pod-topology");
+    let cluster = format!("{dir}/cluster.yaml");
+    let workloads = format!("{dir}/workloads.yaml");
+    let (ok, stdout, stderr) = tessera(&[
+        "simulate",
+        "--cluster",
+        &cluster,
+        &workloads,
+        "--output",
+        "json",
+    ]);
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("json");
+    let placed = report["placed"].as_array().expect("placed");
+    let nodes_of = |prefix: &str| -> Vec<String> {
+        placed
+            .iter()
+            .filter(|p| p["pod"].as_str().is_some_and(|n| n.starts_with(prefix)))
+            .map(|p| p["node"].as_str().expect("node").to_owned())
+            .collect()
+    };
+    let mut vllm = nodes_of("inference/vllm-");
+    assert_eq!(vllm.len(), 4);
+    vllm.sort();
+    vllm.dedup();
+    assert_eq!(
+        vllm.len(),
+        4,
+        "required anti-affinity: one replica per node"
+    );
+    let embed = nodes_of("inference/embed-");
+    assert_eq!(embed.len(), 6);
+    let in_zone_a = embed.iter().filter(|n| n.starts_with("gpu-a")).count();
+    assert_eq!(
+        (in_zone_a, embed.len() - in_zone_a),
+        (3, 3),
+        "zone spread 3+3"
+    );
+    let loader = placed
+        .iter()
+        .find(|p| p["pod"] == "inference/loader")
+        .expect("loader placed");
+    let node = loader["node"].as_str().expect("node");
+    assert!(
+        node.starts_with("gpu-b"),
+        "the claim provisions only in zone b: {node}"
+    );
+    assert_eq!(
+        loader["volumes"],
+        serde_json::json!([format!("model-cache: provisioned on {node}")])
+    );
+    let unplaced = report["unplaced"].as_array().expect("unplaced");
+    assert_eq!(unplaced.len(), 1);
+    assert_eq!(unplaced[0]["pod"], "inference/batch");
+    assert!(unplaced[0]["reason"]
+        .as_str()
+        .is_some_and(|r| r.contains("scheduling gates")));
+}
+
+#[test]
+fn preemption_example_evicts_the_unprotected_lower_priority_pod() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/preemption");
+    let cluster = format!("{dir}/cluster.yaml");
+    let workloads = format!("{dir}/workloads.yaml");
+    let (ok, stdout, stderr) = tessera(&[
+        "simulate",
+        "--cluster",
+        &cluster,
+        &workloads,
+        "--output",
+        "json",
+    ]);
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("json");
+    let placed = report["placed"].as_array().expect("placed");
+    assert_eq!(placed.len(), 1);
+    assert_eq!(placed[0]["pod"], "inference/chat");
+    assert_eq!(placed[0]["node"], "gpu-1");
+    let reason_of = |pod: &str| -> String {
+        report["unplaced"]
+            .as_array()
+            .expect("unplaced")
+            .iter()
+            .find(|u| u["pod"] == pod)
+            .and_then(|u| u["reason"].as_str())
+            .unwrap_or_else(|| panic!("{pod} not placed"))
+            .to_owned()
+    };
+    assert_eq!(
+        reason_of("batch/sweep"),
+        "preempted by inference/chat on gpu-1"
+    );
+    assert!(
+        reason_of("inference/polite").contains("insufficient GPU memory"),
+        "preemptionPolicy Never waits"
+    );
+    assert_eq!(report["cards"][0]["allocatedMemoryMiB"], 10000 + 9000);
+}

@@ -4,7 +4,9 @@
 //! without the per-pod `Scheduled` Event. The node side of the allocation
 //! handshake is the testkit's acknowledger (each bound pod marked admitted
 //! at once), since the scheduler binds the next pod of a shape on a node
-//! only once the previous one is acknowledged.
+//! only once the previous one is acknowledged. A third run gives 30% of
+//! the pods a zone topology spread constraint and 30% a preferred pod
+//! anti-affinity term on the hostname (nodes in 3 zones).
 //!
 //! `cargo bench -p tessera-scheduler --bench bind_throughput`
 
@@ -20,7 +22,7 @@ use tessera_testkit::ApiServer;
 const NODES: u32 = 1000;
 const PODS: u32 = 1000;
 
-async fn run(scheduled_events: bool) {
+async fn run(scheduled_events: bool, topology: bool) {
     let server = ApiServer::start().await.expect("server");
     for n in 0..NODES {
         let devices: Vec<GpuDevice> = (0..8)
@@ -37,6 +39,7 @@ async fn run(scheduled_events: bool) {
             })
             .collect();
         let node: Node = serde_json::from_value(json!({"metadata": {"name": format!("node-{n:04}"),
+            "labels": {"kubernetes.io/hostname": format!("node-{n:04}"), "topology.kubernetes.io/zone": format!("zone-{}", n % 3)},
             "annotations": {"hami.io/node-nvidia-register": encode_inventory(&devices)}},
             "status": {"conditions": [{"type": "Ready", "status": "True"}], "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110"}}}))
         .expect("node");
@@ -48,7 +51,7 @@ async fn run(scheduled_events: bool) {
             "spec": {"schedulerName": "tessera-scheduler", "containers": [{"name": "main", "image": "x",
                 "resources": {"limits": {"nvidia.com/gpumem-percentage": "45", "nvidia.com/gpucores": "30"}}}]}}))
         .expect("pod");
-        server.insert(&pod);
+        server.insert(&with_topology(pod, p, topology));
     }
     server.clear_requests();
     let _kubelets = server.acknowledge_allocations(Duration::ZERO);
@@ -81,8 +84,13 @@ async fn run(scheduled_events: bool) {
         .count();
     let writes = server.write_count("*", "*");
     println!(
-        "backlog {PODS} GPU pods, {NODES} nodes x 8 A10G, scheduled events {}:",
-        if scheduled_events { "on" } else { "off" }
+        "backlog {PODS} GPU pods, {NODES} nodes x 8 A10G, scheduled events {}{}:",
+        if scheduled_events { "on" } else { "off" },
+        if topology {
+            ", 30% zone spread + 30% preferred anti-affinity"
+        } else {
+            ""
+        }
     );
     println!(
         "  bound:            {bound}/{PODS} in {:.2} s (from start, initial lists included)",
@@ -101,11 +109,43 @@ async fn run(scheduled_events: bool) {
     }
 }
 
+/// With `topology`, 30% of the pods get a zone spread constraint
+/// (DoNotSchedule, maxSkew 1) and 30% a preferred anti-affinity term on the
+/// hostname, over pods of their own group.
+fn with_topology(mut pod: Pod, p: u32, topology: bool) -> Pod {
+    if !topology {
+        return pod;
+    }
+    let group = format!("group-{}", p % 8);
+    pod.metadata.labels = Some([("app".to_owned(), group.clone())].into());
+    let selector = json!({"matchLabels": {"app": group}});
+    let spec = pod.spec.as_mut().expect("spec");
+    match p % 10 {
+        0..=2 => {
+            spec.topology_spread_constraints = Some(vec![serde_json::from_value(json!({
+                "maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "DoNotSchedule", "labelSelector": selector}))
+            .expect("constraint")]);
+        }
+        3..=5 => {
+            spec.affinity = Some(
+                serde_json::from_value(json!({"podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 50,
+                "podAffinityTerm": {"labelSelector": selector, "topologyKey": "kubernetes.io/hostname"}}]}}))
+                .expect("affinity"),
+            );
+        }
+        _ => {}
+    }
+    pod
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    runtime.block_on(run(false));
-    runtime.block_on(run(true));
+    runtime.block_on(run(false, false));
+    runtime.block_on(run(true, false));
+    runtime.block_on(run(false, true));
 }

@@ -1,6 +1,9 @@
 //! Placement-core benchmark: decisions per second on a snapshot of 1,000
-//! nodes × 8 GPUs with half the cards partly used. Each decision is timed
-//! on its own; prints throughput, median and p99.
+//! nodes × 8 GPUs in 3 zones with half the cards partly used (4 labelled
+//! pods per node). Each decision is timed on its own; prints throughput,
+//! median and p99, first for pods without pod-topology rules, then for a
+//! mix where 30% carry a zone topology spread constraint and 30% a
+//! preferred pod anti-affinity term.
 //!
 //! `cargo bench -p tessera-scheduler --bench placement`
 
@@ -38,14 +41,15 @@ fn snapshot() -> ClusterState {
             })
             .collect();
         let node: Node = serde_json::from_value(json!({"metadata": {"name": format!("node-{n:04}"),
-            "labels": {"gpu": "on"}, "annotations": {"hami.io/node-nvidia-register": encode_inventory(&devices)}},
+            "labels": {"gpu": "on", "kubernetes.io/hostname": format!("node-{n:04}"), "topology.kubernetes.io/zone": format!("zone-{}", n % 3)}, "annotations": {"hami.io/node-nvidia-register": encode_inventory(&devices)}},
             "status": {"conditions": [{"type": "Ready", "status": "True"}],
                        "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110"}}}))
         .expect("node");
         state.upsert_node(&node);
         // Half the cards partly used: cards 0..4 of every node carry a pod.
         for i in 0..CARDS / 2 {
-            let pod: Pod = serde_json::from_value(json!({"metadata": {"name": format!("load-{n}-{i}"), "namespace": "load",
+            let pod: Pod = serde_json::from_value(json!({"metadata": {"name": format!("load-{n}-{i}"), "namespace": "bench",
+                "labels": {"app": format!("svc-{}", (n + i) % 16)},
                 "annotations": {"hami.io/vgpu-devices-allocated": format!("GPU-{n:04}-{i},NVIDIA,{},{}:;", 2000 + 500 * i, 10 * i)}},
                 "spec": {"nodeName": format!("node-{n:04}"), "containers": [{"name": "c", "resources": {"requests": {"cpu": "1"}}}]},
                 "status": {"phase": "Running"}}))
@@ -54,6 +58,36 @@ fn snapshot() -> ClusterState {
         }
     }
     state
+}
+
+/// The same pods, 30% with a zone spread constraint (DoNotSchedule, over
+/// pods like the residents) and 30% with a preferred anti-affinity term on
+/// the hostname.
+fn topology_pods() -> Vec<Pod> {
+    pods()
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut pod)| {
+            let selector = json!({"matchLabels": {"app": format!("svc-{}", i % 16)}});
+            let spec = pod.spec.as_mut().expect("spec");
+            match i % 10 {
+                0..=2 => {
+                    spec.topology_spread_constraints = Some(vec![serde_json::from_value(json!({
+                        "maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                        "whenUnsatisfiable": "DoNotSchedule", "labelSelector": selector}))
+                    .expect("constraint")]);
+                }
+                3..=5 => {
+                    spec.affinity = Some(serde_json::from_value(json!({"podAntiAffinity": {
+                        "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 50,
+                        "podAffinityTerm": {"labelSelector": selector, "topologyKey": "kubernetes.io/hostname"}}]}}))
+                    .expect("affinity"));
+                }
+                _ => {}
+            }
+            pod
+        })
+        .collect()
 }
 
 fn pods() -> Vec<Pod> {
@@ -86,8 +120,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn main() {
     let state = snapshot();
+    measure(&state, "pods without pod-topology rules", pods());
+    measure(
+        &state,
+        "30% zone spread (DoNotSchedule), 30% preferred anti-affinity",
+        topology_pods(),
+    );
+}
+
+fn measure(state: &ClusterState, label: &str, pods: Vec<Pod>) {
     let config = Config::default();
-    let requirements: Vec<PodRequirements> = pods()
+    let requirements: Vec<PodRequirements> = pods
         .iter()
         .map(|p| PodRequirements::from_pod(p, &config).expect("valid"))
         .collect();
@@ -107,14 +150,14 @@ fn main() {
     }
     let total = started.elapsed();
     // From a Pod object, including reading the request.
-    let raw = pods();
+    let raw = pods;
     let t = Instant::now();
     for p in raw.iter().cycle().take(5_000) {
         let _ = state.schedule(p);
     }
     let with_parsing = t.elapsed() / 5_000;
     times.sort();
-    println!("placement core: {NODES} nodes x {CARDS} GPUs, half the cards partly used, one core");
+    println!("placement core: {NODES} nodes x {CARDS} GPUs, half the cards partly used, one core; {label}");
     println!("  decisions:          {iterations} ({placed} placed)");
     println!(
         "  throughput:         {:.0} decisions/s",

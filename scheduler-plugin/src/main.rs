@@ -35,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
         scheduled_events: args.scheduled_events,
         seal_key: Some(seal_key),
         allocation_timeout: Duration::from_secs(args.allocation_timeout_seconds),
+        volume_binding_timeout: Duration::from_secs(args.volume_binding_timeout_seconds),
     };
     let scheduler = Scheduler::new(client, config, options);
     let listener = tokio::net::TcpListener::bind(args.metrics_address)

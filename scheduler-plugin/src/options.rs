@@ -42,6 +42,11 @@ pub struct Args {
     /// GPU pod of its shape is bound.
     #[arg(long, default_value_t = 120)]
     pub allocation_timeout_seconds: u64,
+    /// Seconds the claims of a pod with `WaitForFirstConsumer` volumes may
+    /// take to bind once its node is selected before the decision is rolled
+    /// back and retried (kube-scheduler's `bindTimeoutSeconds`).
+    #[arg(long, default_value_t = 600)]
+    pub volume_binding_timeout_seconds: u64,
     /// Namespace of the Secret `tessera-allocation-key` (the seal key).
     #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
     pub key_namespace: String,

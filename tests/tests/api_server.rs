@@ -703,3 +703,56 @@ async fn dropping_the_server_ends_open_watches() {
         .expect("the watch ends when the server is dropped");
     assert!(matches!(end, Ok(None)), "got {end:?}");
 }
+
+#[tokio::test]
+async fn eviction_respects_pod_disruption_budgets() {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let server = ApiServer::start().await.expect("server");
+    let running = |name: &str, app: &str| -> Value {
+        json!({"metadata": {"name": name, "namespace": "ml", "labels": {"app": app}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "x"}]},
+            "status": {"phase": "Running"}})
+    };
+    for (name, app) in [("db-0", "db"), ("db-1", "db"), ("web-0", "web")] {
+        server.insert_value("v1", "pods", running(name, app));
+    }
+    server.insert_value("policy/v1", "poddisruptionbudgets", json!({"metadata": {"name": "db", "namespace": "ml"},
+        "spec": {"selector": {"matchLabels": {"app": "db"}}, "minAvailable": 1},
+        "status": {"disruptionsAllowed": 1, "currentHealthy": 2, "desiredHealthy": 1, "expectedPods": 2}}));
+    // kube-rs retries 429 with backoff for minutes by default; see the
+    // stand-in's own answer at once.
+    let mut config = kube::Config::new(server.url().parse().expect("url"));
+    config.default_retry = false;
+    let client = kube::Client::try_from(config).expect("client");
+    let pods: Api<Pod> = Api::namespaced(client, "ml");
+    // Allowed once: the pod goes and the budget is spent.
+    pods.evict("db-0", &kube::api::EvictParams::default())
+        .await
+        .expect("first eviction allowed");
+    assert!(server.get::<Pod>(Some("ml"), "db-0").is_none());
+    let budget = server
+        .get::<PodDisruptionBudget>(Some("ml"), "db")
+        .expect("budget");
+    assert_eq!(budget.status.expect("status").disruptions_allowed, 0);
+    // Then refused with 429.
+    match pods.evict("db-1", &kube::api::EvictParams::default()).await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 429, "{status:?}"),
+        other => panic!("expected 429, got {other:?}"),
+    }
+    assert!(server.get::<Pod>(Some("ml"), "db-1").is_some());
+    // A pod no budget selects goes at once; a missing one is 404.
+    pods.evict("web-0", &kube::api::EvictParams::default())
+        .await
+        .expect("unprotected");
+    assert!(matches!(
+        pods.evict("nope", &kube::api::EvictParams::default()).await,
+        Err(kube::Error::Api(status)) if status.code == 404
+    ));
+    // A pod that is not running is not protected.
+    let mut pending = running("db-2", "db");
+    pending["status"] = json!({"phase": "Pending"});
+    server.insert_value("v1", "pods", pending);
+    pods.evict("db-2", &kube::api::EvictParams::default())
+        .await
+        .expect("not running: budgets not consulted");
+}

@@ -8,7 +8,9 @@
 //!
 //! - scheduler: leader election on, a pod scheduled and bound with a
 //!   `Scheduled` Event, a pod that fits nowhere (`PodScheduled=False` and
-//!   `FailedScheduling`, retried);
+//!   `FailedScheduling`, retried), a `WaitForFirstConsumer` claim given an
+//!   available PV and one handed to its node for provisioning, a pod of
+//!   higher priority preempting (eviction, `nominatedNodeName`);
 //! - webhook: the self-provisioned CA (Secret, caBundle of the
 //!   MutatingWebhookConfiguration) and, separately, the optional
 //!   `--watch-namespaces` cache, whose calls must be exactly the extra
@@ -360,6 +362,10 @@ fn writes_of(api: &ApiServer, method: &str, target: &str) -> usize {
     api.write_count(method, target)
 }
 
+fn insert_value(api: &ApiServer, api_version: &str, resource: &str, object: Value) {
+    api.insert_value(api_version, resource, object);
+}
+
 /// Waits until the stand-in has seen `at_least` writes `method target`.
 async fn await_writes(api: &ApiServer, what: &str, method: &str, target: &str, at_least: usize) {
     eventually(what, || {
@@ -405,6 +411,47 @@ async fn scheduler_calls_match_its_rbac() {
     api.insert(&node);
     api.insert(&pending_pod("fits", 4000));
     api.insert(&pending_pod("too-big", 20000));
+    // Volume binding: one claim gets an available local PV (PV patched),
+    // one is provisioned on the chosen node (claim patched).
+    insert_value(
+        &api,
+        "storage.k8s.io/v1",
+        "storageclasses",
+        json!({"metadata": {"name": "local"},
+        "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "WaitForFirstConsumer"}),
+    );
+    insert_value(
+        &api,
+        "storage.k8s.io/v1",
+        "storageclasses",
+        json!({"metadata": {"name": "gp3"},
+        "provisioner": "ebs.csi.aws.com", "volumeBindingMode": "WaitForFirstConsumer"}),
+    );
+    insert_value(
+        &api,
+        "v1",
+        "persistentvolumes",
+        json!({"metadata": {"name": "disk-1"},
+        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "local",
+            "local": {"path": "/mnt/disk"}, "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchFields": [
+                {"key": "metadata.name", "operator": "In", "values": ["gpu-1"]}]}]}}},
+        "status": {"phase": "Available"}}),
+    );
+    for (claim, class) in [("data", "local"), ("cache", "gp3")] {
+        insert_value(
+            &api,
+            "v1",
+            "persistentvolumeclaims",
+            json!({"metadata": {"name": claim, "namespace": "team"},
+            "spec": {"storageClassName": class, "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}),
+        );
+        let pod: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("with-{claim}"), "namespace": "team"},
+            "spec": {"schedulerName": "tessera-scheduler", "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": claim}}],
+                "containers": [{"name": "main", "image": "x"}]}}))
+        .expect("pod");
+        api.insert(&pod);
+    }
     let options = ShellOptions {
         lease: Some(LeaseSettings {
             namespace: "tessera-system".into(),
@@ -429,6 +476,12 @@ async fn scheduler_calls_match_its_rbac() {
             .and_then(|p| p.spec?.node_name)
     })
     .await;
+    // Preemption: a pod of higher priority needs the card `fits` holds.
+    let mut urgent = pending_pod("urgent", 14000);
+    if let Some(spec) = urgent.spec.as_mut() {
+        spec.priority = Some(1000);
+    }
+    api.insert(&urgent);
     for (what, method, target, at_least) in [
         ("one bind", "POST", "pods/binding", 1),
         (
@@ -439,6 +492,14 @@ async fn scheduler_calls_match_its_rbac() {
         ),
         ("Scheduled and FailedScheduling events", "POST", "events", 2),
         ("the lease renewed", "PUT", "leases", 1),
+        ("a PV bound to its claim", "PATCH", "persistentvolumes", 1),
+        (
+            "a claim handed to its node",
+            "PATCH",
+            "persistentvolumeclaims",
+            1,
+        ),
+        ("a lower-priority pod evicted", "POST", "pods/eviction", 1),
     ] {
         await_writes(&api, what, method, target, at_least).await;
     }

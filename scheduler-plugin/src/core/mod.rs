@@ -4,14 +4,26 @@
 
 pub mod cards;
 pub mod gpu_fit;
+pub mod inter_pod_affinity;
+pub mod labels;
 pub mod node_predicates;
+pub mod pod_info;
+pub mod preemption;
 pub mod requirements;
 pub mod resources;
 pub mod schedule;
 pub mod state;
+pub mod topology_spread;
+pub mod volumes;
 
 pub use requirements::{pod_key, PodRequirements};
 pub use schedule::{Placement, ScheduleError, Unschedulable};
 pub use state::{ClusterState, NodeState, PodCharge};
 #[cfg(test)]
+mod pod_topology_tests;
+#[cfg(test)]
+mod preemption_tests;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod volume_tests;

@@ -107,6 +107,24 @@ impl NodeConstraints {
         None
     }
 
+    /// Whether the node passes `nodeSelector` and required node affinity
+    /// (topology spread's `nodeAffinityPolicy: Honor`).
+    pub fn matches_node_affinity(&self, node: &NodeFacts) -> bool {
+        self.node_selector
+            .iter()
+            .all(|(k, v)| node.labels.get(k) == Some(v))
+            && self
+                .required_terms
+                .as_ref()
+                .is_none_or(|terms| terms.iter().any(|term| term_matches(term, node)))
+    }
+
+    /// Whether every NoSchedule/NoExecute taint of the node is tolerated
+    /// (topology spread's `nodeTaintsPolicy: Honor`).
+    pub fn tolerates_taints(&self, node: &NodeFacts) -> bool {
+        node.taints.iter().all(|t| self.tolerates(t))
+    }
+
     fn tolerates_unschedulable(&self) -> bool {
         self.tolerations.iter().any(|t| {
             (t.key.as_deref() == Some("node.kubernetes.io/unschedulable")
@@ -141,7 +159,8 @@ fn toleration_matches(toleration: &Toleration, taint: &Taint) -> bool {
     }
 }
 
-fn term_matches(term: &NodeSelectorTerm, node: &NodeFacts) -> bool {
+/// Whether a node selector term matches the node (an empty term matches nothing).
+pub(crate) fn term_matches(term: &NodeSelectorTerm, node: &NodeFacts) -> bool {
     let expressions = term.match_expressions.as_deref().unwrap_or_default();
     let fields = term.match_fields.as_deref().unwrap_or_default();
     if expressions.is_empty() && fields.is_empty() {

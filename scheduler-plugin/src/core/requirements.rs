@@ -2,6 +2,8 @@
 //! constraints, and each container's resolved GPU request with the pod's
 //! placement preferences and policies.
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::Pod;
 use tessera_api::config::Config;
 use tessera_api::error::RequestError;
@@ -9,7 +11,9 @@ use tessera_api::policy::{GpuPolicy, NodePolicy};
 use tessera_api::request::{PodGpuPolicy, PodGpuRequest, ResolvedGpuRequest};
 
 use super::node_predicates::NodeConstraints;
+use super::pod_info::{PodInfo, SharedPodInfo};
 use super::resources::ResourceAmounts;
+use super::topology_spread::SpreadConstraint;
 
 /// One container's GPU need.
 #[derive(Debug, Clone)]
@@ -39,6 +43,14 @@ pub struct PodRequirements {
     pub gpu_policy: GpuPolicy,
     /// How nodes are chosen.
     pub node_policy: NodePolicy,
+    /// Namespace, labels, host ports and inter-pod affinity terms.
+    pub info: SharedPodInfo,
+    /// `topologySpreadConstraints`.
+    pub spread: Vec<SpreadConstraint>,
+    /// `spec.schedulingGates` still on the pod: it waits.
+    pub scheduling_gates: Vec<String>,
+    /// Names of the PersistentVolumeClaims it uses (its namespace).
+    pub claims: Vec<String>,
 }
 
 impl PodRequirements {
@@ -65,6 +77,10 @@ impl PodRequirements {
                 .policy
                 .node_policy
                 .unwrap_or(config.scheduling.node_policy),
+            info: Arc::new(PodInfo::from_pod(pod)),
+            spread: SpreadConstraint::from_pod(pod),
+            scheduling_gates: scheduling_gates(pod),
+            claims: super::volumes::pod_claims(pod),
             containers: needs(&request.containers),
             init_containers: needs(&request.init_containers),
             policy: request.policy,
@@ -84,6 +100,18 @@ impl PodRequirements {
     pub fn annotates_init_containers(&self) -> bool {
         self.init_containers.iter().any(|c| c.gpu.is_some())
     }
+}
+
+/// Names of the pod's `spec.schedulingGates`; a pod with any is not
+/// scheduled until they are all removed.
+pub fn scheduling_gates(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.scheduling_gates.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|g| g.name.clone())
+        .collect()
 }
 
 pub use tessera_api::pod::pod_key;

@@ -1,6 +1,9 @@
-//! The decision: filter every node (predicates, plain resources, GPU fit),
-//! score the survivors by the node policy, and turn the winner's card picks
-//! into a [`Placement`]; or explain, per reason, why no node fits.
+//! The decision: filter every node (node predicates, host ports, plain
+//! resources, GPU fit, topology spread, inter-pod affinity — kube-scheduler's
+//! order), score the survivors (preferred inter-pod affinity and
+//! `ScheduleAnyway` spread first, the GPU node policy breaking ties), and
+//! turn the winner's card picks into a [`Placement`]; or explain, per
+//! reason, why no node fits.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,9 +16,12 @@ use tessera_api::pod_allocation::PodAllocation;
 use tessera_api::policy::NodePolicy;
 
 use super::gpu_fit::{fit_pod, FitScratch, PodPicks};
+use super::inter_pod_affinity::{self, AffinityFilter, AffinityScore};
 use super::requirements::PodRequirements;
 use super::resources::ResourceAmounts;
 use super::state::{ClusterState, NodeState, PodCharge};
+use super::topology_spread::{self, SpreadFilter};
+use super::volumes::{VolumeAction, VolumeCheck};
 
 /// Where a pod goes and what each container gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +36,9 @@ pub struct Placement {
     pub containers: PodDevices,
     /// The charge to assume until the bind is confirmed.
     pub charge: PodCharge,
+    /// What to do for the pod's unbound claims before binding it (bind a
+    /// PV, or have one provisioned on the node).
+    pub volumes: Vec<VolumeAction>,
 }
 
 impl Placement {
@@ -72,9 +81,17 @@ impl fmt::Display for Unschedulable {
         }
         let mut reasons: Vec<_> = self.reasons.iter().collect();
         reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        // kube-scheduler's own predicates read as it words them
+        // ("2 node(s) didn't match pod anti-affinity rules").
         let parts: Vec<String> = reasons
             .iter()
-            .map(|(reason, count)| format!("{count}/{} nodes: {reason}", self.total_nodes))
+            .map(|(reason, count)| {
+                if reason.starts_with("node(s) ") {
+                    format!("{count} {reason}")
+                } else {
+                    format!("{count}/{} nodes: {reason}", self.total_nodes)
+                }
+            })
             .collect();
         f.write_str(&parts.join("; "))
     }
@@ -89,6 +106,57 @@ pub enum ScheduleError {
     /// No node fits now; retry when the cluster changes.
     #[error("{0}")]
     Unschedulable(Unschedulable),
+    /// The pod still has `spec.schedulingGates`; it waits until they are removed.
+    #[error("waiting for scheduling gates to be removed: {}", .0.join(", "))]
+    SchedulingGated(Vec<String>),
+}
+
+/// `FailedScheduling` reason: a requested host port is taken on the node.
+pub const HOST_PORTS_REASON: &str = "node(s) didn't have free ports for the requested pod ports";
+
+/// What one decision checks beyond the node itself, computed once from
+/// the whole cluster (only for the features the pod or the cluster use).
+pub(super) struct Decision<'a> {
+    volumes: Option<VolumeCheck<'a>>,
+    affinity: Option<AffinityFilter<'a>>,
+    spread: Option<SpreadFilter<'a>>,
+    affinity_score: Option<AffinityScore<'a>>,
+    spread_score: bool,
+}
+
+impl<'a> Decision<'a> {
+    /// Only what depends on the node itself (preemption's what-if checks).
+    pub(super) fn node_only() -> Self {
+        Self {
+            volumes: None,
+            affinity: None,
+            spread: None,
+            affinity_score: None,
+            spread_score: false,
+        }
+    }
+
+    fn new(state: &'a ClusterState, pod: &'a PodRequirements) -> Self {
+        let info = &*pod.info;
+        let volumes = (!pod.claims.is_empty())
+            .then(|| VolumeCheck::new(&state.storage, &info.namespace, &pod.claims, &pod.key));
+        Self {
+            volumes,
+            affinity: AffinityFilter::needed(state, info).then(|| AffinityFilter::new(state, info)),
+            spread: pod
+                .spread
+                .iter()
+                .any(|c| c.hard)
+                .then(|| SpreadFilter::new(state, &pod.spread, &pod.constraints, &info.namespace)),
+            affinity_score: AffinityScore::needed(state, info)
+                .then(|| AffinityScore::new(state, info)),
+            spread_score: pod.spread.iter().any(|c| !c.hard),
+        }
+    }
+
+    fn scores(&self) -> bool {
+        self.affinity_score.is_some() || self.spread_score
+    }
 }
 
 impl ClusterState {
@@ -103,14 +171,23 @@ impl ClusterState {
     /// filtered and scored without building reasons; only when no node fits
     /// is the filter run again to explain why, node by node.
     pub fn schedule_requirements(&self, pod: &PodRequirements) -> Result<Placement, ScheduleError> {
+        if !pod.scheduling_gates.is_empty() {
+            return Err(ScheduleError::SchedulingGated(pod.scheduling_gates.clone()));
+        }
         let needs_gpu = pod.needs_gpu();
+        let decision = Decision::new(self, pod);
         let mut scratch = FitScratch::for_decision(&self.card_types, &pod.policy, false);
-        let (_, best) = self.filter_and_score(pod, needs_gpu, &mut scratch, None);
+        let (_, best) = self.filter_and_score(pod, &decision, needs_gpu, &mut scratch, None);
         let Some(node) = best else {
             let mut explaining = FitScratch::for_decision(&self.card_types, &pod.policy, true);
             let mut reasons = BTreeMap::new();
-            let (considered, _) =
-                self.filter_and_score(pod, needs_gpu, &mut explaining, Some(&mut reasons));
+            let (considered, _) = self.filter_and_score(
+                pod,
+                &decision,
+                needs_gpu,
+                &mut explaining,
+                Some(&mut reasons),
+            );
             return Err(ScheduleError::Unschedulable(Unschedulable {
                 total_nodes: considered,
                 reasons,
@@ -156,19 +233,32 @@ impl ClusterState {
         } else {
             Vec::new()
         };
-        let charge = PodCharge::from_devices(
+        let volumes = match &decision.volumes {
+            Some(check) => check.on_node(&node.facts).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let mut charge = PodCharge::from_devices(
             node.facts.name.clone(),
             pod.resources.clone(),
             &init_containers,
             &containers,
             true,
-        );
+        )
+        .with_info(pod.info.clone());
+        charge.volumes = volumes
+            .iter()
+            .filter_map(|action| match action {
+                VolumeAction::BindVolume { volume, .. } => Some(volume.clone()),
+                VolumeAction::Provision { .. } => None,
+            })
+            .collect();
         Ok(Placement {
             pod: pod.key.clone(),
             node: node.facts.name.clone(),
             init_containers,
             containers,
             charge,
+            volumes,
         })
     }
 }
@@ -177,64 +267,144 @@ impl ClusterState {
     /// Runs every node through the filter; returns how many were considered
     /// and the best by the pod's node policy (ties: the first by name).
     /// With `reasons`, counts why nodes were refused.
-    fn filter_and_score(
-        &self,
+    /// When the pod or the cluster use preferred terms, the feasible nodes
+    /// are ranked first by the sum of the InterPodAffinity and
+    /// PodTopologySpread scores (each 0–100, weight 2 as in kube-scheduler's
+    /// default profile), then by the node policy.
+    fn filter_and_score<'s>(
+        &'s self,
         pod: &PodRequirements,
+        decision: &Decision<'_>,
         needs_gpu: bool,
         scratch: &mut FitScratch,
         mut reasons: Option<&mut BTreeMap<String, usize>>,
-    ) -> (usize, Option<&NodeState>) {
+    ) -> (usize, Option<&'s NodeState>) {
         let mut best: Option<(f64, &NodeState)> = None;
+        let mut feasible: Vec<(f64, &NodeState)> = Vec::new();
+        let ranking = decision.scores();
+        let better = |fullness: f64, current: f64| match pod.node_policy {
+            NodePolicy::Binpack => fullness > current,
+            NodePolicy::Spread => fullness < current,
+        };
         let mut considered = 0;
         for node in self.nodes.values() {
             if node.facts.name.is_empty() {
                 continue;
             }
             considered += 1;
-            match evaluate_node(node, pod, needs_gpu, scratch) {
+            match evaluate_node(node, pod, decision, needs_gpu, scratch) {
                 Err(reason) => {
                     if let Some(reasons) = reasons.as_deref_mut() {
                         *reasons.entry(reason).or_default() += 1;
                     }
                 }
+                Ok(fullness) if ranking => feasible.push((fullness, node)),
                 Ok(fullness) => {
-                    let better = best.is_none_or(|(current, _)| match pod.node_policy {
-                        NodePolicy::Binpack => fullness > current,
-                        NodePolicy::Spread => fullness < current,
-                    });
-                    if better {
+                    if best.is_none_or(|(current, _)| better(fullness, current)) {
                         best = Some((fullness, node));
                     }
                 }
             }
         }
-        (considered, best.map(|(_, node)| node))
+        if !ranking || feasible.is_empty() {
+            return (considered, best.map(|(_, node)| node));
+        }
+        let nodes: Vec<&NodeState> = feasible.iter().map(|(_, n)| *n).collect();
+        let mut preference = vec![0i64; nodes.len()];
+        if let Some(affinity) = &decision.affinity_score {
+            let raw: Vec<i64> = nodes.iter().map(|n| affinity.raw(&n.facts)).collect();
+            for (total, score) in preference
+                .iter_mut()
+                .zip(inter_pod_affinity::normalize(&raw))
+            {
+                *total += PREFERENCE_WEIGHT * score;
+            }
+        }
+        if decision.spread_score {
+            let scores = topology_spread::score(
+                self,
+                &pod.spread,
+                &pod.constraints,
+                &pod.info.namespace,
+                &nodes,
+            );
+            for (total, score) in preference.iter_mut().zip(scores) {
+                *total += PREFERENCE_WEIGHT * score;
+            }
+        }
+        let mut winner: Option<(i64, f64, &NodeState)> = None;
+        for ((fullness, node), score) in feasible.into_iter().zip(preference) {
+            let wins = winner.is_none_or(|(best_score, best_fullness, _)| {
+                score > best_score || score == best_score && better(fullness, best_fullness)
+            });
+            if wins {
+                winner = Some((score, fullness, node));
+            }
+        }
+        (considered, winner.map(|(_, _, node)| node))
     }
 }
 
+/// Weight of the InterPodAffinity and PodTopologySpread scores, as in
+/// kube-scheduler's default profile.
+pub const PREFERENCE_WEIGHT: i64 = 2;
+
 /// Ok(node fullness after placement) or the reason the node is refused.
-fn evaluate_node(
+pub(super) fn evaluate_node(
     node: &NodeState,
     pod: &PodRequirements,
+    decision: &Decision<'_>,
     needs_gpu: bool,
     scratch: &mut FitScratch,
 ) -> Result<f64, String> {
     if let Some(reason) = pod.constraints.rejects(&node.facts) {
         return Err(reason);
     }
+    if host_ports_taken(node, pod) {
+        return Err(HOST_PORTS_REASON.to_owned());
+    }
     if let Some(reason) =
         ResourceAmounts::shortfall(&node.allocatable, &node.requested, &pod.resources)
     {
         return Err(reason);
     }
-    if !needs_gpu {
-        return Ok(0.0);
-    }
-    if let Some(error) = &node.inventory_error {
-        let _ = error;
+    let fullness = if !needs_gpu {
+        0.0
+    } else if node.inventory_error.is_some() {
         return Err("GPU inventory annotation is corrupt (see the node's events)".to_owned());
+    } else {
+        fit_pod(&node.cards, node.fullness_sum, pod, scratch, false)
+            .map(|fit| fit.fullness_after)
+            .map_err(|misfit| misfit.reason)?
+    };
+    if let Some(check) = &decision.volumes {
+        check.on_node(&node.facts)?;
     }
-    fit_pod(&node.cards, node.fullness_sum, pod, scratch, false)
-        .map(|fit| fit.fullness_after)
-        .map_err(|misfit| misfit.reason)
+    if let Some(reason) = decision
+        .spread
+        .as_ref()
+        .and_then(|f| f.rejects(&node.facts))
+    {
+        return Err(reason.to_owned());
+    }
+    if let Some(reason) = decision
+        .affinity
+        .as_ref()
+        .and_then(|f| f.rejects(&node.facts))
+    {
+        return Err(reason.to_owned());
+    }
+    Ok(fullness)
+}
+
+/// Whether a host port the pod asks for is already taken on the node.
+fn host_ports_taken(node: &NodeState, pod: &PodRequirements) -> bool {
+    let wanted = &pod.info.host_ports;
+    !wanted.is_empty()
+        && node.residents().any(|resident| {
+            resident
+                .host_ports
+                .iter()
+                .any(|taken| wanted.iter().any(|w| w.conflicts_with(taken)))
+        })
 }

@@ -5,8 +5,9 @@
 //! scheduler made before the API server confirmed the bind.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use tessera_api::allocation::ContainerDevice;
 use tessera_api::allocation_seal::{AllocationTrust, SealError};
 use tessera_api::config::Config;
@@ -16,8 +17,11 @@ use tessera_api::pod_allocation::PodAllocation;
 
 use super::cards::CardState;
 use super::node_predicates::NodeFacts;
+use super::pod_info::{NamespaceLabels, PodInfo, SharedPodInfo};
+use super::preemption::Priorities;
 use super::requirements::pod_key;
 use super::resources::ResourceAmounts;
+use super::volumes::Storage;
 
 /// One node as the core sees it.
 #[derive(Debug, Clone)]
@@ -36,6 +40,31 @@ pub struct NodeState {
     /// the node score is computed from.
     pub fullness_sum: f64,
     pods: BTreeSet<String>,
+    /// What the pods charged here show other pods' predicates.
+    residents: BTreeMap<String, SharedPodInfo>,
+}
+
+impl NodeState {
+    /// The node as it would be without the given pods (preemption's what-if).
+    pub(crate) fn without(&self, pods: &[(&str, &PodCharge)]) -> NodeState {
+        let mut node = self.clone();
+        for (key, charge) in pods {
+            apply(&mut node, charge, false);
+            node.pods.remove(*key);
+            node.residents.remove(*key);
+        }
+        node
+    }
+
+    /// Keys of the pods charged here.
+    pub(crate) fn pod_keys(&self) -> impl Iterator<Item = &String> {
+        self.pods.iter()
+    }
+
+    /// The pods charged to this node, as other pods' predicates see them.
+    pub fn residents(&self) -> impl Iterator<Item = &PodInfo> + Clone {
+        self.residents.values().map(|p| &**p)
+    }
 }
 
 /// A card share charged to a pod.
@@ -62,6 +91,10 @@ pub struct PodCharge {
     pub cards: Vec<CardCharge>,
     /// True while it is only this scheduler's assumption (not yet observed bound).
     pub assumed: bool,
+    /// Labels, ports and affinity terms the pod shows other pods.
+    pub info: Option<SharedPodInfo>,
+    /// PVs this placement binds to its claims (held until observed bound).
+    pub volumes: Vec<String>,
 }
 
 impl CardCharge {
@@ -108,7 +141,15 @@ impl PodCharge {
             resources,
             cards: per_card.into_values().collect(),
             assumed,
+            info: None,
+            volumes: Vec::new(),
         }
+    }
+
+    /// The same charge carrying what the pod shows other pods.
+    pub fn with_info(mut self, info: SharedPodInfo) -> Self {
+        self.info = Some(info);
+        self
     }
 }
 
@@ -123,6 +164,20 @@ pub struct ClusterState {
     pub(crate) card_types: Vec<String>,
     /// Which allocation annotations are believed.
     trust: AllocationTrust,
+    /// Namespace labels, for affinity terms' `namespaceSelector`.
+    pub(crate) namespace_labels: NamespaceLabels,
+    /// Charged pods with inter-pod affinity terms (they constrain and
+    /// score every later pod).
+    affinity_pods: BTreeMap<String, SharedPodInfo>,
+    /// How many of them have required anti-affinity terms.
+    pub(crate) required_anti_affinity_pods: usize,
+    /// How many of them have terms that score other pods (required
+    /// affinity, preferred affinity or anti-affinity).
+    pub(crate) scoring_affinity_pods: usize,
+    /// PVs, claims and storage classes.
+    pub(crate) storage: Storage,
+    /// PriorityClasses and PodDisruptionBudgets (preemption).
+    pub(crate) priorities: Priorities,
 }
 
 impl ClusterState {
@@ -134,6 +189,12 @@ impl ClusterState {
             charges: HashMap::new(),
             card_types: Vec::new(),
             trust: AllocationTrust::default(),
+            namespace_labels: NamespaceLabels::new(),
+            affinity_pods: BTreeMap::new(),
+            required_anti_affinity_pods: 0,
+            scoring_affinity_pods: 0,
+            storage: Storage::default(),
+            priorities: Priorities::default(),
         }
     }
 
@@ -162,6 +223,37 @@ impl ClusterState {
     /// The charge of a pod, if any.
     pub fn charge(&self, key: &str) -> Option<&PodCharge> {
         self.charges.get(key)
+    }
+
+    /// Records a namespace's labels (for `namespaceSelector`).
+    pub fn upsert_namespace(&mut self, namespace: &Namespace) {
+        if let Some(name) = &namespace.metadata.name {
+            let labels = namespace.metadata.labels.clone().unwrap_or_default();
+            self.namespace_labels.insert(name.clone(), labels);
+        }
+    }
+
+    /// Forgets a namespace.
+    pub fn remove_namespace(&mut self, name: &str) {
+        self.namespace_labels.remove(name);
+    }
+
+    /// PVs, claims and storage classes.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// PVs, claims and storage classes, to update from watches.
+    pub fn storage_mut(&mut self) -> &mut Storage {
+        &mut self.storage
+    }
+
+    /// Charged pods with inter-pod affinity terms, with their nodes.
+    pub(crate) fn pods_with_affinity_terms(&self) -> impl Iterator<Item = (&PodInfo, &NodeState)> {
+        self.affinity_pods.iter().filter_map(|(key, info)| {
+            let node = self.nodes.get(&self.charges.get(key)?.node)?;
+            Some((&**info, node))
+        })
     }
 
     /// Adds or refreshes a node. Returns the inventory error, if its
@@ -205,15 +297,21 @@ impl ClusterState {
             inventory_error: inventory_error.clone(),
             fullness_sum: 0.0,
             pods,
+            residents: BTreeMap::new(),
         };
-        let charges: Vec<&PodCharge> = state
+        let charges: Vec<(String, &PodCharge)> = state
             .pods
             .iter()
-            .filter_map(|k| self.charges.get(k))
+            .filter_map(|k| Some((k.clone(), self.charges.get(k)?)))
             .collect();
-        for charge in charges {
+        let mut residents = BTreeMap::new();
+        for (key, charge) in charges {
             apply(&mut state, charge, true);
+            if let Some(info) = &charge.info {
+                residents.insert(key, info.clone());
+            }
         }
+        state.residents = residents;
         self.nodes.insert(name, state);
         inventory_error
     }
@@ -277,7 +375,8 @@ impl ClusterState {
             allocation.init(),
             allocation.app(),
             bound_node.is_none(),
-        );
+        )
+        .with_info(Arc::new(PodInfo::from_pod(pod)));
         self.set_charge(key, charge);
         distrust
     }
@@ -305,6 +404,13 @@ impl ClusterState {
             if let Some(node) = self.nodes.get_mut(&old.node) {
                 apply(node, &old, false);
                 node.pods.remove(key);
+                node.residents.remove(key);
+            }
+            if let Some(info) = self.affinity_pods.remove(key) {
+                self.count_affinity_pod(&info, false);
+            }
+            for volume in &old.volumes {
+                self.storage.assumed_volumes.remove(volume);
             }
         }
     }
@@ -318,8 +424,39 @@ impl ClusterState {
         if let Some(node) = self.nodes.get_mut(&charge.node) {
             apply(node, &charge, true);
             node.pods.insert(key.clone());
+            if let Some(info) = &charge.info {
+                node.residents.insert(key.clone(), info.clone());
+            }
+        }
+        for volume in &charge.volumes {
+            self.storage
+                .assumed_volumes
+                .insert(volume.clone(), key.clone());
+        }
+        if let Some(info) = charge.info.as_ref().filter(|i| i.has_affinity_terms()) {
+            self.count_affinity_pod(info, true);
+            self.affinity_pods.insert(key.clone(), info.clone());
         }
         self.charges.insert(key, charge);
+    }
+
+    fn count_affinity_pod(&mut self, info: &PodInfo, add: bool) {
+        let step = |count: &mut usize| {
+            *count = if add {
+                *count + 1
+            } else {
+                count.saturating_sub(1)
+            }
+        };
+        if !info.required_anti_affinity.is_empty() {
+            step(&mut self.required_anti_affinity_pods);
+        }
+        if !info.required_affinity.is_empty()
+            || !info.preferred_affinity.is_empty()
+            || !info.preferred_anti_affinity.is_empty()
+        {
+            step(&mut self.scoring_affinity_pods);
+        }
     }
 }
 

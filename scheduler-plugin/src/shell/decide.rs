@@ -64,15 +64,25 @@ impl Scheduler {
         match result {
             Ok(placement) => {
                 self.shared.metrics.count_decision("placed");
-                self.submit_bind(pod, placement, signature);
+                if placement.volumes.is_empty() {
+                    self.submit_bind(pod, placement, signature);
+                } else {
+                    self.bind_volumes_then_pod(pod, placement, signature);
+                }
             }
             Err(ScheduleError::Unschedulable(why)) => {
                 self.shared.metrics.count_decision("unschedulable");
                 let message = format!("0/{} nodes are available: {why}", why.total_nodes);
                 tracing::info!(pod = %key, %message, "pod does not fit; waiting for the cluster to change");
                 self.shared.queue.park(&key, signature, true);
+                self.preempt_for(&pod);
                 let notifier = self.shared.notifier.clone();
                 tokio::spawn(async move { notifier.failed(&pod, "Unschedulable", &message).await });
+            }
+            Err(ScheduleError::SchedulingGated(gates)) => {
+                // Not queued while gated; a gate added after queueing lands here.
+                tracing::debug!(pod = %key, ?gates, "pod has scheduling gates; waiting for their removal");
+                self.shared.queue.park(&key, signature, false);
             }
             Err(ScheduleError::InvalidRequest(error)) => {
                 self.shared.metrics.count_decision("invalid");

@@ -29,7 +29,7 @@ impl Scheduler {
                 if ready.is_synced() {
                     Ok(())
                 } else {
-                    Err("waiting for the initial node and pod lists".to_owned())
+                    Err("waiting for the initial node, pod, namespace, storage and PodDisruptionBudget lists".to_owned())
                 }
             }),
             Some(Arc::new(move || metrics.metrics_text())),

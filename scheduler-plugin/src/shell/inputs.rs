@@ -129,8 +129,14 @@ impl Scheduler {
         let bound = spec.is_some_and(|s| s.node_name.is_some());
         let ours = spec.and_then(|s| s.scheduler_name.as_deref())
             == Some(self.shared.config.scheduler_name.as_str());
-        let pending =
-            ours && !bound && pod.metadata.deletion_timestamp.is_none() && !is_terminal(pod);
+        // A pod with scheduling gates waits, unqueued and without events,
+        // until its gates are removed (an update that queues it).
+        let gated = !crate::core::requirements::scheduling_gates(pod).is_empty();
+        let pending = ours
+            && !bound
+            && !gated
+            && pod.metadata.deletion_timestamp.is_none()
+            && !is_terminal(pod);
         if pending {
             lock(&self.shared.pending).insert(key.clone(), pod.clone());
             self.shared.queue.pod_seen(&key, pod_signature(pod));

@@ -1,5 +1,6 @@
 //! The Kubernetes shell around the placement core. Reflectors keep the
-//! [`ClusterState`] current from node and pod watches; pending pods of ours
+//! [`ClusterState`] current from node, pod, namespace, storage and
+//! PodDisruptionBudget watches; pending pods of ours
 //! flow through the [`SchedulingQueue`]; the decision loop asks the core,
 //! assumes the result at once (so the next decision already sees it) and
 //! hands the bind to [`bind`]. One bind request carries the sealed
@@ -16,9 +17,12 @@ pub mod http;
 pub mod inputs;
 pub mod leader;
 pub mod metrics;
+mod namespaces;
 pub mod node_gate;
+mod preemption;
 pub mod queue;
 pub mod seal_key;
+pub mod volumes;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -37,6 +41,15 @@ use events::Notifier;
 use leader::LeaseSettings;
 use metrics::SchedulerMetrics;
 use queue::SchedulingQueue;
+
+/// Lists besides nodes and pods that decisions wait for.
+const OTHER_LISTS: [&str; 5] = [
+    namespaces::NAMESPACES_LIST,
+    preemption::BUDGETS_LIST,
+    volumes::STORAGE_LISTS[0],
+    volumes::STORAGE_LISTS[1],
+    volumes::STORAGE_LISTS[2],
+];
 
 /// How the shell runs.
 #[derive(Debug, Clone)]
@@ -57,6 +70,10 @@ pub struct ShellOptions {
     /// How long a bound pod may stay `allocating` (no kubelet admitted it)
     /// before it is marked failed and its node's gate opens.
     pub allocation_timeout: Duration,
+    /// How long the claims of a pod with `WaitForFirstConsumer` volumes may
+    /// take to bind after its node was selected (kube-scheduler's
+    /// `bindTimeoutSeconds`, 600 s) before the decision is rolled back.
+    pub volume_binding_timeout: Duration,
 }
 
 impl Default for ShellOptions {
@@ -68,6 +85,7 @@ impl Default for ShellOptions {
             scheduled_events: true,
             seal_key: None,
             allocation_timeout: Duration::from_secs(120),
+            volume_binding_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -98,6 +116,10 @@ struct Shared {
     bind_slots: Arc<Semaphore>,
     nodes_synced: AtomicBool,
     pods_synced: AtomicBool,
+    /// Other lists decisions wait for ([`OTHER_LISTS`]) that are in.
+    lists_synced: Mutex<HashSet<&'static str>>,
+    /// Pods whose evictions are in flight (one preemption at a time each).
+    preempting: Mutex<HashSet<String>>,
     synced: watch::Sender<bool>,
 }
 
@@ -159,15 +181,27 @@ impl Scheduler {
                 notifier,
                 nodes_synced: AtomicBool::new(false),
                 pods_synced: AtomicBool::new(false),
+                lists_synced: Mutex::default(),
+                preempting: Mutex::default(),
                 synced: watch::channel(false).0,
             }),
         }
     }
 
-    /// Whether both reflectors finished their initial list.
+    /// Whether the reflectors (nodes, pods and [`OTHER_LISTS`]) finished their initial list.
     pub fn is_synced(&self) -> bool {
         self.shared.nodes_synced.load(Ordering::Relaxed)
             && self.shared.pods_synced.load(Ordering::Relaxed)
+            && {
+                let lists = lock(&self.shared.lists_synced);
+                OTHER_LISTS.iter().all(|l| lists.contains(l))
+            }
+    }
+
+    /// Records that one of [`OTHER_LISTS`] finished its initial list.
+    fn list_synced(&self, list: &'static str) {
+        lock(&self.shared.lists_synced).insert(list);
+        self.shared.synced.send_replace(self.is_synced());
     }
 
     /// A copy of the current cluster state (for tests and `inspect`).
@@ -193,11 +227,17 @@ impl Scheduler {
         }
         let nodes = tokio::spawn(self.clone().reflect_nodes());
         let pods = tokio::spawn(self.clone().reflect_pods());
+        let namespaces = tokio::spawn(self.clone().reflect_namespaces());
+        let storage = tokio::spawn(self.clone().reflect_storage());
+        let budgets = tokio::spawn(self.clone().reflect_disruption_budgets());
         let decide = tokio::spawn(self.clone().decision_loop(leading_rx));
         let expiry = tokio::spawn(self.clone().expire_gates(Duration::from_secs(1)));
         tokio::select! {
             r = nodes => r.unwrap_or(Err(ShellError::WatchEnded("node"))),
             r = pods => r.unwrap_or(Err(ShellError::WatchEnded("pod"))),
+            r = namespaces => r.unwrap_or(Err(ShellError::WatchEnded("namespace"))),
+            r = storage => r.unwrap_or(Err(ShellError::WatchEnded("storage"))),
+            r = budgets => r.unwrap_or(Err(ShellError::WatchEnded("poddisruptionbudget"))),
             _ = decide => Err(ShellError::WatchEnded("leadership")),
             _ = expiry => Err(ShellError::WatchEnded("bind gate expiry")),
         }

@@ -212,7 +212,7 @@ fn handle(
     let mode = match subresource {
         None => UpdateMode::Main,
         Some("status") if has_status_subresource(resource) => UpdateMode::Status,
-        Some("binding")
+        Some("binding" | "eviction")
             if resource == "pods" && target.api_version == "v1" && method == Method::POST =>
         {
             UpdateMode::Main
@@ -247,6 +247,10 @@ fn handle(
             .get(&target.key(name))
             .map(|o| (StatusCode::OK, Value::clone(o)))
             .ok_or_else(|| ApiError::not_found(resource, name)),
+        (Method::POST, Some(name), Some("eviction")) => {
+            store.evict(namespace, name, &parse_body(body)?)?;
+            Ok((StatusCode::CREATED, success_status(201)))
+        }
         (Method::POST, Some(name), Some("binding")) => {
             store.bind(namespace, name, &parse_body(body)?)?;
             Ok((StatusCode::CREATED, success_status(201)))

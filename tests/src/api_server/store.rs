@@ -147,6 +147,11 @@ pub(crate) fn kind_of(resource: &str) -> String {
         "daemonsets" => "DaemonSet",
         "replicasets" => "ReplicaSet",
         "statefulsets" => "StatefulSet",
+        "persistentvolumes" => "PersistentVolume",
+        "persistentvolumeclaims" => "PersistentVolumeClaim",
+        "storageclasses" => "StorageClass",
+        "priorityclasses" => "PriorityClass",
+        "poddisruptionbudgets" => "PodDisruptionBudget",
         "mutatingwebhookconfigurations" => "MutatingWebhookConfiguration",
         "validatingwebhookconfigurations" => "ValidatingWebhookConfiguration",
         _ => "",
@@ -166,7 +171,15 @@ pub(crate) fn kind_of(resource: &str) -> String {
 pub(crate) fn has_status_subresource(resource: &str) -> bool {
     matches!(
         resource,
-        "pods" | "nodes" | "namespaces" | "deployments" | "daemonsets" | "replicasets"
+        "pods"
+            | "nodes"
+            | "namespaces"
+            | "deployments"
+            | "daemonsets"
+            | "replicasets"
+            | "persistentvolumes"
+            | "persistentvolumeclaims"
+            | "poddisruptionbudgets"
     )
 }
 
@@ -507,6 +520,74 @@ impl Store {
         Ok(self.commit(EventType::Deleted, key.clone(), object, Some(current)))
     }
 
+    /// `pods/eviction` (policy/v1 Eviction): deletes the pod unless a
+    /// PodDisruptionBudget selecting it allows no disruption (429), with
+    /// Kubernetes' rules: more than one matching budget is an error (500),
+    /// a pod that is not running is deleted without consulting budgets, and
+    /// an allowed eviction takes one from the budget's
+    /// `status.disruptionsAllowed`. The eviction's `deleteOptions`
+    /// preconditions are honoured.
+    pub fn evict(&mut self, namespace: &str, pod: &str, eviction: &Value) -> Result<(), ApiError> {
+        let key = ObjectKey::new("v1", "pods", namespace, pod);
+        let current = self
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("pods", pod))?;
+        let running = str_at(&current, "/status/phase") == "Running";
+        let labels = current
+            .pointer("/metadata/labels")
+            .cloned()
+            .unwrap_or(json!({}));
+        let budgets: Vec<Value> = self
+            .list("policy/v1", "poddisruptionbudgets", Some(namespace))
+            .filter(|b| label_selector_matches(b.pointer("/spec/selector"), &labels))
+            .map(|b| Value::clone(b))
+            .collect();
+        if running {
+            if budgets.len() > 1 {
+                return Err(ApiError::new(
+                    500,
+                    "InternalError",
+                    "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+                ));
+            }
+            if let Some(budget) = budgets.first() {
+                let allowed = budget
+                    .pointer("/status/disruptionsAllowed")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0);
+                if allowed < 1 {
+                    return Err(ApiError::new(
+                        429,
+                        "TooManyRequests",
+                        format!(
+                            "Cannot evict pod as it would violate the pod's disruption budget. The disruption budget {} needs more healthy pods to allow it.",
+                            str_at(budget, "/metadata/name")
+                        ),
+                    ));
+                }
+                let budget_key = ObjectKey::new(
+                    "policy/v1",
+                    "poddisruptionbudgets",
+                    namespace,
+                    str_at(budget, "/metadata/name"),
+                );
+                let mut next = budget.clone();
+                next["status"]["disruptionsAllowed"] = json!(allowed - 1);
+                self.commit(
+                    EventType::Modified,
+                    budget_key,
+                    next,
+                    Some(Arc::new(budget.clone())),
+                );
+            }
+        }
+        let options = eviction.get("deleteOptions").cloned().unwrap_or(json!({}));
+        self.delete(&key, &options)?;
+        Ok(())
+    }
+
     /// `pods/binding`: assign a pending pod to a node, copying the binding's
     /// annotations onto the pod and marking it scheduled.
     pub fn bind(&mut self, namespace: &str, pod: &str, binding: &Value) -> Result<(), ApiError> {
@@ -568,6 +649,44 @@ impl Store {
         self.commit(EventType::Modified, key, next, Some(current));
         Ok(())
     }
+}
+
+/// Whether a metav1.LabelSelector (as JSON) matches `labels`: a missing
+/// selector matches nothing, an empty one everything.
+fn label_selector_matches(selector: Option<&Value>, labels: &Value) -> bool {
+    let Some(selector) = selector.filter(|s| s.is_object()) else {
+        return false;
+    };
+    let label = |key: &str| labels.get(key).and_then(Value::as_str);
+    let match_labels = selector
+        .get("matchLabels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| label(k) == v.as_str());
+    let expressions = selector
+        .get("matchExpressions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .all(|e| {
+            let key = str_at(e, "/key");
+            let values: Vec<&str> = e
+                .get("values")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            match str_at(e, "/operator") {
+                "In" => label(key).is_some_and(|v| values.contains(&v)),
+                "NotIn" => label(key).is_none_or(|v| !values.contains(&v)),
+                "Exists" => label(key).is_some(),
+                "DoesNotExist" => label(key).is_none(),
+                _ => false,
+            }
+        });
+    match_labels && expressions
 }
 
 fn set_type_meta(object: &mut Value, api_version: &str, kind: &str) {
