@@ -2111,9 +2111,11 @@ fn exposed_metrics() -> BTreeSet<String> {
         container: "main".to_owned(),
         region: region.clone(),
         cards: vec![cards[0].uuid.clone()],
+        card_memory_mib: vec![1024],
         priority: None,
     };
     let agent = tessera_node_agent::metrics::Metrics::new(
+        "node",
         Arc::new(gpus),
         cards,
         Arc::new(RwLock::new(vec![container])),
