@@ -128,6 +128,9 @@ mod tests {
             "# TYPE a gauge\na 1\n".to_owned(),
             "# TYPE b counter\nb_total 1\n# EOF\n",
         );
-        assert_eq!(joined, "# TYPE a gauge\na 1\n# TYPE b counter\nb_total 1\n# EOF\n");
+        assert_eq!(
+            joined,
+            "# TYPE a gauge\na 1\n# TYPE b counter\nb_total 1\n# EOF\n"
+        );
     }
 }

@@ -113,17 +113,42 @@ const fn family(
 /// (`cmd/vGPUmonitor/metrics.go`), with its name, help text and label
 /// names, in the order they are rendered.
 pub const HAMI_MONITOR_FAMILIES: &[GaugeFamily] = &[
-    family("hami_host_gpu_memory_used_bytes", "GPU device memory usage in bytes", HOST_LABELS, false),
-    family("hami_host_gpu_utilization_ratio", "GPU core utilization ratio (0-100)", HOST_LABELS, false),
+    family(
+        "hami_host_gpu_memory_used_bytes",
+        "GPU device memory usage in bytes",
+        HOST_LABELS,
+        false,
+    ),
+    family(
+        "hami_host_gpu_utilization_ratio",
+        "GPU core utilization ratio (0-100)",
+        HOST_LABELS,
+        false,
+    ),
     family(
         "hami_host_gpu_memory_controller_utilization_ratio",
         "GPU memory controller utilization ratio (0-100)",
         &["device_index", "device_uuid", "device_type"],
         false,
     ),
-    family("hami_vgpu_memory_used_bytes", "vGPU device memory usage in bytes", CONTAINER_LABELS, false),
-    family("hami_vgpu_memory_limit_bytes", "vGPU device memory limit in bytes", CONTAINER_LABELS, false),
-    family("hami_container_device_utilization_ratio", "Container device SM utilization ratio", CONTAINER_LABELS, false),
+    family(
+        "hami_vgpu_memory_used_bytes",
+        "vGPU device memory usage in bytes",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "hami_vgpu_memory_limit_bytes",
+        "vGPU device memory limit in bytes",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "hami_container_device_utilization_ratio",
+        "Container device SM utilization ratio",
+        CONTAINER_LABELS,
+        false,
+    ),
     family(
         "hami_container_last_kernel_elapsed_seconds",
         "Seconds since last kernel execution in container",
@@ -134,24 +159,73 @@ pub const HAMI_MONITOR_FAMILIES: &[GaugeFamily] = &[
         "hami_mig_device_info",
         "MIG runtime identity for a container allocation",
         &[
-            "namespace", "pod", "container", "vdevice_index", "device_uuid", "mig_uuid", "profile",
-            "gpu_instance_id", "compute_instance_id",
+            "namespace",
+            "pod",
+            "container",
+            "vdevice_index",
+            "device_uuid",
+            "mig_uuid",
+            "profile",
+            "gpu_instance_id",
+            "compute_instance_id",
         ],
         false,
     ),
-    family("hami_vgpu_memory_context_bytes", "Container device memory context size in bytes", CONTAINER_LABELS, false),
-    family("hami_vgpu_memory_module_bytes", "Container device memory module size in bytes", CONTAINER_LABELS, false),
-    family("hami_vgpu_memory_buffer_bytes", "Container device memory buffer size in bytes", CONTAINER_LABELS, false),
-    family("HostGPUMemoryUsage", "GPU device memory usage", LEGACY_HOST_LABELS, true),
-    family("HostCoreUtilization", "GPU core utilization", LEGACY_HOST_LABELS, true),
-    family("vGPU_device_memory_usage_in_bytes", "vGPU device usage", LEGACY_CONTAINER_LABELS, true),
-    family("vGPU_device_memory_limit_in_bytes", "vGPU device limit", LEGACY_CONTAINER_LABELS, true),
+    family(
+        "hami_vgpu_memory_context_bytes",
+        "Container device memory context size in bytes",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "hami_vgpu_memory_module_bytes",
+        "Container device memory module size in bytes",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "hami_vgpu_memory_buffer_bytes",
+        "Container device memory buffer size in bytes",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "HostGPUMemoryUsage",
+        "GPU device memory usage",
+        LEGACY_HOST_LABELS,
+        true,
+    ),
+    family(
+        "HostCoreUtilization",
+        "GPU core utilization",
+        LEGACY_HOST_LABELS,
+        true,
+    ),
+    family(
+        "vGPU_device_memory_usage_in_bytes",
+        "vGPU device usage",
+        LEGACY_CONTAINER_LABELS,
+        true,
+    ),
+    family(
+        "vGPU_device_memory_limit_in_bytes",
+        "vGPU device limit",
+        LEGACY_CONTAINER_LABELS,
+        true,
+    ),
     family(
         "Device_memory_desc_of_container",
         "Container device memory description",
         &[
-            "podnamespace", "podname", "ctrname", "vdeviceid", "deviceuuid", "context", "module",
-            "data", "offset",
+            "podnamespace",
+            "podname",
+            "ctrname",
+            "vdeviceid",
+            "deviceuuid",
+            "context",
+            "module",
+            "data",
+            "offset",
         ],
         true,
     ),
@@ -170,7 +244,14 @@ pub const HAMI_MONITOR_FAMILIES: &[GaugeFamily] = &[
     family(
         "MigInfo",
         "Mig device information for container",
-        &["podnamespace", "podname", "ctrname", "vdeviceid", "deviceuuid", "instanceid"],
+        &[
+            "podnamespace",
+            "podname",
+            "ctrname",
+            "vdeviceid",
+            "deviceuuid",
+            "instanceid",
+        ],
         true,
     ),
 ];
@@ -319,7 +400,14 @@ impl Metrics {
             };
             for (i, (uuid, device)) in record.cards.iter().zip(usage).enumerate() {
                 let allocated_bytes = record.card_memory_mib.get(i).copied().unwrap_or(0) * MIB;
-                figures.push(container_figures(&record, i, uuid, &device, allocated_bytes, now_ns));
+                figures.push(container_figures(
+                    &record,
+                    i,
+                    uuid,
+                    &device,
+                    allocated_bytes,
+                    now_ns,
+                ));
             }
         }
         figures
@@ -353,7 +441,10 @@ impl Metrics {
             ]
         };
         let per_container = |value: &dyn Fn(&ContainerFigures) -> f64| -> Vec<GaugeSample> {
-            containers.iter().map(|c| (container(c), value(c))).collect()
+            containers
+                .iter()
+                .map(|c| (container(c), value(c)))
+                .collect()
         };
         match name {
             "hami_host_gpu_memory_used_bytes" | "HostGPUMemoryUsage" => {
@@ -430,7 +521,9 @@ impl Metrics {
                     // runtime's workers.
                     let text = tokio::task::spawn_blocking(move || metrics.render())
                         .await
-                        .unwrap_or_else(|e| format!("# metrics could not be gathered: {e}\n# EOF\n"));
+                        .unwrap_or_else(|e| {
+                            format!("# metrics could not be gathered: {e}\n# EOF\n")
+                        });
                     (
                         [(
                             "content-type",
@@ -547,12 +640,19 @@ mod tests {
                 .unwrap_or_else(|errors| panic!("not strict OpenMetrics: {errors:#?}\n{text}"));
             let differences = differences_from_hami(&exposition, HamiComponent::Monitor, legacy);
             assert!(differences.is_empty(), "{differences:#?}\n{text}");
-            let expect = |line: String| assert!(text.contains(&line), "missing `{line}` in\n{text}");
+            let expect =
+                |line: String| assert!(text.contains(&line), "missing `{line}` in\n{text}");
             let container = format!("{{namespace=\"ns\",pod=\"p\",container=\"main\",vdevice_index=\"0\",device_uuid=\"{uuid}\"}}");
             expect(format!("hami_vgpu_memory_used_bytes{container} 1048576000"));
-            expect(format!("hami_vgpu_memory_limit_bytes{container} 4294967296"));
-            expect(format!("hami_container_device_utilization_ratio{container} 25"));
-            expect(format!("hami_vgpu_memory_buffer_bytes{container} 1048576000"));
+            expect(format!(
+                "hami_vgpu_memory_limit_bytes{container} 4294967296"
+            ));
+            expect(format!(
+                "hami_container_device_utilization_ratio{container} 25"
+            ));
+            expect(format!(
+                "hami_vgpu_memory_buffer_bytes{container} 1048576000"
+            ));
             expect(format!("hami_host_gpu_memory_used_bytes{{node=\"n\",device_index=\"1\",device_uuid=\"{uuid}\",device_type=\"NVIDIA-NVIDIA A10G\"}} 3221225472"));
             expect(format!("hami_host_gpu_utilization_ratio{{node=\"n\",device_index=\"1\",device_uuid=\"{uuid}\",device_type=\"NVIDIA-NVIDIA A10G\"}} 25"));
             expect(format!("hami_host_gpu_memory_controller_utilization_ratio{{device_index=\"1\",device_uuid=\"{uuid}\",device_type=\"NVIDIA-NVIDIA A10G\"}} 0"));
@@ -566,7 +666,10 @@ mod tests {
                 expect(format!("vGPU_device_memory_limit_in_bytes{{podnamespace=\"ns\",podname=\"p\",ctrname=\"main\",vdeviceid=\"0\",deviceuuid=\"{uuid}\"}} 4294967296"));
                 expect(format!("HostCoreUtilization{{nodeid=\"n\",deviceidx=\"1\",deviceuuid=\"{uuid}\",devicetype=\"NVIDIA-NVIDIA A10G\"}} 25"));
             } else {
-                assert!(!text.contains("vGPU_device_memory_limit_in_bytes"), "{text}");
+                assert!(
+                    !text.contains("vGPU_device_memory_limit_in_bytes"),
+                    "{text}"
+                );
             }
         }
     }
@@ -590,7 +693,12 @@ mod tests {
             .collect();
         assert_eq!(ours, reference);
         for family in HAMI_MONITOR_FAMILIES {
-            assert_eq!(family.legacy, !family.name.starts_with("hami_"), "{}", family.name);
+            assert_eq!(
+                family.legacy,
+                !family.name.starts_with("hami_"),
+                "{}",
+                family.name
+            );
         }
     }
 

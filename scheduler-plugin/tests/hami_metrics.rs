@@ -50,7 +50,7 @@ fn bound_pods() -> Vec<BoundPod> {
         namespace: "team".into(),
         name: "trainer".into(),
         node: "gpu-1".into(),
-        devices_allocated: encode_pod_devices(&vec![
+        devices_allocated: encode_pod_devices(&[
             vec![device("GPU-n-0", 4096, 30)],
             vec![device("GPU-n-1", 2048, 0)],
         ]),
@@ -85,7 +85,12 @@ fn the_family_table_is_hamis_reference() {
         .collect();
     assert_eq!(ours, reference);
     for family in HAMI_SCHEDULER_FAMILIES {
-        assert_eq!(family.legacy, !family.name.starts_with("hami_"), "{}", family.name);
+        assert_eq!(
+            family.legacy,
+            !family.name.starts_with("hami_"),
+            "{}",
+            family.name
+        );
     }
 }
 
@@ -124,14 +129,20 @@ fn label_values_and_units_are_hamis() {
     assert_eq!(sample("hami_gpu_core_limit_ratio", "GPU-n-0").value, 100.0);
     let overview = sample("hami_node_gpu_overview", "GPU-n-0");
     assert_eq!(overview.label("device_memory_limit"), Some("15360"));
-    assert_eq!(sample("GPUDeviceMemoryLimit", "GPU-n-1").label("nodeid"), Some("gpu-1"));
+    assert_eq!(
+        sample("GPUDeviceMemoryLimit", "GPU-n-1").label("nodeid"),
+        Some("gpu-1")
+    );
     let container = sample("hami_vgpu_memory_allocated_bytes", "GPU-n-1");
     assert_eq!(container.value, (2048_u64 << 20) as f64);
     assert_eq!(container.label("namespace"), Some("team"));
     assert_eq!(container.label("node"), Some("gpu-1"));
     assert_eq!(container.label("pod"), Some("trainer"));
     assert_eq!(container.label("container_index"), Some("1"));
-    assert_eq!(sample("hami_vgpu_core_allocated_ratio", "GPU-n-0").value, 30.0);
+    assert_eq!(
+        sample("hami_vgpu_core_allocated_ratio", "GPU-n-0").value,
+        30.0
+    );
     assert_eq!(
         sample("vGPUMemoryAllocated", "GPU-n-0").label("nodename"),
         Some("gpu-1")

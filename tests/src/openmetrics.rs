@@ -121,9 +121,12 @@ fn parse_value(text: &str) -> Option<f64> {
     }
 }
 
+/// Label names and values, in written order.
+type Labels = Vec<(String, String)>;
+
 /// Parses `{a="b",c="d"}` at the start of `rest`; returns the labels and
 /// what follows the closing brace.
-fn parse_labels(rest: &str) -> Result<(Vec<(String, String)>, &str), String> {
+fn parse_labels(rest: &str) -> Result<(Labels, &str), String> {
     let mut labels = Vec::new();
     let mut rest = rest
         .strip_prefix('{')
@@ -316,7 +319,7 @@ pub fn parse_strict(text: &str) -> Result<Exposition, Vec<String>> {
                 .iter()
                 .any(|suffix| name.strip_suffix(suffix) == Some(family.name.as_str()))
         };
-        let in_current = exposition.families.last().is_some_and(|f| belongs(f));
+        let in_current = exposition.families.last().is_some_and(&belongs);
         if !in_current {
             if exposition
                 .families
@@ -340,7 +343,7 @@ pub fn parse_strict(text: &str) -> Result<Exposition, Vec<String>> {
             });
         }
         let family = exposition.families.last_mut().expect("a current family");
-        if family.kind == "counter" && name.ends_with("_total") && !(value >= 0.0) {
+        if family.kind == "counter" && name.ends_with("_total") && (value.is_nan() || value < 0.0) {
             fail(format!("counter value {value} is negative or NaN"));
         }
         let mut key_labels = labels.clone();
@@ -467,7 +470,10 @@ pub fn differences_from_hami(
             ));
         }
         if exposed.kind != "gauge" {
-            differences.push(format!("`{}` is a {}, not a gauge", family.name, exposed.kind));
+            differences.push(format!(
+                "`{}` is a {}, not a gauge",
+                family.name, exposed.kind
+            ));
         }
         if exposed.help.as_deref() != Some(family.help.as_str()) {
             differences.push(format!(
@@ -556,9 +562,11 @@ mod tests {
         assert!(errors("# TYPE a gauge\na{x=\"a\",x=\"b\"} 1\n# EOF\n")
             .iter()
             .any(|e| e.contains("twice")));
-        assert!(errors("# TYPE a gauge\na{x=\"a\"} 1\na{x=\"a\"} 2\n# EOF\n")
-            .iter()
-            .any(|e| e.contains("same series")));
+        assert!(
+            errors("# TYPE a gauge\na{x=\"a\"} 1\na{x=\"a\"} 2\n# EOF\n")
+                .iter()
+                .any(|e| e.contains("same series"))
+        );
         assert!(errors("# TYPE a gauge\na{x=\"\\t\"} 1\n# EOF\n")
             .iter()
             .any(|e| e.contains("escape")));

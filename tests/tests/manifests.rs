@@ -2238,6 +2238,25 @@ fn monitoring_targets_our_services_and_queries_exposed_metrics() {
         collect_exprs(&dashboard, &mut expressions);
         assert!(!expressions.is_empty(), "{file} has queries");
         for expr in expressions {
+            // HAMi's label names since v2.10 (`node`, `device_uuid`,
+            // `namespace`, `pod`, ...): the legacy ones exist only on the
+            // legacy families, which the dashboard does not query.
+            for legacy in [
+                "nodeid",
+                "deviceuuid",
+                "deviceidx",
+                "devicetype",
+                "podnamespace",
+                "podname",
+                "ctrname",
+                "vdeviceid",
+                "containeridx",
+            ] {
+                assert!(
+                    !expr.contains(legacy),
+                    "{file}: query {expr:?} uses HAMi's legacy label `{legacy}`"
+                );
+            }
             for series in metric_names(&expr) {
                 assert!(
                     is_exposed(&series, &exposed),

@@ -163,13 +163,7 @@ const CARD_LABELS_WITH_CORES: &[&str] = &[
     "device_type",
 ];
 const LEGACY_CARD_LABELS: &[&str] = &["nodeid", "deviceuuid", "deviceidx", "devicetype"];
-const CONTAINER_LABELS: &[&str] = &[
-    "namespace",
-    "node",
-    "pod",
-    "container_index",
-    "device_uuid",
-];
+const CONTAINER_LABELS: &[&str] = &["namespace", "node", "pod", "container_index", "device_uuid"];
 const LEGACY_CONTAINER_LABELS: &[&str] = &[
     "podnamespace",
     "nodename",
@@ -195,41 +189,118 @@ const fn family(
 /// Every family HAMi's scheduler exports (`cmd/scheduler/metrics.go`), with
 /// its name, help text and label names, in the order they are rendered.
 pub const HAMI_SCHEDULER_FAMILIES: &[GaugeFamily] = &[
-    family("hami_gpu_memory_limit_bytes", "Device memory limit for a certain GPU", CARD_LABELS, false),
-    family("hami_gpu_core_limit_ratio", "Device core limit for a certain GPU", CARD_LABELS, false),
-    family("hami_gpu_memory_allocated_bytes", "Device memory allocated for a certain GPU", CARD_LABELS_WITH_CORES, false),
-    family("hami_gpu_shared_count", "Number of containers sharing this GPU", CARD_LABELS, false),
-    family("hami_gpu_core_allocated_ratio", "Device core allocated for a certain GPU", CARD_LABELS, false),
+    family(
+        "hami_gpu_memory_limit_bytes",
+        "Device memory limit for a certain GPU",
+        CARD_LABELS,
+        false,
+    ),
+    family(
+        "hami_gpu_core_limit_ratio",
+        "Device core limit for a certain GPU",
+        CARD_LABELS,
+        false,
+    ),
+    family(
+        "hami_gpu_memory_allocated_bytes",
+        "Device memory allocated for a certain GPU",
+        CARD_LABELS_WITH_CORES,
+        false,
+    ),
+    family(
+        "hami_gpu_shared_count",
+        "Number of containers sharing this GPU",
+        CARD_LABELS,
+        false,
+    ),
+    family(
+        "hami_gpu_core_allocated_ratio",
+        "Device core allocated for a certain GPU",
+        CARD_LABELS,
+        false,
+    ),
     family(
         "hami_node_gpu_overview",
         "GPU overview on a certain node",
-        &["node", "device_uuid", "device_index", "device_cores", "device_memory_limit", "device_type"],
+        &[
+            "node",
+            "device_uuid",
+            "device_index",
+            "device_cores",
+            "device_memory_limit",
+            "device_type",
+        ],
         false,
     ),
-    family("hami_node_gpu_memory_allocated_ratio", "GPU Memory Allocated Percentage on a certain GPU", CARD_LABELS, false),
+    family(
+        "hami_node_gpu_memory_allocated_ratio",
+        "GPU Memory Allocated Percentage on a certain GPU",
+        CARD_LABELS,
+        false,
+    ),
     family(
         "hami_node_gpu_mig_instance_info",
         "Realized MIG instance identity and scheduler placement",
         &[
-            "node", "device_uuid", "device_index", "mig_uuid", "profile", "gpu_instance_id",
-            "compute_instance_id", "placement_start", "placement_size",
+            "node",
+            "device_uuid",
+            "device_index",
+            "mig_uuid",
+            "profile",
+            "gpu_instance_id",
+            "compute_instance_id",
+            "placement_start",
+            "placement_size",
         ],
         false,
     ),
-    family("GPUDeviceMemoryLimit", "Device memory limit for a certain GPU", LEGACY_CARD_LABELS, true),
-    family("GPUDeviceCoreLimit", "Device memory core limit for a certain GPU", LEGACY_CARD_LABELS, true),
+    family(
+        "GPUDeviceMemoryLimit",
+        "Device memory limit for a certain GPU",
+        LEGACY_CARD_LABELS,
+        true,
+    ),
+    family(
+        "GPUDeviceCoreLimit",
+        "Device memory core limit for a certain GPU",
+        LEGACY_CARD_LABELS,
+        true,
+    ),
     family(
         "GPUDeviceMemoryAllocated",
         "Device memory allocated for a certain GPU",
-        &["nodeid", "deviceuuid", "deviceidx", "devicecores", "devicetype"],
+        &[
+            "nodeid",
+            "deviceuuid",
+            "deviceidx",
+            "devicecores",
+            "devicetype",
+        ],
         true,
     ),
-    family("GPUDeviceSharedNum", "Number of containers sharing this GPU", LEGACY_CARD_LABELS, true),
-    family("GPUDeviceCoreAllocated", "Device core allocated for a certain GPU", LEGACY_CARD_LABELS, true),
+    family(
+        "GPUDeviceSharedNum",
+        "Number of containers sharing this GPU",
+        LEGACY_CARD_LABELS,
+        true,
+    ),
+    family(
+        "GPUDeviceCoreAllocated",
+        "Device core allocated for a certain GPU",
+        LEGACY_CARD_LABELS,
+        true,
+    ),
     family(
         "nodeGPUOverview",
         "GPU overview on a certain node",
-        &["nodeid", "deviceuuid", "deviceidx", "devicecores", "devicememorylimit", "devicetype"],
+        &[
+            "nodeid",
+            "deviceuuid",
+            "deviceidx",
+            "devicecores",
+            "devicememorylimit",
+            "devicetype",
+        ],
         true,
     ),
     family(
@@ -244,13 +315,48 @@ pub const HAMI_SCHEDULER_FAMILIES: &[GaugeFamily] = &[
         &["nodeid", "deviceuuid", "deviceidx", "migname"],
         true,
     ),
-    family("hami_resource_quota_used", "resourcequota usage for a certain device", &["namespace", "quota_name", "limit"], false),
-    family("hami_resource_quota_limit", "resourcequota limit for a certain device", &["namespace", "quota_name"], false),
-    family("QuotaUsed", "resourcequota usage for a certain device", &["quotanamespace", "quotaName", "limit"], true),
-    family("hami_vgpu_memory_allocated_bytes", "vGPU memory allocated from a container", CONTAINER_LABELS, false),
-    family("hami_vgpu_core_allocated_ratio", "vGPU core allocated from a container", CONTAINER_LABELS, false),
-    family("vGPUMemoryAllocated", "vGPU memory allocated from a container", LEGACY_CONTAINER_LABELS, true),
-    family("vGPUCoreAllocated", "vGPU core allocated from a container", LEGACY_CONTAINER_LABELS, true),
+    family(
+        "hami_resource_quota_used",
+        "resourcequota usage for a certain device",
+        &["namespace", "quota_name", "limit"],
+        false,
+    ),
+    family(
+        "hami_resource_quota_limit",
+        "resourcequota limit for a certain device",
+        &["namespace", "quota_name"],
+        false,
+    ),
+    family(
+        "QuotaUsed",
+        "resourcequota usage for a certain device",
+        &["quotanamespace", "quotaName", "limit"],
+        true,
+    ),
+    family(
+        "hami_vgpu_memory_allocated_bytes",
+        "vGPU memory allocated from a container",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "hami_vgpu_core_allocated_ratio",
+        "vGPU core allocated from a container",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "vGPUMemoryAllocated",
+        "vGPU memory allocated from a container",
+        LEGACY_CONTAINER_LABELS,
+        true,
+    ),
+    family(
+        "vGPUCoreAllocated",
+        "vGPU core allocated from a container",
+        LEGACY_CONTAINER_LABELS,
+        true,
+    ),
 ];
 
 /// The allocation figures of one card.
@@ -353,9 +459,7 @@ fn samples_of(name: &str, cards: &[CardFigures<'_>], bound_pods: &[BoundPod]) ->
         "hami_gpu_core_allocated_ratio" | "GPUDeviceCoreAllocated" => {
             per_card(&card, &|c| f64::from(c.used_cores))
         }
-        "hami_node_gpu_overview" | "nodeGPUOverview" => {
-            per_card(&overview, &|c| c.used_mib as f64)
-        }
+        "hami_node_gpu_overview" | "nodeGPUOverview" => per_card(&overview, &|c| c.used_mib as f64),
         "hami_node_gpu_memory_allocated_ratio" => per_card(&card, &memory_share),
         "nodeGPUMemoryPercentage" => per_card(
             &|c| vec![c.node.to_owned(), c.uuid.to_owned(), c.index.clone()],
