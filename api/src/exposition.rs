@@ -32,12 +32,16 @@ pub fn escape_label_value(value: &str) -> String {
 }
 
 /// Appends `family` as one block: `# HELP`, `# TYPE gauge`, then `samples`.
-/// A family with no samples is still declared, so dashboards see it.
+/// A family with no samples is not written at all, as Prometheus' Go client
+/// (HAMi's) leaves out families without series.
 ///
 /// # Panics
 /// When a sample carries a different number of label values than the
 /// family has label names (a programming error in the caller).
 pub fn write_gauge_family(out: &mut String, family: &GaugeFamily, samples: &[GaugeSample]) {
+    if samples.is_empty() {
+        return;
+    }
     let help = family.help.replace('\\', "\\\\").replace('\n', "\\n");
     let _ = writeln!(out, "# HELP {} {help}", family.name);
     let _ = writeln!(out, "# TYPE {} gauge", family.name);
@@ -120,6 +124,13 @@ mod tests {
             out,
             "# HELP x_bytes Some help\n# TYPE x_bytes gauge\nx_bytes{a=\"1\",b=\"q\\\"\\\\\\n\"} 2.5\nx_bytes{a=\"2\",b=\"z\"} 4294967296\n"
         );
+    }
+
+    #[test]
+    fn a_family_without_samples_is_left_out() {
+        let mut out = String::new();
+        write_gauge_family(&mut out, &FAMILY, &[]);
+        assert_eq!(out, "");
     }
 
     #[test]

@@ -2079,7 +2079,7 @@ fn pods_that_skip_the_webhook_cannot_name_our_scheduler() {
 // ------------------------------------------------------------ monitoring
 
 /// Metric names the components expose: the `# TYPE` lines of their real
-/// renderings.
+/// renderings, and every HAMi family from the components' tables.
 fn exposed_metrics() -> BTreeSet<String> {
     let scheduler = tessera_scheduler::shell::metrics::SchedulerMetrics::new();
     scheduler.count_decision("placed");
@@ -2122,12 +2122,19 @@ fn exposed_metrics() -> BTreeSet<String> {
     )
     .render();
     let _ = std::fs::remove_file(region);
+    // HAMi's families are written only while they have series (none for an
+    // empty cluster): their tables list them all.
+    let hami = tessera_scheduler::shell::metrics::HAMI_SCHEDULER_FAMILIES
+        .iter()
+        .chain(tessera_node_agent::metrics::HAMI_MONITOR_FAMILIES)
+        .map(|family| family.name.to_owned());
     [scheduler, webhook, agent]
         .iter()
         .flat_map(|text| text.lines())
         .filter_map(|line| line.strip_prefix("# TYPE "))
         .filter_map(|rest| rest.split_whitespace().next())
         .map(str::to_owned)
+        .chain(hami)
         .collect()
 }
 

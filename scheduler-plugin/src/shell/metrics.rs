@@ -473,7 +473,7 @@ fn samples_of(name: &str, cards: &[CardFigures<'_>], bound_pods: &[BoundPod]) ->
         }
         // MIG instances and namespace quotas: Tessera neither creates MIG
         // instances nor enforces quotas on GPU resources yet, so these
-        // families are declared with no samples.
+        // families have no series (and are not written).
         _ => Vec::new(),
     }
 }
