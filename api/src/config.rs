@@ -36,6 +36,19 @@ pub struct Config {
     /// What the node agent does when the driver shows a container holding
     /// more than its cap.
     pub enforcement: Enforcement,
+    /// What `/metrics` exports beyond the default names.
+    pub metrics: MetricsConfig,
+}
+
+/// The `/metrics` exposition of the scheduler and the node agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Also export HAMi's legacy CamelCase names (`GPUDeviceMemoryLimit`,
+    /// `vGPU_device_memory_usage_in_bytes`, ...) with their legacy label
+    /// names, next to the `hami_*` names, for dashboards built before HAMi
+    /// v2.10. Off by default, as in HAMi.
+    pub legacy_names: bool,
 }
 
 /// The node agent's host-side enforcement of memory caps: it reads each
@@ -148,6 +161,7 @@ impl Default for Config {
             max_card_memory_mib: None,
             control_opt_out_namespaces: Vec::new(),
             enforcement: Enforcement::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -402,6 +416,15 @@ scheduling:
             ns.to_string().contains("enforcement.exemptNamespaces[0]"),
             "{ns}"
         );
+    }
+
+    #[test]
+    fn legacy_metric_names_are_off_unless_switched_on() {
+        assert!(!Config::default().metrics.legacy_names);
+        let on = Config::from_yaml("metrics:\n  legacyNames: true\n").expect("parses");
+        assert!(on.metrics.legacy_names);
+        let typo = Config::from_yaml("metrics:\n  legacy: true\n").expect_err("unknown field");
+        assert!(typo.to_string().contains("legacy"), "{typo}");
     }
 
     #[test]

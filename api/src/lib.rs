@@ -21,6 +21,7 @@ pub mod config;
 pub mod container_contract;
 pub mod container_env;
 pub mod error;
+pub mod exposition;
 pub mod inventory;
 pub mod names;
 #[cfg(feature = "k8s")]

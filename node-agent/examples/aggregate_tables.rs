@@ -55,7 +55,7 @@ fn read_tenants(path: &std::path::Path) -> Vec<ContainerRecord> {
                 "-" => None,
                 p => Some(p.parse().ok()?),
             };
-            let cards = words.next()?.split(',').map(str::to_owned).collect();
+            let cards: Vec<String> = words.next()?.split(',').map(str::to_owned).collect();
             let name = region
                 .parent()
                 .and_then(|d| d.file_name())
@@ -66,6 +66,7 @@ fn read_tenants(path: &std::path::Path) -> Vec<ContainerRecord> {
                 pod: name.clone(),
                 container: name,
                 region,
+                card_memory_mib: vec![0; cards.len()],
                 cards,
                 priority,
             })

@@ -305,10 +305,12 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
         ));
     }
     let metrics = Metrics::new(
+        &setup.node,
         Arc::clone(&setup.backend),
         Arc::clone(&cards),
         Arc::clone(&index),
-    );
+    )
+    .with_legacy_names(setup.config.metrics.legacy_names);
     metrics.register(|registry| counters.register(registry));
     let _stop_tables = start_tenant_tables(&setup, &cards, &index, &metrics, ask_sweep);
     if let Some(addr) = setup.metrics_addr {

@@ -1,29 +1,35 @@
-//! `/metrics` in Prometheus text format, with HAMi's metric and label
-//! names so its dashboards work: per container and card
-//! `hami_vgpu_memory_used_bytes`, `hami_vgpu_memory_limit_bytes` and
-//! `hami_container_device_utilization_ratio` (the container's measured share
-//! of the card's compute, written by the interceptor's SM updater) (from
-//! the containers' accounting regions), per card
-//! `hami_host_gpu_memory_used_bytes` and `hami_host_gpu_utilization_ratio`
-//! (from the GPU backend), and `tessera_region_read_failures_total` (reads
-//! of a container's region that were refused, see
-//! [`crate::region_file::RegionWarnings`]). Values are gathered when
-//! scraped, on a blocking thread (the region files are read there, never
-//! on the async runtime's workers). The agent serves [`Metrics::router`]
-//! together with the probes (`crate::probes`).
+//! `/metrics` in OpenMetrics text, exactly as HAMi's device-plugin monitor
+//! (`cmd/vGPUmonitor`) exports it: the same metric names, label names,
+//! label values and units (see [`HAMI_MONITOR_FAMILIES`]), and HAMi's
+//! legacy CamelCase names too when the config's `metrics.legacyNames` is
+//! on. Per card (from the GPU backend): `hami_host_gpu_memory_used_bytes`,
+//! `hami_host_gpu_utilization_ratio` and
+//! `hami_host_gpu_memory_controller_utilization_ratio` (percent, 0–100, as
+//! NVML and HAMi give them). Per container and card (from the containers'
+//! accounting regions, see [`crate::usage`]): memory used, memory limit
+//! (from the allocation until the interceptor has written the cap, so a
+//! container shows its limit before any process runs), SM utilization
+//! (percent), seconds since its last kernel, and the memory split
+//! (`hami_vgpu_memory_{context,module,buffer}_bytes`). Then Tessera's own:
+//! `tessera_region_read_failures_total` (reads of a container's region that
+//! were refused, see [`crate::region_file::RegionWarnings`]) and whatever
+//! else is [`Metrics::register`]ed (enforcement's counters). One block per
+//! family, one `# EOF`. Values are gathered when scraped, on a blocking
+//! thread (the region files are read there, never on the async runtime's
+//! workers). The agent serves [`Metrics::router`] together with the probes
+//! (`crate::probes`).
 
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use axum::routing::get;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
+use tessera_api::exposition::{join_with_encoded, write_gauge_family, GaugeFamily, GaugeSample};
 
 use crate::gpu::{GpuBackend, GpuInfo};
 use crate::region_file::{RegionBuffer, RegionOwner, RegionWarnings};
-use crate::usage::read_region;
+use crate::usage::{read_region, DeviceUsage};
+
+const MIB: u64 = 1024 * 1024;
 
 /// One GPU container on this node, as the metrics need it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +44,10 @@ pub struct ContainerRecord {
     pub region: std::path::PathBuf,
     /// UUIDs of its cards, in visible order.
     pub cards: Vec<String>,
+    /// Its memory on each card of [`ContainerRecord::cards`] (same order),
+    /// MiB, from the allocation: the limit reported until the interceptor
+    /// has written the cap into the region.
+    pub card_memory_mib: Vec<u64>,
     /// Its `nvidia.com/priority` from the pod spec (0 high, 1 low), if any:
     /// the priority its entries in the card tenant tables get.
     pub priority: Option<u32>,
@@ -68,37 +78,215 @@ impl ContainerRecord {
 /// The GPU containers currently on this node, refreshed by the pod sweep.
 pub type ContainerIndex = Arc<RwLock<Vec<ContainerRecord>>>;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ContainerLabels {
-    podnamespace: String,
-    podname: String,
-    ctrname: String,
-    vdeviceid: String,
-    deviceuuid: String,
+const HOST_LABELS: &[&str] = &["node", "device_index", "device_uuid", "device_type"];
+const LEGACY_HOST_LABELS: &[&str] = &["nodeid", "deviceidx", "deviceuuid", "devicetype"];
+const CONTAINER_LABELS: &[&str] = &[
+    "namespace",
+    "pod",
+    "container",
+    "vdevice_index",
+    "device_uuid",
+];
+const LEGACY_CONTAINER_LABELS: &[&str] = &[
+    "podnamespace",
+    "podname",
+    "ctrname",
+    "vdeviceid",
+    "deviceuuid",
+];
+
+const fn family(
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    legacy: bool,
+) -> GaugeFamily {
+    GaugeFamily {
+        name,
+        help,
+        labels,
+        legacy,
+    }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct HostLabels {
-    deviceidx: String,
-    deviceuuid: String,
-    devicetype: String,
+/// Every family HAMi's device-plugin monitor exports
+/// (`cmd/vGPUmonitor/metrics.go`), with its name, help text and label
+/// names, in the order they are rendered.
+pub const HAMI_MONITOR_FAMILIES: &[GaugeFamily] = &[
+    family(
+        "hami_host_gpu_memory_used_bytes",
+        "GPU device memory usage in bytes",
+        HOST_LABELS,
+        false,
+    ),
+    family(
+        "hami_host_gpu_utilization_ratio",
+        "GPU core utilization ratio (0-100)",
+        HOST_LABELS,
+        false,
+    ),
+    family(
+        "hami_host_gpu_memory_controller_utilization_ratio",
+        "GPU memory controller utilization ratio (0-100)",
+        &["device_index", "device_uuid", "device_type"],
+        false,
+    ),
+    family(
+        "hami_vgpu_memory_used_bytes",
+        "vGPU device memory usage in bytes",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "hami_vgpu_memory_limit_bytes",
+        "vGPU device memory limit in bytes",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "hami_container_device_utilization_ratio",
+        "Container device SM utilization ratio",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "hami_container_last_kernel_elapsed_seconds",
+        "Seconds since last kernel execution in container",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "hami_mig_device_info",
+        "MIG runtime identity for a container allocation",
+        &[
+            "namespace",
+            "pod",
+            "container",
+            "vdevice_index",
+            "device_uuid",
+            "mig_uuid",
+            "profile",
+            "gpu_instance_id",
+            "compute_instance_id",
+        ],
+        false,
+    ),
+    family(
+        "hami_vgpu_memory_context_bytes",
+        "Container device memory context size in bytes",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "hami_vgpu_memory_module_bytes",
+        "Container device memory module size in bytes",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "hami_vgpu_memory_buffer_bytes",
+        "Container device memory buffer size in bytes",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "HostGPUMemoryUsage",
+        "GPU device memory usage",
+        LEGACY_HOST_LABELS,
+        true,
+    ),
+    family(
+        "HostCoreUtilization",
+        "GPU core utilization",
+        LEGACY_HOST_LABELS,
+        true,
+    ),
+    family(
+        "vGPU_device_memory_usage_in_bytes",
+        "vGPU device usage",
+        LEGACY_CONTAINER_LABELS,
+        true,
+    ),
+    family(
+        "vGPU_device_memory_limit_in_bytes",
+        "vGPU device limit",
+        LEGACY_CONTAINER_LABELS,
+        true,
+    ),
+    family(
+        "Device_memory_desc_of_container",
+        "Container device memory description",
+        &[
+            "podnamespace",
+            "podname",
+            "ctrname",
+            "vdeviceid",
+            "deviceuuid",
+            "context",
+            "module",
+            "data",
+            "offset",
+        ],
+        true,
+    ),
+    family(
+        "Device_utilization_desc_of_container",
+        "Container device utilization description",
+        LEGACY_CONTAINER_LABELS,
+        true,
+    ),
+    family(
+        "Device_last_kernel_of_container",
+        "Container device last kernel description",
+        LEGACY_CONTAINER_LABELS,
+        true,
+    ),
+    family(
+        "MigInfo",
+        "Mig device information for container",
+        &[
+            "podnamespace",
+            "podname",
+            "ctrname",
+            "vdeviceid",
+            "deviceuuid",
+            "instanceid",
+        ],
+        true,
+    ),
+];
+
+/// One card's host figures at scrape time.
+struct HostFigures {
+    index: String,
+    uuid: String,
+    device_type: String,
+    memory_used_bytes: u64,
+    utilization_percent: f64,
+    memory_controller_percent: f64,
 }
 
-type FloatGauge = Gauge<f64, AtomicU64>;
-
-struct Families {
-    registry: Registry,
-    vgpu_used: Family<ContainerLabels, FloatGauge>,
-    vgpu_limit: Family<ContainerLabels, FloatGauge>,
-    container_util: Family<ContainerLabels, FloatGauge>,
-    host_used: Family<HostLabels, FloatGauge>,
-    host_util: Family<HostLabels, FloatGauge>,
+/// One container's figures on one of its cards at scrape time.
+struct ContainerFigures {
+    namespace: String,
+    pod: String,
+    container: String,
+    vdevice_index: String,
+    uuid: String,
+    used_bytes: u64,
+    limit_bytes: u64,
+    utilization_percent: f64,
+    /// Seconds since its last kernel on the card; none before the first.
+    last_kernel_seconds: Option<f64>,
 }
 
 /// The agent's metrics.
 #[derive(Clone)]
 pub struct Metrics {
-    families: Arc<Mutex<Families>>,
+    /// Tessera's own families (region read failures, enforcement).
+    registry: Arc<Mutex<Registry>>,
+    node: Arc<str>,
+    legacy_names: bool,
     backend: Arc<dyn GpuBackend>,
     cards: Arc<[GpuInfo]>,
     containers: ContainerIndex,
@@ -112,43 +300,14 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Metrics over these cards and containers.
+    /// Metrics of node `node` over these cards and containers.
     pub fn new(
+        node: &str,
         backend: Arc<dyn GpuBackend>,
         cards: Arc<[GpuInfo]>,
         containers: ContainerIndex,
     ) -> Self {
         let mut registry = Registry::default();
-        let vgpu_used = Family::<ContainerLabels, FloatGauge>::default();
-        let vgpu_limit = Family::<ContainerLabels, FloatGauge>::default();
-        let container_util = Family::<ContainerLabels, FloatGauge>::default();
-        let host_used = Family::<HostLabels, FloatGauge>::default();
-        let host_util = Family::<HostLabels, FloatGauge>::default();
-        registry.register(
-            "hami_vgpu_memory_used_bytes",
-            "Device memory charged by a container on a card",
-            vgpu_used.clone(),
-        );
-        registry.register(
-            "hami_vgpu_memory_limit_bytes",
-            "Device memory cap of a container on a card",
-            vgpu_limit.clone(),
-        );
-        registry.register(
-            "hami_container_device_utilization_ratio",
-            "Share of a card's compute a container used, as its SM limiter measured it",
-            container_util.clone(),
-        );
-        registry.register(
-            "hami_host_gpu_memory_used_bytes",
-            "Device memory in use on a card, all processes",
-            host_used.clone(),
-        );
-        registry.register(
-            "hami_host_gpu_utilization_ratio",
-            "Share of time a kernel ran on a card",
-            host_util.clone(),
-        );
         let region_warnings = RegionWarnings::new();
         registry.register(
             "tessera_region_read_failures",
@@ -156,19 +315,22 @@ impl Metrics {
             region_warnings.family(),
         );
         Self {
-            families: Arc::new(Mutex::new(Families {
-                registry,
-                vgpu_used,
-                vgpu_limit,
-                container_util,
-                host_used,
-                host_util,
-            })),
+            registry: Arc::new(Mutex::new(registry)),
+            node: Arc::from(node),
+            legacy_names: false,
             backend,
             cards,
             containers,
             region_warnings,
         }
+    }
+
+    /// Also exports HAMi's legacy CamelCase names (config
+    /// `metrics.legacyNames`).
+    #[must_use]
+    pub fn with_legacy_names(mut self, legacy_names: bool) -> Self {
+        self.legacy_names = legacy_names;
+        self
     }
 
     /// Where bad region files are reported; shared with the tenant-table
@@ -179,37 +341,56 @@ impl Metrics {
 
     /// Gathers current values and renders them. Blocking (reads files).
     pub fn render(&self) -> String {
-        let families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
-        families.host_used.clear();
-        families.host_util.clear();
-        for usage in self.backend.host_usage() {
-            let card = self.cards.iter().find(|c| c.uuid == usage.uuid);
-            let labels = HostLabels {
-                deviceidx: card.map(|c| c.index.to_string()).unwrap_or_default(),
-                deviceuuid: usage.uuid.clone(),
-                devicetype: card
-                    .map(|c| format!("{}{}", crate::inventory::TYPE_PREFIX, c.name))
-                    .unwrap_or_default(),
-            };
-            #[allow(clippy::cast_precision_loss)]
-            families
-                .host_used
-                .get_or_create(&labels)
-                .set(usage.memory_used_bytes as f64);
-            families
-                .host_util
-                .get_or_create(&labels)
-                .set(usage.utilization_ratio);
+        let hosts = self.host_figures();
+        let containers = self.container_figures();
+        let mut out = String::new();
+        for family in HAMI_MONITOR_FAMILIES {
+            if family.legacy && !self.legacy_names {
+                continue;
+            }
+            let samples = self.samples_of(family.name, &hosts, &containers);
+            write_gauge_family(&mut out, family, &samples);
         }
-        families.vgpu_used.clear();
-        families.vgpu_limit.clear();
-        families.container_util.clear();
+        let mut ours = String::new();
+        {
+            let registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Err(e) = prometheus_client::encoding::text::encode(&mut ours, &registry) {
+                tracing::warn!(error = %e, "could not encode the agent's own metrics");
+                ours.clear();
+            }
+        }
+        join_with_encoded(out, &ours)
+    }
+
+    fn host_figures(&self) -> Vec<HostFigures> {
+        self.backend
+            .host_usage()
+            .into_iter()
+            .map(|usage| {
+                let card = self.cards.iter().find(|c| c.uuid == usage.uuid);
+                HostFigures {
+                    index: card.map(|c| c.index.to_string()).unwrap_or_default(),
+                    device_type: card
+                        .map(|c| format!("{}{}", crate::inventory::TYPE_PREFIX, c.name))
+                        .unwrap_or_default(),
+                    uuid: usage.uuid,
+                    memory_used_bytes: usage.memory_used_bytes,
+                    utilization_percent: usage.utilization_ratio * 100.0,
+                    memory_controller_percent: usage.memory_controller_utilization_ratio * 100.0,
+                }
+            })
+            .collect()
+    }
+
+    fn container_figures(&self) -> Vec<ContainerFigures> {
         let containers = self
             .containers
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let now_ns = crate::tenant_tables::monotonic_ns();
         let mut buffer = RegionBuffer::new();
+        let mut figures = Vec::new();
         for record in containers {
             let outcome = read_region(&record.region, record.cards.len(), &mut buffer);
             self.region_warnings
@@ -218,42 +399,115 @@ impl Metrics {
                 continue;
             };
             for (i, (uuid, device)) in record.cards.iter().zip(usage).enumerate() {
-                let labels = ContainerLabels {
-                    podnamespace: record.namespace.clone(),
-                    podname: record.pod.clone(),
-                    ctrname: record.container.clone(),
-                    vdeviceid: i.to_string(),
-                    deviceuuid: uuid.clone(),
-                };
-                #[allow(clippy::cast_precision_loss)]
-                {
-                    families
-                        .vgpu_used
-                        .get_or_create(&labels)
-                        .set(device.used_bytes as f64);
-                    families
-                        .vgpu_limit
-                        .get_or_create(&labels)
-                        .set(device.limit_bytes as f64);
-                    families
-                        .container_util
-                        .get_or_create(&labels)
-                        .set(device.utilization_ratio);
-                }
+                let allocated_bytes = record.card_memory_mib.get(i).copied().unwrap_or(0) * MIB;
+                figures.push(container_figures(
+                    &record,
+                    i,
+                    uuid,
+                    &device,
+                    allocated_bytes,
+                    now_ns,
+                ));
             }
         }
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &families.registry) {
-            tracing::warn!(error = %e, "could not encode metrics");
+        figures
+    }
+
+    #[allow(clippy::cast_precision_loss)]
+    fn samples_of(
+        &self,
+        name: &str,
+        hosts: &[HostFigures],
+        containers: &[ContainerFigures],
+    ) -> Vec<GaugeSample> {
+        let host = |h: &HostFigures| {
+            vec![
+                self.node.to_string(),
+                h.index.clone(),
+                h.uuid.clone(),
+                h.device_type.clone(),
+            ]
+        };
+        let per_host = |value: &dyn Fn(&HostFigures) -> f64| -> Vec<GaugeSample> {
+            hosts.iter().map(|h| (host(h), value(h))).collect()
+        };
+        let container = |c: &ContainerFigures| {
+            vec![
+                c.namespace.clone(),
+                c.pod.clone(),
+                c.container.clone(),
+                c.vdevice_index.clone(),
+                c.uuid.clone(),
+            ]
+        };
+        let per_container = |value: &dyn Fn(&ContainerFigures) -> f64| -> Vec<GaugeSample> {
+            containers
+                .iter()
+                .map(|c| (container(c), value(c)))
+                .collect()
+        };
+        match name {
+            "hami_host_gpu_memory_used_bytes" | "HostGPUMemoryUsage" => {
+                per_host(&|h| h.memory_used_bytes as f64)
+            }
+            "hami_host_gpu_utilization_ratio" | "HostCoreUtilization" => {
+                per_host(&|h| h.utilization_percent)
+            }
+            "hami_host_gpu_memory_controller_utilization_ratio" => hosts
+                .iter()
+                .map(|h| {
+                    (
+                        vec![h.index.clone(), h.uuid.clone(), h.device_type.clone()],
+                        h.memory_controller_percent,
+                    )
+                })
+                .collect(),
+            "hami_vgpu_memory_used_bytes" | "vGPU_device_memory_usage_in_bytes" => {
+                per_container(&|c| c.used_bytes as f64)
+            }
+            "hami_vgpu_memory_limit_bytes" | "vGPU_device_memory_limit_in_bytes" => {
+                per_container(&|c| c.limit_bytes as f64)
+            }
+            "hami_container_device_utilization_ratio" | "Device_utilization_desc_of_container" => {
+                per_container(&|c| c.utilization_percent)
+            }
+            "hami_container_last_kernel_elapsed_seconds" | "Device_last_kernel_of_container" => {
+                containers
+                    .iter()
+                    .filter_map(|c| Some((container(c), c.last_kernel_seconds?)))
+                    .collect()
+            }
+            // The interceptor charges every allocation it admits as one
+            // figure; it does not measure context and module memory apart
+            // (HAMi-core does), so those read 0 and the buffer figure is
+            // everything charged.
+            "hami_vgpu_memory_context_bytes" | "hami_vgpu_memory_module_bytes" => {
+                per_container(&|_| 0.0)
+            }
+            "hami_vgpu_memory_buffer_bytes" => per_container(&|c| c.used_bytes as f64),
+            "Device_memory_desc_of_container" => containers
+                .iter()
+                .map(|c| {
+                    let mut labels = container(c);
+                    labels.extend([
+                        "0".to_owned(),
+                        "0".to_owned(),
+                        c.used_bytes.to_string(),
+                        "0".to_owned(),
+                    ]);
+                    (labels, c.used_bytes as f64)
+                })
+                .collect(),
+            // Tessera does not hand out MIG instances: no series.
+            _ => Vec::new(),
         }
-        out
     }
 
     /// Registers more metric families in the same registry (e.g.
     /// enforcement's `tessera_enforcement_actions_total`).
     pub fn register(&self, add: impl FnOnce(&mut Registry)) {
-        let mut families = self.families.lock().unwrap_or_else(PoisonError::into_inner);
-        add(&mut families.registry);
+        let mut registry = self.registry.lock().unwrap_or_else(PoisonError::into_inner);
+        add(&mut registry);
     }
 
     /// The `/metrics` route, to serve on the agent's HTTP listener.
@@ -267,14 +521,49 @@ impl Metrics {
                     // runtime's workers.
                     let text = tokio::task::spawn_blocking(move || metrics.render())
                         .await
-                        .unwrap_or_else(|e| format!("# metrics could not be gathered: {e}\n"));
+                        .unwrap_or_else(|e| {
+                            format!("# metrics could not be gathered: {e}\n# EOF\n")
+                        });
                     (
-                        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
                         text,
                     )
                 }
             }),
         )
+    }
+}
+
+/// One container's figures on its `i`-th card. The limit is the cap the
+/// interceptor wrote, or the allocation's memory before it has.
+fn container_figures(
+    record: &ContainerRecord,
+    i: usize,
+    uuid: &str,
+    device: &DeviceUsage,
+    allocated_bytes: u64,
+    now_ns: u64,
+) -> ContainerFigures {
+    #[allow(clippy::cast_precision_loss)]
+    let last_kernel_seconds = (device.last_launch_ns != 0)
+        .then(|| now_ns.saturating_sub(device.last_launch_ns) as f64 / 1e9);
+    ContainerFigures {
+        namespace: record.namespace.clone(),
+        pod: record.pod.clone(),
+        container: record.container.clone(),
+        vdevice_index: i.to_string(),
+        uuid: uuid.to_owned(),
+        used_bytes: device.used_bytes,
+        limit_bytes: if device.limit_bytes == 0 {
+            allocated_bytes
+        } else {
+            device.limit_bytes
+        },
+        utilization_percent: device.utilization_ratio * 100.0,
+        last_kernel_seconds,
     }
 }
 
@@ -286,6 +575,9 @@ mod tests {
     use crate::sweep::container_records;
     use serde_json::json;
     use tessera_api::shared_region::{SharedRegion, REGION_SIZE};
+    use tessera_testkit::openmetrics::{
+        differences_from_hami, hami_reference, parse_strict, HamiComponent,
+    };
 
     #[repr(C, align(64))]
     struct Lines([[u8; 64]; REGION_SIZE.div_ceil(64)]);
@@ -320,6 +612,11 @@ mod tests {
         region.cores[0]
             .utilization_permille
             .store(250, std::sync::atomic::Ordering::Relaxed);
+        region.publish[0].publish(tessera_api::shared_region::LaunchFigures {
+            launch_rate: 1,
+            last_launch_ns: crate::tenant_tables::monotonic_ns().saturating_sub(2_000_000_000),
+            beat_ns: 1,
+        });
         let bytes: Vec<u8> = lines
             .0
             .iter()
@@ -334,15 +631,112 @@ mod tests {
             &layout,
             &tessera_api::names::ResourceNames::default(),
         )));
-        let metrics = Metrics::new(Arc::new(gpus), Arc::clone(&cards), index);
-        let text = metrics.render();
+        let metrics = Metrics::new("n", Arc::new(gpus), Arc::clone(&cards), index);
         let uuid = &cards[1].uuid;
-        let expect = |line: String| assert!(text.contains(&line), "missing `{line}` in\n{text}");
-        expect(format!("hami_vgpu_memory_used_bytes{{podnamespace=\"ns\",podname=\"p\",ctrname=\"main\",vdeviceid=\"0\",deviceuuid=\"{uuid}\"}} 1048576000"));
-        expect(format!("hami_vgpu_memory_limit_bytes{{podnamespace=\"ns\",podname=\"p\",ctrname=\"main\",vdeviceid=\"0\",deviceuuid=\"{uuid}\"}} 4294967296"));
-        expect(format!("hami_container_device_utilization_ratio{{podnamespace=\"ns\",podname=\"p\",ctrname=\"main\",vdeviceid=\"0\",deviceuuid=\"{uuid}\"}} 0.25"));
-        expect(format!("hami_host_gpu_memory_used_bytes{{deviceidx=\"1\",deviceuuid=\"{uuid}\",devicetype=\"NVIDIA-NVIDIA A10G\"}} 3221225472"));
-        expect(format!("hami_host_gpu_utilization_ratio{{deviceidx=\"1\",deviceuuid=\"{uuid}\",devicetype=\"NVIDIA-NVIDIA A10G\"}} 0.25"));
+        for legacy in [false, true] {
+            let metrics = metrics.clone().with_legacy_names(legacy);
+            let text = metrics.render();
+            let exposition = parse_strict(&text)
+                .unwrap_or_else(|errors| panic!("not strict OpenMetrics: {errors:#?}\n{text}"));
+            // No MIG devices: those families have no series.
+            let differences = differences_from_hami(
+                &exposition,
+                HamiComponent::Monitor,
+                legacy,
+                &["hami_mig_device_info", "MigInfo"],
+            );
+            assert!(differences.is_empty(), "{differences:#?}\n{text}");
+            let expect =
+                |line: String| assert!(text.contains(&line), "missing `{line}` in\n{text}");
+            let container = format!("{{namespace=\"ns\",pod=\"p\",container=\"main\",vdevice_index=\"0\",device_uuid=\"{uuid}\"}}");
+            expect(format!("hami_vgpu_memory_used_bytes{container} 1048576000"));
+            expect(format!(
+                "hami_vgpu_memory_limit_bytes{container} 4294967296"
+            ));
+            expect(format!(
+                "hami_container_device_utilization_ratio{container} 25"
+            ));
+            expect(format!(
+                "hami_vgpu_memory_buffer_bytes{container} 1048576000"
+            ));
+            expect(format!("hami_host_gpu_memory_used_bytes{{node=\"n\",device_index=\"1\",device_uuid=\"{uuid}\",device_type=\"NVIDIA-NVIDIA A10G\"}} 3221225472"));
+            expect(format!("hami_host_gpu_utilization_ratio{{node=\"n\",device_index=\"1\",device_uuid=\"{uuid}\",device_type=\"NVIDIA-NVIDIA A10G\"}} 25"));
+            expect(format!("hami_host_gpu_memory_controller_utilization_ratio{{device_index=\"1\",device_uuid=\"{uuid}\",device_type=\"NVIDIA-NVIDIA A10G\"}} 0"));
+            let elapsed = exposition
+                .family("hami_container_last_kernel_elapsed_seconds")
+                .and_then(|f| f.samples.first())
+                .map(|s| s.value)
+                .expect("a last-kernel sample");
+            assert!(elapsed >= 2.0, "launched at least 2 s ago, reads {elapsed}");
+            if legacy {
+                expect(format!("vGPU_device_memory_limit_in_bytes{{podnamespace=\"ns\",podname=\"p\",ctrname=\"main\",vdeviceid=\"0\",deviceuuid=\"{uuid}\"}} 4294967296"));
+                expect(format!("HostCoreUtilization{{nodeid=\"n\",deviceidx=\"1\",deviceuuid=\"{uuid}\",devicetype=\"NVIDIA-NVIDIA A10G\"}} 25"));
+            } else {
+                assert!(
+                    !text.contains("vGPU_device_memory_limit_in_bytes"),
+                    "{text}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_family_table_is_hamis_reference() {
+        let reference: Vec<_> = hami_reference()
+            .into_iter()
+            .filter(|f| f.component == HamiComponent::Monitor)
+            .map(|f| (f.name, f.labels, f.help))
+            .collect();
+        let ours: Vec<_> = HAMI_MONITOR_FAMILIES
+            .iter()
+            .map(|f| {
+                (
+                    f.name.to_owned(),
+                    f.labels.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>(),
+                    f.help.to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(ours, reference);
+        for family in HAMI_MONITOR_FAMILIES {
+            assert_eq!(
+                family.legacy,
+                !family.name.starts_with("hami_"),
+                "{}",
+                family.name
+            );
+        }
+    }
+
+    #[test]
+    fn the_limit_comes_from_the_allocation_before_any_process_runs() {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let layout = HostLayout::new(temp.path());
+        let gpus = FakeGpus::parse("1x NVIDIA A10G 23028", "n").expect("parses");
+        let cards: Arc<[GpuInfo]> = gpus.discover().expect("cards").into();
+        let dir = layout
+            .prepare_container_dir("u1", "main", None)
+            .expect("dir");
+        let record = ContainerRecord {
+            namespace: "ns".into(),
+            pod: "p".into(),
+            container: "main".into(),
+            region: dir.join(crate::host_files::REGION_FILE),
+            cards: vec![cards[0].uuid.clone()],
+            card_memory_mib: vec![4096],
+            priority: None,
+        };
+        let index: ContainerIndex = Arc::new(RwLock::new(vec![record]));
+        let text = Metrics::new("n", Arc::new(gpus), Arc::clone(&cards), index).render();
+        let uuid = &cards[0].uuid;
+        assert!(
+            text.contains(&format!("hami_vgpu_memory_limit_bytes{{namespace=\"ns\",pod=\"p\",container=\"main\",vdevice_index=\"0\",device_uuid=\"{uuid}\"}} 4294967296")),
+            "{text}"
+        );
+        assert!(
+            !text.contains("hami_container_last_kernel_elapsed_seconds{"),
+            "no kernel ran yet: {text}"
+        );
     }
 
     #[test]
@@ -361,6 +755,7 @@ mod tests {
                 container: "main".into(),
                 region: dir.join(crate::host_files::REGION_FILE),
                 cards: vec![cards[0].uuid.clone()],
+                card_memory_mib: vec![1024],
                 priority: None,
             }
         };
@@ -373,17 +768,32 @@ mod tests {
             .set_len(300 << 20)
             .expect("grow");
         let index: ContainerIndex = Arc::new(RwLock::new(vec![bad, good]));
-        let metrics = Metrics::new(Arc::new(gpus), Arc::clone(&cards), index);
+        let metrics = Metrics::new("n", Arc::new(gpus), Arc::clone(&cards), index);
         metrics.render();
         let text = metrics.render();
+        let exposition = parse_strict(&text)
+            .unwrap_or_else(|errors| panic!("not strict OpenMetrics: {errors:#?}\n{text}"));
+        assert!(
+            differences_from_hami(
+                &exposition,
+                HamiComponent::Monitor,
+                false,
+                &[
+                    "hami_mig_device_info",
+                    "hami_container_last_kernel_elapsed_seconds",
+                ],
+            )
+            .is_empty(),
+            "{text}"
+        );
         assert!(
             text.contains("tessera_region_read_failures_total{podnamespace=\"ns\",podname=\"bad\",ctrname=\"main\",reason=\"wrong_size\"} 2"),
             "{text}"
         );
         assert!(
-            text.contains("hami_vgpu_memory_used_bytes{podnamespace=\"ns\",podname=\"good\""),
+            text.contains("hami_vgpu_memory_used_bytes{namespace=\"ns\",pod=\"good\""),
             "{text}"
         );
-        assert!(!text.contains("hami_vgpu_memory_used_bytes{podnamespace=\"ns\",podname=\"bad\""));
+        assert!(!text.contains("hami_vgpu_memory_used_bytes{namespace=\"ns\",pod=\"bad\""));
     }
 }

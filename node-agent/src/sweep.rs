@@ -56,6 +56,7 @@ pub fn container_records(
                 pod: pod.metadata.name.clone().unwrap_or_default(),
                 container: container.name.clone(),
                 region: layout.container_dir(uid, &container.name).join(REGION_FILE),
+                card_memory_mib: devices.iter().map(|d| d.memory_mib).collect(),
                 cards: devices.into_iter().map(|d| d.uuid).collect(),
                 // Validated at admission; a value that no longer parses
                 // counts as none (low).

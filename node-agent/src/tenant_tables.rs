@@ -381,6 +381,7 @@ mod tests {
                 .container_dir(uid, container)
                 .join(crate::host_files::REGION_FILE),
             cards: vec!["GPU-a".into()],
+            card_memory_mib: vec![1024],
             priority,
         }
     }

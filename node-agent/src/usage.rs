@@ -23,6 +23,9 @@ pub struct DeviceUsage {
     /// The container's share of the card's compute (0.0–1.0) as its SM
     /// updater last measured it from NVML; 0 when nothing measured it.
     pub utilization_ratio: f64,
+    /// `CLOCK_MONOTONIC` nanoseconds of its last kernel launch on the card
+    /// as its SM updater published it; 0 = none yet.
+    pub last_launch_ns: u64,
 }
 
 /// Why a region could not be read.
@@ -43,6 +46,7 @@ pub fn read_region(
                 used_bytes: 0,
                 limit_bytes: 0,
                 utilization_ratio: 0.0,
+                last_launch_ns: 0,
             };
             cards
         ]);
@@ -54,6 +58,7 @@ pub fn read_region(
             utilization_ratio: f64::from(
                 region.cores[i].utilization_permille.load(Ordering::Relaxed),
             ) / 1000.0,
+            last_launch_ns: region.publish[i].figures().last_launch_ns,
         })
         .collect())
 }
@@ -104,6 +109,7 @@ mod tests {
                 used_bytes: 1 << 30,
                 limit_bytes: 4 << 30,
                 utilization_ratio: 0.3,
+                last_launch_ns: 0,
             }
         );
         assert_eq!(usage[0].used_bytes, 0);

@@ -173,11 +173,11 @@ async fn many_pods_bind_to_one_node_at_once_and_never_overfill_a_card() {
     }
     let metrics = scheduler.metrics_text();
     assert!(
-        metrics.contains("hami_gpu_memory_allocated_bytes{nodeid=\"gpu-1\",deviceuuid=\"GPU-a-0\""),
+        metrics.contains("hami_gpu_memory_allocated_bytes{node=\"gpu-1\",device_uuid=\"GPU-a-0\""),
         "{metrics}"
     );
     assert!(
-        metrics.contains("hami_vgpu_memory_allocated_bytes{podnamespace=\"team\""),
+        metrics.contains("hami_vgpu_memory_allocated_bytes{namespace=\"team\",node=\"gpu-1\""),
         "{metrics}"
     );
     assert!(

@@ -16,9 +16,14 @@
 //!
 //! [`helpers`] holds small generic test helpers: [`eventually_within`]
 //! (polling with a deadline) and [`annotation`].
+//!
+//! [`openmetrics`] checks `/metrics` expositions: a strict OpenMetrics text
+//! parser and HAMi's metric reference (`fixtures/hami-metrics.md`) with a
+//! comparison against it.
 
 pub mod api_server;
 pub mod helpers;
+pub mod openmetrics;
 
 pub use api_server::{AllocationAcknowledger, ApiServer, RequestRecord};
 pub use helpers::{annotation, eventually_within};

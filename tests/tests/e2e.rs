@@ -215,7 +215,7 @@ async fn bundled_workloads_flow_from_admission_to_allocate() {
     let text = scheduler.metrics_text();
     let allocated = |node: &str, uuid: &str| -> Option<f64> {
         let prefix =
-            format!("hami_gpu_memory_allocated_bytes{{nodeid=\"{node}\",deviceuuid=\"{uuid}\"");
+            format!("hami_gpu_memory_allocated_bytes{{node=\"{node}\",device_uuid=\"{uuid}\"");
         text.lines()
             .find(|l| l.starts_with(&prefix))
             .and_then(|l| l.rsplit(' ').next())
@@ -248,7 +248,7 @@ async fn bundled_workloads_flow_from_admission_to_allocate() {
             if let Some((200, body)) = http_get(addr, "/metrics").await {
                 let all = pods.iter().all(|pod| {
                     body.contains(&format!(
-                        "hami_vgpu_memory_limit_bytes{{podnamespace=\"inference\",podname=\"{pod}\",ctrname=\"vllm\",vdeviceid=\"0\",deviceuuid=\"{card}\"}}"
+                        "hami_vgpu_memory_limit_bytes{{namespace=\"inference\",pod=\"{pod}\",container=\"vllm\",vdevice_index=\"0\",device_uuid=\"{card}\"}}"
                     ))
                 });
                 if all {

@@ -2079,7 +2079,7 @@ fn pods_that_skip_the_webhook_cannot_name_our_scheduler() {
 // ------------------------------------------------------------ monitoring
 
 /// Metric names the components expose: the `# TYPE` lines of their real
-/// renderings.
+/// renderings, and every HAMi family from the components' tables.
 fn exposed_metrics() -> BTreeSet<String> {
     let scheduler = tessera_scheduler::shell::metrics::SchedulerMetrics::new();
     scheduler.count_decision("placed");
@@ -2111,21 +2111,30 @@ fn exposed_metrics() -> BTreeSet<String> {
         container: "main".to_owned(),
         region: region.clone(),
         cards: vec![cards[0].uuid.clone()],
+        card_memory_mib: vec![1024],
         priority: None,
     };
     let agent = tessera_node_agent::metrics::Metrics::new(
+        "node",
         Arc::new(gpus),
         cards,
         Arc::new(RwLock::new(vec![container])),
     )
     .render();
     let _ = std::fs::remove_file(region);
+    // HAMi's families are written only while they have series (none for an
+    // empty cluster): their tables list them all.
+    let hami = tessera_scheduler::shell::metrics::HAMI_SCHEDULER_FAMILIES
+        .iter()
+        .chain(tessera_node_agent::metrics::HAMI_MONITOR_FAMILIES)
+        .map(|family| family.name.to_owned());
     [scheduler, webhook, agent]
         .iter()
         .flat_map(|text| text.lines())
         .filter_map(|line| line.strip_prefix("# TYPE "))
         .filter_map(|rest| rest.split_whitespace().next())
         .map(str::to_owned)
+        .chain(hami)
         .collect()
 }
 
@@ -2236,6 +2245,25 @@ fn monitoring_targets_our_services_and_queries_exposed_metrics() {
         collect_exprs(&dashboard, &mut expressions);
         assert!(!expressions.is_empty(), "{file} has queries");
         for expr in expressions {
+            // HAMi's label names since v2.10 (`node`, `device_uuid`,
+            // `namespace`, `pod`, ...): the legacy ones exist only on the
+            // legacy families, which the dashboard does not query.
+            for legacy in [
+                "nodeid",
+                "deviceuuid",
+                "deviceidx",
+                "devicetype",
+                "podnamespace",
+                "podname",
+                "ctrname",
+                "vdeviceid",
+                "containeridx",
+            ] {
+                assert!(
+                    !expr.contains(legacy),
+                    "{file}: query {expr:?} uses HAMi's legacy label `{legacy}`"
+                );
+            }
             for series in metric_names(&expr) {
                 assert!(
                     is_exposed(&series, &exposed),

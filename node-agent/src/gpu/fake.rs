@@ -178,6 +178,8 @@ impl GpuBackend for FakeGpus {
                     uuid: card.uuid.clone(),
                     memory_used_bytes,
                     utilization_ratio,
+                    // The fake models kernel time only.
+                    memory_controller_utilization_ratio: 0.0,
                 }
             })
             .collect()

@@ -59,6 +59,9 @@ pub struct HostGpuUsage {
     pub memory_used_bytes: u64,
     /// Share of time a kernel ran over the last sample period, 0 to 1.
     pub utilization_ratio: f64,
+    /// Share of time device memory was being read or written over the last
+    /// sample period, 0 to 1.
+    pub memory_controller_utilization_ratio: f64,
 }
 
 /// One process holding a context on a card, as the driver reports it

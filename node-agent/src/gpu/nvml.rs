@@ -165,6 +165,7 @@ impl GpuBackend for NvmlGpus {
                     uuid: device.uuid().ok()?,
                     memory_used_bytes: memory.used,
                     utilization_ratio: f64::from(utilization.gpu) / 100.0,
+                    memory_controller_utilization_ratio: f64::from(utilization.memory) / 100.0,
                 })
             })
             .collect()

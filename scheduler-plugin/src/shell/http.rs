@@ -14,7 +14,7 @@ impl Scheduler {
     pub fn metrics_text(&self) -> String {
         let (ready, parked) = self.shared.queue.depth();
         set_gauge(&self.shared.metrics.queue_depth, ready + parked);
-        let allocated: Vec<(String, String, String)> =
+        let allocated: Vec<super::metrics::BoundPod> =
             lock(&self.shared.allocated).values().cloned().collect();
         let state = lock(&self.shared.state);
         self.shared.metrics.render(&state, &allocated)

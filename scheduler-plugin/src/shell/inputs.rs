@@ -154,9 +154,17 @@ impl Scheduler {
             .and_then(|a| a.get(keys::DEVICES_ALLOCATED));
         match annotation {
             Some(devices) if bound && !is_terminal(pod) => {
-                let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-                let name = pod.metadata.name.clone().unwrap_or_default();
-                lock(&self.shared.allocated).insert(key, (namespace, name, devices.clone()));
+                let bound_pod = super::metrics::BoundPod {
+                    namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+                    name: pod.metadata.name.clone().unwrap_or_default(),
+                    node: pod
+                        .spec
+                        .as_ref()
+                        .and_then(|spec| spec.node_name.clone())
+                        .unwrap_or_default(),
+                    devices_allocated: devices.clone(),
+                };
+                lock(&self.shared.allocated).insert(key, bound_pod);
             }
             _ => {
                 lock(&self.shared.allocated).remove(&key);

@@ -1,9 +1,11 @@
-//! Prometheus metrics on `/metrics`: the allocation picture under HAMi's
-//! names (computed from the cluster state at scrape time, so dashboards
-//! built for HAMi keep working) and Tessera's own scheduling figures
-//! (decisions, latency, queue depth, bind failures).
+//! Prometheus metrics on `/metrics`: the allocation picture exactly as
+//! HAMi's scheduler exports it (same metric names, label names, label
+//! values and units, see [`HAMI_SCHEDULER_FAMILIES`]; HAMi's legacy
+//! CamelCase names too when `metrics.legacyNames` is on), computed from the
+//! cluster state at scrape time so dashboards built for HAMi keep working,
+//! and Tessera's own scheduling figures (decisions, latency, queue depth,
+//! bind failures). One block per family, one `# EOF`: valid OpenMetrics.
 
-use std::fmt::Write as _;
 use std::sync::atomic::AtomicI64;
 
 use prometheus_client::encoding::text::encode;
@@ -14,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tessera_api::allocation::decode_pod_devices;
+use tessera_api::exposition::{join_with_encoded, write_gauge_family, GaugeFamily, GaugeSample};
 
 use crate::core::ClusterState;
 
@@ -42,6 +45,8 @@ pub struct SchedulerMetrics {
     pub queue_depth: Gauge<i64, AtomicI64>,
     /// 1 while this replica leads.
     pub leader: Gauge<i64, AtomicI64>,
+    /// Whether HAMi's legacy names are exported too.
+    legacy_names: bool,
 }
 
 impl Default for SchedulerMetrics {
@@ -98,6 +103,7 @@ impl SchedulerMetrics {
             bind_failures,
             queue_depth,
             leader,
+            legacy_names: false,
         }
     }
 
@@ -108,15 +114,25 @@ impl SchedulerMetrics {
             .inc();
     }
 
-    /// The text exposition: HAMi allocation gauges from `state`, then ours.
-    pub fn render(&self, state: &ClusterState, bound_pods: &[(String, String, String)]) -> String {
-        let mut out = render_allocation(state, bound_pods);
+    /// Also exports HAMi's legacy CamelCase names (config
+    /// `metrics.legacyNames`).
+    #[must_use]
+    pub fn with_legacy_names(mut self, legacy_names: bool) -> Self {
+        self.legacy_names = legacy_names;
+        self
+    }
+
+    /// The OpenMetrics text exposition: HAMi's allocation gauges from
+    /// `state` and `bound_pods`, then ours, each family in one block, one
+    /// `# EOF` at the end.
+    pub fn render(&self, state: &ClusterState, bound_pods: &[BoundPod]) -> String {
+        let hami = render_allocation(state, bound_pods, self.legacy_names);
         let mut ours = String::new();
-        if encode(&mut ours, &self.registry).is_err() {
-            ours = "# EOF\n".to_owned();
+        if let Err(e) = encode(&mut ours, &self.registry) {
+            tracing::warn!(error = %e, "could not encode the scheduler's own metrics");
+            ours.clear();
         }
-        out.push_str(&ours);
-        out
+        join_with_encoded(hami, &ours)
     }
 
     /// Current queue depth as a plain number (for tests).
@@ -125,83 +141,368 @@ impl SchedulerMetrics {
     }
 }
 
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// A pod with an allocation, as the per-container metrics need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundPod {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Node it is bound to.
+    pub node: String,
+    /// Its `hami.io/vgpu-devices-allocated` annotation.
+    pub devices_allocated: String,
 }
 
-/// HAMi's allocation gauges. `bound_pods` lists (namespace, name,
-/// devices-allocated annotation) of pods with allocations.
-fn render_allocation(state: &ClusterState, bound_pods: &[(String, String, String)]) -> String {
-    let mut out = String::new();
-    let families = [
-        (
-            "hami_gpu_memory_limit_bytes",
-            "GPU memory of each card, bytes",
-        ),
-        (
-            "hami_gpu_memory_allocated_bytes",
-            "GPU memory allocated on each card, bytes",
-        ),
-        ("hami_gpu_core_limit_ratio", "Compute of each card, percent"),
-        (
-            "hami_gpu_core_allocated_ratio",
-            "Compute allocated on each card, percent",
-        ),
-        ("hami_gpu_shared_count", "Containers sharing each card"),
-    ];
-    for (index, (name, help)) in families.iter().enumerate() {
-        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} gauge");
-        for (node_name, node) in state.nodes() {
-            for card in &node.cards {
-                let value = match index {
-                    0 => card.device.devmem * MIB,
-                    1 => card.usage.memory_mib * MIB,
-                    2 => u64::from(card.total_cores()),
-                    3 => u64::from(card.usage.cores),
-                    _ => u64::from(card.usage.slots),
-                };
-                let _ = writeln!(
-                    out,
-                    "{name}{{nodeid=\"{}\",deviceuuid=\"{}\",deviceidx=\"{}\",devicetype=\"{}\"}} {value}",
-                    escape(node_name),
-                    escape(&card.device.id),
-                    card.device.index,
-                    escape(&card.device.device_type)
-                );
-            }
+const CARD_LABELS: &[&str] = &["node", "device_uuid", "device_index", "device_type"];
+const CARD_LABELS_WITH_CORES: &[&str] = &[
+    "node",
+    "device_uuid",
+    "device_index",
+    "device_cores",
+    "device_type",
+];
+const LEGACY_CARD_LABELS: &[&str] = &["nodeid", "deviceuuid", "deviceidx", "devicetype"];
+const CONTAINER_LABELS: &[&str] = &["namespace", "node", "pod", "container_index", "device_uuid"];
+const LEGACY_CONTAINER_LABELS: &[&str] = &[
+    "podnamespace",
+    "nodename",
+    "podname",
+    "containeridx",
+    "deviceuuid",
+];
+
+const fn family(
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    legacy: bool,
+) -> GaugeFamily {
+    GaugeFamily {
+        name,
+        help,
+        labels,
+        legacy,
+    }
+}
+
+/// Every family HAMi's scheduler exports (`cmd/scheduler/metrics.go`), with
+/// its name, help text and label names, in the order they are rendered.
+pub const HAMI_SCHEDULER_FAMILIES: &[GaugeFamily] = &[
+    family(
+        "hami_gpu_memory_limit_bytes",
+        "Device memory limit for a certain GPU",
+        CARD_LABELS,
+        false,
+    ),
+    family(
+        "hami_gpu_core_limit_ratio",
+        "Device core limit for a certain GPU",
+        CARD_LABELS,
+        false,
+    ),
+    family(
+        "hami_gpu_memory_allocated_bytes",
+        "Device memory allocated for a certain GPU",
+        CARD_LABELS_WITH_CORES,
+        false,
+    ),
+    family(
+        "hami_gpu_shared_count",
+        "Number of containers sharing this GPU",
+        CARD_LABELS,
+        false,
+    ),
+    family(
+        "hami_gpu_core_allocated_ratio",
+        "Device core allocated for a certain GPU",
+        CARD_LABELS,
+        false,
+    ),
+    family(
+        "hami_node_gpu_overview",
+        "GPU overview on a certain node",
+        &[
+            "node",
+            "device_uuid",
+            "device_index",
+            "device_cores",
+            "device_memory_limit",
+            "device_type",
+        ],
+        false,
+    ),
+    family(
+        "hami_node_gpu_memory_allocated_ratio",
+        "GPU Memory Allocated Percentage on a certain GPU",
+        CARD_LABELS,
+        false,
+    ),
+    family(
+        "hami_node_gpu_mig_instance_info",
+        "Realized MIG instance identity and scheduler placement",
+        &[
+            "node",
+            "device_uuid",
+            "device_index",
+            "mig_uuid",
+            "profile",
+            "gpu_instance_id",
+            "compute_instance_id",
+            "placement_start",
+            "placement_size",
+        ],
+        false,
+    ),
+    family(
+        "GPUDeviceMemoryLimit",
+        "Device memory limit for a certain GPU",
+        LEGACY_CARD_LABELS,
+        true,
+    ),
+    family(
+        "GPUDeviceCoreLimit",
+        "Device memory core limit for a certain GPU",
+        LEGACY_CARD_LABELS,
+        true,
+    ),
+    family(
+        "GPUDeviceMemoryAllocated",
+        "Device memory allocated for a certain GPU",
+        &[
+            "nodeid",
+            "deviceuuid",
+            "deviceidx",
+            "devicecores",
+            "devicetype",
+        ],
+        true,
+    ),
+    family(
+        "GPUDeviceSharedNum",
+        "Number of containers sharing this GPU",
+        LEGACY_CARD_LABELS,
+        true,
+    ),
+    family(
+        "GPUDeviceCoreAllocated",
+        "Device core allocated for a certain GPU",
+        LEGACY_CARD_LABELS,
+        true,
+    ),
+    family(
+        "nodeGPUOverview",
+        "GPU overview on a certain node",
+        &[
+            "nodeid",
+            "deviceuuid",
+            "deviceidx",
+            "devicecores",
+            "devicememorylimit",
+            "devicetype",
+        ],
+        true,
+    ),
+    family(
+        "nodeGPUMemoryPercentage",
+        "GPU Memory Allocated Percentage on a certain GPU",
+        &["nodeid", "deviceuuid", "deviceidx"],
+        true,
+    ),
+    family(
+        "nodeGPUMigInstance",
+        "GPU Sharing mode. 0 for hami-core, 1 for mig, 2 for mps",
+        &["nodeid", "deviceuuid", "deviceidx", "migname"],
+        true,
+    ),
+    family(
+        "hami_resource_quota_used",
+        "resourcequota usage for a certain device",
+        &["namespace", "quota_name", "limit"],
+        false,
+    ),
+    family(
+        "hami_resource_quota_limit",
+        "resourcequota limit for a certain device",
+        &["namespace", "quota_name"],
+        false,
+    ),
+    family(
+        "QuotaUsed",
+        "resourcequota usage for a certain device",
+        &["quotanamespace", "quotaName", "limit"],
+        true,
+    ),
+    family(
+        "hami_vgpu_memory_allocated_bytes",
+        "vGPU memory allocated from a container",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "hami_vgpu_core_allocated_ratio",
+        "vGPU core allocated from a container",
+        CONTAINER_LABELS,
+        false,
+    ),
+    family(
+        "vGPUMemoryAllocated",
+        "vGPU memory allocated from a container",
+        LEGACY_CONTAINER_LABELS,
+        true,
+    ),
+    family(
+        "vGPUCoreAllocated",
+        "vGPU core allocated from a container",
+        LEGACY_CONTAINER_LABELS,
+        true,
+    ),
+];
+
+/// The allocation figures of one card.
+struct CardFigures<'a> {
+    node: &'a str,
+    uuid: &'a str,
+    index: String,
+    device_type: &'a str,
+    total_mib: u64,
+    total_cores: u32,
+    used_mib: u64,
+    used_cores: u32,
+    containers: u32,
+}
+
+/// HAMi's allocation gauges, one block per family, computed from `state`
+/// (cards) and `bound_pods` (containers). Legacy families only when
+/// `legacy_names`.
+fn render_allocation(state: &ClusterState, bound_pods: &[BoundPod], legacy_names: bool) -> String {
+    let mut cards = Vec::new();
+    for (node_name, node) in state.nodes() {
+        for card in &node.cards {
+            cards.push(CardFigures {
+                node: node_name,
+                uuid: &card.device.id,
+                index: card.device.index.to_string(),
+                device_type: &card.device.device_type,
+                total_mib: card.device.devmem,
+                total_cores: card.total_cores(),
+                used_mib: card.usage.memory_mib,
+                used_cores: card.usage.cores,
+                containers: card.usage.slots,
+            });
         }
     }
-    let _ = writeln!(out, "# HELP hami_vgpu_memory_allocated_bytes GPU memory allocated to each container on each card, bytes.\n# TYPE hami_vgpu_memory_allocated_bytes gauge");
-    let _ = writeln!(out, "# HELP hami_vgpu_core_allocated_ratio Compute allocated to each container on each card, percent.\n# TYPE hami_vgpu_core_allocated_ratio gauge");
-    for (namespace, pod, annotation) in bound_pods {
-        let Ok(devices) = decode_pod_devices(annotation) else {
+    let mut out = String::new();
+    for family in HAMI_SCHEDULER_FAMILIES {
+        if family.legacy && !legacy_names {
+            continue;
+        }
+        let samples = samples_of(family.name, &cards, bound_pods);
+        write_gauge_family(&mut out, family, &samples);
+    }
+    out
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn samples_of(name: &str, cards: &[CardFigures<'_>], bound_pods: &[BoundPod]) -> Vec<GaugeSample> {
+    let card = |c: &CardFigures<'_>| {
+        vec![
+            c.node.to_owned(),
+            c.uuid.to_owned(),
+            c.index.clone(),
+            c.device_type.to_owned(),
+        ]
+    };
+    let card_with_cores = |c: &CardFigures<'_>| {
+        vec![
+            c.node.to_owned(),
+            c.uuid.to_owned(),
+            c.index.clone(),
+            c.used_cores.to_string(),
+            c.device_type.to_owned(),
+        ]
+    };
+    let overview = |c: &CardFigures<'_>| {
+        vec![
+            c.node.to_owned(),
+            c.uuid.to_owned(),
+            c.index.clone(),
+            c.used_cores.to_string(),
+            c.total_mib.to_string(),
+            c.device_type.to_owned(),
+        ]
+    };
+    let memory_share = |c: &CardFigures<'_>| {
+        if c.total_mib == 0 {
+            0.0
+        } else {
+            c.used_mib as f64 / c.total_mib as f64
+        }
+    };
+    let per_card = |labels: &dyn Fn(&CardFigures<'_>) -> Vec<String>,
+                    value: &dyn Fn(&CardFigures<'_>) -> f64| {
+        cards.iter().map(|c| (labels(c), value(c))).collect()
+    };
+    match name {
+        "hami_gpu_memory_limit_bytes" | "GPUDeviceMemoryLimit" => {
+            per_card(&card, &|c| (c.total_mib * MIB) as f64)
+        }
+        "hami_gpu_core_limit_ratio" | "GPUDeviceCoreLimit" => {
+            per_card(&card, &|c| f64::from(c.total_cores))
+        }
+        "hami_gpu_memory_allocated_bytes" | "GPUDeviceMemoryAllocated" => {
+            per_card(&card_with_cores, &|c| (c.used_mib * MIB) as f64)
+        }
+        "hami_gpu_shared_count" | "GPUDeviceSharedNum" => {
+            per_card(&card, &|c| f64::from(c.containers))
+        }
+        "hami_gpu_core_allocated_ratio" | "GPUDeviceCoreAllocated" => {
+            per_card(&card, &|c| f64::from(c.used_cores))
+        }
+        "hami_node_gpu_overview" | "nodeGPUOverview" => per_card(&overview, &|c| c.used_mib as f64),
+        "hami_node_gpu_memory_allocated_ratio" => per_card(&card, &memory_share),
+        "nodeGPUMemoryPercentage" => per_card(
+            &|c| vec![c.node.to_owned(), c.uuid.to_owned(), c.index.clone()],
+            &memory_share,
+        ),
+        "hami_vgpu_memory_allocated_bytes" | "vGPUMemoryAllocated" => {
+            per_container(bound_pods, |device| (device.memory_mib * MIB) as f64)
+        }
+        "hami_vgpu_core_allocated_ratio" | "vGPUCoreAllocated" => {
+            per_container(bound_pods, |device| f64::from(device.cores))
+        }
+        // MIG instances and namespace quotas: Tessera neither creates MIG
+        // instances nor enforces quotas on GPU resources yet, so these
+        // families have no series (and are not written).
+        _ => Vec::new(),
+    }
+}
+
+fn per_container(
+    bound_pods: &[BoundPod],
+    value: impl Fn(&tessera_api::allocation::ContainerDevice) -> f64,
+) -> Vec<GaugeSample> {
+    let mut samples = Vec::new();
+    for pod in bound_pods {
+        let Ok(devices) = decode_pod_devices(&pod.devices_allocated) else {
             continue;
         };
         for (container, list) in devices.iter().enumerate() {
             for device in list {
-                let labels = format!(
-                    "podnamespace=\"{}\",podname=\"{}\",containeridx=\"{container}\",deviceuuid=\"{}\"",
-                    escape(namespace),
-                    escape(pod),
-                    escape(&device.uuid)
-                );
-                let _ = writeln!(
-                    out,
-                    "hami_vgpu_memory_allocated_bytes{{{labels}}} {}",
-                    device.memory_mib * MIB
-                );
-                let _ = writeln!(
-                    out,
-                    "hami_vgpu_core_allocated_ratio{{{labels}}} {}",
-                    device.cores
-                );
+                samples.push((
+                    vec![
+                        pod.namespace.clone(),
+                        pod.node.clone(),
+                        pod.name.clone(),
+                        container.to_string(),
+                        device.uuid.clone(),
+                    ],
+                    value(device),
+                ));
             }
         }
     }
-    out
+    samples
 }
 
 /// Reads the counter value of one decision result (for tests).

@@ -104,7 +104,7 @@ struct Shared {
     options: ShellOptions,
     state: Mutex<ClusterState>,
     pending: Mutex<HashMap<String, Pod>>,
-    allocated: Mutex<HashMap<String, (String, String, String)>>,
+    allocated: Mutex<HashMap<String, metrics::BoundPod>>,
     recently_bound: Mutex<HashSet<String>>,
     node_errors: Mutex<HashMap<String, String>>,
     gates: Mutex<bind::Gates>,
@@ -163,6 +163,7 @@ impl Scheduler {
             Some(key) => AllocationTrust::Sealed(key.clone()),
             None => AllocationTrust::Annotations,
         };
+        let metrics = SchedulerMetrics::new().with_legacy_names(config.metrics.legacy_names);
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(ClusterState::new(config.clone()).with_trust(trust)),
@@ -177,7 +178,7 @@ impl Scheduler {
                 gates: Mutex::default(),
                 distrust_warned: Mutex::default(),
                 queue: SchedulingQueue::default(),
-                metrics: SchedulerMetrics::new(),
+                metrics,
                 notifier,
                 nodes_synced: AtomicBool::new(false),
                 pods_synced: AtomicBool::new(false),

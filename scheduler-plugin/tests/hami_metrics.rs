@@ -1,0 +1,163 @@
+//! The scheduler's `/metrics` against HAMi's reference
+//! (`tests/fixtures/hami-metrics.md`, the families of HAMi's
+//! `cmd/scheduler/metrics.go`): every family with HAMi's name, help, label
+//! names and label values, legacy names only behind the switch, and the
+//! whole exposition valid strict OpenMetrics.
+
+use k8s_openapi::api::core::v1::Node;
+use serde_json::json;
+use tessera_api::allocation::{encode_pod_devices, ContainerDevice};
+use tessera_api::config::Config;
+use tessera_api::inventory::{encode_inventory, GpuDevice};
+use tessera_scheduler::core::ClusterState;
+use tessera_scheduler::shell::metrics::{BoundPod, SchedulerMetrics, HAMI_SCHEDULER_FAMILIES};
+use tessera_testkit::openmetrics::{
+    differences_from_hami, hami_reference, parse_strict, Exposition, HamiComponent,
+};
+
+fn state() -> ClusterState {
+    let cards: Vec<GpuDevice> = (0..2)
+        .map(|i| GpuDevice {
+            id: format!("GPU-n-{i}"),
+            index: i,
+            count: 10,
+            devmem: 15360,
+            devcore: 100,
+            device_type: "NVIDIA-Tesla T4".into(),
+            numa: 0,
+            mode: "hami-core".into(),
+            health: true,
+        })
+        .collect();
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": "gpu-1",
+            "annotations": {"hami.io/node-nvidia-register": encode_inventory(&cards)}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                   "allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "20"}}}))
+    .expect("node");
+    let mut state = ClusterState::new(Config::default());
+    state.upsert_node(&node);
+    state
+}
+
+fn bound_pods() -> Vec<BoundPod> {
+    let device = |uuid: &str, memory_mib, cores| ContainerDevice {
+        uuid: uuid.to_owned(),
+        vendor: "NVIDIA".to_owned(),
+        memory_mib,
+        cores,
+    };
+    vec![BoundPod {
+        namespace: "team".into(),
+        name: "trainer".into(),
+        node: "gpu-1".into(),
+        devices_allocated: encode_pod_devices(&[
+            vec![device("GPU-n-0", 4096, 30)],
+            vec![device("GPU-n-1", 2048, 0)],
+        ]),
+    }]
+}
+
+fn render(legacy: bool) -> (String, Exposition) {
+    let metrics = SchedulerMetrics::new().with_legacy_names(legacy);
+    metrics.count_decision("placed");
+    let text = metrics.render(&state(), &bound_pods());
+    let exposition = parse_strict(&text)
+        .unwrap_or_else(|errors| panic!("not strict OpenMetrics: {errors:#?}\n{text}"));
+    (text, exposition)
+}
+
+#[test]
+fn the_family_table_is_hamis_reference() {
+    let reference: Vec<_> = hami_reference()
+        .into_iter()
+        .filter(|f| f.component == HamiComponent::Scheduler)
+        .map(|f| (f.name, f.labels, f.help))
+        .collect();
+    let ours: Vec<_> = HAMI_SCHEDULER_FAMILIES
+        .iter()
+        .map(|f| {
+            (
+                f.name.to_owned(),
+                f.labels.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>(),
+                f.help.to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(ours, reference);
+    for family in HAMI_SCHEDULER_FAMILIES {
+        assert_eq!(
+            family.legacy,
+            !family.name.starts_with("hami_"),
+            "{}",
+            family.name
+        );
+    }
+}
+
+#[test]
+fn the_exposition_matches_hami_with_and_without_legacy_names() {
+    for legacy in [false, true] {
+        let (text, exposition) = render(legacy);
+        // No MIG instances, no GPU quotas: those families have no series.
+        let without_series = [
+            "hami_node_gpu_mig_instance_info",
+            "nodeGPUMigInstance",
+            "hami_resource_quota_used",
+            "hami_resource_quota_limit",
+            "QuotaUsed",
+        ];
+        let differences = differences_from_hami(
+            &exposition,
+            HamiComponent::Scheduler,
+            legacy,
+            &without_series,
+        );
+        assert!(differences.is_empty(), "{differences:#?}\n{text}");
+        assert!(
+            exposition.family("tessera_scheduler_decisions").is_some(),
+            "Tessera's own metrics stay: {text}"
+        );
+    }
+}
+
+#[test]
+fn label_values_and_units_are_hamis() {
+    let (text, exposition) = render(true);
+    let sample = |family: &str, uuid: &str| {
+        exposition
+            .family(family)
+            .and_then(|f| {
+                f.samples
+                    .iter()
+                    .find(|s| s.label("device_uuid").or(s.label("deviceuuid")) == Some(uuid))
+            })
+            .unwrap_or_else(|| panic!("no {family} sample for {uuid} in\n{text}"))
+            .clone()
+    };
+    let limit = sample("hami_gpu_memory_limit_bytes", "GPU-n-1");
+    assert_eq!(limit.value, (15360_u64 << 20) as f64);
+    assert_eq!(limit.label("node"), Some("gpu-1"));
+    assert_eq!(limit.label("device_index"), Some("1"));
+    assert_eq!(limit.label("device_type"), Some("NVIDIA-Tesla T4"));
+    assert_eq!(sample("hami_gpu_core_limit_ratio", "GPU-n-0").value, 100.0);
+    let overview = sample("hami_node_gpu_overview", "GPU-n-0");
+    assert_eq!(overview.label("device_memory_limit"), Some("15360"));
+    assert_eq!(
+        sample("GPUDeviceMemoryLimit", "GPU-n-1").label("nodeid"),
+        Some("gpu-1")
+    );
+    let container = sample("hami_vgpu_memory_allocated_bytes", "GPU-n-1");
+    assert_eq!(container.value, (2048_u64 << 20) as f64);
+    assert_eq!(container.label("namespace"), Some("team"));
+    assert_eq!(container.label("node"), Some("gpu-1"));
+    assert_eq!(container.label("pod"), Some("trainer"));
+    assert_eq!(container.label("container_index"), Some("1"));
+    assert_eq!(
+        sample("hami_vgpu_core_allocated_ratio", "GPU-n-0").value,
+        30.0
+    );
+    assert_eq!(
+        sample("vGPUMemoryAllocated", "GPU-n-0").label("nodename"),
+        Some("gpu-1")
+    );
+}
