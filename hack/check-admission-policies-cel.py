@@ -2,7 +2,7 @@
 """Cross-checks manifests/admission-policies.yaml with a second CEL
 implementation, Google's cel-cpp (through the cel-expr-python wheel): every
 expression compiles with dyn inputs, as the API server's runtime declares
-them, and sample requests get the verdicts that tests/tests/manifests.rs
+them, and sample requests get the verdicts that testkit/tests/manifests.rs
 expects from the Rust `cel` interpreter. Not run in CI (it needs the wheel);
 run it after editing the policies:
 

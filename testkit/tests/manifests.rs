@@ -82,7 +82,7 @@ struct Doc {
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("tests/ has a parent")
+        .expect("testkit/ has a parent")
         .to_path_buf()
 }
 

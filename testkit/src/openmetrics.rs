@@ -1,7 +1,7 @@
 //! What the components' `/metrics` must look like: a strict checker of the
 //! OpenMetrics 1.0 text format ([`parse_strict`]) and HAMi's metric
 //! reference ([`hami_reference`], parsed from
-//! `tests/fixtures/hami-metrics.md`, HAMi v2.10's names, label names and
+//! `testkit/fixtures/hami-metrics.md`, HAMi v2.10's names, label names and
 //! help texts per component).
 //!
 //! The checker runs the text through two parsers and fails if either

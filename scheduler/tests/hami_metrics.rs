@@ -1,5 +1,5 @@
 //! The scheduler's `/metrics` against HAMi's reference
-//! (`tests/fixtures/hami-metrics.md`, the families of HAMi's
+//! (`testkit/fixtures/hami-metrics.md`, the families of HAMi's
 //! `cmd/scheduler/metrics.go`): every family with HAMi's name, help, label
 //! names and label values, legacy names only behind the switch, and the
 //! whole exposition valid strict OpenMetrics.
