@@ -174,7 +174,11 @@ impl Scheduler {
                 self.shared.queue.finish(&key);
                 tracing::debug!(pod = %key, node = %placement.node, "bound");
                 if self.shared.options.scheduled_events {
-                    self.shared.notifier.scheduled(&pod, &placement.node).await;
+                    // Off the bind slot: the Event is bookkeeping, and the
+                    // node's next bind may be waiting on this pod's answer.
+                    let notifier = self.shared.notifier.clone();
+                    let node = placement.node.clone();
+                    tokio::spawn(async move { notifier.scheduled(&pod, &node).await });
                 }
             }
             Err(error) => {
