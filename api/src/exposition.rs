@@ -20,6 +20,21 @@ pub struct GaugeFamily {
     pub legacy: bool,
 }
 
+/// A family of the tables, in one line each.
+pub const fn gauge_family(
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    legacy: bool,
+) -> GaugeFamily {
+    GaugeFamily {
+        name,
+        help,
+        labels,
+        legacy,
+    }
+}
+
 /// One sample: label values (in [`GaugeFamily::labels`] order) and value.
 pub type GaugeSample = (Vec<String>, f64);
 

@@ -12,7 +12,7 @@ use tessera_api::inventory::{encode_inventory, GpuDevice};
 use tessera_scheduler::core::ClusterState;
 use tessera_scheduler::shell::metrics::{BoundPod, SchedulerMetrics, HAMI_SCHEDULER_FAMILIES};
 use tessera_testkit::openmetrics::{
-    differences_from_hami, hami_reference, parse_strict, Exposition, HamiComponent,
+    assert_matches_reference, differences_from_hami, parse_strict, Exposition, HamiComponent,
 };
 
 fn state() -> ClusterState {
@@ -68,30 +68,12 @@ fn render(legacy: bool) -> (String, Exposition) {
 
 #[test]
 fn the_family_table_is_hamis_reference() {
-    let reference: Vec<_> = hami_reference()
-        .into_iter()
-        .filter(|f| f.component == HamiComponent::Scheduler)
-        .map(|f| (f.name, f.labels, f.help))
-        .collect();
-    let ours: Vec<_> = HAMI_SCHEDULER_FAMILIES
-        .iter()
-        .map(|f| {
-            (
-                f.name.to_owned(),
-                f.labels.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>(),
-                f.help.to_owned(),
-            )
-        })
-        .collect();
-    assert_eq!(ours, reference);
-    for family in HAMI_SCHEDULER_FAMILIES {
-        assert_eq!(
-            family.legacy,
-            !family.name.starts_with("hami_"),
-            "{}",
-            family.name
-        );
-    }
+    assert_matches_reference(
+        HamiComponent::Scheduler,
+        HAMI_SCHEDULER_FAMILIES
+            .iter()
+            .map(|f| (f.name, f.labels, f.help, f.legacy)),
+    );
 }
 
 #[test]

@@ -510,6 +510,33 @@ pub fn differences_from_hami(
     differences
 }
 
+/// Asserts that `families` (name, label names, help text, legacy flag), in
+/// order, are exactly the reference's families of `component`, and that
+/// exactly the names outside `hami_*` are marked legacy.
+///
+/// # Panics
+/// On the first difference, naming it.
+pub fn assert_matches_reference<'a>(
+    component: HamiComponent,
+    families: impl IntoIterator<Item = (&'a str, &'a [&'a str], &'a str, bool)>,
+) {
+    let reference: Vec<_> = hami_reference()
+        .into_iter()
+        .filter(|f| f.component == component)
+        .map(|f| (f.name, f.labels, f.help))
+        .collect();
+    let mut ours = Vec::new();
+    for (name, labels, help, legacy) in families {
+        assert_eq!(legacy, !name.starts_with("hami_"), "{name}: legacy flag");
+        ours.push((
+            name.to_owned(),
+            labels.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>(),
+            help.to_owned(),
+        ));
+    }
+    assert_eq!(ours, reference);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

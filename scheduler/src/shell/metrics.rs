@@ -16,7 +16,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tessera_api::allocation::decode_pod_devices;
-use tessera_api::exposition::{join_with_encoded, write_gauge_family, GaugeFamily, GaugeSample};
+use tessera_api::exposition::{
+    gauge_family as family, join_with_encoded, write_gauge_family, GaugeFamily, GaugeSample,
+};
 
 use crate::core::ClusterState;
 
@@ -171,20 +173,6 @@ const LEGACY_CONTAINER_LABELS: &[&str] = &[
     "containeridx",
     "deviceuuid",
 ];
-
-const fn family(
-    name: &'static str,
-    help: &'static str,
-    labels: &'static [&'static str],
-    legacy: bool,
-) -> GaugeFamily {
-    GaugeFamily {
-        name,
-        help,
-        labels,
-        legacy,
-    }
-}
 
 /// Every family HAMi's scheduler exports (`cmd/scheduler/metrics.go`), with
 /// its name, help text and label names, in the order they are rendered.
