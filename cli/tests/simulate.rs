@@ -158,9 +158,9 @@ fn unreadable_input_is_a_clear_error() {
     assert!(stderr.contains("cannot read /nonexistent.yaml"), "{stderr}");
 }
 
-#[test]
-fn pod_topology_example_spreads_replicas_holds_gated_pods_and_follows_volumes() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pod-topology");
+/// `tessera simulate --output json` on `cli/examples/<name>/`.
+fn simulate_example(name: &str) -> Value {
+    let dir = format!("{}/examples/{name}", env!("CARGO_MANIFEST_DIR"));
     let cluster = format!("{dir}/cluster.yaml");
     let workloads = format!("{dir}/workloads.yaml");
     let (ok, stdout, stderr) = tessera(&[
@@ -172,7 +172,12 @@ fn pod_topology_example_spreads_replicas_holds_gated_pods_and_follows_volumes() 
         "json",
     ]);
     assert!(ok, "{stderr}");
-    let report: Value = serde_json::from_str(&stdout).expect("json");
+    serde_json::from_str(&stdout).expect("json")
+}
+
+#[test]
+fn pod_topology_example_spreads_replicas_holds_gated_pods_and_follows_volumes() {
+    let report = simulate_example("pod-topology");
     let placed = report["placed"].as_array().expect("placed");
     let nodes_of = |prefix: &str| -> Vec<String> {
         placed
@@ -221,19 +226,7 @@ fn pod_topology_example_spreads_replicas_holds_gated_pods_and_follows_volumes() 
 
 #[test]
 fn preemption_example_evicts_the_unprotected_lower_priority_pod() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/preemption");
-    let cluster = format!("{dir}/cluster.yaml");
-    let workloads = format!("{dir}/workloads.yaml");
-    let (ok, stdout, stderr) = tessera(&[
-        "simulate",
-        "--cluster",
-        &cluster,
-        &workloads,
-        "--output",
-        "json",
-    ]);
-    assert!(ok, "{stderr}");
-    let report: Value = serde_json::from_str(&stdout).expect("json");
+    let report = simulate_example("preemption");
     let placed = report["placed"].as_array().expect("placed");
     assert_eq!(placed.len(), 1);
     assert_eq!(placed[0]["pod"], "inference/chat");

@@ -18,7 +18,7 @@
 //! deleted or ends.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -222,7 +222,7 @@ impl AdmittingKubelet {
         };
         let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
         let task = tokio::spawn(async move {
-            let mut seen: HashMap<String, ()> = HashMap::new();
+            let mut seen: HashSet<String> = HashSet::new();
             let mut events = std::pin::pin!(watcher(api, config).default_backoff());
             let mut batch: Vec<Pod> = Vec::new();
             loop {
@@ -246,7 +246,7 @@ impl AdmittingKubelet {
                         let uid = pod.metadata.uid.clone().unwrap_or_default();
                         if ended(&pod) {
                             admission.forget(&pod);
-                        } else if seen.insert(uid, ()).is_none() {
+                        } else if seen.insert(uid) {
                             batch.push(pod);
                         }
                     }

@@ -15,7 +15,6 @@ use k8s_openapi::api::core::v1::{Binding, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
-use tessera_api::allocation::encode_pod_devices;
 use tessera_api::names::allocation as keys;
 use tessera_api::pod::{annotation, is_live, BindPhase};
 
@@ -130,12 +129,10 @@ impl Scheduler {
         let mut annotations =
             placement.annotations(k8s_openapi::jiff::Timestamp::now().as_second());
         if let Some(seal_key) = &self.shared.options.seal_key {
-            let devices = encode_pod_devices(&placement.annotated_devices());
+            // Sealed exactly as written: the devices annotation just encoded.
             let uid = pod.metadata.uid.as_deref().unwrap_or_default();
-            annotations.insert(
-                keys::SEAL.to_owned(),
-                seal_key.seal(uid, &placement.node, &devices),
-            );
+            let seal = seal_key.seal(uid, &placement.node, &annotations[keys::DEVICES_ALLOCATED]);
+            annotations.insert(keys::SEAL.to_owned(), seal);
         }
         let binding = Binding {
             metadata: ObjectMeta {

@@ -66,6 +66,9 @@ pub struct BindGates<J> {
     nodes: HashMap<String, NodeGate<J>>,
     /// Pod key → (node, shape) of its in-flight entry.
     in_flight: HashMap<String, (String, usize)>,
+    /// Pod key → node of its waiting entry, so a pod that is neither in
+    /// flight nor waiting (every update of a running pod) costs a lookup.
+    waiting: HashMap<String, String>,
 }
 
 impl<J> Default for BindGates<J> {
@@ -73,6 +76,7 @@ impl<J> Default for BindGates<J> {
         Self {
             nodes: HashMap::new(),
             in_flight: HashMap::new(),
+            waiting: HashMap::new(),
         }
     }
 }
@@ -111,6 +115,7 @@ impl<J> BindGates<J> {
                 shape,
                 job,
             });
+            self.waiting.insert(pod.to_owned(), node.to_owned());
             return None;
         }
         gate.in_flight.insert(
@@ -161,9 +166,9 @@ impl<J> BindGates<J> {
                 gate.in_flight.remove(&shape);
             }
             self.release_next(&node, shape, now, &mut released);
-        } else {
+        } else if let Some(node) = self.waiting.remove(pod) {
             // Still waiting: drop it from its queue.
-            for gate in self.nodes.values_mut() {
+            if let Some(gate) = self.nodes.get_mut(&node) {
                 gate.waiting.retain(|w| w.pod != pod);
             }
         }
@@ -179,6 +184,7 @@ impl<J> BindGates<J> {
         }
         if let Some(position) = gate.waiting.iter().position(|w| w.shape == shape) {
             let next = gate.waiting.remove(position).expect("position is in range");
+            self.waiting.remove(&next.pod);
             gate.in_flight.insert(
                 shape,
                 InFlight {
@@ -219,12 +225,16 @@ impl<J> BindGates<J> {
         let Some(gate) = self.nodes.get_mut(node) else {
             return Vec::new();
         };
-        gate.waiting.drain(..).map(|w| (w.pod, w.job)).collect()
+        let drained: Vec<(String, J)> = gate.waiting.drain(..).map(|w| (w.pod, w.job)).collect();
+        for (pod, _) in &drained {
+            self.waiting.remove(pod);
+        }
+        drained
     }
 
     /// Binds waiting behind an in-flight one, over all nodes.
     pub fn waiting_count(&self) -> usize {
-        self.nodes.values().map(|g| g.waiting.len()).sum()
+        self.waiting.len()
     }
 }
 
