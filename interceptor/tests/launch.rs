@@ -168,10 +168,23 @@ fn force_limits_a_tenant_alone_and_default_does_not() {
     // half second (the fake NVML says the card is full), and its rate is
     // 20% of that: its launch rate falls well below its start; the one
     // alone under the default policy keeps its pace.
+    // Whole stretches are compared, not single 100 ms windows, so a window
+    // in which a loaded machine did not run the process does not decide.
     let f = windows(&forced_out);
     let a = windows(&alone_out);
-    assert!(f[14] * 3 < f[0], "force did not slow launches: {f:?}");
-    assert!(a[14] * 3 > a[0], "default policy alone was slowed: {a:?}");
+    assert!(
+        mean(&f[10..]) * 3 < mean(&f[..3]),
+        "force did not slow launches: {f:?}"
+    );
+    assert!(
+        mean(&a[10..]) * 3 > mean(&a[..3]),
+        "default policy alone was slowed: {a:?}"
+    );
+}
+
+/// The mean launch count of a stretch of windows.
+fn mean(windows: &[u64]) -> u64 {
+    windows.iter().sum::<u64>() / windows.len() as u64
 }
 
 #[test]
