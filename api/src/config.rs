@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::container_env::CorePolicy;
 use crate::error::ConfigError;
 use crate::names::{ResourceNames, DEFAULT_SCHEDULER_NAME};
 use crate::policy::{GpuPolicy, NodePolicy};
@@ -38,6 +39,12 @@ pub struct Config {
     pub enforcement: Enforcement,
     /// What `/metrics` exports beyond the default names.
     pub metrics: MetricsConfig,
+    /// HAMi's `scheduler.overwriteEnv`: the webhook sets
+    /// `NVIDIA_VISIBLE_DEVICES=none` on every container that asks for no
+    /// GPU, so an image that bakes in `NVIDIA_VISIBLE_DEVICES=all` (CUDA
+    /// base images do) gets no card from a runtime that reads it. Off by
+    /// default, as in HAMi.
+    pub overwrite_env: bool,
 }
 
 /// The `/metrics` exposition of the scheduler and the node agent.
@@ -111,6 +118,16 @@ pub struct RequestDefaults {
     pub memory_mib: u64,
     /// Cores for a container that gives none.
     pub cores: u32,
+    /// HAMi's `devices.nvidia.gpuCorePolicy`: when GPU containers' SM caps
+    /// apply (`default`: only while the card is shared; `force`: always;
+    /// `disable`: never). The webhook writes `GPU_CORE_UTILIZATION_POLICY`
+    /// into GPU containers that do not set it, and denies a container that
+    /// sets a looser one (a tenant may not lift its own compute cap).
+    pub gpu_core_policy: CorePolicy,
+    /// HAMi's `devices.nvidia.libCudaLogLevel`: the interceptor's
+    /// `LIBCUDA_LOG_LEVEL` for GPU containers that do not set it (0 errors
+    /// only … 4 debug); unset leaves the interceptor's default.
+    pub lib_cuda_log_level: Option<u8>,
 }
 
 /// How physical cards are presented for sharing.
@@ -162,6 +179,7 @@ impl Default for Config {
             control_opt_out_namespaces: Vec::new(),
             enforcement: Enforcement::default(),
             metrics: MetricsConfig::default(),
+            overwrite_env: false,
         }
     }
 }
@@ -172,6 +190,8 @@ impl Default for RequestDefaults {
             gpu_count: 1,
             memory_mib: 0,
             cores: 0,
+            gpu_core_policy: CorePolicy::Default,
+            lib_cuda_log_level: None,
         }
     }
 }
@@ -233,6 +253,16 @@ impl Config {
                 return Err(invalid(&format!("nodes[{i}].name"), "must name a node"));
             }
             validate_sharing(&format!("nodes[{i}]"), &self.sharing_for_node(&node.name))?;
+        }
+        if self
+            .defaults
+            .lib_cuda_log_level
+            .is_some_and(|level| level > 4)
+        {
+            return Err(invalid(
+                "defaults.libCudaLogLevel",
+                "must be between 0 (errors only) and 4 (debug), or left out",
+            ));
         }
         if self.max_card_memory_mib == Some(0) {
             return Err(invalid(

@@ -145,17 +145,42 @@ pub fn sm_limit_var(index: usize) -> String {
     format!("{SM_LIMIT_PREFIX}{index}")
 }
 
-/// When a container's SM cap is enforced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// When a container's SM cap is enforced. Ordered from the loosest
+/// (`Disable`) to the strictest (`Force`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum CorePolicy {
+    /// Never: the cap is ignored (priority still applies).
+    Disable,
     /// Only while another tenant is active on the card (HAMi's default):
     /// a container alone on its card runs at full speed.
     #[default]
     Default,
     /// Always, even alone on the card.
     Force,
-    /// Never: the cap is ignored (priority still applies).
-    Disable,
+}
+
+impl CorePolicy {
+    /// The value of [`CORE_UTILIZATION_POLICY`] that selects it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Default => "default",
+            Self::Force => "force",
+        }
+    }
 }
 
 /// A container's priority on its cards (`nvidia.com/priority`).

@@ -1950,6 +1950,22 @@ fn nvidia_env_is_denied_outside_allowed_namespaces() {
         "volumeMounts": [{"name": "data", "mountPath": "/var/run/nvidia-container-devices-cache"}],
         "resources": {"limits": {"nvidia.com/gpumem": "7500"}}
     }]})));
+    // What the webhook writes with overwriteEnv gives no card.
+    for value in ["none", "void"] {
+        allowed(create(serde_json::json!({"containers": [{
+            "name": "web", "image": "cuda",
+            "env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": value}]
+        }]})));
+    }
+    denied(
+        create(serde_json::json!({"containers": [{
+            "name": "web", "image": "cuda",
+            "env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "none"},
+                    {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"}]
+        }]})),
+        "web",
+        "NVIDIA_VISIBLE_DEVICES",
+    );
     for (path, docs) in examples() {
         for w in workloads(&docs) {
             let pod = sample_pod(Json::Null, serde_json::to_value(w.spec).expect("spec"));

@@ -12,22 +12,28 @@
 //! annotations (`hami.io/vgpu-*`, `hami.io/bind-*`, any `tessera.io/*`),
 //! and the environment the node agent owns ([`crate::control_env`]), in
 //! `env` or through an `envFrom` without a safe prefix. The webhook writes
-//! no environment: the node agent sets `CUDA_TASK_PRIORITY` from the
-//! container's priority resource at Allocate.
+//! only the environment HAMi's chart values ask for
+//! ([`crate::env_defaults`]); the node agent sets the caps and
+//! `CUDA_TASK_PRIORITY` at Allocate.
 
 use std::collections::BTreeMap;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
-use k8s_openapi::api::core::v1::{Container, EnvFromSource, Pod};
+use k8s_openapi::api::core::v1::{Container, EnvFromSource, EnvVar, Pod};
 use serde_json::Value;
 use tessera_api::config::Config;
+use tessera_api::container_env::VISIBLE_DEVICES;
 use tessera_api::error::RequestError;
 use tessera_api::names::{self, ResourceNames};
 use tessera_api::request::{ContainerGpuRequest, MemoryRequest, PodGpuRequest};
 use thiserror::Error;
 
 use crate::control_env::{env_from_prefix_is_safe, ControlVariable};
+use crate::env_defaults::{
+    add_env_operations, check_core_policy, gpu_container_env, gpu_less_container_env,
+    LooserCorePolicy, NO_VISIBLE_DEVICES,
+};
 
 /// Every pod annotation under this prefix is written by Tessera itself
 /// (the scheduler or the node agent), never by the pod's author.
@@ -158,6 +164,9 @@ pub enum Denial {
         /// The prefix as written, `None` when there is none.
         prefix: Option<String>,
     },
+    /// A GPU container sets a core policy looser than the cluster's.
+    #[error(transparent)]
+    LooserCorePolicy(#[from] LooserCorePolicy),
     /// The pod is already bound to a node, bypassing GPU scheduling.
     #[error("the pod sets spec.nodeName = `{node}` and asks for GPU resources; a pod placed by hand bypasses GPU placement and gets no card slice, so remove spec.nodeName (use a nodeSelector or node affinity to choose nodes)")]
     NodeNameSet {
@@ -177,6 +186,7 @@ impl Denial {
             | Self::ForgedAllocation { .. }
             | Self::ControlVariableSet { .. }
             | Self::EnvFromWithoutSafePrefix { .. }
+            | Self::LooserCorePolicy(_)
             | Self::NodeNameSet { .. } => 403,
         }
     }
@@ -202,11 +212,11 @@ pub fn admit(
     config: &Config,
 ) -> AdmissionDecision {
     let names = &config.resources;
-    if !mentions_gpu_resource(pod, names) {
-        return AdmissionDecision::untouched(AllowReason::NoGpuRequest);
-    }
     if opted_out(pod.metadata.labels.as_ref()) || opted_out(namespace_labels) {
         return AdmissionDecision::untouched(AllowReason::OptedOut);
+    }
+    if !mentions_gpu_resource(pod, names) {
+        return gpu_less_pod(pod, config);
     }
     let spec = pod.spec.as_ref();
     let scheduler = spec.and_then(|s| s.scheduler_name.as_deref());
@@ -221,7 +231,7 @@ pub fn admit(
         Err(error) => return AdmissionDecision::Denied(error.into()),
     };
     if !request.asks_for_gpu() {
-        return AdmissionDecision::untouched(AllowReason::NoGpuRequest);
+        return gpu_less_pod(pod, config);
     }
     if let Some(denial) = forged_allocation(pod) {
         return AdmissionDecision::Denied(denial);
@@ -253,6 +263,16 @@ pub fn admit(
             {
                 return AdmissionDecision::Denied(denial);
             }
+            let vars = if gpu.resolve(&config.defaults).is_some() {
+                let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+                if let Err(looser) = check_core_policy(container, config, namespace) {
+                    return AdmissionDecision::Denied(looser.into());
+                }
+                gpu_container_env(container, config)
+            } else {
+                gpu_less_container_env(container, config)
+            };
+            add_env_operations(field, index, container, vars, &mut operations);
         }
     }
     if !scheduler_is_ours {
@@ -270,6 +290,25 @@ pub fn admit(
             reason: AllowReason::Mutated,
             patch: Some(Patch(operations)),
         }
+    }
+}
+
+/// A pod that asks for no GPU: untouched, unless `overwriteEnv` hides the
+/// cards from its containers.
+fn gpu_less_pod(pod: &Pod, config: &Config) -> AdmissionDecision {
+    let mut operations = Vec::new();
+    if let Some(spec) = pod.spec.as_ref() {
+        let init = spec.init_containers.as_deref().unwrap_or_default();
+        for (field, list) in [("initContainers", init), ("containers", &spec.containers)] {
+            for (index, container) in list.iter().enumerate() {
+                let vars = gpu_less_container_env(container, config);
+                add_env_operations(field, index, container, vars, &mut operations);
+            }
+        }
+    }
+    AdmissionDecision::Allowed {
+        reason: AllowReason::NoGpuRequest,
+        patch: (!operations.is_empty()).then_some(Patch(operations)),
     }
 }
 
@@ -362,6 +401,9 @@ fn control_variable_denial(pod: &Pod, request: &PodGpuRequest, config: &Config) 
         .chain(spec.containers.iter().zip(&request.containers));
     for (container, gpu) in containers {
         for var in container.env.iter().flatten() {
+            if !gpu.asks_for_gpu() && hides_every_card(var) {
+                continue;
+            }
             if let Some(kind) = ControlVariable::of(&var.name, may_opt_out) {
                 return Some(Denial::ControlVariableSet {
                     container: container.name.clone(),
@@ -386,6 +428,17 @@ fn control_variable_denial(pod: &Pod, request: &PodGpuRequest, config: &Config) 
         }
     }
     None
+}
+
+/// `NVIDIA_VISIBLE_DEVICES` set to a value under which the NVIDIA runtime
+/// injects no card (what `overwriteEnv` writes): harmless in a container
+/// that asks for no GPU.
+fn hides_every_card(var: &EnvVar) -> bool {
+    var.name == VISIBLE_DEVICES
+        && var
+            .value
+            .as_deref()
+            .is_some_and(|v| v == NO_VISIBLE_DEVICES || v == "void")
 }
 
 /// ``ConfigMap `name` `` or ``Secret `name` `` for an `envFrom` entry.

@@ -38,6 +38,7 @@
 pub mod app;
 pub mod control_env;
 pub mod decision;
+pub mod env_defaults;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]

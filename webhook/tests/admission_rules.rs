@@ -725,6 +725,10 @@ fn patches_apply_agree_with_resolve_and_are_idempotent() {
     let configs = [
         Config::default(),
         Config::from_yaml("defaults:\n  memoryMib: 2048\n  cores: 10\n").unwrap(),
+        Config::from_yaml(
+            "overwriteEnv: true\ndefaults: {gpuCorePolicy: force, libCudaLogLevel: 2}\n",
+        )
+        .unwrap(),
     ];
     let mut checked = 0;
     for config in &configs {
@@ -796,17 +800,29 @@ fn patches_apply_agree_with_resolve_and_are_idempotent() {
                                         );
                                     }
                                 }
-                                // The webhook writes no env.
+                                // The webhook writes no env unless the config
+                                // asks for some, and then only appends.
                                 let field = if as_init {
                                     "initContainers"
                                 } else {
                                     "containers"
                                 };
-                                assert_eq!(
-                                    after["spec"][field][0].get("env"),
-                                    pod["spec"][field][0].get("env"),
-                                    "{after}"
-                                );
+                                let env_before = pod["spec"][field][0].get("env");
+                                let env_after = after["spec"][field][0].get("env");
+                                if config.overwrite_env
+                                    || config.defaults.lib_cuda_log_level.is_some()
+                                {
+                                    let own = env_before
+                                        .and_then(Value::as_array)
+                                        .cloned()
+                                        .unwrap_or_default();
+                                    let now =
+                                        env_after.and_then(Value::as_array).expect("env written");
+                                    assert!(now.len() > own.len(), "{after}");
+                                    assert_eq!(now[..own.len()], own[..], "{after}");
+                                } else {
+                                    assert_eq!(env_after, env_before, "{after}");
+                                }
                                 let (again, _) = ask_with(config, &after);
                                 assert!(
                                     again.allowed && again.patch.is_none(),
@@ -821,7 +837,7 @@ fn patches_apply_agree_with_resolve_and_are_idempotent() {
             }
         }
     }
-    assert_eq!(checked, 2 * 3 * 3 * 3 * 3 * 3 * 2);
+    assert_eq!(checked, 3 * 3 * 3 * 3 * 3 * 3 * 2);
 }
 
 /// No input makes the decision panic: every prefix of a real review, and
@@ -853,4 +869,67 @@ fn truncated_and_corrupted_bodies_never_panic() {
             let _ = answer_review(&corrupted, &config);
         }
     }
+}
+
+/// HAMi's `gpuCorePolicy`, `libCudaLogLevel` and `overwriteEnv`: the GPU
+/// container gets the policy and log level, its sidecar (no GPU) gets
+/// `NVIDIA_VISIBLE_DEVICES=none`, and a container that tries to loosen the
+/// cluster's policy is refused.
+#[test]
+fn chart_env_values_are_written_and_a_looser_core_policy_is_refused() {
+    let config = Config::from_yaml(
+        "overwriteEnv: true\ndefaults: {gpuCorePolicy: force, libCudaLogLevel: 2}\n",
+    )
+    .unwrap();
+    let pod = api_server_pod(
+        json!([
+            container("trainer", json!({"nvidia.com/gpu": "1"})),
+            {"name": "proxy", "image": "envoy", "env": [{"name": "A", "value": "b"}]}
+        ]),
+        json!({}),
+        json!({}),
+    );
+    let (answer, _) = ask_with(&config, &pod);
+    assert!(answer.allowed, "{}", answer.body);
+    let patched = apply(&pod, answer.patch.as_ref().expect("a patch"));
+    assert_eq!(
+        patched["spec"]["containers"][0]["env"],
+        json!([
+            {"name": "GPU_CORE_UTILIZATION_POLICY", "value": "force"},
+            {"name": "LIBCUDA_LOG_LEVEL", "value": "2"}
+        ])
+    );
+    assert_eq!(
+        patched["spec"]["containers"][1]["env"],
+        json!([{"name": "A", "value": "b"}, {"name": "NVIDIA_VISIBLE_DEVICES", "value": "none"}])
+    );
+
+    let cpu_only = api_server_pod(
+        json!([{"name": "web", "image": "cuda"}]),
+        json!({}),
+        json!({}),
+    );
+    let (answer, _) = ask_with(&config, &cpu_only);
+    let patched = apply(&cpu_only, answer.patch.as_ref().expect("a patch"));
+    assert_eq!(
+        patched["spec"]["containers"][0]["env"],
+        json!([{"name": "NVIDIA_VISIBLE_DEVICES", "value": "none"}])
+    );
+    assert!(ask(&cpu_only).patch.is_none(), "off by default");
+
+    let loosening = api_server_pod(
+        json!([{"name": "trainer", "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                "env": [{"name": "GPU_CORE_UTILIZATION_POLICY", "value": "disable"}]}]),
+        json!({}),
+        json!({}),
+    );
+    let (message, code) = denial(&config, &loosening);
+    assert_eq!(code, 403);
+    assert!(
+        message.contains("GPU_CORE_UTILIZATION_POLICY=disable"),
+        "{message}"
+    );
+    assert!(message.contains("`force`"), "{message}");
+    let (message, _) = denial(&Config::default(), &loosening);
+    assert!(message.contains("policy is `default`"), "{message}");
 }
