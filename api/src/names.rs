@@ -31,6 +31,13 @@ pub mod pod {
     pub const NOUSE_GPU_UUID: &str = "nvidia.com/nouse-gpuuuid";
     /// `true`: all cards of a container on one NUMA node.
     pub const NUMA_BIND: &str = "nvidia.com/numa-bind";
+    /// `true` | `false`: whether the webhook writes
+    /// `NVIDIA_VISIBLE_DEVICES=none` into this pod's containers without a
+    /// GPU, over the config's `overwriteEnv`.
+    pub const OVERWRITE_ENV: &str = "hami.io/overwrite-env";
+    /// JSON map of container name to `true` | `false`, over
+    /// [`OVERWRITE_ENV`] for the containers it names.
+    pub const OVERWRITE_ENV_CONTAINERS: &str = "hami.io/overwrite-env-containers";
     /// `binpack` | `spread` | `topology-aware`: how cards are chosen on a node.
     pub const GPU_SCHEDULER_POLICY: &str = "hami.io/gpu-scheduler-policy";
     /// `binpack` | `spread`: how nodes are chosen.

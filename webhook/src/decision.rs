@@ -32,7 +32,7 @@ use thiserror::Error;
 use crate::control_env::{env_from_prefix_is_safe, ControlVariable};
 use crate::env_defaults::{
     add_env_operations, check_core_policy, gpu_container_env, gpu_less_container_env,
-    LooserCorePolicy, NO_VISIBLE_DEVICES,
+    LooserCorePolicy, OverwriteEnv, NO_VISIBLE_DEVICES,
 };
 
 /// Every pod annotation under this prefix is written by Tessera itself
@@ -249,6 +249,7 @@ pub fn admit(
     }
 
     let mut operations = Vec::new();
+    let overwrite = OverwriteEnv::for_pod(pod, config);
     let containers = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
     let init_containers = spec
         .and_then(|s| s.init_containers.as_deref())
@@ -270,7 +271,7 @@ pub fn admit(
                 }
                 gpu_container_env(container, config)
             } else {
-                gpu_less_container_env(container, config)
+                gpu_less_container_env(container, &overwrite)
             };
             add_env_operations(field, index, container, vars, &mut operations);
         }
@@ -297,11 +298,12 @@ pub fn admit(
 /// cards from its containers.
 fn gpu_less_pod(pod: &Pod, config: &Config) -> AdmissionDecision {
     let mut operations = Vec::new();
+    let overwrite = OverwriteEnv::for_pod(pod, config);
     if let Some(spec) = pod.spec.as_ref() {
         let init = spec.init_containers.as_deref().unwrap_or_default();
         for (field, list) in [("initContainers", init), ("containers", &spec.containers)] {
             for (index, container) in list.iter().enumerate() {
-                let vars = gpu_less_container_env(container, config);
+                let vars = gpu_less_container_env(container, &overwrite);
                 add_env_operations(field, index, container, vars, &mut operations);
             }
         }

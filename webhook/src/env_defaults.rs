@@ -10,12 +10,15 @@
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
-use k8s_openapi::api::core::v1::Container;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::{json, Value};
 use tessera_api::config::Config;
 use tessera_api::container_env::{
     parse_core_policy, CorePolicy, CORE_UTILIZATION_POLICY, LOG_LEVEL, VISIBLE_DEVICES,
 };
+use tessera_api::names;
 use thiserror::Error;
 
 /// What `NVIDIA_VISIBLE_DEVICES` is set to in containers without a GPU:
@@ -92,12 +95,67 @@ pub fn gpu_container_env(container: &Container, config: &Config) -> Vec<(&'stati
         .collect()
 }
 
-/// The variables a container that asks for no GPU gets from the config.
+/// Whether the webhook writes `NVIDIA_VISIBLE_DEVICES=none` into a
+/// pod's containers without a GPU: HAMi's `hami.io/overwrite-env` (pod) and
+/// `hami.io/overwrite-env-containers` (JSON map, per container) over the
+/// config's `overwriteEnv`. Values read as Go's `ParseBool`; a malformed
+/// one counts as absent, as in HAMi. Turning it *off* against the config
+/// would hand a CUDA image's baked-in `NVIDIA_VISIBLE_DEVICES=all` every
+/// card, so `false` is honoured only in `controlOptOutNamespaces`.
+#[derive(Debug, Clone, Default)]
+pub struct OverwriteEnv {
+    cluster: bool,
+    may_turn_off: bool,
+    pod: Option<bool>,
+    containers: BTreeMap<String, bool>,
+}
+
+impl OverwriteEnv {
+    /// Reads the pod's annotations against the config.
+    pub fn for_pod(pod: &Pod, config: &Config) -> Self {
+        let annotations = pod.metadata.annotations.as_ref();
+        let get = |key: &str| annotations.and_then(|a| a.get(key));
+        let containers = get(names::pod::OVERWRITE_ENV_CONTAINERS)
+            .and_then(|raw| serde_json::from_str::<BTreeMap<String, String>>(raw).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, parse_bool(&value)?)))
+            .collect();
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+        Self {
+            cluster: config.overwrite_env,
+            may_turn_off: config.may_opt_out_of_control(namespace),
+            pod: get(names::pod::OVERWRITE_ENV).and_then(|v| parse_bool(v)),
+            containers,
+        }
+    }
+
+    /// Whether `container` gets `NVIDIA_VISIBLE_DEVICES=none`.
+    pub fn applies_to(&self, container: &str) -> bool {
+        let asked = self.containers.get(container).copied().or(self.pod);
+        match asked {
+            Some(true) => true,
+            Some(false) if self.may_turn_off => false,
+            _ => self.cluster,
+        }
+    }
+}
+
+/// Go's `strconv.ParseBool`.
+fn parse_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// The variables a container that asks for no GPU gets.
 pub fn gpu_less_container_env(
     container: &Container,
-    config: &Config,
+    overwrite: &OverwriteEnv,
 ) -> Vec<(&'static str, String)> {
-    if config.overwrite_env && !sets(container, VISIBLE_DEVICES) {
+    if overwrite.applies_to(&container.name) && !sets(container, VISIBLE_DEVICES) {
         vec![(VISIBLE_DEVICES, NO_VISIBLE_DEVICES.to_owned())]
     } else {
         Vec::new()
@@ -195,17 +253,51 @@ mod tests {
         assert!(gpu_container_env(&empty, &Config::default()).is_empty());
     }
 
+    fn overwrite(cfg: &Config, namespace: &str, annotations: Value) -> OverwriteEnv {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"namespace": namespace, "annotations": annotations}
+        }))
+        .expect("pod");
+        OverwriteEnv::for_pod(&pod, cfg)
+    }
+
     #[test]
     fn overwrite_env_hides_cards_from_containers_without_a_gpu() {
-        let cfg = config("overwriteEnv: true\n");
+        let on = config("overwriteEnv: true\n");
+        let off = Config::default();
         let empty = container(json!([]));
         assert_eq!(
-            gpu_less_container_env(&empty, &cfg),
+            gpu_less_container_env(&empty, &overwrite(&on, "ml", json!({}))),
             vec![(VISIBLE_DEVICES, "none".to_owned())]
         );
-        assert!(gpu_less_container_env(&empty, &Config::default()).is_empty());
+        assert!(gpu_less_container_env(&empty, &overwrite(&off, "ml", json!({}))).is_empty());
         let own = container(json!([{"name": VISIBLE_DEVICES, "value": "void"}]));
-        assert!(gpu_less_container_env(&own, &cfg).is_empty());
+        assert!(gpu_less_container_env(&own, &overwrite(&on, "ml", json!({}))).is_empty());
+    }
+
+    #[test]
+    fn overwrite_env_annotations_turn_it_on_and_off_only_where_allowed() {
+        let on = config("overwriteEnv: true\ncontrolOptOutNamespaces: [bench]\n");
+        let off = Config::default();
+        let pod_on = json!({"hami.io/overwrite-env": "True"});
+        assert!(overwrite(&off, "ml", pod_on.clone()).applies_to("main"));
+        let mixed = json!({"hami.io/overwrite-env": "1",
+            "hami.io/overwrite-env-containers": r#"{"sidecar": "false", "x": "maybe"}"#});
+        let bench = overwrite(&on, "bench", mixed.clone());
+        assert!(bench.applies_to("main"));
+        assert!(!bench.applies_to("sidecar"), "container level wins");
+        assert!(
+            bench.applies_to("x"),
+            "an invalid value falls back to the pod level"
+        );
+        assert!(
+            overwrite(&on, "ml", mixed).applies_to("sidecar"),
+            "off is honoured only in opted-out namespaces"
+        );
+        let broken = json!({"hami.io/overwrite-env-containers": "{not json"});
+        assert!(overwrite(&on, "ml", broken.clone()).applies_to("main"));
+        assert!(!overwrite(&off, "ml", broken).applies_to("main"));
+        assert!(!overwrite(&off, "ml", json!({"hami.io/overwrite-env": "yes"})).applies_to("main"));
     }
 
     #[test]
