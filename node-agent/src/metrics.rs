@@ -757,7 +757,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("tessera_region_read_failures_total{podnamespace=\"ns\",podname=\"bad\",ctrname=\"main\",reason=\"wrong_size\"} 2"),
+            text.contains("tessera_region_read_failures_total{namespace=\"ns\",pod=\"bad\",container=\"main\",reason=\"wrong_size\"} 2"),
             "{text}"
         );
         assert!(

@@ -301,11 +301,11 @@ fn check_regular_and_size(path: &Path, st: &libc::stat) -> Result<(), RegionFile
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RegionLabels {
     /// Pod namespace.
-    pub podnamespace: String,
+    pub namespace: String,
     /// Pod name.
-    pub podname: String,
+    pub pod: String,
     /// Container name.
-    pub ctrname: String,
+    pub container: String,
     /// [`RegionFileError::reason`].
     pub reason: String,
 }
@@ -360,9 +360,9 @@ impl RegionWarnings {
             Err(error) => {
                 self.failures
                     .get_or_create(&RegionLabels {
-                        podnamespace: owner.namespace.to_owned(),
-                        podname: owner.pod.to_owned(),
-                        ctrname: owner.container.to_owned(),
+                        namespace: owner.namespace.to_owned(),
+                        pod: owner.pod.to_owned(),
+                        container: owner.container.to_owned(),
                         reason: error.reason().to_owned(),
                     })
                     .inc();
@@ -396,9 +396,9 @@ impl RegionWarnings {
     pub fn failures(&self, owner: RegionOwner<'_>, reason: &str) -> u64 {
         self.failures
             .get_or_create(&RegionLabels {
-                podnamespace: owner.namespace.to_owned(),
-                podname: owner.pod.to_owned(),
-                ctrname: owner.container.to_owned(),
+                namespace: owner.namespace.to_owned(),
+                pod: owner.pod.to_owned(),
+                container: owner.container.to_owned(),
                 reason: reason.to_owned(),
             })
             .get()
