@@ -29,6 +29,8 @@
 #              allocations.
 #   heap       cuCtxSetLimit(CU_LIMIT_MALLOC_HEAP_SIZE, 8 GiB) and a kernel
 #              that mallocs; then plain allocations.
+#   lmem       a kernel with 64 KiB of local memory per thread: the driver
+#              reserves local memory for every thread the card holds at once.
 #   mipmap     16384x16384 float4 mipmapped arrays (4 GiB each) until refused.
 #   vllm       not an escape: vLLM's sleep-mode pattern (create/map,
 #              unmap+release, create/map again) must keep working under the
@@ -134,6 +136,10 @@ for kind in pool graph heap; do
     start "$kind" capped "$kind" "$WORK/escapes" "$kind" 8 40
     report "$kind"
 done
+
+echo "== lmem: a kernel with 64 KiB of local memory per thread, then 512 MiB chunks until refused (at most 40)"
+start lmem capped lmem "$WORK/escapes" lmem 0 40
+report lmem
 
 echo "== mipmap: 16384x16384 float4 mipmapped arrays, 1 level (4 GiB each), until refused (at most 10)"
 start mipmap capped mipmap "$WORK/escapes" mipmap 1 10

@@ -16,6 +16,9 @@
 //                                 memory for graphs), then the chunks
 //   escapes heap GIB MAX          cuCtxSetLimit(MALLOC_HEAP_SIZE, GIB), a kernel
 //                                 that mallocs, then the chunks
+//   escapes lmem 0 MAX            a kernel with 64 KiB of local memory per
+//                                 thread (the driver reserves it for every
+//                                 resident thread), then the chunks
 //   escapes mipmap N MAX          16384x16384 float4 mipmapped arrays (N
 //                                 levels) until refused or MAX
 // Each prints `mapped=`/`filled=` and the bytes it holds, then `ready` and
@@ -34,6 +37,16 @@
 __global__ void use_heap() {
     void *p = malloc(64);
     if (p) free(p);
+}
+
+/* 64 KiB of local memory per thread, indexed at run time so it stays in
+ * local memory: the driver reserves it for every thread the card can hold
+ * at once when the kernel is launched. */
+constexpr int LMEM_FLOATS = 16384;
+__global__ void use_lmem(float *out, int k) {
+    float buf[LMEM_FLOATS];
+    for (int i = 0; i < LMEM_FLOATS; i++) buf[(i * 7 + k) % LMEM_FLOATS] = (float)(i * k);
+    out[blockIdx.x * blockDim.x + threadIdx.x] = buf[(k * 13 + threadIdx.x) % LMEM_FLOATS];
 }
 
 /* cuMemAlloc 512 MiB chunks (touched) until refused or `max`; prints them. */
@@ -156,6 +169,19 @@ int main(int argc, char **argv) {
         cudaError_t k = cudaDeviceSynchronize();
         std::printf("heap set_rc=%d kernel=%d\n", (int)rc, (int)k);
         fill_after("heap", max);
+    } else if (!std::strcmp(mode, "lmem")) {
+        size_t stack0 = 0, stack1 = 0, free0, free1, total;
+        CHECK(cuCtxGetLimit(&stack0, CU_LIMIT_STACK_SIZE));
+        CHECK(cuMemGetInfo(&free0, &total));
+        float *out = nullptr;
+        cudaMalloc(&out, 4 << 20);
+        use_lmem<<<1024, 256>>>(out, 3);
+        cudaError_t k = cudaDeviceSynchronize();
+        CHECK(cuCtxGetLimit(&stack1, CU_LIMIT_STACK_SIZE));
+        CHECK(cuMemGetInfo(&free1, &total));
+        std::printf("lmem kernel=%d stack_bytes %zu -> %zu, free seen by the process %zu -> %zu MiB\n",
+                    (int)k, stack0, stack1, free0 >> 20, free1 >> 20);
+        fill_after("lmem", max);
     } else if (!std::strcmp(mode, "mipmap")) {
         CUDA_ARRAY3D_DESCRIPTOR d = {};
         d.Width = 16384; d.Height = 16384; d.Depth = 0;

@@ -192,6 +192,7 @@ impl Accounting {
     pub fn after_fork_in_child(&self) {
         self.region.after_fork_in_child();
         crate::graph_mem::after_fork_in_child();
+        crate::lmem::after_fork_in_child();
         for table in [
             &self.pointers,
             &self.handles,

@@ -26,6 +26,10 @@ pub type MipmapRequirementsFn =
     unsafe extern "C" fn(*mut ArrayMemoryRequirements, Opaque, CuDevice) -> CuResult;
 /// `cuCtxGetLimit`.
 pub type CtxGetLimitFn = unsafe extern "C" fn(*mut usize, c_uint) -> CuResult;
+/// `cuFuncGetAttribute`.
+pub type FuncGetAttributeFn = unsafe extern "C" fn(*mut c_int, c_int, Opaque) -> CuResult;
+/// `cuDeviceGetAttribute`.
+pub type DeviceGetAttributeFn = unsafe extern "C" fn(*mut c_int, c_int, CuDevice) -> CuResult;
 /// `cuMemPoolGetAttribute`.
 pub type MemPoolGetAttributeFn = unsafe extern "C" fn(Opaque, c_int, *mut c_void) -> CuResult;
 /// `cuDeviceGetGraphMemAttribute`.
@@ -56,6 +60,10 @@ pub struct CudaDriver {
     pub mipmap_requirements: Option<MipmapRequirementsFn>,
     /// `cuCtxGetLimit`, for what a limit was before `cuCtxSetLimit`.
     pub ctx_get_limit: Option<CtxGetLimitFn>,
+    /// `cuFuncGetAttribute`, for a kernel's local memory per thread.
+    pub func_get_attribute: Option<FuncGetAttributeFn>,
+    /// `cuDeviceGetAttribute`, for the threads a card holds at once.
+    pub device_get_attribute: Option<DeviceGetAttributeFn>,
     /// `cuMemPoolGetAttribute`, for what a trimmed pool still reserves.
     pub mempool_get_attribute: Option<MemPoolGetAttributeFn>,
     /// `cuDeviceGetGraphMemAttribute`, for what graphs reserve on a card.
@@ -158,6 +166,8 @@ impl CudaDriver {
                 device_get_count: lib.function(c"cuDeviceGetCount"),
                 mipmap_requirements: lib.function(c"cuMipmappedArrayGetMemoryRequirements"),
                 ctx_get_limit: lib.function(c"cuCtxGetLimit"),
+                func_get_attribute: lib.function(c"cuFuncGetAttribute"),
+                device_get_attribute: lib.function(c"cuDeviceGetAttribute"),
                 mempool_get_attribute: lib.function(c"cuMemPoolGetAttribute"),
                 graph_mem_attribute: lib.function(c"cuDeviceGetGraphMemAttribute"),
                 graph_get_nodes: lib.function(c"cuGraphGetNodes"),

@@ -13,9 +13,8 @@
 //!   much card memory, so growth past the context's current value is charged
 //!   on the current card before the driver is asked (refused past the cap)
 //!   and shrinking gives back what growth was charged. The default sizes are
-//!   part of the context's measured cost. Not charged: the stack
-//!   (`CU_LIMIT_STACK_SIZE`, whose reservation is per thread times the
-//!   card's resident threads, which the driver does not report) and the
+//!   part of the context's measured cost. The stack (`CU_LIMIT_STACK_SIZE`)
+//!   is charged per resident thread by [`crate::lmem`]. Not charged: the
 //!   device runtime's limits; nor is a limit's charge given back when its
 //!   context is destroyed (over-, never under-charged until exit).
 //! - Pools: `cuMemPoolCreate` (its `location`), `cuDeviceGetDefaultMemPool`
@@ -188,6 +187,9 @@ pub unsafe extern "C" fn cuCtxSetLimit(limit: c_uint, value: usize) -> CuResult 
         Ok(None) => return forward(),
         Ok(Some(a)) => a,
     };
+    if limit == crate::lmem::STACK_LIMIT {
+        return crate::lmem::set_stack(accounting, value as u64, forward);
+    }
     let (Some(kind), Some(device)) = (charged_limit(limit), current_device()) else {
         return forward();
     };

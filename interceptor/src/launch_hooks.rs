@@ -3,12 +3,15 @@
 //! their per-thread-default-stream (`_ptsz`) variants. Each passes the SM
 //! limiter's gate ([`sm_limiter::admit`]) with the launch's cost, then
 //! forwards its exact arguments. With no SM cap and no priority the gate is
-//! one relaxed atomic load and the cost is never computed.
+//! one relaxed atomic load and the cost is never computed. Under a memory
+//! cap each launch also passes [`lmem`] (the local memory the driver
+//! reserves for the kernel).
 //!
 //! Not governed: `cuLaunchCooperativeKernelMultiDevice` (deprecated since
 //! CUDA 11.3) and `cuLaunchHostFunc` (host work).
 
 use crate::ffi::*;
+use crate::lmem;
 use crate::sm_limiter::{self, graph_cost, launch_cost};
 use crate::state::real;
 use std::ffi::{c_uint, c_void};
@@ -45,13 +48,19 @@ macro_rules! grid_launch_hook {
             $($tail: $tail_ty,)*
         ) -> CuResult {
             let real = real!($hook);
-            governed(
+            let after = match lmem::before_launch(f) {
+                Ok(after) => after,
+                Err(rc) => return rc,
+            };
+            let rc = governed(
                 || launch_cost([gx, gy, gz], [bx, by, bz]),
                 || {
                     // SAFETY: forwarding the caller's arguments.
                     unsafe { real(f, gx, gy, gz, bx, by, bz, shared, stream, params $(, $tail)*) }
                 },
-            )
+            );
+            lmem::after_launch(after);
+            rc
         }
     };
 }
@@ -70,7 +79,11 @@ macro_rules! launch_ex_hook {
             extra: *mut *mut c_void,
         ) -> CuResult {
             let real = real!($hook);
-            governed(
+            let after = match lmem::before_launch(f) {
+                Ok(after) => after,
+                Err(rc) => return rc,
+            };
+            let rc = governed(
                 || {
                     if config.is_null() {
                         return 1;
@@ -86,7 +99,9 @@ macro_rules! launch_ex_hook {
                     // SAFETY: forwarding the caller's arguments.
                     unsafe { real(config, f, params, extra) }
                 },
-            )
+            );
+            lmem::after_launch(after);
+            rc
         }
     };
 }
@@ -105,6 +120,8 @@ macro_rules! graph_hook {
             // Graph memory nodes reserve memory at launch (one relaxed load
             // when the process has none).
             crate::graph_mem::after_launch();
+            // Its kernels' stacks are sized at launch.
+            lmem::after_graph_launch();
             rc
         }
     };

@@ -66,6 +66,7 @@ mod hook_table;
 mod host_pid;
 mod interpose;
 mod launch_hooks;
+mod lmem;
 mod loader;
 mod log;
 mod nvml;

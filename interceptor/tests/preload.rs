@@ -339,6 +339,32 @@ fn mipmapped_arrays_and_context_limits_are_charged_what_the_driver_reserves() {
 }
 
 #[test]
+fn local_memory_the_driver_reserves_at_launch_is_charged() {
+    for client in CLIENTS {
+        let out = run(
+            client,
+            &["vmm", "lmem"],
+            &[("CUDA_DEVICE_MEMORY_LIMIT", "4g")],
+        );
+        let s = stages(&out);
+        // Within the initial 1 KiB stack: nothing reserved, nothing charged.
+        assert_eq!(s["lmem_small"], (0, 0, 0), "{client}");
+        // 63 KiB more per thread for the card's 4096 threads: 252 MiB,
+        // charged before the launch, once.
+        assert_eq!(s["lmem_big"], (0, 252 * MIB, 252 * MIB), "{client}");
+        assert_eq!(s["lmem_big_again"], (0, 252 * MIB, 252 * MIB), "{client}");
+        // 8 GiB of stack does not fit a 4 GiB cap: refused before the
+        // driver grows anything.
+        assert_eq!(s["lmem_past_cap"], (2, 252 * MIB, 252 * MIB), "{client}");
+        // 128 KiB per thread from a kernel the driver does not describe:
+        // what the driver reports afterwards is charged.
+        assert_eq!(s["lmem_opaque"], (0, 508 * MIB, 508 * MIB), "{client}");
+        assert_eq!(s["lmem_stack_set_back"], (0, 0, 0), "{client}");
+        assert_eq!(s["lmem_stack_set_past_cap"], (2, 0, 0), "{client}");
+    }
+}
+
+#[test]
 fn pool_allocations_are_charged_to_the_pools_card() {
     for client in CLIENTS {
         let out = run(

@@ -65,6 +65,8 @@ static CUresult (*p_graphLaunch)(void *, void *);
 static CUresult (*p_graphMemTrim)(int);
 static CUresult (*p_execDestroy)(void *);
 static CUresult (*p_graphDestroy)(void *);
+static CUresult (*p_launch)(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                            unsigned, void *, void **, void **);
 static void *driver;
 
 #if defined(MODE_LINKED)
@@ -110,6 +112,8 @@ CUresult cuGraphLaunch(void *, void *);
 CUresult cuDeviceGraphMemTrim(int);
 CUresult cuGraphExecDestroy(void *);
 CUresult cuGraphDestroy(void *);
+CUresult cuLaunchKernel(void *, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                        unsigned, void *, void **, void **);
 #define R(var, export, base, version) var = (void *)&export
 #elif defined(MODE_DLSYM)
 #define R(var, export, base, version) var = dlsym(driver, #export)
@@ -170,6 +174,7 @@ static void resolve(void) {
     R(p_graphMemTrim, cuDeviceGraphMemTrim, cuDeviceGraphMemTrim, 11040);
     R(p_execDestroy, cuGraphExecDestroy, cuGraphExecDestroy, 10000);
     R(p_graphDestroy, cuGraphDestroy, cuGraphDestroy, 10000);
+    R(p_launch, cuLaunchKernel, cuLaunchKernel, 4000);
 }
 
 static int start(int device) {
@@ -363,6 +368,30 @@ static void vmm(const char *which) {
         stage("limits_back", rc);
         rc = p_setLimit(2, 8192 * MIB);
         stage("heap_past_cap", rc);
+    } else if (!strcmp(which, "lmem")) {
+        /* The fake card holds 4096 threads at once; its stack starts at
+         * 1 KiB per thread. A kernel with 64 KiB per thread grows it by
+         * 63 KiB x 4096 = 252 MiB at its launch. */
+        void *(*kernel)(unsigned long long) = (void *(*)(unsigned long long))dlsym(driver, "fake_cuda_kernel");
+        void *(*opaque)(unsigned long long) = (void *(*)(unsigned long long))dlsym(driver, "fake_cuda_kernel_opaque");
+        void *small = kernel(512), *big = kernel(64 * 1024), *huge = kernel(2 * 1024 * 1024);
+        rc = p_launch(small, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL);
+        stage("lmem_small", rc);
+        rc = p_launch(big, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL);
+        stage("lmem_big", rc);
+        rc = p_launch(big, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL);
+        stage("lmem_big_again", rc);
+        /* 2 MiB per thread: 8 GiB, past a 4 GiB cap. */
+        rc = p_launch(huge, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL);
+        stage("lmem_past_cap", rc);
+        /* A kernel the driver does not describe: charged after its launch
+         * from the stack the driver then reports. */
+        rc = p_launch(opaque(128 * 1024), 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL);
+        stage("lmem_opaque", rc);
+        rc = p_setLimit(0 /* CU_LIMIT_STACK_SIZE */, 1024);
+        stage("lmem_stack_set_back", rc);
+        rc = p_setLimit(0, 3 * 1024 * 1024);
+        stage("lmem_stack_set_past_cap", rc);
     } else if (!strcmp(which, "pool")) {
         /* A pool on card 1 while card 0's context is current: its
          * allocations count against card 1's cap, not card 0's. */

@@ -712,6 +712,8 @@ fn proc_address(name: &[u8], version: c_int, flags: u64) -> Option<*mut c_void> 
         }
         b"cuCtxSetLimit" => extras::cuCtxSetLimit as *mut c_void,
         b"cuCtxGetLimit" => extras::cuCtxGetLimit as *mut c_void,
+        b"cuFuncGetAttribute" => lmem::cuFuncGetAttribute as *mut c_void,
+        b"cuDeviceGetAttribute" => lmem::cuDeviceGetAttribute as *mut c_void,
         b"cuMemPoolCreate" => extras::cuMemPoolCreate as *mut c_void,
         b"cuMemPoolDestroy" => extras::cuMemPoolDestroy as *mut c_void,
         b"cuMemPoolSetAttribute" => extras::cuMemPoolSetAttribute as *mut c_void,
@@ -816,9 +818,10 @@ pub mod launch {
         THREADS.load(Ordering::Relaxed)
     }
 
-    fn launched(grid: [c_uint; 3], block: [c_uint; 3]) -> CUresult {
+    fn launched(f: *mut c_void, grid: [c_uint; 3], block: [c_uint; 3]) -> CUresult {
         status(with_driver(|d| {
             d.current_card()?;
+            lmem::reserve_for_launch(d, f)?;
             let n = |v: [c_uint; 3]| v.iter().map(|&x| u64::from(x)).product::<u64>();
             LAUNCHES.fetch_add(1, Ordering::Relaxed);
             THREADS.fetch_add(n(grid) * n(block), Ordering::Relaxed);
@@ -834,7 +837,7 @@ pub mod launch {
         ($name:ident, ptsz = $ptsz:expr $(, $tail:ident: $tail_ty:ty)*) => {
             #[no_mangle]
             pub extern "C" fn $name(
-                _f: *mut c_void,
+                f: *mut c_void,
                 gx: c_uint,
                 gy: c_uint,
                 gz: c_uint,
@@ -849,7 +852,7 @@ pub mod launch {
                 if $ptsz {
                     PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
                 }
-                launched([gx, gy, gz], [bx, by, bz])
+                launched(f, [gx, gy, gz], [bx, by, bz])
             }
         };
     }
@@ -874,7 +877,7 @@ pub mod launch {
     #[no_mangle]
     pub unsafe extern "C" fn cuLaunchKernelEx(
         config: *const LaunchConfig,
-        _f: *mut c_void,
+        f: *mut c_void,
         _params: *mut *mut c_void,
         _extra: *mut *mut c_void,
     ) -> CUresult {
@@ -882,7 +885,7 @@ pub mod launch {
             return INVALID_VALUE;
         }
         let c = unsafe { &*config };
-        launched(c.grid, c.block)
+        launched(f, c.grid, c.block)
     }
 
     #[no_mangle]
@@ -898,7 +901,7 @@ pub mod launch {
         }
         PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
         let c = unsafe { &*config };
-        launched(c.grid, c.block)
+        launched(f, c.grid, c.block)
     }
 
     /// A graph launch also reserves the graph's allocation nodes' memory
@@ -906,7 +909,7 @@ pub mod launch {
     #[no_mangle]
     pub extern "C" fn cuGraphLaunch(exec: *mut c_void, _stream: *mut c_void) -> CUresult {
         match graphs::reserve_for_launch(exec as u64) {
-            SUCCESS => launched([0, 1, 1], [1, 1, 1]),
+            SUCCESS => launched(std::ptr::null_mut(), [0, 1, 1], [1, 1, 1]),
             rc => rc,
         }
     }
@@ -916,7 +919,7 @@ pub mod launch {
         let _ = stream;
         PTSZ_CALLS.fetch_add(1, Ordering::Relaxed);
         match graphs::reserve_for_launch(exec as u64) {
-            SUCCESS => launched([0, 1, 1], [1, 1, 1]),
+            SUCCESS => launched(std::ptr::null_mut(), [0, 1, 1], [1, 1, 1]),
             rc => rc,
         }
     }
@@ -1290,6 +1293,9 @@ pub mod extras {
 
     #[no_mangle]
     pub unsafe extern "C" fn cuCtxGetLimit(value: *mut usize, limit: c_uint) -> CUresult {
+        if limit == lmem::STACK_LIMIT {
+            return unsafe { lmem::get_stack(value) };
+        }
         status(with_driver(|d| {
             let ctx = CURRENT.with(Cell::get);
             d.current_card()?;
@@ -1309,11 +1315,14 @@ pub mod extras {
 
     #[no_mangle]
     pub extern "C" fn cuCtxSetLimit(limit: c_uint, value: usize) -> CUresult {
+        if limit == lmem::STACK_LIMIT {
+            return lmem::set_stack(value as u64);
+        }
         status(with_driver(|d| {
             let ctx = CURRENT.with(Cell::get);
             let card = d.current_card()?;
             let Some(i) = LIMITS.iter().position(|l| l.0 == limit) else {
-                return Ok(()); // stack size and others: no card memory modelled
+                return Ok(()); // the device runtime's limits: no card memory modelled
             };
             let sizes = d.limits.entry(ctx).or_insert([LIMITS[0].1, LIMITS[1].1]);
             let (old, new) = (sizes[i], value as u64);
@@ -1675,5 +1684,164 @@ pub mod graphs {
             unsafe { *value = reserved };
             Ok(())
         }))
+    }
+}
+
+/// Local memory, as the driver reserves it: a context's per-thread stack
+/// (`CU_LIMIT_STACK_SIZE`, 1 KiB at first) is reserved for every thread the
+/// card can hold at once ([`THREADS_PER_CARD`]: 4 multiprocessors of 1024
+/// threads), and a launch of a kernel that needs more local memory per
+/// thread than the stack grows it first (refused with out-of-memory when
+/// the card cannot hold the growth). Kernels with local memory are made by
+/// `fake_cuda_kernel`; any other function handle needs none.
+/// `cuFuncGetAttribute` answers `CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES` for
+/// them, except for kernels made with `fake_cuda_kernel_opaque`, which it
+/// refuses (as it may for a library's `CUkernel`).
+pub mod lmem {
+    use super::*;
+
+    /// `CU_LIMIT_STACK_SIZE`.
+    pub const STACK_LIMIT: c_uint = 0;
+    /// The stack a context starts with.
+    pub const DEFAULT_STACK: u64 = 1024;
+    /// `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT` of every fake card.
+    pub const MULTIPROCESSORS: c_int = 4;
+    /// `CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR` of every fake card.
+    pub const THREADS_PER_MULTIPROCESSOR: c_int = 1024;
+    /// Threads a card holds at once.
+    pub const THREADS_PER_CARD: u64 = (MULTIPROCESSORS * THREADS_PER_MULTIPROCESSOR) as u64;
+    const LOCAL_SIZE_BYTES: c_int = 3;
+    const INVALID_HANDLE: CUresult = 400;
+
+    struct State {
+        /// Kernel handle -> (local bytes per thread, attribute refused).
+        kernels: HashMap<u64, (u64, bool)>,
+        /// Context -> its stack per thread.
+        stacks: HashMap<u64, u64>,
+        next: u64,
+    }
+
+    static STATE: Mutex<Option<State>> = Mutex::new(None);
+
+    fn with_state<T>(f: impl FnOnce(&mut State) -> T) -> T {
+        let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
+        let state = guard.get_or_insert_with(|| State {
+            kernels: HashMap::new(),
+            stacks: HashMap::new(),
+            next: 0x7e00_0000,
+        });
+        f(state)
+    }
+
+    fn kernel(local_bytes: u64, opaque: bool) -> *mut c_void {
+        with_state(|s| {
+            s.next += 0x40;
+            s.kernels.insert(s.next, (local_bytes, opaque));
+            s.next as *mut c_void
+        })
+    }
+
+    /// A kernel handle that needs `local_bytes` of local memory per thread.
+    #[no_mangle]
+    pub extern "C" fn fake_cuda_kernel(local_bytes: u64) -> *mut c_void {
+        kernel(local_bytes, false)
+    }
+
+    /// The same, but `cuFuncGetAttribute` refuses to describe it.
+    #[no_mangle]
+    pub extern "C" fn fake_cuda_kernel_opaque(local_bytes: u64) -> *mut c_void {
+        kernel(local_bytes, true)
+    }
+
+    /// Grows the current context's stack to `per_thread`, reserving the
+    /// growth for every thread of its card.
+    fn grow_to(d: &mut Driver, per_thread: u64) -> Result<(), CUresult> {
+        let ctx = CURRENT.with(Cell::get);
+        let card = d.current_card()?;
+        with_state(|s| {
+            let stack = s.stacks.entry(ctx).or_insert(DEFAULT_STACK);
+            let c = &mut d.cards[card];
+            let (old, new) = (*stack * THREADS_PER_CARD, per_thread * THREADS_PER_CARD);
+            if new > old && c.used + (new - old) > c.total {
+                return Err(OUT_OF_MEMORY);
+            }
+            c.used = c.used + new - old;
+            *stack = per_thread;
+            Ok(())
+        })
+    }
+
+    /// Before a launch of `f`: the stack grows to the kernel's local memory.
+    pub(crate) fn reserve_for_launch(d: &mut Driver, f: *mut c_void) -> Result<(), CUresult> {
+        let ctx = CURRENT.with(Cell::get);
+        let need = with_state(|s| {
+            let need = s.kernels.get(&(f as u64)).map_or(0, |k| k.0);
+            let stack = s.stacks.get(&ctx).copied().unwrap_or(DEFAULT_STACK);
+            (need > stack).then_some(need)
+        });
+        match need {
+            Some(need) => grow_to(d, need),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) unsafe fn get_stack(value: *mut usize) -> CUresult {
+        status(with_driver(|d| {
+            d.current_card()?;
+            let ctx = CURRENT.with(Cell::get);
+            let stack = with_state(|s| s.stacks.get(&ctx).copied().unwrap_or(DEFAULT_STACK));
+            unsafe { *value = stack as usize };
+            Ok(())
+        }))
+    }
+
+    pub(crate) fn set_stack(per_thread: u64) -> CUresult {
+        status(with_driver(|d| grow_to(d, per_thread)))
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuFuncGetAttribute(
+        value: *mut c_int,
+        attribute: c_int,
+        f: *mut c_void,
+    ) -> CUresult {
+        if value.is_null() {
+            return INVALID_VALUE;
+        }
+        let kernel = with_state(|s| s.kernels.get(&(f as u64)).copied());
+        match kernel {
+            Some((_, true)) => INVALID_HANDLE,
+            Some((local, false)) => {
+                let answer = if attribute == LOCAL_SIZE_BYTES {
+                    local
+                } else {
+                    0
+                };
+                unsafe { *value = answer as c_int };
+                SUCCESS
+            }
+            None => {
+                unsafe { *value = 0 };
+                SUCCESS
+            }
+        }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuDeviceGetAttribute(
+        value: *mut c_int,
+        attribute: c_int,
+        _device: c_int,
+    ) -> CUresult {
+        if value.is_null() {
+            return INVALID_VALUE;
+        }
+        let answer = match attribute {
+            16 => MULTIPROCESSORS,
+            39 => THREADS_PER_MULTIPROCESSOR,
+            _ => 0,
+        };
+        unsafe { *value = answer };
+        SUCCESS
     }
 }
