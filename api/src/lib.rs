@@ -35,5 +35,5 @@ pub mod quantity;
 #[cfg(feature = "k8s")]
 pub mod request;
 pub mod shared_region;
-pub mod visible_cards;
 pub mod vgpu_mode;
+pub mod visible_cards;

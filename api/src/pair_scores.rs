@@ -227,7 +227,10 @@ mod tests {
             assert!(error.to_string().contains(needle), "{value}: {error}");
         }
         let error = decode_pair_scores("[").expect_err("truncated");
-        assert!(error.to_string().contains("delete the annotation"), "{error}");
+        assert!(
+            error.to_string().contains("delete the annotation"),
+            "{error}"
+        );
     }
 
     #[test]

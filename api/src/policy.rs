@@ -380,13 +380,7 @@ mod tests {
     }
 
     fn name() -> impl Strategy<Value = &'static str> {
-        prop::sample::select(vec![
-            "binpack",
-            "spread",
-            "numa",
-            "mutex",
-            "topology-aware",
-        ])
+        prop::sample::select(vec!["binpack", "spread", "numa", "mutex", "topology-aware"])
     }
 
     proptest! {

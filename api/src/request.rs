@@ -342,26 +342,29 @@ fn pod_policy(
     };
     let gpu_policy = get(keys::GPU_SCHEDULER_POLICY)
         .map(|v| {
-            v.parse::<GpuPolicy>().map_err(|source| RequestError::Policy {
-                key: keys::GPU_SCHEDULER_POLICY,
-                source,
-            })
+            v.parse::<GpuPolicy>()
+                .map_err(|source| RequestError::Policy {
+                    key: keys::GPU_SCHEDULER_POLICY,
+                    source,
+                })
         })
         .transpose()?;
     let node_policy = get(keys::NODE_SCHEDULER_POLICY)
         .map(|v| {
-            v.parse::<NodePolicy>().map_err(|source| RequestError::Policy {
-                key: keys::NODE_SCHEDULER_POLICY,
-                source,
-            })
+            v.parse::<NodePolicy>()
+                .map_err(|source| RequestError::Policy {
+                    key: keys::NODE_SCHEDULER_POLICY,
+                    source,
+                })
         })
         .transpose()?;
     let vgpu_mode = get(keys::VGPU_MODE)
         .map(|v| {
-            v.parse::<VgpuMode>().map_err(|source| RequestError::VgpuMode {
-                key: keys::VGPU_MODE,
-                source,
-            })
+            v.parse::<VgpuMode>()
+                .map_err(|source| RequestError::VgpuMode {
+                    key: keys::VGPU_MODE,
+                    source,
+                })
         })
         .transpose()?;
     Ok(PodGpuPolicy {
@@ -553,7 +556,9 @@ mod tests {
         assert!(mig.to_string().contains("hami-core"), "{mig}");
         let node_list = read(json!({"hami.io/node-scheduler-policy": "binpack,spread"}))
             .expect_err("node policy is one name");
-        assert!(node_list.to_string().contains("hami.io/node-scheduler-policy"));
+        assert!(node_list
+            .to_string()
+            .contains("hami.io/node-scheduler-policy"));
     }
 
     #[test]
