@@ -3,19 +3,25 @@
 //! the node name, and a [`FakeGpuControl`] handle through which tests
 //! inject health events, make a card (un)responsive, set its usage and
 //! the processes it reports (pids of real or imagined processes, with the
-//! memory each holds), or make its process list fail.
+//! memory each holds), or make its process list fail. Fake cards are linked
+//! over PCIe (within a socket on one NUMA node, across sockets otherwise);
+//! [`FakeGpus::with_nvlinks`] adds NVLinks between chosen pairs.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::mpsc;
 
-use super::{GpuBackend, GpuError, GpuInfo, GpuProcess, HealthEvent, HostGpuUsage};
+use tessera_api::pair_scores::PcieLink;
+
+use super::{GpuBackend, GpuError, GpuInfo, GpuLink, GpuProcess, HealthEvent, HostGpuUsage};
 
 /// Cards that exist only in memory.
 #[derive(Debug, Clone)]
 pub struct FakeGpus {
     cards: Vec<GpuInfo>,
+    /// NVLinks per card pair `(lower index, higher index)`.
+    nvlinks: HashMap<(u32, u32), u32>,
     control: FakeGpuControl,
 }
 
@@ -84,8 +90,18 @@ impl FakeGpus {
         }
         Ok(Self {
             cards,
+            nvlinks: HashMap::new(),
             control: FakeGpuControl::default(),
         })
+    }
+
+    /// Adds NVLinks: `(a, b, count)` links cards `a` and `b` (NVML indices)
+    /// with `count` NVLinks.
+    pub fn with_nvlinks(mut self, links: &[(u32, u32, u32)]) -> Self {
+        for &(a, b, count) in links {
+            self.nvlinks.insert((a.min(b), a.max(b)), count);
+        }
+        self
     }
 
     /// The handle tests use to drive these cards.
@@ -167,6 +183,28 @@ impl GpuBackend for FakeGpus {
         Ok(self.cards.clone())
     }
 
+    fn links(&self) -> Vec<GpuLink> {
+        let mut links = Vec::new();
+        for (position, a) in self.cards.iter().enumerate() {
+            for b in &self.cards[position + 1..] {
+                let pcie = if a.numa == b.numa {
+                    PcieLink::SameCpu
+                } else {
+                    PcieLink::CrossCpu
+                };
+                let mut link = GpuLink::pcie(a.index, b.index, Some(pcie));
+                link.nvlinks = self
+                    .nvlinks
+                    .get(&(a.index.min(b.index), a.index.max(b.index)))
+                    .copied()
+                    .unwrap_or(0);
+                link.nvlink = link.nvlinks > 0;
+                links.push(link);
+            }
+        }
+        links
+    }
+
     fn host_usage(&self) -> Vec<HostGpuUsage> {
         let state = self.control.lock();
         self.cards
@@ -228,6 +266,28 @@ mod tests {
         let ids: HashSet<_> = cards.iter().map(|c| c.uuid.clone()).collect();
         assert_eq!(ids.len(), 3, "UUIDs are distinct");
         assert!(cards[0].uuid.starts_with("GPU-") && cards[0].uuid.len() == 40);
+    }
+
+    #[test]
+    fn links_follow_numa_and_the_nvlinks_given() {
+        let gpus = FakeGpus::parse("4x NVIDIA A100 40960", "n")
+            .expect("parses")
+            .with_nvlinks(&[(2, 0, 4)]);
+        let links = gpus.links();
+        assert_eq!(links.len(), 6);
+        let between = |a, b| {
+            links
+                .iter()
+                .find(|l| l.from == a && l.to == b)
+                .expect("listed")
+        };
+        // Fake cards alternate NUMA nodes: 0 and 2 share one.
+        assert_eq!(between(0, 2).pcie, Some(PcieLink::SameCpu));
+        assert_eq!(between(0, 2).nvlinks, 4);
+        assert!(between(0, 2).nvlink);
+        assert_eq!(between(0, 1).pcie, Some(PcieLink::CrossCpu));
+        assert_eq!(between(0, 1).nvlinks, 0);
+        assert_eq!(between(0, 1).topology, "system");
     }
 
     #[test]
