@@ -44,14 +44,26 @@ impl FakeGpus {
     /// Parses a description such as `4x NVIDIA A10G 23028` or
     /// `2x NVIDIA H100 80GB HBM3 81559; 1x Tesla T4 15360`: per group a
     /// count with `x`, the product name, and the memory in MiB last. UUIDs
-    /// are derived from `node_name` so every node gets its own.
+    /// are derived from `node_name` so every node gets its own. A group
+    /// `nvlink 0-2:4 1-3:4` links cards (by index) with NVLinks: cards 0
+    /// and 2 with 4 links, 1 and 3 with 4.
     pub fn parse(spec: &str, node_name: &str) -> Result<Self, GpuError> {
         let bad = |reason| GpuError::FakeSpec {
             spec: spec.to_owned(),
             reason,
         };
         let mut cards = Vec::new();
+        let mut nvlinks = HashMap::new();
         for group in spec.split(';').map(str::trim).filter(|g| !g.is_empty()) {
+            if let Some(pairs) = group.strip_prefix("nvlink") {
+                for pair in pairs.split_whitespace() {
+                    let (a, b, count) = parse_nvlink_pair(pair).ok_or_else(|| {
+                        bad("an nvlink group lists pairs `a-b:links` of card indices, as in `nvlink 0-2:4 1-3:4`")
+                    })?;
+                    nvlinks.insert((a.min(b), a.max(b)), count);
+                }
+                continue;
+            }
             let (count, rest) = group
                 .split_once(|c: char| c.is_whitespace())
                 .ok_or_else(|| bad("each group needs a count, a name and the memory in MiB"))?;
@@ -88,9 +100,18 @@ impl FakeGpus {
         if cards.is_empty() {
             return Err(bad("it describes no card"));
         }
+        let known = |index: u32| (index as usize) < cards.len();
+        if nvlinks
+            .keys()
+            .any(|&(a, b)| a == b || !known(a) || !known(b))
+        {
+            return Err(bad(
+                "an nvlink pair names two different cards of the description",
+            ));
+        }
         Ok(Self {
             cards,
-            nvlinks: HashMap::new(),
+            nvlinks,
             control: FakeGpuControl::default(),
         })
     }
@@ -108,6 +129,14 @@ impl FakeGpus {
     pub fn control(&self) -> FakeGpuControl {
         self.control.clone()
     }
+}
+
+/// `a-b:links` with a, b card indices and at least one link.
+fn parse_nvlink_pair(pair: &str) -> Option<(u32, u32, u32)> {
+    let (cards, count) = pair.split_once(':')?;
+    let (a, b) = cards.split_once('-')?;
+    let count: u32 = count.parse().ok().filter(|&c| c > 0)?;
+    Some((a.parse().ok()?, b.parse().ok()?, count))
 }
 
 /// A UUID-shaped identifier, stable for a node name and index.
@@ -288,6 +317,32 @@ mod tests {
         assert_eq!(between(0, 1).pcie, Some(PcieLink::CrossCpu));
         assert_eq!(between(0, 1).nvlinks, 0);
         assert_eq!(between(0, 1).topology, "system");
+    }
+
+    #[test]
+    fn nvlinks_can_be_described_on_the_command_line() {
+        let gpus =
+            FakeGpus::parse("4x NVIDIA A100 40960; nvlink 0-2:4 3-1:2", "n").expect("parses");
+        assert_eq!(gpus.cards.len(), 4);
+        let links = gpus.links();
+        let count = |a, b| {
+            links
+                .iter()
+                .find(|l| l.from == a && l.to == b)
+                .expect("listed")
+                .nvlinks
+        };
+        assert_eq!((count(0, 2), count(1, 3), count(0, 1)), (4, 2, 0));
+        for spec in [
+            "2x A 100; nvlink 0-1",
+            "2x A 100; nvlink 0-1:0",
+            "2x A 100; nvlink 0-5:2",
+            "2x A 100; nvlink 1-1:2",
+            "2x A 100; nvlink x-1:2",
+        ] {
+            let error = FakeGpus::parse(spec, "n").expect_err(spec).to_string();
+            assert!(error.contains("nvlink"), "{spec}: {error}");
+        }
     }
 
     #[test]

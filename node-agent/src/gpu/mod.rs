@@ -178,7 +178,7 @@ pub enum GpuError {
         reason: String,
     },
     /// The `--fake-gpus` description does not parse.
-    #[error("--fake-gpus `{spec}` is not valid: {reason}; write e.g. `4x NVIDIA A10G 23028` (count, name, MiB), several groups separated by `;`")]
+    #[error("--fake-gpus `{spec}` is not valid: {reason}; write e.g. `4x NVIDIA A10G 23028` (count, name, MiB), several groups separated by `;`, and optionally NVLinks between cards by index, e.g. `; nvlink 0-2:4 1-3:4`")]
     FakeSpec {
         /// The description as given.
         spec: String,
