@@ -352,7 +352,7 @@ mod tests {
         assert_eq!(config.defaults.cores, 0);
         assert_eq!(config.defaults.gpu_count, 1);
         assert_eq!(config.scheduler_name, "tessera-scheduler");
-        assert_eq!(config.scheduling.gpu_policy, GpuPolicy::Spread);
+        assert_eq!(config.scheduling.gpu_policy, GpuPolicy::SPREAD);
         assert_eq!(config.scheduling.node_policy, NodePolicy::Binpack);
         assert!(config.control_opt_out_namespaces.is_empty());
         assert!(!config.may_opt_out_of_control("default"));
@@ -396,7 +396,7 @@ scheduling:
         assert_eq!(config.sharing_for_node("big").split_count, 4);
         assert!((config.sharing_for_node("big").memory_scaling - 1.5).abs() < f64::EPSILON);
         assert!((config.sharing_for_node("small").memory_scaling - 1.0).abs() < f64::EPSILON);
-        assert_eq!(config.scheduling.gpu_policy, GpuPolicy::Binpack);
+        assert_eq!(config.scheduling.gpu_policy, GpuPolicy::BINPACK);
     }
 
     #[test]

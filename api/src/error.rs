@@ -83,6 +83,22 @@ pub enum RequestError {
         /// What is wrong and what to write instead.
         reason: &'static str,
     },
+    /// A scheduling policy annotation names something HAMi does not accept.
+    #[error("annotation {key}: {source}")]
+    Policy {
+        /// Annotation key.
+        key: &'static str,
+        /// What is wrong and what to write instead.
+        source: crate::policy::PolicyError,
+    },
+    /// `nvidia.com/vgpu-mode` asks for a mode Tessera does not provide.
+    #[error("annotation {key} {source}")]
+    VgpuMode {
+        /// Annotation key.
+        key: &'static str,
+        /// What is wrong and what to do.
+        source: crate::vgpu_mode::VgpuModeError,
+    },
 }
 
 /// A config file that cannot be used.

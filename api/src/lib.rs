@@ -10,8 +10,9 @@
 //! config file ([`config`]), the agent–interceptor environment contract
 //! ([`container_contract`]), the typed errors ([`error`]), and the layouts
 //! shared through files: the container accounting region ([`shared_region`])
-//! and the per-card tenant table ([`card_tenants`]). Nothing here
-//! does I/O.
+//! and the per-card tenant table ([`card_tenants`]); the cards' pairwise
+//! link scores ([`pair_scores`], HAMi's `hami.io/node-nvidia-score`) and the
+//! `nvidia.com/vgpu-mode` request ([`vgpu_mode`]). Nothing here does I/O.
 
 pub mod allocation;
 #[cfg(feature = "k8s")]
@@ -24,6 +25,7 @@ pub mod error;
 pub mod exposition;
 pub mod inventory;
 pub mod names;
+pub mod pair_scores;
 #[cfg(feature = "k8s")]
 pub mod pod;
 #[cfg(feature = "k8s")]
@@ -33,4 +35,5 @@ pub mod quantity;
 #[cfg(feature = "k8s")]
 pub mod request;
 pub mod shared_region;
+pub mod vgpu_mode;
 pub mod visible_cards;

@@ -38,10 +38,14 @@ pub mod pod {
     /// JSON map of container name to `true` | `false`, over
     /// [`OVERWRITE_ENV`] for the containers it names.
     pub const OVERWRITE_ENV_CONTAINERS: &str = "hami.io/overwrite-env-containers";
-    /// `binpack` | `spread` | `topology-aware`: how cards are chosen on a node.
+    /// How cards are chosen on a node: a comma list of `binpack`, `spread`,
+    /// `numa`, `mutex`, `topology-aware` (see [`crate::policy`]).
     pub const GPU_SCHEDULER_POLICY: &str = "hami.io/gpu-scheduler-policy";
     /// `binpack` | `spread`: how nodes are chosen.
     pub const NODE_SCHEDULER_POLICY: &str = "hami.io/node-scheduler-policy";
+    /// Device mode the pod's cards must be in (`hami-core`; HAMi also has
+    /// `mig` and `mps`, which Tessera refuses, see [`crate::vgpu_mode`]).
+    pub const VGPU_MODE: &str = "nvidia.com/vgpu-mode";
 }
 
 /// Label that opts a pod or namespace out of the webhook, and its value.
@@ -51,6 +55,10 @@ pub const WEBHOOK_IGNORE_VALUE: &str = "ignore";
 
 /// Node annotation carrying the GPU inventory, written by the node agent.
 pub const NODE_REGISTER_ANNOTATION: &str = "hami.io/node-nvidia-register";
+
+/// Node annotation carrying the cards' pairwise link scores, written by the
+/// node agent (see [`crate::pair_scores`]).
+pub const NODE_PAIR_SCORE_ANNOTATION: &str = "hami.io/node-nvidia-score";
 
 /// Pod annotations owned by the scheduler (and node agent). A pod that
 /// arrives at admission carrying any of these is forging an allocation.

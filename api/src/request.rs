@@ -15,6 +15,7 @@ use crate::error::RequestError;
 use crate::names::{pod as keys, ResourceNames};
 use crate::policy::{GpuPolicy, NodePolicy};
 use crate::quantity::parse_quantity;
+use crate::vgpu_mode::VgpuMode;
 
 /// How much memory per card a container asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -118,6 +119,8 @@ pub struct PodGpuPolicy {
     pub gpu_policy: Option<GpuPolicy>,
     /// `hami.io/node-scheduler-policy`.
     pub node_policy: Option<NodePolicy>,
+    /// `nvidia.com/vgpu-mode`: only cards in a mode it names.
+    pub vgpu_mode: Option<VgpuMode>,
 }
 
 impl PodGpuPolicy {
@@ -340,20 +343,27 @@ fn pod_policy(
     let gpu_policy = get(keys::GPU_SCHEDULER_POLICY)
         .map(|v| {
             v.parse::<GpuPolicy>()
-                .map_err(|_| RequestError::Annotation {
+                .map_err(|source| RequestError::Policy {
                     key: keys::GPU_SCHEDULER_POLICY,
-                    value: v.to_owned(),
-                    reason: "is not a GPU policy; write binpack, spread or topology-aware",
+                    source,
                 })
         })
         .transpose()?;
     let node_policy = get(keys::NODE_SCHEDULER_POLICY)
         .map(|v| {
             v.parse::<NodePolicy>()
-                .map_err(|_| RequestError::Annotation {
+                .map_err(|source| RequestError::Policy {
                     key: keys::NODE_SCHEDULER_POLICY,
-                    value: v.to_owned(),
-                    reason: "is not a node policy; write binpack or spread",
+                    source,
+                })
+        })
+        .transpose()?;
+    let vgpu_mode = get(keys::VGPU_MODE)
+        .map(|v| {
+            v.parse::<VgpuMode>()
+                .map_err(|source| RequestError::VgpuMode {
+                    key: keys::VGPU_MODE,
+                    source,
                 })
         })
         .transpose()?;
@@ -373,6 +383,7 @@ fn pod_policy(
         numa_bind,
         gpu_policy,
         node_policy,
+        vgpu_mode,
     })
 }
 
@@ -510,7 +521,7 @@ mod tests {
         assert!(!r.policy.allows_uuid("GPU-BAD"));
         assert!(r.policy.allows_uuid("GPU-good"));
         assert!(r.policy.numa_bind);
-        assert_eq!(r.policy.gpu_policy, Some(GpuPolicy::Binpack));
+        assert_eq!(r.policy.gpu_policy, Some(GpuPolicy::BINPACK));
         assert_eq!(r.policy.node_policy, Some(NodePolicy::Spread));
         assert!(!r.asks_for_gpu());
 
@@ -518,9 +529,36 @@ mod tests {
             json!({"metadata": {"annotations": {"hami.io/gpu-scheduler-policy": "fastest"}}, "spec": {"containers": []}}),
         );
         let err = PodGpuRequest::from_pod(&bad, &ResourceNames::default()).expect_err("bad policy");
-        assert!(err
+        assert!(err.to_string().contains("`fastest`"), "{err}");
+        assert!(err.to_string().contains("binpack,numa"), "{err}");
+    }
+
+    #[test]
+    fn hami_policy_chains_and_vgpu_mode() {
+        let read = |annotations: serde_json::Value| {
+            PodGpuRequest::from_pod(
+                &pod(json!({"metadata": {"annotations": annotations}, "spec": {"containers": []}})),
+                &ResourceNames::default(),
+            )
+        };
+        let chained = read(json!({
+            "hami.io/gpu-scheduler-policy": "binpack,numa",
+            "nvidia.com/vgpu-mode": "hami-core"}))
+        .expect("HAMi accepts both");
+        let policy = chained.policy.gpu_policy.expect("set");
+        assert_eq!(policy.to_string(), "binpack,numa");
+        assert!(chained.policy.vgpu_mode.expect("set").allows("hami-core"));
+        let mutex = read(json!({"hami.io/gpu-scheduler-policy": "mutex"})).expect("mutex");
+        assert!(mutex.policy.gpu_policy.expect("set").mutex);
+
+        let mig = read(json!({"nvidia.com/vgpu-mode": "mig"})).expect_err("no MIG");
+        assert!(mig.to_string().contains("nvidia.com/vgpu-mode"), "{mig}");
+        assert!(mig.to_string().contains("hami-core"), "{mig}");
+        let node_list = read(json!({"hami.io/node-scheduler-policy": "binpack,spread"}))
+            .expect_err("node policy is one name");
+        assert!(node_list
             .to_string()
-            .contains("binpack, spread or topology-aware"));
+            .contains("hami.io/node-scheduler-policy"));
     }
 
     #[test]

@@ -261,11 +261,12 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
         state.storage_mut().upsert_claim(claim);
     }
     for node in &objects.nodes {
+        let name = node.metadata.name.as_deref().unwrap_or("?");
         if let Some(error) = state.upsert_node(node) {
-            report.warnings.push(format!(
-                "node {}: {error}",
-                node.metadata.name.as_deref().unwrap_or("?")
-            ));
+            report.warnings.push(format!("node {name}: {error}"));
+        }
+        if let Some(error) = state.pair_scores_error(name) {
+            report.warnings.push(format!("node {name}: {error}"));
         }
     }
     // Pods already bound in the input are existing load, not decisions.

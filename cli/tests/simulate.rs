@@ -251,3 +251,63 @@ fn preemption_example_evicts_the_unprotected_lower_priority_pod() {
     );
     assert_eq!(report["cards"][0]["allocatedMemoryMiB"], 10000 + 9000);
 }
+
+#[test]
+fn topology_aware_example_takes_nvlinked_pairs_from_the_score_annotation() {
+    let report = simulate_example("topology-aware");
+    let cards_of = |pod: &str| -> Vec<String> {
+        let placed = report["placed"]
+            .as_array()
+            .expect("placed")
+            .iter()
+            .find(|p| p["pod"] == pod)
+            .unwrap_or_else(|| panic!("{pod} placed"));
+        let mut cards: Vec<String> = placed["containers"][0]["devices"]
+            .as_array()
+            .expect("devices")
+            .iter()
+            .map(|d| d["uuid"].as_str().expect("uuid").to_owned())
+            .collect();
+        cards.sort();
+        cards
+    };
+    assert_eq!(cards_of("ml/plain-pair"), ["GPU-dgx1-0", "GPU-dgx1-1"]);
+    assert_eq!(cards_of("ml/tp-pair"), ["GPU-dgx1-4", "GPU-dgx1-6"]);
+    assert_eq!(cards_of("ml/single"), ["GPU-dgx1-2"]);
+    assert_eq!(cards_of("ml/tp-pair-2"), ["GPU-dgx1-5", "GPU-dgx1-7"]);
+}
+
+#[test]
+fn a_corrupt_score_annotation_is_a_warning_and_the_node_still_schedules() {
+    let dir = std::env::temp_dir().join(format!("tessera-scores-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let example = format!("{}/examples/topology-aware", env!("CARGO_MANIFEST_DIR"));
+    let cluster = std::fs::read_to_string(format!("{example}/cluster.yaml")).expect("example");
+    let start = cluster
+        .find("hami.io/node-nvidia-score: '")
+        .expect("score line");
+    let end = start + cluster[start..].find('\n').expect("line end");
+    let corrupt = format!(
+        "{}hami.io/node-nvidia-score: '[{{\"uuid\": 7}}]'{}",
+        &cluster[..start],
+        &cluster[end..]
+    );
+    let cluster_path = write(&dir, "cluster.yaml", &corrupt);
+    let workloads = format!("{example}/workloads.yaml");
+    let (ok, stdout, stderr) = tessera(&[
+        "simulate",
+        "--cluster",
+        &cluster_path,
+        &workloads,
+        "--output",
+        "json",
+    ]);
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(report["placed"].as_array().expect("placed").len(), 4);
+    let warnings = report["warnings"].to_string();
+    assert!(
+        warnings.contains("hami.io/node-nvidia-score ignored"),
+        "{warnings}"
+    );
+}

@@ -94,8 +94,13 @@ pub fn discovery_report(
             card.index, card.uuid, card.name, card.memory_mib, card.numa, card.healthy
         ));
     }
+    let links = if cards.len() > 1 {
+        backend.links()
+    } else {
+        Vec::new()
+    };
     if cards.len() > 1 {
-        out.push_str(&format_links(&backend.links()));
+        out.push_str(&format_links(&links));
     }
     let health = HealthMonitor::new(&cards, Duration::from_secs(1))
         .subscribe()
@@ -106,6 +111,9 @@ pub fn discovery_report(
         "hami.io/node-nvidia-register: {}\n",
         encode_inventory(&inventory)
     ));
+    if let Some(scores) = crate::inventory::pair_score_annotation(&cards, &links) {
+        out.push_str(&format!("hami.io/node-nvidia-score: {scores}\n"));
+    }
     Ok(out)
 }
 
@@ -117,8 +125,14 @@ fn format_links(links: &[crate::gpu::GpuLink]) -> String {
     let mut out = String::from("links:\n");
     for link in links {
         out.push_str(&format!(
-            "  [{}]-[{}] nvlink={} p2p_read={} topology={}\n",
-            link.from, link.to, link.nvlink, link.p2p_read, link.topology
+            "  [{}]-[{}] nvlink={} nvlinks={} p2p_read={} topology={} score={}\n",
+            link.from,
+            link.to,
+            link.nvlink,
+            link.nvlinks,
+            link.p2p_read,
+            link.topology,
+            link.facts().score()
         ));
     }
     out
@@ -258,12 +272,14 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
         (setup.health_quiet / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
     tasks.spawn(monitor.run(Arc::clone(&setup.backend), recovery_interval));
 
+    let links = setup.backend.links();
     let publisher = InventoryPublisher::new(
         setup.client.clone(),
         &setup.node,
         Arc::clone(&cards),
         sharing.clone(),
-    );
+    )
+    .with_pair_scores(crate::inventory::pair_score_annotation(&cards, &links));
     let readiness = Readiness::new();
     tasks.spawn(publisher.run(health.clone(), setup.publish_interval, readiness.clone()));
 
@@ -422,10 +438,12 @@ mod tests {
             nvlink: true,
             p2p_read: true,
             topology: "system",
+            pcie: Some(tessera_api::pair_scores::PcieLink::CrossCpu),
+            nvlinks: 2,
         }]);
         assert_eq!(
             text,
-            "links:\n  [0]-[1] nvlink=true p2p_read=true topology=system\n"
+            "links:\n  [0]-[1] nvlink=true nvlinks=2 p2p_read=true topology=system score=210\n"
         );
         assert_eq!(format_links(&[]), "links: not reported by this backend\n");
     }
@@ -440,9 +458,16 @@ mod tests {
             report.contains("numa=0") && report.contains("numa=1"),
             "{report}"
         );
-        assert!(report.contains("links: not reported"), "{report}");
+        // Fake cards on different NUMA nodes are linked across sockets.
+        assert!(
+            report.contains("[0]-[1] nvlink=false nvlinks=0"),
+            "{report}"
+        );
+        assert!(report.contains("topology=system score=10"), "{report}");
+        assert!(report.contains("hami.io/node-nvidia-score: [{"), "{report}");
         let single = FakeGpus::parse("1x NVIDIA H100 81559", "node-a").expect("fake card");
         let report = discovery_report(&single, &Config::default(), "node-a").expect("report");
         assert!(!report.contains("links"), "{report}");
+        assert!(!report.contains("node-nvidia-score"), "{report}");
     }
 }

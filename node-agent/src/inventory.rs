@@ -1,12 +1,14 @@
-//! What this node offers, in the two shapes it is published in: the
+//! What this node offers, in the shapes it is published in: the
 //! `hami.io/node-nvidia-register` inventory (one entry per card, with the
-//! configured split count and scaling) and kubelet's device list (each card
-//! split into `split_count` device IDs `<UUID>-<n>`).
+//! configured split count and scaling), the `hami.io/node-nvidia-score` link
+//! scores between its cards, and kubelet's device list (each card split into
+//! `split_count` device IDs `<UUID>-<n>`).
 
 use tessera_api::config::DeviceSharing;
 use tessera_api::inventory::{GpuDevice, DEFAULT_MODE};
+use tessera_api::pair_scores::{encode_pair_scores, scores_from_links, CardPairScores};
 
-use crate::gpu::GpuInfo;
+use crate::gpu::{GpuInfo, GpuLink};
 use crate::health::HealthSnapshot;
 
 /// Prefix of the card type in the inventory.
@@ -32,6 +34,25 @@ pub fn node_inventory(
             health: health.get(&card.uuid).map_or(card.healthy, |h| h.healthy),
         })
         .collect()
+}
+
+/// HAMi's link scores between `cards` from the backend's `links` (pairs the
+/// backend does not report score 0).
+pub fn pair_scores(cards: &[GpuInfo], links: &[GpuLink]) -> Vec<CardPairScores> {
+    let uuids: Vec<String> = cards.iter().map(|c| c.uuid.clone()).collect();
+    scores_from_links(&uuids, |a, b| {
+        let (a, b) = (cards[a].index, cards[b].index);
+        links
+            .iter()
+            .find(|l| (l.from, l.to) == (a, b) || (l.from, l.to) == (b, a))
+            .map(GpuLink::facts)
+    })
+}
+
+/// The `hami.io/node-nvidia-score` value for `cards`, or `None` when there
+/// is nothing to score (fewer than two cards, or no link reported).
+pub fn pair_score_annotation(cards: &[GpuInfo], links: &[GpuLink]) -> Option<String> {
+    (cards.len() > 1 && !links.is_empty()).then(|| encode_pair_scores(&pair_scores(cards, links)))
 }
 
 /// Card memory after scaling, truncated to whole MiB.
@@ -100,6 +121,27 @@ mod tests {
         )
         .expect("our own inventory decodes");
         assert_eq!(decoded, devices);
+    }
+
+    #[test]
+    fn fake_links_become_the_score_annotation() {
+        // Eight fake cards alternate NUMA nodes; 0–2 carry 4 NVLinks, 1–3 two.
+        let gpus = FakeGpus::parse("8x NVIDIA A100 40960", "n")
+            .expect("parses")
+            .with_nvlinks(&[(0, 2, 4), (3, 1, 2)]);
+        let cards = gpus.discover().expect("lists");
+        let value = pair_score_annotation(&cards, &gpus.links()).expect("eight cards are scored");
+        let decoded = tessera_api::pair_scores::decode_pair_scores(&value).expect("decodes");
+        assert_eq!(decoded.len(), 8);
+        let score = |a: usize, b: usize| decoded[a].scores[&cards[b].uuid];
+        assert_eq!(decoded[0].uuid, cards[0].uuid);
+        assert_eq!(score(0, 2), 420, "same NUMA node (20) + 4 NVLinks");
+        assert_eq!(score(2, 0), 420);
+        assert_eq!(score(1, 3), 220);
+        assert_eq!(score(0, 4), 20, "same NUMA node, no NVLink");
+        assert_eq!(score(0, 1), 10, "across sockets");
+        assert!(decoded.iter().all(|c| c.scores.len() == 7));
+        assert_eq!(pair_score_annotation(&cards[..1], &gpus.links()), None);
     }
 
     #[test]

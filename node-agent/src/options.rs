@@ -22,7 +22,8 @@ pub struct AgentOptions {
     /// key that proves an allocation is the scheduler's) lives.
     #[arg(long, env = "POD_NAMESPACE", default_value = "tessera-system")]
     pub namespace: String,
-    /// Serve fake cards instead of reading NVML, e.g. "4x NVIDIA A10G 23028".
+    /// Serve fake cards instead of reading NVML, e.g. "4x NVIDIA A10G 23028"
+    /// (NVLinks between cards: "8x NVIDIA A100 40960; nvlink 0-2:4 1-3:4").
     #[arg(long, env = "TESSERA_FAKE_GPUS")]
     pub fake_gpus: Option<String>,
     /// Print the discovered cards and the inventory, then exit.

@@ -11,7 +11,10 @@ use k8s_openapi::api::core::v1::{EnvVar, Node, Pod};
 use k8s_openapi::api::events::v1::Event;
 use tessera_api::config::Config;
 use tessera_api::inventory::decode_inventory;
-use tessera_api::names::{allocation as keys, NODE_REGISTER_ANNOTATION};
+use tessera_api::names::{
+    allocation as keys, NODE_PAIR_SCORE_ANNOTATION, NODE_REGISTER_ANNOTATION,
+};
+use tessera_api::pair_scores::decode_pair_scores;
 use tessera_node_agent::gpu::{HealthEvent, HealthEventKind};
 use tessera_node_agent::proto::device_plugin_client::DevicePluginClient;
 use tessera_node_agent::proto::{
@@ -196,6 +199,21 @@ async fn inventory_is_published_rewritten_when_wiped_and_not_rewritten_when_stea
     assert_eq!(devices[0].devcore, 100);
     assert_eq!(devices[0].device_type, "NVIDIA-NVIDIA A10G");
     assert!(devices.iter().all(|d| d.health));
+    // The link scores come with it: the two fake cards sit on different
+    // NUMA nodes, linked across sockets (HAMi's score 10).
+    let scores_of = || {
+        cluster
+            .api
+            .get::<Node>(None, NODE)?
+            .metadata
+            .annotations?
+            .get(NODE_PAIR_SCORE_ANNOTATION)
+            .cloned()
+    };
+    let scores = decode_pair_scores(&scores_of().expect("published with the inventory"))
+        .expect("our score annotation decodes");
+    assert_eq!(scores.len(), 2);
+    assert_eq!(scores[0].scores[&devices[1].id], 10);
 
     // Steady: several periods pass without a write.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -226,6 +244,7 @@ async fn inventory_is_published_rewritten_when_wiped_and_not_rewritten_when_stea
         (read()? == value).then_some(())
     })
     .await;
+    eventually("the wiped link scores to come back", scores_of).await;
 }
 
 #[tokio::test]

@@ -3,7 +3,9 @@
 //! pods per node). Each decision is timed on its own; prints throughput,
 //! median and p99, first for pods without pod-topology rules, then for a
 //! mix where 30% carry a zone topology spread constraint and 30% a
-//! preferred pod anti-affinity term.
+//! preferred pod anti-affinity term, then with every node publishing link
+//! scores (`hami.io/node-nvidia-score`, NVLinked pairs 0-1, 2-3, 4-5, 6-7)
+//! and every pod `topology-aware`.
 //!
 //! `cargo bench -p tessera-scheduler --bench placement`
 
@@ -13,12 +15,13 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::json;
 use tessera_api::config::Config;
 use tessera_api::inventory::{encode_inventory, GpuDevice};
+use tessera_api::pair_scores::{encode_pair_scores, scores_from_links, LinkFacts, PcieLink};
 use tessera_scheduler::core::{ClusterState, PodRequirements};
 
 const NODES: u32 = 1000;
 const CARDS: u32 = 8;
 
-fn snapshot() -> ClusterState {
+fn snapshot(with_link_scores: bool) -> ClusterState {
     let mut state = ClusterState::new(Config::default());
     for n in 0..NODES {
         let kind = if n % 2 == 0 {
@@ -40,8 +43,12 @@ fn snapshot() -> ClusterState {
                 health: true,
             })
             .collect();
+        let mut annotations = json!({"hami.io/node-nvidia-register": encode_inventory(&devices)});
+        if with_link_scores {
+            annotations["hami.io/node-nvidia-score"] = json!(link_scores(&devices));
+        }
         let node: Node = serde_json::from_value(json!({"metadata": {"name": format!("node-{n:04}"),
-            "labels": {"gpu": "on", "kubernetes.io/hostname": format!("node-{n:04}"), "topology.kubernetes.io/zone": format!("zone-{}", n % 3)}, "annotations": {"hami.io/node-nvidia-register": encode_inventory(&devices)}},
+            "labels": {"gpu": "on", "kubernetes.io/hostname": format!("node-{n:04}"), "topology.kubernetes.io/zone": format!("zone-{}", n % 3)}, "annotations": annotations},
             "status": {"conditions": [{"type": "Ready", "status": "True"}],
                        "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110"}}}))
         .expect("node");
@@ -58,6 +65,38 @@ fn snapshot() -> ClusterState {
         }
     }
     state
+}
+
+/// Scores of a node whose cards are NVLinked in pairs (0-1, 2-3, …).
+fn link_scores(devices: &[GpuDevice]) -> String {
+    let uuids: Vec<String> = devices.iter().map(|d| d.id.clone()).collect();
+    encode_pair_scores(&scores_from_links(&uuids, |a, b| {
+        Some(LinkFacts {
+            pcie: Some(if a / 4 == b / 4 {
+                PcieLink::SameCpu
+            } else {
+                PcieLink::CrossCpu
+            }),
+            nvlinks: if a / 2 == b / 2 { 4 } else { 0 },
+        })
+    }))
+}
+
+/// The same pods, all `topology-aware`.
+fn topology_aware_pods() -> Vec<Pod> {
+    pods()
+        .into_iter()
+        .map(|mut pod| {
+            pod.metadata.annotations = Some(
+                [(
+                    "hami.io/gpu-scheduler-policy".to_owned(),
+                    "topology-aware".to_owned(),
+                )]
+                .into(),
+            );
+            pod
+        })
+        .collect()
 }
 
 /// The same pods, 30% with a zone spread constraint (DoNotSchedule, over
@@ -119,12 +158,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
-    let state = snapshot();
+    let state = snapshot(false);
     measure(&state, "pods without pod-topology rules", pods());
     measure(
         &state,
         "30% zone spread (DoNotSchedule), 30% preferred anti-affinity",
         topology_pods(),
+    );
+    measure(
+        &snapshot(true),
+        "every node with link scores, every pod topology-aware",
+        topology_aware_pods(),
     );
 }
 

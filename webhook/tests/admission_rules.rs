@@ -543,6 +543,91 @@ fn forged_allocation_annotations_are_denied() {
     assert!(ask(&pod).allowed);
 }
 
+fn annotated_gpu_pod(annotations: Value) -> Value {
+    api_server_pod(
+        json!([container("trainer", json!({"nvidia.com/gpu": "2"}))]),
+        json!({"annotations": annotations}),
+        json!({}),
+    )
+}
+
+#[test]
+fn every_policy_hami_accepts_is_admitted() {
+    for gpu_policy in [
+        "binpack",
+        "spread",
+        "numa",
+        "mutex",
+        "topology-aware",
+        "binpack,numa",
+        "numa, spread",
+        "mutex,topology-aware",
+        "Spread,Mutex",
+    ] {
+        let answer = ask(&annotated_gpu_pod(
+            json!({"hami.io/gpu-scheduler-policy": gpu_policy}),
+        ));
+        assert!(answer.allowed, "{gpu_policy}: {}", answer.body);
+    }
+    for node_policy in ["binpack", "spread", " spread "] {
+        let answer = ask(&annotated_gpu_pod(
+            json!({"hami.io/node-scheduler-policy": node_policy}),
+        ));
+        assert!(answer.allowed, "{node_policy}: {}", answer.body);
+    }
+}
+
+#[test]
+fn policies_hami_rejects_are_denied_naming_what_to_write() {
+    for (key, value, needle) in [
+        ("hami.io/gpu-scheduler-policy", "fastest", "`fastest`"),
+        ("hami.io/gpu-scheduler-policy", "binpack,,numa", "empty"),
+        ("hami.io/gpu-scheduler-policy", "", "empty"),
+        ("hami.io/node-scheduler-policy", "numa", "`numa`"),
+        (
+            "hami.io/node-scheduler-policy",
+            "binpack,spread",
+            "one name",
+        ),
+    ] {
+        let (message, code) = denial(&Config::default(), &annotated_gpu_pod(json!({key: value})));
+        assert_eq!(code, 422, "{key}={value}");
+        assert!(message.contains(key), "{key}={value}: {message}");
+        assert!(message.contains(needle), "{key}={value}: {message}");
+        assert!(message.contains("binpack"), "{key}={value}: {message}");
+    }
+}
+
+#[test]
+fn vgpu_mode_hami_core_is_admitted_and_mig_or_mps_denied_with_what_to_do() {
+    let answer = ask(&annotated_gpu_pod(
+        json!({"nvidia.com/vgpu-mode": "hami-core"}),
+    ));
+    assert!(answer.allowed, "{}", answer.body);
+    for mode in ["mig", "mps", "mig,mps"] {
+        let (message, code) = denial(
+            &Config::default(),
+            &annotated_gpu_pod(json!({"nvidia.com/vgpu-mode": mode})),
+        );
+        assert_eq!(code, 422, "{mode}");
+        assert!(
+            message.contains("nvidia.com/vgpu-mode"),
+            "{mode}: {message}"
+        );
+        assert!(message.contains("does not provide"), "{mode}: {message}");
+        assert!(message.contains("hami-core"), "{mode}: {message}");
+        assert!(
+            message.contains("Remove the annotation"),
+            "{mode}: {message}"
+        );
+    }
+    let (message, _) = denial(
+        &Config::default(),
+        &annotated_gpu_pod(json!({"nvidia.com/vgpu-mode": "vgpu"})),
+    );
+    assert!(message.contains("not a device mode"), "{message}");
+}
+
 #[test]
 fn pods_without_gpu_requests_are_untouched() {
     let pod = api_server_pod(

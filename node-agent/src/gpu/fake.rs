@@ -3,19 +3,25 @@
 //! the node name, and a [`FakeGpuControl`] handle through which tests
 //! inject health events, make a card (un)responsive, set its usage and
 //! the processes it reports (pids of real or imagined processes, with the
-//! memory each holds), or make its process list fail.
+//! memory each holds), or make its process list fail. Fake cards are linked
+//! over PCIe (within a socket on one NUMA node, across sockets otherwise);
+//! [`FakeGpus::with_nvlinks`] adds NVLinks between chosen pairs.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::mpsc;
 
-use super::{GpuBackend, GpuError, GpuInfo, GpuProcess, HealthEvent, HostGpuUsage};
+use tessera_api::pair_scores::PcieLink;
+
+use super::{GpuBackend, GpuError, GpuInfo, GpuLink, GpuProcess, HealthEvent, HostGpuUsage};
 
 /// Cards that exist only in memory.
 #[derive(Debug, Clone)]
 pub struct FakeGpus {
     cards: Vec<GpuInfo>,
+    /// NVLinks per card pair `(lower index, higher index)`.
+    nvlinks: HashMap<(u32, u32), u32>,
     control: FakeGpuControl,
 }
 
@@ -38,14 +44,26 @@ impl FakeGpus {
     /// Parses a description such as `4x NVIDIA A10G 23028` or
     /// `2x NVIDIA H100 80GB HBM3 81559; 1x Tesla T4 15360`: per group a
     /// count with `x`, the product name, and the memory in MiB last. UUIDs
-    /// are derived from `node_name` so every node gets its own.
+    /// are derived from `node_name` so every node gets its own. A group
+    /// `nvlink 0-2:4 1-3:4` links cards (by index) with NVLinks: cards 0
+    /// and 2 with 4 links, 1 and 3 with 4.
     pub fn parse(spec: &str, node_name: &str) -> Result<Self, GpuError> {
         let bad = |reason| GpuError::FakeSpec {
             spec: spec.to_owned(),
             reason,
         };
         let mut cards = Vec::new();
+        let mut nvlinks = HashMap::new();
         for group in spec.split(';').map(str::trim).filter(|g| !g.is_empty()) {
+            if let Some(pairs) = group.strip_prefix("nvlink") {
+                for pair in pairs.split_whitespace() {
+                    let (a, b, count) = parse_nvlink_pair(pair).ok_or_else(|| {
+                        bad("an nvlink group lists pairs `a-b:links` of card indices, as in `nvlink 0-2:4 1-3:4`")
+                    })?;
+                    nvlinks.insert((a.min(b), a.max(b)), count);
+                }
+                continue;
+            }
             let (count, rest) = group
                 .split_once(|c: char| c.is_whitespace())
                 .ok_or_else(|| bad("each group needs a count, a name and the memory in MiB"))?;
@@ -82,16 +100,43 @@ impl FakeGpus {
         if cards.is_empty() {
             return Err(bad("it describes no card"));
         }
+        let known = |index: u32| (index as usize) < cards.len();
+        if nvlinks
+            .keys()
+            .any(|&(a, b)| a == b || !known(a) || !known(b))
+        {
+            return Err(bad(
+                "an nvlink pair names two different cards of the description",
+            ));
+        }
         Ok(Self {
             cards,
+            nvlinks,
             control: FakeGpuControl::default(),
         })
+    }
+
+    /// Adds NVLinks: `(a, b, count)` links cards `a` and `b` (NVML indices)
+    /// with `count` NVLinks.
+    pub fn with_nvlinks(mut self, links: &[(u32, u32, u32)]) -> Self {
+        for &(a, b, count) in links {
+            self.nvlinks.insert((a.min(b), a.max(b)), count);
+        }
+        self
     }
 
     /// The handle tests use to drive these cards.
     pub fn control(&self) -> FakeGpuControl {
         self.control.clone()
     }
+}
+
+/// `a-b:links` with a, b card indices and at least one link.
+fn parse_nvlink_pair(pair: &str) -> Option<(u32, u32, u32)> {
+    let (cards, count) = pair.split_once(':')?;
+    let (a, b) = cards.split_once('-')?;
+    let count: u32 = count.parse().ok().filter(|&c| c > 0)?;
+    Some((a.parse().ok()?, b.parse().ok()?, count))
 }
 
 /// A UUID-shaped identifier, stable for a node name and index.
@@ -167,6 +212,28 @@ impl GpuBackend for FakeGpus {
         Ok(self.cards.clone())
     }
 
+    fn links(&self) -> Vec<GpuLink> {
+        let mut links = Vec::new();
+        for (position, a) in self.cards.iter().enumerate() {
+            for b in &self.cards[position + 1..] {
+                let pcie = if a.numa == b.numa {
+                    PcieLink::SameCpu
+                } else {
+                    PcieLink::CrossCpu
+                };
+                let mut link = GpuLink::pcie(a.index, b.index, Some(pcie));
+                link.nvlinks = self
+                    .nvlinks
+                    .get(&(a.index.min(b.index), a.index.max(b.index)))
+                    .copied()
+                    .unwrap_or(0);
+                link.nvlink = link.nvlinks > 0;
+                links.push(link);
+            }
+        }
+        links
+    }
+
     fn host_usage(&self) -> Vec<HostGpuUsage> {
         let state = self.control.lock();
         self.cards
@@ -228,6 +295,54 @@ mod tests {
         let ids: HashSet<_> = cards.iter().map(|c| c.uuid.clone()).collect();
         assert_eq!(ids.len(), 3, "UUIDs are distinct");
         assert!(cards[0].uuid.starts_with("GPU-") && cards[0].uuid.len() == 40);
+    }
+
+    #[test]
+    fn links_follow_numa_and_the_nvlinks_given() {
+        let gpus = FakeGpus::parse("4x NVIDIA A100 40960", "n")
+            .expect("parses")
+            .with_nvlinks(&[(2, 0, 4)]);
+        let links = gpus.links();
+        assert_eq!(links.len(), 6);
+        let between = |a, b| {
+            links
+                .iter()
+                .find(|l| l.from == a && l.to == b)
+                .expect("listed")
+        };
+        // Fake cards alternate NUMA nodes: 0 and 2 share one.
+        assert_eq!(between(0, 2).pcie, Some(PcieLink::SameCpu));
+        assert_eq!(between(0, 2).nvlinks, 4);
+        assert!(between(0, 2).nvlink);
+        assert_eq!(between(0, 1).pcie, Some(PcieLink::CrossCpu));
+        assert_eq!(between(0, 1).nvlinks, 0);
+        assert_eq!(between(0, 1).topology, "system");
+    }
+
+    #[test]
+    fn nvlinks_can_be_described_on_the_command_line() {
+        let gpus =
+            FakeGpus::parse("4x NVIDIA A100 40960; nvlink 0-2:4 3-1:2", "n").expect("parses");
+        assert_eq!(gpus.cards.len(), 4);
+        let links = gpus.links();
+        let count = |a, b| {
+            links
+                .iter()
+                .find(|l| l.from == a && l.to == b)
+                .expect("listed")
+                .nvlinks
+        };
+        assert_eq!((count(0, 2), count(1, 3), count(0, 1)), (4, 2, 0));
+        for spec in [
+            "2x A 100; nvlink 0-1",
+            "2x A 100; nvlink 0-1:0",
+            "2x A 100; nvlink 0-5:2",
+            "2x A 100; nvlink 1-1:2",
+            "2x A 100; nvlink x-1:2",
+        ] {
+            let error = FakeGpus::parse(spec, "n").expect_err(spec).to_string();
+            assert!(error.contains("nvlink"), "{spec}: {error}");
+        }
     }
 
     #[test]

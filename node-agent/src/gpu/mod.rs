@@ -5,13 +5,14 @@
 //! facts: identity, memory, NUMA node, health events, host usage and the
 //! processes holding memory on each card (the driver's own per-process
 //! figures, which host-side enforcement trusts over anything a container
-//! writes).
+//! writes), and how each pair of cards is linked (PCIe path, NVLinks).
 
 pub mod fake;
 pub mod nvml;
 
 use std::fmt;
 
+use tessera_api::pair_scores::{LinkFacts, PcieLink};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
@@ -32,8 +33,10 @@ pub struct GpuInfo {
     pub healthy: bool,
 }
 
-/// How two cards of the node reach each other, for the discovery report
-/// (tensor-parallel and NCCL jobs care whether peers share NVLink).
+/// How two cards of the node reach each other: for the discovery report
+/// and for the link scores published on the node
+/// (`hami.io/node-nvidia-score`, used by the `topology-aware` policy;
+/// tensor-parallel and NCCL jobs care whether peers share NVLink).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuLink {
     /// NVML index of one card.
@@ -48,6 +51,33 @@ pub struct GpuLink {
     /// `single-switch`, `multiple-switches`, `host-bridge`, `numa-node`,
     /// `system`), or `unknown`.
     pub topology: &'static str,
+    /// The same ancestor, typed (`None` when NVML does not say).
+    pub pcie: Option<PcieLink>,
+    /// Active NVLinks between the two cards, directly or through NVSwitches.
+    pub nvlinks: u32,
+}
+
+impl GpuLink {
+    /// A link over PCIe only (`pcie` = `None`: NVML did not say).
+    pub fn pcie(from: u32, to: u32, pcie: Option<PcieLink>) -> Self {
+        Self {
+            from,
+            to,
+            nvlink: false,
+            p2p_read: pcie.is_some(),
+            topology: pcie.map_or("unknown", PcieLink::name),
+            pcie,
+            nvlinks: 0,
+        }
+    }
+
+    /// The facts HAMi scores.
+    pub fn facts(&self) -> LinkFacts {
+        LinkFacts {
+            pcie: self.pcie,
+            nvlinks: self.nvlinks,
+        }
+    }
 }
 
 /// Host-level usage of one card, for the host metrics.
@@ -148,7 +178,7 @@ pub enum GpuError {
         reason: String,
     },
     /// The `--fake-gpus` description does not parse.
-    #[error("--fake-gpus `{spec}` is not valid: {reason}; write e.g. `4x NVIDIA A10G 23028` (count, name, MiB), several groups separated by `;`")]
+    #[error("--fake-gpus `{spec}` is not valid: {reason}; write e.g. `4x NVIDIA A10G 23028` (count, name, MiB), several groups separated by `;`, and optionally NVLinks between cards by index, e.g. `; nvlink 0-2:4 1-3:4`")]
     FakeSpec {
         /// The description as given.
         spec: String,

@@ -5,6 +5,12 @@
 //! blocks in NVML's event wait. Per-process memory comes from
 //! `nvmlDeviceGetComputeRunningProcesses` and
 //! `nvmlDeviceGetGraphicsRunningProcesses` (v3 where the driver has them).
+//! Links between cards: the PCIe common ancestor
+//! (`nvmlDeviceGetTopologyCommonAncestor`) and the active NVLinks, counted
+//! by matching each link's remote PCI bus ID to the other card's; a link
+//! whose far end is no GPU of the node ends at an NVSwitch, and two cards
+//! that both reach NVSwitches count the fewer of their switch links (HAMi's
+//! rule; nvml-wrapper's remote-device-type query cannot be used for this).
 
 use std::sync::Arc;
 
@@ -18,6 +24,7 @@ use nvml_wrapper::enum_wrappers::device::{P2pCapabilitiesIndex, P2pStatus, Topol
 
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::struct_wrappers::device::ProcessInfo;
+use tessera_api::pair_scores::PcieLink;
 
 use super::{
     GpuBackend, GpuError, GpuInfo, GpuLink, GpuProcess, HealthEvent, HealthEventKind, HostGpuUsage,
@@ -61,6 +68,23 @@ fn query_error(index: u32, query: &'static str) -> impl Fn(NvmlError) -> GpuErro
         query,
         reason: e.to_string(),
     }
+}
+
+/// NVML's `NVML_NVLINK_MAX_LINKS`: the most NVLinks a card has.
+const NVML_NVLINK_MAX_LINKS: u32 = 18;
+
+/// The PCI bus IDs (lowercase) at the far end of each active NVLink of a
+/// card; links NVML does not support or cannot read are left out.
+fn active_nvlink_remotes(device: &nvml_wrapper::Device<'_>) -> Vec<String> {
+    (0..NVML_NVLINK_MAX_LINKS)
+        .filter_map(|link| {
+            let link = device.link_wrapper_for(link);
+            if !link.is_active().ok()? {
+                return None;
+            }
+            Some(link.remote_pci_info().ok()?.bus_id.to_ascii_lowercase())
+        })
+        .collect()
 }
 
 /// The NUMA node of a PCI device from sysfs (`-1`, meaning none, becomes 0).
@@ -119,33 +143,73 @@ impl GpuBackend for NvmlGpus {
 
     fn links(&self) -> Vec<GpuLink> {
         let count = self.nvml.device_count().unwrap_or(0);
+        let devices: Vec<_> = (0..count)
+            .map(|index| self.nvml.device_by_index(index).ok())
+            .collect();
+        let bus_ids: Vec<Option<String>> = devices
+            .iter()
+            .map(|d| {
+                d.as_ref()?
+                    .pci_info()
+                    .ok()
+                    .map(|p| p.bus_id.to_ascii_lowercase())
+            })
+            .collect();
+        let remotes: Vec<Vec<String>> = devices
+            .iter()
+            .map(|d| d.as_ref().map(active_nvlink_remotes).unwrap_or_default())
+            .collect();
+        // Links whose far end is no GPU of this node end at an NVSwitch.
+        let switch_links: Vec<u32> = remotes
+            .iter()
+            .map(|ends| {
+                let to_switch = ends
+                    .iter()
+                    .filter(|end| !bus_ids.iter().flatten().any(|gpu| gpu == *end))
+                    .count();
+                u32::try_from(to_switch).unwrap_or(u32::MAX)
+            })
+            .collect();
         let mut links = Vec::new();
         for from in 0..count {
             for to in from + 1..count {
-                let (Ok(a), Ok(b)) = (
-                    self.nvml.device_by_index(from),
-                    self.nvml.device_by_index(to),
-                ) else {
+                let (Some(a), Some(b)) = (&devices[from as usize], &devices[to as usize]) else {
                     continue;
                 };
-                let status = |index| matches!(a.p2p_status(&b, index), Ok(P2pStatus::Ok));
-                let nvlink = status(P2pCapabilitiesIndex::NvLink);
-                let p2p_read = status(P2pCapabilitiesIndex::Read);
-                let topology = match a.topology_common_ancestor(b) {
-                    Ok(TopologyLevel::Internal) => "internal",
-                    Ok(TopologyLevel::Single) => "single-switch",
-                    Ok(TopologyLevel::Multiple) => "multiple-switches",
-                    Ok(TopologyLevel::HostBridge) => "host-bridge",
-                    Ok(TopologyLevel::Node) => "numa-node",
-                    Ok(TopologyLevel::System) => "system",
-                    Err(_) => "unknown",
+                let status = |index| matches!(a.p2p_status(b, index), Ok(P2pStatus::Ok));
+                let ancestor = self
+                    .nvml
+                    .device_by_index(to)
+                    .and_then(|other| a.topology_common_ancestor(other));
+                let pcie = match ancestor {
+                    Ok(TopologyLevel::Internal) => Some(PcieLink::SameBoard),
+                    Ok(TopologyLevel::Single) => Some(PcieLink::SingleSwitch),
+                    Ok(TopologyLevel::Multiple) => Some(PcieLink::MultiSwitch),
+                    Ok(TopologyLevel::HostBridge) => Some(PcieLink::HostBridge),
+                    Ok(TopologyLevel::Node) => Some(PcieLink::SameCpu),
+                    Ok(TopologyLevel::System) => Some(PcieLink::CrossCpu),
+                    Err(_) => None,
+                };
+                let direct = bus_ids[to as usize].as_ref().map_or(0, |bus| {
+                    remotes[from as usize]
+                        .iter()
+                        .filter(|end| *end == bus)
+                        .count()
+                });
+                let nvlinks = if direct > 0 {
+                    u32::try_from(direct).unwrap_or(u32::MAX)
+                } else {
+                    // Through NVSwitches: the fewer of the two cards' switch links.
+                    switch_links[from as usize].min(switch_links[to as usize])
                 };
                 links.push(GpuLink {
                     from,
                     to,
-                    nvlink,
-                    p2p_read,
-                    topology,
+                    nvlink: status(P2pCapabilitiesIndex::NvLink) || nvlinks > 0,
+                    p2p_read: status(P2pCapabilitiesIndex::Read),
+                    topology: pcie.map_or("unknown", PcieLink::name),
+                    pcie,
+                    nvlinks,
                 });
             }
         }

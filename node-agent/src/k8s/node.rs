@@ -1,5 +1,6 @@
 //! Publishes this node's GPU inventory on its `hami.io/node-nvidia-register`
-//! annotation. The desired value is recomputed when card health changes
+//! annotation, and the link scores between its cards on
+//! `hami.io/node-nvidia-score` (fixed for the agent's life). The desired value is recomputed when card health changes
 //! and on a timer; the node is written only when its annotation differs
 //! (changed inventory, or someone wiped or overwrote it), so a steady node
 //! costs one read per period and no writes. Whatever the annotation held
@@ -13,7 +14,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tessera_api::config::DeviceSharing;
 use tessera_api::inventory::encode_inventory;
-use tessera_api::names::NODE_REGISTER_ANNOTATION;
+use tessera_api::names::{NODE_PAIR_SCORE_ANNOTATION, NODE_REGISTER_ANNOTATION};
 use tokio::sync::watch;
 
 use crate::gpu::GpuInfo;
@@ -37,6 +38,8 @@ pub struct InventoryPublisher {
     node: String,
     cards: Arc<[GpuInfo]>,
     sharing: DeviceSharing,
+    /// The `hami.io/node-nvidia-score` value, when the cards are scored.
+    pair_scores: Option<String>,
 }
 
 impl InventoryPublisher {
@@ -52,7 +55,14 @@ impl InventoryPublisher {
             node: node.to_owned(),
             cards,
             sharing,
+            pair_scores: None,
         }
+    }
+
+    /// Also publishes `pair_scores` as the `hami.io/node-nvidia-score` value.
+    pub fn with_pair_scores(mut self, pair_scores: Option<String>) -> Self {
+        self.pair_scores = pair_scores;
+        self
     }
 
     /// The annotation value for the given health.
@@ -63,15 +73,25 @@ impl InventoryPublisher {
     /// Writes the annotation if the node does not carry `desired` already.
     pub async fn publish(&self, desired: &str) -> Result<Published, kube::Error> {
         let node = self.api.get(&self.node).await?;
-        let current = node
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(NODE_REGISTER_ANNOTATION));
-        if current.map(String::as_str) == Some(desired) {
+        let current = |key: &str| {
+            node.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(key))
+                .map(String::as_str)
+        };
+        let scores_current = self
+            .pair_scores
+            .as_deref()
+            .is_none_or(|scores| current(NODE_PAIR_SCORE_ANNOTATION) == Some(scores));
+        if current(NODE_REGISTER_ANNOTATION) == Some(desired) && scores_current {
             return Ok(Published::Unchanged);
         }
-        let patch = json!({"metadata": {"annotations": {NODE_REGISTER_ANNOTATION: desired}}});
+        let mut annotations = json!({NODE_REGISTER_ANNOTATION: desired});
+        if let Some(scores) = &self.pair_scores {
+            annotations[NODE_PAIR_SCORE_ANNOTATION] = json!(scores);
+        }
+        let patch = json!({"metadata": {"annotations": annotations}});
         self.api
             .patch(&self.node, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;

@@ -1,7 +1,9 @@
-//! One card's state on a node (its inventory entry plus what is charged to
-//! it) and the per-card fit check with the reason a card is refused.
+//! One card's state on a node (its inventory entry, its link scores toward
+//! the node's other cards, plus what is charged to it) and the per-card fit
+//! check with the reason a card is refused.
 
 use std::fmt;
+use std::sync::Arc;
 
 use tessera_api::inventory::GpuDevice;
 use tessera_api::request::{PodGpuPolicy, ResolvedGpuRequest};
@@ -38,6 +40,10 @@ pub struct CardState {
     pub usage: CardUsage,
     /// 1 / memory, 1 / cores, 1 / split count: fullness without divisions.
     inverse_capacity: [f64; 3],
+    /// Link score toward each card of the node, by position in the node's
+    /// card list (`hami.io/node-nvidia-score`); empty when the node
+    /// publishes none.
+    link_scores: Arc<[u32]>,
 }
 
 /// Why a card cannot take a container.
@@ -61,6 +67,10 @@ pub enum CardRejection {
     HeldExclusively,
     /// Not on the NUMA node the other cards of the container are on.
     NumaMismatch,
+    /// The `mutex` GPU policy wants a card no container holds yet.
+    InUseMutex,
+    /// The card's mode is not one `nvidia.com/vgpu-mode` names.
+    ModeNotAllowed,
 }
 
 impl fmt::Display for CardRejection {
@@ -75,6 +85,8 @@ impl fmt::Display for CardRejection {
             Self::NotExclusive => "exclusive card requested (gpucores 100) but card is in use",
             Self::HeldExclusively => "card held exclusively by another pod",
             Self::NumaMismatch => "cards not on one NUMA node (numa-bind)",
+            Self::InUseMutex => "card already in use (mutex policy wants an idle card)",
+            Self::ModeNotAllowed => "card mode not in nvidia.com/vgpu-mode",
         })
     }
 }
@@ -97,7 +109,23 @@ impl CardState {
             ],
             device,
             usage: CardUsage::default(),
+            link_scores: Arc::from(Vec::new()),
         }
+    }
+
+    /// Sets the card's link scores toward the node's cards, by position.
+    pub fn set_link_scores(&mut self, scores: Arc<[u32]>) {
+        self.link_scores = scores;
+    }
+
+    /// Whether the node published link scores for this card.
+    pub fn has_link_scores(&self) -> bool {
+        !self.link_scores.is_empty()
+    }
+
+    /// Link score toward the card at `position` of the node (0 when unknown).
+    pub fn link_score(&self, position: usize) -> u32 {
+        self.link_scores.get(position).copied().unwrap_or(0)
     }
 
     /// Whether the pod's UUID lists allow this card.
@@ -108,14 +136,15 @@ impl CardState {
 
     /// Checks whether a container's request fits given `usage` (the card's
     /// charges plus what this decision already put on it) and whether the
-    /// pod's type lists allow the card's type (`type_allowed`); on success,
-    /// the MiB it would take.
+    /// pod's type lists allow the card's type (`type_allowed`); with `mutex`
+    /// only an idle card fits. On success, the MiB it would take.
     pub fn fits(
         &self,
         usage: CardUsage,
         request: &ResolvedGpuRequest,
         policy: &PodGpuPolicy,
         type_allowed: bool,
+        mutex: bool,
     ) -> Result<u64, CardRejection> {
         if !self.device.health {
             return Err(CardRejection::Unhealthy);
@@ -123,11 +152,21 @@ impl CardState {
         if !type_allowed {
             return Err(CardRejection::TypeNotAllowed);
         }
+        if policy
+            .vgpu_mode
+            .as_ref()
+            .is_some_and(|mode| !mode.allows(&self.device.mode))
+        {
+            return Err(CardRejection::ModeNotAllowed);
+        }
         if !self.uuid_allowed(policy) {
             return Err(CardRejection::UuidNotAllowed);
         }
         if usage.slots >= self.device.count {
             return Err(CardRejection::NoSharingSlot);
+        }
+        if mutex && usage.slots > 0 {
+            return Err(CardRejection::InUseMutex);
         }
         let total_cores = self.total_cores();
         if usage.slots > 0 && usage.cores >= total_cores {

@@ -1,10 +1,14 @@
 //! Choosing cards on one node for every container of a pod: app containers
 //! are placed one after another (each sees what the earlier ones took),
 //! init containers each against the node as it is (they run before the app
-//! containers, one at a time). Cards are ordered by the GPU policy; NUMA
-//! binding keeps a container's cards on one NUMA node.
+//! containers, one at a time). Cards are ordered by the GPU policy's sort
+//! keys (`binpack`, `spread`, `numa`, chained as written; card index last);
+//! `mutex` keeps only idle cards; NUMA binding keeps a container's cards on
+//! one NUMA node; `topology-aware` picks, among the cards that fit, the set
+//! with the best pairwise link scores (one card: the one least linked to the
+//! rest), the order breaking ties.
 
-use tessera_api::policy::GpuPolicy;
+use tessera_api::policy::{CardSortKey, GpuPolicy};
 use tessera_api::request::{PodGpuPolicy, ResolvedGpuRequest};
 
 use super::cards::{CardRejection, CardState, CardUsage};
@@ -165,6 +169,7 @@ fn fit_container(
                 .get(card.type_id)
                 .copied()
                 .unwrap_or(true),
+            pod.gpu_policy.mutex,
         ) {
             Ok(memory) => scratch.candidates.push(Candidate {
                 card: index,
@@ -177,12 +182,14 @@ fn fit_container(
     if scratch.candidates.len() < wanted {
         return Err(misfit(need, request, &pod.policy, cards.len(), scratch));
     }
-    let numa_matters =
-        pod.policy.numa_bind || (pod.gpu_policy == GpuPolicy::TopologyAware && wanted > 1);
-    if wanted == 1 && !numa_matters {
+    let numa_bind = pod.policy.numa_bind;
+    let by_topology = pod.gpu_policy.topology_aware
+        && scratch.candidates.len() > wanted
+        && cards.iter().any(CardState::has_link_scores);
+    if wanted == 1 && !numa_bind && !by_topology {
         // The common case: one card; no need to order the rest.
         let best = scratch.candidates.iter().copied().reduce(|a, b| {
-            if prefer(cards, pod.gpu_policy, &b, &a) {
+            if prefer(cards, &pod.gpu_policy, &b, &a) {
                 b
             } else {
                 a
@@ -191,15 +198,15 @@ fn fit_container(
         scratch.candidates.clear();
         scratch.candidates.extend(best);
     } else {
-        order_candidates(cards, pod.gpu_policy, &mut scratch.candidates);
+        order_candidates(cards, &pod.gpu_policy, &mut scratch.candidates);
     }
-    if numa_matters
-        && !keep_one_numa_node(cards, wanted, &mut scratch.candidates)
-        && pod.policy.numa_bind
-    {
+    if numa_bind && !keep_one_numa_node(cards, wanted, &mut scratch.candidates) {
         scratch.rejections.clear();
         scratch.rejections.push(CardRejection::NumaMismatch);
         return Err(misfit(need, request, &pod.policy, cards.len(), scratch));
+    }
+    if by_topology && scratch.candidates.len() > wanted {
+        choose_by_link_scores(cards, wanted, &mut scratch.candidates);
     }
     let mut picks = with_picks.then(|| Vec::with_capacity(wanted));
     for candidate in scratch.candidates.iter().take(wanted) {
@@ -225,28 +232,129 @@ fn fit_container(
     Ok(picks)
 }
 
-/// Whether `a` comes before `b`: binpack fullest first, spread emptiest
-/// first, ties by card index so decisions are deterministic.
-fn prefer(cards: &[CardState], policy: GpuPolicy, a: &Candidate, b: &Candidate) -> bool {
+/// Whether `a` comes before `b` in the policy's order.
+fn prefer(cards: &[CardState], policy: &GpuPolicy, a: &Candidate, b: &Candidate) -> bool {
     order(cards, policy, a, b) == std::cmp::Ordering::Less
 }
 
+/// The policy's order: each sort key in turn (binpack fullest first, spread
+/// emptiest first, numa lowest NUMA node first), then card index so
+/// decisions are deterministic.
 fn order(
     cards: &[CardState],
-    policy: GpuPolicy,
+    policy: &GpuPolicy,
     a: &Candidate,
     b: &Candidate,
 ) -> std::cmp::Ordering {
-    let by_fullness = match policy {
-        GpuPolicy::Binpack | GpuPolicy::TopologyAware => b.fullness.total_cmp(&a.fullness),
-        GpuPolicy::Spread => a.fullness.total_cmp(&b.fullness),
-    };
-    by_fullness.then(cards[a.card].device.index.cmp(&cards[b.card].device.index))
+    let (card_a, card_b) = (&cards[a.card].device, &cards[b.card].device);
+    policy
+        .sort_keys()
+        .map(|key| match key {
+            CardSortKey::Binpack => b.fullness.total_cmp(&a.fullness),
+            CardSortKey::Spread => a.fullness.total_cmp(&b.fullness),
+            CardSortKey::Numa => card_a.numa.cmp(&card_b.numa),
+        })
+        .find(|ordering| ordering.is_ne())
+        .unwrap_or(std::cmp::Ordering::Equal)
+        .then(card_a.index.cmp(&card_b.index))
 }
 
 /// Orders candidate cards by the GPU policy.
-fn order_candidates(cards: &[CardState], policy: GpuPolicy, candidates: &mut [Candidate]) {
+fn order_candidates(cards: &[CardState], policy: &GpuPolicy, candidates: &mut [Candidate]) {
     candidates.sort_by(|a, b| order(cards, policy, a, b));
+}
+
+/// The most card sets the exhaustive search of [`choose_by_link_scores`]
+/// scores per container and node (every 8-card node is far below it: at
+/// most 70 sets); past it (e.g. 8 of 16 cards, 12870 sets) a greedy choice
+/// keeps the filter pass cheap across many nodes.
+const MAX_CARD_SETS: u64 = 5_000;
+
+/// Moves the cards `topology-aware` picks to the front of `candidates`
+/// (which are in policy order, so the first best wins ties), as HAMi does:
+/// for one card, the card whose link scores toward the other candidates sum
+/// lowest (it keeps well-linked cards together for later multi-card pods);
+/// for several, the set whose pairwise link scores sum highest.
+fn choose_by_link_scores(cards: &[CardState], wanted: usize, candidates: &mut Vec<Candidate>) {
+    let positions: Vec<usize> = candidates.iter().map(|c| c.card).collect();
+    let pair = |a: usize, b: usize| u64::from(cards[positions[a]].link_score(positions[b]));
+    let chosen: Vec<usize> = if wanted == 1 {
+        let total = |a: usize| {
+            (0..positions.len())
+                .filter(|&b| b != a)
+                .map(|b| pair(a, b))
+                .sum::<u64>()
+        };
+        let worst = (0..positions.len())
+            .min_by_key(|&a| (total(a), a))
+            .unwrap_or(0);
+        vec![worst]
+    } else if card_sets(positions.len(), wanted) <= MAX_CARD_SETS {
+        best_card_set(positions.len(), wanted, &pair)
+    } else {
+        greedy_card_set(positions.len(), wanted, &pair)
+    };
+    let mut reordered: Vec<Candidate> = chosen.iter().map(|&i| candidates[i]).collect();
+    reordered.extend(
+        candidates
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !chosen.contains(i))
+            .map(|(_, c)| *c),
+    );
+    *candidates = reordered;
+}
+
+/// `n` choose `k`, saturating.
+fn card_sets(n: usize, k: usize) -> u64 {
+    let k = k.min(n - k.min(n));
+    (0..k).fold(1u64, |acc, i| {
+        acc.saturating_mul((n - i) as u64) / (i as u64 + 1)
+    })
+}
+
+/// The `k`-subset of `0..n` with the highest sum of pairwise scores; the
+/// first in lexicographic order among equals.
+fn best_card_set(n: usize, k: usize, pair: &dyn Fn(usize, usize) -> u64) -> Vec<usize> {
+    let mut current: Vec<usize> = (0..k).collect();
+    let mut best = current.clone();
+    let mut best_score = None;
+    loop {
+        let score: u64 = (0..k)
+            .flat_map(|i| (i + 1..k).map(move |j| (i, j)))
+            .map(|(i, j)| pair(current[i], current[j]))
+            .sum();
+        if best_score.is_none_or(|b| score > b) {
+            best_score = Some(score);
+            best.clone_from(&current);
+        }
+        // Next combination in lexicographic order.
+        let Some(i) = (0..k).rev().find(|&i| current[i] < n - k + i) else {
+            return best;
+        };
+        current[i] += 1;
+        for j in i + 1..k {
+            current[j] = current[j - 1] + 1;
+        }
+    }
+}
+
+/// A good `k`-subset without trying them all: the best-linked pair, then
+/// each time the card best linked to those chosen.
+fn greedy_card_set(n: usize, k: usize, pair: &dyn Fn(usize, usize) -> u64) -> Vec<usize> {
+    let mut chosen = best_card_set(n, 2, pair);
+    while chosen.len() < k {
+        let next = (0..n)
+            .filter(|c| !chosen.contains(c))
+            .max_by_key(|&c| {
+                let linked: u64 = chosen.iter().map(|&d| pair(d, c)).sum();
+                (linked, std::cmp::Reverse(c))
+            })
+            .unwrap_or(0);
+        chosen.push(next);
+    }
+    chosen.sort_unstable();
+    chosen
 }
 
 /// Keeps, in order, the candidates of the first NUMA node (in candidate
@@ -318,4 +426,72 @@ fn misfit(
         ),
     };
     GpuMisfit { reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn score_of(matrix: &[Vec<u64>], set: &[usize]) -> u64 {
+        set.iter()
+            .enumerate()
+            .flat_map(|(i, &a)| set[i + 1..].iter().map(move |&b| matrix[a][b]))
+            .sum()
+    }
+
+    /// Every `k`-subset of `0..n`, by bitmask.
+    fn all_sets(n: usize, k: usize) -> Vec<Vec<usize>> {
+        (0u32..1 << n)
+            .filter(|mask| mask.count_ones() as usize == k)
+            .map(|mask| (0..n).filter(|i| mask & (1 << i) != 0).collect())
+            .collect()
+    }
+
+    #[test]
+    fn card_sets_counts_combinations() {
+        assert_eq!(card_sets(8, 2), 28);
+        assert_eq!(card_sets(8, 4), 70);
+        assert_eq!(card_sets(16, 8), 12870);
+        assert_eq!(card_sets(5, 5), 1);
+        assert!(card_sets(64, 32) > MAX_CARD_SETS);
+        assert!(card_sets(8, 4) <= MAX_CARD_SETS);
+    }
+
+    proptest! {
+        #[test]
+        fn best_card_set_is_the_best_and_first_among_equals(
+            n in 2usize..9,
+            k_seed in 0usize..8,
+            values in proptest::collection::vec(0u64..4, 81),
+        ) {
+            let k = 2 + k_seed % (n - 1);
+            let matrix: Vec<Vec<u64>> = (0..n)
+                .map(|a| (0..n).map(|b| values[a.min(b) * 9 + a.max(b)] * 100).collect())
+                .collect();
+            let pair = |a: usize, b: usize| matrix[a][b];
+            let chosen = best_card_set(n, k, &pair);
+            prop_assert_eq!(chosen.len(), k);
+            let best = all_sets(n, k).iter().map(|s| score_of(&matrix, s)).max().expect("sets");
+            prop_assert_eq!(score_of(&matrix, &chosen), best);
+            // Lexicographically first among the best (policy order wins ties).
+            let first = all_sets(n, k)
+                .into_iter()
+                .filter(|s| score_of(&matrix, s) == best)
+                .min()
+                .expect("one");
+            prop_assert_eq!(chosen, first);
+        }
+
+        #[test]
+        fn greedy_card_set_gives_distinct_cards(n in 3usize..12, k_seed in 0usize..10) {
+            let k = 2 + k_seed % (n - 2);
+            let pair = |a: usize, b: usize| ((a * 7 + b * 3) % 5) as u64;
+            let chosen = greedy_card_set(n, k, &pair);
+            let mut unique = chosen.clone();
+            unique.dedup();
+            prop_assert_eq!(unique.len(), k);
+            prop_assert!(chosen.iter().all(|&c| c < n));
+        }
+    }
 }

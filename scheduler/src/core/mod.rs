@@ -22,6 +22,8 @@ pub use state::{ClusterState, NodeState, PodCharge};
 #[cfg(test)]
 mod pod_topology_tests;
 #[cfg(test)]
+mod policy_tests;
+#[cfg(test)]
 mod preemption_tests;
 #[cfg(test)]
 mod tests;

@@ -12,7 +12,8 @@ use tessera_api::allocation::ContainerDevice;
 use tessera_api::allocation_seal::{AllocationTrust, SealError};
 use tessera_api::config::Config;
 use tessera_api::inventory::decode_inventory;
-use tessera_api::names::NODE_REGISTER_ANNOTATION;
+use tessera_api::names::{NODE_PAIR_SCORE_ANNOTATION, NODE_REGISTER_ANNOTATION};
+use tessera_api::pair_scores::decode_pair_scores;
 use tessera_api::pod_allocation::PodAllocation;
 
 use super::cards::CardState;
@@ -22,6 +23,29 @@ use super::preemption::Priorities;
 use super::requirements::pod_key;
 use super::resources::ResourceAmounts;
 use super::volumes::Storage;
+
+/// Gives each card its link scores toward the node's cards from the
+/// `hami.io/node-nvidia-score` value; on a value that does not decode the
+/// cards keep none and the error says why.
+fn attach_link_scores(cards: &mut [CardState], value: &str) -> Result<(), String> {
+    let decoded = decode_pair_scores(value).map_err(|e| {
+        format!(
+            "{NODE_PAIR_SCORE_ANNOTATION} ignored, the node is scheduled without link scores: {e}"
+        )
+    })?;
+    let uuids: Vec<String> = cards.iter().map(|c| c.device.id.clone()).collect();
+    for card in cards.iter_mut() {
+        let Some(entry) = decoded.iter().find(|e| e.uuid == card.device.id) else {
+            continue;
+        };
+        let row: Vec<u32> = uuids
+            .iter()
+            .map(|other| entry.scores.get(other).copied().unwrap_or(0))
+            .collect();
+        card.set_link_scores(row.into());
+    }
+    Ok(())
+}
 
 /// One node as the core sees it.
 #[derive(Debug, Clone)]
@@ -36,6 +60,9 @@ pub struct NodeState {
     pub cards: Vec<CardState>,
     /// Set when the inventory annotation did not decode.
     pub inventory_error: Option<String>,
+    /// Set when the link score annotation (`hami.io/node-nvidia-score`) did
+    /// not decode: the node is still scheduled, without link scores.
+    pub pair_scores_error: Option<String>,
     /// Sum of the cards' fullness (kept current with the charges), the base
     /// the node score is computed from.
     pub fullness_sum: f64,
@@ -280,6 +307,13 @@ impl ClusterState {
             ),
             Some(Err(err)) => (Vec::new(), Some(err.to_string())),
         };
+        let mut cards = cards;
+        let pair_scores_error = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(NODE_PAIR_SCORE_ANNOTATION))
+            .and_then(|value| attach_link_scores(&mut cards, value).err());
         let pods = match self.nodes.remove(&name) {
             Some(previous) => previous.pods,
             None => self
@@ -295,6 +329,7 @@ impl ClusterState {
             requested: ResourceAmounts::default(),
             cards,
             inventory_error: inventory_error.clone(),
+            pair_scores_error,
             fullness_sum: 0.0,
             pods,
             residents: BTreeMap::new(),
@@ -314,6 +349,11 @@ impl ClusterState {
         state.residents = residents;
         self.nodes.insert(name, state);
         inventory_error
+    }
+
+    /// Why the node's link score annotation is ignored, if it is.
+    pub fn pair_scores_error(&self, node: &str) -> Option<&str> {
+        self.nodes.get(node)?.pair_scores_error.as_deref()
     }
 
     fn card_type_id(&mut self, device_type: &str) -> usize {

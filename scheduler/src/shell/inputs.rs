@@ -80,9 +80,26 @@ impl Scheduler {
     }
 
     fn node_changed(&self, node: &Node) {
-        let error = lock(&self.shared.state).upsert_node(node);
         let name = node.metadata.name.clone().unwrap_or_default();
+        let (error, pair_scores_error) = {
+            let mut state = lock(&self.shared.state);
+            let error = state.upsert_node(node);
+            (error, state.pair_scores_error(&name).map(str::to_owned))
+        };
         let mut errors = lock(&self.shared.node_errors);
+        // The link scores' error is remembered under its own key so it is
+        // logged once per distinct value, like the inventory's.
+        let pair_key = format!("{name} {}", tessera_api::names::NODE_PAIR_SCORE_ANNOTATION);
+        match pair_scores_error {
+            Some(error) if errors.get(&pair_key) != Some(&error) => {
+                tracing::warn!(node = %name, %error, "GPU link score annotation is corrupt; topology-aware pods are placed on the node without link scores");
+                errors.insert(pair_key, error);
+            }
+            Some(_) => {}
+            None => {
+                errors.remove(&pair_key);
+            }
+        }
         match error {
             Some(error) if errors.get(&name) != Some(&error) => {
                 tracing::warn!(node = %name, %error, "GPU inventory annotation is corrupt; node skipped for GPU pods");
