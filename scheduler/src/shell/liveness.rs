@@ -1,0 +1,77 @@
+//! Follows every node's `hami.io/node-handshake` (see
+//! [`crate::core::node_liveness`]): each node change records whether the
+//! handshake was renewed, and once a second the nodes whose handshake has
+//! gone unrenewed past `liveness.handshakeTimeoutSeconds` are handed to the
+//! [`crate::core::ClusterState`], which stops placing GPU pods there. A node
+//! that comes back is used again at once, and the pods waiting for it are
+//! retried.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Node;
+
+use super::{lock, Scheduler};
+use crate::core::node_liveness::handshake_of;
+
+/// How often staleness is re-judged.
+pub const LIVENESS_PERIOD: Duration = Duration::from_secs(1);
+
+impl Scheduler {
+    /// Records the node's handshake as seen now; called before the node is
+    /// upserted so its state carries the current verdict.
+    pub(super) fn observe_handshake(&self, node: &Node) {
+        let name = node.metadata.name.as_deref().unwrap_or_default();
+        let now = Instant::now();
+        let stale = {
+            let mut tracker = lock(&self.shared.handshakes);
+            tracker.observe(name, handshake_of(node), now);
+            tracker.stale_nodes(now)
+        };
+        self.apply_stale_agents(stale);
+    }
+
+    /// Forgets a deleted node's handshake.
+    pub(super) fn forget_handshake(&self, name: &str) {
+        lock(&self.shared.handshakes).forget(name);
+        let stale = lock(&self.shared.handshakes).stale_nodes(Instant::now());
+        self.apply_stale_agents(stale);
+    }
+
+    /// Re-judges every node's handshake every [`LIVENESS_PERIOD`], forever.
+    pub(super) async fn watch_handshakes(self) {
+        let mut ticker = tokio::time::interval(LIVENESS_PERIOD);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let stale = lock(&self.shared.handshakes).stale_nodes(Instant::now());
+            self.apply_stale_agents(stale);
+        }
+    }
+
+    fn apply_stale_agents(&self, stale: std::collections::BTreeSet<String>) {
+        let timeout = lock(&self.shared.handshakes).timeout();
+        let changed = {
+            let mut state = lock(&self.shared.state);
+            let changed = state.set_stale_agents(stale);
+            changed
+                .into_iter()
+                .map(|node| {
+                    let now_stale = state.stale_agents().contains(&node);
+                    (node, now_stale)
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut revived = false;
+        for (node, now_stale) in changed {
+            if now_stale {
+                tracing::warn!(%node, timeout_secs = timeout.as_secs(), "the node's GPU agent has not renewed hami.io/node-handshake; no GPU pods are placed there until it does (pods already there are not touched). Check the tessera-node-agent pod on that node");
+            } else {
+                tracing::info!(%node, "the node's GPU agent renewed its handshake again; GPU pods may be placed there");
+                revived = true;
+            }
+        }
+        if revived {
+            self.shared.queue.cluster_changed();
+        }
+    }
+}
