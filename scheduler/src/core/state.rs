@@ -371,6 +371,23 @@ impl ClusterState {
         changed
     }
 
+    /// Marks one node's agent stale or live (see [`ClusterState::set_stale_agents`]);
+    /// returns whether that changed its verdict.
+    pub fn set_agent_stale(&mut self, name: &str, stale: bool) -> bool {
+        let changed = if stale {
+            self.stale_agents.insert(name.to_owned())
+        } else {
+            self.stale_agents.remove(name)
+        };
+        if changed {
+            let liveness = self.node_liveness(name);
+            if let Some(node) = self.nodes.get_mut(name) {
+                node.liveness = liveness;
+            }
+        }
+        changed
+    }
+
     /// Nodes whose agent is stale now.
     pub fn stale_agents(&self) -> &BTreeSet<String> {
         &self.stale_agents

@@ -25,16 +25,18 @@ impl Scheduler {
         let stale = {
             let mut tracker = lock(&self.shared.handshakes);
             tracker.observe(name, handshake_of(node), now);
-            tracker.stale_nodes(now)
+            tracker.stale_for(name, now).is_some()
         };
-        self.apply_stale_agents(stale);
+        let changed = lock(&self.shared.state).set_agent_stale(name, stale);
+        if changed {
+            self.report_verdict(name, stale);
+        }
     }
 
     /// Forgets a deleted node's handshake.
     pub(super) fn forget_handshake(&self, name: &str) {
         lock(&self.shared.handshakes).forget(name);
-        let stale = lock(&self.shared.handshakes).stale_nodes(Instant::now());
-        self.apply_stale_agents(stale);
+        lock(&self.shared.state).set_agent_stale(name, false);
     }
 
     /// Re-judges every node's handshake every [`LIVENESS_PERIOD`], forever.
@@ -49,28 +51,30 @@ impl Scheduler {
     }
 
     fn apply_stale_agents(&self, stale: std::collections::BTreeSet<String>) {
-        let timeout = lock(&self.shared.handshakes).timeout();
-        let changed = {
+        let changed: Vec<(String, bool)> = {
             let mut state = lock(&self.shared.state);
-            let changed = state.set_stale_agents(stale);
-            changed
+            state
+                .set_stale_agents(stale)
                 .into_iter()
                 .map(|node| {
                     let now_stale = state.stale_agents().contains(&node);
                     (node, now_stale)
                 })
-                .collect::<Vec<_>>()
+                .collect()
         };
-        let mut revived = false;
         for (node, now_stale) in changed {
-            if now_stale {
-                tracing::warn!(%node, timeout_secs = timeout.as_secs(), "the node's GPU agent has not renewed hami.io/node-handshake; no GPU pods are placed there until it does (pods already there are not touched). Check the tessera-node-agent pod on that node");
-            } else {
-                tracing::info!(%node, "the node's GPU agent renewed its handshake again; GPU pods may be placed there");
-                revived = true;
-            }
+            self.report_verdict(&node, now_stale);
         }
-        if revived {
+    }
+
+    /// Logs a node's new verdict; a node back to life retries the pods
+    /// waiting for room.
+    fn report_verdict(&self, node: &str, stale: bool) {
+        if stale {
+            let timeout = lock(&self.shared.handshakes).timeout();
+            tracing::warn!(%node, timeout_secs = timeout.as_secs(), "the node's GPU agent has not renewed hami.io/node-handshake; no GPU pods are placed there until it does (pods already there are not touched). Check the tessera-node-agent pod on that node");
+        } else {
+            tracing::info!(%node, "the node's GPU agent renewed its handshake again; GPU pods may be placed there");
             self.shared.queue.cluster_changed();
         }
     }
