@@ -160,7 +160,7 @@ pub struct DeviceSharing {
 /// Sharing settings for one node; unset fields inherit the cluster's.
 /// HAMi's device-plugin `nodeconfig` spellings (`devicesplitcount`,
 /// `devicememoryscaling`, `devicecorescaling`, `filterdevices`,
-/// `operatingmode`) are accepted too, so its entries carry over as written.
+/// `operatingmode`, `migstrategy`) are accepted too, so its entries carry over as written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeSharingOverride {
@@ -191,6 +191,14 @@ pub struct NodeSharingOverride {
         skip_serializing_if = "Option::is_none"
     )]
     pub operating_mode: Option<String>,
+    /// HAMi's per-node MIG strategy; Tessera creates no MIG instances, so
+    /// `none` is the one value accepted.
+    #[serde(
+        default,
+        alias = "migstrategy",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mig_strategy: Option<String>,
 }
 
 /// Cards left out of sharing on a node, by NVML index or by UUID (HAMi's
@@ -344,6 +352,14 @@ impl Config {
                 return Err(invalid(
                     &format!("nodes[{i}].operatingMode"),
                     &format!("`{mode}` is not supported: Tessera shares cards through its interceptor only, so write `{SUPPORTED_OPERATING_MODE}` or leave it out (MIG and MPS are not available)"),
+                ));
+            }
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            if let Some(strategy) = node.mig_strategy.as_deref().filter(|m| *m != "none") {
+                return Err(invalid(
+                    &format!("nodes[{i}].migStrategy"),
+                    &format!("`{strategy}` is not supported: Tessera creates no MIG instances, so write `none` or leave it out"),
                 ));
             }
         }
@@ -597,6 +613,7 @@ nodes:
     devicesplitcount: 4
     devicememoryscaling: 1.5
     operatingmode: hami-core
+    migstrategy: none
     filterdevices:
       uuid: [GPU-aaaa]
       index: [3]
@@ -625,6 +642,12 @@ nodes:
         assert!(
             mode.to_string().contains("nodes[0].operatingMode") && mode.to_string().contains("mig"),
             "{mode}"
+        );
+        let mig = Config::from_yaml("nodes:\n  - name: a\n    migstrategy: single\n")
+            .expect_err("mig strategy");
+        assert!(
+            mig.to_string().contains("nodes[0].migStrategy") && mig.to_string().contains("single"),
+            "{mig}"
         );
         let uuid = Config::from_yaml("nodes:\n  - name: a\n    filterDevices: {uuid: [\"\"]}\n")
             .expect_err("empty uuid");
