@@ -130,6 +130,10 @@ async fn a_node_whose_handshake_stops_is_avoided_after_the_timeout_and_used_agai
         scheduler.state_snapshot().stale_agents().contains("gpu-1")
     })
     .await;
+    wait_until("the stale node counted", || {
+        scheduler.metrics().stale_gpu_agents.get() == 1
+    })
+    .await;
     server.insert(&gpu_pod("after"));
     wait_until("FailedScheduling naming the dead agent", || {
         failed_scheduling_notes(&server, "after").iter().any(|note| {
@@ -148,6 +152,10 @@ async fn a_node_whose_handshake_stops_is_avoided_after_the_timeout_and_used_agai
     renewing.store(true, Ordering::Relaxed);
     wait_until("the waiting pod placed once the handshake resumes", || {
         node_of(&server, "after").as_deref() == Some("gpu-1")
+    })
+    .await;
+    wait_until("no stale node counted", || {
+        scheduler.metrics().stale_gpu_agents.get() == 0
     })
     .await;
     handle.abort();

@@ -2,8 +2,9 @@
 //! [`crate::core::node_liveness`]): each node change records whether the
 //! handshake was renewed, and once a second the nodes whose handshake has
 //! gone unrenewed past `liveness.handshakeTimeoutSeconds` are handed to the
-//! [`crate::core::ClusterState`], which stops placing GPU pods there. A node
-//! that comes back is used again at once, and the pods waiting for it are
+//! [`crate::core::ClusterState`], which stops placing GPU pods there
+//! (counted in `tessera_scheduler_stale_gpu_node_agents`). A node that
+//! comes back is used again at once, and the pods waiting for it are
 //! retried.
 
 use std::time::{Duration, Instant};
@@ -70,6 +71,11 @@ impl Scheduler {
     /// Logs a node's new verdict; a node back to life retries the pods
     /// waiting for room.
     fn report_verdict(&self, node: &str, stale: bool) {
+        let stale_nodes = lock(&self.shared.state).stale_agents().len();
+        self.shared
+            .metrics
+            .stale_gpu_agents
+            .set(i64::try_from(stale_nodes).unwrap_or(i64::MAX));
         if stale {
             let timeout = lock(&self.shared.handshakes).timeout();
             tracing::warn!(%node, timeout_secs = timeout.as_secs(), "the node's GPU agent has not renewed hami.io/node-handshake; no GPU pods are placed there until it does (pods already there are not touched). Check the tessera-node-agent pod on that node");
