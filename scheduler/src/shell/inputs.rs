@@ -82,6 +82,9 @@ impl Scheduler {
 
     fn node_changed(&self, node: &Node) {
         self.observe_handshake(node);
+        if self.only_handshake_renewed(node) {
+            return;
+        }
         let error = lock(&self.shared.state).upsert_node(node);
         let name = node.metadata.name.clone().unwrap_or_default();
         let mut errors = lock(&self.shared.node_errors);

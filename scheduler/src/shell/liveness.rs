@@ -37,7 +37,18 @@ impl Scheduler {
     /// Forgets a deleted node's handshake.
     pub(super) fn forget_handshake(&self, name: &str) {
         lock(&self.shared.handshakes).forget(name);
+        lock(&self.shared.node_signatures).remove(name);
         lock(&self.shared.state).set_agent_stale(name, false);
+    }
+
+    /// Whether this node update changed nothing but the handshake (and the
+    /// resourceVersion): then the node's state and the waiting pods need
+    /// no second look, which keeps the renewal of every node every period
+    /// from re-deciding every parked pod. Records the node's new signature.
+    pub(super) fn only_handshake_renewed(&self, node: &Node) -> bool {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let signature = signature_without_handshake(node);
+        lock(&self.shared.node_signatures).insert(name, signature) == Some(signature)
     }
 
     /// Re-judges every node's handshake every [`LIVENESS_PERIOD`], forever.
@@ -83,5 +94,48 @@ impl Scheduler {
             tracing::info!(%node, "the node's GPU agent renewed its handshake again; GPU pods may be placed there");
             self.shared.queue.cluster_changed();
         }
+    }
+}
+
+/// A hash of everything about the node but its handshake annotation and
+/// its resourceVersion / managed fields.
+fn signature_without_handshake(node: &Node) -> u64 {
+    let mut node = node.clone();
+    node.metadata.resource_version = None;
+    node.metadata.managed_fields = None;
+    if let Some(annotations) = node.metadata.annotations.as_mut() {
+        annotations.remove(tessera_api::names::NODE_HANDSHAKE_ANNOTATION);
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(
+        &serde_json::to_string(&node).unwrap_or_default(),
+        &mut hasher,
+    );
+    std::hash::Hasher::finish(&hasher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(handshake: &str, version: &str, ready: &str) -> Node {
+        serde_json::from_value(json!({"metadata": {"name": "n", "resourceVersion": version,
+            "annotations": {"hami.io/node-handshake": handshake, "hami.io/node-nvidia-register": "[]"}},
+            "status": {"conditions": [{"type": "Ready", "status": ready}]}}))
+        .expect("node")
+    }
+
+    #[test]
+    fn the_signature_ignores_the_handshake_and_nothing_else() {
+        let base = signature_without_handshake(&node("Reported 1", "1", "True"));
+        assert_eq!(
+            base,
+            signature_without_handshake(&node("Reported 2", "2", "True"))
+        );
+        assert_ne!(
+            base,
+            signature_without_handshake(&node("Reported 2", "2", "False"))
+        );
     }
 }

@@ -124,6 +124,8 @@ struct Shared {
     preempting: Mutex<HashSet<String>>,
     /// When each node's agent handshake was last seen renewed.
     handshakes: Mutex<HandshakeTracker>,
+    /// Each node's content apart from its handshake (see `liveness`).
+    node_signatures: Mutex<HashMap<String, u64>>,
     synced: watch::Sender<bool>,
 }
 
@@ -190,6 +192,7 @@ impl Scheduler {
                 lists_synced: Mutex::default(),
                 preempting: Mutex::default(),
                 handshakes: Mutex::new(HandshakeTracker::new(handshake_timeout)),
+                node_signatures: Mutex::default(),
                 synced: watch::channel(false).0,
             }),
         }
