@@ -45,6 +45,38 @@ pub struct Config {
     /// base images do) gets no card from a runtime that reads it. Off by
     /// default, as in HAMi.
     pub overwrite_env: bool,
+    /// `spec.runtimeClassName` the webhook sets on GPU pods that name none
+    /// (HAMi's `runtimeClassName` chart value), e.g. `nvidia`: an
+    /// alternative to making `nvidia` containerd's default runtime. Unset
+    /// by default: pods keep the node's default runtime.
+    pub runtime_class_name: Option<String>,
+    /// How the node agent shows it is alive and how long the scheduler
+    /// waits for it.
+    pub liveness: Liveness,
+}
+
+/// The node agent's handshake (`hami.io/node-handshake`): the agent renews
+/// it every `handshakePeriodSeconds`; the scheduler stops placing GPU pods
+/// on a node whose handshake it has not seen change for
+/// `handshakeTimeoutSeconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Liveness {
+    /// Seconds between two renewals by the node agent (HAMi's device
+    /// plugin reported every 30 s).
+    pub handshake_period_seconds: u64,
+    /// Seconds without an observed renewal after which the scheduler
+    /// treats the node's agent as gone.
+    pub handshake_timeout_seconds: u64,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            handshake_period_seconds: 30,
+            handshake_timeout_seconds: 90,
+        }
+    }
 }
 
 /// The `/metrics` exposition of the scheduler and the node agent.
@@ -143,18 +175,74 @@ pub struct DeviceSharing {
 }
 
 /// Sharing settings for one node; unset fields inherit the cluster's.
+/// HAMi's device-plugin `nodeconfig` spellings (`devicesplitcount`,
+/// `devicememoryscaling`, `devicecorescaling`, `filterdevices`,
+/// `operatingmode`, `migstrategy`) are accepted too, so its entries carry over as written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeSharingOverride {
     /// Node name.
     pub name: String,
     /// Overrides [`DeviceSharing::split_count`].
+    #[serde(alias = "devicesplitcount")]
     pub split_count: Option<u32>,
     /// Overrides [`DeviceSharing::memory_scaling`].
+    #[serde(alias = "devicememoryscaling")]
     pub memory_scaling: Option<f64>,
     /// Overrides [`DeviceSharing::core_scaling`].
+    #[serde(alias = "devicecorescaling")]
     pub core_scaling: Option<f64>,
+    /// Cards of this node that are not shared: the node agent neither
+    /// publishes them in the inventory nor registers them with kubelet.
+    #[serde(
+        default,
+        alias = "filterdevices",
+        skip_serializing_if = "CardFilter::is_empty"
+    )]
+    pub filter_devices: CardFilter,
+    /// HAMi's per-node operating mode; Tessera shares cards through its
+    /// interceptor only, so `hami-core` is the one value accepted.
+    #[serde(
+        default,
+        alias = "operatingmode",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub operating_mode: Option<String>,
+    /// HAMi's per-node MIG strategy; Tessera creates no MIG instances, so
+    /// `none` is the one value accepted.
+    #[serde(
+        default,
+        alias = "migstrategy",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mig_strategy: Option<String>,
 }
+
+/// Cards left out of sharing on a node, by NVML index or by UUID (HAMi's
+/// `filterdevices: {uuid: [...], index: [...]}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CardFilter {
+    /// Card UUIDs (`GPU-...`) to leave out.
+    pub uuid: Vec<String>,
+    /// NVML card indexes (as `nvidia-smi` numbers them) to leave out.
+    pub index: Vec<u32>,
+}
+
+impl CardFilter {
+    /// Whether nothing is left out.
+    pub fn is_empty(&self) -> bool {
+        self.uuid.is_empty() && self.index.is_empty()
+    }
+
+    /// Whether the card with `uuid` and `index` is left out.
+    pub fn excludes(&self, uuid: &str, index: u32) -> bool {
+        self.index.contains(&index) || self.uuid.iter().any(|u| u == uuid)
+    }
+}
+
+/// The only operating mode Tessera supports (HAMi's `hami-core`).
+pub const SUPPORTED_OPERATING_MODE: &str = "hami-core";
 
 /// Cluster-wide default policies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -180,6 +268,8 @@ impl Default for Config {
             enforcement: Enforcement::default(),
             metrics: MetricsConfig::default(),
             overwrite_env: false,
+            runtime_class_name: None,
+            liveness: Liveness::default(),
         }
     }
 }
@@ -229,6 +319,16 @@ impl Config {
         sharing
     }
 
+    /// The cards of `node` that are left out of sharing (empty when the
+    /// node has no override or its override filters nothing).
+    pub fn card_filter_for_node(&self, node: &str) -> CardFilter {
+        self.nodes
+            .iter()
+            .find(|o| o.name == node)
+            .map(|o| o.filter_devices.clone())
+            .unwrap_or_default()
+    }
+
     /// Checks ranges; every error names the field and the valid range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field: &str, reason: &str| ConfigError::Invalid {
@@ -253,6 +353,55 @@ impl Config {
                 return Err(invalid(&format!("nodes[{i}].name"), "must name a node"));
             }
             validate_sharing(&format!("nodes[{i}]"), &self.sharing_for_node(&node.name))?;
+            if let Some(j) = node
+                .filter_devices
+                .uuid
+                .iter()
+                .position(|u| u.trim().is_empty())
+            {
+                return Err(invalid(
+                    &format!("nodes[{i}].filterDevices.uuid[{j}]"),
+                    "must be a card UUID such as GPU-8f2c... (see `nvidia-smi -L`)",
+                ));
+            }
+            if let Some(mode) = node
+                .operating_mode
+                .as_deref()
+                .filter(|m| *m != SUPPORTED_OPERATING_MODE)
+            {
+                return Err(invalid(
+                    &format!("nodes[{i}].operatingMode"),
+                    &format!("`{mode}` is not supported: Tessera shares cards through its interceptor only, so write `{SUPPORTED_OPERATING_MODE}` or leave it out (MIG and MPS are not available)"),
+                ));
+            }
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            if let Some(strategy) = node.mig_strategy.as_deref().filter(|m| *m != "none") {
+                return Err(invalid(
+                    &format!("nodes[{i}].migStrategy"),
+                    &format!("`{strategy}` is not supported: Tessera creates no MIG instances, so write `none` or leave it out"),
+                ));
+            }
+        }
+        if let Some(class) = &self.runtime_class_name {
+            if !is_dns_subdomain(class) {
+                return Err(invalid(
+                    "runtimeClassName",
+                    "must name a RuntimeClass (lower-case letters, digits, `-` and `.`, at most 253 characters), e.g. `nvidia`, or be left out",
+                ));
+            }
+        }
+        if self.liveness.handshake_period_seconds == 0 {
+            return Err(invalid(
+                "liveness.handshakePeriodSeconds",
+                "must be at least 1 second (30 is HAMi's period)",
+            ));
+        }
+        if self.liveness.handshake_timeout_seconds < 2 * self.liveness.handshake_period_seconds {
+            return Err(invalid(
+                "liveness.handshakeTimeoutSeconds",
+                "must be at least twice liveness.handshakePeriodSeconds, so one late renewal does not take a node out",
+            ));
         }
         if self
             .defaults
@@ -315,6 +464,19 @@ fn is_namespace_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-')
+}
+
+/// Whether `name` is a valid RuntimeClass name (an RFC 1123 subdomain).
+fn is_dns_subdomain(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 fn validate_sharing(prefix: &str, sharing: &DeviceSharing) -> Result<(), ConfigError> {
@@ -468,6 +630,106 @@ scheduling:
         assert!(
             scaling.to_string().contains("nodes[0].coreScaling"),
             "{scaling}"
+        );
+    }
+
+    #[test]
+    fn hami_nodeconfig_entries_carry_over_with_their_filters() {
+        let yaml = "
+sharing:
+  splitCount: 10
+nodes:
+  - name: gpu-a
+    devicesplitcount: 4
+    devicememoryscaling: 1.5
+    operatingmode: hami-core
+    migstrategy: none
+    filterdevices:
+      uuid: [GPU-aaaa]
+      index: [3]
+  - name: gpu-b
+    splitCount: 2
+    filterDevices: {index: [0, 1]}
+";
+        let config = Config::from_yaml(yaml).expect("parses");
+        assert_eq!(config.sharing_for_node("gpu-a").split_count, 4);
+        assert!((config.sharing_for_node("gpu-a").memory_scaling - 1.5).abs() < f64::EPSILON);
+        let a = config.card_filter_for_node("gpu-a");
+        assert!(a.excludes("GPU-aaaa", 0), "by UUID");
+        assert!(a.excludes("GPU-other", 3), "by index");
+        assert!(!a.excludes("GPU-other", 1));
+        let b = config.card_filter_for_node("gpu-b");
+        assert_eq!(b.index, [0, 1]);
+        assert!(b.uuid.is_empty());
+        assert!(config.card_filter_for_node("gpu-c").is_empty());
+        assert_eq!(config.sharing_for_node("gpu-c").split_count, 10);
+    }
+
+    #[test]
+    fn bad_node_overrides_are_named() {
+        let mode =
+            Config::from_yaml("nodes:\n  - name: a\n    operatingMode: mig\n").expect_err("mig");
+        assert!(
+            mode.to_string().contains("nodes[0].operatingMode") && mode.to_string().contains("mig"),
+            "{mode}"
+        );
+        let mig = Config::from_yaml("nodes:\n  - name: a\n    migstrategy: single\n")
+            .expect_err("mig strategy");
+        assert!(
+            mig.to_string().contains("nodes[0].migStrategy") && mig.to_string().contains("single"),
+            "{mig}"
+        );
+        let uuid = Config::from_yaml("nodes:\n  - name: a\n    filterDevices: {uuid: [\"\"]}\n")
+            .expect_err("empty uuid");
+        assert!(
+            uuid.to_string().contains("nodes[0].filterDevices.uuid[0]"),
+            "{uuid}"
+        );
+        let typo = Config::from_yaml("nodes:\n  - name: a\n    filterDevices: {uuids: [x]}\n")
+            .expect_err("typo");
+        assert!(typo.to_string().contains("uuids"), "{typo}");
+        let index = Config::from_yaml("nodes:\n  - name: a\n    filterDevices: {index: [-1]}\n")
+            .expect_err("negative index");
+        assert!(index.to_string().contains("-1"), "{index}");
+    }
+
+    #[test]
+    fn runtime_class_is_unset_unless_named() {
+        assert_eq!(Config::default().runtime_class_name, None);
+        let set = Config::from_yaml("runtimeClassName: nvidia\n").expect("parses");
+        assert_eq!(set.runtime_class_name.as_deref(), Some("nvidia"));
+        for bad in ["\"\"", "Nvidia", "nv_idia", "-x"] {
+            let error = Config::from_yaml(&format!("runtimeClassName: {bad}\n")).expect_err(bad);
+            assert!(
+                error.to_string().contains("runtimeClassName"),
+                "{bad}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn liveness_defaults_and_bounds() {
+        let config = Config::default();
+        assert_eq!(config.liveness.handshake_period_seconds, 30);
+        assert_eq!(config.liveness.handshake_timeout_seconds, 90);
+        let short = Config::from_yaml(
+            "liveness:\n  handshakePeriodSeconds: 1\n  handshakeTimeoutSeconds: 2\n",
+        )
+        .expect("parses");
+        assert_eq!(short.liveness.handshake_timeout_seconds, 2);
+        let tight = Config::from_yaml("liveness:\n  handshakeTimeoutSeconds: 45\n")
+            .expect_err("timeout below twice the period");
+        assert!(
+            tight
+                .to_string()
+                .contains("liveness.handshakeTimeoutSeconds"),
+            "{tight}"
+        );
+        let zero =
+            Config::from_yaml("liveness:\n  handshakePeriodSeconds: 0\n").expect_err("zero period");
+        assert!(
+            zero.to_string().contains("liveness.handshakePeriodSeconds"),
+            "{zero}"
         );
     }
 }

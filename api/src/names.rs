@@ -152,3 +152,13 @@ impl ResourceNames {
             || name == self.priority
     }
 }
+
+/// Node annotation through which the node agent shows it is alive (HAMi's
+/// handshake key). The agent renews it with `Reported <time>`; the
+/// scheduler judges liveness by when it saw the value change, never by the
+/// time written in it (clocks of nodes and scheduler may differ).
+pub const NODE_HANDSHAKE_ANNOTATION: &str = "hami.io/node-handshake";
+/// Prefix of a handshake value the node agent wrote (HAMi's device plugin
+/// wrote `Reported <time>` too; HAMi's scheduler wrote `Requesting_<time>`
+/// and `Deleted_<time>`, which are not renewals).
+pub const HANDSHAKE_REPORTED_PREFIX: &str = "Reported ";

@@ -3,7 +3,8 @@
 //! pod by pod in input order, exactly as the real components would decide,
 //! and reports where each pod landed and what its containers would see.
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::Serialize;
 use tessera_api::config::Config;
 use tessera_scheduler::core::volumes::{VolumeAction, SELECTED_NODE_ANNOTATION};
@@ -261,6 +262,7 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
         state.storage_mut().upsert_claim(claim);
     }
     for node in &objects.nodes {
+        let node = &with_registered_gpus(node, &config.resources.gpu);
         let name = node.metadata.name.as_deref().unwrap_or("?");
         if let Some(error) = state.upsert_node(node) {
             report.warnings.push(format!("node {name}: {error}"));
@@ -403,4 +405,32 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
         }
     }
     report
+}
+
+/// The node as kubelet would show it once the node agent's device plugin
+/// registered: a cluster file node with an inventory but no allocatable
+/// `gpu_resource` gets the inventory's device count (cards × split), so
+/// hand-written files need not repeat it. A value written in the file,
+/// `"0"` included (a node whose device plugin is gone), is kept.
+fn with_registered_gpus(node: &Node, gpu_resource: &str) -> Node {
+    let inventory = node
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(tessera_api::names::NODE_REGISTER_ANNOTATION))
+        .and_then(|a| tessera_api::inventory::decode_inventory(a).ok());
+    let Some(devices) = inventory else {
+        return node.clone();
+    };
+    let mut node = node.clone();
+    let allocatable = node
+        .status
+        .get_or_insert_with(Default::default)
+        .allocatable
+        .get_or_insert_with(Default::default);
+    if !allocatable.contains_key(gpu_resource) {
+        let registered: u64 = devices.iter().map(|d| u64::from(d.count)).sum();
+        allocatable.insert(gpu_resource.to_owned(), Quantity(registered.to_string()));
+    }
+    node
 }

@@ -311,3 +311,56 @@ fn a_corrupt_score_annotation_is_a_warning_and_the_node_still_schedules() {
         "{warnings}"
     );
 }
+
+#[test]
+fn nodes_without_allocatable_gpus_in_the_file_count_as_registered_and_zero_means_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = |name: &str, gpus: &str| {
+        format!(
+            r#"
+apiVersion: v1
+kind: Node
+metadata:
+  name: {name}
+  annotations:
+    hami.io/node-nvidia-register: '[{{"id":"GPU-{name}","index":0,"count":4,"devmem":15360,"devcore":100,"type":"NVIDIA-Tesla T4","numa":0,"mode":"hami-core","health":true}}]'
+status:
+  conditions: [{{type: Ready, status: "True"}}]
+  allocatable: {{cpu: "8", memory: 32Gi, pods: "20"{gpus}}}
+"#
+        )
+    };
+    let cluster = write(
+        dir.path(),
+        "cluster.yaml",
+        &format!(
+            "{}---{}",
+            node("plugin-gone", ", nvidia.com/gpu: \"0\""),
+            node("as-written", "")
+        ),
+    );
+    let mut pods = String::new();
+    for i in 0..5 {
+        pods.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}}}\nspec:\n  containers: [{{name: c, resources: {{limits: {{nvidia.com/gpumem: \"1000\"}}}}}}]\n"
+        ));
+    }
+    let workloads = write(dir.path(), "pods.yaml", &pods);
+    let (ok, stdout, stderr) =
+        tessera(&["simulate", "--cluster", &cluster, &workloads, "-o", "json"]);
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).expect("json");
+    let placed = report["placed"].as_array().expect("placed");
+    assert_eq!(
+        placed.len(),
+        4,
+        "the card's 4 slots, as registered: {report}"
+    );
+    assert!(placed.iter().all(|p| p["node"] == "as-written"), "{report}");
+    let unplaced = &report["unplaced"][0]["reason"];
+    assert_eq!(
+        unplaced.as_str().expect("reason"),
+        "1 node(s) had insufficient allocatable nvidia.com/gpu for the pod (kubelet would reject it); 1 node(s) had no allocatable nvidia.com/gpu (the node agent's device plugin is not registered with kubelet)",
+        "{report}"
+    );
+}

@@ -1,6 +1,7 @@
-//! Wires the agent together: GPU backend → health monitor → inventory
-//! publisher, device-plugin server (with the allocator), metrics and probes
-//! (one HTTP listener), the host-pid socket, the pod sweep, the card
+//! Wires the agent together: GPU backend → the cards the config shares →
+//! health monitor → inventory publisher, device-plugin server (with the
+//! allocator), metrics and probes (one HTTP listener), the liveness
+//! handshake, the host-pid socket, the pod sweep, the card
 //! tenant-table aggregation (its own thread, stopped when [`run`] returns)
 //! and memory-cap enforcement (unless the config turns it off); installs
 //! the interceptor first.
@@ -26,8 +27,9 @@ use crate::gpu::nvml::NvmlGpus;
 use crate::gpu::{GpuBackend, GpuError};
 use crate::health::HealthMonitor;
 use crate::host_files::{HostFileError, HostLayout};
-use crate::inventory::node_inventory;
+use crate::inventory::{node_inventory, select_shared_cards};
 use crate::k8s::events::EventPoster;
+use crate::k8s::handshake::HandshakeWriter;
 use crate::k8s::node::InventoryPublisher;
 use crate::k8s::pods::NodePods;
 use crate::metrics::Metrics;
@@ -83,23 +85,36 @@ pub fn discovery_report(
     config: &Config,
     node: &str,
 ) -> Result<String, GpuError> {
-    let cards = backend.discover()?;
-    let mut out = format!("backend: {}\ncards: {}\n", backend.kind(), cards.len());
-    if cards.is_empty() {
+    let discovered = backend.discover()?;
+    let mut out = format!("backend: {}\ncards: {}\n", backend.kind(), discovered.len());
+    if discovered.is_empty() {
         out.push_str("no GPU found on this node\n");
     }
-    for card in &cards {
+    for card in &discovered {
         out.push_str(&format!(
             "  [{}] {} {} {} MiB numa={} healthy={}\n",
             card.index, card.uuid, card.name, card.memory_mib, card.numa, card.healthy
         ));
     }
-    let links = if cards.len() > 1 {
+    let selection = select_shared_cards(discovered.clone(), &config.card_filter_for_node(node));
+    for card in &selection.excluded {
+        out.push_str(&format!(
+            "left out by filterDevices: [{}] {}\n",
+            card.index, card.uuid
+        ));
+    }
+    for entry in &selection.unknown {
+        out.push_str(&format!(
+            "warning: filterDevices names {entry}, which this node does not have\n"
+        ));
+    }
+    let cards = selection.shared;
+    let links = if discovered.len() > 1 {
         backend.links()
     } else {
         Vec::new()
     };
-    if cards.len() > 1 {
+    if discovered.len() > 1 {
         out.push_str(&format_links(&links));
     }
     let health = HealthMonitor::new(&cards, Duration::from_secs(1))
@@ -232,9 +247,27 @@ async fn load_seal_key(keys: Arc<SealKeys>) {
     }
 }
 
+/// The cards the config shares on `node`: the filter's left-out cards
+/// are logged, and so is every filter entry that names no card here.
+fn shared_cards(
+    discovered: Vec<crate::gpu::GpuInfo>,
+    config: &Config,
+    node: &str,
+) -> Vec<crate::gpu::GpuInfo> {
+    let selection = select_shared_cards(discovered, &config.card_filter_for_node(node));
+    for entry in &selection.unknown {
+        tracing::warn!(%node, card = %entry, "the config's nodes[].filterDevices for this node names {entry}, but this node has no such card; nothing is left out for it. Check the entry against `tessera-node-agent --discover-once` (or `nvidia-smi -L`)");
+    }
+    for card in &selection.excluded {
+        tracing::info!(index = card.index, uuid = %card.uuid, name = %card.name, "GPU left out of sharing by the config's filterDevices: not published, not registered with kubelet");
+    }
+    selection.shared
+}
+
 /// Runs the agent until `shutdown` turns true.
 pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
-    let cards: Arc<[_]> = setup.backend.discover()?.into();
+    let cards: Arc<[_]> =
+        shared_cards(setup.backend.discover()?, &setup.config, &setup.node).into();
     if cards.is_empty() {
         tracing::warn!(
             backend = setup.backend.kind(),
@@ -282,6 +315,11 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
     .with_pair_scores(crate::inventory::pair_score_annotation(&cards, &links));
     let readiness = Readiness::new();
     tasks.spawn(publisher.run(health.clone(), setup.publish_interval, readiness.clone()));
+    tasks.spawn(
+        HandshakeWriter::new(setup.client.clone(), &setup.node).run(Duration::from_secs(
+            setup.config.liveness.handshake_period_seconds.max(1),
+        )),
+    );
 
     let pods = NodePods::new(setup.client.clone(), &setup.node);
     let index = Arc::new(RwLock::new(Vec::new()));
@@ -469,5 +507,30 @@ mod tests {
         let report = discovery_report(&single, &Config::default(), "node-a").expect("report");
         assert!(!report.contains("links"), "{report}");
         assert!(!report.contains("node-nvidia-score"), "{report}");
+    }
+
+    #[test]
+    fn discovery_report_shows_the_cards_the_filter_leaves_out() {
+        let backend = FakeGpus::parse("2x NVIDIA H200 143771", "node-a").expect("fake cards");
+        let config =
+            Config::from_yaml("nodes:\n  - name: node-a\n    filterDevices: {index: [1, 5]}\n")
+                .expect("config");
+        let report = discovery_report(&backend, &config, "node-a").expect("report");
+        assert!(report.contains("cards: 2\n"), "{report}");
+        assert!(
+            report.contains("left out by filterDevices: [1]"),
+            "{report}"
+        );
+        assert!(
+            report.contains("warning: filterDevices names index 5"),
+            "{report}"
+        );
+        let inventory = report
+            .lines()
+            .find_map(|l| l.strip_prefix("hami.io/node-nvidia-register: "))
+            .expect("inventory line");
+        let devices = tessera_api::inventory::decode_inventory(inventory).expect("decodes");
+        assert_eq!(devices.len(), 1);
+        assert_eq!(devices[0].index, 0);
     }
 }

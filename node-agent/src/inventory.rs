@@ -1,10 +1,11 @@
 //! What this node offers, in the shapes it is published in: the
 //! `hami.io/node-nvidia-register` inventory (one entry per card, with the
 //! configured split count and scaling), the `hami.io/node-nvidia-score` link
-//! scores between its cards, and kubelet's device list (each card split into
-//! `split_count` device IDs `<UUID>-<n>`).
+//! scores between its cards, kubelet's device list (each card split into
+//! `split_count` device IDs `<UUID>-<n>`), and which of the node's cards are
+//! shared at all (the config's per-node `filterDevices`).
 
-use tessera_api::config::DeviceSharing;
+use tessera_api::config::{CardFilter, DeviceSharing};
 use tessera_api::inventory::{GpuDevice, DEFAULT_MODE};
 use tessera_api::pair_scores::{encode_pair_scores, scores_from_links, CardPairScores};
 
@@ -85,6 +86,44 @@ pub fn card_of_device_id(device_id: &str) -> Option<&str> {
     n.parse::<u32>().ok().map(|_| uuid)
 }
 
+/// The node's cards split by the config's per-node filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardSelection {
+    /// Cards published and registered with kubelet.
+    pub shared: Vec<GpuInfo>,
+    /// Cards the filter leaves out: neither published nor registered.
+    pub excluded: Vec<GpuInfo>,
+    /// Filter entries that name no card of this node (`index 7`,
+    /// `UUID GPU-...`), to warn about: a typo there silently shares a
+    /// card meant to be kept out.
+    pub unknown: Vec<String>,
+}
+
+/// Applies `filter` to the discovered `cards`.
+pub fn select_shared_cards(cards: Vec<GpuInfo>, filter: &CardFilter) -> CardSelection {
+    let unknown = filter
+        .index
+        .iter()
+        .filter(|i| !cards.iter().any(|c| c.index == **i))
+        .map(|i| format!("index {i}"))
+        .chain(
+            filter
+                .uuid
+                .iter()
+                .filter(|u| !cards.iter().any(|c| c.uuid == **u))
+                .map(|u| format!("UUID {u}")),
+        )
+        .collect();
+    let (excluded, shared) = cards
+        .into_iter()
+        .partition(|card| filter.excludes(&card.uuid, card.index));
+    CardSelection {
+        shared,
+        excluded,
+        unknown,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,5 +196,26 @@ mod tests {
             assert_eq!(card_of_device_id(id), Some(card.uuid.as_str()));
         }
         assert_eq!(card_of_device_id("nonsense"), None);
+    }
+
+    #[test]
+    fn the_filter_leaves_cards_out_by_index_and_uuid_and_names_unknown_entries() {
+        let cards = FakeGpus::parse("4x NVIDIA A10G 23028", "n")
+            .expect("parses")
+            .discover()
+            .expect("lists");
+        let filter = CardFilter {
+            uuid: vec![cards[2].uuid.clone(), "GPU-not-here".into()],
+            index: vec![0, 9],
+        };
+        let selection = select_shared_cards(cards.clone(), &filter);
+        let indexes = |list: &[GpuInfo]| list.iter().map(|c| c.index).collect::<Vec<_>>();
+        assert_eq!(indexes(&selection.shared), [1, 3]);
+        assert_eq!(indexes(&selection.excluded), [0, 2]);
+        assert_eq!(selection.unknown, ["index 9", "UUID GPU-not-here"]);
+
+        let everything = select_shared_cards(cards.clone(), &CardFilter::default());
+        assert_eq!(everything.shared, cards);
+        assert!(everything.excluded.is_empty() && everything.unknown.is_empty());
     }
 }

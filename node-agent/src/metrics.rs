@@ -354,18 +354,17 @@ impl Metrics {
         self.backend
             .host_usage()
             .into_iter()
-            .map(|usage| {
-                let card = self.cards.iter().find(|c| c.uuid == usage.uuid);
-                HostFigures {
-                    index: card.map(|c| c.index.to_string()).unwrap_or_default(),
-                    device_type: card
-                        .map(|c| format!("{}{}", crate::inventory::TYPE_PREFIX, c.name))
-                        .unwrap_or_default(),
+            // Cards the config leaves out of sharing are not Tessera's.
+            .filter_map(|usage| {
+                let card = self.cards.iter().find(|c| c.uuid == usage.uuid)?;
+                Some(HostFigures {
+                    index: card.index.to_string(),
+                    device_type: format!("{}{}", crate::inventory::TYPE_PREFIX, card.name),
                     uuid: usage.uuid,
                     memory_used_bytes: usage.memory_used_bytes,
                     utilization_percent: usage.utilization_ratio * 100.0,
                     memory_controller_percent: usage.memory_controller_utilization_ratio * 100.0,
-                }
+                })
             })
             .collect()
     }
@@ -666,6 +665,17 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn cards_left_out_of_sharing_export_no_host_figures() {
+        let gpus = FakeGpus::parse("2x NVIDIA A10G 23028", "n").expect("parses");
+        let all = gpus.discover().expect("cards");
+        let shared: Arc<[GpuInfo]> = all[..1].to_vec().into();
+        let index: ContainerIndex = Arc::new(RwLock::new(Vec::new()));
+        let text = Metrics::new("n", Arc::new(gpus), shared, index).render();
+        assert!(text.contains(&all[0].uuid), "{text}");
+        assert!(!text.contains(&all[1].uuid), "{text}");
     }
 
     #[test]

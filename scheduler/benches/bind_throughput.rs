@@ -41,7 +41,7 @@ async fn run(scheduled_events: bool, topology: bool) {
         let node: Node = serde_json::from_value(json!({"metadata": {"name": format!("node-{n:04}"),
             "labels": {"kubernetes.io/hostname": format!("node-{n:04}"), "topology.kubernetes.io/zone": format!("zone-{}", n % 3)},
             "annotations": {"hami.io/node-nvidia-register": encode_inventory(&devices)}},
-            "status": {"conditions": [{"type": "Ready", "status": "True"}], "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110"}}}))
+            "status": {"conditions": [{"type": "Ready", "status": "True"}], "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "100"}}}))
         .expect("node");
         server.insert(&node);
     }

@@ -50,7 +50,7 @@ fn snapshot(with_link_scores: bool) -> ClusterState {
         let node: Node = serde_json::from_value(json!({"metadata": {"name": format!("node-{n:04}"),
             "labels": {"gpu": "on", "kubernetes.io/hostname": format!("node-{n:04}"), "topology.kubernetes.io/zone": format!("zone-{}", n % 3)}, "annotations": annotations},
             "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                       "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110"}}}))
+                       "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "100"}}}))
         .expect("node");
         state.upsert_node(&node);
         // Half the cards partly used: cards 0..4 of every node carry a pod.

@@ -28,7 +28,7 @@ async fn fill_once() -> (Duration, usize) {
     let temp = tempfile::tempdir().expect("tempdir");
     let node: Node = serde_json::from_value(json!({"metadata": {"name": NODE},
         "status": {"conditions": [{"type": "Ready", "status": "True"}],
-            "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110"}}}))
+            "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "100"}}}))
     .expect("node");
     api.insert(&node);
     let key = seal_key::load_or_create(api.client(), "tessera-system")

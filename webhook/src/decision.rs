@@ -276,6 +276,9 @@ pub fn admit(
             add_env_operations(field, index, container, vars, &mut operations);
         }
     }
+    if let Some(operation) = runtime_class_operation(pod, config) {
+        operations.push(operation);
+    }
     if !scheduler_is_ours {
         let path = PointerBuf::from_tokens(["spec", "schedulerName"]);
         let value = Value::String(config.scheduler_name.clone());
@@ -540,6 +543,24 @@ fn container_operations(
     Ok(())
 }
 
+/// Sets `spec.runtimeClassName` to the config's `runtimeClassName` on a GPU
+/// pod that names none (HAMi's chart value of the same name); a pod's own
+/// choice is kept.
+fn runtime_class_operation(pod: &Pod, config: &Config) -> Option<PatchOperation> {
+    let class = config.runtime_class_name.as_ref()?;
+    let named = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.runtime_class_name.as_deref())
+        .is_some_and(|c| !c.is_empty());
+    (!named).then(|| {
+        add(
+            PointerBuf::from_tokens(["spec", "runtimeClassName"]),
+            Value::String(class.clone()),
+        )
+    })
+}
+
 fn add(path: PointerBuf, value: Value) -> PatchOperation {
     PatchOperation::Add(AddOperation { path, value })
 }
@@ -650,5 +671,57 @@ mod tests {
         };
         assert_eq!((too_big.code(), too_big.status_reason()), (422, "Invalid"));
         assert!(too_big.to_string().contains("from 1 to 81920"));
+    }
+
+    #[test]
+    fn a_configured_runtime_class_is_set_on_gpu_pods_that_name_none() {
+        let config = Config::from_yaml("runtimeClassName: nvidia\n").expect("config");
+        let mutated = mutate_pod(&gpu_pod(json!({})), &config).expect("admitted");
+        let spec = mutated.spec.expect("spec");
+        assert_eq!(spec.runtime_class_name.as_deref(), Some("nvidia"));
+        assert_eq!(spec.scheduler_name.as_deref(), Some("tessera-scheduler"));
+
+        let own = mutate_pod(
+            &gpu_pod(json!({"runtimeClassName": "kata-nvidia"})),
+            &config,
+        )
+        .expect("admitted");
+        assert_eq!(
+            own.spec.expect("spec").runtime_class_name.as_deref(),
+            Some("kata-nvidia"),
+            "the pod's own runtime class is kept"
+        );
+
+        let cpu_only = pod(
+            json!({"spec": {"containers": [{"name": "c", "resources": {"limits": {"cpu": "1"}}}]}}),
+        );
+        assert_eq!(
+            admit(&cpu_only, None, &config),
+            AdmissionDecision::untouched(AllowReason::NoGpuRequest),
+            "pods without a GPU are not given the runtime class"
+        );
+    }
+
+    #[test]
+    fn no_runtime_class_is_written_unless_configured() {
+        let decision = admit(&gpu_pod(json!({})), None, &Config::default());
+        let patch = serde_json::to_value(decision.patch().expect("patch")).unwrap();
+        assert!(!patch.to_string().contains("runtimeClassName"), "{patch}");
+        let config = Config::from_yaml("runtimeClassName: nvidia\n").expect("config");
+        let complete = pod(
+            json!({"spec": {"schedulerName": "tessera-scheduler", "containers": [
+                {"name": "main", "resources": {"limits": {"nvidia.com/gpu": "1", "nvidia.com/gpumem": "100"}}}
+            ]}}),
+        );
+        let patch = serde_json::to_value(
+            admit(&complete, None, &config)
+                .patch()
+                .expect("the runtime class is still missing"),
+        )
+        .unwrap();
+        assert_eq!(
+            patch,
+            json!([{"op": "add", "path": "/spec/runtimeClassName", "value": "nvidia"}])
+        );
     }
 }

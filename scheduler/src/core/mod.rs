@@ -6,6 +6,7 @@ pub mod cards;
 pub mod gpu_fit;
 pub mod inter_pod_affinity;
 pub mod labels;
+pub mod node_liveness;
 pub mod node_predicates;
 pub mod pod_info;
 pub mod preemption;

@@ -28,7 +28,7 @@ fn gpu_node(name: &str, cpu: &str) -> Node {
         json!({"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name},
         "annotations": {"hami.io/node-nvidia-register": encode_inventory(&cards)}},
         "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                   "allocatable": {"cpu": cpu, "memory": "64Gi", "pods": "110"}}}),
+                   "allocatable": {"cpu": cpu, "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "10"}}}),
     )
     .expect("node")
 }

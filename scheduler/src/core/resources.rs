@@ -20,6 +20,10 @@ pub struct ResourceAmounts {
     pub pods: i64,
     /// Other resources (extended, ephemeral-storage, hugepages), whole units.
     pub other: BTreeMap<String, i64>,
+    /// The GPU count resource (`nvidia.com/gpu`) as kubelet accounts it:
+    /// device IDs for pods, the device plugin's registered devices for
+    /// nodes (0 when absent). Checked by `node_liveness`, not here.
+    pub gpu_devices: i64,
 }
 
 impl ResourceAmounts {
@@ -28,6 +32,7 @@ impl ResourceAmounts {
         self.cpu_millis += other.cpu_millis;
         self.memory_bytes += other.memory_bytes;
         self.pods += other.pods;
+        self.gpu_devices += other.gpu_devices;
         for (name, value) in &other.other {
             *self.other.entry(name.clone()).or_default() += value;
         }
@@ -38,6 +43,7 @@ impl ResourceAmounts {
         self.cpu_millis -= other.cpu_millis;
         self.memory_bytes -= other.memory_bytes;
         self.pods -= other.pods;
+        self.gpu_devices -= other.gpu_devices;
         for (name, value) in &other.other {
             *self.other.entry(name.clone()).or_default() -= value;
         }
@@ -46,6 +52,7 @@ impl ResourceAmounts {
     fn max_with(&mut self, other: &Self) {
         self.cpu_millis = self.cpu_millis.max(other.cpu_millis);
         self.memory_bytes = self.memory_bytes.max(other.memory_bytes);
+        self.gpu_devices = self.gpu_devices.max(other.gpu_devices);
         for (name, value) in &other.other {
             let entry = self.other.entry(name.clone()).or_default();
             *entry = (*entry).max(*value);
@@ -62,6 +69,9 @@ impl ResourceAmounts {
                 "cpu" => amounts.cpu_millis = parsed.to_millis_ceil().unwrap_or(i64::MAX),
                 "memory" => amounts.memory_bytes = parsed.to_integer_ceil().unwrap_or(i64::MAX),
                 "pods" => amounts.pods = parsed.to_integer_ceil().unwrap_or(i64::MAX),
+                gpu if gpu == names.gpu => {
+                    amounts.gpu_devices = parsed.to_integer_ceil().unwrap_or(i64::MAX);
+                }
                 other if names.is_gpu_resource(other) => {}
                 other => {
                     amounts.other.insert(
@@ -157,6 +167,21 @@ mod tests {
         assert_eq!(r.memory_bytes, 2 << 30);
         assert_eq!(r.other.get("example.com/fpga"), Some(&1));
         assert!(!r.other.contains_key("nvidia.com/gpumem"));
+        assert_eq!(r.gpu_devices, 0, "no container names nvidia.com/gpu");
+        let gpus: Pod = serde_json::from_value(json!({"spec": {
+        "initContainers": [{"name": "i", "resources": {"limits": {"nvidia.com/gpu": "2"}}}],
+        "containers": [
+            {"name": "a", "resources": {"limits": {"nvidia.com/gpu": "1"}}},
+            {"name": "b", "resources": {"limits": {"nvidia.com/gpu": "1"}}},
+            {"name": "c", "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+        ]}}))
+        .expect("pod");
+        let r = ResourceAmounts::pod_requests(&gpus, &ResourceNames::default());
+        assert_eq!(
+            r.gpu_devices, 3,
+            "the app containers' sum beats the init peak"
+        );
+        assert!(!r.other.contains_key("nvidia.com/gpu"));
         assert_eq!(r.pods, 1);
     }
 
@@ -167,6 +192,7 @@ mod tests {
             memory_bytes: 100,
             pods: 2,
             other: BTreeMap::from([("x".into(), 1)]),
+            gpu_devices: 0,
         };
         let used = ResourceAmounts {
             cpu_millis: 900,

@@ -372,6 +372,13 @@ pub(super) fn evaluate_node(
         0.0
     } else if node.inventory_error.is_some() {
         return Err("GPU inventory annotation is corrupt (see the node's events)".to_owned());
+    } else if let Some(reason) = node.liveness.refuses_gpu_pod(
+        !node.cards.is_empty(),
+        &node.allocatable,
+        &node.requested,
+        &pod.resources,
+    ) {
+        return Err(reason);
     } else {
         fit_pod(&node.cards, node.fullness_sum, pod, scratch, false)
             .map(|fit| fit.fullness_after)

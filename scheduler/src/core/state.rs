@@ -17,6 +17,7 @@ use tessera_api::pair_scores::decode_pair_scores;
 use tessera_api::pod_allocation::PodAllocation;
 
 use super::cards::CardState;
+use super::node_liveness::NodeLiveness;
 use super::node_predicates::NodeFacts;
 use super::pod_info::{NamespaceLabels, PodInfo, SharedPodInfo};
 use super::preemption::Priorities;
@@ -66,6 +67,8 @@ pub struct NodeState {
     /// Sum of the cards' fullness (kept current with the charges), the base
     /// the node score is computed from.
     pub fullness_sum: f64,
+    /// Whether its agent is alive and kubelet's GPU devices cover a pod.
+    pub liveness: NodeLiveness,
     pods: BTreeSet<String>,
     /// What the pods charged here show other pods' predicates.
     residents: BTreeMap<String, SharedPodInfo>,
@@ -205,12 +208,19 @@ pub struct ClusterState {
     pub(crate) storage: Storage,
     /// PriorityClasses and PodDisruptionBudgets (preemption).
     pub(crate) priorities: Priorities,
+    /// Nodes whose agent stopped renewing its handshake (see
+    /// `node_liveness`); the shell keeps this current.
+    stale_agents: BTreeSet<String>,
+    /// The GPU count resource name, shared by every node's liveness.
+    gpu_resource: Arc<str>,
 }
 
 impl ClusterState {
     /// An empty cluster.
     pub fn new(config: Config) -> Self {
         Self {
+            gpu_resource: Arc::from(config.resources.gpu.as_str()),
+            stale_agents: BTreeSet::new(),
             config,
             nodes: BTreeMap::new(),
             charges: HashMap::new(),
@@ -331,6 +341,7 @@ impl ClusterState {
             inventory_error: inventory_error.clone(),
             pair_scores_error,
             fullness_sum: 0.0,
+            liveness: self.node_liveness(&name),
             pods,
             residents: BTreeMap::new(),
         };
@@ -370,6 +381,56 @@ impl ClusterState {
     /// Forgets a node (its pods' charges are kept for when it returns).
     pub fn remove_node(&mut self, name: &str) {
         self.nodes.remove(name);
+    }
+
+    fn node_liveness(&self, name: &str) -> NodeLiveness {
+        NodeLiveness {
+            stale_agent: self.stale_agents.contains(name).then(|| {
+                std::time::Duration::from_secs(self.config.liveness.handshake_timeout_seconds)
+            }),
+            gpu_resource: Arc::clone(&self.gpu_resource),
+        }
+    }
+
+    /// The nodes whose agent stopped renewing its handshake: no GPU pod is
+    /// placed there until it renews again (pods already there stay).
+    /// Returns the nodes whose verdict changed.
+    pub fn set_stale_agents(&mut self, stale: BTreeSet<String>) -> Vec<String> {
+        let changed: Vec<String> = self
+            .stale_agents
+            .symmetric_difference(&stale)
+            .cloned()
+            .collect();
+        self.stale_agents = stale;
+        for name in &changed {
+            let liveness = self.node_liveness(name);
+            if let Some(node) = self.nodes.get_mut(name) {
+                node.liveness = liveness;
+            }
+        }
+        changed
+    }
+
+    /// Marks one node's agent stale or live (see [`ClusterState::set_stale_agents`]);
+    /// returns whether that changed its verdict.
+    pub fn set_agent_stale(&mut self, name: &str, stale: bool) -> bool {
+        let changed = if stale {
+            self.stale_agents.insert(name.to_owned())
+        } else {
+            self.stale_agents.remove(name)
+        };
+        if changed {
+            let liveness = self.node_liveness(name);
+            if let Some(node) = self.nodes.get_mut(name) {
+                node.liveness = liveness;
+            }
+        }
+        changed
+    }
+
+    /// Nodes whose agent is stale now.
+    pub fn stale_agents(&self) -> &BTreeSet<String> {
+        &self.stale_agents
     }
 
     /// Records what an observed pod takes: bound, non-terminal pods are

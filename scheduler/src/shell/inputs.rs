@@ -70,6 +70,7 @@ impl Scheduler {
         let apply = |node: &Node| self.node_changed(node);
         let delete = |node: &Node| {
             lock(&self.shared.state).remove_node(node.metadata.name.as_deref().unwrap_or(""));
+            self.forget_handshake(node.metadata.name.as_deref().unwrap_or(""));
         };
         let synced = || {
             self.shared.nodes_synced.store(true, Ordering::Relaxed);
@@ -80,6 +81,10 @@ impl Scheduler {
     }
 
     fn node_changed(&self, node: &Node) {
+        self.observe_handshake(node);
+        if self.only_handshake_renewed(node) {
+            return;
+        }
         let name = node.metadata.name.clone().unwrap_or_default();
         let (error, pair_scores_error) = {
             let mut state = lock(&self.shared.state);

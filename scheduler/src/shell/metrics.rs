@@ -47,6 +47,8 @@ pub struct SchedulerMetrics {
     pub queue_depth: Gauge<i64, AtomicI64>,
     /// 1 while this replica leads.
     pub leader: Gauge<i64, AtomicI64>,
+    /// Nodes whose GPU agent stopped renewing its handshake.
+    pub stale_gpu_agents: Gauge<i64, AtomicI64>,
     /// Whether HAMi's legacy names are exported too.
     legacy_names: bool,
 }
@@ -97,6 +99,12 @@ impl SchedulerMetrics {
             "1 while this replica holds the scheduler lease",
             leader.clone(),
         );
+        let stale_gpu_agents = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "tessera_scheduler_stale_gpu_node_agents",
+            "GPU nodes whose node agent has not renewed hami.io/node-handshake within the timeout (no GPU pods are placed there)",
+            stale_gpu_agents.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -105,6 +113,7 @@ impl SchedulerMetrics {
             bind_failures,
             queue_depth,
             leader,
+            stale_gpu_agents,
             legacy_names: false,
         }
     }

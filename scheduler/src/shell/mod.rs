@@ -16,6 +16,7 @@ pub mod events;
 pub mod http;
 pub mod inputs;
 pub mod leader;
+mod liveness;
 pub mod metrics;
 mod namespaces;
 pub mod node_gate;
@@ -36,6 +37,7 @@ use tessera_api::allocation_seal::{AllocationTrust, SealKey};
 use tessera_api::config::Config;
 use tokio::sync::{watch, Semaphore};
 
+use crate::core::node_liveness::HandshakeTracker;
 use crate::core::ClusterState;
 use events::Notifier;
 use leader::LeaseSettings;
@@ -120,6 +122,10 @@ struct Shared {
     lists_synced: Mutex<HashSet<&'static str>>,
     /// Pods whose evictions are in flight (one preemption at a time each).
     preempting: Mutex<HashSet<String>>,
+    /// When each node's agent handshake was last seen renewed.
+    handshakes: Mutex<HandshakeTracker>,
+    /// Each node's content apart from its handshake (see `liveness`).
+    node_signatures: Mutex<HashMap<String, u64>>,
     synced: watch::Sender<bool>,
 }
 
@@ -164,6 +170,7 @@ impl Scheduler {
             None => AllocationTrust::Annotations,
         };
         let metrics = SchedulerMetrics::new().with_legacy_names(config.metrics.legacy_names);
+        let handshake_timeout = Duration::from_secs(config.liveness.handshake_timeout_seconds);
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(ClusterState::new(config.clone()).with_trust(trust)),
@@ -184,6 +191,8 @@ impl Scheduler {
                 pods_synced: AtomicBool::new(false),
                 lists_synced: Mutex::default(),
                 preempting: Mutex::default(),
+                handshakes: Mutex::new(HandshakeTracker::new(handshake_timeout)),
+                node_signatures: Mutex::default(),
                 synced: watch::channel(false).0,
             }),
         }
@@ -233,6 +242,7 @@ impl Scheduler {
         let budgets = tokio::spawn(self.clone().reflect_disruption_budgets());
         let decide = tokio::spawn(self.clone().decision_loop(leading_rx));
         let expiry = tokio::spawn(self.clone().expire_gates(Duration::from_secs(1)));
+        let liveness = tokio::spawn(self.clone().watch_handshakes());
         tokio::select! {
             r = nodes => r.unwrap_or(Err(ShellError::WatchEnded("node"))),
             r = pods => r.unwrap_or(Err(ShellError::WatchEnded("pod"))),
@@ -241,6 +251,7 @@ impl Scheduler {
             r = budgets => r.unwrap_or(Err(ShellError::WatchEnded("poddisruptionbudget"))),
             _ = decide => Err(ShellError::WatchEnded("leadership")),
             _ = expiry => Err(ShellError::WatchEnded("bind gate expiry")),
+            _ = liveness => Err(ShellError::WatchEnded("node handshake watch")),
         }
     }
 }

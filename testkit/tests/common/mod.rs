@@ -41,12 +41,14 @@ pub async fn eventually<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
     eventually_within(WAIT, what, check).await
 }
 
-/// A Ready node with room for pods, without GPU inventory (the agent adds it).
+/// A Ready node with room for pods, without GPU inventory (the agent adds
+/// it), and the `nvidia.com/gpu` kubelet reports once the agent's device
+/// plugin registered.
 pub fn ready_node(name: &str) -> Node {
     serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
         "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                   "allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110"}}}))
+                   "allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "100"}}}))
     .expect("node object")
 }
 
