@@ -340,7 +340,7 @@ impl fmt::Display for QuotaExceeded {
         if self.never_fits() {
             write!(
                 f,
-                "this pod alone asks for {} {unit} ({} in use), so it can never fit: lower the pod's request or raise `{}`",
+                "this pod alone asks for {} {unit} ({} {unit} in use), more than the whole quota, so it can never fit: lower the pod's request or raise `{}`",
                 self.requested, self.used, self.quota_key
             )
         } else {

@@ -9,6 +9,7 @@ pub mod labels;
 pub mod node_predicates;
 pub mod pod_info;
 pub mod preemption;
+pub mod quota;
 pub mod requirements;
 pub mod resources;
 pub mod schedule;
@@ -23,6 +24,8 @@ pub use state::{ClusterState, NodeState, PodCharge};
 mod pod_topology_tests;
 #[cfg(test)]
 mod preemption_tests;
+#[cfg(test)]
+mod quota_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
