@@ -158,6 +158,10 @@ pub enum Denial {
         /// The prefix as written, `None` when there is none.
         prefix: Option<String>,
     },
+    /// The pod's own GPU request is more than its namespace's quota allows
+    /// (see [`crate::gpu_quota`]).
+    #[error("{0}")]
+    QuotaExceeded(#[from] tessera_api::gpu_quota::QuotaExceeded),
     /// The pod is already bound to a node, bypassing GPU scheduling.
     #[error("the pod sets spec.nodeName = `{node}` and asks for GPU resources; a pod placed by hand bypasses GPU placement and gets no card slice, so remove spec.nodeName (use a nodeSelector or node affinity to choose nodes)")]
     NodeNameSet {
@@ -177,7 +181,8 @@ impl Denial {
             | Self::ForgedAllocation { .. }
             | Self::ControlVariableSet { .. }
             | Self::EnvFromWithoutSafePrefix { .. }
-            | Self::NodeNameSet { .. } => 403,
+            | Self::NodeNameSet { .. }
+            | Self::QuotaExceeded(_) => 403,
         }
     }
 
