@@ -354,3 +354,44 @@ proptest! {
         }
     }
 }
+
+/// A running pod of namespace `ml` holding `mib` on the card of `n1`.
+fn running_in_ml(name: &str, mib: u64, priority: i32) -> Pod {
+    serde_json::from_value(json!({"metadata": {"name": name, "namespace": "ml",
+        "annotations": {"hami.io/vgpu-devices-allocated": format!("GPU-n1-0,NVIDIA,{mib},0:;")}},
+        "spec": {"nodeName": "n1", "priority": priority, "containers": [{"name": "c"}]},
+        "status": {"phase": "Running"}}))
+    .expect("pod")
+}
+
+#[test]
+fn preemption_evicts_nobody_for_a_pod_over_its_quota() {
+    let cluster = |limit: &str| {
+        let mut state = ClusterState::new(Config::default());
+        state.upsert_node(&node("n1", &cards("n1", 1, "Tesla T4", 15360)));
+        state.observe_pod(&running_in_ml("small", 4000, 10));
+        state.observe_pod(&running_in_ml("large", 8000, 10));
+        state.upsert_resource_quota(&quota(
+            "ml",
+            "gpu",
+            json!({"limits.nvidia.com/gpumem": limit}),
+        ));
+        state
+    };
+    let urgent: Pod = serde_json::from_value(json!({"metadata": {"name": "urgent", "namespace": "ml"},
+        "spec": {"schedulerName": "tessera-scheduler", "priority": 1000,
+            "containers": [{"name": "main", "resources": {"limits": {"nvidia.com/gpumem": "10000"}}}]}}))
+    .expect("pod");
+    let requirements = PodRequirements::from_pod(&urgent, &Config::default()).expect("valid");
+    // Within the quota (12000 + 10000 <= 30000) the card is the problem:
+    // evicting the 8000 MiB pod helps.
+    let roomy = cluster("30000");
+    assert!(roomy.schedule(&urgent).is_err());
+    let found = roomy.find_preemption(&requirements).expect("preempts");
+    assert_eq!(found.victims, vec!["ml/large".to_owned()]);
+    // Over the quota (12000 + 10000 > 20000) evicting frees cards, not
+    // quota: nobody is evicted.
+    let tight = cluster("20000");
+    assert!(tight.schedule(&urgent).is_err());
+    assert_eq!(tight.find_preemption(&requirements), None);
+}

@@ -139,6 +139,16 @@ impl<'a> Decision<'a> {
         }
     }
 
+    /// What depends on the node itself, and the namespace's GPU quota
+    /// (preemption's what-if: evicting frees cards, not quota, so a pod
+    /// over its quota evicts nobody).
+    pub(super) fn node_and_quota(state: &'a ClusterState, pod: &'a PodRequirements) -> Self {
+        Self {
+            quota: QuotaCheck::new(state, pod),
+            ..Self::node_only()
+        }
+    }
+
     fn new(state: &'a ClusterState, pod: &'a PodRequirements) -> Self {
         let info = &*pod.info;
         let volumes = (!pod.claims.is_empty())
