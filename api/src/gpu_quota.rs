@@ -289,7 +289,6 @@ impl NamespaceQuota {
                     quota_name: limit.quota_name,
                     resource,
                     resource_name: resource.resource_name(names).to_owned(),
-                    quota_key: resource.quota_key(names),
                     used: in_use,
                     requested: asked,
                     limit: limit.limit,
@@ -312,8 +311,6 @@ pub struct QuotaExceeded {
     pub resource: QuotaResource,
     /// Its resource name (`nvidia.com/gpumem`).
     pub resource_name: String,
-    /// Its quota key (`limits.nvidia.com/gpumem`).
-    pub quota_key: String,
     /// Already taken in the namespace.
     pub used: u64,
     /// What this pod takes.
@@ -326,6 +323,11 @@ impl QuotaExceeded {
     /// Whether the pod could never fit, even with nothing else running.
     pub fn never_fits(&self) -> bool {
         self.requested > self.limit
+    }
+
+    /// The quota key to raise (`limits.nvidia.com/gpumem`).
+    pub fn quota_key(&self) -> String {
+        format!("{QUOTA_KEY_PREFIX}{}", self.resource_name)
     }
 }
 
@@ -341,7 +343,9 @@ impl fmt::Display for QuotaExceeded {
             write!(
                 f,
                 "this pod alone asks for {} {unit} ({} {unit} in use), more than the whole quota, so it can never fit: lower the pod's request or raise `{}`",
-                self.requested, self.used, self.quota_key
+                self.requested,
+                self.used,
+                self.quota_key()
             )
         } else {
             write!(
@@ -350,7 +354,7 @@ impl fmt::Display for QuotaExceeded {
                 self.used,
                 self.requested,
                 self.used.saturating_add(self.requested),
-                self.quota_key
+                self.quota_key()
             )
         }
     }
