@@ -390,17 +390,6 @@ pub fn known_demand(request: &PodGpuRequest, defaults: &RequestDefaults) -> Quot
         .fold(app, |peak, c| peak.max(&c))
 }
 
-/// Whether the pod's demand depends on the card chosen (a percentage of
-/// memory, or the whole card by default), so only placement can count it.
-pub fn demand_depends_on_card(request: &PodGpuRequest, defaults: &RequestDefaults) -> bool {
-    request
-        .containers
-        .iter()
-        .chain(&request.init_containers)
-        .filter_map(|c| c.resolve(defaults))
-        .any(|r| matches!(r.memory, MemoryRequest::Percent(_)) && r.count > 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,6 +429,7 @@ mod tests {
                     "requests.nvidia.com/gpumem": "1",
                     "nvidia.com/gpucores": "1",
                     "limits.nvidia.com/gpumem-percentage": "50",
+                    "limits.nvidia.com/gpu": "2",
                     "pods": "10"
                 }),
             ),
@@ -611,18 +601,18 @@ mod tests {
                 cores: 60 + u64::from(defaults.cores)
             }
         );
-        assert!(demand_depends_on_card(&request, &defaults));
     }
 
     #[test]
-    fn a_whole_card_by_default_is_exclusive_and_depends_on_the_card() {
+    fn a_whole_card_by_default_is_exclusive_and_its_memory_unknown() {
         let request = pod_request(
             json!([{"name": "a", "resources": limits(json!({"nvidia.com/gpu": "2"}))}]),
             json!([]),
         );
         let defaults = RequestDefaults::default();
-        assert_eq!(known_demand(&request, &defaults).cores, 200);
-        assert!(demand_depends_on_card(&request, &defaults));
+        let demand = known_demand(&request, &defaults);
+        assert_eq!(demand.cores, 200);
+        assert_eq!(demand.memory_mib, 0, "the whole card's MiB depend on the card");
     }
 
     proptest! {
