@@ -612,7 +612,10 @@ mod tests {
         let defaults = RequestDefaults::default();
         let demand = known_demand(&request, &defaults);
         assert_eq!(demand.cores, 200);
-        assert_eq!(demand.memory_mib, 0, "the whole card's MiB depend on the card");
+        assert_eq!(
+            demand.memory_mib, 0,
+            "the whole card's MiB depend on the card"
+        );
     }
 
     proptest! {
