@@ -395,3 +395,42 @@ fn preemption_evicts_nobody_for_a_pod_over_its_quota() {
     assert!(tight.schedule(&urgent).is_err());
     assert_eq!(tight.find_preemption(&requirements), None);
 }
+
+#[test]
+fn only_sealed_allocations_use_quota_in_a_sealed_cluster() {
+    use tessera_api::allocation_seal::{AllocationTrust, SealKey};
+    let key = SealKey::generate().expect("key");
+    let mut state = cluster().with_trust(AllocationTrust::Sealed(key.clone()));
+    state.upsert_resource_quota(&quota(
+        "team",
+        "gpu",
+        json!({"limits.nvidia.com/gpumem": "10000"}),
+    ));
+    let devices = encode_pod_devices(&[vec![ContainerDevice {
+        uuid: "GPU-t4-0".into(),
+        vendor: "NVIDIA".into(),
+        memory_mib: 6000,
+        cores: 0,
+    }]]);
+    let bound = |name: &str, uid: &str, seal: Option<String>| -> Pod {
+        let mut annotations = json!({"hami.io/vgpu-node": "t4-node",
+            "hami.io/vgpu-devices-allocated": devices});
+        if let Some(seal) = seal {
+            annotations["tessera.io/allocation-seal"] = json!(seal);
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "team", "uid": uid, "annotations": annotations},
+            "spec": {"nodeName": "t4-node", "containers": [{"name": "main"}]},
+            "status": {"phase": "Running"}}))
+        .expect("pod")
+    };
+    // Written by hand (or by HAMi): not believed, so it takes no quota.
+    state.observe_pod(&bound("forged", "uid-1", None));
+    assert_eq!(state.quotas().used("team"), QuotaAmounts::default());
+    // Sealed by this scheduler: counted.
+    let seal = key.seal("uid-2", "t4-node", &devices);
+    state.observe_pod(&bound("sealed", "uid-2", Some(seal)));
+    assert_eq!(state.quotas().used("team").memory_mib, 6000);
+    let ask = pod_in("team", "next", json!({"nvidia.com/gpumem": "5000"}));
+    assert!(refusal(&state, &ask).contains("6000 MiB in use + 5000 MiB requested"));
+}
