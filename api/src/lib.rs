@@ -6,7 +6,8 @@
 //! Kubernetes quantity parsing ([`quantity`]), scheduling policies
 //! ([`policy`]), pod facts and the bind-phase state machine ([`pod`],
 //! feature `k8s`), which allocation entry is whose container
-//! ([`pod_allocation`], feature `k8s`), the pod request model ([`request`], feature `k8s`), the
+//! ([`pod_allocation`], feature `k8s`), the pod request model ([`request`], feature `k8s`), namespace GPU quotas
+//! ([`gpu_quota`], feature `k8s`), the
 //! config file ([`config`]), the agent–interceptor environment contract
 //! ([`container_contract`]), the typed errors ([`error`]), and the layouts
 //! shared through files: the container accounting region ([`shared_region`])
@@ -23,6 +24,8 @@ pub mod container_contract;
 pub mod container_env;
 pub mod error;
 pub mod exposition;
+#[cfg(feature = "k8s")]
+pub mod gpu_quota;
 pub mod inventory;
 pub mod names;
 pub mod pair_scores;

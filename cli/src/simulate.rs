@@ -252,6 +252,11 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
     for budget in &objects.disruption_budgets {
         state.upsert_disruption_budget(budget);
     }
+    for quota in &objects.resource_quotas {
+        for error in state.upsert_resource_quota(quota) {
+            report.warnings.push(error.to_string());
+        }
+    }
     for class in &objects.storage_classes {
         state.storage_mut().upsert_class(class);
     }

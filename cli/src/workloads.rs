@@ -7,7 +7,9 @@
 //! their controllers would create; `List` objects are flattened; anything
 //! else (Services, ConfigMaps…) is noted and skipped.
 
-use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{
+    Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota,
+};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::api::storage::v1::StorageClass;
@@ -60,6 +62,8 @@ pub struct Objects {
     pub priority_classes: Vec<PriorityClass>,
     /// PodDisruptionBudgets.
     pub disruption_budgets: Vec<PodDisruptionBudget>,
+    /// ResourceQuotas (their GPU limits are enforced like the scheduler does).
+    pub resource_quotas: Vec<ResourceQuota>,
     /// Pods (given or expanded from workloads), in input order.
     pub pods: Vec<Pod>,
     /// `Kind/name` of objects that were skipped.
@@ -145,6 +149,12 @@ impl Objects {
                     .map_err(|e| object_error(e.to_string()))?;
                 budget.metadata.namespace.get_or_insert(namespace);
                 self.disruption_budgets.push(budget);
+            }
+            "ResourceQuota" => {
+                let mut quota: ResourceQuota = serde_json::from_value(value.clone())
+                    .map_err(|e| object_error(e.to_string()))?;
+                quota.metadata.namespace.get_or_insert(namespace);
+                self.resource_quotas.push(quota);
             }
             "StorageClass" => self.storage_classes.push(
                 serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,

@@ -1,10 +1,11 @@
 //! The scheduler's `/metrics` against HAMi's reference
 //! (`testkit/fixtures/hami-metrics.md`, the families of HAMi's
 //! `cmd/scheduler/metrics.go`): every family with HAMi's name, help, label
-//! names and label values, legacy names only behind the switch, and the
+//! names and label values (namespace GPU quotas included), legacy names
+//! only behind the switch, and the
 //! whole exposition valid strict OpenMetrics.
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota};
 use serde_json::json;
 use tessera_api::allocation::{encode_pod_devices, ContainerDevice};
 use tessera_api::config::Config;
@@ -36,6 +37,20 @@ fn state() -> ClusterState {
     .expect("node");
     let mut state = ClusterState::new(Config::default());
     state.upsert_node(&node);
+    // The trainer below, charged, in a namespace with a GPU quota.
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "team-gpus", "namespace": "team"},
+        "spec": {"hard": {"limits.nvidia.com/gpumem": "8192", "limits.nvidia.com/gpucores": "100"}}}))
+    .expect("quota");
+    assert!(state.upsert_resource_quota(&quota).is_empty());
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "trainer", "namespace": "team",
+            "annotations": {"hami.io/vgpu-node": "gpu-1",
+                "hami.io/vgpu-devices-allocated": bound_pods()[0].devices_allocated}},
+        "spec": {"nodeName": "gpu-1", "containers": [{"name": "a"}, {"name": "b"}]},
+        "status": {"phase": "Running"}}))
+    .expect("pod");
+    state.observe_pod(&pod);
     state
 }
 
@@ -80,14 +95,8 @@ fn the_family_table_is_hamis_reference() {
 fn the_exposition_matches_hami_with_and_without_legacy_names() {
     for legacy in [false, true] {
         let (text, exposition) = render(legacy);
-        // No MIG instances, no GPU quotas: those families have no series.
-        let without_series = [
-            "hami_node_gpu_mig_instance_info",
-            "nodeGPUMigInstance",
-            "hami_resource_quota_used",
-            "hami_resource_quota_limit",
-            "QuotaUsed",
-        ];
+        // No MIG instances: those families have no series.
+        let without_series = ["hami_node_gpu_mig_instance_info", "nodeGPUMigInstance"];
         let differences = differences_from_hami(
             &exposition,
             HamiComponent::Scheduler,
@@ -142,4 +151,47 @@ fn label_values_and_units_are_hamis() {
         sample("vGPUMemoryAllocated", "GPU-n-0").label("nodename"),
         Some("gpu-1")
     );
+}
+
+#[test]
+fn quota_series_carry_hamis_labels_and_units() {
+    let (text, exposition) = render(true);
+    let quota = |family: &str, name_label: &str, resource: &str| {
+        exposition
+            .family(family)
+            .and_then(|f| {
+                f.samples
+                    .iter()
+                    .find(|s| s.label(name_label) == Some(resource))
+            })
+            .unwrap_or_else(|| panic!("no {family} sample for {resource} in\n{text}"))
+            .clone()
+    };
+    // 4096 + 2048 MiB on two cards, 30 + 0 cores, against 8192 MiB / 100.
+    let memory = quota(
+        "hami_resource_quota_used",
+        "quota_name",
+        "nvidia.com/gpumem",
+    );
+    assert_eq!(memory.value, 6144.0);
+    assert_eq!(memory.label("namespace"), Some("team"));
+    assert_eq!(memory.label("limit"), Some("8192"));
+    let cores = quota(
+        "hami_resource_quota_used",
+        "quota_name",
+        "nvidia.com/gpucores",
+    );
+    assert_eq!(cores.value, 30.0);
+    assert_eq!(cores.label("limit"), Some("100"));
+    let limit = quota(
+        "hami_resource_quota_limit",
+        "quota_name",
+        "nvidia.com/gpumem",
+    );
+    assert_eq!(limit.value, 8192.0);
+    assert_eq!(limit.label("namespace"), Some("team"));
+    let legacy = quota("QuotaUsed", "quotaName", "nvidia.com/gpumem");
+    assert_eq!(legacy.value, 6144.0);
+    assert_eq!(legacy.label("quotanamespace"), Some("team"));
+    assert_eq!(legacy.label("limit"), Some("8192"));
 }

@@ -33,7 +33,8 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, Pod, PodSpec, PodTemplateSpec, Probe, Service, ServiceAccount,
+    ConfigMap, Container, Namespace, Pod, PodSpec, PodTemplateSpec, Probe, ResourceQuota, Service,
+    ServiceAccount,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
@@ -70,6 +71,7 @@ enum Object {
     ValidatingAdmissionPolicy(ValidatingAdmissionPolicy),
     ValidatingAdmissionPolicyBinding(ValidatingAdmissionPolicyBinding),
     Pod(Pod),
+    ResourceQuota(ResourceQuota),
 }
 
 /// A parsed document and where it came from.
@@ -194,6 +196,7 @@ fn parse_object(value: &Json, file: &str) -> Object {
         ("v1", "ServiceAccount") => Object::ServiceAccount(typed(value, file)),
         ("v1", "Service") => Object::Service(typed(value, file)),
         ("v1", "Pod") => Object::Pod(typed(value, file)),
+        ("v1", "ResourceQuota") => Object::ResourceQuota(typed(value, file)),
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => Object::ClusterRole(typed(value, file)),
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
             Object::ClusterRoleBinding(typed(value, file))
@@ -284,6 +287,7 @@ fn meta(object: &Object) -> &ObjectMeta {
         Object::ValidatingAdmissionPolicy(o) => &o.metadata,
         Object::ValidatingAdmissionPolicyBinding(o) => &o.metadata,
         Object::Pod(o) => &o.metadata,
+        Object::ResourceQuota(o) => &o.metadata,
     }
 }
 
@@ -1386,6 +1390,71 @@ fn the_vllm_examples_ask_for_their_slices() {
             "{file} has a Service"
         );
     }
+}
+
+#[test]
+fn the_quota_example_holds_three_of_its_five_replicas() {
+    let examples = examples();
+    let (_, docs) = examples
+        .iter()
+        .find(|(p, _)| p.file_name().is_some_and(|n| n == "gpu-quota.yaml"))
+        .expect("manifests/examples/gpu-quota.yaml");
+    let quota = docs
+        .iter()
+        .find_map(|d| match &d.object {
+            Object::ResourceQuota(q) => Some(q.clone()),
+            _ => None,
+        })
+        .expect("a ResourceQuota");
+    let config = Config::default();
+    let mut state = tessera_scheduler::core::ClusterState::new(config.clone());
+    let cards: Vec<tessera_api::inventory::GpuDevice> = (0..8)
+        .map(|i| tessera_api::inventory::GpuDevice {
+            id: format!("GPU-{i}"),
+            index: i,
+            count: 10,
+            devmem: 15360,
+            devcore: 100,
+            device_type: "NVIDIA-Tesla T4".into(),
+            numa: 0,
+            mode: "hami-core".into(),
+            health: true,
+        })
+        .collect();
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "gpu-1", "annotations": {
+            "hami.io/node-nvidia-register": tessera_api::inventory::encode_inventory(&cards)}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                   "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110"}}}))
+    .expect("node");
+    state.upsert_node(&node);
+    let mut quota = quota;
+    quota.metadata.namespace = Some("default".into());
+    assert!(state.upsert_resource_quota(&quota).is_empty());
+    let pods = workloads(docs);
+    assert_eq!(pods.len(), 1, "one Deployment");
+    let deployment = &pods[0];
+    let mut placed = 0;
+    for i in 0..5 {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some(format!("{}-{i}", deployment.name)),
+                namespace: Some("default".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(deployment.spec.clone()),
+            status: None,
+        };
+        let pod = tessera_webhook::decision::mutate_pod(&pod, &config).expect("admitted");
+        match state.schedule(&pod) {
+            Ok(placement) => {
+                state.assume(&placement.pod, placement.charge.clone());
+                placed += 1;
+            }
+            Err(why) => assert!(why.to_string().contains("ResourceQuotaNotFit"), "{why}"),
+        }
+    }
+    assert_eq!(placed, 3, "the example's comments promise three of five");
 }
 
 // ------------------------------------------------ admission policies

@@ -12,7 +12,8 @@
 //!   available PV and one handed to its node for provisioning, a pod of
 //!   higher priority preempting (eviction, `nominatedNodeName`);
 //! - webhook: the self-provisioned CA (Secret, caBundle of the
-//!   MutatingWebhookConfiguration) and, separately, the optional
+//!   MutatingWebhookConfiguration), the `--gpu-quotas` ResourceQuota
+//!   watch, and, separately, the optional
 //!   `--watch-namespaces` cache, whose calls must be exactly the extra
 //!   grant the manifest and the webhook's README document;
 //! - node agent: inventory publish, kubelet's `Allocate`, the
@@ -540,7 +541,15 @@ async fn webhook_calls_match_its_rbac() {
         }))
         .expect("configuration"),
     );
-    let task = spawn_self_provisioning_webhook(&api, &["--ca-sync-seconds", "1"]).await;
+    let task =
+        spawn_self_provisioning_webhook(&api, &["--ca-sync-seconds", "1", "--gpu-quotas"]).await;
+    eventually("the ResourceQuota watch (--gpu-quotas)", || {
+        api.requests()
+            .iter()
+            .any(|r| r.resource == "resourcequotas" && r.watch)
+            .then_some(())
+    })
+    .await;
     eventually("the caBundle patched and re-checked", || {
         let config: MutatingWebhookConfiguration = api.get(None, "tessera-webhook")?;
         let patched = config.webhooks?[0].client_config.ca_bundle.is_some();

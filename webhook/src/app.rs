@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::namespaces::OptedOutNamespaces;
 use crate::provision::{ProvisionError, SelfProvisioning};
+use crate::quota_cache::GpuQuotaCache;
 use crate::server::{router, serve_tls, AppState, DEFAULT_BODY_LIMIT};
 use crate::tls::{certified_key_from_pem, server_config, CertFiles, CertStore, TlsError};
 
@@ -87,6 +88,13 @@ pub struct Options {
     /// namespaceSelector is the primary mechanism).
     #[arg(long, env = "TESSERA_WEBHOOK_WATCH_NAMESPACES")]
     pub watch_namespaces: bool,
+    /// Deny at admission a GPU pod whose own request is over its
+    /// namespace's GPU quota (`limits.nvidia.com/gpumem`,
+    /// `limits.nvidia.com/gpucores`) by watching ResourceQuotas (needs
+    /// list/watch on resourcequotas). The scheduler enforces the quota
+    /// with or without it.
+    #[arg(long, env = "TESSERA_WEBHOOK_GPU_QUOTAS")]
+    pub gpu_quotas: bool,
     /// Largest accepted review body, bytes; larger bodies get 413.
     #[arg(long, env = "TESSERA_WEBHOOK_BODY_LIMIT", default_value_t = DEFAULT_BODY_LIMIT)]
     pub body_limit_bytes: usize,
@@ -132,7 +140,7 @@ pub fn load_config(path: Option<&PathBuf>) -> Result<Config, RunError> {
 }
 
 /// Binds `--listen` and runs the webhook until `shutdown` completes. With
-/// `--self-provision` or `--watch-namespaces`, `client` is used for the API (built from the
+/// `--self-provision`, `--watch-namespaces` or `--gpu-quotas`, `client` is used for the API (built from the
 /// environment when `None`).
 pub async fn run(
     options: Options,
@@ -159,7 +167,7 @@ pub async fn serve(
     let mut background = Vec::new();
     let client = match client {
         Some(client) => Some(client),
-        None if options.self_provision || options.watch_namespaces => {
+        None if options.self_provision || options.watch_namespaces || options.gpu_quotas => {
             Some(kube::Client::try_default().await.map_err(RunError::Kube)?)
         }
         None => None,
@@ -199,12 +207,19 @@ pub async fn serve(
         )));
         (store, AppState::new(config, true))
     };
-    if let (true, Some(client)) = (options.watch_namespaces, client) {
+    if let (true, Some(client)) = (options.watch_namespaces, client.clone()) {
         let (namespaces, driver) = OptedOutNamespaces::watch(client);
         background.push(tokio::spawn(driver));
         tracing::info!("waiting for the list of opted-out namespaces");
         namespaces.wait_until_ready().await;
         state.namespaces = Some(namespaces);
+    }
+    if let (true, Some(client)) = (options.gpu_quotas, client) {
+        let (quotas, driver) = GpuQuotaCache::watch(client);
+        background.push(tokio::spawn(driver));
+        tracing::info!("waiting for the list of resource quotas");
+        quotas.wait_until_ready().await;
+        state.quotas = Some(quotas);
     }
     tracing::info!(addr = ?listener.local_addr().ok(), self_provision = options.self_provision, "serving admission reviews");
     let tls = server_config(store)?;

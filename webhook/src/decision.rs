@@ -167,6 +167,10 @@ pub enum Denial {
     /// A GPU container sets a core policy looser than the cluster's.
     #[error(transparent)]
     LooserCorePolicy(#[from] LooserCorePolicy),
+    /// The pod's own GPU request is more than its namespace's quota allows
+    /// (see [`crate::gpu_quota`]).
+    #[error("{0}")]
+    QuotaExceeded(#[from] tessera_api::gpu_quota::QuotaExceeded),
     /// The pod is already bound to a node, bypassing GPU scheduling.
     #[error("the pod sets spec.nodeName = `{node}` and asks for GPU resources; a pod placed by hand bypasses GPU placement and gets no card slice, so remove spec.nodeName (use a nodeSelector or node affinity to choose nodes)")]
     NodeNameSet {
@@ -187,7 +191,8 @@ impl Denial {
             | Self::ControlVariableSet { .. }
             | Self::EnvFromWithoutSafePrefix { .. }
             | Self::LooserCorePolicy(_)
-            | Self::NodeNameSet { .. } => 403,
+            | Self::NodeNameSet { .. }
+            | Self::QuotaExceeded(_) => 403,
         }
     }
 

@@ -4,6 +4,8 @@
 //!   ([`admit`]), and [`mutate_pod`], the defaulted Pod for the simulator.
 //! - [`control_env`]: the container variables the node agent owns, which a
 //!   GPU pod may not set.
+//! - [`gpu_quota`]: denying a pod whose own request is over its namespace's
+//!   GPU quota ([`admit_with_quota`]); [`quota_cache`] watches the quotas.
 //! - [`review`]: the `admission.k8s.io/v1` (and `v1beta1`) AdmissionReview
 //!   wire format.
 //! - [`server`]: axum routes and the TLS accept loop.
@@ -13,7 +15,7 @@
 //! - [`namespaces`]: the optional cache of opted-out namespaces.
 //! - [`app`]: command-line options and the process's `run`.
 //!
-//! Everything but [`decision`] and [`control_env`] needs the default feature
+//! Everything but [`decision`], [`gpu_quota`] and [`control_env`] needs the default feature
 //! `server`; `tessera simulate` links the pure decision alone.
 //!
 //! # What the webhook configuration must provide
@@ -39,12 +41,15 @@ pub mod app;
 pub mod control_env;
 pub mod decision;
 pub mod env_defaults;
+pub mod gpu_quota;
 #[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]
 pub mod namespaces;
 #[cfg(feature = "server")]
 pub mod provision;
+#[cfg(feature = "server")]
+pub mod quota_cache;
 #[cfg(feature = "server")]
 pub mod review;
 #[cfg(feature = "server")]
@@ -53,3 +58,4 @@ pub mod server;
 pub mod tls;
 
 pub use decision::{admit, mutate_pod, AdmissionDecision, AllowReason, Denial, MutateError};
+pub use gpu_quota::admit_with_quota;

@@ -18,13 +18,16 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::ServerConfig;
 use tessera_api::config::Config;
+use tessera_api::gpu_quota::NamespaceQuota;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::Service as _;
 
-use crate::decision::{admit, AdmissionDecision};
+use crate::decision::AdmissionDecision;
+use crate::gpu_quota::admit_with_quota;
 use crate::metrics::{Outcome, WebhookMetrics};
 use crate::namespaces::OptedOutNamespaces;
+use crate::quota_cache::GpuQuotaCache;
 use crate::review::{parse_review, response_body, ReviewError};
 
 /// Default limit on a review body. The API server caps objects at 3 MiB;
@@ -45,6 +48,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// Opted-out namespaces, when `--watch-namespaces` is on.
     pub namespaces: Option<OptedOutNamespaces>,
+    /// Namespace GPU quotas, when `--gpu-quotas` is on.
+    pub quotas: Option<GpuQuotaCache>,
 }
 
 impl AppState {
@@ -55,6 +60,7 @@ impl AppState {
             metrics: Arc::new(WebhookMetrics::new()),
             ready: Arc::new(AtomicBool::new(ready)),
             namespaces: None,
+            quotas: None,
         }
     }
 }
@@ -83,6 +89,17 @@ pub fn answer_review_with(
     config: &Config,
     namespace_labels: impl Fn(&str) -> Option<BTreeMap<String, String>>,
 ) -> Result<(Vec<u8>, Outcome), ReviewError> {
+    answer_review_with_quotas(body, config, namespace_labels, |_| None)
+}
+
+/// [`answer_review_with`], with the GPU quota of the pod's namespace looked
+/// up by `namespace_quota` (`None`: no GPU quota there).
+pub fn answer_review_with_quotas(
+    body: &[u8],
+    config: &Config,
+    namespace_labels: impl Fn(&str) -> Option<BTreeMap<String, String>>,
+    namespace_quota: impl Fn(&str) -> Option<NamespaceQuota>,
+) -> Result<(Vec<u8>, Outcome), ReviewError> {
     let review = parse_review(body)?;
     let Some(pod) = review.pod.as_deref() else {
         let decision = AdmissionDecision::Allowed {
@@ -106,7 +123,8 @@ pub fn answer_review_with(
         _ => std::borrow::Cow::Borrowed(pod),
     };
     let pod = pod.as_ref();
-    let decision = admit(pod, labels.as_ref(), config);
+    let quota = pod.metadata.namespace.as_deref().and_then(&namespace_quota);
+    let decision = admit_with_quota(pod, labels.as_ref(), config, quota.as_ref());
     let outcome = match &decision {
         AdmissionDecision::Allowed { patch: Some(_), .. } => Outcome::Mutated,
         AdmissionDecision::Allowed { reason, .. } => {
@@ -139,7 +157,10 @@ async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
     let started = Instant::now();
     let namespaces = state.namespaces.as_ref();
     let lookup = |namespace: &str| namespaces.and_then(|n| n.labels(namespace));
-    match answer_review_with(&body, &state.config, lookup) {
+    let quotas = state.quotas.as_ref();
+    let quota =
+        |namespace: &str| quotas.and_then(|q| q.namespace(namespace, &state.config.resources));
+    match answer_review_with_quotas(&body, &state.config, lookup, quota) {
         Ok((json, outcome)) => {
             state.metrics.observe(outcome, started.elapsed());
             ([(header::CONTENT_TYPE, "application/json")], json).into_response()

@@ -545,3 +545,71 @@ async fn watched_namespaces_that_opted_out_are_left_alone() {
     }
     task.abort();
 }
+
+/// A review of a pod in `namespace` asking for two cards of 5000 MiB.
+fn review_of_two_cards(namespace: &str, uid: &str) -> Vec<u8> {
+    let pod = common::api_server_pod(
+        json!([{"name": "trainer", "resources": {"limits": {"nvidia.com/gpu": "2", "nvidia.com/gpumem": "5000"}}}]),
+        json!({"namespace": namespace}),
+        json!({}),
+    );
+    let mut review = common::review(REVIEW_VERSION, uid, &pod);
+    review["request"]["namespace"] = json!(namespace);
+    serde_json::to_vec(&review).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_quotas_deny_a_pod_over_its_namespace_quota_and_follow_changes() {
+    let api = ApiServer::start().await.unwrap();
+    let quota = |limit: &str| -> k8s_openapi::api::core::v1::ResourceQuota {
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "ResourceQuota",
+            "metadata": {"name": "team-gpus", "namespace": "ml-team"},
+            "spec": {"hard": {"limits.nvidia.com/gpumem": limit}}}))
+        .unwrap()
+    };
+    api.insert(&quota("8192"));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertAuthority::generate().unwrap();
+    write_pair(dir.path(), &ca, &["localhost"]);
+    let options = mounted_cert_options(dir.path(), &["--gpu-quotas"]);
+    let (addr, task) = start(options, Some(api.client())).await;
+    let mut connection = open_once_served(
+        addr,
+        ca.cert_pem(),
+        "localhost",
+        Duration::from_millis(50),
+        "the webhook never started serving",
+    )
+    .await;
+    let (_, answer) = connection
+        .admit(review_of_two_cards("ml-team", "q1"), "q1")
+        .await;
+    assert!(!answer.allowed, "{}", answer.body);
+    let message = answer.message.unwrap_or_default();
+    assert!(
+        message.contains("ResourceQuota `team-gpus`") && message.contains("10000 MiB"),
+        "{message}"
+    );
+    let (_, answer) = connection
+        .admit(review_of_two_cards("research", "r1"), "r1")
+        .await;
+    assert!(answer.allowed, "no quota in research: {}", answer.body);
+
+    // A raised quota is honoured once the watch sees it.
+    api.insert(&quota("16384"));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, answer) = connection
+            .admit(review_of_two_cards("ml-team", "q2"), "q2")
+            .await;
+        if answer.allowed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the raised quota was never honoured"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    task.abort();
+}

@@ -10,6 +10,7 @@ pub mod node_liveness;
 pub mod node_predicates;
 pub mod pod_info;
 pub mod preemption;
+pub mod quota;
 pub mod requirements;
 pub mod resources;
 pub mod schedule;
@@ -26,6 +27,8 @@ mod pod_topology_tests;
 mod policy_tests;
 #[cfg(test)]
 mod preemption_tests;
+#[cfg(test)]
+mod quota_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -150,7 +150,7 @@ impl ClusterState {
         }
         let priority = self.priority_of(&pod.info);
         let needs_gpu = pod.needs_gpu();
-        let decision = Decision::node_only();
+        let decision = Decision::node_and_quota(self, pod);
         let mut scratch = FitScratch::for_decision(&self.card_types, &pod.policy, false);
         let mut best: Option<((usize, i32, i64, usize), Preemption)> = None;
         for node in self.nodes.values() {

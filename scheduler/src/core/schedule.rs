@@ -17,6 +17,7 @@ use tessera_api::policy::NodePolicy;
 
 use super::gpu_fit::{fit_pod, FitScratch, PodPicks};
 use super::inter_pod_affinity::{self, AffinityFilter, AffinityScore};
+use super::quota::QuotaCheck;
 use super::requirements::PodRequirements;
 use super::resources::ResourceAmounts;
 use super::state::{ClusterState, NodeState, PodCharge};
@@ -122,6 +123,7 @@ pub(super) struct Decision<'a> {
     spread: Option<SpreadFilter<'a>>,
     affinity_score: Option<AffinityScore<'a>>,
     spread_score: bool,
+    quota: Option<QuotaCheck<'a>>,
 }
 
 impl<'a> Decision<'a> {
@@ -133,6 +135,17 @@ impl<'a> Decision<'a> {
             spread: None,
             affinity_score: None,
             spread_score: false,
+            quota: None,
+        }
+    }
+
+    /// What depends on the node itself, and the namespace's GPU quota
+    /// (preemption's what-if: evicting frees cards, not quota, so a pod
+    /// over its quota evicts nobody).
+    pub(super) fn node_and_quota(state: &'a ClusterState, pod: &'a PodRequirements) -> Self {
+        Self {
+            quota: QuotaCheck::new(state, pod),
+            ..Self::node_only()
         }
     }
 
@@ -151,6 +164,7 @@ impl<'a> Decision<'a> {
             affinity_score: AffinityScore::needed(state, info)
                 .then(|| AffinityScore::new(state, info)),
             spread_score: pod.spread.iter().any(|c| !c.hard),
+            quota: QuotaCheck::new(state, pod),
         }
     }
 
@@ -380,9 +394,13 @@ pub(super) fn evaluate_node(
     ) {
         return Err(reason);
     } else {
-        fit_pod(&node.cards, node.fullness_sum, pod, scratch, false)
-            .map(|fit| fit.fullness_after)
-            .map_err(|misfit| misfit.reason)?
+        let with_picks = decision.quota.as_ref().is_some_and(QuotaCheck::needs_picks);
+        let fit = fit_pod(&node.cards, node.fullness_sum, pod, scratch, with_picks)
+            .map_err(|misfit| misfit.reason)?;
+        if let Some(quota) = &decision.quota {
+            quota.admits(&node.cards, pod, &fit)?;
+        }
+        fit.fullness_after
     };
     if let Some(check) = &decision.volumes {
         check.on_node(&node.facts)?;

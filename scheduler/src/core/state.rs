@@ -213,6 +213,8 @@ pub struct ClusterState {
     stale_agents: BTreeSet<String>,
     /// The GPU count resource name, shared by every node's liveness.
     gpu_resource: Arc<str>,
+    /// Namespace GPU quotas and what each namespace's pods take.
+    pub(crate) quotas: super::quota::QuotaBook,
 }
 
 impl ClusterState {
@@ -232,6 +234,7 @@ impl ClusterState {
             scoring_affinity_pods: 0,
             storage: Storage::default(),
             priorities: Priorities::default(),
+            quotas: super::quota::QuotaBook::default(),
         }
     }
 
@@ -502,6 +505,7 @@ impl ClusterState {
     /// Releases whatever the pod is charged, assumed or observed.
     pub fn release(&mut self, key: &str) {
         if let Some(old) = self.charges.remove(key) {
+            self.quotas.count(key, &old, false);
             if let Some(node) = self.nodes.get_mut(&old.node) {
                 apply(node, &old, false);
                 node.pods.remove(key);
@@ -538,6 +542,7 @@ impl ClusterState {
             self.count_affinity_pod(info, true);
             self.affinity_pods.insert(key.clone(), info.clone());
         }
+        self.quotas.count(&key, &charge, true);
         self.charges.insert(key, charge);
     }
 

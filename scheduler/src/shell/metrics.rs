@@ -4,7 +4,8 @@
 //! CamelCase names too when `metrics.legacyNames` is on), computed from the
 //! cluster state at scrape time so dashboards built for HAMi keep working,
 //! and Tessera's own scheduling figures (decisions, latency, queue depth,
-//! bind failures). One block per family, one `# EOF`: valid OpenMetrics.
+//! bind failures). Namespace GPU quotas (`hami_resource_quota_*`) come
+//! from the same state. One block per family, one `# EOF`: valid OpenMetrics.
 
 use std::sync::atomic::AtomicI64;
 
@@ -394,7 +395,8 @@ fn render_allocation(state: &ClusterState, bound_pods: &[BoundPod], legacy_names
         if family.legacy && !legacy_names {
             continue;
         }
-        let samples = samples_of(family.name, &cards, bound_pods);
+        let samples = quota_samples(family.name, state)
+            .unwrap_or_else(|| samples_of(family.name, &cards, bound_pods));
         write_gauge_family(&mut out, family, &samples);
     }
     out
@@ -468,11 +470,51 @@ fn samples_of(name: &str, cards: &[CardFigures<'_>], bound_pods: &[BoundPod]) ->
         "hami_vgpu_core_allocated_ratio" | "vGPUCoreAllocated" => {
             per_container(bound_pods, |device| f64::from(device.cores))
         }
-        // MIG instances and namespace quotas: Tessera neither creates MIG
-        // instances nor enforces quotas on GPU resources yet, so these
-        // families have no series (and are not written).
+        // MIG instances: Tessera creates none, so the family has no series
+        // (and is not written).
         _ => Vec::new(),
     }
+}
+
+/// HAMi's namespace quota families (`None` for any other family), in
+/// HAMi's units (MiB for `gpumem`, percent of a card for `gpucores`):
+/// usage for every namespace and resource a quota limits or a pod uses,
+/// with the limit as the `limit` label (`0` where no quota is set, as
+/// HAMi writes it); the limit itself only where a quota sets one.
+#[allow(clippy::cast_precision_loss)]
+fn quota_samples(name: &str, state: &ClusterState) -> Option<Vec<GaugeSample>> {
+    let names = &state.config().resources;
+    let figures = state.quotas().figures();
+    let samples = match name {
+        "hami_resource_quota_used" | "QuotaUsed" => figures
+            .iter()
+            .map(|f| {
+                (
+                    vec![
+                        f.namespace.clone(),
+                        f.resource.resource_name(names).to_owned(),
+                        f.limit.unwrap_or(0).to_string(),
+                    ],
+                    f.used as f64,
+                )
+            })
+            .collect(),
+        "hami_resource_quota_limit" => figures
+            .iter()
+            .filter_map(|f| {
+                let limit = f.limit?;
+                Some((
+                    vec![
+                        f.namespace.clone(),
+                        f.resource.resource_name(names).to_owned(),
+                    ],
+                    limit as f64,
+                ))
+            })
+            .collect(),
+        _ => return None,
+    };
+    Some(samples)
 }
 
 fn per_container(

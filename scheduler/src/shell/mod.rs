@@ -1,6 +1,6 @@
 //! The Kubernetes shell around the placement core. Reflectors keep the
-//! [`ClusterState`] current from node, pod, namespace, storage and
-//! PodDisruptionBudget watches; pending pods of ours
+//! [`ClusterState`] current from node, pod, namespace, storage,
+//! PodDisruptionBudget and ResourceQuota watches; pending pods of ours
 //! flow through the [`SchedulingQueue`]; the decision loop asks the core,
 //! assumes the result at once (so the next decision already sees it) and
 //! hands the bind to [`bind`]. One bind request carries the sealed
@@ -22,6 +22,7 @@ mod namespaces;
 pub mod node_gate;
 mod preemption;
 pub mod queue;
+mod quotas;
 pub mod seal_key;
 pub mod volumes;
 
@@ -45,12 +46,13 @@ use metrics::SchedulerMetrics;
 use queue::SchedulingQueue;
 
 /// Lists besides nodes and pods that decisions wait for.
-const OTHER_LISTS: [&str; 5] = [
+const OTHER_LISTS: [&str; 6] = [
     namespaces::NAMESPACES_LIST,
     preemption::BUDGETS_LIST,
     volumes::STORAGE_LISTS[0],
     volumes::STORAGE_LISTS[1],
     volumes::STORAGE_LISTS[2],
+    quotas::QUOTAS_LIST,
 ];
 
 /// How the shell runs.
@@ -240,6 +242,7 @@ impl Scheduler {
         let namespaces = tokio::spawn(self.clone().reflect_namespaces());
         let storage = tokio::spawn(self.clone().reflect_storage());
         let budgets = tokio::spawn(self.clone().reflect_disruption_budgets());
+        let quotas = tokio::spawn(self.clone().reflect_resource_quotas());
         let decide = tokio::spawn(self.clone().decision_loop(leading_rx));
         let expiry = tokio::spawn(self.clone().expire_gates(Duration::from_secs(1)));
         let liveness = tokio::spawn(self.clone().watch_handshakes());
@@ -249,6 +252,7 @@ impl Scheduler {
             r = namespaces => r.unwrap_or(Err(ShellError::WatchEnded("namespace"))),
             r = storage => r.unwrap_or(Err(ShellError::WatchEnded("storage"))),
             r = budgets => r.unwrap_or(Err(ShellError::WatchEnded("poddisruptionbudget"))),
+            r = quotas => r.unwrap_or(Err(ShellError::WatchEnded("resourcequota"))),
             _ = decide => Err(ShellError::WatchEnded("leadership")),
             _ = expiry => Err(ShellError::WatchEnded("bind gate expiry")),
             _ = liveness => Err(ShellError::WatchEnded("node handshake watch")),

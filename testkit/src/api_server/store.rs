@@ -152,6 +152,7 @@ pub(crate) fn kind_of(resource: &str) -> String {
         "storageclasses" => "StorageClass",
         "priorityclasses" => "PriorityClass",
         "poddisruptionbudgets" => "PodDisruptionBudget",
+        "resourcequotas" => "ResourceQuota",
         "mutatingwebhookconfigurations" => "MutatingWebhookConfiguration",
         "validatingwebhookconfigurations" => "ValidatingWebhookConfiguration",
         _ => "",
@@ -180,6 +181,7 @@ pub(crate) fn has_status_subresource(resource: &str) -> bool {
             | "persistentvolumes"
             | "persistentvolumeclaims"
             | "poddisruptionbudgets"
+            | "resourcequotas"
     )
 }
 
