@@ -56,6 +56,15 @@ impl NodeState {
         node
     }
 
+    /// Charges a pod here as if placed (the room a nominated pod waits for).
+    pub(crate) fn add_charge(&mut self, key: &str, charge: &PodCharge) {
+        apply(self, charge, true);
+        self.pods.insert(key.to_owned());
+        if let Some(info) = &charge.info {
+            self.residents.insert(key.to_owned(), info.clone());
+        }
+    }
+
     /// Keys of the pods charged here.
     pub(crate) fn pod_keys(&self) -> impl Iterator<Item = &String> {
         self.pods.iter()
@@ -343,6 +352,7 @@ impl ClusterState {
     /// such a pod is charged no cards.
     pub fn observe_pod(&mut self, pod: &Pod) -> Option<SealError> {
         let key = pod_key(pod);
+        self.track_nomination(pod, &key);
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
         if tessera_api::pod::is_terminal(pod)
             || pod.metadata.deletion_timestamp.is_some() && phase.is_none()
@@ -383,6 +393,7 @@ impl ClusterState {
 
     /// Forgets a deleted pod.
     pub fn remove_pod(&mut self, pod: &Pod) {
+        self.forget_nomination(&pod_key(pod));
         self.release(&pod_key(pod));
     }
 

@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::{Pod, TopologySpreadConstraint};
 
 use super::labels::Selector;
 use super::node_predicates::{NodeConstraints, NodeFacts};
+use super::pod_info::PodInfo;
 use super::state::{ClusterState, NodeState};
 
 /// `FailedScheduling` reason: placing here would exceed a `maxSkew`.
@@ -112,6 +113,8 @@ pub struct SpreadFilter<'a> {
     constraints: Vec<&'a SpreadConstraint>,
     counts: Vec<HashMap<&'a str, i64>>,
     minimums: Vec<i64>,
+    node_constraints: &'a NodeConstraints,
+    namespace: &'a str,
 }
 
 impl<'a> SpreadFilter<'a> {
@@ -119,8 +122,8 @@ impl<'a> SpreadFilter<'a> {
     pub fn new(
         state: &'a ClusterState,
         spread: &'a [SpreadConstraint],
-        node_constraints: &NodeConstraints,
-        namespace: &str,
+        node_constraints: &'a NodeConstraints,
+        namespace: &'a str,
     ) -> Self {
         let constraints: Vec<&SpreadConstraint> = spread.iter().filter(|c| c.hard).collect();
         let mut counts: Vec<HashMap<&str, i64>> = vec![HashMap::new(); constraints.len()];
@@ -136,9 +139,22 @@ impl<'a> SpreadFilter<'a> {
                 *counts[i].entry(value).or_default() += c.count(node, namespace);
             }
         }
-        let minimums = constraints
+        let mut filter = Self {
+            constraints,
+            counts,
+            minimums: Vec::new(),
+            node_constraints,
+            namespace,
+        };
+        filter.update_minimums();
+        filter
+    }
+
+    fn update_minimums(&mut self) {
+        self.minimums = self
+            .constraints
             .iter()
-            .zip(&counts)
+            .zip(&self.counts)
             .map(|(c, domains)| {
                 if (domains.len() as i64) < c.min_domains {
                     0
@@ -147,10 +163,28 @@ impl<'a> SpreadFilter<'a> {
                 }
             })
             .collect();
-        Self {
-            constraints,
-            counts,
-            minimums,
+    }
+
+    /// Preemption's what-if, as kube-scheduler's `RemovePod`/`AddPod`:
+    /// counts `pod` on `node` out of (`delta` −1) or back into (+1) its
+    /// domains, and recomputes the global minimums.
+    pub fn adjust(&mut self, node: &'a NodeFacts, pod: &PodInfo, delta: i64) {
+        if pod.terminating
+            || pod.namespace != self.namespace
+            || !has_keys(node, self.constraints.iter().copied())
+        {
+            return;
+        }
+        let mut changed = false;
+        for (i, c) in self.constraints.iter().enumerate() {
+            if c.includes(node, self.node_constraints) && c.selector.matches(&pod.labels) {
+                let value = node.labels[&c.topology_key].as_str();
+                *self.counts[i].entry(value).or_default() += delta;
+                changed = true;
+            }
+        }
+        if changed {
+            self.update_minimums();
         }
     }
 
