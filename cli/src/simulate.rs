@@ -251,6 +251,9 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
     for budget in &objects.disruption_budgets {
         state.upsert_disruption_budget(budget);
     }
+    for csi_node in &objects.csi_nodes {
+        state.storage_mut().upsert_csi_node(csi_node);
+    }
     for class in &objects.storage_classes {
         state.storage_mut().upsert_class(class);
     }

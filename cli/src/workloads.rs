@@ -1,6 +1,6 @@
 //! Reading cluster and workload YAML for the simulator: multi-document
 //! files of standard Kubernetes objects. Nodes, Namespaces, Pods,
-//! PersistentVolumes, PersistentVolumeClaims, StorageClasses,
+//! PersistentVolumes, PersistentVolumeClaims, StorageClasses, CSINodes,
 //! PriorityClasses and PodDisruptionBudgets are kept;
 //! pod-template workloads (Deployment, ReplicaSet, StatefulSet, Job,
 //! CronJob, ReplicationController, DaemonSet) are expanded into the pods
@@ -10,7 +10,7 @@
 use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::scheduling::v1::PriorityClass;
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -56,6 +56,8 @@ pub struct Objects {
     pub claims: Vec<PersistentVolumeClaim>,
     /// StorageClasses.
     pub storage_classes: Vec<StorageClass>,
+    /// CSINodes (per-node attachable-volume limits).
+    pub csi_nodes: Vec<CSINode>,
     /// PriorityClasses.
     pub priority_classes: Vec<PriorityClass>,
     /// PodDisruptionBudgets.
@@ -147,6 +149,9 @@ impl Objects {
                 self.disruption_budgets.push(budget);
             }
             "StorageClass" => self.storage_classes.push(
+                serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
+            ),
+            "CSINode" => self.csi_nodes.push(
                 serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
             ),
             "Pod" => {

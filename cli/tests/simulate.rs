@@ -251,3 +251,33 @@ fn preemption_example_evicts_the_unprotected_lower_priority_pod() {
     );
     assert_eq!(report["cards"][0]["allocatedMemoryMiB"], 10000 + 9000);
 }
+
+#[test]
+fn preemption_affinity_example_evicts_the_pod_anti_affinity_refuses() {
+    let report = simulate_example("preemption-affinity");
+    let placed: Vec<(String, String)> = report["placed"]
+        .as_array()
+        .expect("placed")
+        .iter()
+        .map(|p| {
+            (
+                p["pod"].as_str().unwrap_or("").to_owned(),
+                p["node"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        placed,
+        [
+            ("inference/chat-0".to_owned(), "gpu-1".to_owned()),
+            ("inference/chat-1".to_owned(), "gpu-1".to_owned())
+        ]
+    );
+    let unplaced = report["unplaced"].as_array().expect("unplaced");
+    assert_eq!(unplaced.len(), 1, "only sweep-1 is evicted: {unplaced:?}");
+    assert_eq!(unplaced[0]["pod"], "batch/sweep-1");
+    assert_eq!(
+        unplaced[0]["reason"],
+        "preempted by inference/chat-0 on gpu-1"
+    );
+}

@@ -15,6 +15,7 @@ use tessera_api::names::allocation as keys;
 use tessera_api::pod_allocation::PodAllocation;
 use tessera_api::policy::NodePolicy;
 
+use super::attach_limits::AttachLimits;
 use super::gpu_fit::{fit_pod, FitScratch, PodPicks};
 use super::inter_pod_affinity::{self, AffinityFilter, AffinityScore};
 use super::node_predicates::NodeFacts;
@@ -123,6 +124,7 @@ pub const CORRUPT_INVENTORY_REASON: &str =
 /// the whole cluster (only for the features the pod or the cluster use).
 pub(super) struct Decision<'a> {
     volumes: Option<VolumeCheck<'a>>,
+    attach_limits: Option<AttachLimits<'a>>,
     affinity: Option<AffinityFilter<'a>>,
     spread: Option<SpreadFilter<'a>>,
     affinity_score: Option<AffinityScore<'a>>,
@@ -145,6 +147,9 @@ impl<'a> Decision<'a> {
             .then(|| VolumeCheck::new(&state.storage, &info.namespace, &pod.claims, &pod.key));
         Self {
             volumes,
+            attach_limits: (!pod.claims.is_empty())
+                .then(|| AttachLimits::new(&state.storage, &info.namespace, &pod.claims))
+                .flatten(),
             affinity: AffinityFilter::needed(state, info).then(|| AffinityFilter::new(state, info)),
             spread: pod
                 .spread
@@ -403,6 +408,14 @@ pub(super) fn evaluate_node(
             .map(|fit| fit.fullness_after)
             .map_err(|misfit| misfit.reason)?
     };
+    // kube-scheduler's order: NodeVolumeLimits, then VolumeBinding/VolumeZone.
+    if let Some(reason) = decision
+        .attach_limits
+        .as_ref()
+        .and_then(|limits| limits.rejects(node))
+    {
+        return Err(reason.to_owned());
+    }
     if let Some(check) = &decision.volumes {
         check.on_node(&node.facts)?;
     }

@@ -43,12 +43,13 @@ use metrics::SchedulerMetrics;
 use queue::SchedulingQueue;
 
 /// Lists besides nodes and pods that decisions wait for.
-const OTHER_LISTS: [&str; 5] = [
+const OTHER_LISTS: [&str; 6] = [
     namespaces::NAMESPACES_LIST,
     preemption::BUDGETS_LIST,
     volumes::STORAGE_LISTS[0],
     volumes::STORAGE_LISTS[1],
     volumes::STORAGE_LISTS[2],
+    volumes::STORAGE_LISTS[3],
 ];
 
 /// How the shell runs.

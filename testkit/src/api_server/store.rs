@@ -150,6 +150,7 @@ pub(crate) fn kind_of(resource: &str) -> String {
         "persistentvolumes" => "PersistentVolume",
         "persistentvolumeclaims" => "PersistentVolumeClaim",
         "storageclasses" => "StorageClass",
+        "csinodes" => "CSINode",
         "priorityclasses" => "PriorityClass",
         "poddisruptionbudgets" => "PodDisruptionBudget",
         "mutatingwebhookconfigurations" => "MutatingWebhookConfiguration",
@@ -197,6 +198,7 @@ pub(crate) fn is_cluster_scoped(resource: &str) -> bool {
             | "priorityclasses"
             | "runtimeclasses"
             | "storageclasses"
+            | "csinodes"
     )
 }
 
