@@ -4,6 +4,7 @@
 
 pub mod attach_limits;
 pub mod cards;
+pub mod default_spread;
 pub mod gpu_fit;
 pub mod inter_pod_affinity;
 pub mod labels;

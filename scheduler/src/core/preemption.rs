@@ -178,6 +178,8 @@ impl ClusterState {
         if nominated_node.is_some_and(|node| self.preemption_under_way(&pod.info, node)) {
             return PreemptionOutcome::NotEligible(TERMINATING_VICTIM_MESSAGE);
         }
+        let defaulted = self.with_default_spread(pod);
+        let pod = defaulted.as_ref().unwrap_or(pod);
         let priority = self.priority_of(&pod.info);
         let needs_gpu = pod.needs_gpu();
         let mut decision = Decision::filters_only(self, pod);

@@ -213,6 +213,8 @@ impl ClusterState {
         if !pod.scheduling_gates.is_empty() {
             return Err(ScheduleError::SchedulingGated(pod.scheduling_gates.clone()));
         }
+        let defaulted = self.with_default_spread(pod);
+        let pod = defaulted.as_ref().unwrap_or(pod);
         let needs_gpu = pod.needs_gpu();
         let decision = Decision::new(self, pod);
         let mut scratch = FitScratch::for_decision(&self.card_types, &pod.policy, false);

@@ -187,6 +187,8 @@ pub struct ClusterState {
     pub(crate) storage: Storage,
     /// PriorityClasses and PodDisruptionBudgets (preemption).
     pub(crate) priorities: Priorities,
+    /// Workload selectors for cluster-default topology spread.
+    pub(crate) workload_selectors: super::default_spread::WorkloadSelectors,
 }
 
 impl ClusterState {
@@ -204,6 +206,7 @@ impl ClusterState {
             scoring_affinity_pods: 0,
             storage: Storage::default(),
             priorities: Priorities::default(),
+            workload_selectors: Default::default(),
         }
     }
 
