@@ -55,13 +55,14 @@ fn map_selector(labels: Option<&BTreeMap<String, String>>) -> Option<LabelSelect
 }
 
 impl ClusterState {
-    /// Records (or, with `None`, forgets) a workload's selector.
+    /// Records (or, with `None`, forgets) a workload's selector. Returns
+    /// whether that changed anything (status updates do not).
     pub fn upsert_workload_selector(
         &mut self,
         kind: WorkloadKind,
         metadata: &ObjectMeta,
         selector: Option<LabelSelector>,
-    ) {
+    ) -> bool {
         let namespace = metadata
             .namespace
             .clone()
@@ -73,54 +74,56 @@ impl ClusterState {
             .entry(namespace.clone())
             .or_default();
         // Selectors that select everything or nothing add nothing (kube-scheduler skips them).
-        match selector.filter(|s| {
+        let key = (kind, name);
+        let changed = match selector.filter(|s| {
             s.match_labels.as_ref().is_some_and(|m| !m.is_empty())
                 || s.match_expressions.as_ref().is_some_and(|e| !e.is_empty())
         }) {
+            Some(selector) if entries.get(&key).is_some_and(|w| w.selector == selector) => false,
             Some(selector) => {
                 let compiled = Selector::from_label_selector(Some(&selector));
-                entries.insert((kind, name), WorkloadSelector { selector, compiled });
+                entries.insert(key, WorkloadSelector { selector, compiled });
+                true
             }
-            None => {
-                entries.remove(&(kind, name));
-            }
-        }
+            None => entries.remove(&key).is_some(),
+        };
         if entries.is_empty() {
             self.workload_selectors.by_namespace.remove(&namespace);
         }
+        changed
     }
 
-    /// Forgets a workload.
-    pub fn remove_workload_selector(&mut self, kind: WorkloadKind, metadata: &ObjectMeta) {
-        self.upsert_workload_selector(kind, metadata, None);
+    /// Forgets a workload; returns whether it was known.
+    pub fn remove_workload_selector(&mut self, kind: WorkloadKind, metadata: &ObjectMeta) -> bool {
+        self.upsert_workload_selector(kind, metadata, None)
     }
 
-    /// Records a Service's selector.
-    pub fn upsert_service(&mut self, service: &Service) {
+    /// Records a Service's selector (whether it changed).
+    pub fn upsert_service(&mut self, service: &Service) -> bool {
         let selector = map_selector(service.spec.as_ref().and_then(|s| s.selector.as_ref()));
-        self.upsert_workload_selector(WorkloadKind::Service, &service.metadata, selector);
+        self.upsert_workload_selector(WorkloadKind::Service, &service.metadata, selector)
     }
 
     /// Records a ReplicationController's selector.
-    pub fn upsert_replication_controller(&mut self, controller: &ReplicationController) {
+    pub fn upsert_replication_controller(&mut self, controller: &ReplicationController) -> bool {
         let selector = map_selector(controller.spec.as_ref().and_then(|s| s.selector.as_ref()));
         self.upsert_workload_selector(
             WorkloadKind::ReplicationController,
             &controller.metadata,
             selector,
-        );
+        )
     }
 
     /// Records a ReplicaSet's selector.
-    pub fn upsert_replica_set(&mut self, set: &ReplicaSet) {
+    pub fn upsert_replica_set(&mut self, set: &ReplicaSet) -> bool {
         let selector = set.spec.as_ref().map(|s| s.selector.clone());
-        self.upsert_workload_selector(WorkloadKind::ReplicaSet, &set.metadata, selector);
+        self.upsert_workload_selector(WorkloadKind::ReplicaSet, &set.metadata, selector)
     }
 
     /// Records a StatefulSet's selector.
-    pub fn upsert_stateful_set(&mut self, set: &StatefulSet) {
+    pub fn upsert_stateful_set(&mut self, set: &StatefulSet) -> bool {
         let selector = set.spec.as_ref().map(|s| s.selector.clone());
-        self.upsert_workload_selector(WorkloadKind::StatefulSet, &set.metadata, selector);
+        self.upsert_workload_selector(WorkloadKind::StatefulSet, &set.metadata, selector)
     }
 
     /// kube-scheduler's `DefaultSelector`: the selectors of every workload

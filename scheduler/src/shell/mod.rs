@@ -23,6 +23,7 @@ mod preemption;
 pub mod queue;
 pub mod seal_key;
 pub mod volumes;
+mod workloads;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -43,13 +44,17 @@ use metrics::SchedulerMetrics;
 use queue::SchedulingQueue;
 
 /// Lists besides nodes and pods that decisions wait for.
-const OTHER_LISTS: [&str; 6] = [
+const OTHER_LISTS: [&str; 10] = [
     namespaces::NAMESPACES_LIST,
     preemption::BUDGETS_LIST,
     volumes::STORAGE_LISTS[0],
     volumes::STORAGE_LISTS[1],
     volumes::STORAGE_LISTS[2],
     volumes::STORAGE_LISTS[3],
+    workloads::WORKLOAD_LISTS[0],
+    workloads::WORKLOAD_LISTS[1],
+    workloads::WORKLOAD_LISTS[2],
+    workloads::WORKLOAD_LISTS[3],
 ];
 
 /// How the shell runs.
@@ -232,6 +237,7 @@ impl Scheduler {
         let namespaces = tokio::spawn(self.clone().reflect_namespaces());
         let storage = tokio::spawn(self.clone().reflect_storage());
         let budgets = tokio::spawn(self.clone().reflect_disruption_budgets());
+        let workloads = tokio::spawn(self.clone().reflect_workloads());
         let decide = tokio::spawn(self.clone().decision_loop(leading_rx));
         let expiry = tokio::spawn(self.clone().expire_gates(Duration::from_secs(1)));
         tokio::select! {
@@ -240,6 +246,7 @@ impl Scheduler {
             r = namespaces => r.unwrap_or(Err(ShellError::WatchEnded("namespace"))),
             r = storage => r.unwrap_or(Err(ShellError::WatchEnded("storage"))),
             r = budgets => r.unwrap_or(Err(ShellError::WatchEnded("poddisruptionbudget"))),
+            r = workloads => r.unwrap_or(Err(ShellError::WatchEnded("workload selectors"))),
             _ = decide => Err(ShellError::WatchEnded("leadership")),
             _ = expiry => Err(ShellError::WatchEnded("bind gate expiry")),
         }

@@ -147,6 +147,7 @@ pub(crate) fn kind_of(resource: &str) -> String {
         "daemonsets" => "DaemonSet",
         "replicasets" => "ReplicaSet",
         "statefulsets" => "StatefulSet",
+        "replicationcontrollers" => "ReplicationController",
         "persistentvolumes" => "PersistentVolume",
         "persistentvolumeclaims" => "PersistentVolumeClaim",
         "storageclasses" => "StorageClass",
