@@ -1,15 +1,18 @@
 //! Preemption as kube-scheduler's DefaultPreemption decides it: when a pod
-//! fits nowhere, find the node where evicting pods of lower priority frees
-//! enough (CPU, memory, host ports and the exact GPU slices they hold),
-//! evicting as few as possible: every lower-priority pod is taken off in a
-//! what-if, then put back, highest priority first (those a
-//! PodDisruptionBudget protects before the others), whenever the pod still
-//! fits. Nodes are ranked by fewest budget violations, then lowest highest
-//! victim priority, lowest priority sum, fewest victims, then name. A pod
-//! with `preemptionPolicy: Never` (its own or its PriorityClass's) never
-//! preempts.
+//! fits nowhere, skip the nodes whose failure evicting cannot fix
+//! (`UnschedulableAndUnresolvable`) and on the others run the full filter
+//! chain in a what-if without the lower-priority pods (freeing CPU,
+//! memory, host ports, attachable volumes and the exact GPU slices they
+//! hold, and taking them out of spread and affinity counts); evict as few
+//! as possible: every lower-priority pod is taken off, then put back,
+//! highest priority first (those a PodDisruptionBudget protects before the
+//! others), whenever the pod still fits. Nodes are ranked by fewest budget
+//! violations, then lowest highest victim priority, lowest priority sum,
+//! fewest victims, then name. A pod with `preemptionPolicy: Never` (its
+//! own or its PriorityClass's) never preempts. Pods nominated to a node
+//! (`status.nominatedNodeName`) keep its room from pods of lower priority.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -54,6 +57,9 @@ pub struct Priorities {
     nominated: BTreeMap<String, BTreeMap<String, Arc<PodRequirements>>>,
     /// Pod → its nominated node.
     nominated_nodes: HashMap<String, String>,
+    /// Nominations made here whose `status.nominatedNodeName` is not
+    /// written yet.
+    unpublished: HashSet<String>,
 }
 
 /// Where preempting helps, and whom it evicts.
@@ -323,21 +329,38 @@ impl ClusterState {
     }
 
     /// Records or clears a pod's nomination: an unbound, live pod with
-    /// `status.nominatedNodeName` waits for room on that node.
+    /// `status.nominatedNodeName` waits for room on that node. A
+    /// nomination this scheduler made ([`ClusterState::nominate`]) holds
+    /// until the pod's status names a node, or the pod is bound or gone.
     pub(crate) fn track_nomination(&mut self, pod: &Pod, key: &str) {
-        let node = pod
+        let status_node = pod
             .status
             .as_ref()
             .and_then(|s| s.nominated_node_name.as_deref())
             .filter(|n| !n.is_empty());
-        let waiting = node.is_some()
-            && pod.spec.as_ref().is_some_and(|s| s.node_name.is_none())
+        let live = pod.spec.as_ref().is_some_and(|s| s.node_name.is_none())
             && pod.metadata.deletion_timestamp.is_none()
             && !tessera_api::pod::is_terminal(pod);
+        match (live, status_node) {
+            (true, Some(node)) => self.record_nomination(pod, key, node),
+            (true, None) if self.priorities.unpublished.contains(key) => {}
+            _ => self.forget_nomination(key),
+        }
+    }
+
+    /// Nominates `pod` to `node` at once, as kube-scheduler's nominator
+    /// does before the API hears of it, so lower-priority pods decided
+    /// while its victims are evicted do not take their room.
+    pub fn nominate(&mut self, pod: &Pod, node: &str) {
+        let key = super::pod_key(pod);
+        self.record_nomination(pod, &key, node);
+        if self.priorities.nominated_nodes.contains_key(&key) {
+            self.priorities.unpublished.insert(key);
+        }
+    }
+
+    fn record_nomination(&mut self, pod: &Pod, key: &str, node: &str) {
         self.forget_nomination(key);
-        let (true, Some(node)) = (waiting, node) else {
-            return;
-        };
         // A pod whose request does not read cannot be placed, so reserves nothing.
         let Ok(requirements) = PodRequirements::from_pod(pod, &self.config) else {
             return;
@@ -352,8 +375,9 @@ impl ClusterState {
             .insert(key.to_owned(), Arc::new(requirements));
     }
 
-    /// Forgets a pod's nomination.
-    pub(crate) fn forget_nomination(&mut self, key: &str) {
+    /// Forgets a pod's nomination (also one not yet published).
+    pub fn forget_nomination(&mut self, key: &str) {
+        self.priorities.unpublished.remove(key);
         let Some(node) = self.priorities.nominated_nodes.remove(key) else {
             return;
         };

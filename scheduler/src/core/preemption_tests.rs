@@ -511,3 +511,33 @@ fn a_preemptor_still_waiting_for_its_victims_keeps_gpu_pods_off_the_node() {
         .schedule(&nominated("filler", 10000, 100, None))
         .is_ok());
 }
+
+#[test]
+fn a_nomination_made_here_holds_until_the_status_names_a_node_or_the_pod_is_bound() {
+    let mut state = ClusterState::new(Config::default());
+    state.upsert_node(&gpu_node("n1", "32"));
+    let preemptor = nominated("urgent", 10000, 1000, None);
+    state.nominate(&preemptor, "n1");
+    assert_eq!(state.nominated_pods("n1"), vec!["ml/urgent".to_owned()]);
+    // An update before nominatedNodeName is written (e.g. its PodScheduled
+    // condition) keeps the reservation.
+    state.observe_pod(&preemptor);
+    assert!(state
+        .schedule(&nominated("filler", 10000, 100, None))
+        .is_err());
+    // The status written, then bound: gone.
+    state.observe_pod(&nominated("urgent", 10000, 1000, Some("n1")));
+    assert_eq!(state.nominated_pods("n1"), vec!["ml/urgent".to_owned()]);
+    let mut bound = nominated("urgent", 10000, 1000, Some("n1"));
+    bound.spec.as_mut().expect("spec").node_name = Some("n1".into());
+    state.observe_pod(&bound);
+    assert!(state.nominated_pods("n1").is_empty());
+    // Withdrawn (an eviction refused): the room is free at once.
+    state.nominate(&preemptor, "n1");
+    state.forget_nomination("ml/urgent");
+    state.observe_pod(&preemptor);
+    assert!(state.nominated_pods("n1").is_empty());
+    assert!(state
+        .schedule(&nominated("filler", 10000, 100, None))
+        .is_ok());
+}

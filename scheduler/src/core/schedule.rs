@@ -1,6 +1,8 @@
 //! The decision: filter every node (node predicates, host ports, plain
-//! resources, GPU fit, topology spread, inter-pod affinity — kube-scheduler's
-//! order), score the survivors (preferred inter-pod affinity and
+//! resources, GPU fit, attachable-volume limits, volumes, topology spread,
+//! inter-pod affinity — kube-scheduler's order — with the room of pods
+//! nominated there counted, and cluster-default spread for pods without
+//! constraints), score the survivors (preferred inter-pod affinity and
 //! `ScheduleAnyway` spread first, the GPU node policy breaking ties), and
 //! turn the winner's card picks into a [`Placement`]; or explain, per
 //! reason, why no node fits.

@@ -49,14 +49,19 @@ impl Scheduler {
     /// preemption did not help.
     pub(super) fn preempt_for(&self, pod: &Pod) -> Option<String> {
         let outcome = {
-            let state = lock(&self.shared.state);
+            let mut state = lock(&self.shared.state);
             let nominated = pod
                 .status
                 .as_ref()
                 .and_then(|s| s.nominated_node_name.as_deref())
                 .filter(|n| !n.is_empty());
             let requirements = PodRequirements::from_pod(pod, state.config()).ok()?;
-            state.preemption_outcome(&requirements, nominated)
+            let outcome = state.preemption_outcome(&requirements, nominated);
+            if let PreemptionOutcome::Victims(preemption) = &outcome {
+                // Reserved at once: the victims' room is this pod's.
+                state.nominate(pod, &preemption.node);
+            }
+            outcome
         };
         let PreemptionOutcome::Victims(preemption) = outcome else {
             return outcome.message();
@@ -91,13 +96,16 @@ impl Scheduler {
                 Ok(None) => continue,
                 Err(error) => {
                     tracing::warn!(pod = %key, %victim, %error, "could not read the victim");
+                    lock(&self.shared.state).forget_nomination(key);
                     return;
                 }
             };
             if let Err(error) = api.evict(name, &EvictParams::default()).await {
                 // 429: a PodDisruptionBudget refuses; the pod stays pending
-                // and preemption is tried again on the next change.
+                // and preemption is tried again on the next change (it
+                // holds no room meanwhile).
                 tracing::warn!(pod = %key, %victim, %error, "eviction refused");
+                lock(&self.shared.state).forget_nomination(key);
                 return;
             }
             self.shared
