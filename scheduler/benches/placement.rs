@@ -3,12 +3,14 @@
 //! pods per node). Each decision is timed on its own; prints throughput,
 //! median and p99, first for pods without pod-topology rules, then for a
 //! mix where 30% carry a zone topology spread constraint and 30% a
-//! preferred pod anti-affinity term.
+//! preferred pod anti-affinity term, then with every pod selected by a
+//! ReplicaSet (so the cluster-default spread constraints apply).
 //!
 //! `cargo bench -p tessera-scheduler --bench placement`
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::json;
 use tessera_api::config::Config;
@@ -118,6 +120,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index]
 }
 
+/// The same pods, each labelled as one of 16 ReplicaSets' pods (like the
+/// residents), so the cluster-default spread constraints apply.
+fn owned_pods() -> Vec<Pod> {
+    pods()
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut pod)| {
+            pod.metadata.labels = Some([("app".to_owned(), format!("svc-{}", i % 16))].into());
+            pod
+        })
+        .collect()
+}
+
 fn main() {
     let state = snapshot();
     measure(&state, "pods without pod-topology rules", pods());
@@ -125,6 +140,21 @@ fn main() {
         &state,
         "30% zone spread (DoNotSchedule), 30% preferred anti-affinity",
         topology_pods(),
+    );
+    let mut owned = state.clone();
+    for app in 0..16 {
+        let set: ReplicaSet = serde_json::from_value(
+            json!({"metadata": {"name": format!("svc-{app}"), "namespace": "bench"},
+            "spec": {"selector": {"matchLabels": {"app": format!("svc-{app}")}},
+                "template": {"metadata": {"labels": {"app": format!("svc-{app}")}}}}}),
+        )
+        .expect("replica set");
+        owned.upsert_replica_set(&set);
+    }
+    measure(
+        &owned,
+        "every pod a ReplicaSet's (system default spread: hostname maxSkew 3, zone maxSkew 5, ScheduleAnyway)",
+        owned_pods(),
     );
 }
 
