@@ -4,6 +4,7 @@
 //! and reports where each pod landed and what its containers would see.
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 use tessera_api::config::Config;
 use tessera_scheduler::core::volumes::{VolumeAction, SELECTED_NODE_ANNOTATION};
@@ -250,6 +251,14 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
     }
     for budget in &objects.disruption_budgets {
         state.upsert_disruption_budget(budget);
+    }
+    for (kind, namespace, name, selector) in &objects.workload_selectors {
+        let metadata = ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(namespace.clone()),
+            ..ObjectMeta::default()
+        };
+        state.upsert_workload_selector(*kind, &metadata, Some(selector.clone()));
     }
     for csi_node in &objects.csi_nodes {
         state.storage_mut().upsert_csi_node(csi_node);
