@@ -181,15 +181,24 @@ impl ClusterState {
         if !self.may_preempt(&pod.info) {
             return PreemptionOutcome::NotEligible(NEVER_PREEMPTS_MESSAGE);
         }
-        if nominated_node.is_some_and(|node| self.preemption_under_way(&pod.info, node)) {
-            return PreemptionOutcome::NotEligible(TERMINATING_VICTIM_MESSAGE);
-        }
         let defaulted = self.with_default_spread(pod);
         let pod = defaulted.as_ref().unwrap_or(pod);
         let priority = self.priority_of(&pod.info);
         let needs_gpu = pod.needs_gpu();
         let mut decision = Decision::filters_only(self, pod);
         let mut scratch = FitScratch::for_decision(&self.card_types, &pod.policy, false);
+        // An earlier preemption still under way: wait for its victims,
+        // unless the nominated node can no longer take the pod at all
+        // (then kube-scheduler preempts again elsewhere).
+        if let Some(node) = nominated_node.and_then(|n| self.nodes.get(n)) {
+            let lost = match evaluate_node(node, pod, &decision, needs_gpu, &mut scratch) {
+                Err(reason) => decision.unresolvable(node, pod, &reason),
+                Ok(_) => false,
+            };
+            if !lost && self.preemption_under_way(&pod.info, &node.facts.name) {
+                return PreemptionOutcome::NotEligible(TERMINATING_VICTIM_MESSAGE);
+            }
+        }
         let mut best: Option<((usize, i32, i64, usize), Preemption)> = None;
         let (mut total_nodes, mut not_helpful, mut no_victims) = (0, 0, 0);
         for node in self.nodes.values() {

@@ -541,3 +541,39 @@ fn a_nomination_made_here_holds_until_the_status_names_a_node_or_the_pod_is_boun
         .schedule(&nominated("filler", 10000, 100, None))
         .is_ok());
 }
+
+#[test]
+fn a_nominated_node_the_pod_can_no_longer_use_does_not_hold_it_back() {
+    let mut state = ClusterState::new(Config::default());
+    state.upsert_node(&gpu_node("n1", "32"));
+    state.upsert_node(&gpu_node("n2", "32"));
+    let mut leaving = running("leaving", "n1", 12000, 10, json!({}));
+    leaving.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-01-01T00:00:00Z".parse().expect("time"),
+        ));
+    state.observe_pod(&leaving);
+    state.observe_pod(&running("low", "n2", 12000, 10, json!({})));
+    let pod = incoming(10000, json!({"priority": 1000}));
+    let requirements = PodRequirements::from_pod(&pod, state.config()).expect("valid");
+    assert!(matches!(
+        state.preemption_outcome(&requirements, Some("n1")),
+        preemption::PreemptionOutcome::NotEligible(_)
+    ));
+    // n1 tainted since: the pod waits there no more and preempts on n2.
+    let mut tainted = gpu_node("n1", "32");
+    tainted.spec = Some(
+        serde_json::from_value(json!({"taints": [{"key": "maintenance", "effect": "NoSchedule"}]}))
+            .expect("spec"),
+    );
+    state.upsert_node(&tainted);
+    match state.preemption_outcome(&requirements, Some("n1")) {
+        preemption::PreemptionOutcome::Victims(found) => {
+            assert_eq!(
+                (found.node.as_str(), found.victims),
+                ("n2", vec!["ml/low".to_owned()])
+            );
+        }
+        other => panic!("expected victims on n2, got {other:?}"),
+    }
+}
