@@ -53,6 +53,8 @@ pub struct Config {
     /// How the node agent shows it is alive and how long the scheduler
     /// waits for it.
     pub liveness: Liveness,
+    /// Topology spread constraints for pods that set none.
+    pub default_topology_spread: DefaultTopologySpread,
 }
 
 /// The node agent's handshake (`hami.io/node-handshake`): the agent renews
@@ -76,6 +78,119 @@ impl Default for Liveness {
             handshake_period_seconds: 30,
             handshake_timeout_seconds: 90,
         }
+    }
+}
+
+/// Spread constraints the scheduler gives pods that set no
+/// `topologySpreadConstraints`, as kube-scheduler's PodTopologySpread
+/// `defaultingType` does. They select the pods of the same Services,
+/// ReplicaSets, StatefulSets and ReplicationControllers as the pod; a pod
+/// none of them selects gets none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DefaultTopologySpread {
+    /// `system` (the default, as kube-scheduler's default profile), `list`
+    /// (the [`DefaultTopologySpread::constraints`] below) or `off`.
+    pub mode: DefaultSpreadMode,
+    /// The constraints of `mode: list` (kube-scheduler's
+    /// `defaultConstraints`, without a `labelSelector`).
+    pub constraints: Vec<DefaultSpreadConstraint>,
+}
+
+/// Which default spread constraints apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultSpreadMode {
+    /// kube-scheduler's `defaultingType: System`: `kubernetes.io/hostname`
+    /// with `maxSkew: 3` and `topology.kubernetes.io/zone` with `maxSkew:
+    /// 5`, both `ScheduleAnyway`.
+    #[default]
+    System,
+    /// `defaultingType: List` with [`DefaultTopologySpread::constraints`].
+    List,
+    /// No default constraints.
+    Off,
+}
+
+/// One default constraint (`mode: list`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DefaultSpreadConstraint {
+    /// `maxSkew`, at least 1.
+    pub max_skew: i32,
+    /// `topologyKey`, a node label.
+    pub topology_key: String,
+    /// `DoNotSchedule` or `ScheduleAnyway`.
+    pub when_unsatisfiable: String,
+}
+
+impl DefaultTopologySpread {
+    /// The constraints in force: kube-scheduler's system defaults, the
+    /// configured list, or none.
+    pub fn constraints_in_force(&self) -> Vec<DefaultSpreadConstraint> {
+        match self.mode {
+            DefaultSpreadMode::Off => Vec::new(),
+            DefaultSpreadMode::List => self.constraints.clone(),
+            DefaultSpreadMode::System => vec![
+                DefaultSpreadConstraint {
+                    max_skew: 3,
+                    topology_key: "kubernetes.io/hostname".to_owned(),
+                    when_unsatisfiable: "ScheduleAnyway".to_owned(),
+                },
+                DefaultSpreadConstraint {
+                    max_skew: 5,
+                    topology_key: "topology.kubernetes.io/zone".to_owned(),
+                    when_unsatisfiable: "ScheduleAnyway".to_owned(),
+                },
+            ],
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: String, reason: &str| ConfigError::Invalid {
+            field,
+            reason: reason.to_owned(),
+        };
+        let prefix = "defaultTopologySpread";
+        match self.mode {
+            DefaultSpreadMode::List if self.constraints.is_empty() => {
+                return Err(invalid(
+                    format!("{prefix}.constraints"),
+                    "mode list needs at least one constraint (or use mode off)",
+                ))
+            }
+            DefaultSpreadMode::System | DefaultSpreadMode::Off if !self.constraints.is_empty() => {
+                return Err(invalid(
+                    format!("{prefix}.constraints"),
+                    "only apply with mode list; set mode: list or remove them",
+                ))
+            }
+            _ => {}
+        }
+        for (i, c) in self.constraints.iter().enumerate() {
+            if c.max_skew < 1 {
+                return Err(invalid(
+                    format!("{prefix}.constraints[{i}].maxSkew"),
+                    "must be at least 1",
+                ));
+            }
+            if c.topology_key.trim().is_empty() {
+                return Err(invalid(
+                    format!("{prefix}.constraints[{i}].topologyKey"),
+                    "must name a node label, e.g. topology.kubernetes.io/zone",
+                ));
+            }
+            if !matches!(
+                c.when_unsatisfiable.as_str(),
+                "DoNotSchedule" | "ScheduleAnyway"
+            ) {
+                return Err(invalid(
+                    format!("{prefix}.constraints[{i}].whenUnsatisfiable"),
+                    "must be DoNotSchedule or ScheduleAnyway",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -270,6 +385,7 @@ impl Default for Config {
             overwrite_env: false,
             runtime_class_name: None,
             liveness: Liveness::default(),
+            default_topology_spread: DefaultTopologySpread::default(),
         }
     }
 }
@@ -348,6 +464,7 @@ impl Config {
             ));
         }
         validate_sharing("sharing", &self.sharing)?;
+        self.default_topology_spread.validate()?;
         for (i, node) in self.nodes.iter().enumerate() {
             if node.name.trim().is_empty() {
                 return Err(invalid(&format!("nodes[{i}].name"), "must name a node"));
@@ -731,5 +848,54 @@ nodes:
             zero.to_string().contains("liveness.handshakePeriodSeconds"),
             "{zero}"
         );
+    }
+
+    #[test]
+    fn default_topology_spread_is_kube_schedulers_system_default() {
+        let system = Config::default()
+            .default_topology_spread
+            .constraints_in_force();
+        let keys: Vec<(&str, i32, &str)> = system
+            .iter()
+            .map(|c| {
+                (
+                    c.topology_key.as_str(),
+                    c.max_skew,
+                    c.when_unsatisfiable.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("kubernetes.io/hostname", 3, "ScheduleAnyway"),
+                ("topology.kubernetes.io/zone", 5, "ScheduleAnyway")
+            ]
+        );
+        let off = Config::from_yaml("defaultTopologySpread:\n  mode: off\n").expect("parses");
+        assert!(off
+            .default_topology_spread
+            .constraints_in_force()
+            .is_empty());
+        let list = Config::from_yaml(
+            "defaultTopologySpread:\n  mode: list\n  constraints:\n    - maxSkew: 1\n      topologyKey: topology.kubernetes.io/zone\n      whenUnsatisfiable: DoNotSchedule\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            list.default_topology_spread.constraints_in_force()[0].when_unsatisfiable,
+            "DoNotSchedule"
+        );
+        for (yaml, field) in [
+            ("defaultTopologySpread:\n  mode: list\n", "constraints"),
+            ("defaultTopologySpread:\n  mode: list\n  constraints:\n    - {maxSkew: 0, topologyKey: z, whenUnsatisfiable: DoNotSchedule}\n", "constraints[0].maxSkew"),
+            ("defaultTopologySpread:\n  mode: list\n  constraints:\n    - {maxSkew: 1, topologyKey: z, whenUnsatisfiable: Maybe}\n", "constraints[0].whenUnsatisfiable"),
+            ("defaultTopologySpread:\n  constraints:\n    - {maxSkew: 1, topologyKey: z, whenUnsatisfiable: DoNotSchedule}\n", "constraints"),
+        ] {
+            let error = Config::from_yaml(yaml).expect_err(yaml);
+            assert!(
+                error.to_string().contains(&format!("defaultTopologySpread.{field}")),
+                "{error}"
+            );
+        }
     }
 }

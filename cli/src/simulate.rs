@@ -5,6 +5,7 @@
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 use tessera_api::config::Config;
 use tessera_scheduler::core::volumes::{VolumeAction, SELECTED_NODE_ANNOTATION};
@@ -256,6 +257,17 @@ pub fn simulate(objects: &Objects, config: &Config, admission: Admission<'_>) ->
         for error in state.upsert_resource_quota(quota) {
             report.warnings.push(error.to_string());
         }
+    }
+    for (kind, namespace, name, selector) in &objects.workload_selectors {
+        let metadata = ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(namespace.clone()),
+            ..ObjectMeta::default()
+        };
+        state.upsert_workload_selector(*kind, &metadata, Some(selector.clone()));
+    }
+    for csi_node in &objects.csi_nodes {
+        state.storage_mut().upsert_csi_node(csi_node);
     }
     for class in &objects.storage_classes {
         state.storage_mut().upsert_class(class);

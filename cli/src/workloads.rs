@@ -1,20 +1,24 @@
 //! Reading cluster and workload YAML for the simulator: multi-document
 //! files of standard Kubernetes objects. Nodes, Namespaces, Pods,
-//! PersistentVolumes, PersistentVolumeClaims, StorageClasses,
+//! PersistentVolumes, PersistentVolumeClaims, StorageClasses, CSINodes,
 //! PriorityClasses and PodDisruptionBudgets are kept;
 //! pod-template workloads (Deployment, ReplicaSet, StatefulSet, Job,
 //! CronJob, ReplicationController, DaemonSet) are expanded into the pods
-//! their controllers would create; `List` objects are flattened; anything
-//! else (Services, ConfigMaps…) is noted and skipped.
+//! their controllers would create, and their selectors (and Services'
+//! selectors) kept for the cluster-default topology spread; `List`
+//! objects are flattened; anything else (ConfigMaps…) is noted and
+//! skipped.
 
 use k8s_openapi::api::core::v1::{
     Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, ResourceQuota,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::scheduling::v1::PriorityClass;
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tessera_scheduler::core::default_spread::WorkloadKind;
 
 /// A YAML input that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +62,8 @@ pub struct Objects {
     pub claims: Vec<PersistentVolumeClaim>,
     /// StorageClasses.
     pub storage_classes: Vec<StorageClass>,
+    /// CSINodes (per-node attachable-volume limits).
+    pub csi_nodes: Vec<CSINode>,
     /// PriorityClasses.
     pub priority_classes: Vec<PriorityClass>,
     /// PodDisruptionBudgets.
@@ -66,6 +72,9 @@ pub struct Objects {
     pub resource_quotas: Vec<ResourceQuota>,
     /// Pods (given or expanded from workloads), in input order.
     pub pods: Vec<Pod>,
+    /// Selectors of Services and pod-template workloads (kind, namespace,
+    /// name), for the cluster-default topology spread.
+    pub workload_selectors: Vec<(WorkloadKind, String, String, LabelSelector)>,
     /// `Kind/name` of objects that were skipped.
     pub skipped: Vec<String>,
 }
@@ -159,6 +168,9 @@ impl Objects {
             "StorageClass" => self.storage_classes.push(
                 serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
             ),
+            "CSINode" => self.csi_nodes.push(
+                serde_json::from_value(value.clone()).map_err(|e| object_error(e.to_string()))?,
+            ),
             "Pod" => {
                 let mut pod: Pod = serde_json::from_value(value.clone())
                     .map_err(|e| object_error(e.to_string()))?;
@@ -166,6 +178,27 @@ impl Objects {
                 self.pods.push(pod);
             }
             "Deployment" | "ReplicaSet" | "StatefulSet" | "ReplicationController" => {
+                // Its selector (a Deployment's ReplicaSet has the Deployment's)
+                // gives the pods the cluster-default spread, as in a cluster.
+                let selector = &value["spec"]["selector"];
+                let selector = if kind == "ReplicationController" {
+                    json!({"matchLabels": selector})
+                } else {
+                    selector.clone()
+                };
+                let kind_of = match kind.as_str() {
+                    "StatefulSet" => WorkloadKind::StatefulSet,
+                    "ReplicationController" => WorkloadKind::ReplicationController,
+                    _ => WorkloadKind::ReplicaSet,
+                };
+                if let Ok(selector) = serde_json::from_value(selector) {
+                    self.workload_selectors.push((
+                        kind_of,
+                        namespace.clone(),
+                        name.clone(),
+                        selector,
+                    ));
+                }
                 let replicas = value["spec"]["replicas"].as_u64().unwrap_or(1);
                 let template = &value["spec"]["template"];
                 for i in 0..replicas {
@@ -207,6 +240,19 @@ impl Objects {
                 if let Some(items) = value["items"].as_array() {
                     for item in items.clone() {
                         self.add_object(source_name, document, item, daemonsets)?;
+                    }
+                }
+            }
+            "Service" => {
+                // Only its selector is used (the cluster-default spread).
+                if let Some(labels) = value["spec"]["selector"].as_object() {
+                    if let Ok(selector) = serde_json::from_value(json!({"matchLabels": labels})) {
+                        self.workload_selectors.push((
+                            WorkloadKind::Service,
+                            namespace.clone(),
+                            name.clone(),
+                            selector,
+                        ));
                     }
                 }
             }
@@ -270,7 +316,12 @@ spec:
 ---
 apiVersion: v1
 kind: Service
-metadata: {name: web}
+metadata: {name: web, namespace: prod}
+spec: {selector: {app: web}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
 ---
 apiVersion: batch/v1
 kind: CronJob
@@ -314,7 +365,10 @@ spec: {template: {spec: {containers: [{name: c}]}}}
             ]
         );
         assert_eq!(objects.nodes.len(), 2);
-        assert_eq!(objects.skipped, ["Service/web"]);
+        // Services are read for their selectors (cluster-default spread).
+        assert_eq!(objects.skipped, ["ConfigMap/settings"]);
+        assert_eq!(objects.workload_selectors.len(), 1);
+        assert_eq!(objects.workload_selectors[0].0, WorkloadKind::Service);
     }
 
     #[test]

@@ -364,3 +364,64 @@ status:
         "{report}"
     );
 }
+
+#[test]
+fn preemption_affinity_example_evicts_the_pod_anti_affinity_refuses() {
+    let report = simulate_example("preemption-affinity");
+    let placed: Vec<(String, String)> = report["placed"]
+        .as_array()
+        .expect("placed")
+        .iter()
+        .map(|p| {
+            (
+                p["pod"].as_str().unwrap_or("").to_owned(),
+                p["node"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        placed,
+        [
+            ("inference/chat-0".to_owned(), "gpu-1".to_owned()),
+            ("inference/chat-1".to_owned(), "gpu-1".to_owned())
+        ]
+    );
+    let unplaced = report["unplaced"].as_array().expect("unplaced");
+    assert_eq!(unplaced.len(), 1, "only sweep-1 is evicted: {unplaced:?}");
+    assert_eq!(unplaced[0]["pod"], "batch/sweep-1");
+    assert_eq!(
+        unplaced[0]["reason"],
+        "preempted by inference/chat-0 on gpu-1"
+    );
+}
+
+/// `tessera simulate` applies the cluster-default spread as the scheduler
+/// does: a Deployment's replicas spread over equal nodes (binpack alone,
+/// or `defaultTopologySpread: {mode: off}`, stacks them on the first).
+#[test]
+fn deployment_replicas_get_the_cluster_default_spread() {
+    let mut yaml = String::new();
+    for name in ["n1", "n2", "n3"] {
+        yaml.push_str(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{kubernetes.io/hostname: {name}, topology.kubernetes.io/zone: a}}}}\nstatus: {{conditions: [{{type: Ready, status: \"True\"}}], allocatable: {{cpu: \"32\", memory: 64Gi, pods: \"110\"}}}}\n---\n"
+        ));
+    }
+    yaml.push_str("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: ml}\nspec:\n  replicas: 3\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: c, image: x, resources: {requests: {cpu: 100m}}}]}\n");
+    let mut objects = tessera_cli::workloads::Objects::default();
+    objects.read("inline.yaml", &yaml).expect("reads");
+    let nodes = |config: &tessera_api::config::Config| -> Vec<String> {
+        let report = tessera_cli::simulate::simulate(
+            &objects,
+            config,
+            &tessera_cli::simulate::webhook_admission,
+        );
+        report.placed.iter().map(|p| p.node.clone()).collect()
+    };
+    assert_eq!(
+        nodes(&tessera_api::config::Config::default()),
+        ["n1", "n2", "n3"]
+    );
+    let off = tessera_api::config::Config::from_yaml("defaultTopologySpread: {mode: off}\n")
+        .expect("config");
+    assert_eq!(nodes(&off), ["n1", "n1", "n1"]);
+}

@@ -5,12 +5,14 @@
 //! mix where 30% carry a zone topology spread constraint and 30% a
 //! preferred pod anti-affinity term, then with every node publishing link
 //! scores (`hami.io/node-nvidia-score`, NVLinked pairs 0-1, 2-3, 4-5, 6-7)
-//! and every pod `topology-aware`.
+//! and every pod `topology-aware`, then with every pod selected by a
+//! ReplicaSet (so the cluster-default spread constraints apply).
 //!
 //! `cargo bench -p tessera-scheduler --bench placement`
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::json;
 use tessera_api::config::Config;
@@ -157,6 +159,19 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index]
 }
 
+/// The same pods, each labelled as one of 16 ReplicaSets' pods (like the
+/// residents), so the cluster-default spread constraints apply.
+fn owned_pods() -> Vec<Pod> {
+    pods()
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut pod)| {
+            pod.metadata.labels = Some([("app".to_owned(), format!("svc-{}", i % 16))].into());
+            pod
+        })
+        .collect()
+}
+
 fn main() {
     let state = snapshot(false);
     measure(&state, "pods without pod-topology rules", pods());
@@ -169,6 +184,21 @@ fn main() {
         &snapshot(true),
         "every node with link scores, every pod topology-aware",
         topology_aware_pods(),
+    );
+    let mut owned = state.clone();
+    for app in 0..16 {
+        let set: ReplicaSet = serde_json::from_value(
+            json!({"metadata": {"name": format!("svc-{app}"), "namespace": "bench"},
+            "spec": {"selector": {"matchLabels": {"app": format!("svc-{app}")}},
+                "template": {"metadata": {"labels": {"app": format!("svc-{app}")}}}}}),
+        )
+        .expect("replica set");
+        owned.upsert_replica_set(&set);
+    }
+    measure(
+        &owned,
+        "every pod a ReplicaSet's (system default spread: hostname maxSkew 3, zone maxSkew 5, ScheduleAnyway)",
+        owned_pods(),
     );
 }
 

@@ -259,3 +259,29 @@ async fn a_claim_that_never_binds_rolls_the_decision_back() {
     assert_eq!(node_of(&server, "vllm"), None);
     handle.abort();
 }
+
+/// The CSINode watch feeds the attach limits: a node whose CSINode allows
+/// no more EBS volumes is skipped, so the claim is provisioned on the other.
+#[tokio::test]
+async fn a_node_at_its_csi_attach_limit_is_skipped() {
+    let server = ApiServer::start().await.expect("server");
+    server.insert(&node("n1"));
+    server.insert(&node("n2"));
+    for (name, count) in [("n1", 0), ("n2", 25)] {
+        server.insert_value("storage.k8s.io/v1", "csinodes", json!({"metadata": {"name": name},
+            "spec": {"drivers": [{"name": "ebs.csi.aws.com", "nodeID": name, "allocatable": {"count": count}}]}}));
+    }
+    class(&server, "gp3", "ebs.csi.aws.com");
+    claim(&server, "cache", "gp3");
+    pod_with_claim(&server, "loader", "cache");
+    let handle = start(&server, ShellOptions::default());
+    let node = wait_for("the claim handed to a node", || {
+        selected_node(&server, "cache")
+    })
+    .await;
+    assert_eq!(
+        node, "n2",
+        "n1 (first by name) attaches no more EBS volumes"
+    );
+    handle.abort();
+}

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use super::node_predicates::NodeFacts;
-use super::pod_info::{PodInfo, WeightedTerm};
+use super::pod_info::{NamespaceLabels, PodInfo, WeightedTerm};
 use super::state::{ClusterState, NodeState};
 
 /// kube-scheduler's `hardPodAffinityWeight` default: how much a placed
@@ -45,9 +45,11 @@ pub struct AffinityFilter<'a> {
     existing_anti: DomainCounts<'a>,
     anti: DomainCounts<'a>,
     affinity: DomainCounts<'a>,
-    any_affinity_match: bool,
+    /// Placed pods that match every required affinity term.
+    affinity_matches: i64,
     self_matches_all: bool,
     pod: Option<&'a PodInfo>,
+    namespaces: Option<&'a NamespaceLabels>,
 }
 
 impl<'a> AffinityFilter<'a> {
@@ -63,6 +65,7 @@ impl<'a> AffinityFilter<'a> {
         let namespaces = &state.namespace_labels;
         let mut filter = Self {
             pod: Some(pod),
+            namespaces: Some(namespaces),
             ..Self::default()
         };
         for (existing, node) in state.pods_with_affinity_terms() {
@@ -85,7 +88,7 @@ impl<'a> AffinityFilter<'a> {
                         .iter()
                         .all(|t| t.matches_pod(existing, namespaces))
                 {
-                    filter.any_affinity_match = true;
+                    filter.affinity_matches += 1;
                     for term in &pod.required_affinity {
                         if let Some(value) = node.facts.labels.get(&term.topology_key) {
                             add(&mut filter.affinity, &term.topology_key, value, 1);
@@ -108,6 +111,42 @@ impl<'a> AffinityFilter<'a> {
         filter
     }
 
+    /// Preemption's what-if, as kube-scheduler's `RemovePod`/`AddPod`:
+    /// counts `existing` on `node` out of (`delta` −1) or back into (+1)
+    /// every term's domains.
+    pub fn adjust(&mut self, node: &'a NodeFacts, existing: &'a PodInfo, delta: i64) {
+        let (Some(pod), Some(namespaces)) = (self.pod, self.namespaces) else {
+            return;
+        };
+        for term in &existing.required_anti_affinity {
+            if let Some(value) = node.labels.get(&term.topology_key) {
+                if term.matches_pod(pod, namespaces) {
+                    add(&mut self.existing_anti, &term.topology_key, value, delta);
+                }
+            }
+        }
+        if !pod.required_affinity.is_empty()
+            && pod
+                .required_affinity
+                .iter()
+                .all(|t| t.matches_pod(existing, namespaces))
+        {
+            self.affinity_matches += delta;
+            for term in &pod.required_affinity {
+                if let Some(value) = node.labels.get(&term.topology_key) {
+                    add(&mut self.affinity, &term.topology_key, value, delta);
+                }
+            }
+        }
+        for term in &pod.required_anti_affinity {
+            if let Some(value) = node.labels.get(&term.topology_key) {
+                if term.matches_pod(existing, namespaces) {
+                    add(&mut self.anti, &term.topology_key, value, delta);
+                }
+            }
+        }
+    }
+
     /// `None` when `node` passes; otherwise kube-scheduler's reason.
     pub fn rejects(&self, node: &NodeFacts) -> Option<&'static str> {
         let pod = self.pod?;
@@ -125,7 +164,7 @@ impl<'a> AffinityFilter<'a> {
             }
             // The first pod of a group with affinity to itself: no pod
             // anywhere matches, and the pod matches its own terms.
-            if !pods_exist && (self.any_affinity_match || !self.self_matches_all) {
+            if !pods_exist && (self.affinity_matches > 0 || !self.self_matches_all) {
                 return Some(AFFINITY_REASON);
             }
         }

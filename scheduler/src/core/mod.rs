@@ -2,7 +2,9 @@
 //! (filter → score → allocate). No Kubernetes client, no I/O, deterministic:
 //! the same state and pod always give the same placement.
 
+pub mod attach_limits;
 pub mod cards;
+pub mod default_spread;
 pub mod gpu_fit;
 pub mod inter_pod_affinity;
 pub mod labels;

@@ -139,6 +139,8 @@ pub struct PodInfo {
     pub preferred_affinity: Vec<WeightedTerm>,
     /// Preferred pod anti-affinity terms.
     pub preferred_anti_affinity: Vec<WeightedTerm>,
+    /// Names of the PersistentVolumeClaims it uses (attach limits).
+    pub claims: Vec<String>,
 }
 
 impl PodInfo {
@@ -212,6 +214,7 @@ impl PodInfo {
             priority_class: spec.and_then(|s| s.priority_class_name.clone()),
             never_preempts: spec.and_then(|s| s.preemption_policy.as_deref()) == Some("Never"),
             host_ports,
+            claims: super::volumes::pod_claims(pod),
             namespace,
             labels,
         }

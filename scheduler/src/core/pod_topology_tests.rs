@@ -867,3 +867,176 @@ proptest! {
         }
     }
 }
+
+/// `six_nodes` under `config`.
+fn six_nodes_with(config: Config) -> ClusterState {
+    let mut state = ClusterState::new(config);
+    for i in 1..=6 {
+        let zone = if i <= 3 { "a" } else { "b" };
+        state.upsert_node(&zonal_node(&format!("n{i}"), zone, json!({})));
+    }
+    state
+}
+
+fn web_replica_set() -> k8s_openapi::api::apps::v1::ReplicaSet {
+    serde_json::from_value(json!({"metadata": {"name": "web-7d9", "namespace": "ml"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}}}}))
+    .expect("replica set")
+}
+
+#[test]
+fn system_default_spread_applies_to_pods_a_workload_selects() {
+    let mut state = six_nodes();
+    for i in 0..2 {
+        state.observe_pod(&running(
+            pod(&format!("web-{i}"), "ml", json!({"app": "web"}), json!({})),
+            "n1",
+        ));
+    }
+    let next = pod("web-2", "ml", json!({"app": "web"}), json!({}));
+    // Nothing selects the pod: no constraints, binpack's tie goes to n1.
+    assert_eq!(state.schedule(&next).expect("fits").node, "n1");
+    // A ReplicaSet selects it: hostname maxSkew 3 and zone maxSkew 5,
+    // ScheduleAnyway, rank the nodes without web pods (and zone b) first.
+    state.upsert_replica_set(&web_replica_set());
+    let node = state.schedule(&next).expect("fits").node;
+    assert!(zone_of(&node) == "b", "spread to the other zone: {node}");
+    // A pod that sets its own constraints keeps only them.
+    let own = pod(
+        "web-3",
+        "ml",
+        json!({"app": "web"}),
+        json!({"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": {"app": "none"}}}]}),
+    );
+    assert_eq!(state.schedule(&own).expect("fits").node, "n1");
+    // The ReplicaSet gone: back to binpack.
+    state.remove_workload_selector(
+        default_spread::WorkloadKind::ReplicaSet,
+        &web_replica_set().metadata,
+    );
+    assert_eq!(state.schedule(&next).expect("fits").node, "n1");
+}
+
+#[test]
+fn default_spread_can_be_switched_off_or_listed() {
+    let off: Config = Config::from_yaml("defaultTopologySpread:\n  mode: off\n").expect("config");
+    let mut state = six_nodes_with(off);
+    state.upsert_replica_set(&web_replica_set());
+    state.observe_pod(&running(
+        pod("web-0", "ml", json!({"app": "web"}), json!({})),
+        "n1",
+    ));
+    let next = pod("web-1", "ml", json!({"app": "web"}), json!({}));
+    assert_eq!(
+        state.schedule(&next).expect("fits").node,
+        "n1",
+        "off: binpack"
+    );
+    let list = Config::from_yaml(
+        "defaultTopologySpread:\n  mode: list\n  constraints:\n    - {maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: DoNotSchedule}\n",
+    )
+    .expect("config");
+    let mut state = six_nodes_with(list);
+    let unlabelled: Node = serde_json::from_value(
+        json!({"metadata": {"name": "n0", "labels": {"kubernetes.io/hostname": "n0"}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                   "allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110"}}}),
+    )
+    .expect("node");
+    state.upsert_node(&unlabelled);
+    state.upsert_replica_set(&web_replica_set());
+    state.observe_pod(&running(
+        pod("web-0", "ml", json!({"app": "web"}), json!({})),
+        "n1",
+    ));
+    let node = state.schedule(&next).expect("fits").node;
+    assert_eq!(zone_of(&node), "b", "a hard zone default: {node}");
+    // Zone b filled past zone a: back to zone a, never the unlabelled n0.
+    state.observe_pod(&running(
+        pod("web-b", "ml", json!({"app": "web"}), json!({})),
+        "n4",
+    ));
+    state.observe_pod(&running(
+        pod("web-b2", "ml", json!({"app": "web"}), json!({})),
+        "n5",
+    ));
+    // With only the unlabelled node the hard default refuses it.
+    let mut lonely = ClusterState::new(state.config().clone());
+    lonely.upsert_node(&unlabelled);
+    lonely.upsert_replica_set(&web_replica_set());
+    let why = refused(&lonely, &next);
+    assert!(
+        why.contains(
+            "1 node(s) didn't match pod topology spread constraints (missing required label)"
+        ),
+        "{why}"
+    );
+    assert_eq!(zone_of(&state.schedule(&next).expect("fits").node), "a");
+}
+
+#[test]
+fn default_selectors_of_services_and_controllers_merge() {
+    let mut state = six_nodes();
+    let service: k8s_openapi::api::core::v1::Service = serde_json::from_value(
+        json!({"metadata": {"name": "web", "namespace": "ml"}, "spec": {"selector": {"app": "web"}}}),
+    )
+    .expect("service");
+    let set: k8s_openapi::api::apps::v1::StatefulSet =
+        serde_json::from_value(json!({"metadata": {"name": "web-blue", "namespace": "ml"},
+        "spec": {"serviceName": "web", "selector": {"matchLabels": {"app": "web", "track": "blue"}},
+            "template": {"metadata": {"labels": {"app": "web", "track": "blue"}}}}}))
+        .expect("statefulset");
+    state.upsert_service(&service);
+    state.upsert_stateful_set(&set);
+    // Green pods match only the Service's selector; the blue pod's merged
+    // selector (app=web, track=blue) does not count them.
+    for i in 0..3 {
+        state.observe_pod(&running(
+            pod(
+                &format!("green-{i}"),
+                "ml",
+                json!({"app": "web", "track": "green"}),
+                json!({}),
+            ),
+            "n1",
+        ));
+    }
+    state.observe_pod(&running(
+        pod(
+            "blue-0",
+            "ml",
+            json!({"app": "web", "track": "blue"}),
+            json!({}),
+        ),
+        "n4",
+    ));
+    let blue = pod(
+        "blue-1",
+        "ml",
+        json!({"app": "web", "track": "blue"}),
+        json!({}),
+    );
+    let node = state.schedule(&blue).expect("fits").node;
+    assert_eq!(
+        zone_of(&node),
+        "a",
+        "away from the other blue pod, green pods ignored: {node}"
+    );
+    assert_ne!(node, "n4");
+    let green = pod(
+        "green-3",
+        "ml",
+        json!({"app": "web", "track": "green"}),
+        json!({}),
+    );
+    let node = state.schedule(&green).expect("fits").node;
+    assert_ne!(
+        node, "n1",
+        "green is spread by the Service's selector: {node}"
+    );
+    // Another namespace's Service selects nothing here.
+    let other = pod("web-x", "other", json!({"app": "web"}), json!({}));
+    assert_eq!(state.schedule(&other).expect("fits").node, "n1");
+}

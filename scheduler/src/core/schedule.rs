@@ -1,6 +1,8 @@
 //! The decision: filter every node (node predicates, host ports, plain
-//! resources, GPU fit, topology spread, inter-pod affinity — kube-scheduler's
-//! order), score the survivors (preferred inter-pod affinity and
+//! resources, GPU fit, attachable-volume limits, volumes, topology spread,
+//! inter-pod affinity — kube-scheduler's order — with the room of pods
+//! nominated there counted, and cluster-default spread for pods without
+//! constraints), score the survivors (preferred inter-pod affinity and
 //! `ScheduleAnyway` spread first, the GPU node policy breaking ties), and
 //! turn the winner's card picks into a [`Placement`]; or explain, per
 //! reason, why no node fits.
@@ -15,8 +17,11 @@ use tessera_api::names::allocation as keys;
 use tessera_api::pod_allocation::PodAllocation;
 use tessera_api::policy::NodePolicy;
 
+use super::attach_limits::AttachLimits;
 use super::gpu_fit::{fit_pod, FitScratch, PodPicks};
 use super::inter_pod_affinity::{self, AffinityFilter, AffinityScore};
+use super::node_predicates::NodeFacts;
+use super::pod_info::PodInfo;
 use super::quota::QuotaCheck;
 use super::requirements::PodRequirements;
 use super::resources::ResourceAmounts;
@@ -114,11 +119,15 @@ pub enum ScheduleError {
 
 /// `FailedScheduling` reason: a requested host port is taken on the node.
 pub const HOST_PORTS_REASON: &str = "node(s) didn't have free ports for the requested pod ports";
+/// `FailedScheduling` reason: the node's GPU inventory annotation does not decode.
+pub const CORRUPT_INVENTORY_REASON: &str =
+    "GPU inventory annotation is corrupt (see the node's events)";
 
 /// What one decision checks beyond the node itself, computed once from
 /// the whole cluster (only for the features the pod or the cluster use).
 pub(super) struct Decision<'a> {
     volumes: Option<VolumeCheck<'a>>,
+    attach_limits: Option<AttachLimits<'a>>,
     affinity: Option<AffinityFilter<'a>>,
     spread: Option<SpreadFilter<'a>>,
     affinity_score: Option<AffinityScore<'a>>,
@@ -127,45 +136,71 @@ pub(super) struct Decision<'a> {
 }
 
 impl<'a> Decision<'a> {
-    /// Only what depends on the node itself (preemption's what-if checks).
-    pub(super) fn node_only() -> Self {
-        Self {
-            volumes: None,
-            affinity: None,
-            spread: None,
-            affinity_score: None,
-            spread_score: false,
-            quota: None,
-        }
-    }
-
-    /// What depends on the node itself, and the namespace's GPU quota
-    /// (preemption's what-if: evicting frees cards, not quota, so a pod
-    /// over its quota evicts nobody).
-    pub(super) fn node_and_quota(state: &'a ClusterState, pod: &'a PodRequirements) -> Self {
-        Self {
-            quota: QuotaCheck::new(state, pod),
-            ..Self::node_only()
-        }
-    }
-
     fn new(state: &'a ClusterState, pod: &'a PodRequirements) -> Self {
+        Self::build(state, pod, true)
+    }
+
+    /// The filters only, no scores (preemption's what-if).
+    pub(super) fn filters_only(state: &'a ClusterState, pod: &'a PodRequirements) -> Self {
+        Self::build(state, pod, false)
+    }
+
+    fn build(state: &'a ClusterState, pod: &'a PodRequirements, scores: bool) -> Self {
         let info = &*pod.info;
         let volumes = (!pod.claims.is_empty())
             .then(|| VolumeCheck::new(&state.storage, &info.namespace, &pod.claims, &pod.key));
         Self {
             volumes,
+            attach_limits: (!pod.claims.is_empty())
+                .then(|| AttachLimits::new(&state.storage, &info.namespace, &pod.claims))
+                .flatten(),
             affinity: AffinityFilter::needed(state, info).then(|| AffinityFilter::new(state, info)),
             spread: pod
                 .spread
                 .iter()
                 .any(|c| c.hard)
                 .then(|| SpreadFilter::new(state, &pod.spread, &pod.constraints, &info.namespace)),
-            affinity_score: AffinityScore::needed(state, info)
+            affinity_score: (scores && AffinityScore::needed(state, info))
                 .then(|| AffinityScore::new(state, info)),
-            spread_score: pod.spread.iter().any(|c| !c.hard),
+            spread_score: scores && pod.spread.iter().any(|c| !c.hard),
             quota: QuotaCheck::new(state, pod),
         }
+    }
+
+    /// Preemption's what-if: counts a placed pod on `node` out of
+    /// (`delta` −1) or back into (+1) the spread and affinity filters.
+    pub(super) fn adjust(&mut self, node: &'a NodeFacts, existing: &'a PodInfo, delta: i64) {
+        if let Some(spread) = &mut self.spread {
+            spread.adjust(node, existing, delta);
+        }
+        if let Some(affinity) = &mut self.affinity {
+            affinity.adjust(node, existing, delta);
+        }
+    }
+
+    /// Whether `reason`, the first filter `node` failed, is one evicting
+    /// pods cannot fix (kube-scheduler's `UnschedulableAndUnresolvable`):
+    /// node predicates, a corrupt inventory, volume binding and zone, a
+    /// missing spread topology label, unmet pod affinity.
+    pub(super) fn unresolvable(
+        &self,
+        node: &NodeState,
+        pod: &PodRequirements,
+        reason: &str,
+    ) -> bool {
+        pod.constraints.rejects(&node.facts).is_some()
+            || reason == CORRUPT_INVENTORY_REASON
+            || reason == topology_spread::SPREAD_LABEL_REASON
+            || reason == inter_pod_affinity::AFFINITY_REASON
+            // Evicting pods brings no agent back and registers no device
+            // plugin, and frees cards, not quota.
+            || node.liveness.stale_agent.is_some()
+            || reason == super::node_liveness::no_allocatable_reason(&node.liveness.gpu_resource)
+            || reason.starts_with(tessera_api::gpu_quota::RESOURCE_QUOTA_NOT_FIT)
+            || self
+                .volumes
+                .as_ref()
+                .is_some_and(|check| check.on_node(&node.facts).err().as_deref() == Some(reason))
     }
 
     fn scores(&self) -> bool {
@@ -188,6 +223,8 @@ impl ClusterState {
         if !pod.scheduling_gates.is_empty() {
             return Err(ScheduleError::SchedulingGated(pod.scheduling_gates.clone()));
         }
+        let defaulted = self.with_default_spread(pod);
+        let pod = defaulted.as_ref().unwrap_or(pod);
         let needs_gpu = pod.needs_gpu();
         let decision = Decision::new(self, pod);
         let mut scratch = FitScratch::for_decision(&self.card_types, &pod.policy, false);
@@ -207,6 +244,9 @@ impl ClusterState {
                 reasons,
             }));
         };
+        // The room nominated pods of at least this priority wait for stays theirs.
+        let reserved = self.reserve_nominated(node, pod);
+        let node = reserved.as_ref().unwrap_or(node);
         let fit = if needs_gpu {
             fit_pod(&node.cards, node.fullness_sum, pod, &mut scratch, true).map_err(|m| {
                 ScheduleError::Unschedulable(Unschedulable {
@@ -221,26 +261,8 @@ impl ClusterState {
                 init_containers: None,
             }
         };
-        let to_devices = |picks: Option<PodPicks>, count: usize| -> PodDevices {
-            match picks {
-                None => vec![Vec::new(); count],
-                Some(picks) => picks
-                    .into_iter()
-                    .map(|container| {
-                        container
-                            .unwrap_or_default()
-                            .into_iter()
-                            .map(|p| ContainerDevice {
-                                uuid: node.cards[p.card].device.id.clone(),
-                                vendor: NVIDIA_VENDOR.to_owned(),
-                                memory_mib: p.memory_mib,
-                                cores: p.cores,
-                            })
-                            .collect()
-                    })
-                    .collect(),
-            }
-        };
+        let to_devices =
+            |picks: Option<PodPicks>, count: usize| devices_from_picks(node, picks, count);
         let containers = to_devices(fit.containers, pod.containers.len());
         let init_containers = if pod.annotates_init_containers() {
             to_devices(fit.init_containers, pod.init_containers.len())
@@ -306,7 +328,14 @@ impl ClusterState {
                 continue;
             }
             considered += 1;
-            match evaluate_node(node, pod, decision, needs_gpu, scratch) {
+            let reserved = self.reserve_nominated(node, pod);
+            match evaluate_node(
+                reserved.as_ref().unwrap_or(node),
+                pod,
+                decision,
+                needs_gpu,
+                scratch,
+            ) {
                 Err(reason) => {
                     if let Some(reasons) = reasons.as_deref_mut() {
                         *reasons.entry(reason).or_default() += 1;
@@ -385,7 +414,7 @@ pub(super) fn evaluate_node(
     let fullness = if !needs_gpu {
         0.0
     } else if node.inventory_error.is_some() {
-        return Err("GPU inventory annotation is corrupt (see the node's events)".to_owned());
+        return Err(CORRUPT_INVENTORY_REASON.to_owned());
     } else if let Some(reason) = node.liveness.refuses_gpu_pod(
         !node.cards.is_empty(),
         &node.allocatable,
@@ -402,6 +431,14 @@ pub(super) fn evaluate_node(
         }
         fit.fullness_after
     };
+    // kube-scheduler's order: NodeVolumeLimits, then VolumeBinding/VolumeZone.
+    if let Some(reason) = decision
+        .attach_limits
+        .as_ref()
+        .and_then(|limits| limits.rejects(node))
+    {
+        return Err(reason.to_owned());
+    }
     if let Some(check) = &decision.volumes {
         check.on_node(&node.facts)?;
     }
@@ -420,6 +457,32 @@ pub(super) fn evaluate_node(
         return Err(reason.to_owned());
     }
     Ok(fullness)
+}
+
+/// The devices of each container from its card picks on `node`.
+pub(super) fn devices_from_picks(
+    node: &NodeState,
+    picks: Option<PodPicks>,
+    count: usize,
+) -> PodDevices {
+    match picks {
+        None => vec![Vec::new(); count],
+        Some(picks) => picks
+            .into_iter()
+            .map(|container| {
+                container
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|p| ContainerDevice {
+                        uuid: node.cards[p.card].device.id.clone(),
+                        vendor: NVIDIA_VENDOR.to_owned(),
+                        memory_mib: p.memory_mib,
+                        cores: p.cores,
+                    })
+                    .collect()
+            })
+            .collect(),
+    }
 }
 
 /// Whether a host port the pod asks for is already taken on the node.

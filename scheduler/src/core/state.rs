@@ -86,6 +86,15 @@ impl NodeState {
         node
     }
 
+    /// Charges a pod here as if placed (the room a nominated pod waits for).
+    pub(crate) fn add_charge(&mut self, key: &str, charge: &PodCharge) {
+        apply(self, charge, true);
+        self.pods.insert(key.to_owned());
+        if let Some(info) = &charge.info {
+            self.residents.insert(key.to_owned(), info.clone());
+        }
+    }
+
     /// Keys of the pods charged here.
     pub(crate) fn pod_keys(&self) -> impl Iterator<Item = &String> {
         self.pods.iter()
@@ -215,6 +224,8 @@ pub struct ClusterState {
     gpu_resource: Arc<str>,
     /// Namespace GPU quotas and what each namespace's pods take.
     pub(crate) quotas: super::quota::QuotaBook,
+    /// Workload selectors for cluster-default topology spread.
+    pub(crate) workload_selectors: super::default_spread::WorkloadSelectors,
 }
 
 impl ClusterState {
@@ -235,6 +246,7 @@ impl ClusterState {
             storage: Storage::default(),
             priorities: Priorities::default(),
             quotas: super::quota::QuotaBook::default(),
+            workload_selectors: Default::default(),
         }
     }
 
@@ -447,6 +459,7 @@ impl ClusterState {
     /// such a pod is charged no cards.
     pub fn observe_pod(&mut self, pod: &Pod) -> Option<SealError> {
         let key = pod_key(pod);
+        self.track_nomination(pod, &key);
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
         if tessera_api::pod::is_terminal(pod)
             || pod.metadata.deletion_timestamp.is_some() && phase.is_none()
@@ -487,6 +500,7 @@ impl ClusterState {
 
     /// Forgets a deleted pod.
     pub fn remove_pod(&mut self, pod: &Pod) {
+        self.forget_nomination(&pod_key(pod));
         self.release(&pod_key(pod));
     }
 

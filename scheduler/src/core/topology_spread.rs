@@ -11,9 +11,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::core::v1::{Pod, TopologySpreadConstraint};
+use tessera_api::config::DefaultSpreadConstraint;
 
 use super::labels::Selector;
 use super::node_predicates::{NodeConstraints, NodeFacts};
+use super::pod_info::PodInfo;
 use super::state::{ClusterState, NodeState};
 
 /// `FailedScheduling` reason: placing here would exceed a `maxSkew`.
@@ -44,6 +46,9 @@ pub struct SpreadConstraint {
     pub honor_taints: bool,
     /// Whether the incoming pod matches its own selector.
     pub self_match: bool,
+    /// Given by kube-scheduler's system defaults, not the pod: nodes
+    /// lacking a topology key are still scored by the keys they have.
+    pub system_defaulted: bool,
 }
 
 impl SpreadConstraint {
@@ -82,6 +87,29 @@ impl SpreadConstraint {
             selector,
             honor_node_affinity: constraint.node_affinity_policy.as_deref() != Some("Ignore"),
             honor_taints: constraint.node_taints_policy.as_deref() == Some("Honor"),
+            system_defaulted: false,
+        }
+    }
+
+    /// A cluster-default constraint (see [`super::default_spread`]) over
+    /// `selector`, for a pod with `labels`.
+    pub fn defaulted(
+        constraint: &DefaultSpreadConstraint,
+        selector: Selector,
+        labels: &BTreeMap<String, String>,
+        system_defaulted: bool,
+    ) -> Self {
+        let hard = constraint.when_unsatisfiable == "DoNotSchedule";
+        Self {
+            max_skew: i64::from(constraint.max_skew),
+            topology_key: constraint.topology_key.clone(),
+            hard,
+            min_domains: 1,
+            self_match: selector.matches(labels),
+            selector,
+            honor_node_affinity: true,
+            honor_taints: false,
+            system_defaulted,
         }
     }
 
@@ -112,6 +140,8 @@ pub struct SpreadFilter<'a> {
     constraints: Vec<&'a SpreadConstraint>,
     counts: Vec<HashMap<&'a str, i64>>,
     minimums: Vec<i64>,
+    node_constraints: &'a NodeConstraints,
+    namespace: &'a str,
 }
 
 impl<'a> SpreadFilter<'a> {
@@ -119,8 +149,8 @@ impl<'a> SpreadFilter<'a> {
     pub fn new(
         state: &'a ClusterState,
         spread: &'a [SpreadConstraint],
-        node_constraints: &NodeConstraints,
-        namespace: &str,
+        node_constraints: &'a NodeConstraints,
+        namespace: &'a str,
     ) -> Self {
         let constraints: Vec<&SpreadConstraint> = spread.iter().filter(|c| c.hard).collect();
         let mut counts: Vec<HashMap<&str, i64>> = vec![HashMap::new(); constraints.len()];
@@ -136,9 +166,22 @@ impl<'a> SpreadFilter<'a> {
                 *counts[i].entry(value).or_default() += c.count(node, namespace);
             }
         }
-        let minimums = constraints
+        let mut filter = Self {
+            constraints,
+            counts,
+            minimums: Vec::new(),
+            node_constraints,
+            namespace,
+        };
+        filter.update_minimums();
+        filter
+    }
+
+    fn update_minimums(&mut self) {
+        self.minimums = self
+            .constraints
             .iter()
-            .zip(&counts)
+            .zip(&self.counts)
             .map(|(c, domains)| {
                 if (domains.len() as i64) < c.min_domains {
                     0
@@ -147,10 +190,28 @@ impl<'a> SpreadFilter<'a> {
                 }
             })
             .collect();
-        Self {
-            constraints,
-            counts,
-            minimums,
+    }
+
+    /// Preemption's what-if, as kube-scheduler's `RemovePod`/`AddPod`:
+    /// counts `pod` on `node` out of (`delta` −1) or back into (+1) its
+    /// domains, and recomputes the global minimums.
+    pub fn adjust(&mut self, node: &'a NodeFacts, pod: &PodInfo, delta: i64) {
+        if pod.terminating
+            || pod.namespace != self.namespace
+            || !has_keys(node, self.constraints.iter().copied())
+        {
+            return;
+        }
+        let mut changed = false;
+        for (i, c) in self.constraints.iter().enumerate() {
+            if c.includes(node, self.node_constraints) && c.selector.matches(&pod.labels) {
+                let value = node.labels[&c.topology_key].as_str();
+                *self.counts[i].entry(value).or_default() += delta;
+                changed = true;
+            }
+        }
+        if changed {
+            self.update_minimums();
         }
     }
 
@@ -183,9 +244,12 @@ pub fn score(
     if soft.is_empty() {
         return vec![0; feasible.len()];
     }
+    // kube-scheduler's requireAllTopologies: only system defaults score a
+    // node that lacks some of the keys (by the keys it has).
+    let require_all = !soft.iter().any(|c| c.system_defaulted);
     let ignored: Vec<bool> = feasible
         .iter()
-        .map(|n| !has_keys(&n.facts, soft.iter().copied()))
+        .map(|n| require_all && !has_keys(&n.facts, soft.iter().copied()))
         .collect();
     let considered = || {
         feasible
@@ -200,7 +264,9 @@ pub fn score(
     for c in &soft {
         let mut domains: HashMap<&str, i64> = HashMap::new();
         for node in considered() {
-            domains.insert(node.facts.labels[&c.topology_key].as_str(), 0);
+            if let Some(value) = node.facts.labels.get(&c.topology_key) {
+                domains.insert(value.as_str(), 0);
+            }
         }
         let size = if c.topology_key == HOSTNAME_KEY {
             considered().count()
@@ -211,15 +277,17 @@ pub fn score(
         counts.push(domains);
     }
     for node in state.nodes.values() {
-        if !has_keys(&node.facts, soft.iter().copied()) {
+        if require_all && !has_keys(&node.facts, soft.iter().copied()) {
             continue;
         }
         for (i, c) in soft.iter().enumerate() {
             if c.topology_key == HOSTNAME_KEY || !c.includes(&node.facts, node_constraints) {
                 continue;
             }
-            let value = node.facts.labels[&c.topology_key].as_str();
-            if let Some(total) = counts[i].get_mut(value) {
+            let Some(value) = node.facts.labels.get(&c.topology_key) else {
+                continue;
+            };
+            if let Some(total) = counts[i].get_mut(value.as_str()) {
                 *total += c.count(node, namespace);
             }
         }
@@ -233,11 +301,14 @@ pub fn score(
             }
             let mut total = 0.0;
             for (i, c) in soft.iter().enumerate() {
+                let Some(value) = node.facts.labels.get(&c.topology_key) else {
+                    // Only with system defaults: the key does not score here.
+                    continue;
+                };
                 let matching = if c.topology_key == HOSTNAME_KEY {
                     c.count(node, namespace)
                 } else {
-                    let value = node.facts.labels[&c.topology_key].as_str();
-                    counts[i].get(value).copied().unwrap_or(0)
+                    counts[i].get(value.as_str()).copied().unwrap_or(0)
                 };
                 total += matching as f64 * weights[i] + (c.max_skew - 1) as f64;
             }

@@ -273,3 +273,115 @@ fn missing_and_immediate_claims_wait() {
         "6 node(s) unavailable due to one or more pvc(s) bound to non-existent pv(s)"
     );
 }
+
+/// A bound EBS volume (CSI) and its bound claim in `ml`.
+fn ebs_pair(state: &mut ClusterState, claim_name: &str, handle: &str) {
+    let volume: PersistentVolume = serde_json::from_value(json!({"metadata": {"name": format!("pv-{claim_name}")},
+        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "gp3",
+            "csi": {"driver": "ebs.csi.aws.com", "volumeHandle": handle}},
+        "status": {"phase": "Bound"}}))
+    .expect("pv");
+    state.storage_mut().upsert_volume(&volume);
+    state.storage_mut().upsert_claim(&claim(
+        claim_name,
+        "gp3",
+        "10Gi",
+        json!({"volumeName": format!("pv-{claim_name}")}),
+        json!({}),
+    ));
+}
+
+fn csi_node(name: &str, count: i32) -> k8s_openapi::api::storage::v1::CSINode {
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"drivers": [
+        {"name": "ebs.csi.aws.com", "nodeID": name, "allocatable": {"count": count}},
+        {"name": "efs.csi.aws.com", "nodeID": name}]}}))
+    .expect("csinode")
+}
+
+/// `pod_with_claims` pinned to n1, at `priority`.
+fn pinned_to_n1(name: &str, claims: &[&str], priority: i32) -> Pod {
+    let mut pod = pod_with_claims(name, claims);
+    let spec = pod.spec.as_mut().expect("spec");
+    spec.node_selector = Some([("kubernetes.io/hostname".to_owned(), "n1".to_owned())].into());
+    spec.priority = Some(priority);
+    pod
+}
+
+fn placed_on_n1(name: &str, claims: &[&str], priority: i32) -> Pod {
+    let mut pod = pinned_to_n1(name, claims, priority);
+    pod.spec.as_mut().expect("spec").node_name = Some("n1".into());
+    pod.status = Some(serde_json::from_value(json!({"phase": "Running"})).expect("status"));
+    pod
+}
+
+#[test]
+fn csi_attach_limits_count_each_nodes_unique_volumes_per_driver() {
+    let mut state = cluster();
+    for name in ["a", "b", "c"] {
+        ebs_pair(&mut state, name, &format!("vol-{name}"));
+    }
+    let in_tree: StorageClass = serde_json::from_value(json!({"metadata": {"name": "gp2"},
+        "provisioner": "kubernetes.io/aws-ebs", "volumeBindingMode": "WaitForFirstConsumer"}))
+    .expect("class");
+    let efs: StorageClass = serde_json::from_value(json!({"metadata": {"name": "efs"},
+        "provisioner": "efs.csi.aws.com", "volumeBindingMode": "WaitForFirstConsumer"}))
+    .expect("class");
+    state.storage_mut().upsert_class(&in_tree);
+    state.storage_mut().upsert_class(&efs);
+    state
+        .storage_mut()
+        .upsert_claim(&claim("scratch", "gp2", "1Gi", json!({}), json!({})));
+    state
+        .storage_mut()
+        .upsert_claim(&claim("shared", "efs", "1Gi", json!({}), json!({})));
+    state.storage_mut().upsert_csi_node(&csi_node("n1", 2));
+    state.observe_pod(&placed_on_n1("resident", &["a", "b"], 0));
+    // Without CSINode limits nothing is counted; with n1 at 2 EBS volumes:
+    let why = refused(&state, &pinned_to_n1("third", &["c"], 0));
+    assert!(why.contains("1 node(s) exceed max volume count"), "{why}");
+    assert_eq!(
+        state
+            .schedule(&pinned_to_n1("sharing", &["a"], 0))
+            .expect("an attached volume is not attached again")
+            .node,
+        "n1"
+    );
+    let why = refused(&state, &pinned_to_n1("in-tree", &["scratch"], 0));
+    assert!(
+        why.contains("exceed max volume count"),
+        "an unbound kubernetes.io/aws-ebs claim counts under ebs.csi.aws.com: {why}"
+    );
+    assert!(
+        state
+            .schedule(&pinned_to_n1("files", &["shared"], 0))
+            .is_ok(),
+        "a driver without a count is not limited"
+    );
+    state.storage_mut().upsert_csi_node(&csi_node("n1", 3));
+    assert!(state.schedule(&pinned_to_n1("third", &["c"], 0)).is_ok());
+    state.storage_mut().remove_csi_node("n1");
+    state.storage_mut().upsert_csi_node(&csi_node("n1", 1));
+    assert!(
+        state.schedule(&pinned_to_n1("sharing", &["a"], 0)).is_err(),
+        "already over its count"
+    );
+}
+
+#[test]
+fn preemption_frees_attach_slots() {
+    let mut state = cluster();
+    for name in ["a", "b", "c"] {
+        ebs_pair(&mut state, name, &format!("vol-{name}"));
+    }
+    state.storage_mut().upsert_csi_node(&csi_node("n1", 2));
+    state.observe_pod(&placed_on_n1("holder", &["a", "b"], 10));
+    state.observe_pod(&placed_on_n1("no-volumes", &[], 1));
+    let pod = pinned_to_n1("urgent", &["c"], 1000);
+    let requirements = PodRequirements::from_pod(&pod, state.config()).expect("valid");
+    let found = state.find_preemption(&requirements).expect("preempts");
+    assert_eq!(
+        (found.node.as_str(), found.victims),
+        ("n1", vec!["ml/holder".to_owned()]),
+        "the pod without volumes frees no slot and stays"
+    );
+}

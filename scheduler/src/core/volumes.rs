@@ -80,6 +80,8 @@ pub struct Storage {
     classes: HashMap<String, StorageClass>,
     /// PV → pod key, for PVs an assumed placement takes.
     pub(crate) assumed_volumes: HashMap<String, String>,
+    /// CSINodes' attach limits (see [`super::attach_limits`]).
+    pub(crate) node_volume_limits: super::attach_limits::NodeVolumeLimits,
 }
 
 fn claim_key(namespace: &str, name: &str) -> String {
@@ -128,6 +130,11 @@ impl Storage {
     /// A claim by namespace and name.
     pub fn claim(&self, namespace: &str, name: &str) -> Option<&PersistentVolumeClaim> {
         self.claims.get(&claim_key(namespace, name))
+    }
+
+    /// A storage class by name.
+    pub fn class(&self, name: &str) -> Option<&StorageClass> {
+        self.classes.get(name)
     }
 
     /// A PV by name.

@@ -72,10 +72,14 @@ impl Scheduler {
             }
             Err(ScheduleError::Unschedulable(why)) => {
                 self.shared.metrics.count_decision("unschedulable");
-                let message = format!("0/{} nodes are available: {why}", why.total_nodes);
-                tracing::info!(pod = %key, %message, "pod does not fit; waiting for the cluster to change");
+                // Parked before evicting, so the victims' deletion wakes it.
                 self.shared.queue.park(&key, signature, true);
-                self.preempt_for(&pod);
+                let mut message = format!("0/{} nodes are available: {why}", why.total_nodes);
+                // kube-scheduler appends what preemption found, when it did not help.
+                if let Some(preemption) = self.preempt_for(&pod) {
+                    message = format!("{message}. {preemption}");
+                }
+                tracing::info!(pod = %key, %message, "pod does not fit; waiting for the cluster to change");
                 let notifier = self.shared.notifier.clone();
                 tokio::spawn(async move { notifier.failed(&pod, "Unschedulable", &message).await });
             }

@@ -1,7 +1,8 @@
 //! What the scheduler tells people through the API: `Scheduled` and
-//! `FailedScheduling` Events on pods, the `PodScheduled=False` condition
-//! with the reasons (as kube-scheduler sets it), and a warning Event on a
-//! Node whose GPU inventory annotation is corrupt.
+//! `FailedScheduling` Events on pods, `Preempted` on preemption's victims,
+//! the `PodScheduled=False` condition with the reasons (as kube-scheduler
+//! sets it), and a warning Event on a Node whose GPU inventory annotation
+//! is corrupt.
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams};
@@ -104,6 +105,23 @@ impl Notifier {
             .await
         {
             tracing::warn!(%error, pod = name, "could not set the PodScheduled condition");
+        }
+    }
+
+    /// kube-scheduler's `Preempted` Event on a victim: Normal, action
+    /// `Preempting`, related to the preemptor, "Preempted by pod <UID> on
+    /// node <node>".
+    pub async fn preempted(&self, victim: &Pod, preemptor: &Pod, node: &str) {
+        let uid = preemptor.metadata.uid.as_deref().unwrap_or("");
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "Preempted".to_owned(),
+            note: Some(format!("Preempted by pod {uid} on node {node}")),
+            action: "Preempting".to_owned(),
+            secondary: Some(preemptor.object_ref(&())),
+        };
+        if let Err(error) = self.recorder.publish(&event, &victim.object_ref(&())).await {
+            tracing::warn!(%error, "could not publish the Preempted event");
         }
     }
 

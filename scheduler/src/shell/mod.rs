@@ -25,6 +25,7 @@ pub mod queue;
 mod quotas;
 pub mod seal_key;
 pub mod volumes;
+mod workloads;
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -46,13 +47,18 @@ use metrics::SchedulerMetrics;
 use queue::SchedulingQueue;
 
 /// Lists besides nodes and pods that decisions wait for.
-const OTHER_LISTS: [&str; 6] = [
+const OTHER_LISTS: [&str; 11] = [
     namespaces::NAMESPACES_LIST,
     preemption::BUDGETS_LIST,
     volumes::STORAGE_LISTS[0],
     volumes::STORAGE_LISTS[1],
     volumes::STORAGE_LISTS[2],
     quotas::QUOTAS_LIST,
+    volumes::STORAGE_LISTS[3],
+    workloads::WORKLOAD_LISTS[0],
+    workloads::WORKLOAD_LISTS[1],
+    workloads::WORKLOAD_LISTS[2],
+    workloads::WORKLOAD_LISTS[3],
 ];
 
 /// How the shell runs.
@@ -243,6 +249,7 @@ impl Scheduler {
         let storage = tokio::spawn(self.clone().reflect_storage());
         let budgets = tokio::spawn(self.clone().reflect_disruption_budgets());
         let quotas = tokio::spawn(self.clone().reflect_resource_quotas());
+        let workloads = tokio::spawn(self.clone().reflect_workloads());
         let decide = tokio::spawn(self.clone().decision_loop(leading_rx));
         let expiry = tokio::spawn(self.clone().expire_gates(Duration::from_secs(1)));
         let liveness = tokio::spawn(self.clone().watch_handshakes());
@@ -253,6 +260,7 @@ impl Scheduler {
             r = storage => r.unwrap_or(Err(ShellError::WatchEnded("storage"))),
             r = budgets => r.unwrap_or(Err(ShellError::WatchEnded("poddisruptionbudget"))),
             r = quotas => r.unwrap_or(Err(ShellError::WatchEnded("resourcequota"))),
+            r = workloads => r.unwrap_or(Err(ShellError::WatchEnded("workload selectors"))),
             _ = decide => Err(ShellError::WatchEnded("leadership")),
             _ = expiry => Err(ShellError::WatchEnded("bind gate expiry")),
             _ = liveness => Err(ShellError::WatchEnded("node handshake watch")),

@@ -1,6 +1,6 @@
 //! Volume binding in the shell (kube-scheduler's VolumeBinding PreBind):
-//! reflectors for PersistentVolumes, PersistentVolumeClaims and
-//! StorageClasses feed the core; before a pod with unbound
+//! reflectors for PersistentVolumes, PersistentVolumeClaims,
+//! StorageClasses and CSINodes (attach limits) feed the core; before a pod with unbound
 //! `WaitForFirstConsumer` claims is bound, each claim is given its PV
 //! (the PV's `claimRef`) or handed to the chosen node for provisioning
 //! (`volume.kubernetes.io/selected-node` on the claim), and the pod is
@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher::{self, watcher};
 use kube::runtime::WatchStreamExt;
@@ -24,10 +24,11 @@ use crate::core::volumes::{VolumeAction, SELECTED_NODE_ANNOTATION};
 use crate::core::Placement;
 
 /// The names of the storage lists decisions wait for.
-pub(super) const STORAGE_LISTS: [&str; 3] = [
+pub(super) const STORAGE_LISTS: [&str; 4] = [
     "persistentvolumes",
     "persistentvolumeclaims",
     "storageclasses",
+    "csinodes",
 ];
 
 /// Why a pod's claims could not be made ready for its node.
@@ -120,7 +121,25 @@ impl Scheduler {
                 || this.list_synced(STORAGE_LISTS[2]),
             )
         };
-        let _ = tokio::join!(volumes, claims, classes);
+        let csi_nodes = {
+            let this = &self;
+            let stream = watcher(
+                Api::<CSINode>::all(self.shared.client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff();
+            follow(
+                stream,
+                |n: &CSINode| this.storage_changed(|s| s.upsert_csi_node(n)),
+                |n: &CSINode| {
+                    this.storage_changed(|s| {
+                        s.remove_csi_node(n.metadata.name.as_deref().unwrap_or(""))
+                    })
+                },
+                || this.list_synced(STORAGE_LISTS[3]),
+            )
+        };
+        let _ = tokio::join!(volumes, claims, classes, csi_nodes);
         Err(ShellError::WatchEnded("storage"))
     }
 

@@ -147,9 +147,11 @@ pub(crate) fn kind_of(resource: &str) -> String {
         "daemonsets" => "DaemonSet",
         "replicasets" => "ReplicaSet",
         "statefulsets" => "StatefulSet",
+        "replicationcontrollers" => "ReplicationController",
         "persistentvolumes" => "PersistentVolume",
         "persistentvolumeclaims" => "PersistentVolumeClaim",
         "storageclasses" => "StorageClass",
+        "csinodes" => "CSINode",
         "priorityclasses" => "PriorityClass",
         "poddisruptionbudgets" => "PodDisruptionBudget",
         "resourcequotas" => "ResourceQuota",
@@ -199,6 +201,7 @@ pub(crate) fn is_cluster_scoped(resource: &str) -> bool {
             | "priorityclasses"
             | "runtimeclasses"
             | "storageclasses"
+            | "csinodes"
     )
 }
 
