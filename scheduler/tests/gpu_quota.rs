@@ -33,7 +33,7 @@ fn node(name: &str) -> Node {
     serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "annotations": {"hami.io/node-nvidia-register": encode_inventory(&cards)}},
         "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                   "allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110"}}}))
+                   "allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "100"}}}))
     .expect("node")
 }
 

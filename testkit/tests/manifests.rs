@@ -1425,7 +1425,7 @@ fn the_quota_example_holds_three_of_its_five_replicas() {
         "metadata": {"name": "gpu-1", "annotations": {
             "hami.io/node-nvidia-register": tessera_api::inventory::encode_inventory(&cards)}},
         "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                   "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110"}}}))
+                   "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "100"}}}))
     .expect("node");
     state.upsert_node(&node);
     let mut quota = quota;
