@@ -28,6 +28,10 @@ pub type MipmapRequirementsFn =
 pub type CtxGetLimitFn = unsafe extern "C" fn(*mut usize, c_uint) -> CuResult;
 /// `cuFuncGetAttribute`.
 pub type FuncGetAttributeFn = unsafe extern "C" fn(*mut c_int, c_int, Opaque) -> CuResult;
+/// `cuKernelGetAttribute` (CUDA 12.0+: the runtime launches library
+/// kernels, `CUkernel`, which `cuFuncGetAttribute` does not describe).
+pub type KernelGetAttributeFn =
+    unsafe extern "C" fn(*mut c_int, c_int, Opaque, CuDevice) -> CuResult;
 /// `cuDeviceGetAttribute`.
 pub type DeviceGetAttributeFn = unsafe extern "C" fn(*mut c_int, c_int, CuDevice) -> CuResult;
 /// `cuMemPoolGetAttribute`.
@@ -62,6 +66,8 @@ pub struct CudaDriver {
     pub ctx_get_limit: Option<CtxGetLimitFn>,
     /// `cuFuncGetAttribute`, for a kernel's local memory per thread.
     pub func_get_attribute: Option<FuncGetAttributeFn>,
+    /// `cuKernelGetAttribute`, the same for a library kernel.
+    pub kernel_get_attribute: Option<KernelGetAttributeFn>,
     /// `cuDeviceGetAttribute`, for the threads a card holds at once.
     pub device_get_attribute: Option<DeviceGetAttributeFn>,
     /// `cuMemPoolGetAttribute`, for what a trimmed pool still reserves.
@@ -167,6 +173,7 @@ impl CudaDriver {
                 mipmap_requirements: lib.function(c"cuMipmappedArrayGetMemoryRequirements"),
                 ctx_get_limit: lib.function(c"cuCtxGetLimit"),
                 func_get_attribute: lib.function(c"cuFuncGetAttribute"),
+                kernel_get_attribute: lib.function(c"cuKernelGetAttribute"),
                 device_get_attribute: lib.function(c"cuDeviceGetAttribute"),
                 mempool_get_attribute: lib.function(c"cuMemPoolGetAttribute"),
                 graph_mem_attribute: lib.function(c"cuDeviceGetGraphMemAttribute"),

@@ -10,9 +10,10 @@
 //!
 //! So, for each launch with a memory cap:
 //! - the kernel's local memory per thread
-//!   (`CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES`, read once per function and
-//!   remembered) is compared with the stack already charged on the card: one
-//!   table lookup on the usual path;
+//!   (`CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES`, from `cuFuncGetAttribute` or,
+//!   for the runtime's library kernels, `cuKernelGetAttribute`; read once
+//!   per handle and remembered) is compared with the stack already charged
+//!   on the card: a kernel within the initial 1 KiB costs one table lookup;
 //! - a kernel that needs more is charged the growth × the card's resident
 //!   threads *before* it is launched, and refused with out-of-memory when
 //!   that does not fit the cap (what the driver answers when the card
@@ -58,6 +59,16 @@ static STACK: [AtomicU64; MAX_DEVICES] = [const { AtomicU64::new(0) }; MAX_DEVIC
 static THREADS: [AtomicU64; MAX_DEVICES] = [const { AtomicU64::new(0) }; MAX_DEVICES];
 /// Function handle -> its local memory per thread ([`UNKNOWN`]).
 static LOCAL_SIZES: PtrTable = PtrTable::new(16);
+/// A stack every context of the process holds at least: the driver's
+/// initial 1 KiB, lowered if `cuCtxSetLimit` ever sets less. A kernel
+/// needing no more than this grows nothing, and is let through without
+/// asking which card is current (most kernels: the usual path is one table
+/// lookup and one load).
+static FLOOR: AtomicU64 = AtomicU64::new(DRIVER_INITIAL_STACK);
+/// Whether the warning about an undescribed kernel was given.
+static WARNED_UNKNOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The stack per thread a new context starts with.
+const DRIVER_INITIAL_STACK: u64 = 1024;
 /// Serialises the growth path (rare) so two threads do not charge twice.
 static GROWING: Mutex<()> = Mutex::new(());
 
@@ -79,7 +90,7 @@ pub fn before_launch(f: Opaque) -> Result<AfterLaunch, CuResult> {
         _ => return Ok(AfterLaunch::Nothing),
     };
     let need = local_size(f);
-    if need == 0 {
+    if need <= FLOOR.load(Ordering::Relaxed) {
         return Ok(AfterLaunch::Nothing);
     }
     let Some(card) = current_card() else {
@@ -129,6 +140,7 @@ pub fn set_stack(
     per_thread: u64,
     forward: impl FnOnce() -> CuResult,
 ) -> CuResult {
+    FLOOR.fetch_min(per_thread, Ordering::Relaxed);
     let Some(card) = current_card() else {
         return forward();
     };
@@ -227,16 +239,33 @@ fn local_size(f: Opaque) -> u64 {
     if let Some((_, bytes)) = LOCAL_SIZES.get(key) {
         return bytes;
     }
-    let bytes = state::cuda()
-        .and_then(|d| d.func_get_attribute)
-        .and_then(|get| {
-            let mut value: c_int = 0;
-            // SAFETY: the driver's cuFuncGetAttribute with a valid
-            // out-pointer and the caller's function handle.
-            (unsafe { get(&mut value, LOCAL_SIZE_BYTES, f) } == CUDA_SUCCESS)
-                .then_some(u64::try_from(value).unwrap_or(0))
-        })
-        .unwrap_or(UNKNOWN);
+    let driver = state::cuda();
+    let as_function = || {
+        let get = driver?.func_get_attribute?;
+        let mut value: c_int = 0;
+        // SAFETY: the driver's cuFuncGetAttribute with a valid out-pointer
+        // and the caller's function handle.
+        (unsafe { get(&mut value, LOCAL_SIZE_BYTES, f) } == CUDA_SUCCESS)
+            .then_some(u64::try_from(value).unwrap_or(0))
+    };
+    // The runtime (CUDA 12+) launches library kernels (`CUkernel`), which
+    // only cuKernelGetAttribute describes.
+    let as_library_kernel = || {
+        let get = driver?.kernel_get_attribute?;
+        let ordinal = crate::extra_hooks::current_ordinal()?;
+        let mut value: c_int = 0;
+        // SAFETY: the driver's cuKernelGetAttribute with a valid
+        // out-pointer, the caller's handle and the current device.
+        (unsafe { get(&mut value, LOCAL_SIZE_BYTES, f, ordinal) } == CUDA_SUCCESS)
+            .then_some(u64::try_from(value).unwrap_or(0))
+    };
+    let bytes = as_function().or_else(as_library_kernel).unwrap_or(UNKNOWN);
+    if bytes == UNKNOWN && !WARNED_UNKNOWN.swap(true, Ordering::Relaxed) {
+        log!(
+            WARN,
+            "the driver does not say how much local memory a kernel needs; its launches are charged afterwards from the stack the driver reports"
+        );
+    }
     // A full table only means asking again next time.
     LOCAL_SIZES.insert(key, 0, bytes);
     bytes

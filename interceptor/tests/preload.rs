@@ -356,6 +356,11 @@ fn local_memory_the_driver_reserves_at_launch_is_charged() {
         // 8 GiB of stack does not fit a 4 GiB cap: refused before the
         // driver grows anything.
         assert_eq!(s["lmem_past_cap"], (2, 252 * MIB, 252 * MIB), "{client}");
+        assert_eq!(
+            s["lmem_library_past_cap"],
+            (2, 252 * MIB, 252 * MIB),
+            "{client}"
+        );
         // 128 KiB per thread from a kernel the driver does not describe:
         // what the driver reports afterwards is charged.
         assert_eq!(s["lmem_opaque"], (0, 508 * MIB, 508 * MIB), "{client}");

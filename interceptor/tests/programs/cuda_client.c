@@ -386,6 +386,11 @@ static void vmm(const char *which) {
         stage("lmem_past_cap", rc);
         /* A kernel the driver does not describe: charged after its launch
          * from the stack the driver then reports. */
+        /* A library kernel (CUkernel, as the runtime launches): only
+         * cuKernelGetAttribute describes it; still refused beforehand. */
+        void *(*library)(unsigned long long) = (void *(*)(unsigned long long))dlsym(driver, "fake_cuda_library_kernel");
+        rc = p_launch(library(2 * 1024 * 1024), 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL);
+        stage("lmem_library_past_cap", rc);
         rc = p_launch(opaque(128 * 1024), 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL);
         stage("lmem_opaque", rc);
         rc = p_setLimit(0 /* CU_LIMIT_STACK_SIZE */, 1024);

@@ -713,6 +713,7 @@ fn proc_address(name: &[u8], version: c_int, flags: u64) -> Option<*mut c_void> 
         b"cuCtxSetLimit" => extras::cuCtxSetLimit as *mut c_void,
         b"cuCtxGetLimit" => extras::cuCtxGetLimit as *mut c_void,
         b"cuFuncGetAttribute" => lmem::cuFuncGetAttribute as *mut c_void,
+        b"cuKernelGetAttribute" => lmem::cuKernelGetAttribute as *mut c_void,
         b"cuDeviceGetAttribute" => lmem::cuDeviceGetAttribute as *mut c_void,
         b"cuMemPoolCreate" => extras::cuMemPoolCreate as *mut c_void,
         b"cuMemPoolDestroy" => extras::cuMemPoolDestroy as *mut c_void,
@@ -1695,8 +1696,10 @@ pub mod graphs {
 /// the card cannot hold the growth). Kernels with local memory are made by
 /// `fake_cuda_kernel`; any other function handle needs none.
 /// `cuFuncGetAttribute` answers `CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES` for
-/// them, except for kernels made with `fake_cuda_kernel_opaque`, which it
-/// refuses (as it may for a library's `CUkernel`).
+/// them, except for library kernels (`fake_cuda_library_kernel`, which only
+/// `cuKernelGetAttribute` describes, as the real driver does for a
+/// `CUkernel`) and kernels made with `fake_cuda_kernel_opaque`, which
+/// neither describes.
 pub mod lmem {
     use super::*;
 
@@ -1713,9 +1716,17 @@ pub mod lmem {
     const LOCAL_SIZE_BYTES: c_int = 3;
     const INVALID_HANDLE: CUresult = 400;
 
+    /// Which attribute call describes a kernel.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Kind {
+        Function,
+        Library,
+        Opaque,
+    }
+
     struct State {
-        /// Kernel handle -> (local bytes per thread, attribute refused).
-        kernels: HashMap<u64, (u64, bool)>,
+        /// Kernel handle -> (local bytes per thread, kind).
+        kernels: HashMap<u64, (u64, Kind)>,
         /// Context -> its stack per thread.
         stacks: HashMap<u64, u64>,
         next: u64,
@@ -1733,10 +1744,10 @@ pub mod lmem {
         f(state)
     }
 
-    fn kernel(local_bytes: u64, opaque: bool) -> *mut c_void {
+    fn kernel(local_bytes: u64, kind: Kind) -> *mut c_void {
         with_state(|s| {
             s.next += 0x40;
-            s.kernels.insert(s.next, (local_bytes, opaque));
+            s.kernels.insert(s.next, (local_bytes, kind));
             s.next as *mut c_void
         })
     }
@@ -1744,13 +1755,19 @@ pub mod lmem {
     /// A kernel handle that needs `local_bytes` of local memory per thread.
     #[no_mangle]
     pub extern "C" fn fake_cuda_kernel(local_bytes: u64) -> *mut c_void {
-        kernel(local_bytes, false)
+        kernel(local_bytes, Kind::Function)
+    }
+
+    /// A library kernel (`CUkernel`) that needs `local_bytes` per thread.
+    #[no_mangle]
+    pub extern "C" fn fake_cuda_library_kernel(local_bytes: u64) -> *mut c_void {
+        kernel(local_bytes, Kind::Library)
     }
 
     /// The same, but `cuFuncGetAttribute` refuses to describe it.
     #[no_mangle]
     pub extern "C" fn fake_cuda_kernel_opaque(local_bytes: u64) -> *mut c_void {
-        kernel(local_bytes, true)
+        kernel(local_bytes, Kind::Opaque)
     }
 
     /// Grows the current context's stack to `per_thread`, reserving the
@@ -1810,8 +1827,8 @@ pub mod lmem {
         }
         let kernel = with_state(|s| s.kernels.get(&(f as u64)).copied());
         match kernel {
-            Some((_, true)) => INVALID_HANDLE,
-            Some((local, false)) => {
+            Some((_, Kind::Library | Kind::Opaque)) => INVALID_HANDLE,
+            Some((local, Kind::Function)) => {
                 let answer = if attribute == LOCAL_SIZE_BYTES {
                     local
                 } else {
@@ -1824,6 +1841,30 @@ pub mod lmem {
                 unsafe { *value = 0 };
                 SUCCESS
             }
+        }
+    }
+
+    #[no_mangle]
+    pub unsafe extern "C" fn cuKernelGetAttribute(
+        value: *mut c_int,
+        attribute: c_int,
+        kernel: *mut c_void,
+        _device: c_int,
+    ) -> CUresult {
+        if value.is_null() {
+            return INVALID_VALUE;
+        }
+        match with_state(|s| s.kernels.get(&(kernel as u64)).copied()) {
+            Some((local, Kind::Library)) => {
+                let answer = if attribute == LOCAL_SIZE_BYTES {
+                    local
+                } else {
+                    0
+                };
+                unsafe { *value = answer as c_int };
+                SUCCESS
+            }
+            _ => INVALID_HANDLE,
         }
     }
 
