@@ -58,7 +58,7 @@ impl CardSortKey {
 }
 
 /// The most sort keys a policy can name (each key counts once).
-const MAX_SORT_KEYS: usize = 3;
+pub const MAX_SORT_KEYS: usize = 3;
 
 /// How the scheduler picks cards on a node: ordering keys in priority order
 /// plus the `mutex` and `topology-aware` modifiers (see the module doc).
@@ -111,6 +111,18 @@ impl GpuPolicy {
         let none_written = self.sort_keys[0].is_none();
         self.written_sort_keys()
             .chain(none_written.then_some(CardSortKey::Spread))
+    }
+
+    /// [`GpuPolicy::sort_keys`] as a fixed array (`None` past the last),
+    /// for hot loops that compare cards many times per decision.
+    pub fn sort_key_array(&self) -> [Option<CardSortKey>; MAX_SORT_KEYS] {
+        if self.sort_keys[0].is_none() {
+            let mut keys = [None; MAX_SORT_KEYS];
+            keys[0] = Some(CardSortKey::Spread);
+            keys
+        } else {
+            self.sort_keys
+        }
     }
 
     /// The first ordering key (`spread` when none is written).

@@ -8,7 +8,7 @@
 //! with the best pairwise link scores (one card: the one least linked to the
 //! rest), the order breaking ties.
 
-use tessera_api::policy::{CardSortKey, GpuPolicy};
+use tessera_api::policy::{CardSortKey, MAX_SORT_KEYS};
 use tessera_api::request::{PodGpuPolicy, ResolvedGpuRequest};
 
 use super::cards::{CardRejection, CardState, CardUsage};
@@ -182,6 +182,7 @@ fn fit_container(
     if scratch.candidates.len() < wanted {
         return Err(misfit(need, request, &pod.policy, cards.len(), scratch));
     }
+    let keys = pod.gpu_policy.sort_key_array();
     let numa_bind = pod.policy.numa_bind;
     let by_topology = pod.gpu_policy.topology_aware
         && scratch.candidates.len() > wanted
@@ -189,7 +190,7 @@ fn fit_container(
     if wanted == 1 && !numa_bind && !by_topology {
         // The common case: one card; no need to order the rest.
         let best = scratch.candidates.iter().copied().reduce(|a, b| {
-            if prefer(cards, &pod.gpu_policy, &b, &a) {
+            if prefer(cards, &keys, &b, &a) {
                 b
             } else {
                 a
@@ -198,7 +199,7 @@ fn fit_container(
         scratch.candidates.clear();
         scratch.candidates.extend(best);
     } else {
-        order_candidates(cards, &pod.gpu_policy, &mut scratch.candidates);
+        order_candidates(cards, &keys, &mut scratch.candidates);
     }
     if numa_bind && !keep_one_numa_node(cards, wanted, &mut scratch.candidates) {
         scratch.rejections.clear();
@@ -233,35 +234,35 @@ fn fit_container(
 }
 
 /// Whether `a` comes before `b` in the policy's order.
-fn prefer(cards: &[CardState], policy: &GpuPolicy, a: &Candidate, b: &Candidate) -> bool {
-    order(cards, policy, a, b) == std::cmp::Ordering::Less
+fn prefer(cards: &[CardState], keys: &SortKeys, a: &Candidate, b: &Candidate) -> bool {
+    order(cards, keys, a, b) == std::cmp::Ordering::Less
 }
+
+/// The GPU policy's sort keys (`GpuPolicy::sort_key_array`), read once
+/// per container rather than per comparison.
+type SortKeys = [Option<CardSortKey>; MAX_SORT_KEYS];
 
 /// The policy's order: each sort key in turn (binpack fullest first, spread
 /// emptiest first, numa lowest NUMA node first), then card index so
 /// decisions are deterministic.
-fn order(
-    cards: &[CardState],
-    policy: &GpuPolicy,
-    a: &Candidate,
-    b: &Candidate,
-) -> std::cmp::Ordering {
+fn order(cards: &[CardState], keys: &SortKeys, a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
     let (card_a, card_b) = (&cards[a.card].device, &cards[b.card].device);
-    policy
-        .sort_keys()
-        .map(|key| match key {
+    for key in keys.iter().flatten() {
+        let ordering = match key {
             CardSortKey::Binpack => b.fullness.total_cmp(&a.fullness),
             CardSortKey::Spread => a.fullness.total_cmp(&b.fullness),
             CardSortKey::Numa => card_a.numa.cmp(&card_b.numa),
-        })
-        .find(|ordering| ordering.is_ne())
-        .unwrap_or(std::cmp::Ordering::Equal)
-        .then(card_a.index.cmp(&card_b.index))
+        };
+        if ordering.is_ne() {
+            return ordering;
+        }
+    }
+    card_a.index.cmp(&card_b.index)
 }
 
 /// Orders candidate cards by the GPU policy.
-fn order_candidates(cards: &[CardState], policy: &GpuPolicy, candidates: &mut [Candidate]) {
-    candidates.sort_by(|a, b| order(cards, policy, a, b));
+fn order_candidates(cards: &[CardState], keys: &SortKeys, candidates: &mut [Candidate]) {
+    candidates.sort_by(|a, b| order(cards, keys, a, b));
 }
 
 /// The most card sets the exhaustive search of [`choose_by_link_scores`]
