@@ -11,31 +11,14 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Value};
 use tessera_api::allocation_seal::SealKey;
 use tessera_api::config::Config;
-use tessera_api::inventory::{encode_inventory, GpuDevice};
 use tessera_scheduler::shell::{Scheduler, ShellOptions};
+use tessera_testkit::fixtures::{gpu_node, t4_cards};
 use tessera_testkit::{annotation, eventually_within, ApiServer};
 
 const WAIT: Duration = Duration::from_secs(15);
 
 fn node(name: &str, cards: u32) -> Node {
-    let devices: Vec<GpuDevice> = (0..cards)
-        .map(|i| GpuDevice {
-            id: format!("GPU-{name}-{i}"),
-            index: i,
-            count: 10,
-            devmem: 15360,
-            devcore: 100,
-            device_type: "NVIDIA-Tesla T4".into(),
-            numa: 0,
-            mode: "hami-core".into(),
-            health: true,
-        })
-        .collect();
-    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "annotations": {"hami.io/node-nvidia-register": encode_inventory(&devices)}},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                   "allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "100"}}}))
-    .expect("node")
+    gpu_node(name, &t4_cards(&format!("GPU-{name}"), cards), "100")
 }
 
 fn pod(name: &str, memory_mib: u64) -> Value {

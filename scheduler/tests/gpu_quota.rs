@@ -11,30 +11,13 @@ use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota};
 use k8s_openapi::api::events::v1::Event;
 use serde_json::json;
 use tessera_api::config::Config;
-use tessera_api::inventory::{encode_inventory, GpuDevice};
 use tessera_scheduler::shell::metrics::decision_count;
 use tessera_scheduler::shell::{Scheduler, ShellOptions};
+use tessera_testkit::fixtures::{gpu_node, t4_cards};
 use tessera_testkit::ApiServer;
 
 fn node(name: &str) -> Node {
-    let cards: Vec<GpuDevice> = (0..4)
-        .map(|i| GpuDevice {
-            id: format!("GPU-{name}-{i}"),
-            index: i,
-            count: 10,
-            devmem: 15360,
-            devcore: 100,
-            device_type: "NVIDIA-Tesla T4".into(),
-            numa: 0,
-            mode: "hami-core".into(),
-            health: true,
-        })
-        .collect();
-    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "annotations": {"hami.io/node-nvidia-register": encode_inventory(&cards)}},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                   "allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "100"}}}))
-    .expect("node")
+    gpu_node(name, &t4_cards(&format!("GPU-{name}"), 4), "100")
 }
 
 fn replica(name: &str) -> Pod {

@@ -5,36 +5,20 @@
 //! only behind the switch, and the
 //! whole exposition valid strict OpenMetrics.
 
-use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota};
+use k8s_openapi::api::core::v1::{Pod, ResourceQuota};
 use serde_json::json;
 use tessera_api::allocation::{encode_pod_devices, ContainerDevice};
 use tessera_api::config::Config;
-use tessera_api::inventory::{encode_inventory, GpuDevice};
 use tessera_scheduler::core::ClusterState;
 use tessera_scheduler::shell::metrics::{BoundPod, SchedulerMetrics, HAMI_SCHEDULER_FAMILIES};
+use tessera_testkit::fixtures::{gpu_node, t4_cards};
 use tessera_testkit::openmetrics::{
     assert_matches_reference, differences_from_hami, parse_strict, Exposition, HamiComponent,
 };
 
 fn state() -> ClusterState {
-    let cards: Vec<GpuDevice> = (0..2)
-        .map(|i| GpuDevice {
-            id: format!("GPU-n-{i}"),
-            index: i,
-            count: 10,
-            devmem: 15360,
-            devcore: 100,
-            device_type: "NVIDIA-Tesla T4".into(),
-            numa: 0,
-            mode: "hami-core".into(),
-            health: true,
-        })
-        .collect();
-    let node: Node = serde_json::from_value(json!({"metadata": {"name": "gpu-1",
-            "annotations": {"hami.io/node-nvidia-register": encode_inventory(&cards)}},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                   "allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": "20"}}}))
-    .expect("node");
+    let cards = t4_cards("GPU-n", 2);
+    let node = gpu_node("gpu-1", &cards, "20");
     let mut state = ClusterState::new(Config::default());
     state.upsert_node(&node);
     // The trainer below, charged, in a namespace with a GPU quota.

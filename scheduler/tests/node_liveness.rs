@@ -14,33 +14,19 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tessera_api::config::Config;
-use tessera_api::inventory::{encode_inventory, GpuDevice};
 use tessera_scheduler::shell::{Scheduler, ShellOptions};
+use tessera_testkit::fixtures::{self, t4_cards};
 use tessera_testkit::ApiServer;
 
 fn gpu_node(name: &str, allocatable_gpus: &str, handshake: Option<&str>) -> Node {
-    let cards: Vec<GpuDevice> = (0..4)
-        .map(|i| GpuDevice {
-            id: format!("GPU-{name}-{i}"),
-            index: i,
-            count: 10,
-            devmem: 15360,
-            devcore: 100,
-            device_type: "NVIDIA-Tesla T4".into(),
-            numa: 0,
-            mode: "hami-core".into(),
-            health: true,
-        })
-        .collect();
-    let mut annotations = json!({"hami.io/node-nvidia-register": encode_inventory(&cards)});
+    let mut node = fixtures::gpu_node(name, &t4_cards(&format!("GPU-{name}"), 4), allocatable_gpus);
     if let Some(value) = handshake {
-        annotations["hami.io/node-handshake"] = value.into();
+        node.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert("hami.io/node-handshake".into(), value.into());
     }
-    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "annotations": annotations},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                   "allocatable": {"cpu": "32", "memory": "128Gi", "pods": "110", "nvidia.com/gpu": allocatable_gpus}}}))
-    .expect("node")
+    node
 }
 
 fn gpu_pod(name: &str) -> Pod {

@@ -17,11 +17,15 @@
 //! [`helpers`] holds small generic test helpers: [`eventually_within`]
 //! (polling with a deadline) and [`annotation`].
 //!
+//! [`fixtures`] builds the GPU nodes the tests share ([`fixtures::gpu_node`],
+//! [`fixtures::t4_cards`]).
+//!
 //! [`openmetrics`] checks `/metrics` expositions: a strict OpenMetrics text
 //! parser and HAMi's metric reference (`fixtures/hami-metrics.md`) with a
 //! comparison against it.
 
 pub mod api_server;
+pub mod fixtures;
 pub mod helpers;
 pub mod openmetrics;
 

@@ -1408,25 +1408,11 @@ fn the_quota_example_holds_three_of_its_five_replicas() {
         .expect("a ResourceQuota");
     let config = Config::default();
     let mut state = tessera_scheduler::core::ClusterState::new(config.clone());
-    let cards: Vec<tessera_api::inventory::GpuDevice> = (0..8)
-        .map(|i| tessera_api::inventory::GpuDevice {
-            id: format!("GPU-{i}"),
-            index: i,
-            count: 10,
-            devmem: 15360,
-            devcore: 100,
-            device_type: "NVIDIA-Tesla T4".into(),
-            numa: 0,
-            mode: "hami-core".into(),
-            health: true,
-        })
-        .collect();
-    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "gpu-1", "annotations": {
-            "hami.io/node-nvidia-register": tessera_api::inventory::encode_inventory(&cards)}},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}],
-                   "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "100"}}}))
-    .expect("node");
+    let node = tessera_testkit::fixtures::gpu_node(
+        "gpu-1",
+        &tessera_testkit::fixtures::t4_cards("GPU", 8),
+        "100",
+    );
     state.upsert_node(&node);
     let mut quota = quota;
     quota.metadata.namespace = Some("default".into());
