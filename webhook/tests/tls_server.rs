@@ -101,6 +101,22 @@ impl Connection {
         (status, common::decode_answer(&body, REVIEW_VERSION, uid))
     }
 
+    /// Sends the review `make(uid)` (a fresh uid each time) every 50 ms
+    /// until the webhook allows it; `what` says what failed when it never
+    /// does.
+    async fn admit_until_allowed(&mut self, make: impl Fn(&str) -> Vec<u8>, what: &str) {
+        let deadline = Instant::now() + WAIT;
+        for attempt in 0.. {
+            let uid = format!("retry-{attempt}");
+            let (_, answer) = self.admit(make(&uid), &uid).await;
+            if answer.allowed {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Asks `/readyz` every 100 ms until it answers 200; `what` says what
     /// failed when it never does.
     async fn wait_ready(&mut self, what: &str) {
@@ -130,6 +146,25 @@ async fn open_once_served(
         assert!(Instant::now() < deadline, "{what}");
         tokio::time::sleep(every).await;
     }
+}
+
+/// Starts the webhook with a mounted certificate, `extra` options and the
+/// API stand-in's client, and opens a verified connection to it.
+async fn serve_against(api: &ApiServer, extra: &[&str]) -> (Connection, JoinHandle<()>) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertAuthority::generate().unwrap();
+    write_pair(dir.path(), &ca, &["localhost"]);
+    let options = mounted_cert_options(dir.path(), extra);
+    let (addr, task) = start(options, Some(api.client())).await;
+    let connection = open_once_served(
+        addr,
+        ca.cert_pem(),
+        "localhost",
+        Duration::from_millis(50),
+        "the webhook never started serving",
+    )
+    .await;
+    (connection, task)
 }
 
 async fn start(options: Options, client: Option<kube::Client>) -> (SocketAddr, JoinHandle<()>) {
@@ -511,19 +546,7 @@ async fn watched_namespaces_that_opted_out_are_left_alone() {
     };
     api.insert(&namespace("quiet", true));
     api.insert(&namespace("ml-team", false));
-    let dir = tempfile::tempdir().unwrap();
-    let ca = CertAuthority::generate().unwrap();
-    write_pair(dir.path(), &ca, &["localhost"]);
-    let options = mounted_cert_options(dir.path(), &["--watch-namespaces"]);
-    let (addr, task) = start(options, Some(api.client())).await;
-    let mut connection = open_once_served(
-        addr,
-        ca.cert_pem(),
-        "localhost",
-        Duration::from_millis(50),
-        "the webhook never started serving",
-    )
-    .await;
+    let (mut connection, task) = serve_against(&api, &["--watch-namespaces"]).await;
     let (_, answer) = connection.admit(review_in("quiet", "q1"), "q1").await;
     assert!(answer.allowed && answer.patch.is_none(), "{}", answer.body);
     let (_, answer) = connection.admit(review_in("ml-team", "m1"), "m1").await;
@@ -531,18 +554,12 @@ async fn watched_namespaces_that_opted_out_are_left_alone() {
 
     // A namespace that opts out later is honoured once the watch sees it.
     api.insert(&namespace("ml-team", true));
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, answer) = connection.admit(review_in("ml-team", "m2"), "m2").await;
-        if answer.allowed {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the relabelled namespace was never honoured"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    connection
+        .admit_until_allowed(
+            |uid| review_in("ml-team", uid),
+            "the relabelled namespace was never honoured",
+        )
+        .await;
     task.abort();
 }
 
@@ -568,19 +585,7 @@ async fn gpu_quotas_deny_a_pod_over_its_namespace_quota_and_follow_changes() {
         .unwrap()
     };
     api.insert(&quota("8192"));
-    let dir = tempfile::tempdir().unwrap();
-    let ca = CertAuthority::generate().unwrap();
-    write_pair(dir.path(), &ca, &["localhost"]);
-    let options = mounted_cert_options(dir.path(), &["--gpu-quotas"]);
-    let (addr, task) = start(options, Some(api.client())).await;
-    let mut connection = open_once_served(
-        addr,
-        ca.cert_pem(),
-        "localhost",
-        Duration::from_millis(50),
-        "the webhook never started serving",
-    )
-    .await;
+    let (mut connection, task) = serve_against(&api, &["--gpu-quotas"]).await;
     let (_, answer) = connection
         .admit(review_of_two_cards("ml-team", "q1"), "q1")
         .await;
@@ -597,19 +602,11 @@ async fn gpu_quotas_deny_a_pod_over_its_namespace_quota_and_follow_changes() {
 
     // A raised quota is honoured once the watch sees it.
     api.insert(&quota("16384"));
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, answer) = connection
-            .admit(review_of_two_cards("ml-team", "q2"), "q2")
-            .await;
-        if answer.allowed {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the raised quota was never honoured"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    connection
+        .admit_until_allowed(
+            |uid| review_of_two_cards("ml-team", uid),
+            "the raised quota was never honoured",
+        )
+        .await;
     task.abort();
 }
