@@ -3,7 +3,7 @@
 //! cards, and the resident memory of the release binary at idle with 8
 //! fake cards. Run: `cargo bench -p tessera-node-agent --bench allocate`.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/integration/common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};

@@ -12,7 +12,7 @@
 //! 3. Reaction time in that agent: a real `sleep` child goes over its cap,
 //!    time until it is gone; 20 samples.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/integration/common/mod.rs"]
 mod common;
 
 use std::path::Path;

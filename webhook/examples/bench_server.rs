@@ -4,7 +4,7 @@
 //! load generator. Files in `--dir`: `ca.crt`, `tls.crt`, `tls.key`,
 //! `review.json`, and `ready` once the server listens.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/integration/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;

@@ -7,7 +7,7 @@
 //! way of reaching the driver: linked, `dlopen`+`dlsym`, `cuGetProcAddress`.
 //! The fake card has 16 GiB, and a context costs 64 MiB on it.
 
-mod common;
+use crate::common;
 
 use common::{compile, value, values, with_region, Artifacts};
 use std::io::{BufRead, BufReader};

@@ -10,7 +10,7 @@
 //! refusals, every container gets exactly its own pod's cards and caps, and
 //! the device IDs kubelet records name those cards.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

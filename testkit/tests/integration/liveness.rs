@@ -4,7 +4,7 @@
 //! (`FailedScheduling` names the dead agent) without touching the pod
 //! already placed; when an agent starts again the waiting pod lands.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

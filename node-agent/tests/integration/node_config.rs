@@ -3,7 +3,7 @@
 //! (cards left out by index or UUID, the node's own split) applied to both
 //! the published inventory and the devices registered with kubelet.
 
-mod common;
+use crate::common;
 
 use common::*;
 use k8s_openapi::api::core::v1::Node;

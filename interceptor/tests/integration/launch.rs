@@ -6,7 +6,7 @@
 //! (the read-only per-card tables filled from the containers' regions with
 //! the priority of their allocation) runs in the test ([`TableAggregator`]).
 
-mod common;
+use crate::common;
 
 use common::{compile, value, values, with_region, Artifacts, TableAggregator, Tenant};
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! certificate files (and their reload), and the self-provisioned CA against
 //! the Kubernetes API stand-in (Secret, first writer wins, `caBundle`).
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! ([`answer_review`]). Each patch is applied to the original object and the
 //! result checked.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -8,7 +8,7 @@
 //! `tessera_enforcement_actions_total`; in report mode it kills nothing.
 //! The kill test prints the reaction time (cap exceeded → process gone).
 
-mod common;
+use crate::common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;

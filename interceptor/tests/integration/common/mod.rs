@@ -30,8 +30,11 @@ impl Artifacts {
             .tempdir()
             .expect("temp dir")
             .keep();
-        std::fs::copy(built_library("libfake_cuda.so"), dir.join("libcuda.so.1")).unwrap();
-        std::fs::copy(
+        // Links, not copies: the directory outlives the run, and the fakes
+        // are megabytes each.
+        std::os::unix::fs::symlink(built_library("libfake_cuda.so"), dir.join("libcuda.so.1"))
+            .unwrap();
+        std::os::unix::fs::symlink(
             built_library("libfake_nvml.so"),
             dir.join("libnvidia-ml.so.1"),
         )

@@ -10,7 +10,7 @@
 //! type, the env kubelet gets, `bind-phase: success`, both components'
 //! metrics and `tessera inspect`.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -4,7 +4,7 @@
 //! resource and the figures; what only placement can count (percentages)
 //! and pods that are not ours are let through.
 
-mod common;
+use crate::common;
 
 use common::{api_server_pod, decode_answer, review, Answer};
 use serde_json::{json, Value};

@@ -7,7 +7,7 @@
 //! aggregation asks for. A container that breaks its region file loses its
 //! entry and nothing else happens.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::{symlink, MetadataExt};
 use std::path::{Path, PathBuf};

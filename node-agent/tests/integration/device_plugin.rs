@@ -2,7 +2,7 @@
 //! (registration, ListAndWatch, Allocate, kubelet restart, odd
 //! `:authority` values) against the API stand-in, with fake cards.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

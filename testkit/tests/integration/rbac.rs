@@ -19,7 +19,7 @@
 //! - node agent: inventory publish, kubelet's `Allocate`, the
 //!   `bind-phase` update, and a failed allocation's Event.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

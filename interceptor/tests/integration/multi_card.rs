@@ -9,7 +9,7 @@
 //! The fake machine: card 0 has 16 GiB, card 1 24 GiB; a context costs
 //! 64 MiB. Card `p`'s UUID is `GPU-5a5a5a5a-5a5a-5a5a-5a5a-5a5a5a5a5a<p>`.
 
-mod common;
+use crate::common;
 
 use common::{compile, key_values, with_region, Artifacts};
 use std::collections::HashMap;
