@@ -40,7 +40,7 @@ fn lookup(counts: &DomainCounts<'_>, key: &str, node: &NodeFacts) -> i64 {
 }
 
 /// The filter's per-decision counts.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct AffinityFilter<'a> {
     existing_anti: DomainCounts<'a>,
     anti: DomainCounts<'a>,

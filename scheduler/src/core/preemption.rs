@@ -408,6 +408,42 @@ impl ClusterState {
             .unwrap_or_default()
     }
 
+    /// The pods nominated to each node that `pod` must make room for: of
+    /// at least its priority, not `pod` itself, not yet placed (node name
+    /// → pods). kube-scheduler adds them to their node before running the
+    /// filters, so their labels, terms and host ports count there too.
+    pub(super) fn nominated_before<'s>(
+        &'s self,
+        pod: &PodRequirements,
+    ) -> HashMap<&'s str, Vec<&'s PodInfo>> {
+        let mut before: HashMap<&str, Vec<&PodInfo>> = HashMap::new();
+        if self.priorities.nominated.is_empty() {
+            return before;
+        }
+        for (node, waiting) in &self.priorities.nominated {
+            for other in self.ahead_of(waiting, pod) {
+                before.entry(node.as_str()).or_default().push(&other.info);
+            }
+        }
+        before
+    }
+
+    /// Of the pods `waiting` on one node, those `pod` must make room for:
+    /// of at least its priority, not `pod` itself, not yet placed.
+    fn ahead_of<'s, 'p>(
+        &'s self,
+        waiting: &'s BTreeMap<String, Arc<PodRequirements>>,
+        pod: &'p PodRequirements,
+    ) -> impl Iterator<Item = &'s PodRequirements> + use<'s, 'p> {
+        let priority = self.priority_of(&pod.info);
+        waiting.iter().filter_map(move |(key, other)| {
+            (*key != pod.key
+                && self.charge(key).is_none()
+                && self.priority_of(&other.info) >= priority)
+                .then_some(&**other)
+        })
+    }
+
     /// `node` as `pod` must see it: with the room of every pod nominated
     /// there of at least `pod`'s priority (other than `pod`, and not yet
     /// placed) charged, as kube-scheduler adds nominated pods before
@@ -426,15 +462,8 @@ impl ClusterState {
             return None;
         }
         let waiting = self.priorities.nominated.get(&node.facts.name)?;
-        let priority = self.priority_of(&pod.info);
         let mut view: Option<NodeState> = None;
-        for (key, other) in waiting {
-            if *key == pod.key
-                || self.charge(key).is_some()
-                || self.priority_of(&other.info) < priority
-            {
-                continue;
-            }
+        for other in self.ahead_of(waiting, pod) {
             let view = view.get_or_insert_with(|| node.clone());
             let (mut init, mut app) = (Vec::new(), Vec::new());
             if other.needs_gpu() {
@@ -469,7 +498,7 @@ impl ClusterState {
                 true,
             )
             .with_info(other.info.clone());
-            view.add_charge(key, &charge);
+            view.add_charge(&other.key, &charge);
         }
         view
     }

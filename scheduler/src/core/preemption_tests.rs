@@ -577,3 +577,80 @@ fn a_nominated_node_the_pod_can_no_longer_use_does_not_hold_it_back() {
         other => panic!("expected victims on n2, got {other:?}"),
     }
 }
+
+/// `base` (a pod from [`nominated`]) with `labels` and more of its spec.
+fn with_spec(mut pod: Pod, labels: Value, spec: Value) -> Pod {
+    pod.metadata.labels = serde_json::from_value(labels).expect("labels");
+    let mut full = serde_json::to_value(pod.spec.take()).expect("spec");
+    if let (Some(f), Some(e)) = (full.as_object_mut(), spec.as_object()) {
+        for (k, v) in e {
+            f.insert(k.clone(), v.clone());
+        }
+    }
+    pod.spec = serde_json::from_value(full).expect("spec");
+    pod
+}
+
+#[test]
+fn nominated_pods_count_in_spread_affinity_and_host_ports_on_their_node() {
+    let mut state = ClusterState::new(Config::default());
+    state.upsert_node(&gpu_node("n1", "32"));
+    state.upsert_node(&gpu_node("n2", "32"));
+    let anti = json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}]}});
+    // Waiting on n1 (its victims still leaving): a replica that keeps other
+    // replicas off its host, and holds host port 8080.
+    let waiting = with_spec(
+        nominated("urgent", 1000, 1000, Some("n1")),
+        json!({"app": "web", "tier": "front"}),
+        json!({"affinity": anti, "containers": [{"name": "main",
+            "ports": [{"containerPort": 80, "hostPort": 8080}],
+            "resources": {"requests": {"cpu": "1"}, "limits": {"nvidia.com/gpumem": "1000"}}}]}),
+    );
+    state.observe_pod(&waiting);
+    let node_of = |state: &ClusterState, pod: &Pod| state.schedule(pod).map(|p| p.node);
+
+    // Its anti-affinity keeps a lower-priority replica off n1...
+    let replica = with_spec(
+        nominated("replica", 1000, 100, None),
+        json!({"app": "web"}),
+        json!({}),
+    );
+    assert_eq!(node_of(&state, &replica).as_deref(), Ok("n2"));
+    // ...its host port is taken there...
+    let port = with_spec(
+        nominated("port", 1000, 100, None),
+        json!({}),
+        json!({"containers": [{"name": "main", "ports": [{"containerPort": 80, "hostPort": 8080}],
+            "resources": {"requests": {"cpu": "1"}, "limits": {"nvidia.com/gpumem": "1000"}}}]}),
+    );
+    assert_eq!(node_of(&state, &port).as_deref(), Ok("n2"));
+    // ...and its labels count in a hard spread constraint's skew.
+    let spread = with_spec(
+        nominated("spread", 1000, 100, None),
+        json!({"app": "batch", "tier": "front"}),
+        json!({"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"tier": "front"}}}]}),
+    );
+    assert_eq!(node_of(&state, &spread).as_deref(), Ok("n2"));
+    // With n2's card full, each is refused on n1 for the nominated pod's
+    // sake, with kube-scheduler's reason.
+    state.observe_pod(&running("full", "n2", 15360, 5000, json!({})));
+    for (pod, reason) in [
+        (&replica, "didn't satisfy existing pods anti-affinity rules"),
+        (&port, "didn't have free ports"),
+        (&spread, "didn't match pod topology spread constraints"),
+    ] {
+        let refused = state.schedule(pod).expect_err("refused on n1");
+        assert!(refused.to_string().contains(reason), "{refused}");
+    }
+    // A pod of higher priority does not wait for it: n1 is open to it.
+    let vip = with_spec(
+        nominated("vip", 1000, 2000, None),
+        json!({"app": "web"}),
+        json!({}),
+    );
+    assert_eq!(node_of(&state, &vip).as_deref(), Ok("n1"));
+    // The nominated pod itself is not kept out by its own terms.
+    assert_eq!(node_of(&state, &waiting).as_deref(), Ok("n1"));
+}

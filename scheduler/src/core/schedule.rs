@@ -7,7 +7,7 @@
 //! turn the winner's card picks into a [`Placement`]; or explain, per
 //! reason, why no node fits.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -133,6 +133,9 @@ pub(super) struct Decision<'a> {
     affinity_score: Option<AffinityScore<'a>>,
     spread_score: bool,
     quota: Option<QuotaCheck<'a>>,
+    /// Node name → the nominated pods the pod must make room for there
+    /// ([`ClusterState::nominated_before`]); empty without nominations.
+    nominated: HashMap<&'a str, Vec<&'a PodInfo>>,
 }
 
 impl<'a> Decision<'a> {
@@ -149,12 +152,20 @@ impl<'a> Decision<'a> {
         let info = &*pod.info;
         let volumes = (!pod.claims.is_empty())
             .then(|| VolumeCheck::new(&state.storage, &info.namespace, &pod.claims, &pod.key));
+        let nominated = state.nominated_before(pod);
+        // A nominated pod's required anti-affinity counts on its node even
+        // when no placed pod has any.
+        let nominated_anti_affinity = nominated
+            .values()
+            .flatten()
+            .any(|other| !other.required_anti_affinity.is_empty());
         Self {
             volumes,
             attach_limits: (!pod.claims.is_empty())
                 .then(|| AttachLimits::new(&state.storage, &info.namespace, &pod.claims))
                 .flatten(),
-            affinity: AffinityFilter::needed(state, info).then(|| AffinityFilter::new(state, info)),
+            affinity: (nominated_anti_affinity || AffinityFilter::needed(state, info))
+                .then(|| AffinityFilter::new(state, info)),
             spread: pod
                 .spread
                 .iter()
@@ -164,7 +175,36 @@ impl<'a> Decision<'a> {
                 .then(|| AffinityScore::new(state, info)),
             spread_score: scores && pod.spread.iter().any(|c| !c.hard),
             quota: QuotaCheck::new(state, pod),
+            nominated,
         }
+    }
+
+    /// kube-scheduler's second filter pass for a node with nominated pods
+    /// (`RunFilterPluginsWithNominatedPods`): the pod must also fit with
+    /// their labels and anti-affinity terms counted on `node` in the
+    /// spread and affinity filters. Their resources, cards and host ports
+    /// are already in the node's view ([`ClusterState::reserve_nominated`]).
+    fn rejects_with_nominated(&self, node: &NodeFacts) -> Option<&'static str> {
+        let waiting = self.nominated.get(node.name.as_str())?;
+        if let Some(filter) = &self.spread {
+            let mut with = filter.clone();
+            for other in waiting {
+                with.adjust(node, other, 1);
+            }
+            if let Some(reason) = with.rejects(node) {
+                return Some(reason);
+            }
+        }
+        if let Some(filter) = &self.affinity {
+            let mut with = filter.clone();
+            for other in waiting {
+                with.adjust(node, other, 1);
+            }
+            if let Some(reason) = with.rejects(node) {
+                return Some(reason);
+            }
+        }
+        None
     }
 
     /// Preemption's what-if: counts a placed pod on `node` out of
@@ -454,6 +494,9 @@ pub(super) fn evaluate_node(
         .as_ref()
         .and_then(|f| f.rejects(&node.facts))
     {
+        return Err(reason.to_owned());
+    }
+    if let Some(reason) = decision.rejects_with_nominated(&node.facts) {
         return Err(reason.to_owned());
     }
     Ok(fullness)

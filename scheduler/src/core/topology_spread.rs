@@ -135,7 +135,7 @@ fn has_keys<'c>(
 }
 
 /// The filter's per-decision counts (hard constraints only).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SpreadFilter<'a> {
     constraints: Vec<&'a SpreadConstraint>,
     counts: Vec<HashMap<&'a str, i64>>,
