@@ -17,6 +17,18 @@
 //! `to-allocate` entry only when it equals the sealed entry, so they can
 //! only withhold a pod's own devices, never add any.
 //!
+//! Adoption: pods HAMi placed before Tessera was installed carry HAMi's
+//! annotations and no seal. [`SealKey::adoption`] names the ones Tessera
+//! takes over as they are: created before the key (the Secret's
+//! `creationTimestamp`; both timestamps are the API server's own and
+//! immutable), bound to the node their allocation names, and not sent to
+//! Tessera's scheduler (`spec.schedulerName` is immutable too, and the
+//! webhook sends every GPU pod created since to Tessera). The scheduler
+//! seals them at first sight; until then the scheduler and the node
+//! agent's enforcement believe them through
+//! [`AllocationTrust::allocation_adopting`]. No pod created after the key
+//! can ever qualify, whatever its annotations say.
+//!
 //! Format: `v1.<base64url(HMAC-SHA256(key, "tessera-allocation-seal/v1\0" uid "\0" node "\0" devices))>`.
 //! No I/O here: loading the key from the Secret belongs to the binaries.
 
@@ -25,6 +37,7 @@ use std::fmt;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use thiserror::Error;
@@ -60,7 +73,7 @@ pub enum SealKeyError {
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum SealError {
     /// The pod has an allocation but no seal.
-    #[error("its hami.io allocation annotations carry no {} seal, so Tessera's scheduler did not write them (they were set by hand, by another scheduler, or before Tessera was installed); delete the pod so Tessera places it", keys::SEAL)]
+    #[error("its hami.io allocation annotations carry no {} seal, so Tessera's scheduler did not write them (they were set by hand or by another scheduler since Tessera was installed; placements made before that are adopted); delete the pod so Tessera places it", keys::SEAL)]
     Missing,
     /// The seal is not of a known format.
     #[error("its {} annotation is not a Tessera seal (`v1.` followed by base64url); delete the pod so Tessera places it again", keys::SEAL)]
@@ -80,8 +93,12 @@ pub enum SealError {
 /// The HMAC key shared by Tessera's components.
 #[derive(Clone)]
 pub struct SealKey {
-    key: hmac::Key,
+    /// Shared: the key is cloned into every trust decision.
+    key: std::sync::Arc<hmac::Key>,
     bytes: Vec<u8>,
+    /// When the key came to be (its Secret's `creationTimestamp`): pods
+    /// created before it may be adopted ([`SealKey::adoption`]).
+    issued_at: Option<Time>,
 }
 
 impl fmt::Debug for SealKey {
@@ -112,9 +129,16 @@ impl SealKey {
             return Err(SealKeyError::TooShort { len: bytes.len() });
         }
         Ok(Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, bytes),
+            key: std::sync::Arc::new(hmac::Key::new(hmac::HMAC_SHA256, bytes)),
             bytes: bytes.to_vec(),
+            issued_at: None,
         })
+    }
+
+    /// The same key, issued at `time` (its Secret's `creationTimestamp`).
+    pub fn issued_at(mut self, time: Option<Time>) -> Self {
+        self.issued_at = time;
+        self
     }
 
     /// The key stored in the Secret `tessera-allocation-key` (its data
@@ -126,7 +150,7 @@ impl SealKey {
             .and_then(|d| d.get(KEY_SECRET_FIELD))
             .map(|b| b.0.as_slice())
             .unwrap_or_default();
-        Self::from_bytes(bytes)
+        Ok(Self::from_bytes(bytes)?.issued_at(secret.metadata.creation_timestamp.clone()))
     }
 
     /// The raw bytes, for storing in the Secret.
@@ -186,6 +210,50 @@ impl SealKey {
     }
 }
 
+/// A pre-install placement Tessera takes over ([`SealKey::adoption`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adoption {
+    /// The seal to write as `tessera.io/allocation-seal`.
+    pub seal: String,
+    /// The allocation it seals.
+    pub allocation: SealedAllocation,
+}
+
+impl SealKey {
+    /// Whether `pod` is a placement made before Tessera was installed that
+    /// Tessera adopts, and the seal that makes it Tessera's: the pod has an
+    /// allocation and no seal, a UID, a `creationTimestamp` strictly
+    /// before the key's (timestamps have one-second resolution: a pod of
+    /// the key's own second is not adopted), `spec.nodeName` equal to
+    /// `hami.io/vgpu-node`, a `spec.schedulerName` other than
+    /// `own_scheduler`, and its allocation decodes. `None` otherwise, or
+    /// when the key's issue time is unknown.
+    pub fn adoption(&self, pod: &Pod, own_scheduler: &str) -> Option<Adoption> {
+        let issued = self.issued_at.as_ref()?;
+        let created = pod.metadata.creation_timestamp.as_ref()?;
+        let annotations = pod.metadata.annotations.as_ref()?;
+        let spec = pod.spec.as_ref()?;
+        let node = annotations.get(keys::VGPU_NODE)?;
+        let devices = annotations.get(keys::DEVICES_ALLOCATED)?;
+        let uid = pod.metadata.uid.as_deref()?;
+        let eligible = created.0 < issued.0
+            && !annotations.contains_key(keys::SEAL)
+            && spec.node_name.as_ref() == Some(node)
+            && spec.scheduler_name.as_deref() != Some(own_scheduler);
+        if !eligible {
+            return None;
+        }
+        let decoded = decode_pod_devices(devices).ok()?;
+        Some(Adoption {
+            seal: self.seal(uid, node, devices),
+            allocation: SealedAllocation {
+                node: node.clone(),
+                devices: decoded,
+            },
+        })
+    }
+}
+
 /// An allocation whose seal verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedAllocation {
@@ -207,6 +275,24 @@ pub enum AllocationTrust {
 }
 
 impl AllocationTrust {
+    /// [`AllocationTrust::allocation`], also believing a placement Tessera
+    /// adopts but has not sealed yet ([`SealKey::adoption`]): what the
+    /// scheduler charges and the node agent enforces. Handing out cards
+    /// (`Allocate`) believes sealed allocations only.
+    pub fn allocation_adopting(
+        &self,
+        pod: &Pod,
+        own_scheduler: &str,
+    ) -> Result<Option<SealedAllocation>, SealError> {
+        match (self.allocation(pod), self) {
+            (Err(SealError::Missing), Self::Sealed(key)) => key
+                .adoption(pod, own_scheduler)
+                .map(|adopted| Some(adopted.allocation))
+                .ok_or(SealError::Missing),
+            (believed, _) => believed,
+        }
+    }
+
     /// The pod's allocation if it is believed. `Ok(None)`: no allocation.
     pub fn allocation(&self, pod: &Pod) -> Result<Option<SealedAllocation>, SealError> {
         match self {
@@ -313,6 +399,104 @@ mod tests {
             k.verify_pod(&pod("uid-1", "node-a", DEVICES, Some("hmac".into()))),
             Err(SealError::Malformed)
         );
+    }
+
+    fn time(text: &str) -> Time {
+        Time(text.parse().expect("timestamp"))
+    }
+
+    /// A pod placed by `scheduler` on `node-a`, created at `created`.
+    fn placed(created: &str, scheduler: &str, bound_to: &str) -> Pod {
+        let mut placed = pod("uid-1", "node-a", DEVICES, None);
+        placed.metadata.creation_timestamp = Some(time(created));
+        placed.spec = Some(
+            serde_json::from_value(json!({"schedulerName": scheduler, "nodeName": bound_to,
+                "containers": [{"name": "c"}]}))
+            .expect("spec"),
+        );
+        placed
+    }
+
+    #[test]
+    fn only_placements_made_before_the_key_by_another_scheduler_are_adopted() {
+        let k = key(7).issued_at(Some(time("2026-12-01T10:00:00Z")));
+        let before = placed("2026-12-01T09:59:59Z", "hami-scheduler", "node-a");
+        let adopted = k.adoption(&before, "tessera-scheduler").expect("adopted");
+        // The seal it gets is the one Tessera's scheduler would write.
+        assert_eq!(adopted.seal, k.seal("uid-1", "node-a", DEVICES));
+        assert_eq!(adopted.allocation.devices[0][0].memory_mib, 7500);
+        let trust = AllocationTrust::Sealed(k.clone());
+        assert_eq!(
+            trust.allocation_adopting(&before, "tessera-scheduler"),
+            Ok(Some(adopted.allocation.clone()))
+        );
+        // Strict `allocation` (what Allocate hands out) still refuses it.
+        assert_eq!(trust.allocation(&before), Err(SealError::Missing));
+
+        let refused = |pod: &Pod, why: &str| {
+            assert_eq!(k.adoption(pod, "tessera-scheduler"), None, "{why}");
+            assert_eq!(
+                trust.allocation_adopting(pod, "tessera-scheduler"),
+                Err(SealError::Missing),
+                "{why}"
+            );
+        };
+        refused(
+            &placed("2026-12-01T10:00:00Z", "hami-scheduler", "node-a"),
+            "created in the key's own second",
+        );
+        refused(
+            &placed("2026-12-01T10:05:00Z", "hami-scheduler", "node-a"),
+            "created after the key",
+        );
+        refused(
+            &placed("2026-12-01T09:00:00Z", "tessera-scheduler", "node-a"),
+            "sent to Tessera's scheduler",
+        );
+        refused(
+            &placed("2026-12-01T09:00:00Z", "hami-scheduler", "node-b"),
+            "bound elsewhere than its allocation names",
+        );
+        let mut corrupt = placed("2026-12-01T09:00:00Z", "hami-scheduler", "node-a");
+        corrupt
+            .metadata
+            .annotations
+            .as_mut()
+            .expect("annotations")
+            .insert(keys::DEVICES_ALLOCATED.into(), "GPU-a,NVIDIA,lots".into());
+        assert_eq!(k.adoption(&corrupt, "tessera-scheduler"), None);
+        // A pod that carries a seal is judged by it: a wrong seal is a
+        // mismatch, never adopted.
+        let mut resealed = before.clone();
+        resealed
+            .metadata
+            .annotations
+            .as_mut()
+            .expect("annotations")
+            .insert(keys::SEAL.into(), key(8).seal("uid-1", "node-a", DEVICES));
+        assert_eq!(k.adoption(&resealed, "tessera-scheduler"), None);
+        assert_eq!(
+            trust.allocation_adopting(&resealed, "tessera-scheduler"),
+            Err(SealError::Mismatch)
+        );
+        // Without the key's issue time nothing is adopted.
+        assert_eq!(key(7).adoption(&before, "tessera-scheduler"), None);
+        // Trusting annotations (the simulator) believes it either way.
+        assert!(AllocationTrust::Annotations
+            .allocation_adopting(&before, "tessera-scheduler")
+            .expect("believed")
+            .is_some());
+    }
+
+    #[test]
+    fn the_key_read_from_its_secret_carries_the_secrets_creation_time() {
+        let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+            "metadata": {"name": KEY_SECRET_NAME, "creationTimestamp": "2026-12-01T10:00:00Z"},
+            "data": {KEY_SECRET_FIELD: base64::engine::general_purpose::STANDARD.encode([3u8; KEY_LEN])}}))
+        .expect("secret");
+        let k = SealKey::from_secret(&secret).expect("key");
+        let before = placed("2026-12-01T09:00:00Z", "hami-scheduler", "node-a");
+        assert!(k.adoption(&before, "tessera-scheduler").is_some());
     }
 
     #[test]

@@ -337,7 +337,10 @@ pub async fn run(setup: AgentSetup, shutdown: watch::Receiver<bool>) -> Result<(
     ));
     // Which allocations to believe, shared by Allocate and enforcement; the
     // key is read now (and retried) so enforcement has it early.
-    let seal_keys = Arc::new(SealKeys::new(setup.seal.clone(), setup.client.clone()));
+    let seal_keys = Arc::new(
+        SealKeys::new(setup.seal.clone(), setup.client.clone())
+            .with_scheduler_name(&setup.config.scheduler_name),
+    );
     tasks.spawn(load_seal_key(Arc::clone(&seal_keys)));
     let enforcement = setup.config.enforcement.clone();
     let counters = EnforcementCounters::default();

@@ -75,6 +75,8 @@ pub struct SealKeys {
     source: SealSource,
     client: kube::Client,
     cached: Mutex<Option<Cached>>,
+    /// Tessera's scheduler name: pods sent to it are never adopted.
+    scheduler_name: String,
 }
 
 impl std::fmt::Debug for SealKeys {
@@ -112,7 +114,15 @@ impl SealKeys {
             source,
             client,
             cached: Mutex::new(None),
+            scheduler_name: tessera_api::names::DEFAULT_SCHEDULER_NAME.to_owned(),
         }
+    }
+
+    /// The same rule for a cluster whose Tessera scheduler is
+    /// `scheduler_name` (the config's `schedulerName`).
+    pub fn with_scheduler_name(mut self, scheduler_name: &str) -> Self {
+        self.scheduler_name = scheduler_name.to_owned();
+        self
     }
 
     /// The rule in force, reading the Secret if the key is not known yet,
@@ -160,11 +170,16 @@ impl SealKeys {
     }
 }
 
-/// Enforcement believes the same allocations `Allocate` does: a pod whose
-/// allocation is not sealed has none, so all of its GPU memory is over cap.
+/// Enforcement believes the allocations the scheduler charges: sealed ones,
+/// and pre-install placements Tessera adopts (sealed by the scheduler at
+/// first sight; see `tessera_api::allocation_seal`). A pod whose allocation
+/// is neither has none, so all of its GPU memory is over cap.
 impl TrustedAllocations for SealKeys {
     fn verified_allocation(&self, pod: &Pod) -> Option<PodDevices> {
-        match self.cached_trust().allocation(pod) {
+        match self
+            .cached_trust()
+            .allocation_adopting(pod, &self.scheduler_name)
+        {
             Ok(allocation) => allocation.map(|a| a.devices),
             Err(error) => {
                 tracing::debug!(pod = ?pod.metadata.name, %error, "allocation not believed; the pod counts as unallocated");
@@ -218,5 +233,49 @@ mod tests {
             client,
         );
         assert!(unread.verified_allocation(&pod("u2", None)).is_some());
+    }
+
+    #[tokio::test]
+    async fn enforcement_believes_placements_made_before_the_key_by_another_scheduler() {
+        let issued = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-12-01T10:00:00Z".parse().expect("time"),
+        );
+        let key = SealKey::from_bytes(&[4; 32])
+            .expect("key")
+            .issued_at(Some(issued));
+        let client = kube::Client::try_from(kube::Config::new(
+            "http://127.0.0.1:1".parse().expect("url"),
+        ))
+        .expect("client");
+        let keys = SealKeys::new(SealSource::Key(key), client).with_scheduler_name("gpu-scheduler");
+        let placed = |created: &str, scheduler: &str| {
+            let mut placed = pod("u1", None);
+            placed.metadata.creation_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    created.parse().expect("time"),
+                ));
+            placed.spec = Some(
+                serde_json::from_value(json!({"schedulerName": scheduler, "nodeName": "n",
+                    "containers": [{"name": "c"}]}))
+                .expect("spec"),
+            );
+            placed
+        };
+        let before = placed("2026-12-01T09:00:00Z", "hami-scheduler");
+        assert_eq!(
+            keys.verified_allocation(&before)
+                .map(|d| d[0][0].memory_mib),
+            Some(1000)
+        );
+        // Created since the key, or sent to Tessera's own scheduler (the
+        // configured name): unallocated.
+        assert_eq!(
+            keys.verified_allocation(&placed("2026-12-01T10:00:01Z", "hami-scheduler")),
+            None
+        );
+        assert_eq!(
+            keys.verified_allocation(&placed("2026-12-01T09:00:00Z", "gpu-scheduler")),
+            None
+        );
     }
 }

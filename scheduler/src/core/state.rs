@@ -449,8 +449,9 @@ impl ClusterState {
     }
 
     /// Records what an observed pod takes: bound, non-terminal pods are
-    /// charged their plain requests and, when its seal verifies (see
-    /// [`AllocationTrust`]), their allocation; terminal pods are released;
+    /// charged their plain requests and, when its seal verifies or it is a
+    /// pre-install placement to adopt (see [`AllocationTrust`]), their
+    /// allocation; terminal pods are released;
     /// an unbound pod keeps this scheduler's assumption, if any, and a pod
     /// that carries a believed allocation but is not bound (a bind cut off
     /// by a restart) stays charged until it is rescheduled or deleted.
@@ -467,7 +468,10 @@ impl ClusterState {
             self.release(&key);
             return None;
         }
-        let (allocation, distrust) = match self.trust.allocation(pod) {
+        let (allocation, distrust) = match self
+            .trust
+            .allocation_adopting(pod, &self.config.scheduler_name)
+        {
             Ok(allocation) => (allocation, None),
             Err(error) => (None, Some(error)),
         };

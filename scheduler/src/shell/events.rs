@@ -68,6 +68,12 @@ impl Notifier {
         .await;
     }
 
+    /// A Normal Event with `reason` on the pod.
+    pub async fn pod_normal(&self, pod: &Pod, reason: &str, message: String) {
+        self.publish(pod.object_ref(&()), EventType::Normal, reason, message)
+            .await;
+    }
+
     /// A Warning Event with `reason` on the pod.
     pub async fn pod_warning(&self, pod: &Pod, reason: &str, message: String) {
         self.publish(pod.object_ref(&()), EventType::Warning, reason, message)

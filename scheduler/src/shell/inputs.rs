@@ -146,6 +146,7 @@ impl Scheduler {
         if let Some(error) = distrust {
             self.warn_distrusted(pod, &error);
         }
+        self.adopt_if_preinstalled(pod);
         self.track_gate(pod);
         let spec = pod.spec.as_ref();
         let bound = spec.is_some_and(|s| s.node_name.is_some());

@@ -10,6 +10,7 @@
 //! ([`node_gate`]), with no lock annotation; a failed bind rolls its
 //! assumption back and retries.
 
+mod adoption;
 pub mod bind;
 pub mod decide;
 pub mod events;
@@ -120,6 +121,8 @@ struct Shared {
     gates: Mutex<bind::Gates>,
     /// Pods already warned about (by UID) for allocations not believed.
     distrust_warned: Mutex<HashSet<String>>,
+    /// Pods (by UID) whose adoption seal is being written.
+    adopting: Mutex<HashSet<String>>,
     queue: SchedulingQueue,
     metrics: SchedulerMetrics,
     notifier: Notifier,
@@ -192,6 +195,7 @@ impl Scheduler {
                 node_errors: Mutex::default(),
                 gates: Mutex::default(),
                 distrust_warned: Mutex::default(),
+                adopting: Mutex::default(),
                 queue: SchedulingQueue::default(),
                 metrics,
                 notifier,

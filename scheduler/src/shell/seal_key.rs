@@ -78,9 +78,10 @@ pub async fn load_or_create(
         ..Secret::default()
     };
     match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => {
+        // The created Secret carries the key's issue time (adoption).
+        Ok(created) => {
             tracing::info!(%namespace, "generated the allocation seal key");
-            Ok(fresh)
+            key_of(&created, namespace)
         }
         // Another replica created it first: use theirs.
         Err(kube::Error::Api(status)) if status.code == 409 => {

@@ -246,3 +246,87 @@ async fn forged_allocations_are_not_charged_and_get_a_warning() {
     .await;
     handle.abort();
 }
+
+/// A running pod HAMi's scheduler placed on gpu-1, holding `memory_mib` of
+/// its card, with HAMi's annotations and no seal.
+fn hami_placed(name: &str, memory_mib: u64) -> Value {
+    let mut placed = pod(name, memory_mib);
+    placed["spec"]["schedulerName"] = json!("hami-scheduler");
+    placed["spec"]["nodeName"] = json!("gpu-1");
+    placed["metadata"]["annotations"] = json!({
+        "hami.io/vgpu-node": "gpu-1",
+        "hami.io/vgpu-devices-allocated": format!("GPU-gpu-1-0,NVIDIA,{memory_mib},0:;"),
+        "hami.io/vgpu-devices-to-allocate": ";",
+        "hami.io/bind-phase": "success"});
+    placed["status"] = json!({"phase": "Running"});
+    placed
+}
+
+#[tokio::test]
+async fn placements_made_before_tessera_are_adopted_and_later_ones_are_not() {
+    let server = ApiServer::start().await.expect("server");
+    server.insert(&node("gpu-1", 1));
+    // Placed by HAMi before the install: 10000 of the card's 15360 MiB.
+    server.insert_value("v1", "pods", hami_placed("legacy", 10000));
+    // Timestamps have one-second resolution: the key comes a second later.
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+    let key = tessera_scheduler::shell::seal_key::load_or_create(server.client(), "tessera")
+        .await
+        .expect("key");
+    // The same annotations written after the install prove nothing.
+    server.insert_value("v1", "pods", hami_placed("later", 5000));
+    let _kubelet = server.acknowledge_allocations(Duration::ZERO);
+    let handle = start(
+        &server,
+        ShellOptions {
+            seal_key: Some(key.clone()),
+            ..ShellOptions::default()
+        },
+    );
+    let legacy = eventually_within(WAIT, "the pre-install pod sealed", || {
+        server
+            .list::<Pod>()
+            .into_iter()
+            .find(|p| p.metadata.name.as_deref() == Some("legacy"))
+            .filter(|p| annotation(p, "tessera.io/allocation-seal").is_some())
+    })
+    .await;
+    let sealed = key
+        .verify_pod(&legacy)
+        .expect("verifies")
+        .expect("allocated");
+    assert_eq!(sealed.devices[0][0].memory_mib, 10000);
+    let reasons = |name: &str| -> Vec<String> {
+        server
+            .list_values("events.k8s.io/v1", "events", None)
+            .iter()
+            .filter(|e| e["regarding"]["name"] == name)
+            .map(|e| e["reason"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    eventually_within(WAIT, "adopted and untrusted events", || {
+        (reasons("legacy") == ["AdoptedGPUAllocation"]
+            && reasons("later") == ["UntrustedGPUAllocation"])
+        .then_some(())
+    })
+    .await;
+    let later = server
+        .list::<Pod>()
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some("later"))
+        .expect("later");
+    assert_eq!(annotation(&later, "tessera.io/allocation-seal"), None);
+    // The adopted 10000 MiB are charged, the later claim is not: 5000 fits
+    // beside it, 6000 does not.
+    server.insert_value("v1", "pods", pod("too-big", 6000));
+    server.insert_value("v1", "pods", pod("fits", 5000));
+    eventually_within(WAIT, "the pod that fits placed", || {
+        names(&bound(&server))
+            .contains(&"fits".to_owned())
+            .then_some(())
+    })
+    .await;
+    settle().await;
+    assert_eq!(names(&bound(&server)), ["fits", "later", "legacy"]);
+    handle.abort();
+}
