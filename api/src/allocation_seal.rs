@@ -441,22 +441,34 @@ mod tests {
                 "{why}"
             );
         };
-        refused(
-            &placed("2026-12-01T10:00:00Z", "hami-scheduler", "node-a"),
-            "created in the key's own second",
-        );
-        refused(
-            &placed("2026-12-01T10:05:00Z", "hami-scheduler", "node-a"),
-            "created after the key",
-        );
-        refused(
-            &placed("2026-12-01T09:00:00Z", "tessera-scheduler", "node-a"),
-            "sent to Tessera's scheduler",
-        );
-        refused(
-            &placed("2026-12-01T09:00:00Z", "hami-scheduler", "node-b"),
-            "bound elsewhere than its allocation names",
-        );
+        for (created, scheduler, bound_to, why) in [
+            (
+                "2026-12-01T10:00:00Z",
+                "hami-scheduler",
+                "node-a",
+                "created in the key's own second",
+            ),
+            (
+                "2026-12-01T10:05:00Z",
+                "hami-scheduler",
+                "node-a",
+                "created after the key",
+            ),
+            (
+                "2026-12-01T09:00:00Z",
+                "tessera-scheduler",
+                "node-a",
+                "sent to Tessera's scheduler",
+            ),
+            (
+                "2026-12-01T09:00:00Z",
+                "hami-scheduler",
+                "node-b",
+                "bound elsewhere than its allocation names",
+            ),
+        ] {
+            refused(&placed(created, scheduler, bound_to), why);
+        }
         let mut corrupt = placed("2026-12-01T09:00:00Z", "hami-scheduler", "node-a");
         corrupt
             .metadata

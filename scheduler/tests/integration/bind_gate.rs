@@ -207,26 +207,12 @@ async fn forged_allocations_are_not_charged_and_get_a_warning() {
     let key = SealKey::from_bytes(&[6; 32]).expect("key");
     server.insert(&node("gpu-1", 1));
     // A busybox pod claiming the whole card with hand-written annotations.
-    let mut forged = pod("forged", 1);
+    let mut forged = placed_elsewhere("forged", "default-scheduler", "15360,100");
     forged["spec"]["containers"][0]["resources"] = json!({});
-    forged["spec"]["schedulerName"] = json!("default-scheduler");
-    forged["spec"]["nodeName"] = json!("gpu-1");
-    forged["metadata"]["annotations"] = json!({
-        "hami.io/vgpu-node": "gpu-1",
-        "hami.io/vgpu-devices-allocated": "GPU-gpu-1-0,NVIDIA,15360,100:;",
-        "hami.io/vgpu-devices-to-allocate": ";",
-        "hami.io/bind-phase": "success"});
-    forged["status"] = json!({"phase": "Running"});
     server.insert_value("v1", "pods", forged);
     server.insert_value("v1", "pods", pod("honest", 15000));
     let _kubelet = server.acknowledge_allocations(Duration::ZERO);
-    let handle = start(
-        &server,
-        ShellOptions {
-            seal_key: Some(key.clone()),
-            ..ShellOptions::default()
-        },
-    );
+    let handle = start_sealed(&server, &key);
     let honest = eventually_within(WAIT, "the honest pod placed on the card", || {
         bound(&server)
             .into_iter()
@@ -247,19 +233,35 @@ async fn forged_allocations_are_not_charged_and_get_a_warning() {
     handle.abort();
 }
 
-/// A running pod HAMi's scheduler placed on gpu-1, holding `memory_mib` of
-/// its card, with HAMi's annotations and no seal.
-fn hami_placed(name: &str, memory_mib: u64) -> Value {
-    let mut placed = pod(name, memory_mib);
-    placed["spec"]["schedulerName"] = json!("hami-scheduler");
+/// A running pod `scheduler` placed on gpu-1's card, holding `share`
+/// (`<MiB>,<cores>`) of it, with HAMi's annotations and no seal.
+fn placed_elsewhere(name: &str, scheduler: &str, share: &str) -> Value {
+    let mut placed = pod(name, 1);
+    placed["spec"]["schedulerName"] = json!(scheduler);
     placed["spec"]["nodeName"] = json!("gpu-1");
     placed["metadata"]["annotations"] = json!({
         "hami.io/vgpu-node": "gpu-1",
-        "hami.io/vgpu-devices-allocated": format!("GPU-gpu-1-0,NVIDIA,{memory_mib},0:;"),
+        "hami.io/vgpu-devices-allocated": format!("GPU-gpu-1-0,NVIDIA,{share}:;"),
         "hami.io/vgpu-devices-to-allocate": ";",
         "hami.io/bind-phase": "success"});
     placed["status"] = json!({"phase": "Running"});
     placed
+}
+
+/// A pod HAMi's scheduler placed, holding `memory_mib` of gpu-1's card.
+fn hami_placed(name: &str, memory_mib: u64) -> Value {
+    placed_elsewhere(name, "hami-scheduler", &format!("{memory_mib},0"))
+}
+
+/// The scheduler, sealing with and believing only `key`.
+fn start_sealed(server: &ApiServer, key: &SealKey) -> tokio::task::JoinHandle<()> {
+    start(
+        server,
+        ShellOptions {
+            seal_key: Some(key.clone()),
+            ..ShellOptions::default()
+        },
+    )
 }
 
 #[tokio::test]
@@ -276,13 +278,7 @@ async fn placements_made_before_tessera_are_adopted_and_later_ones_are_not() {
     // The same annotations written after the install prove nothing.
     server.insert_value("v1", "pods", hami_placed("later", 5000));
     let _kubelet = server.acknowledge_allocations(Duration::ZERO);
-    let handle = start(
-        &server,
-        ShellOptions {
-            seal_key: Some(key.clone()),
-            ..ShellOptions::default()
-        },
-    );
+    let handle = start_sealed(&server, &key);
     let legacy = eventually_within(WAIT, "the pre-install pod sealed", || {
         server
             .list::<Pod>()
