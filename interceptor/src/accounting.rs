@@ -139,6 +139,12 @@ impl Accounting {
         {
             return Ok(());
         }
+        // Driver overhead given back since it was last measured.
+        if crate::driver_overhead::before_refusing(device)
+            && self.region.map().charge(slot, device, bytes, limit).is_ok()
+        {
+            return Ok(());
+        }
         log!(
             INFO,
             "card {device}: refused {bytes} bytes, {} of {limit} in use",
@@ -193,6 +199,7 @@ impl Accounting {
         self.region.after_fork_in_child();
         crate::graph_mem::after_fork_in_child();
         crate::lmem::after_fork_in_child();
+        crate::driver_overhead::after_fork_in_child();
         for table in [
             &self.pointers,
             &self.handles,

@@ -57,6 +57,7 @@ pub mod config;
 mod cuda_hooks;
 mod dlsym;
 mod driver;
+mod driver_overhead;
 #[cfg(test)]
 mod env_contract_tests;
 mod extra_hooks;

@@ -50,8 +50,9 @@ const LOCAL_SIZE_BYTES: c_int = 3;
 const MULTIPROCESSOR_COUNT: c_int = 16;
 /// `CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR`.
 const THREADS_PER_MULTIPROCESSOR: c_int = 39;
-/// Remembered for a function the driver would not describe.
-const UNKNOWN: u64 = u64::MAX;
+/// Remembered for a function the driver would not describe: far above any
+/// real local size, and small enough for the table to hold.
+const UNKNOWN: u64 = (1 << 56) - 1;
 
 /// Per container card: the stack per thread charged for (0: not read yet).
 static STACK: [AtomicU64; MAX_DEVICES] = [const { AtomicU64::new(0) }; MAX_DEVICES];
@@ -73,13 +74,14 @@ const DRIVER_INITIAL_STACK: u64 = 1024;
 static GROWING: Mutex<()> = Mutex::new(());
 
 /// What a launch must do afterwards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[must_use]
-pub enum AfterLaunch {
-    /// Nothing.
-    Nothing,
-    /// Set card `0`'s charge to the stack the driver reports.
-    Reconcile(usize),
+pub struct AfterLaunch {
+    /// Set this card's charge to the stack the driver reports.
+    stack_of: Option<usize>,
+    /// The function's first launch in this process: the driver loads its
+    /// code then ([`crate::driver_overhead`]).
+    first_of_function: bool,
 }
 
 /// Before launching `f`: charges the stack growth it needs, or refuses it.
@@ -87,21 +89,29 @@ pub enum AfterLaunch {
 pub fn before_launch(f: Opaque) -> Result<AfterLaunch, CuResult> {
     let accounting = match state::accounting() {
         Ok(Some(a)) => a,
-        _ => return Ok(AfterLaunch::Nothing),
+        _ => return Ok(AfterLaunch::default()),
     };
-    let need = local_size(f);
+    let (need, first_of_function) = local_size(f);
+    let nothing = AfterLaunch {
+        stack_of: None,
+        first_of_function,
+    };
     if need <= FLOOR.load(Ordering::Relaxed) {
-        return Ok(AfterLaunch::Nothing);
+        return Ok(nothing);
     }
     let Some(card) = current_card() else {
-        return Ok(AfterLaunch::Nothing);
+        return Ok(nothing);
     };
     let charged = stack_charged(card);
+    let reconcile = AfterLaunch {
+        stack_of: Some(card),
+        first_of_function,
+    };
     if need == UNKNOWN {
-        return Ok(AfterLaunch::Reconcile(card));
+        return Ok(reconcile);
     }
     if need <= charged {
-        return Ok(AfterLaunch::Nothing);
+        return Ok(nothing);
     }
     let _growing = GROWING.lock().unwrap_or_else(|e| e.into_inner());
     let charged = STACK[card].load(Ordering::Acquire);
@@ -112,14 +122,18 @@ pub fn before_launch(f: Opaque) -> Result<AfterLaunch, CuResult> {
         }
         STACK[card].store(need, Ordering::Release);
     }
-    Ok(AfterLaunch::Reconcile(card))
+    Ok(reconcile)
 }
 
-/// After a launch that [`before_launch`] asked to look at.
+/// After a launch, what [`before_launch`] asked to look at: the stack the
+/// driver reports, then (first launch of a function) the driver's overhead.
 #[inline]
 pub fn after_launch(after: AfterLaunch) {
-    if let AfterLaunch::Reconcile(card) = after {
+    if let Some(card) = after.stack_of {
         reconcile(card);
+    }
+    if after.first_of_function {
+        crate::driver_overhead::after_first_launch();
     }
 }
 
@@ -229,15 +243,16 @@ fn driver_stack() -> Option<u64> {
     (unsafe { get(&mut value, STACK_LIMIT) } == CUDA_SUCCESS).then_some(value as u64)
 }
 
-/// `f`'s local memory per thread, remembered after the first ask.
+/// `f`'s local memory per thread, remembered after the first ask, and
+/// whether this was the first ask (`f` newly remembered).
 #[inline]
-fn local_size(f: Opaque) -> u64 {
+fn local_size(f: Opaque) -> (u64, bool) {
     if f.is_null() {
-        return 0;
+        return (0, false);
     }
     let key = f as u64;
     if let Some((_, bytes)) = LOCAL_SIZES.get(key) {
-        return bytes;
+        return (bytes, false);
     }
     let driver = state::cuda();
     let as_function = || {
@@ -266,9 +281,10 @@ fn local_size(f: Opaque) -> u64 {
             "the driver does not say how much local memory a kernel needs; its launches are charged afterwards from the stack the driver reports"
         );
     }
-    // A full table only means asking again next time.
-    LOCAL_SIZES.insert(key, 0, bytes);
-    bytes
+    // A full table only means asking again next time (and not taking
+    // every later launch of `f` for its first).
+    let remembered = LOCAL_SIZES.insert(key, 0, bytes);
+    (bytes, remembered)
 }
 
 /// Threads card `card` holds at once (the current context's card).

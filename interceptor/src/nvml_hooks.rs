@@ -236,6 +236,14 @@ pub fn usage_before_context(ordinal: CuDevice) -> Option<UsageSample> {
     })
 }
 
+/// This process's usage of CUDA card `ordinal` per NVML's process list;
+/// `None` where NVML is absent or does not list this process.
+pub fn own_usage_of(ordinal: CuDevice) -> Option<u64> {
+    let nvml = state::measuring_nvml()?;
+    let handle = card_handle(nvml, ordinal)?;
+    own_usage(nvml, handle)
+}
+
 /// NVML's view of CUDA card `ordinal` just after a context was made on it:
 /// the device-wide reading only where NVML does not list this process.
 pub fn usage_after_context(ordinal: CuDevice) -> Option<UsageSample> {

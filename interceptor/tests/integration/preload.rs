@@ -370,6 +370,38 @@ fn local_memory_the_driver_reserves_at_launch_is_charged() {
 }
 
 #[test]
+fn code_the_driver_loads_at_first_launches_is_charged() {
+    for client in CLIENTS {
+        // 1 GiB cap, 64 MiB context, 96 MiB per function's code.
+        let out = run(
+            client,
+            &["vmm", "load"],
+            &[
+                ("CUDA_DEVICE_MEMORY_LIMIT", "1g"),
+                ("FAKE_CUDA_LOAD_MIB", "96"),
+            ],
+        );
+        let s = stages(&out);
+        // Charged after each function's first launch, from NVML's reading.
+        assert_eq!(s["load_first"], (0, 96 * MIB, 96 * MIB), "{client}");
+        assert_eq!(s["load_again"], (0, 96 * MIB, 96 * MIB), "{client}");
+        assert_eq!(s["load_second"], (0, 192 * MIB, 192 * MIB), "{client}");
+        // 1024 - 64 - 192 = 768 MiB left: 12 chunks, and the card holds no
+        // more than the cap (before, 15 fitted and it held 1152 MiB).
+        assert_eq!(value(&out, "load_chunks"), 12, "{client}");
+        assert_eq!(s["load_full"], (2, 960 * MIB, 960 * MIB), "{client}");
+        // One function's code unloaded: the refused allocation reconciles
+        // and fits.
+        assert_eq!(value(&out, "unloaded"), 1, "{client}");
+        assert_eq!(
+            s["load_after_unload"],
+            (0, 928 * MIB, 928 * MIB),
+            "{client}"
+        );
+    }
+}
+
+#[test]
 fn pool_allocations_are_charged_to_the_pools_card() {
     for client in CLIENTS {
         let out = run(

@@ -397,6 +397,28 @@ static void vmm(const char *which) {
         stage("lmem_stack_set_back", rc);
         rc = p_setLimit(0, 3 * 1024 * 1024);
         stage("lmem_stack_set_past_cap", rc);
+    } else if (!strcmp(which, "load")) {
+        /* Lazy loading: the fake driver takes FAKE_CUDA_LOAD_MIB for a
+         * function's code at its first launch, through no allocation call. */
+        void *(*kernel)(unsigned long long) = (void *(*)(unsigned long long))dlsym(driver, "fake_cuda_kernel");
+        int (*unload)(void *) = (int (*)(void *))dlsym(driver, "fake_cuda_unload_kernel");
+        void *a = kernel(0), *b = kernel(0);
+        rc = p_launch(a, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL);
+        stage("load_first", rc);
+        rc = p_launch(a, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL);
+        stage("load_again", rc);
+        rc = p_launch(b, 1, 1, 1, 32, 1, 1, 0, NULL, NULL, NULL);
+        stage("load_second", rc);
+        CUdeviceptr chunk;
+        int n = 0;
+        while (n < 64 && (rc = p_alloc(&chunk, 64 * MIB)) == 0) n++;
+        printf("load_chunks=%d\n", n);
+        stage("load_full", rc);
+        /* The driver gives one function's code back: the next allocation
+         * that would be refused finds the room. */
+        printf("unloaded=%d\n", unload(b));
+        rc = p_alloc(&chunk, 64 * MIB);
+        stage("load_after_unload", rc);
     } else if (!strcmp(which, "pool")) {
         /* A pool on card 1 while card 0's context is current: its
          * allocations count against card 1's cap, not card 0's. */

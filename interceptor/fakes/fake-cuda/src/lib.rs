@@ -6,7 +6,10 @@
 //! The simulated machine is set by environment variables:
 //! `FAKE_CUDA_DEVICES` (cards, default 2), `FAKE_CUDA_TOTAL_MIB` (memory per
 //! card, default 16384; a comma list gives each card its own size) and
-//! `FAKE_CUDA_CONTEXT_MIB` (what a context costs on its card, default 64).
+//! `FAKE_CUDA_CONTEXT_MIB` (what a context costs on its card, default 64)
+//! and `FAKE_CUDA_LOAD_MIB` (what loading a function's code costs on its
+//! card at the function's first launch in a context, as CUDA 12's lazy
+//! loading does; default 0; see [`code`]).
 //! Card `p` of the machine has the UUID `GPU-5a5a5a5a-5a5a-5a5a-5a5a-5a5a5a5a5a<p>`
 //! (see [`physical_uuid`]). `CUDA_VISIBLE_DEVICES` (physical indices or
 //! UUIDs, comma-separated) narrows and renumbers the cards as the real
@@ -77,6 +80,8 @@ struct Driver {
     limits: HashMap<u64, [u64; 2]>,
     /// Graphs and their memory (see [`graphs`]).
     graphs: graphs::Graphs,
+    /// Function code loaded at first launches (see [`code`]).
+    code: code::Code,
 }
 
 static DRIVER: Mutex<Option<Driver>> = Mutex::new(None);
@@ -266,6 +271,7 @@ pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
             pool_of: HashMap::new(),
             limits: HashMap::new(),
             graphs: graphs::Graphs::default(),
+            code: code::Code::new(env_u64("FAKE_CUDA_LOAD_MIB", 0) * MIB),
         });
     }
     SUCCESS
@@ -823,6 +829,7 @@ pub mod launch {
         status(with_driver(|d| {
             d.current_card()?;
             lmem::reserve_for_launch(d, f)?;
+            code::load_at_first_launch(d, f)?;
             let n = |v: [c_uint; 3]| v.iter().map(|&x| u64::from(x)).product::<u64>();
             LAUNCHES.fetch_add(1, Ordering::Relaxed);
             THREADS.fetch_add(n(grid) * n(block), Ordering::Relaxed);
@@ -1685,6 +1692,68 @@ pub mod graphs {
             unsafe { *value = reserved };
             Ok(())
         }))
+    }
+}
+
+/// Lazy loading (CUDA 12.2+'s default): a function's code is loaded onto
+/// its context's card at the function's first launch there, taking
+/// `FAKE_CUDA_LOAD_MIB` of it with no allocation call (refused with
+/// out-of-memory when the card cannot hold it), until
+/// `fake_cuda_unload_kernel` unloads it (as `cuModuleUnload` would).
+pub mod code {
+    use super::*;
+
+    /// Loaded code: (context, function) -> its card.
+    #[derive(Debug)]
+    pub struct Code {
+        bytes: u64,
+        loaded: HashMap<(u64, u64), usize>,
+    }
+
+    impl Code {
+        /// Each function's code takes `bytes`.
+        pub fn new(bytes: u64) -> Self {
+            Self {
+                bytes,
+                loaded: HashMap::new(),
+            }
+        }
+    }
+
+    /// Before a launch of `f`: its code is loaded if this is its first
+    /// launch in the current context.
+    pub(crate) fn load_at_first_launch(d: &mut Driver, f: *mut c_void) -> Result<(), CUresult> {
+        let ctx = CURRENT.with(Cell::get);
+        let card = d.current_card()?;
+        let bytes = d.code.bytes;
+        if bytes == 0 || d.code.loaded.contains_key(&(ctx, f as u64)) {
+            return Ok(());
+        }
+        let c = &mut d.cards[card];
+        if c.used + bytes > c.total {
+            return Err(OUT_OF_MEMORY);
+        }
+        c.used += bytes;
+        d.code.loaded.insert((ctx, f as u64), card);
+        Ok(())
+    }
+
+    /// Unloads `f`'s code from the current context's card; returns whether
+    /// it was loaded.
+    #[no_mangle]
+    pub extern "C" fn fake_cuda_unload_kernel(f: *mut c_void) -> c_int {
+        let ctx = CURRENT.with(Cell::get);
+        with_driver(|d| {
+            let bytes = d.code.bytes;
+            Ok(match d.code.loaded.remove(&(ctx, f as u64)) {
+                Some(card) => {
+                    d.cards[card].used -= bytes;
+                    1
+                }
+                None => 0,
+            })
+        })
+        .unwrap_or(0)
     }
 }
 
