@@ -226,6 +226,19 @@ fn stages(out: &Output) -> std::collections::HashMap<String, (u64, u64, u64)> {
         .collect()
 }
 
+/// Asserts each `(stage, (rc, charged, held))` of `expected` in `out`.
+fn assert_stages(client: &str, out: &Output, expected: &[(&str, (u64, u64, u64))]) {
+    let s = stages(out);
+    for (stage, want) in expected {
+        assert_eq!(
+            s.get(*stage),
+            Some(want),
+            "{client} {stage}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
 #[test]
 fn mapped_vmm_memory_stays_charged_after_its_handle_is_released() {
     // vectorAddMMAP's pattern in a loop under a 1 GiB cap: create 256 MiB,
@@ -240,11 +253,10 @@ fn mapped_vmm_memory_stays_charged_after_its_handle_is_released() {
         );
         assert_eq!(value(&out, "vmm_mapped"), 3, "{client}: {out:?}");
         assert_eq!(value(&out, "last_rc"), 2, "{client}");
-        let s = stages(&out);
-        assert_eq!(
-            s["after_release_loop"],
-            (2, 768 * MIB, 768 * MIB),
-            "{client}"
+        assert_stages(
+            client,
+            &out,
+            &[("after_release_loop", (2, 768 * MIB, 768 * MIB))],
         );
     }
 }
@@ -321,20 +333,30 @@ fn mipmapped_arrays_and_context_limits_are_charged_what_the_driver_reserves() {
     for client in CLIENTS {
         let env = [("CUDA_DEVICE_MEMORY_LIMIT", "4g")];
         let out = run(client, &["vmm", "mipmap"], &env);
-        let s = stages(&out);
         // 1024x1024 float4 in 5 levels: 16 + 4 + 1 + 0.25 + 0.0625 MiB of
         // texels; the (fake) driver pads each level to 2 MiB: 26 MiB, and
         // the charge is corrected to that.
-        assert_eq!(s["mipmap_created"], (0, 26 * MIB, 26 * MIB), "{client}");
-        assert_eq!(s["mipmap_destroyed"], (0, 0, 0), "{client}");
+        assert_stages(
+            client,
+            &out,
+            &[
+                ("mipmap_created", (0, 26 * MIB, 26 * MIB)),
+                ("mipmap_destroyed", (0, 0, 0)),
+            ],
+        );
 
         let out = run(client, &["vmm", "heap"], &env);
-        let s = stages(&out);
-        assert_eq!(s["heap_grown"], (0, 248 * MIB, 248 * MIB), "{client}");
-        assert_eq!(s["fifo_grown"], (0, 264 * MIB, 264 * MIB), "{client}");
-        assert_eq!(s["limits_back"], (0, 0, 0), "{client}");
-        // An 8 GiB heap does not fit a 4 GiB cap: refused before the driver.
-        assert_eq!(s["heap_past_cap"], (2, 0, 0), "{client}");
+        assert_stages(
+            client,
+            &out,
+            &[
+                ("heap_grown", (0, 248 * MIB, 248 * MIB)),
+                ("fifo_grown", (0, 264 * MIB, 264 * MIB)),
+                ("limits_back", (0, 0, 0)),
+                // An 8 GiB heap does not fit a 4 GiB cap: refused before the driver.
+                ("heap_past_cap", (2, 0, 0)),
+            ],
+        );
     }
 }
 
@@ -346,26 +368,27 @@ fn local_memory_the_driver_reserves_at_launch_is_charged() {
             &["vmm", "lmem"],
             &[("CUDA_DEVICE_MEMORY_LIMIT", "4g")],
         );
-        let s = stages(&out);
         // Within the initial 1 KiB stack: nothing reserved, nothing charged.
-        assert_eq!(s["lmem_small"], (0, 0, 0), "{client}");
-        // 63 KiB more per thread for the card's 4096 threads: 252 MiB,
-        // charged before the launch, once.
-        assert_eq!(s["lmem_big"], (0, 252 * MIB, 252 * MIB), "{client}");
-        assert_eq!(s["lmem_big_again"], (0, 252 * MIB, 252 * MIB), "{client}");
-        // 8 GiB of stack does not fit a 4 GiB cap: refused before the
-        // driver grows anything.
-        assert_eq!(s["lmem_past_cap"], (2, 252 * MIB, 252 * MIB), "{client}");
-        assert_eq!(
-            s["lmem_library_past_cap"],
-            (2, 252 * MIB, 252 * MIB),
-            "{client}"
+        assert_stages(
+            client,
+            &out,
+            &[
+                ("lmem_small", (0, 0, 0)),
+                // 63 KiB more per thread for the card's 4096 threads: 252 MiB,
+                // charged before the launch, once.
+                ("lmem_big", (0, 252 * MIB, 252 * MIB)),
+                ("lmem_big_again", (0, 252 * MIB, 252 * MIB)),
+                // 8 GiB of stack does not fit a 4 GiB cap: refused before the
+                // driver grows anything.
+                ("lmem_past_cap", (2, 252 * MIB, 252 * MIB)),
+                ("lmem_library_past_cap", (2, 252 * MIB, 252 * MIB)),
+                // 128 KiB per thread from a kernel the driver does not describe:
+                // what the driver reports afterwards is charged.
+                ("lmem_opaque", (0, 508 * MIB, 508 * MIB)),
+                ("lmem_stack_set_back", (0, 0, 0)),
+                ("lmem_stack_set_past_cap", (2, 0, 0)),
+            ],
         );
-        // 128 KiB per thread from a kernel the driver does not describe:
-        // what the driver reports afterwards is charged.
-        assert_eq!(s["lmem_opaque"], (0, 508 * MIB, 508 * MIB), "{client}");
-        assert_eq!(s["lmem_stack_set_back"], (0, 0, 0), "{client}");
-        assert_eq!(s["lmem_stack_set_past_cap"], (2, 0, 0), "{client}");
     }
 }
 
@@ -381,22 +404,27 @@ fn code_the_driver_loads_at_first_launches_is_charged() {
                 ("FAKE_CUDA_LOAD_MIB", "96"),
             ],
         );
-        let s = stages(&out);
         // Charged after each function's first launch, from NVML's reading.
-        assert_eq!(s["load_first"], (0, 96 * MIB, 96 * MIB), "{client}");
-        assert_eq!(s["load_again"], (0, 96 * MIB, 96 * MIB), "{client}");
-        assert_eq!(s["load_second"], (0, 192 * MIB, 192 * MIB), "{client}");
+        assert_stages(
+            client,
+            &out,
+            &[
+                ("load_first", (0, 96 * MIB, 96 * MIB)),
+                ("load_again", (0, 96 * MIB, 96 * MIB)),
+                ("load_second", (0, 192 * MIB, 192 * MIB)),
+            ],
+        );
         // 1024 - 64 - 192 = 768 MiB left: 12 chunks, and the card holds no
         // more than the cap (before, 15 fitted and it held 1152 MiB).
         assert_eq!(value(&out, "load_chunks"), 12, "{client}");
-        assert_eq!(s["load_full"], (2, 960 * MIB, 960 * MIB), "{client}");
+        assert_stages(client, &out, &[("load_full", (2, 960 * MIB, 960 * MIB))]);
         // One function's code unloaded: the refused allocation reconciles
         // and fits.
         assert_eq!(value(&out, "unloaded"), 1, "{client}");
-        assert_eq!(
-            s["load_after_unload"],
-            (0, 928 * MIB, 928 * MIB),
-            "{client}"
+        assert_stages(
+            client,
+            &out,
+            &[("load_after_unload", (0, 928 * MIB, 928 * MIB))],
         );
     }
 }
@@ -429,7 +457,6 @@ fn memory_a_pool_keeps_after_frees_stays_charged() {
             &["vmm", "retain"],
             &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")],
         );
-        let s = stages(&out);
         let expected: &[(&str, (u64, u64, u64))] = &[
             ("freed_into_pool", (0, 256 * MIB, 256 * MIB)),
             // Served from what the pool kept: nothing more held or charged.
@@ -443,14 +470,7 @@ fn memory_a_pool_keeps_after_frees_stays_charged() {
             ("default_pool_retains", (0, 128 * MIB, 128 * MIB)),
             ("default_pool_trimmed", (0, 0, 0)),
         ];
-        for (stage, want) in expected {
-            assert_eq!(
-                s.get(*stage),
-                Some(want),
-                "{client} {stage}: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
+        assert_stages(client, &out, expected);
     }
 }
 
@@ -462,7 +482,6 @@ fn graph_memory_is_charged_what_the_driver_reserves_for_it() {
             &["vmm", "graph"],
             &[("CUDA_DEVICE_MEMORY_LIMIT", "1g")],
         );
-        let s = stages(&out);
         let expected: &[(&str, (u64, u64, u64))] = &[
             ("graph_built", (0, 0, 0)),
             ("graph_launched", (0, 512 * MIB, 512 * MIB)),
@@ -471,14 +490,7 @@ fn graph_memory_is_charged_what_the_driver_reserves_for_it() {
             ("plain_alloc_past_graph", (2, 512 * MIB, 512 * MIB)),
             ("graph_trimmed", (0, 0, 0)),
         ];
-        for (stage, want) in expected {
-            assert_eq!(
-                s.get(*stage),
-                Some(want),
-                "{client} {stage}: {}",
-                String::from_utf8_lossy(&out.stdout)
-            );
-        }
+        assert_stages(client, &out, expected);
     }
 }
 
