@@ -26,7 +26,9 @@
 //!   `cuMemCreate` memory charged until its handle is released and its last
 //!   mapping is gone; `extra_hooks` charges mipmapped arrays and context
 //!   limits and finds the card of a memory pool; `graph_mem` charges what the
-//!   driver reserves for graph memory nodes.
+//!   driver reserves for graph memory nodes; `lmem` the local memory
+//!   (stacks) kernels need; `driver_overhead` what the driver loads at
+//!   kernels' first launches, reconciled with NVML's reading.
 //! - `state` holds the lazily created process-wide state and the fork handler.
 //! - `launch_hooks` are the kernel-launch entry points; they pass the SM
 //!   limiter's gate (`sm_limiter`: one relaxed load when nothing is
