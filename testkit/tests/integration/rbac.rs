@@ -10,7 +10,8 @@
 //!   `Scheduled` Event, a pod that fits nowhere (`PodScheduled=False` and
 //!   `FailedScheduling`, retried), a `WaitForFirstConsumer` claim given an
 //!   available PV and one handed to its node for provisioning, a pod of
-//!   higher priority preempting (eviction, `nominatedNodeName`);
+//!   higher priority preempting (eviction, `nominatedNodeName`), a pod
+//!   HAMi placed before the install adopted (its seal patched);
 //! - webhook: the self-provisioned CA (Secret, caBundle of the
 //!   MutatingWebhookConfiguration), the `--gpu-quotas` ResourceQuota
 //!   watch, and, separately, the optional
@@ -453,6 +454,21 @@ async fn scheduler_calls_match_its_rbac() {
         .expect("pod");
         api.insert(&pod);
     }
+    // A pod HAMi placed before the install (higher priority than every
+    // pod here, so never a victim): adopted, its seal patched in.
+    api.insert_value(
+        "v1",
+        "pods",
+        json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "hami-placed", "namespace": "team", "annotations": {
+            keys::VGPU_NODE: "gpu-1", keys::DEVICES_ALLOCATED: "GPU-rbac-0,NVIDIA,100,0:;",
+            keys::BIND_PHASE: "success"}},
+        "spec": {"schedulerName": "hami-scheduler", "nodeName": "gpu-1", "priority": 2000,
+            "containers": [{"name": "main", "image": "x"}]},
+        "status": {"phase": "Running"}}),
+    );
+    // Timestamps have one-second resolution: the key comes a second later.
+    tokio::time::sleep(Duration::from_millis(1050)).await;
     let options = ShellOptions {
         lease: Some(LeaseSettings {
             namespace: "tessera-system".into(),
@@ -501,6 +517,12 @@ async fn scheduler_calls_match_its_rbac() {
             1,
         ),
         ("a lower-priority pod evicted", "POST", "pods/eviction", 1),
+        (
+            "a pre-install pod adopted (seal patched)",
+            "PATCH",
+            "pods",
+            1,
+        ),
     ] {
         await_writes(&api, what, method, target, at_least).await;
     }
