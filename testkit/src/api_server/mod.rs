@@ -9,6 +9,7 @@
 
 mod acknowledge;
 mod patch;
+mod pod_update;
 mod routes;
 mod selectors;
 mod store;

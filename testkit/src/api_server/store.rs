@@ -454,6 +454,9 @@ impl Store {
             }
             UpdateMode::Main | UpdateMode::Raw => object,
         };
+        if mode == UpdateMode::Main && key.resource == "pods" && key.api_version == "v1" {
+            super::pod_update::check(&key.name, current.get("spec"), next.get("spec"))?;
+        }
         // Identity and server-owned fields come from the stored object.
         let current_meta = current.get("metadata").cloned().unwrap_or_default();
         let meta = metadata_mut(&mut next)?;

@@ -1,6 +1,7 @@
 //! Integration tests of the API server stand-in, driven through the real
 //! kube-rs client: CRUD, patches, optimistic concurrency, watches, binding,
-//! the status subresource, selectors and fault injection.
+//! the status subresource, pod spec immutability, selectors and fault
+//! injection.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -215,6 +216,44 @@ async fn merge_and_json_patches() {
             .await,
     );
     assert_eq!(code, 404);
+}
+
+#[tokio::test]
+async fn a_pods_spec_changes_only_where_a_real_server_allows() {
+    let server = ApiServer::start().await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(server.client(), "default");
+    pods.create(&PostParams::default(), &pod("p"))
+        .await
+        .unwrap();
+    // Its scheduler (what Tessera's adoption of pre-install pods relies on),
+    // node and resources are fixed at creation.
+    for change in [
+        json!({"spec": {"schedulerName": "hami-scheduler"}}),
+        json!({"spec": {"nodeName": "n1"}}),
+    ] {
+        let (code, reason) = api_error(
+            pods.patch("p", &PatchParams::default(), &Patch::Merge(&change))
+                .await,
+        );
+        assert_eq!((code, reason.as_str()), (422, "Invalid"), "{change}");
+    }
+    let mut replaced = pods.get("p").await.unwrap();
+    if let Some(spec) = replaced.spec.as_mut() {
+        spec.containers[0].resources =
+            serde_json::from_value(json!({"limits": {"nvidia.com/gpumem": "1000"}})).unwrap();
+    }
+    let (code, _) = api_error(pods.replace("p", &PostParams::default(), &replaced).await);
+    assert_eq!(code, 422);
+    // An image may change.
+    let image = json!({"spec": {"containers": [{"name": "main", "image": "busybox:2"}]}});
+    let patched = pods
+        .patch("p", &PatchParams::default(), &Patch::Merge(&image))
+        .await
+        .unwrap();
+    assert_eq!(
+        patched.spec.unwrap().containers[0].image.as_deref(),
+        Some("busybox:2")
+    );
 }
 
 #[tokio::test]
