@@ -974,3 +974,21 @@ fn a_forked_child_asks_for_its_own_host_pid() {
     assert_eq!(asked.len(), 2, "parent and child each asked: {asked:?}");
     assert!(!log.contains("does not list this process"), "{log}");
 }
+
+#[test]
+fn first_launch_overhead_is_reconciled_inside_a_pid_namespace_with_the_agents_answer() {
+    let server = PidServer::start(HOST_PID_OFFSET);
+    let mut env = in_pid_namespace(&server.path, "100000");
+    env[0] = ("CUDA_DEVICE_MEMORY_LIMIT", "1g");
+    env.push(("FAKE_CUDA_LOAD_MIB", "96"));
+    let out = run("cuda_procaddr", &["vmm", "load"], &env);
+    // NVML lists the process under its host pid, which the agent told it.
+    assert_stages(
+        "cuda_procaddr",
+        &out,
+        &[
+            ("load_first", (0, 96 * MIB, 96 * MIB)),
+            ("load_full", (2, 960 * MIB, 960 * MIB)),
+        ],
+    );
+}
