@@ -1,8 +1,8 @@
 //! What the scheduler tells people through the API: `Scheduled` and
 //! `FailedScheduling` Events on pods, `Preempted` on preemption's victims,
 //! the `PodScheduled=False` condition with the reasons (as kube-scheduler
-//! sets it), and a warning Event on a Node whose GPU inventory annotation
-//! is corrupt.
+//! sets it), and Events on a Node whose GPU inventory annotation is
+//! corrupt or whose GPU agent stopped (or resumed) renewing its handshake.
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams};
@@ -129,6 +129,17 @@ impl Notifier {
         if let Err(error) = self.recorder.publish(&event, &victim.object_ref(&())).await {
             tracing::warn!(%error, "could not publish the Preempted event");
         }
+    }
+
+    /// An Event with `reason` on the node named `node`.
+    pub async fn node_event(&self, node: &str, type_: EventType, reason: &str, note: String) {
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Node".to_owned()),
+            name: Some(node.to_owned()),
+            ..Default::default()
+        };
+        self.publish(reference, type_, reason, note).await;
     }
 
     /// A warning on a node whose inventory annotation does not decode.

@@ -3,13 +3,16 @@
 //! handshake was renewed, and once a second the nodes whose handshake has
 //! gone unrenewed past `liveness.handshakeTimeoutSeconds` are handed to the
 //! [`crate::core::ClusterState`], which stops placing GPU pods there
-//! (counted in `tessera_scheduler_stale_gpu_node_agents`). A node that
-//! comes back is used again at once, and the pods waiting for it are
-//! retried.
+//! (counted in `tessera_scheduler_stale_gpu_node_agents`, and said in a
+//! Warning Event on the Node by the leader). A node that comes back is
+//! used again at once, and the pods waiting for it are retried.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
+use kube::runtime::events::EventType;
+use tokio::sync::watch;
 
 use super::{lock, Scheduler};
 use crate::core::node_liveness::handshake_of;
@@ -79,23 +82,59 @@ impl Scheduler {
         }
     }
 
-    /// Logs a node's new verdict; a node back to life retries the pods
-    /// waiting for room.
+    /// Logs a node's new verdict and, on the leader, posts it on the Node
+    /// (Warning `GPUAgentStale`, Normal `GPUAgentResumed`); a node back to
+    /// life retries the pods waiting for room.
     fn report_verdict(&self, node: &str, stale: bool) {
         let stale_nodes = lock(&self.shared.state).stale_agents().len();
         self.shared
             .metrics
             .stale_gpu_agents
             .set(i64::try_from(stale_nodes).unwrap_or(i64::MAX));
-        if stale {
+        let (type_, reason, note) = if stale {
             let timeout = lock(&self.shared.handshakes).timeout();
             tracing::warn!(%node, timeout_secs = timeout.as_secs(), "the node's GPU agent has not renewed hami.io/node-handshake; no GPU pods are placed there until it does (pods already there are not touched). Check the tessera-node-agent pod on that node");
+            (
+                EventType::Warning,
+                STALE_REASON,
+                format!(
+                    "the Tessera node agent has not renewed hami.io/node-handshake for {}s: no GPU pods are placed on this node until it does (pods already here are not touched); check the tessera-node-agent pod on it",
+                    timeout.as_secs()
+                ),
+            )
         } else {
             tracing::info!(%node, "the node's GPU agent renewed its handshake again; GPU pods may be placed there");
             self.shared.queue.cluster_changed();
+            (
+                EventType::Normal,
+                RESUMED_REASON,
+                "the Tessera node agent renewed hami.io/node-handshake again: GPU pods are placed on this node again".to_owned(),
+            )
+        };
+        if self.shared.leading.load(Ordering::Relaxed) {
+            let notifier = self.shared.notifier.clone();
+            let node = node.to_owned();
+            tokio::spawn(async move { notifier.node_event(&node, type_, reason, note).await });
+        }
+    }
+
+    /// Mirrors the election's verdict into [`super::Shared`] for the
+    /// reporting above, forever.
+    pub(super) async fn follow_leadership(self, mut leading: watch::Receiver<bool>) {
+        loop {
+            let now = *leading.borrow_and_update();
+            self.shared.leading.store(now, Ordering::Relaxed);
+            if leading.changed().await.is_err() {
+                return;
+            }
         }
     }
 }
+
+/// Event reason on a Node whose agent stopped renewing its handshake.
+pub const STALE_REASON: &str = "GPUAgentStale";
+/// Event reason on a Node whose agent renewed its handshake again.
+pub const RESUMED_REASON: &str = "GPUAgentResumed";
 
 /// A hash of everything about the node but its handshake annotation and
 /// its resourceVersion / managed fields.

@@ -123,6 +123,9 @@ struct Shared {
     distrust_warned: Mutex<HashSet<String>>,
     /// Pods (by UID) whose adoption seal is being written.
     adopting: Mutex<HashSet<String>>,
+    /// Whether this replica holds the lease (always, without election):
+    /// only the leader posts Node Events, so replicas do not repeat them.
+    leading: AtomicBool,
     queue: SchedulingQueue,
     metrics: SchedulerMetrics,
     notifier: Notifier,
@@ -196,6 +199,7 @@ impl Scheduler {
                 gates: Mutex::default(),
                 distrust_warned: Mutex::default(),
                 adopting: Mutex::default(),
+                leading: AtomicBool::new(false),
                 queue: SchedulingQueue::default(),
                 metrics,
                 notifier,
@@ -247,6 +251,7 @@ impl Scheduler {
                 leading_tx,
             ));
         }
+        tokio::spawn(self.clone().follow_leadership(leading_rx.clone()));
         let nodes = tokio::spawn(self.clone().reflect_nodes());
         let pods = tokio::spawn(self.clone().reflect_pods());
         let namespaces = tokio::spawn(self.clone().reflect_namespaces());

@@ -3,7 +3,7 @@
 //! used again when the handshake resumes; a leftover inventory on a node
 //! whose kubelet offers no `nvidia.com/gpu` is avoided; a restarted
 //! scheduler does not take every node for dead at once. Pods already placed
-//! are never touched.
+//! are never touched. The leader says so on the Node; a follower does not.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tessera_api::config::Config;
+use tessera_scheduler::shell::leader::{try_acquire, LeaseSettings};
 use tessera_scheduler::shell::{Scheduler, ShellOptions};
 use tessera_testkit::fixtures::{self, t4_cards};
 use tessera_testkit::ApiServer;
@@ -41,6 +42,20 @@ fn node_of(server: &ApiServer, name: &str) -> Option<String> {
     server.get::<Pod>(Some("team"), name)?.spec?.node_name
 }
 
+/// Reasons of the Events on Node `node`.
+fn node_event_reasons(server: &ApiServer, node: &str) -> Vec<String> {
+    server
+        .list::<Event>()
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| {
+                r.kind.as_deref() == Some("Node") && r.name.as_deref() == Some(node)
+            })
+        })
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
 fn failed_scheduling_notes(server: &ApiServer, pod: &str) -> Vec<String> {
     server
         .list::<Event>()
@@ -62,7 +77,15 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 fn start(server: &ApiServer, config: Config) -> (Scheduler, tokio::task::JoinHandle<()>) {
-    let scheduler = Scheduler::new(server.client(), config, ShellOptions::default());
+    start_with(server, config, ShellOptions::default())
+}
+
+fn start_with(
+    server: &ApiServer,
+    config: Config,
+    options: ShellOptions,
+) -> (Scheduler, tokio::task::JoinHandle<()>) {
+    let scheduler = Scheduler::new(server.client(), config, options);
     let running = scheduler.clone();
     let handle = tokio::spawn(async move {
         let _ = running.run().await;
@@ -120,6 +143,10 @@ async fn a_node_whose_handshake_stops_is_avoided_after_the_timeout_and_used_agai
         scheduler.metrics().stale_gpu_agents.get() == 1
     })
     .await;
+    wait_until("a GPUAgentStale Warning on the Node", || {
+        node_event_reasons(&server, "gpu-1") == ["GPUAgentStale"]
+    })
+    .await;
     server.insert(&gpu_pod("after"));
     wait_until("FailedScheduling naming the dead agent", || {
         failed_scheduling_notes(&server, "after").iter().any(|note| {
@@ -142,6 +169,12 @@ async fn a_node_whose_handshake_stops_is_avoided_after_the_timeout_and_used_agai
     .await;
     wait_until("no stale node counted", || {
         scheduler.metrics().stale_gpu_agents.get() == 0
+    })
+    .await;
+    wait_until("a GPUAgentResumed Event on the Node", || {
+        let mut reasons = node_event_reasons(&server, "gpu-1");
+        reasons.sort();
+        reasons == ["GPUAgentResumed", "GPUAgentStale"]
     })
     .await;
     handle.abort();
@@ -197,6 +230,41 @@ async fn a_restarted_scheduler_gives_every_node_the_timeout_before_judging_it() 
     assert!(
         scheduler.state_snapshot().stale_agents().is_empty(),
         "no node is stale before the 90 s timeout"
+    );
+    handle.abort();
+}
+
+#[tokio::test]
+async fn a_follower_judges_a_node_stale_but_leaves_the_node_event_to_the_leader() {
+    let server = ApiServer::start().await.expect("server");
+    server.insert(&gpu_node("gpu-1", "40", Some("Reported 0")));
+    let lease = |identity: &str| LeaseSettings {
+        namespace: "tessera-system".into(),
+        name: "tessera-scheduler".into(),
+        identity: identity.into(),
+        lease_duration: Duration::from_secs(60),
+        retry_period: Duration::from_millis(100),
+    };
+    // Another replica holds the lease for the whole test.
+    assert!(try_acquire(&server.client(), &lease("leader"))
+        .await
+        .expect("lease"));
+    let config =
+        Config::from_yaml("liveness:\n  handshakePeriodSeconds: 1\n  handshakeTimeoutSeconds: 2\n")
+            .expect("config");
+    let options = ShellOptions {
+        lease: Some(lease("follower")),
+        ..ShellOptions::default()
+    };
+    let (follower, handle) = start_with(&server, config, options);
+    wait_until("the follower judges the node stale", || {
+        follower.metrics().stale_gpu_agents.get() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        node_event_reasons(&server, "gpu-1").is_empty(),
+        "only the leader posts on the Node"
     );
     handle.abort();
 }
