@@ -1,9 +1,12 @@
 //! Adopting placements made before Tessera was installed: a running pod
 //! HAMi's scheduler placed carries HAMi's allocation and no seal. When the
 //! API server's own timestamps show it predates Tessera's seal key (see
-//! [`SealKey::adoption`] for the whole rule), the scheduler seals its
-//! allocation as it stands, once, with a write conditional on the pod's
-//! resourceVersion, and says so in a Normal `AdoptedGPUAllocation` Event.
+//! [`tessera_api::allocation_seal::SealKey::adoption`] for the whole rule),
+//! the scheduler seals its allocation as it stands, once, with a write
+//! conditional on the pod's resourceVersion, and the leader says so in a
+//! Normal `AdoptedGPUAllocation` Event. Every replica may write the seal
+//! (it is the same seal); a replica that finds the pod already changed
+//! leaves it to the next look.
 //! From then on it is a Tessera allocation like any other: charged here,
 //! enforced by the node agent, counted in quotas, and any later edit of it
 //! breaks the seal. Until the write lands the state already charges it
@@ -63,10 +66,17 @@ impl Scheduler {
                             .and_then(|s| s.scheduler_name.as_deref())
                             .unwrap_or("another scheduler")
                     );
-                    shared
-                        .notifier
-                        .pod_normal(&sealed, ADOPTED_REASON, message)
-                        .await;
+                    if shared.leading.load(std::sync::atomic::Ordering::Relaxed) {
+                        shared
+                            .notifier
+                            .pod_normal(&sealed, ADOPTED_REASON, message)
+                            .await;
+                    }
+                }
+                // Changed since (another replica sealed it, or an edit):
+                // the new version is judged when it arrives.
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    tracing::debug!(pod = %pod_key(&pod), "the pod changed before its adoption seal was written");
                 }
                 Err(error) => {
                     tracing::warn!(pod = %pod_key(&pod), %error, "could not seal an adopted GPU allocation; trying again at the pod's next change");

@@ -185,6 +185,7 @@ impl Scheduler {
         };
         let metrics = SchedulerMetrics::new().with_legacy_names(config.metrics.legacy_names);
         let handshake_timeout = Duration::from_secs(config.liveness.handshake_timeout_seconds);
+        let without_election = options.lease.is_none();
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(ClusterState::new(config.clone()).with_trust(trust)),
@@ -199,7 +200,7 @@ impl Scheduler {
                 gates: Mutex::default(),
                 distrust_warned: Mutex::default(),
                 adopting: Mutex::default(),
-                leading: AtomicBool::new(false),
+                leading: AtomicBool::new(without_election),
                 queue: SchedulingQueue::default(),
                 metrics,
                 notifier,
