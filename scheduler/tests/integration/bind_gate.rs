@@ -5,6 +5,8 @@
 //! still unacknowledged; and only allocations sealed with Tessera's key are
 //! charged (forged ones get a Warning Event).
 
+use crate::common::bound_pods;
+
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -35,16 +37,6 @@ fn start(server: &ApiServer, options: ShellOptions) -> tokio::task::JoinHandle<(
     })
 }
 
-fn bound(server: &ApiServer) -> Vec<Pod> {
-    let mut pods: Vec<Pod> = server
-        .list::<Pod>()
-        .into_iter()
-        .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
-        .collect();
-    pods.sort_by_key(|p| p.metadata.name.clone());
-    pods
-}
-
 fn names(pods: &[Pod]) -> Vec<String> {
     pods.iter()
         .map(|p| p.metadata.name.clone().unwrap_or_default())
@@ -73,32 +65,37 @@ async fn one_bind_per_node_and_shape_waits_for_its_acknowledgement() {
     }
     let handle = start(&server, ShellOptions::default());
     eventually_within(WAIT, "the first bind", || {
-        (bound(&server).len() == 1).then_some(())
+        (bound_pods(&server).len() == 1).then_some(())
     })
     .await;
     settle().await;
-    assert_eq!(bound(&server).len(), 1, "the others wait for the first");
-    let first = names(&bound(&server))[0].clone();
+    assert_eq!(
+        bound_pods(&server).len(),
+        1,
+        "the others wait for the first"
+    );
+    let first = names(&bound_pods(&server))[0].clone();
     set_phase(&server, &first, "success");
     eventually_within(WAIT, "the second bind", || {
-        (bound(&server).len() == 2).then_some(())
+        (bound_pods(&server).len() == 2).then_some(())
     })
     .await;
     settle().await;
-    assert_eq!(bound(&server).len(), 2);
+    assert_eq!(bound_pods(&server).len(), 2);
     // Deleted mid-allocation: its gate opens and its charge is freed.
-    let second = names(&bound(&server))
+    let second = names(&bound_pods(&server))
         .into_iter()
         .find(|n| *n != first)
         .expect("second");
     server.delete_value("v1", "pods", Some("team"), &second);
     eventually_within(WAIT, "the third bind", || {
-        (bound(&server).len() == 2 && !names(&bound(&server)).contains(&second)).then_some(())
+        (bound_pods(&server).len() == 2 && !names(&bound_pods(&server)).contains(&second))
+            .then_some(())
     })
     .await;
     // A finished pod opens its gate too.
     server.insert_value("v1", "pods", pod("d", 1000));
-    let third = names(&bound(&server))
+    let third = names(&bound_pods(&server))
         .into_iter()
         .find(|n| *n != first)
         .expect("third");
@@ -108,7 +105,7 @@ async fn one_bind_per_node_and_shape_waits_for_its_acknowledgement() {
     done["status"]["phase"] = json!("Failed");
     server.insert_value("v1", "pods", done);
     eventually_within(WAIT, "the fourth bind", || {
-        names(&bound(&server))
+        names(&bound_pods(&server))
             .contains(&"d".to_owned())
             .then_some(())
     })
@@ -126,7 +123,7 @@ async fn pods_of_another_shape_or_node_do_not_wait() {
     server.insert_value("v1", "pods", two);
     let handle = start(&server, ShellOptions::default());
     eventually_within(WAIT, "both shapes bound at once", || {
-        (bound(&server).len() == 2).then_some(())
+        (bound_pods(&server).len() == 2).then_some(())
     })
     .await;
     handle.abort();
@@ -143,12 +140,12 @@ async fn an_unadmitted_bind_times_out_and_the_next_pod_proceeds() {
     };
     let handle = start(&server, options);
     eventually_within(WAIT, "the first bind", || {
-        (bound(&server).len() == 1).then_some(())
+        (bound_pods(&server).len() == 1).then_some(())
     })
     .await;
     server.insert_value("v1", "pods", pod("next", 1000));
     eventually_within(WAIT, "the stuck pod failed and the next bound", || {
-        let pods = bound(&server);
+        let pods = bound_pods(&server);
         let stuck = pods
             .iter()
             .find(|p| p.metadata.name.as_deref() == Some("stuck"))?;
@@ -179,7 +176,7 @@ async fn a_restarted_scheduler_keeps_the_gate_of_an_unacknowledged_bind() {
     };
     let first = start(&server, sealed());
     eventually_within(WAIT, "the first bind", || {
-        (bound(&server).len() == 1).then_some(())
+        (bound_pods(&server).len() == 1).then_some(())
     })
     .await;
     first.abort();
@@ -189,13 +186,13 @@ async fn a_restarted_scheduler_keeps_the_gate_of_an_unacknowledged_bind() {
     settle().await;
     settle().await;
     assert_eq!(
-        names(&bound(&server)),
+        names(&bound_pods(&server)),
         vec!["before"],
         "the restarted scheduler waits for the unacknowledged bind"
     );
     set_phase(&server, "before", "success");
     eventually_within(WAIT, "the next bind after the acknowledgement", || {
-        (bound(&server).len() == 2).then_some(())
+        (bound_pods(&server).len() == 2).then_some(())
     })
     .await;
     second.abort();
@@ -214,7 +211,7 @@ async fn forged_allocations_are_not_charged_and_get_a_warning() {
     let _kubelet = server.acknowledge_allocations(Duration::ZERO);
     let handle = start_sealed(&server, &key);
     let honest = eventually_within(WAIT, "the honest pod placed on the card", || {
-        bound(&server)
+        bound_pods(&server)
             .into_iter()
             .find(|p| p.metadata.name.as_deref() == Some("honest"))
     })
@@ -317,12 +314,12 @@ async fn placements_made_before_tessera_are_adopted_and_later_ones_are_not() {
     server.insert_value("v1", "pods", pod("too-big", 6000));
     server.insert_value("v1", "pods", pod("fits", 5000));
     eventually_within(WAIT, "the pod that fits placed", || {
-        names(&bound(&server))
+        names(&bound_pods(&server))
             .contains(&"fits".to_owned())
             .then_some(())
     })
     .await;
     settle().await;
-    assert_eq!(names(&bound(&server)), ["fits", "later", "legacy"]);
+    assert_eq!(names(&bound_pods(&server)), ["fits", "later", "legacy"]);
     handle.abort();
 }

@@ -5,6 +5,8 @@
 //! the quota and ending a pod retry them at once; `/metrics` shows HAMi's
 //! quota series.
 
+use crate::common::{bound_pods, wait_until};
+
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota};
@@ -37,24 +39,6 @@ fn quota_for(replicas: u64) -> ResourceQuota {
     .expect("quota")
 }
 
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..300 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
-fn bound(server: &ApiServer) -> Vec<Pod> {
-    server
-        .list::<Pod>()
-        .into_iter()
-        .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
-        .collect()
-}
-
 fn quota_events(server: &ApiServer) -> Vec<String> {
     server
         .list::<Event>()
@@ -85,7 +69,7 @@ async fn ten_replicas_against_a_quota_for_three_place_exactly_three() {
         decision_count(scheduler.metrics(), "unschedulable") >= 7
     })
     .await;
-    wait_until("three binds", || bound(&server).len() == 3).await;
+    wait_until("three binds", || bound_pods(&server).len() == 3).await;
     assert_eq!(server.write_count("POST", "pods/binding"), 3);
     wait_until("FailedScheduling naming the quota", || {
         !quota_events(&server).is_empty()
@@ -118,13 +102,13 @@ async fn ten_replicas_against_a_quota_for_three_place_exactly_three() {
     // Raising the quota retries the parked replicas at once: two more fit.
     server.insert(&quota_for(5));
     wait_until("five bound after the quota grew", || {
-        bound(&server).len() == 5
+        bound_pods(&server).len() == 5
     })
     .await;
 
     // A replica that ends frees its share for exactly one more.
     let api: kube::Api<Pod> = kube::Api::namespaced(server.client(), "team");
-    let first = bound(&server)[0].metadata.name.clone().expect("name");
+    let first = bound_pods(&server)[0].metadata.name.clone().expect("name");
     api.delete(&first, &Default::default())
         .await
         .expect("delete");
@@ -132,7 +116,11 @@ async fn ten_replicas_against_a_quota_for_three_place_exactly_three() {
         server.write_count("POST", "pods/binding") == 6
     })
     .await;
-    assert_eq!(bound(&server).len(), 5, "never more than the quota holds");
+    assert_eq!(
+        bound_pods(&server).len(),
+        5,
+        "never more than the quota holds"
+    );
     handle.abort();
 }
 
@@ -154,12 +142,12 @@ async fn deleting_the_quota_releases_every_parked_pod() {
         decision_count(scheduler.metrics(), "unschedulable") >= 2
     })
     .await;
-    wait_until("one bound", || bound(&server).len() == 1).await;
+    wait_until("one bound", || bound_pods(&server).len() == 1).await;
     let quotas: kube::Api<ResourceQuota> = kube::Api::namespaced(server.client(), "team");
     quotas
         .delete("gpu-quota", &Default::default())
         .await
         .expect("delete");
-    wait_until("all three bound", || bound(&server).len() == 3).await;
+    wait_until("all three bound", || bound_pods(&server).len() == 3).await;
     handle.abort();
 }

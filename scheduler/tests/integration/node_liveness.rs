@@ -5,6 +5,8 @@
 //! scheduler does not take every node for dead at once. Pods already placed
 //! are never touched. The leader says so on the Node; a follower does not.
 
+use crate::common::wait_until;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,16 +66,6 @@ fn failed_scheduling_notes(server: &ApiServer, pod: &str) -> Vec<String> {
         .filter(|e| e.reason.as_deref() == Some("FailedScheduling"))
         .filter_map(|e| e.note)
         .collect()
-}
-
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..600 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn start(server: &ApiServer, config: Config) -> (Scheduler, tokio::task::JoinHandle<()>) {

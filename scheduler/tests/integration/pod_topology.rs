@@ -4,6 +4,8 @@
 //! Namespaces' labels, and a pod with scheduling gates waits without
 //! Events until its gates are removed.
 
+use crate::common::wait_until;
+
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -36,16 +38,6 @@ fn pod(name: &str, namespace: &str, labels: Value, spec: Value) -> Pod {
 
 fn anti_affinity(term: Value) -> Value {
     json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}})
-}
-
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..300 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn node_of(server: &ApiServer, namespace: &str, name: &str) -> Option<String> {

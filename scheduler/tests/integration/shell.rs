@@ -2,6 +2,8 @@
 //! to one node (acknowledged by the testkit's kubelet stand-in), event-driven retry, bind failure rollback, restart
 //! recovery, corrupt inventory, leader election.
 
+use crate::common::{bound_pods, wait_until};
+
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -44,24 +46,6 @@ fn pod(name: &str, memory_mib: u64, extra_annotations: Value) -> Pod {
         "spec": {"schedulerName": "tessera-scheduler",
                  "containers": [{"name": "main", "image": "x", "resources": {"limits": {"nvidia.com/gpumem": memory_mib.to_string()}}}]}}))
     .expect("pod")
-}
-
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..300 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
-fn bound_pods(server: &ApiServer) -> Vec<Pod> {
-    server
-        .list::<Pod>()
-        .into_iter()
-        .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
-        .collect()
 }
 
 fn memory_per_card(pods: &[Pod]) -> std::collections::BTreeMap<String, u64> {
