@@ -153,12 +153,22 @@ impl Accounting {
         Err(OutOfMemory)
     }
 
-    /// Charges `bytes` that are already held (the driver reserved them
-    /// without asking), past the cap if need be, so the account stays true.
-    pub fn charge_over_cap(&self, device: usize, bytes: u64) {
-        if let Ok(slot) = self.region.slot() {
-            let _ = self.region.map().charge(slot, device, bytes, u64::MAX);
+    /// Charges `bytes` the driver already holds (it reserved them without
+    /// asking): within the cap when they fit (after recovering the usage of
+    /// dead processes), past it otherwise, so the account stays true.
+    /// Nothing is refused, so the driver's overhead is not reconciled here.
+    /// Returns whether they fit.
+    pub fn charge_held(&self, device: usize, bytes: u64) -> bool {
+        let Ok(slot) = self.region.slot() else {
+            return false;
+        };
+        let (map, limit) = (self.region.map(), self.limits[device]);
+        let fits = map.charge(slot, device, bytes, limit).is_ok()
+            || self.region.reclaim_dead() > 0 && map.charge(slot, device, bytes, limit).is_ok();
+        if !fits {
+            let _ = map.charge(slot, device, bytes, u64::MAX);
         }
+        fits
     }
 
     /// Gives back a charge.

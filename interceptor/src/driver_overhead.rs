@@ -1,7 +1,7 @@
 //! Driver memory no call asks for: a function's code and data, loaded onto
 //! its card at the function's first launch (CUDA 12.2+ loads lazily by
 //! default), and what the first launch in a context sets up. Measured on an
-//! H200 (`hack/gpu-validate/h200-heapprobe-results.log`): the first launch
+//! H200 (`hack/gpu-validate/h200-overhead-results.log`): the first launch
 //! of a process took 138 MiB that way and a further kernel about 2 MiB,
 //! none of it through a call the interceptor charges. A process filling its
 //! cap after launching kernels therefore held that much more than its cap,
@@ -71,11 +71,7 @@ fn reconcile(ordinal: CuDevice) -> bool {
     CHARGED[card].store(overhead, Ordering::Release);
     if overhead > before {
         let growth = overhead - before;
-        let past_cap = accounting
-            .limit(card)
-            .is_some_and(|limit| accounting.used(card) + growth > limit);
-        accounting.charge_over_cap(card, growth);
-        if past_cap {
+        if !accounting.charge_held(card, growth) {
             log!(
                 WARN,
                 "card {card}: the driver took {growth} bytes for loading kernels, past the cap; further allocations are refused"

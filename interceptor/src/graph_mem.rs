@@ -80,8 +80,7 @@ fn reconcile(ordinal: CuDevice) {
     let before = CHARGED[card].swap(reserved, Ordering::AcqRel);
     if reserved > before {
         let growth = reserved - before;
-        if accounting.charge(card, growth).is_err() {
-            accounting.charge_over_cap(card, growth);
+        if !accounting.charge_held(card, growth) {
             log!(
                 WARN,
                 "card {card}: a graph launch reserved {growth} bytes past the cap for graph allocations; further allocations are refused until it is trimmed"

@@ -222,8 +222,7 @@ fn reconcile(card: usize) {
     let charged = STACK[card].load(Ordering::Acquire);
     if real > charged {
         let growth = (real - charged) * threads(card);
-        if accounting.charge(card, growth).is_err() {
-            accounting.charge_over_cap(card, growth);
+        if !accounting.charge_held(card, growth) {
             log!(
                 WARN,
                 "card {card}: a launch grew the stack to {real} bytes per thread, {growth} bytes past the cap; further allocations are refused"
