@@ -4,6 +4,7 @@
 //! `lease_duration`. Every write carries the resourceVersion it read, so
 //! two candidates racing for an expired lease cannot both win (409).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -135,5 +136,16 @@ pub async fn run_election(client: Client, settings: LeaseSettings, leading: watc
             }
         }
         tokio::time::sleep(settings.retry_period).await;
+    }
+}
+
+/// Mirrors the election's verdict into `leading` for code that only needs
+/// to read it (who posts Events), until the election ends.
+pub async fn mirror(mut verdict: watch::Receiver<bool>, leading: &AtomicBool) {
+    loop {
+        leading.store(*verdict.borrow_and_update(), Ordering::Relaxed);
+        if verdict.changed().await.is_err() {
+            return;
+        }
     }
 }

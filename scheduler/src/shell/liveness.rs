@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::EventType;
-use tokio::sync::watch;
 
 use super::{lock, Scheduler};
 use crate::core::node_liveness::handshake_of;
@@ -115,18 +114,6 @@ impl Scheduler {
             let notifier = self.shared.notifier.clone();
             let node = node.to_owned();
             tokio::spawn(async move { notifier.node_event(&node, type_, reason, note).await });
-        }
-    }
-
-    /// Mirrors the election's verdict into [`super::Shared`] for the
-    /// reporting above, forever.
-    pub(super) async fn follow_leadership(self, mut leading: watch::Receiver<bool>) {
-        loop {
-            let now = *leading.borrow_and_update();
-            self.shared.leading.store(now, Ordering::Relaxed);
-            if leading.changed().await.is_err() {
-                return;
-            }
         }
     }
 }

@@ -252,7 +252,9 @@ impl Scheduler {
                 leading_tx,
             ));
         }
-        tokio::spawn(self.clone().follow_leadership(leading_rx.clone()));
+        let mirrored = self.clone();
+        let verdict = leading_rx.clone();
+        tokio::spawn(async move { leader::mirror(verdict, &mirrored.shared.leading).await });
         let nodes = tokio::spawn(self.clone().reflect_nodes());
         let pods = tokio::spawn(self.clone().reflect_pods());
         let namespaces = tokio::spawn(self.clone().reflect_namespaces());
