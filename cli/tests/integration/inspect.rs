@@ -6,26 +6,13 @@ use std::process::Command;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Value};
-use tessera_api::inventory::{encode_inventory, GpuDevice};
+use tessera_api::inventory::encode_inventory;
 use tessera_api::names::{allocation as keys, NODE_REGISTER_ANNOTATION};
 use tessera_cli::inspect::inspect;
-use tessera_testkit::ApiServer;
+use tessera_testkit::{fixtures, ApiServer};
 
 fn cards(prefix: &str, kind: &str, mib: u64) -> String {
-    let devices: Vec<GpuDevice> = (0..2)
-        .map(|i| GpuDevice {
-            id: format!("GPU-{prefix}-{i}"),
-            index: i,
-            count: 10,
-            devmem: mib,
-            devcore: 100,
-            device_type: format!("NVIDIA-{kind}"),
-            numa: 0,
-            mode: "hami-core".into(),
-            health: true,
-        })
-        .collect();
-    encode_inventory(&devices)
+    encode_inventory(&fixtures::cards(&format!("GPU-{prefix}"), 2, kind, mib))
 }
 
 fn node(name: &str, register: &str) -> Node {

@@ -15,19 +15,7 @@ use super::quota::QuotaFigure;
 use super::*;
 
 fn cards(prefix: &str, count: u32, kind: &str, mib: u64) -> Vec<GpuDevice> {
-    (0..count)
-        .map(|i| GpuDevice {
-            id: format!("GPU-{prefix}-{i}"),
-            index: i,
-            count: 10,
-            devmem: mib,
-            devcore: 100,
-            device_type: format!("NVIDIA-{kind}"),
-            numa: 0,
-            mode: "hami-core".into(),
-            health: true,
-        })
-        .collect()
+    tessera_testkit::fixtures::cards(&format!("GPU-{prefix}"), count, kind, mib)
 }
 
 fn node(name: &str, devices: &[GpuDevice]) -> Node {

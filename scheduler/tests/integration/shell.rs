@@ -14,22 +14,10 @@ use tessera_api::inventory::{encode_inventory, GpuDevice};
 use tessera_scheduler::shell::leader::{try_acquire, LeaseSettings};
 use tessera_scheduler::shell::metrics::decision_count;
 use tessera_scheduler::shell::{Scheduler, ShellOptions};
-use tessera_testkit::ApiServer;
+use tessera_testkit::{fixtures, ApiServer};
 
 fn cards(prefix: &str, count: u32, mib: u64) -> Vec<GpuDevice> {
-    (0..count)
-        .map(|i| GpuDevice {
-            id: format!("GPU-{prefix}-{i}"),
-            index: i,
-            count: 10,
-            devmem: mib,
-            devcore: 100,
-            device_type: "NVIDIA-Tesla T4".into(),
-            numa: 0,
-            mode: "hami-core".into(),
-            health: true,
-        })
-        .collect()
+    fixtures::cards(&format!("GPU-{prefix}"), count, "Tesla T4", mib)
 }
 
 fn node(name: &str, annotation: &str) -> Node {

@@ -32,7 +32,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use serde_json::{json, Value};
 use tessera_api::allocation::{encode_pod_devices, ContainerDevice, NVIDIA_VENDOR};
 use tessera_api::config::Config;
-use tessera_api::inventory::{encode_inventory, GpuDevice};
+use tessera_api::inventory::encode_inventory;
 use tessera_api::names::{allocation as keys, NODE_REGISTER_ANNOTATION};
 use tessera_scheduler::shell::leader::LeaseSettings;
 use tessera_scheduler::shell::{Scheduler, ShellOptions};
@@ -334,21 +334,7 @@ fn the_checker_finds_missing_and_unused_grants() {
 }
 
 fn cards(count: u32) -> String {
-    encode_inventory(
-        &(0..count)
-            .map(|i| GpuDevice {
-                id: format!("GPU-rbac-{i}"),
-                index: i,
-                count: 10,
-                devmem: 15360,
-                devcore: 100,
-                device_type: "NVIDIA-Tesla T4".into(),
-                numa: 0,
-                mode: "hami-core".into(),
-                health: true,
-            })
-            .collect::<Vec<_>>(),
-    )
+    encode_inventory(&tessera_testkit::fixtures::t4_cards("GPU-rbac", count))
 }
 
 fn pending_pod(name: &str, memory_mib: u64) -> Pod {
