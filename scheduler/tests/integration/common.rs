@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
+use tessera_api::config::Config;
+use tessera_scheduler::shell::{Scheduler, ShellOptions};
 use tessera_testkit::{eventually_within, ApiServer};
 
 /// How long a test waits for the scheduler to get somewhere.
@@ -22,4 +24,18 @@ pub fn bound_pods(server: &ApiServer) -> Vec<Pod> {
         .collect();
     pods.sort_by_key(|p| p.metadata.name.clone());
     pods
+}
+
+/// A scheduler over the stand-in, running until the handle is aborted.
+pub fn start_scheduler(
+    server: &ApiServer,
+    config: Config,
+    options: ShellOptions,
+) -> (Scheduler, tokio::task::JoinHandle<()>) {
+    let scheduler = Scheduler::new(server.client(), config, options);
+    let running = scheduler.clone();
+    let handle = tokio::spawn(async move {
+        let _ = running.run().await;
+    });
+    (scheduler, handle)
 }

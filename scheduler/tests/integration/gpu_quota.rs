@@ -5,7 +5,7 @@
 //! the quota and ending a pod retry them at once; `/metrics` shows HAMi's
 //! quota series.
 
-use crate::common::{bound_pods, wait_until};
+use crate::common::{bound_pods, start_scheduler, wait_until};
 
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use k8s_openapi::api::events::v1::Event;
 use serde_json::json;
 use tessera_api::config::Config;
 use tessera_scheduler::shell::metrics::decision_count;
-use tessera_scheduler::shell::{Scheduler, ShellOptions};
+use tessera_scheduler::shell::ShellOptions;
 use tessera_testkit::fixtures::{gpu_node, t4_cards};
 use tessera_testkit::ApiServer;
 
@@ -59,11 +59,7 @@ async fn ten_replicas_against_a_quota_for_three_place_exactly_three() {
         server.insert(&replica(&format!("llm-{i}")));
     }
     let _kubelet = server.acknowledge_allocations(Duration::ZERO);
-    let scheduler = Scheduler::new(server.client(), Config::default(), ShellOptions::default());
-    let running = scheduler.clone();
-    let handle = tokio::spawn(async move {
-        let _ = running.run().await;
-    });
+    let (scheduler, handle) = start_scheduler(&server, Config::default(), ShellOptions::default());
 
     wait_until("seven refusals", || {
         decision_count(scheduler.metrics(), "unschedulable") >= 7
@@ -133,11 +129,7 @@ async fn deleting_the_quota_releases_every_parked_pod() {
         server.insert(&replica(&format!("llm-{i}")));
     }
     let _kubelet = server.acknowledge_allocations(Duration::ZERO);
-    let scheduler = Scheduler::new(server.client(), Config::default(), ShellOptions::default());
-    let running = scheduler.clone();
-    let handle = tokio::spawn(async move {
-        let _ = running.run().await;
-    });
+    let (scheduler, handle) = start_scheduler(&server, Config::default(), ShellOptions::default());
     wait_until("two refusals", || {
         decision_count(scheduler.metrics(), "unschedulable") >= 2
     })

@@ -5,7 +5,7 @@
 //! scheduler does not take every node for dead at once. Pods already placed
 //! are never touched. The leader says so on the Node; a follower does not.
 
-use crate::common::wait_until;
+use crate::common::{start_scheduler, wait_until};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -69,20 +69,7 @@ fn failed_scheduling_notes(server: &ApiServer, pod: &str) -> Vec<String> {
 }
 
 fn start(server: &ApiServer, config: Config) -> (Scheduler, tokio::task::JoinHandle<()>) {
-    start_with(server, config, ShellOptions::default())
-}
-
-fn start_with(
-    server: &ApiServer,
-    config: Config,
-    options: ShellOptions,
-) -> (Scheduler, tokio::task::JoinHandle<()>) {
-    let scheduler = Scheduler::new(server.client(), config, options);
-    let running = scheduler.clone();
-    let handle = tokio::spawn(async move {
-        let _ = running.run().await;
-    });
-    (scheduler, handle)
+    start_scheduler(server, config, ShellOptions::default())
 }
 
 /// Stands in for the node agent's handshake: renews `node`'s handshake
@@ -248,7 +235,7 @@ async fn a_follower_judges_a_node_stale_but_leaves_the_node_event_to_the_leader(
         lease: Some(lease("follower")),
         ..ShellOptions::default()
     };
-    let (follower, handle) = start_with(&server, config, options);
+    let (follower, handle) = start_scheduler(&server, config, options);
     wait_until("the follower judges the node stale", || {
         follower.metrics().stale_gpu_agents.get() == 1
     })

@@ -2,7 +2,7 @@
 //! to one node (acknowledged by the testkit's kubelet stand-in), event-driven retry, bind failure rollback, restart
 //! recovery, corrupt inventory, leader election.
 
-use crate::common::{bound_pods, wait_until};
+use crate::common::{bound_pods, start_scheduler, wait_until};
 
 use std::time::Duration;
 
@@ -53,12 +53,7 @@ fn memory_per_card(pods: &[Pod]) -> std::collections::BTreeMap<String, u64> {
 }
 
 fn start(server: &ApiServer, options: ShellOptions) -> (Scheduler, tokio::task::JoinHandle<()>) {
-    let scheduler = Scheduler::new(server.client(), Config::default(), options);
-    let running = scheduler.clone();
-    let handle = tokio::spawn(async move {
-        let _ = running.run().await;
-    });
-    (scheduler, handle)
+    start_scheduler(server, Config::default(), options)
 }
 
 #[tokio::test]
